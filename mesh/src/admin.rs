@@ -1,0 +1,90 @@
+//! The admin HTTP endpoints (`/metrics`, `/healthz`, `/readyz`) on their own thread and runtime, so
+//! probes and scrapes answer even while the inference executor is saturated.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+}
+
+/// The running admin server; dropping it stops the server and joins its thread.
+pub struct AdminServer {
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// Serves on an already bound listener, so the caller knows the address before anything runs.
+    pub fn start(
+        listener: TcpListener,
+        metrics: PrometheusHandle,
+        ready: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("admin-http".to_owned())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let app = Router::new()
+                        .route("/metrics", get(render_metrics))
+                        .route("/healthz", get(|| async { "ok\n" }))
+                        .route("/readyz", get(readiness))
+                        .with_state(AdminState { metrics, ready });
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(error = %e, "admin listener unusable");
+                            return;
+                        }
+                    };
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "admin server failed");
+                    }
+                });
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn render_metrics(State(state): State<AdminState>) -> String {
+    state.metrics.render()
+}
+
+async fn readiness(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,133 @@
+//! A loaded model in the cache, and the leases requests hold on it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use densemesh_placement::ModelId;
+use densemesh_runtime_core::{LoadedModel, ModelMetadata};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// A model in memory. Dropped (and its memory freed) when the cache lets go of it and no lease holds it.
+pub struct Entry {
+    id: ModelId,
+    model: Box<dyn LoadedModel>,
+    version: Option<u64>,
+    size_bytes: u64,
+    loaded_at: Instant,
+    last_used: Mutex<Instant>,
+    in_flight: AtomicUsize,
+    /// Recent inference time, to decide whether a request may run inline on the async executor.
+    infer_nanos: AtomicU64,
+    room_freed: Arc<Notify>,
+}
+
+impl Entry {
+    pub(super) fn new(
+        id: ModelId,
+        model: Box<dyn LoadedModel>,
+        version: Option<u64>,
+        room_freed: Arc<Notify>,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            id,
+            size_bytes: model.size_bytes(),
+            model,
+            version,
+            loaded_at: now,
+            last_used: Mutex::new(now),
+            in_flight: AtomicUsize::new(0),
+            infer_nanos: AtomicU64::new(u64::MAX),
+            room_freed,
+        }
+    }
+
+    pub fn id(&self) -> &ModelId {
+        &self.id
+    }
+
+    pub fn model(&self) -> &dyn LoadedModel {
+        &*self.model
+    }
+
+    pub fn metadata(&self) -> &ModelMetadata {
+        self.model.metadata()
+    }
+
+    /// The repository version directory it was loaded from, if versioned.
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub(super) fn loaded_at(&self) -> Instant {
+        self.loaded_at
+    }
+
+    pub(super) fn last_used(&self) -> Instant {
+        *self.last_used.lock()
+    }
+
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Moving average of recent inference times; `None` before the first inference.
+    pub fn typical_infer_time(&self) -> Option<Duration> {
+        match self.infer_nanos.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Folds one inference time into the moving average (weight 1/8).
+    pub fn record_infer_time(&self, took: Duration) {
+        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1);
+        let old = self.infer_nanos.load(Ordering::Relaxed);
+        let new = if old == u64::MAX {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.infer_nanos.store(new, Ordering::Relaxed);
+    }
+}
+
+/// A request's hold on a loaded model: while any lease exists the model is never evicted.
+pub struct Lease {
+    entry: Arc<Entry>,
+}
+
+impl Lease {
+    pub(super) fn new(entry: Arc<Entry>) -> Self {
+        entry.in_flight.fetch_add(1, Ordering::AcqRel);
+        *entry.last_used.lock() = Instant::now();
+        Self { entry }
+    }
+
+    pub fn entry(&self) -> &Arc<Entry> {
+        &self.entry
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.entry.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.entry.room_freed.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! One model's load: find its file, make room, run the runtime, charge the measured size.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use densemesh_placement::ModelId;
+use densemesh_runtime_core::LoadRequest;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Entry, Failure, Inner, LoadOutcome};
+use crate::error::CacheError;
+use crate::metrics as m;
+
+/// Bytes set aside for a load in progress; given back on drop unless the load settles them.
+struct Reservation<'a> {
+    inner: &'a Inner,
+    bytes: u64,
+}
+
+impl Reservation<'_> {
+    fn absorb(&mut self, mut other: Reservation<'_>) {
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let mut state = self.inner.state.lock();
+            state.used_bytes -= self.bytes;
+            self.inner.publish(&state);
+            drop(state);
+            self.inner.room_freed.notify_waiters();
+        }
+    }
+}
+
+impl Inner {
+    /// The body of a load task: runs the load and shares its outcome with every waiting request.
+    pub(super) async fn run_load(self: Arc<Self>, id: ModelId, outcome: watch::Sender<Option<LoadOutcome>>) {
+        let started = Instant::now();
+        let result = self.load_once(&id).await;
+        let took = started.elapsed();
+        let mut state = self.state.lock();
+        state.loading.remove(&id);
+        metrics::gauge!(m::LOADING_MODELS).set(state.loading.len() as f64);
+        let result = match result {
+            Ok(entry) => {
+                state.failures.remove(&id);
+                metrics::counter!(m::MODEL_LOADS, "result" => "success").increment(1);
+                metrics::histogram!(m::LOAD_DURATION).record(took.as_secs_f64());
+                metrics::histogram!(m::LOADED_MODEL_SIZE).record(entry.size_bytes() as f64);
+                tracing::info!(
+                    size_bytes = entry.size_bytes(),
+                    took_ms = took.as_millis() as u64,
+                    "model loaded"
+                );
+                Ok(entry)
+            }
+            // Failures that would repeat if retried at once are remembered and answered from memory
+            // until the back-off passes; a missing file is not, so a model dropped in is found at once.
+            Err(e @ (CacheError::LoadFailed { .. } | CacheError::TooLarge { .. })) => {
+                let consecutive = state.failures.get(&id).map_or(1, |f| f.consecutive + 1);
+                let retry_in = self.backoff(consecutive);
+                let retry_at = Instant::now() + retry_in;
+                let error = e.with_retry_in(retry_in);
+                state.failures.insert(
+                    id.clone(),
+                    Failure {
+                        error: error.clone(),
+                        consecutive,
+                        retry_at,
+                    },
+                );
+                metrics::counter!(m::MODEL_LOADS, "result" => "failure").increment(1);
+                tracing::warn!(%error, consecutive, "model load failed");
+                Err(error)
+            }
+            Err(e @ CacheError::NotFound(_)) => Err(e),
+            Err(e) => {
+                metrics::counter!(m::MODEL_LOADS, "result" => "failure").increment(1);
+                tracing::warn!(error = %e, "model not loaded");
+                Err(e)
+            }
+        };
+        self.publish(&state);
+        drop(state);
+        outcome.send_replace(Some(result));
+    }
+
+    fn backoff(&self, consecutive: u32) -> Duration {
+        let doubled = self
+            .config
+            .retry_backoff
+            .saturating_mul(1 << consecutive.saturating_sub(1).min(16));
+        doubled.min(self.config.max_retry_backoff.max(self.config.retry_backoff))
+    }
+
+    async fn load_once(self: &Arc<Self>, id: &ModelId) -> Result<Arc<Entry>, CacheError> {
+        let failed = |reason: String| CacheError::LoadFailed {
+            model_id: id.clone(),
+            reason: reason.into(),
+            retry_in: Duration::ZERO,
+        };
+        let deadline = Instant::now() + self.config.load_timeout;
+        let timeout_error = || {
+            failed(format!(
+                "did not finish within {:?} (--load-timeout)",
+                self.config.load_timeout
+            ))
+        };
+        let _permit = tokio::select! {
+            permit = self.load_permits.acquire() => permit.map_err(|_| CacheError::ShuttingDown)?,
+            _ = self.shutdown.cancelled() => return Err(CacheError::ShuttingDown),
+            _ = tokio::time::sleep_until(deadline) => return Err(timeout_error()),
+        };
+
+        let repository = self.repository.clone();
+        let lookup = id.clone();
+        let local = tokio::task::spawn_blocking(move || repository.resolve(&lookup))
+            .await
+            .map_err(|e| failed(format!("model lookup panicked: {e}")))?
+            .map_err(|e| match e {
+                densemesh_puller::Error::NotFound { .. } => {
+                    tracing::debug!(error = %e, "model not in the repository");
+                    CacheError::NotFound(format!("model {id} not found").into())
+                }
+                other => failed(other.to_string()),
+            })?;
+        let capacity = self.config.capacity_bytes;
+        if local.file_bytes > capacity {
+            return Err(CacheError::TooLarge {
+                model_id: id.clone(),
+                needed_bytes: local.file_bytes,
+                capacity_bytes: capacity,
+                how: "its file size",
+            });
+        }
+        let factor = self.state.lock().size_factor;
+        let predicted = ((local.file_bytes as f64 * factor) as u64).clamp(local.file_bytes, capacity);
+        let mut reservation = self.reserve(id, predicted, deadline).await?;
+
+        let runtime = self.runtime.clone();
+        let request = LoadRequest {
+            model_id: id.to_string(),
+            path: local.path.clone(),
+        };
+        let loading = tokio::task::spawn_blocking(move || runtime.load(&request));
+        let model = tokio::select! {
+            loaded = loading => loaded
+                .map_err(|e| failed(format!("runtime panicked while loading: {e}")))?
+                .map_err(|e| failed(e.to_string()))?,
+            // The blocking load cannot be interrupted; its result is dropped when it finishes.
+            _ = tokio::time::sleep_until(deadline) => return Err(timeout_error()),
+        };
+        let measured = model.size_bytes();
+        self.learn_size_factor(local.file_bytes, measured);
+        if measured > capacity {
+            let _ = tokio::task::spawn_blocking(move || drop(model)).await;
+            return Err(CacheError::TooLarge {
+                model_id: id.clone(),
+                needed_bytes: measured,
+                capacity_bytes: capacity,
+                how: "measured after loading",
+            });
+        }
+        if measured > reservation.bytes {
+            let more = self.reserve(id, measured - reservation.bytes, deadline).await?;
+            reservation.absorb(more);
+        }
+        let entry = Arc::new(Entry::new(
+            id.clone(),
+            model,
+            local.version,
+            self.room_freed.clone(),
+        ));
+        let mut state = self.state.lock();
+        // The reservation becomes the model's charge; any excess goes back.
+        let excess = reservation.bytes - measured;
+        reservation.bytes = 0;
+        state.used_bytes -= excess;
+        state.resident.put(id.clone(), entry.clone());
+        self.publish(&state);
+        drop(state);
+        if excess > 0 {
+            self.room_freed.notify_waiters();
+        }
+        Ok(entry)
+    }
+
+    /// Sets aside `bytes`, evicting idle models; waits while the only candidates are in use.
+    async fn reserve(
+        &self,
+        id: &ModelId,
+        bytes: u64,
+        deadline: Instant,
+    ) -> Result<Reservation<'_>, CacheError> {
+        loop {
+            let notified = self.room_freed.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a lease dropped in between still wakes us.
+            notified.as_mut().enable();
+            let attempt = {
+                let mut state = self.state.lock();
+                match self.make_room(&mut state, bytes) {
+                    Ok(evicted) => {
+                        state.used_bytes += bytes;
+                        self.publish(&state);
+                        Ok(evicted)
+                    }
+                    Err(shortfall) => Err((shortfall, self.next_residence_expiry(&state))),
+                }
+            };
+            let (shortfall, wake_at) = match attempt {
+                Ok(evicted) => {
+                    self.retire(evicted).await;
+                    return Ok(Reservation { inner: self, bytes });
+                }
+                Err(waiting) => waiting,
+            };
+            tracing::debug!(%shortfall, "waiting for room");
+            let wake_at = wake_at.map_or(deadline, |t| t.min(deadline));
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = self.shutdown.cancelled() => return Err(CacheError::ShuttingDown),
+            }
+            if Instant::now() >= deadline {
+                return Err(CacheError::NoRoom {
+                    model_id: id.clone(),
+                    reason: format!("{shortfall}, and none freed up within --load-timeout").into(),
+                });
+            }
+        }
+    }
+
+    fn learn_size_factor(&self, file_bytes: u64, measured: u64) {
+        if file_bytes == 0 {
+            return;
+        }
+        let ratio = (measured as f64 / file_bytes as f64).clamp(1.0, 8.0);
+        let mut state = self.state.lock();
+        state.size_factor = 0.75 * state.size_factor + 0.25 * ratio;
+    }
+}

@@ -1,0 +1,311 @@
+//! ModelCache: the models this pod holds in memory, under a byte capacity.
+//!
+//! A request [`acquire`](ModelCache::acquire)s a [`Lease`] on its model. On a miss the cache starts one
+//! load task per model (single flight: every request for a loading model awaits the same outcome),
+//! limited to `max_concurrent_loads` at a time. A load reserves its predicted size first, evicting the
+//! least recently used models that no lease holds, and waits for room when every candidate is in use
+//! rather than overrun the capacity. Once loaded the charge becomes the measured size. A failed load
+//! is remembered, and requests get its reason at once until its back-off passes.
+//!
+//! The state lives behind one `parking_lot` mutex that is never held across an `.await`; the decision
+//! of what to evict is `densemesh_placement::eviction::victims`, a pure function.
+
+mod entry;
+mod load;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use densemesh_placement::ModelId;
+use densemesh_placement::eviction::{self, Candidate, Policy, Rules};
+use densemesh_puller::LocalRepository;
+use densemesh_runtime_core::Runtime;
+use lru::LruCache;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use entry::{Entry, Lease};
+
+use crate::error::CacheError;
+use crate::metrics as m;
+
+/// Limits and timings of the cache.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Bytes of loaded models this pod may hold.
+    pub capacity_bytes: u64,
+    /// Loads running at once; more wait their turn.
+    pub max_concurrent_loads: usize,
+    /// Longest a load may take, waiting for room included.
+    pub load_timeout: Duration,
+    /// Wait after a failed load before the next attempt; doubles per consecutive failure.
+    pub retry_backoff: Duration,
+    /// Cap on the doubled back-off.
+    pub max_retry_backoff: Duration,
+    /// A model loaded more recently than this is never evicted.
+    pub min_residence: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity_bytes: 2 << 30,
+            max_concurrent_loads: 2,
+            load_timeout: Duration::from_secs(60),
+            retry_backoff: Duration::from_secs(2),
+            max_retry_backoff: Duration::from_secs(60),
+            min_residence: Duration::ZERO,
+        }
+    }
+}
+
+/// One model in the cache, for status listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResidentModel {
+    pub id: ModelId,
+    pub size_bytes: u64,
+    pub in_flight: usize,
+}
+
+/// A cloneable handle to the cache; all clones share one state.
+#[derive(Clone)]
+pub struct ModelCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: CacheConfig,
+    runtime: Arc<dyn Runtime>,
+    repository: LocalRepository,
+    state: Mutex<State>,
+    load_permits: Semaphore,
+    /// Signalled whenever bytes may have become free: a lease dropped, a model left, a load gave up.
+    room_freed: Arc<Notify>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+type LoadOutcome = Result<Arc<Entry>, CacheError>;
+
+struct State {
+    /// Unbounded by count: capacity is enforced in bytes by `make_room`.
+    resident: LruCache<ModelId, Arc<Entry>>,
+    loading: HashMap<ModelId, watch::Receiver<Option<LoadOutcome>>>,
+    failures: HashMap<ModelId, Failure>,
+    /// Bytes charged to resident models plus reservations of loads in progress.
+    used_bytes: u64,
+    /// Learned ratio of measured size to file size, to predict a load's size before it runs.
+    size_factor: f64,
+}
+
+struct Failure {
+    /// What requests get until `retry_at`.
+    error: CacheError,
+    consecutive: u32,
+    retry_at: Instant,
+}
+
+impl ModelCache {
+    pub fn new(config: CacheConfig, runtime: Arc<dyn Runtime>, repository: LocalRepository) -> Self {
+        metrics::gauge!(m::CAPACITY_BYTES).set(config.capacity_bytes as f64);
+        metrics::gauge!(m::USED_BYTES).set(0.0);
+        metrics::gauge!(m::MODELS_LOADED).set(0.0);
+        let load_permits = Semaphore::new(config.max_concurrent_loads.max(1));
+        let inner = Inner {
+            config,
+            runtime,
+            repository,
+            state: Mutex::new(State {
+                resident: LruCache::unbounded(),
+                loading: HashMap::new(),
+                failures: HashMap::new(),
+                used_bytes: 0,
+                size_factor: 1.0,
+            }),
+            load_permits,
+            room_freed: Arc::new(Notify::new()),
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// A lease on a loaded model, loading it first if needed. The model stays in memory at least as
+    /// long as the lease is held.
+    pub async fn acquire(&self, id: &ModelId) -> Result<Lease, CacheError> {
+        let mut outcome = {
+            let mut state = self.inner.state.lock();
+            if let Some(entry) = state.resident.get(id) {
+                return Ok(Lease::new(entry.clone()));
+            }
+            if self.inner.shutdown.is_cancelled() {
+                return Err(CacheError::ShuttingDown);
+            }
+            if let Some(failure) = state.failures.get(id) {
+                let now = Instant::now();
+                if now < failure.retry_at {
+                    return Err(failure.error.clone().with_retry_in(failure.retry_at - now));
+                }
+            }
+            match state.loading.get(id) {
+                Some(outcome) => outcome.clone(),
+                None => self.start_load(&mut state, id),
+            }
+        };
+        let waited = Instant::now();
+        let result = match outcome.wait_for(Option::is_some).await {
+            Ok(done) => done.clone().unwrap_or(Err(CacheError::ShuttingDown)),
+            // The load task ended without an outcome: only cancellation at shutdown does that.
+            Err(_) => Err(CacheError::ShuttingDown),
+        };
+        metrics::histogram!(m::CACHE_MISS_WAIT).record(waited.elapsed().as_secs_f64());
+        let entry = result?;
+        // Take the lease under the lock, so eviction (which checks leases under it too) sees it. If the
+        // model was evicted in the instant since it loaded, the lease still keeps it alive for this
+        // request.
+        let _state = self.inner.state.lock();
+        Ok(Lease::new(entry))
+    }
+
+    /// Whether a model is loaded here now; never starts a load.
+    pub fn is_loaded(&self, id: &ModelId) -> bool {
+        self.inner.state.lock().resident.contains(id)
+    }
+
+    /// Loaded models, most recently used first.
+    pub fn resident(&self) -> Vec<ResidentModel> {
+        let state = self.inner.state.lock();
+        state
+            .resident
+            .iter()
+            .map(|(id, e)| ResidentModel {
+                id: id.clone(),
+                size_bytes: e.size_bytes(),
+                in_flight: e.in_flight(),
+            })
+            .collect()
+    }
+
+    /// Bytes charged now (loaded models and loads in progress).
+    pub fn used_bytes(&self) -> u64 {
+        self.inner.state.lock().used_bytes
+    }
+
+    /// Refuses new loads, waits for loads in progress, and unloads every model. Call after in-flight
+    /// requests have drained.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        let evicted: Vec<Arc<Entry>> = {
+            let mut state = self.inner.state.lock();
+            let mut all = Vec::with_capacity(state.resident.len());
+            while let Some((_, entry)) = state.resident.pop_lru() {
+                state.used_bytes -= entry.size_bytes();
+                all.push(entry);
+            }
+            self.inner.publish(&state);
+            all
+        };
+        let count = evicted.len();
+        self.inner.retire(evicted).await;
+        tracing::info!(models = count, "model cache unloaded");
+    }
+
+    fn start_load(&self, state: &mut State, id: &ModelId) -> watch::Receiver<Option<LoadOutcome>> {
+        let (tx, rx) = watch::channel(None);
+        state.loading.insert(id.clone(), rx.clone());
+        metrics::gauge!(m::LOADING_MODELS).set(state.loading.len() as f64);
+        let inner = self.inner.clone();
+        let id = id.clone();
+        let span = tracing::info_span!("load", model_id = %id);
+        self.inner.tasks.spawn(tracing::Instrument::instrument(
+            async move { inner.run_load(id, tx).await },
+            span,
+        ));
+        rx
+    }
+}
+
+impl Inner {
+    /// Frees at least `extra` bytes of headroom by evicting; the evicted entries are returned so the
+    /// caller drops them outside the lock.
+    fn make_room(&self, state: &mut State, extra: u64) -> Result<Vec<Arc<Entry>>, eviction::Shortfall> {
+        let needed = (state.used_bytes + extra).saturating_sub(self.config.capacity_bytes);
+        if needed == 0 {
+            return Ok(Vec::new());
+        }
+        let now = Instant::now();
+        let candidates: Vec<Candidate> = state
+            .resident
+            .iter()
+            .map(|(id, e)| Candidate {
+                id: id.clone(),
+                size_bytes: e.size_bytes(),
+                in_flight: e.in_flight(),
+                resident_for: now.saturating_duration_since(e.loaded_at()),
+                idle_for: now.saturating_duration_since(e.last_used()),
+            })
+            .collect();
+        let rules = Rules {
+            min_residence: self.config.min_residence,
+        };
+        let victims = eviction::victims(&candidates, needed, Policy::LeastRecentlyUsed, rules)?;
+        let mut evicted = Vec::with_capacity(victims.len());
+        for id in victims {
+            if let Some(entry) = state.resident.pop(&id) {
+                state.used_bytes -= entry.size_bytes();
+                tracing::info!(model_id = %id, size_bytes = entry.size_bytes(), "evicting model");
+                metrics::counter!(m::CACHE_EVICTIONS).increment(1);
+                evicted.push(entry);
+            }
+        }
+        Ok(evicted)
+    }
+
+    /// When the earliest model now protected by the minimum residence becomes evictable.
+    fn next_residence_expiry(&self, state: &State) -> Option<Instant> {
+        state
+            .resident
+            .iter()
+            .map(|(_, e)| e.loaded_at() + self.config.min_residence)
+            .filter(|t| *t > Instant::now())
+            .min()
+    }
+
+    /// Drops models off the async threads: freeing a large session can take milliseconds.
+    async fn retire(&self, entries: Vec<Arc<Entry>>) {
+        if entries.is_empty() {
+            return;
+        }
+        let count = entries.len() as u64;
+        let started = Instant::now();
+        let _ = tokio::task::spawn_blocking(move || drop(entries)).await;
+        metrics::counter!(m::MODEL_UNLOADS).increment(count);
+        metrics::histogram!(m::UNLOAD_DURATION).record(started.elapsed().as_secs_f64());
+        self.room_freed.notify_waiters();
+    }
+
+    /// Publishes gauges that follow the state.
+    fn publish(&self, state: &State) {
+        metrics::gauge!(m::USED_BYTES).set(state.used_bytes as f64);
+        metrics::gauge!(m::MODELS_LOADED).set(state.resident.len() as f64);
+        let lru_age = state
+            .resident
+            .peek_lru()
+            .map(|(_, e)| e.last_used().elapsed().as_secs_f64());
+        metrics::gauge!(m::LRU_AGE).set(lru_age.unwrap_or(0.0));
+    }
+}

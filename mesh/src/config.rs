@@ -1,0 +1,174 @@
+//! `meshd` command line: every flag also reads `DENSEMESH_<FLAG>` from the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::bytesize::ByteSize;
+use crate::cache::CacheConfig;
+use crate::server::ServeConfig;
+use crate::worker::WorkerConfig;
+
+/// densemesh node: serves many models over KServe V2 gRPC, paging them in and out of memory.
+#[derive(Debug, Parser)]
+#[command(name = "meshd", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve models over gRPC.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the gRPC server (KServe V2 inference, reflection).
+    #[arg(long, env = "DENSEMESH_GRPC_ADDR", default_value = "127.0.0.1:8033")]
+    pub grpc_addr: SocketAddr,
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "DENSEMESH_METRICS_ADDR", default_value = "127.0.0.1:2112")]
+    pub metrics_addr: SocketAddr,
+    /// Model repository: DIR/<model-id>/model.onnx or DIR/<model-id>/<version>/model.onnx.
+    #[arg(long, env = "DENSEMESH_MODEL_REPO", default_value = "examples/models")]
+    pub model_repo: PathBuf,
+    /// Memory for loaded models, e.g. 2GiB, 512MiB or a byte count.
+    #[arg(long, env = "DENSEMESH_CAPACITY", default_value = "2GiB")]
+    pub capacity: ByteSize,
+    /// Model loads that may run at once.
+    #[arg(long, env = "DENSEMESH_MAX_CONCURRENT_LOADS", default_value_t = 2)]
+    pub max_concurrent_loads: usize,
+    /// Longest a load may take, waiting for room included (e.g. 60s, 2m).
+    #[arg(long, env = "DENSEMESH_LOAD_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub load_timeout: Duration,
+    /// Wait after a failed load before trying again; doubles per consecutive failure.
+    #[arg(long, env = "DENSEMESH_LOAD_RETRY_BACKOFF", default_value = "2s", value_parser = parse_duration)]
+    pub load_retry_backoff: Duration,
+    /// Cap on the doubled retry back-off.
+    #[arg(long, env = "DENSEMESH_MAX_LOAD_RETRY_BACKOFF", default_value = "60s", value_parser = parse_duration)]
+    pub max_load_retry_backoff: Duration,
+    /// A model loaded more recently than this is never evicted (guards against thrashing).
+    #[arg(long, env = "DENSEMESH_MIN_RESIDENCE", default_value = "0s", value_parser = parse_duration)]
+    pub min_residence: Duration,
+    /// Largest gRPC message accepted or sent.
+    #[arg(long, env = "DENSEMESH_MAX_MESSAGE_SIZE", default_value = "64MiB")]
+    pub max_message_size: ByteSize,
+    /// Inferences running at once on worker threads; 0 means one per core.
+    #[arg(long, env = "DENSEMESH_INFER_THREADS", default_value_t = 0)]
+    pub infer_threads: usize,
+    /// Inferences that may wait for a worker before requests get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DENSEMESH_MAX_QUEUED_INFERENCES", default_value_t = 1024)]
+    pub max_queued_inferences: usize,
+    /// Models whose inferences typically take less than this run inline, skipping a thread hand-off.
+    #[arg(long, env = "DENSEMESH_INLINE_INFER_BELOW", default_value = "100us", value_parser = parse_duration)]
+    pub inline_infer_below: Duration,
+    /// Threads in ONNX Runtime's shared intra-op pool; 0 means one per core.
+    #[arg(long, env = "DENSEMESH_ORT_THREADS", default_value_t = 0)]
+    pub ort_threads: usize,
+    /// Path of libonnxruntime.so; by default ORT_DYLIB_PATH, then the pip onnxruntime package.
+    #[arg(long, env = "DENSEMESH_ORT_LIBRARY")]
+    pub ort_library: Option<PathBuf>,
+    /// How long SIGTERM waits for in-flight requests before giving up on them.
+    #[arg(long, env = "DENSEMESH_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Write the bound addresses here as JSON once listening (useful with port 0).
+    #[arg(long, env = "DENSEMESH_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The server configuration these flags describe.
+    pub fn into_config(self) -> ServeConfig {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        ServeConfig {
+            grpc_addr: self.grpc_addr,
+            metrics_addr: self.metrics_addr,
+            model_repo: self.model_repo,
+            cache: CacheConfig {
+                capacity_bytes: self.capacity.0,
+                max_concurrent_loads: self.max_concurrent_loads.max(1),
+                load_timeout: self.load_timeout,
+                retry_backoff: self.load_retry_backoff,
+                max_retry_backoff: self.max_load_retry_backoff,
+                min_residence: self.min_residence,
+            },
+            worker: WorkerConfig {
+                concurrency: if self.infer_threads == 0 {
+                    cores
+                } else {
+                    self.infer_threads
+                },
+                max_queued: self.max_queued_inferences,
+                inline_below: self.inline_infer_below,
+            },
+            max_message_size: usize::try_from(self.max_message_size.0).unwrap_or(usize::MAX),
+            ort: densemesh_runtime_ort::OrtConfig {
+                library_path: self.ort_library,
+                intra_threads: self.ort_threads,
+            },
+            shutdown_grace: self.shutdown_grace,
+            addr_file: self.addr_file,
+        }
+    }
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h`, `100us`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 500ms, 30s or 2m"))?;
+    let d = match unit.trim() {
+        "us" | "µs" => Duration::from_micros(n),
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("unknown unit {other:?} in {s:?}; use us, ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn flags_parse_with_documented_names() {
+        let cli = Cli::try_parse_from([
+            "meshd",
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--capacity",
+            "64MiB",
+            "--load-timeout",
+            "5s",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command;
+        let config = args.into_config();
+        assert_eq!(config.cache.capacity_bytes, 64 << 20);
+        assert_eq!(config.cache.load_timeout, Duration::from_secs(5));
+        let bad = Cli::try_parse_from(["meshd", "serve", "--capacity", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("--capacity"), "{bad}");
+    }
+}

@@ -1,0 +1,151 @@
+//! The mesh's errors and the one place they become gRPC status codes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use densemesh_placement::ModelId;
+use tonic::{Code, Status};
+
+/// Why a model could not be made ready. Cloneable: one load's outcome is shared by every request
+/// that waited on it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error("{0}")]
+    NotFound(Arc<str>),
+    #[error("model {model_id} needs {needed_bytes} bytes ({how}) but the capacity is {capacity_bytes} bytes")]
+    TooLarge {
+        model_id: ModelId,
+        needed_bytes: u64,
+        capacity_bytes: u64,
+        how: &'static str,
+    },
+    #[error("model {model_id} failed to load: {reason}; next attempt in {}", format_retry(*.retry_in))]
+    LoadFailed {
+        model_id: ModelId,
+        reason: Arc<str>,
+        retry_in: Duration,
+    },
+    #[error("no room to load model {model_id}: {reason}")]
+    NoRoom { model_id: ModelId, reason: Arc<str> },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl CacheError {
+    /// The same error, telling the caller when the next attempt will be made.
+    pub fn with_retry_in(self, retry_in: Duration) -> Self {
+        match self {
+            CacheError::LoadFailed { model_id, reason, .. } => CacheError::LoadFailed {
+                model_id,
+                reason,
+                retry_in,
+            },
+            other => other,
+        }
+    }
+}
+
+fn format_retry(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// Errors answering a request.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// The request is malformed; the message names the input and the problem.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("model {model_id}: {source}")]
+    Runtime {
+        model_id: ModelId,
+        #[source]
+        source: densemesh_runtime_core::Error,
+    },
+    /// Too much work queued; the client should back off.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A bug or a crash inside the server.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<MeshError> for Status {
+    fn from(e: MeshError) -> Self {
+        use densemesh_runtime_core::Error as R;
+        let code = match &e {
+            MeshError::InvalidArgument(_) => Code::InvalidArgument,
+            MeshError::NotFound(_) | MeshError::Cache(CacheError::NotFound(_)) => Code::NotFound,
+            MeshError::Cache(CacheError::TooLarge { .. }) | MeshError::Overloaded(_) => {
+                Code::ResourceExhausted
+            }
+            MeshError::Cache(_) => Code::Unavailable,
+            MeshError::Runtime {
+                source: R::InvalidInput(_),
+                ..
+            } => Code::InvalidArgument,
+            MeshError::Runtime {
+                source: R::RuntimeUnavailable(_),
+                ..
+            } => Code::Unavailable,
+            MeshError::Runtime { .. } | MeshError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_follow_the_design() {
+        let id = ModelId::new("m").unwrap();
+        let cases: Vec<(MeshError, Code)> = vec![
+            (
+                MeshError::InvalidArgument("input x: bad".into()),
+                Code::InvalidArgument,
+            ),
+            (
+                CacheError::NotFound("model m not found".into()).into(),
+                Code::NotFound,
+            ),
+            (
+                CacheError::TooLarge {
+                    model_id: id.clone(),
+                    needed_bytes: 2,
+                    capacity_bytes: 1,
+                    how: "file size",
+                }
+                .into(),
+                Code::ResourceExhausted,
+            ),
+            (
+                CacheError::LoadFailed {
+                    model_id: id.clone(),
+                    reason: "bad".into(),
+                    retry_in: Duration::ZERO,
+                }
+                .into(),
+                Code::Unavailable,
+            ),
+            (CacheError::ShuttingDown.into(), Code::Unavailable),
+            (
+                MeshError::Runtime {
+                    model_id: id,
+                    source: densemesh_runtime_core::Error::Inference("x".into()),
+                },
+                Code::Internal,
+            ),
+        ];
+        for (e, code) in cases {
+            let message = e.to_string();
+            let status = Status::from(e);
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
+    }
+}

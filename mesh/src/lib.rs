@@ -1,0 +1,22 @@
+//! The `meshd` node: KServe V2 gRPC in front of a byte-bounded cache of loaded models.
+//!
+//! A request names a model ([`router`]), leases it from the [`cache`] (loading it on a miss), is
+//! validated against the model's interface ([`v2`]) and runs on the [`worker`]. [`server`] wires it
+//! together with the admin HTTP endpoints and graceful shutdown.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod bytesize;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod router;
+pub mod server;
+pub mod service;
+pub mod v2;
+pub mod worker;
+
+pub use cache::{CacheConfig, Lease, ModelCache};
+pub use error::{CacheError, MeshError};
+pub use server::{ServeConfig, ServeError, run};

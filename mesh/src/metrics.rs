@@ -1,0 +1,104 @@
+//! Metric names and their help text, in one place so the README's table and the code agree.
+//!
+//! Names follow `densemesh_<noun>_<unit>`; each ModelMesh metric an operator may have dashboards on has
+//! an equivalent here (see docs/metrics.md).
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const MODELS_LOADED: &str = "densemesh_models_loaded";
+pub const MODEL_LOADS: &str = "densemesh_model_loads_total";
+pub const MODEL_UNLOADS: &str = "densemesh_model_unloads_total";
+pub const CACHE_EVICTIONS: &str = "densemesh_cache_evictions_total";
+pub const CAPACITY_BYTES: &str = "densemesh_capacity_bytes";
+pub const USED_BYTES: &str = "densemesh_used_bytes";
+pub const LRU_AGE: &str = "densemesh_lru_age_seconds";
+pub const LOADING_MODELS: &str = "densemesh_loading_models";
+pub const LOADED_MODEL_SIZE: &str = "densemesh_loaded_model_size_bytes";
+pub const LOAD_DURATION: &str = "densemesh_load_duration_seconds";
+pub const UNLOAD_DURATION: &str = "densemesh_unload_duration_seconds";
+pub const CACHE_MISS_WAIT: &str = "densemesh_cache_miss_wait_seconds";
+pub const INFER_DURATION: &str = "densemesh_infer_duration_seconds";
+pub const REQUEST_DURATION: &str = "densemesh_request_duration_seconds";
+pub const REQUESTS: &str = "densemesh_requests_total";
+pub const QUEUE_WAIT: &str = "densemesh_queue_wait_seconds";
+pub const FORWARDED_REQUESTS: &str = "densemesh_forwarded_requests_total";
+
+/// Buckets for latencies from tens of microseconds (tiny models) to minutes (large loads).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// Buckets for model sizes, 64 KiB to 16 GiB.
+pub const SIZE_BUCKETS: &[f64] = &[
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+    1_073_741_824.0,
+    4_294_967_296.0,
+    17_179_869_184.0,
+];
+
+/// Registers help text for every metric, so `/metrics` documents itself.
+pub fn describe() {
+    describe_gauge!(MODELS_LOADED, "Models loaded in this pod's memory");
+    describe_counter!(MODEL_LOADS, "Model loads finished, by result (success, failure)");
+    describe_counter!(MODEL_UNLOADS, "Models unloaded (evicted or at shutdown)");
+    describe_counter!(
+        CACHE_EVICTIONS,
+        "Models evicted from memory to make room for a load"
+    );
+    describe_gauge!(
+        CAPACITY_BYTES,
+        Unit::Bytes,
+        "Memory capacity for models (--capacity)"
+    );
+    describe_gauge!(
+        USED_BYTES,
+        Unit::Bytes,
+        "Capacity charged to loaded models and loads in progress"
+    );
+    describe_gauge!(
+        LRU_AGE,
+        Unit::Seconds,
+        "Time since the least recently used loaded model was used"
+    );
+    describe_gauge!(LOADING_MODELS, "Model loads in progress");
+    describe_histogram!(
+        LOADED_MODEL_SIZE,
+        Unit::Bytes,
+        "Measured size of each model loaded"
+    );
+    describe_histogram!(
+        LOAD_DURATION,
+        Unit::Seconds,
+        "Time to load a model, from request to ready"
+    );
+    describe_histogram!(UNLOAD_DURATION, Unit::Seconds, "Time to unload a model");
+    describe_histogram!(
+        CACHE_MISS_WAIT,
+        Unit::Seconds,
+        "Time a request waited for its model to load"
+    );
+    describe_histogram!(
+        INFER_DURATION,
+        Unit::Seconds,
+        "Time the runtime spent on one inference"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to answer one ModelInfer request, by code"
+    );
+    describe_counter!(REQUESTS, "ModelInfer requests answered, by gRPC code");
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time an inference waited for a worker thread"
+    );
+    describe_counter!(FORWARDED_REQUESTS, "Requests forwarded to another pod");
+}

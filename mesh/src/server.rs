@@ -1,0 +1,185 @@
+//! Start-up and shutdown of one `meshd` node: runtime, cache, gRPC and admin servers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use densemesh_puller::LocalRepository;
+use densemesh_runtime_core::Runtime;
+use densemesh_runtime_ort::{OrtConfig, OrtRuntime};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminServer;
+use crate::cache::{CacheConfig, ModelCache};
+use crate::metrics as m;
+use crate::service::InferenceService;
+use crate::worker::{Worker, WorkerConfig};
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub model_repo: PathBuf,
+    pub cache: CacheConfig,
+    pub worker: WorkerConfig,
+    pub max_message_size: usize,
+    pub ort: OrtConfig,
+    pub shutdown_grace: Duration,
+    pub addr_file: Option<PathBuf>,
+}
+
+/// Why the node could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} ({flag}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error("model repository {0} is not a directory (--model-repo)")]
+    NoRepository(PathBuf),
+    #[error(transparent)]
+    Runtime(#[from] densemesh_runtime_core::Error),
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
+    #[error("cannot write {path} (--addr-file): {source}")]
+    AddrFile { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the admin server: {0}")]
+    Admin(std::io::Error),
+    #[error("grpc server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Installs the process-wide Prometheus recorder; call once.
+pub fn install_metrics() -> Result<PrometheusHandle, ServeError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), m::LATENCY_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_bytes".to_owned()), m::SIZE_BUCKETS))
+        .map_err(|e| ServeError::Metrics(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| ServeError::Metrics(e.to_string()))?;
+    m::describe();
+    Ok(handle)
+}
+
+/// Runs the node until `shutdown` resolves, then drains in-flight requests (up to the grace period),
+/// unloads every model and returns.
+pub async fn run(
+    config: ServeConfig,
+    metrics: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    if !config.model_repo.is_dir() {
+        return Err(ServeError::NoRepository(config.model_repo));
+    }
+    let ort_config = config.ort.clone();
+    let runtime: Arc<dyn Runtime> = tokio::task::spawn_blocking(move || OrtRuntime::new(&ort_config))
+        .await
+        .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.to_string()))??
+        .into_arc();
+    let cache = ModelCache::new(
+        config.cache.clone(),
+        runtime,
+        LocalRepository::new(&config.model_repo),
+    );
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.grpc_addr,
+            flag: "--grpc-addr",
+            source,
+        })?;
+    let admin_listener =
+        std::net::TcpListener::bind(config.metrics_addr).map_err(|source| ServeError::Bind {
+            addr: config.metrics_addr,
+            flag: "--metrics-addr",
+            source,
+        })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.grpc_addr,
+        flag: "--grpc-addr",
+        source,
+    })?;
+    let metrics_addr = admin_listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.metrics_addr,
+        flag: "--metrics-addr",
+        source,
+    })?;
+    let _admin = AdminServer::start(admin_listener, metrics, ready.clone()).map_err(ServeError::Admin)?;
+
+    let service = InferenceService::new(cache.clone(), Worker::new(config.worker.clone()), ready.clone());
+    let inference = GrpcInferenceServiceServer::new(service)
+        .max_decoding_message_size(config.max_message_size)
+        .max_encoding_message_size(config.max_message_size);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Metrics(format!("reflection: {e}")))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Metrics(format!("reflection: {e}")))?;
+
+    let stop = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(inference)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.clone().cancelled_owned());
+
+    if let Some(path) = &config.addr_file {
+        write_addr_file(path, grpc_addr, metrics_addr).map_err(|source| ServeError::AddrFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    ready.store(true, Ordering::Release);
+    tracing::info!(%grpc_addr, %metrics_addr, repository = %config.model_repo.display(),
+        capacity_bytes = config.cache.capacity_bytes, "meshd serving");
+
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result?,
+        () = shutdown => {
+            tracing::info!("shutting down: draining in-flight requests");
+            ready.store(false, Ordering::Release);
+            stop.cancel();
+            match tokio::time::timeout(config.shutdown_grace, &mut server).await {
+                Ok(result) => result?,
+                Err(_) => tracing::warn!(grace = ?config.shutdown_grace, "requests still running after the grace period; stopping anyway"),
+            }
+        }
+    }
+    cache.shutdown().await;
+    tracing::info!("meshd stopped");
+    Ok(())
+}
+
+/// Writes the bound addresses atomically (temp file, then rename), so a reader never sees half a file.
+fn write_addr_file(path: &std::path::Path, grpc: SocketAddr, metrics: SocketAddr) -> std::io::Result<()> {
+    let body = serde_json::json!({ "grpc_addr": grpc.to_string(), "metrics_addr": metrics.to_string() });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, body.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+trait IntoArc {
+    fn into_arc(self) -> Arc<dyn Runtime>;
+}
+
+impl IntoArc for OrtRuntime {
+    fn into_arc(self) -> Arc<dyn Runtime> {
+        Arc::new(self)
+    }
+}

@@ -1,0 +1,160 @@
+//! The KServe V2 gRPC service: resolves the model, leases it from the cache, validates, runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use densemesh_proto::inference::*;
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use crate::cache::ModelCache;
+use crate::error::MeshError;
+use crate::metrics as m;
+use crate::worker::Worker;
+use crate::{router, v2};
+
+/// State shared by every request.
+#[derive(Clone)]
+pub struct InferenceService {
+    cache: ModelCache,
+    worker: Worker,
+    /// False once shutdown began, so load balancers stop sending.
+    ready: Arc<AtomicBool>,
+}
+
+impl InferenceService {
+    pub fn new(cache: ModelCache, worker: Worker, ready: Arc<AtomicBool>) -> Self {
+        Self { cache, worker, ready }
+    }
+
+    async fn infer(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        request: ModelInferRequest,
+    ) -> Result<ModelInferResponse, MeshError> {
+        let id = router::model_id(metadata, &request.model_name)?;
+        let (model_name, requested_version, request_id) = (
+            request.model_name.clone(),
+            request.model_version.clone(),
+            request.id.clone(),
+        );
+        let span = tracing::debug_span!("infer", model_id = %id, request_id = %request_id);
+        async move {
+            let decoded = v2::decode(request)?;
+            let lease = self.cache.acquire(&id).await?;
+            v2::check(id.as_str(), lease.metadata(), &decoded.request)?;
+            let version = lease.version().map_or(requested_version, |v| v.to_string());
+            let outputs = self.worker.infer(lease, decoded.request).await?;
+            let name = if model_name.is_empty() {
+                id.to_string()
+            } else {
+                model_name
+            };
+            Ok(v2::encode(name, version, request_id, outputs, decoded.raw))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.ready.load(Ordering::Acquire),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let id = router::model_id(request.metadata(), &request.get_ref().name)?;
+        Ok(Response::new(ModelReadyResponse {
+            ready: self.cache.is_loaded(&id),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "densemesh".to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: Vec::new(),
+        }))
+    }
+
+    /// Loads the model if needed: its interface is only known once a runtime has opened it.
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let id = router::model_id(request.metadata(), &request.get_ref().name)?;
+        let lease = self.cache.acquire(&id).await.map_err(MeshError::from)?;
+        let metadata = lease.metadata();
+        Ok(Response::new(ModelMetadataResponse {
+            name: id.to_string(),
+            versions: lease.version().map(|v| vec![v.to_string()]).unwrap_or_default(),
+            platform: metadata.platform.clone(),
+            inputs: metadata.inputs.iter().map(v2::tensor_metadata).collect(),
+            outputs: metadata.outputs.iter().map(v2::tensor_metadata).collect(),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let started = Instant::now();
+        let (metadata, _, request) = request.into_parts();
+        let result = self.infer(&metadata, request).await.map_err(Status::from);
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), message = status.message(), "request failed");
+                status.code()
+            }
+        };
+        let code = code_label(code);
+        metrics::histogram!(m::REQUEST_DURATION, "code" => code).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::REQUESTS, "code" => code).increment(1);
+        result.map(Response::new)
+    }
+}
+
+/// gRPC's canonical code names, as metric labels without a per-request allocation.
+fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,10 @@
+//! The cluster model and the decisions made on it, as pure functions over plain data.
+//!
+//! Nothing here does I/O: the mesh gathers state, asks a function here what to do, and does it. That
+//! keeps every decision unit-testable and lets a simulator replay the same logic.
+#![forbid(unsafe_code)]
+
+pub mod eviction;
+mod model_id;
+
+pub use model_id::{InvalidModelId, ModelId};

@@ -1,0 +1,14 @@
+//! The wire: generated types and service stubs for every gRPC API densemesh speaks.
+//!
+//! Field names and numbers follow the public definitions exactly, so existing clients (tritonclient,
+//! the kserve SDK, grpcurl) interoperate without densemesh-specific code.
+#![forbid(unsafe_code)]
+
+/// KServe V2 / Open Inference Protocol (`inference.GRPCInferenceService`).
+pub mod inference {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("inference");
+}
+
+/// Serialized `FileDescriptorSet` of every service above, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("densemesh_descriptor");

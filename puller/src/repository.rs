@@ -1,0 +1,142 @@
+//! A local model repository: `DIR/<model-id>/model.onnx`, or Triton-style
+//! `DIR/<model-id>/<version>/model.onnx` where the highest numeric version wins.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use densemesh_placement::ModelId;
+
+use crate::{Error, Result};
+
+/// File names that mark a model directory, in order of preference.
+const MODEL_FILES: &[&str] = &["model.onnx"];
+
+/// A model found on local disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalModel {
+    /// The model's main file.
+    pub path: PathBuf,
+    /// The version directory it came from, when the repository is versioned.
+    pub version: Option<u64>,
+    /// Size of the main file, the basis of the size predicted before loading.
+    pub file_bytes: u64,
+}
+
+/// A directory of models. Ids are validated [`ModelId`]s, so a lookup never leaves the directory.
+#[derive(Debug, Clone)]
+pub struct LocalRepository {
+    root: PathBuf,
+}
+
+impl LocalRepository {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Finds a model's file; blocking (a few `stat` calls).
+    pub fn resolve(&self, id: &ModelId) -> Result<LocalModel> {
+        let dir = self.root.join(id.as_str());
+        if let Some(found) = model_file_in(&dir, None)? {
+            return Ok(found);
+        }
+        let mut versions: Vec<u64> = read_dir_names(&dir)?
+            .into_iter()
+            .filter_map(|name| name.parse::<u64>().ok())
+            .collect();
+        versions.sort_unstable_by(|a, b| b.cmp(a));
+        for version in versions {
+            if let Some(found) = model_file_in(&dir.join(version.to_string()), Some(version))? {
+                return Ok(found);
+            }
+        }
+        Err(Error::NotFound {
+            model_id: id.to_string(),
+            repository: self.root.clone(),
+        })
+    }
+
+    /// Ids of every directory that holds a model, sorted; names that are not valid ids are skipped.
+    pub fn list(&self) -> Result<Vec<ModelId>> {
+        let mut ids: Vec<ModelId> = read_dir_names(&self.root)?
+            .iter()
+            .filter_map(|name| ModelId::new(name).ok())
+            .filter(|id| self.resolve(id).is_ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+fn model_file_in(dir: &Path, version: Option<u64>) -> Result<Option<LocalModel>> {
+    for name in MODEL_FILES {
+        let path = dir.join(name);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => {
+                return Ok(Some(LocalModel {
+                    path,
+                    version,
+                    file_bytes: meta.len(),
+                }));
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {}
+            Err(source) => return Err(Error::Io { path, source }),
+        }
+    }
+    Ok(None)
+}
+
+/// Entry names of a directory; empty when it does not exist.
+fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(Error::Io {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    Ok(entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(path: &Path, bytes: usize) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, vec![0u8; bytes]).unwrap();
+    }
+
+    #[test]
+    fn resolves_flat_and_versioned_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = LocalRepository::new(dir.path());
+        touch(&dir.path().join("flat/model.onnx"), 3);
+        touch(&dir.path().join("versioned/1/model.onnx"), 1);
+        touch(&dir.path().join("versioned/10/model.onnx"), 10);
+        touch(&dir.path().join("versioned/9/model.onnx"), 9);
+        touch(&dir.path().join("versioned/11/other.bin"), 1);
+        std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+
+        let flat = repo.resolve(&ModelId::new("flat").unwrap()).unwrap();
+        assert_eq!((flat.version, flat.file_bytes), (None, 3));
+        let versioned = repo.resolve(&ModelId::new("versioned").unwrap()).unwrap();
+        assert_eq!((versioned.version, versioned.file_bytes), (Some(10), 10));
+        for missing in ["empty", "absent"] {
+            let err = repo.resolve(&ModelId::new(missing).unwrap()).unwrap_err();
+            assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        }
+        let ids: Vec<String> = repo.list().unwrap().iter().map(|m| m.to_string()).collect();
+        assert_eq!(ids, ["flat", "versioned"]);
+    }
+}

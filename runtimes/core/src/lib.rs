@@ -1,0 +1,63 @@
+//! The seam between the mesh and whatever executes a model.
+//!
+//! A [`Runtime`] turns a local model file into a [`LoadedModel`]; a loaded model answers [`infer`] calls
+//! with tensors. Both are synchronous on purpose: loading and inference are CPU-heavy, so the mesh runs
+//! them on blocking threads and keeps the async executor free (see the mesh's `worker` module).
+//!
+//! [`infer`]: LoadedModel::infer
+#![forbid(unsafe_code)]
+
+mod error;
+mod tensor;
+
+use std::path::PathBuf;
+
+pub use error::{Error, Result};
+pub use tensor::{DataType, Tensor, TensorData, TensorSpec};
+
+/// Everything a runtime needs to load one model.
+#[derive(Debug, Clone)]
+pub struct LoadRequest {
+    /// The model id, for errors and logs.
+    pub model_id: String,
+    /// The model's main file (e.g. `model.onnx`), already on local disk.
+    pub path: PathBuf,
+}
+
+/// A model's interface as the runtime sees it, reported through V2 ModelMetadata and used to validate
+/// requests before they reach the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelMetadata {
+    /// V2 platform string, e.g. `onnxruntime_onnx`.
+    pub platform: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// One inference: validated inputs (in any order) and the outputs wanted (empty means all).
+#[derive(Debug, Clone, Default)]
+pub struct InferRequest {
+    pub inputs: Vec<Tensor>,
+    pub outputs: Vec<String>,
+}
+
+/// A model runtime (ONNX Runtime, candle, a remote server). Implementations are shared by all models
+/// of their kind, so process-wide resources (thread pools, device contexts) live here.
+pub trait Runtime: Send + Sync + 'static {
+    /// Short name for logs and metrics, e.g. `onnxruntime`.
+    fn name(&self) -> &'static str;
+
+    /// Loads a model; blocking, may take seconds.
+    fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>>;
+}
+
+/// A model held in memory, ready to serve. Dropping it frees its memory.
+pub trait LoadedModel: Send + Sync + 'static {
+    fn metadata(&self) -> &ModelMetadata;
+
+    /// Memory this model holds, as measured after loading; this is what capacity is charged.
+    fn size_bytes(&self) -> u64;
+
+    /// Runs one inference; blocking. Inputs have been validated against [`metadata`](Self::metadata).
+    fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>>;
+}

@@ -1,0 +1,131 @@
+//! One loaded ONNX model: its session, its interface and what it costs in memory.
+
+use densemesh_runtime_core::{
+    Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Tensor, TensorSpec,
+};
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{Outlet, ValueType};
+use parking_lot::Mutex;
+
+use crate::convert;
+use crate::memory::resident_bytes;
+
+pub(crate) struct OrtModel {
+    /// `ort` requires `&mut` to run: ONNX Runtime's allocators are not all thread-safe. Requests for
+    /// one model take turns; different models run in parallel on the shared pool.
+    session: Mutex<Session>,
+    metadata: ModelMetadata,
+    size_bytes: u64,
+}
+
+impl OrtModel {
+    pub(crate) fn load(env: &Environment, measure_lock: &Mutex<()>, request: &LoadRequest) -> Result<Self> {
+        let load_error = |reason: String| Error::Load {
+            model_id: request.model_id.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(&request.path).map_err(|source| Error::Io {
+            path: request.path.clone(),
+            source,
+        })?;
+        let file_bytes = bytes.len() as u64;
+
+        let (session, grown) = {
+            let _measuring = measure_lock.lock();
+            let before = resident_bytes();
+            let session = build_session(env, &bytes).map_err(|e| load_error(e.to_string()))?;
+            drop(bytes);
+            let grown = before.zip(resident_bytes()).map(|(b, a)| a.saturating_sub(b));
+            (session, grown)
+        };
+        // The session holds at least the weights; growth below that means another thread freed memory
+        // while we measured, so the file size is the better floor.
+        let size_bytes = grown.unwrap_or(0).max(file_bytes);
+
+        let metadata = ModelMetadata {
+            platform: "onnxruntime_onnx".to_owned(),
+            inputs: specs(session.inputs()).map_err(&load_error)?,
+            outputs: specs(session.outputs()).map_err(&load_error)?,
+        };
+        tracing::debug!(model_id = %request.model_id, file_bytes, size_bytes, "onnx session built");
+        Ok(Self {
+            session: Mutex::new(session),
+            metadata,
+            size_bytes,
+        })
+    }
+}
+
+impl OrtModel {
+    pub(crate) fn warm_up(env: &Environment, model: &[u8]) -> ort::Result<()> {
+        let mut session = build_session(env, model)?;
+        let x = ort::value::Tensor::from_array(([1usize], vec![1.0f32]))?;
+        session.run(ort::inputs!["x" => x])?;
+        Ok(())
+    }
+}
+
+fn build_session(env: &Environment, model: &[u8]) -> ort::Result<Session> {
+    Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::All)?
+        .commit_from_memory(model)
+}
+
+fn specs(outlets: &[Outlet]) -> Result<Vec<TensorSpec>, String> {
+    outlets
+        .iter()
+        .map(|outlet| match outlet.dtype() {
+            ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
+                name: outlet.name().to_owned(),
+                datatype: convert::datatype_of(*ty).ok_or_else(|| {
+                    format!(
+                        "{} has element type {ty:?}, which the V2 protocol cannot carry",
+                        outlet.name()
+                    )
+                })?,
+                shape: shape.iter().map(|d| if *d < 0 { -1 } else { *d }).collect(),
+            }),
+            other => Err(format!(
+                "{} is a {other:?}; only tensor inputs and outputs can be served (for scikit-learn \
+                 classifiers convert with zipmap disabled)",
+                outlet.name()
+            )),
+        })
+        .collect()
+}
+
+impl LoadedModel for OrtModel {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>> {
+        let inputs = request
+            .inputs
+            .into_iter()
+            .map(|t| Ok((t.name.clone(), convert::to_value(t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut session = self.session.lock();
+        let mut outputs = session.run(inputs).map_err(|e| Error::Inference(e.to_string()))?;
+        let wanted: Vec<&str> = if request.outputs.is_empty() {
+            self.metadata.outputs.iter().map(|o| o.name.as_str()).collect()
+        } else {
+            request.outputs.iter().map(String::as_str).collect()
+        };
+        wanted
+            .into_iter()
+            .map(|name| {
+                let value = outputs
+                    .remove(name)
+                    .ok_or_else(|| Error::Inference(format!("the model produced no output named {name}")))?;
+                convert::from_value(name, &value)
+            })
+            .collect()
+    }
+}
