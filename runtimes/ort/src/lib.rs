@@ -79,6 +79,12 @@ impl OrtRuntime {
             .map_err(|e| Error::RuntimeUnavailable(format!("onnxruntime cannot run a trivial model: {e}")))
     }
 
+    /// Loads a model from bytes already in memory, skipping the file read.
+    pub fn load_from_memory(&self, model_id: &str, model: Vec<u8>) -> Result<Box<dyn LoadedModel>> {
+        let model = session::OrtModel::from_bytes(&self.env, &self.measure_lock, model_id, model)?;
+        Ok(Box::new(model))
+    }
+
     /// The library in use, for logs and diagnostics.
     pub fn library_path(&self) -> &std::path::Path {
         &self.library_path

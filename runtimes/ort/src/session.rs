@@ -49,7 +49,7 @@ impl OrtModel {
             inputs: specs(session.inputs()).map_err(&load_error)?,
             outputs: specs(session.outputs()).map_err(&load_error)?,
         };
-        tracing::debug!(model_id = %request.model_id, file_bytes, size_bytes, "onnx session built");
+        tracing::debug!(model_id, file_bytes, size_bytes, "onnx session built");
         Ok(Self {
             session: Mutex::new(session),
             metadata,
