@@ -34,37 +34,29 @@ impl AdminServer {
         listener.set_nonblocking(true)?;
         let stop = CancellationToken::new();
         let stopped = stop.clone();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let thread = std::thread::Builder::new()
-            .name("admin-http".to_owned())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let app = Router::new()
-                        .route("/metrics", get(render_metrics))
-                        .route("/healthz", get(|| async { "ok\n" }))
-                        .route("/readyz", get(readiness))
-                        .with_state(AdminState { metrics, ready });
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(error = %e, "admin listener unusable");
-                            return;
-                        }
-                    };
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "admin server failed");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new().name("admin-http".to_owned()).spawn(move || {
+            runtime.block_on(async move {
+                let app = Router::new()
+                    .route("/metrics", get(render_metrics))
+                    .route("/healthz", get(|| async { "ok\n" }))
+                    .route("/readyz", get(readiness))
+                    .with_state(AdminState { metrics, ready });
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin listener unusable");
+                        return;
                     }
-                });
-            })?;
-        Ok(Self {
-            stop,
-            thread: Some(thread),
-        })
+                };
+                let served =
+                    axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin server failed");
+                }
+            });
+        })?;
+        Ok(Self { stop, thread: Some(thread) })
     }
 }
 

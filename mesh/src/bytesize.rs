@@ -34,18 +34,11 @@ impl FromStr for ByteSize {
         let multiplier = if unit.is_empty() {
             1
         } else {
-            UNITS
-                .iter()
-                .find(|(name, _)| name.eq_ignore_ascii_case(unit))
-                .map(|(_, m)| *m)
-                .ok_or_else(|| {
-                    format!("unknown unit {unit:?} in {s:?}; use KiB, MiB, GiB, TiB (or KB, MB, GB, TB)")
-                })?
+            UNITS.iter().find(|(name, _)| name.eq_ignore_ascii_case(unit)).map(|(_, m)| *m).ok_or_else(
+                || format!("unknown unit {unit:?} in {s:?}; use KiB, MiB, GiB, TiB (or KB, MB, GB, TB)"),
+            )?
         };
-        number
-            .checked_mul(multiplier)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
+        number.checked_mul(multiplier).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 

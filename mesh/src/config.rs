@@ -97,11 +97,7 @@ impl ServeArgs {
                 min_residence: self.min_residence,
             },
             worker: WorkerConfig {
-                concurrency: if self.infer_threads == 0 {
-                    cores
-                } else {
-                    self.infer_threads
-                },
+                concurrency: if self.infer_threads == 0 { cores } else { self.infer_threads },
                 max_queued: self.max_queued_inferences,
                 inline_below: self.inline_infer_below,
             },
@@ -121,9 +117,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write e.g. 500ms, 30s or 2m"))?;
+    let n: u64 =
+        number.parse().map_err(|_| format!("{s:?} is not a duration; write e.g. 500ms, 30s or 2m"))?;
     let d = match unit.trim() {
         "us" | "µs" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
@@ -166,9 +161,7 @@ mod tests {
         let config = args.into_config();
         assert_eq!(config.cache.capacity_bytes, 64 << 20);
         assert_eq!(config.cache.load_timeout, Duration::from_secs(5));
-        let bad = Cli::try_parse_from(["meshd", "serve", "--capacity", "lots"])
-            .unwrap_err()
-            .to_string();
+        let bad = Cli::try_parse_from(["meshd", "serve", "--capacity", "lots"]).unwrap_err().to_string();
         assert!(bad.contains("--capacity"), "{bad}");
     }
 }

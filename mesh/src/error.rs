@@ -13,18 +13,9 @@ pub enum CacheError {
     #[error("{0}")]
     NotFound(Arc<str>),
     #[error("model {model_id} needs {needed_bytes} bytes ({how}) but the capacity is {capacity_bytes} bytes")]
-    TooLarge {
-        model_id: ModelId,
-        needed_bytes: u64,
-        capacity_bytes: u64,
-        how: &'static str,
-    },
+    TooLarge { model_id: ModelId, needed_bytes: u64, capacity_bytes: u64, how: &'static str },
     #[error("model {model_id} failed to load: {reason}; next attempt in {}", format_retry(*.retry_in))]
-    LoadFailed {
-        model_id: ModelId,
-        reason: Arc<str>,
-        retry_in: Duration,
-    },
+    LoadFailed { model_id: ModelId, reason: Arc<str>, retry_in: Duration },
     #[error("no room to load model {model_id}: {reason}")]
     NoRoom { model_id: ModelId, reason: Arc<str> },
     #[error("the server is shutting down")]
@@ -35,11 +26,9 @@ impl CacheError {
     /// The same error, telling the caller when the next attempt will be made.
     pub fn with_retry_in(self, retry_in: Duration) -> Self {
         match self {
-            CacheError::LoadFailed { model_id, reason, .. } => CacheError::LoadFailed {
-                model_id,
-                reason,
-                retry_in,
-            },
+            CacheError::LoadFailed { model_id, reason, .. } => {
+                CacheError::LoadFailed { model_id, reason, retry_in }
+            }
             other => other,
         }
     }
@@ -83,14 +72,8 @@ impl From<MeshError> for Status {
                 Code::ResourceExhausted
             }
             MeshError::Cache(_) => Code::Unavailable,
-            MeshError::Runtime {
-                source: R::InvalidInput(_),
-                ..
-            } => Code::InvalidArgument,
-            MeshError::Runtime {
-                source: R::RuntimeUnavailable(_),
-                ..
-            } => Code::Unavailable,
+            MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,
+            MeshError::Runtime { source: R::RuntimeUnavailable(_), .. } => Code::Unavailable,
             MeshError::Runtime { .. } | MeshError::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
@@ -105,14 +88,8 @@ mod tests {
     fn codes_follow_the_design() {
         let id = ModelId::new("m").unwrap();
         let cases: Vec<(MeshError, Code)> = vec![
-            (
-                MeshError::InvalidArgument("input x: bad".into()),
-                Code::InvalidArgument,
-            ),
-            (
-                CacheError::NotFound("model m not found".into()).into(),
-                Code::NotFound,
-            ),
+            (MeshError::InvalidArgument("input x: bad".into()), Code::InvalidArgument),
+            (CacheError::NotFound("model m not found".into()).into(), Code::NotFound),
             (
                 CacheError::TooLarge {
                     model_id: id.clone(),

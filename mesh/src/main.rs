@@ -15,9 +15,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let metrics = densemesh_mesh::server::install_metrics()?;
-            densemesh_mesh::run(args.into_config(), metrics, shutdown_signal())
-                .await
-                .context("meshd failed")
+            densemesh_mesh::run(args.into_config(), metrics, shutdown_signal()).await.context("meshd failed")
         }
     }
 }

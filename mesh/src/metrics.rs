@@ -48,57 +48,18 @@ pub fn describe() {
     describe_gauge!(MODELS_LOADED, "Models loaded in this pod's memory");
     describe_counter!(MODEL_LOADS, "Model loads finished, by result (success, failure)");
     describe_counter!(MODEL_UNLOADS, "Models unloaded (evicted or at shutdown)");
-    describe_counter!(
-        CACHE_EVICTIONS,
-        "Models evicted from memory to make room for a load"
-    );
-    describe_gauge!(
-        CAPACITY_BYTES,
-        Unit::Bytes,
-        "Memory capacity for models (--capacity)"
-    );
-    describe_gauge!(
-        USED_BYTES,
-        Unit::Bytes,
-        "Capacity charged to loaded models and loads in progress"
-    );
-    describe_gauge!(
-        LRU_AGE,
-        Unit::Seconds,
-        "Time since the least recently used loaded model was used"
-    );
+    describe_counter!(CACHE_EVICTIONS, "Models evicted from memory to make room for a load");
+    describe_gauge!(CAPACITY_BYTES, Unit::Bytes, "Memory capacity for models (--capacity)");
+    describe_gauge!(USED_BYTES, Unit::Bytes, "Capacity charged to loaded models and loads in progress");
+    describe_gauge!(LRU_AGE, Unit::Seconds, "Time since the least recently used loaded model was used");
     describe_gauge!(LOADING_MODELS, "Model loads in progress");
-    describe_histogram!(
-        LOADED_MODEL_SIZE,
-        Unit::Bytes,
-        "Measured size of each model loaded"
-    );
-    describe_histogram!(
-        LOAD_DURATION,
-        Unit::Seconds,
-        "Time to load a model, from request to ready"
-    );
+    describe_histogram!(LOADED_MODEL_SIZE, Unit::Bytes, "Measured size of each model loaded");
+    describe_histogram!(LOAD_DURATION, Unit::Seconds, "Time to load a model, from request to ready");
     describe_histogram!(UNLOAD_DURATION, Unit::Seconds, "Time to unload a model");
-    describe_histogram!(
-        CACHE_MISS_WAIT,
-        Unit::Seconds,
-        "Time a request waited for its model to load"
-    );
-    describe_histogram!(
-        INFER_DURATION,
-        Unit::Seconds,
-        "Time the runtime spent on one inference"
-    );
-    describe_histogram!(
-        REQUEST_DURATION,
-        Unit::Seconds,
-        "Time to answer one ModelInfer request, by code"
-    );
+    describe_histogram!(CACHE_MISS_WAIT, Unit::Seconds, "Time a request waited for its model to load");
+    describe_histogram!(INFER_DURATION, Unit::Seconds, "Time the runtime spent on one inference");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time to answer one ModelInfer request, by code");
     describe_counter!(REQUESTS, "ModelInfer requests answered, by gRPC code");
-    describe_histogram!(
-        QUEUE_WAIT,
-        Unit::Seconds,
-        "Time an inference waited for a worker thread"
-    );
+    describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time an inference waited for a worker thread");
     describe_counter!(FORWARDED_REQUESTS, "Requests forwarded to another pod");
 }

@@ -39,11 +39,7 @@ pub struct ServeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr} ({flag}): {source}")]
-    Bind {
-        addr: SocketAddr,
-        flag: &'static str,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, flag: &'static str, source: std::io::Error },
     #[error("model repository {0} is not a directory (--model-repo)")]
     NoRepository(PathBuf),
     #[error(transparent)]
@@ -85,26 +81,16 @@ pub async fn run(
         .await
         .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.to_string()))??
         .into_arc();
-    let cache = ModelCache::new(
-        config.cache.clone(),
-        runtime,
-        LocalRepository::new(&config.model_repo),
-    );
+    let cache = ModelCache::new(config.cache.clone(), runtime, LocalRepository::new(&config.model_repo));
     let ready = Arc::new(AtomicBool::new(false));
 
-    let grpc = tokio::net::TcpListener::bind(config.grpc_addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.grpc_addr,
-            flag: "--grpc-addr",
-            source,
-        })?;
-    let admin_listener =
-        std::net::TcpListener::bind(config.metrics_addr).map_err(|source| ServeError::Bind {
-            addr: config.metrics_addr,
-            flag: "--metrics-addr",
-            source,
-        })?;
+    let grpc = tokio::net::TcpListener::bind(config.grpc_addr).await.map_err(|source| ServeError::Bind {
+        addr: config.grpc_addr,
+        flag: "--grpc-addr",
+        source,
+    })?;
+    let admin_listener = std::net::TcpListener::bind(config.metrics_addr)
+        .map_err(|source| ServeError::Bind { addr: config.metrics_addr, flag: "--metrics-addr", source })?;
     let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
         addr: config.grpc_addr,
         flag: "--grpc-addr",
@@ -139,10 +125,8 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.clone().cancelled_owned());
 
     if let Some(path) = &config.addr_file {
-        write_addr_file(path, grpc_addr, metrics_addr).map_err(|source| ServeError::AddrFile {
-            path: path.clone(),
-            source,
-        })?;
+        write_addr_file(path, grpc_addr, metrics_addr)
+            .map_err(|source| ServeError::AddrFile { path: path.clone(), source })?;
     }
     ready.store(true, Ordering::Release);
     tracing::info!(%grpc_addr, %metrics_addr, repository = %config.model_repo.display(),

@@ -35,11 +35,8 @@ impl InferenceService {
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse, MeshError> {
         let id = router::model_id(metadata, &request.model_name)?;
-        let (model_name, requested_version, request_id) = (
-            request.model_name.clone(),
-            request.model_version.clone(),
-            request.id.clone(),
-        );
+        let (model_name, requested_version, request_id) =
+            (request.model_name.clone(), request.model_version.clone(), request.id.clone());
         let span = tracing::debug_span!("infer", model_id = %id, request_id = %request_id);
         async move {
             let decoded = v2::decode(request)?;
@@ -47,11 +44,7 @@ impl InferenceService {
             v2::check(id.as_str(), lease.metadata(), &decoded.request)?;
             let version = lease.version().map_or(requested_version, |v| v.to_string());
             let outputs = self.worker.infer(lease, decoded.request).await?;
-            let name = if model_name.is_empty() {
-                id.to_string()
-            } else {
-                model_name
-            };
+            let name = if model_name.is_empty() { id.to_string() } else { model_name };
             Ok(v2::encode(name, version, request_id, outputs, decoded.raw))
         }
         .instrument(span)
@@ -72,9 +65,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         _: Request<ServerReadyRequest>,
     ) -> Result<Response<ServerReadyResponse>, Status> {
-        Ok(Response::new(ServerReadyResponse {
-            ready: self.ready.load(Ordering::Acquire),
-        }))
+        Ok(Response::new(ServerReadyResponse { ready: self.ready.load(Ordering::Acquire) }))
     }
 
     async fn model_ready(
@@ -82,9 +73,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let id = router::model_id(request.metadata(), &request.get_ref().name)?;
-        Ok(Response::new(ModelReadyResponse {
-            ready: self.cache.is_loaded(&id),
-        }))
+        Ok(Response::new(ModelReadyResponse { ready: self.cache.is_loaded(&id) }))
     }
 
     async fn server_metadata(

@@ -36,19 +36,12 @@ pub struct Worker {
 impl Worker {
     pub fn new(config: WorkerConfig) -> Self {
         let running = Arc::new(Semaphore::new(config.concurrency.max(1)));
-        Self {
-            config,
-            running,
-            queued: Arc::new(AtomicUsize::new(0)),
-        }
+        Self { config, running, queued: Arc::new(AtomicUsize::new(0)) }
     }
 
     /// Runs one inference on a leased model; the lease is held until it finishes.
     pub async fn infer(&self, lease: Lease, request: InferRequest) -> Result<Vec<Tensor>, MeshError> {
-        if lease
-            .typical_infer_time()
-            .is_some_and(|t| t < self.config.inline_below)
-        {
+        if lease.typical_infer_time().is_some_and(|t| t < self.config.inline_below) {
             return run(&lease, request);
         }
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.max_queued {
@@ -83,8 +76,5 @@ fn run(lease: &Lease, request: InferRequest) -> Result<Vec<Tensor>, MeshError> {
     let took = started.elapsed();
     lease.record_infer_time(took);
     metrics::histogram!(m::INFER_DURATION).record(took.as_secs_f64());
-    result.map_err(|source| MeshError::Runtime {
-        model_id: lease.id().clone(),
-        source,
-    })
+    result.map_err(|source| MeshError::Runtime { model_id: lease.id().clone(), source })
 }

@@ -90,9 +90,7 @@ mod tests {
 
     use super::*;
 
-    const RULES: Rules = Rules {
-        min_residence: Duration::from_secs(5),
-    };
+    const RULES: Rules = Rules { min_residence: Duration::from_secs(5) };
 
     fn model(id: &str, size: u64, idle_s: u64) -> Candidate {
         Candidate {
@@ -110,20 +108,12 @@ mod tests {
 
     #[test]
     fn evicts_coldest_first_and_stops_when_enough() {
-        let c = [
-            model("warm", 10, 1),
-            model("cold", 10, 100),
-            model("tepid", 10, 50),
-        ];
+        let c = [model("warm", 10, 1), model("cold", 10, 100), model("tepid", 10, 50)];
         let v = victims(&c, 15, Policy::LeastRecentlyUsed, RULES).unwrap();
         assert_eq!(ids(&v), ["cold", "tepid"]);
         let v = victims(&c, 10, Policy::LeastRecentlyUsed, RULES).unwrap();
         assert_eq!(ids(&v), ["cold"]);
-        assert!(
-            victims(&c, 0, Policy::LeastRecentlyUsed, RULES)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(victims(&c, 0, Policy::LeastRecentlyUsed, RULES).unwrap().is_empty());
     }
 
     #[test]
@@ -133,17 +123,10 @@ mod tests {
         let mut fresh = model("fresh", 100, 999);
         fresh.resident_for = Duration::from_secs(1);
         let c = [busy, fresh, model("idle", 10, 1)];
-        assert_eq!(
-            ids(&victims(&c, 10, Policy::LeastRecentlyUsed, RULES).unwrap()),
-            ["idle"]
-        );
+        assert_eq!(ids(&victims(&c, 10, Policy::LeastRecentlyUsed, RULES).unwrap()), ["idle"]);
         assert_eq!(
             victims(&c, 50, Policy::LeastRecentlyUsed, RULES),
-            Err(Shortfall {
-                needed_bytes: 50,
-                evictable_bytes: 10,
-                pinned: 2
-            })
+            Err(Shortfall { needed_bytes: 50, evictable_bytes: 10, pinned: 2 })
         );
     }
 

@@ -36,9 +36,8 @@ impl ModelId {
         if len > MAX_LEN {
             return Err(InvalidModelId::TooLong { len });
         }
-        if let Some(ch) = id
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+        if let Some(ch) =
+            id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
         {
             let shown: String = id.chars().take(64).collect();
             return Err(InvalidModelId::BadCharacter { id: shown, ch });
@@ -80,15 +79,7 @@ mod tests {
 
     #[test]
     fn accepts_the_documented_alphabet() {
-        for ok in [
-            "a",
-            "iris-logreg",
-            "model_1.onnx",
-            "ns:model:v2",
-            "...",
-            "a..b",
-            &"x".repeat(253),
-        ] {
+        for ok in ["a", "iris-logreg", "model_1.onnx", "ns:model:v2", "...", "a..b", &"x".repeat(253)] {
             assert_eq!(ModelId::new(ok).map(|m| m.to_string()), Ok(ok.to_owned()));
         }
     }
@@ -96,17 +87,11 @@ mod tests {
     #[test]
     fn rejects_everything_else() {
         assert_eq!(ModelId::new(""), Err(InvalidModelId::Empty));
-        assert_eq!(
-            ModelId::new(&"x".repeat(254)),
-            Err(InvalidModelId::TooLong { len: 254 })
-        );
+        assert_eq!(ModelId::new(&"x".repeat(254)), Err(InvalidModelId::TooLong { len: 254 }));
         assert_eq!(ModelId::new("."), Err(InvalidModelId::Reserved(".".into())));
         assert_eq!(ModelId::new(".."), Err(InvalidModelId::Reserved("..".into())));
         for bad in ["a/b", "../etc", "a b", "a\0b", "é", "a\\b", "a\nb", "%2e%2e"] {
-            assert!(
-                matches!(ModelId::new(bad), Err(InvalidModelId::BadCharacter { .. })),
-                "{bad:?}"
-            );
+            assert!(matches!(ModelId::new(bad), Err(InvalidModelId::BadCharacter { .. })), "{bad:?}");
         }
     }
 

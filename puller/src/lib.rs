@@ -14,10 +14,7 @@ pub enum Error {
     #[error(
         "model {model_id} not found in {repository}: expected {model_id}/model.onnx or {model_id}/<version>/model.onnx"
     )]
-    NotFound {
-        model_id: String,
-        repository: std::path::PathBuf,
-    },
+    NotFound { model_id: String, repository: std::path::PathBuf },
     #[error("io error on {path}: {source}")]
     Io {
         path: std::path::PathBuf,

@@ -43,20 +43,15 @@ impl LocalRepository {
         if let Some(found) = model_file_in(&dir, None)? {
             return Ok(found);
         }
-        let mut versions: Vec<u64> = read_dir_names(&dir)?
-            .into_iter()
-            .filter_map(|name| name.parse::<u64>().ok())
-            .collect();
+        let mut versions: Vec<u64> =
+            read_dir_names(&dir)?.into_iter().filter_map(|name| name.parse::<u64>().ok()).collect();
         versions.sort_unstable_by(|a, b| b.cmp(a));
         for version in versions {
             if let Some(found) = model_file_in(&dir.join(version.to_string()), Some(version))? {
                 return Ok(found);
             }
         }
-        Err(Error::NotFound {
-            model_id: id.to_string(),
-            repository: self.root.clone(),
-        })
+        Err(Error::NotFound { model_id: id.to_string(), repository: self.root.clone() })
     }
 
     /// Ids of every directory that holds a model, sorted; names that are not valid ids are skipped.
@@ -76,11 +71,7 @@ fn model_file_in(dir: &Path, version: Option<u64>) -> Result<Option<LocalModel>>
         let path = dir.join(name);
         match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => {
-                return Ok(Some(LocalModel {
-                    path,
-                    version,
-                    file_bytes: meta.len(),
-                }));
+                return Ok(Some(LocalModel { path, version, file_bytes: meta.len() }));
             }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {}
@@ -96,16 +87,10 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
         Ok(entries) => entries,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => return Ok(Vec::new()),
         Err(source) => {
-            return Err(Error::Io {
-                path: dir.to_owned(),
-                source,
-            });
+            return Err(Error::Io { path: dir.to_owned(), source });
         }
     };
-    Ok(entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect())
+    Ok(entries.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
 }
 
 #[cfg(test)]

@@ -90,11 +90,7 @@ impl Entry {
     pub fn record_infer_time(&self, took: Duration) {
         let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1);
         let old = self.infer_nanos.load(Ordering::Relaxed);
-        let new = if old == u64::MAX {
-            sample
-        } else {
-            old - old / 8 + sample / 8
-        };
+        let new = if old == u64::MAX { sample } else { old - old / 8 + sample / 8 };
         self.infer_nanos.store(new, Ordering::Relaxed);
     }
 }

@@ -65,14 +65,7 @@ impl Inner {
                 let retry_in = self.backoff(consecutive);
                 let retry_at = Instant::now() + retry_in;
                 let error = e.with_retry_in(retry_in);
-                state.failures.insert(
-                    id.clone(),
-                    Failure {
-                        error: error.clone(),
-                        consecutive,
-                        retry_at,
-                    },
-                );
+                state.failures.insert(id.clone(), Failure { error: error.clone(), consecutive, retry_at });
                 metrics::counter!(m::MODEL_LOADS, "result" => "failure").increment(1);
                 tracing::warn!(%error, consecutive, "model load failed");
                 Err(error)
@@ -90,10 +83,7 @@ impl Inner {
     }
 
     fn backoff(&self, consecutive: u32) -> Duration {
-        let doubled = self
-            .config
-            .retry_backoff
-            .saturating_mul(1 << consecutive.saturating_sub(1).min(16));
+        let doubled = self.config.retry_backoff.saturating_mul(1 << consecutive.saturating_sub(1).min(16));
         doubled.min(self.config.max_retry_backoff.max(self.config.retry_backoff))
     }
 
@@ -104,12 +94,8 @@ impl Inner {
             retry_in: Duration::ZERO,
         };
         let deadline = Instant::now() + self.config.load_timeout;
-        let timeout_error = || {
-            failed(format!(
-                "did not finish within {:?} (--load-timeout)",
-                self.config.load_timeout
-            ))
-        };
+        let timeout_error =
+            || failed(format!("did not finish within {:?} (--load-timeout)", self.config.load_timeout));
         let _permit = tokio::select! {
             permit = self.load_permits.acquire() => permit.map_err(|_| CacheError::ShuttingDown)?,
             _ = self.shutdown.cancelled() => return Err(CacheError::ShuttingDown),
@@ -142,10 +128,7 @@ impl Inner {
         let mut reservation = self.reserve(id, predicted, deadline).await?;
 
         let runtime = self.runtime.clone();
-        let request = LoadRequest {
-            model_id: id.to_string(),
-            path: local.path.clone(),
-        };
+        let request = LoadRequest { model_id: id.to_string(), path: local.path.clone() };
         let loading = tokio::task::spawn_blocking(move || runtime.load(&request));
         let model = tokio::select! {
             loaded = loading => loaded
@@ -169,12 +152,7 @@ impl Inner {
             let more = self.reserve(id, measured - reservation.bytes, deadline).await?;
             reservation.absorb(more);
         }
-        let entry = Arc::new(Entry::new(
-            id.clone(),
-            model,
-            local.version,
-            self.room_freed.clone(),
-        ));
+        let entry = Arc::new(Entry::new(id.clone(), model, local.version, self.room_freed.clone()));
         let mut state = self.state.lock();
         // The reservation becomes the model's charge; any excess goes back.
         let excess = reservation.bytes - measured;

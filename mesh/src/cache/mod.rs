@@ -133,9 +133,7 @@ impl ModelCache {
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
         };
-        Self {
-            inner: Arc::new(inner),
-        }
+        Self { inner: Arc::new(inner) }
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -231,10 +229,9 @@ impl ModelCache {
         let inner = self.inner.clone();
         let id = id.clone();
         let span = tracing::info_span!("load", model_id = %id);
-        self.inner.tasks.spawn(tracing::Instrument::instrument(
-            async move { inner.run_load(id, tx).await },
-            span,
-        ));
+        self.inner
+            .tasks
+            .spawn(tracing::Instrument::instrument(async move { inner.run_load(id, tx).await }, span));
         rx
     }
 }
@@ -259,9 +256,7 @@ impl Inner {
                 idle_for: now.saturating_duration_since(e.last_used()),
             })
             .collect();
-        let rules = Rules {
-            min_residence: self.config.min_residence,
-        };
+        let rules = Rules { min_residence: self.config.min_residence };
         let victims = eviction::victims(&candidates, needed, Policy::LeastRecentlyUsed, rules)?;
         let mut evicted = Vec::with_capacity(victims.len());
         for id in victims {
@@ -302,10 +297,7 @@ impl Inner {
     fn publish(&self, state: &State) {
         metrics::gauge!(m::USED_BYTES).set(state.used_bytes as f64);
         metrics::gauge!(m::MODELS_LOADED).set(state.resident.len() as f64);
-        let lru_age = state
-            .resident
-            .peek_lru()
-            .map(|(_, e)| e.last_used().elapsed().as_secs_f64());
+        let lru_age = state.resident.peek_lru().map(|(_, e)| e.last_used().elapsed().as_secs_f64());
         metrics::gauge!(m::LRU_AGE).set(lru_age.unwrap_or(0.0));
     }
 }

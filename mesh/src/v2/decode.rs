@@ -12,12 +12,7 @@ use crate::error::MeshError;
 
 /// Turns a V2 request into runtime tensors, taking ownership so raw buffers move instead of copying.
 pub fn decode(request: ModelInferRequest) -> Result<Decoded, MeshError> {
-    let ModelInferRequest {
-        inputs,
-        outputs,
-        raw_input_contents,
-        ..
-    } = request;
+    let ModelInferRequest { inputs, outputs, raw_input_contents, .. } = request;
     let raw = !raw_input_contents.is_empty();
     if raw && raw_input_contents.len() != inputs.len() {
         return Err(invalid(format!(
@@ -42,48 +37,23 @@ pub fn decode(request: ModelInferRequest) -> Result<Decoded, MeshError> {
     let mut output_names = Vec::with_capacity(outputs.len());
     for output in outputs {
         if !wanted.insert(output.name.clone()) {
-            return Err(invalid(format!(
-                "output {} is requested more than once",
-                output.name
-            )));
+            return Err(invalid(format!("output {} is requested more than once", output.name)));
         }
         output_names.push(output.name);
     }
-    Ok(Decoded {
-        request: InferRequest {
-            inputs: tensors,
-            outputs: output_names,
-        },
-        raw,
-    })
+    Ok(Decoded { request: InferRequest { inputs: tensors, outputs: output_names }, raw })
 }
 
 fn decode_input(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor, MeshError> {
-    let InferInputTensor {
-        name,
-        datatype,
-        shape,
-        contents,
-        ..
-    } = input;
-    let datatype: DataType = datatype
-        .parse()
-        .map_err(|e| invalid(format!("input {name}: {e}")))?;
+    let InferInputTensor { name, datatype, shape, contents, .. } = input;
+    let datatype: DataType = datatype.parse().map_err(|e| invalid(format!("input {name}: {e}")))?;
     if let Some(dim) = shape.iter().find(|d| **d < 0) {
-        return Err(invalid(format!(
-            "input {name}: shape {shape:?} has the negative dimension {dim}"
-        )));
+        return Err(invalid(format!("input {name}: shape {shape:?} has the negative dimension {dim}")));
     }
     let count = shape
         .iter()
-        .try_fold(1usize, |acc, d| {
-            usize::try_from(*d).ok().and_then(|d| acc.checked_mul(d))
-        })
-        .ok_or_else(|| {
-            invalid(format!(
-                "input {name}: shape {shape:?} has more elements than can exist"
-            ))
-        })?;
+        .try_fold(1usize, |acc, d| usize::try_from(*d).ok().and_then(|d| acc.checked_mul(d)))
+        .ok_or_else(|| invalid(format!("input {name}: shape {shape:?} has more elements than can exist")))?;
     let data = match raw {
         Some(bytes) => {
             if contents.as_ref().is_some_and(has_elements) {
@@ -95,12 +65,7 @@ fn decode_input(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor, M
         }
         None => decode_typed(&name, datatype, count, contents.unwrap_or_default())?,
     };
-    Ok(Tensor {
-        name,
-        datatype,
-        shape,
-        data,
-    })
+    Ok(Tensor { name, datatype, shape, data })
 }
 
 fn has_elements(c: &InferTensorContents) -> bool {
@@ -148,16 +113,13 @@ fn decode_raw_strings(name: &str, count: usize, bytes: Bytes) -> Result<Vec<Byte
         };
         let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
         let start = offset + 4;
-        let end = start
-            .checked_add(len)
-            .filter(|e| *e <= bytes.len())
-            .ok_or_else(|| {
-                invalid(format!(
-                    "input {name}: raw BYTES element {} claims {len} bytes but only {} remain",
-                    items.len(),
-                    bytes.len() - start
-                ))
-            })?;
+        let end = start.checked_add(len).filter(|e| *e <= bytes.len()).ok_or_else(|| {
+            invalid(format!(
+                "input {name}: raw BYTES element {} claims {len} bytes but only {} remain",
+                items.len(),
+                bytes.len() - start
+            ))
+        })?;
         items.push(bytes.slice(start..end));
         offset = end;
     }
@@ -192,9 +154,7 @@ fn decode_typed(
         ("bytes_contents", c.bytes_contents.len()),
     ];
     if let Some((other, _)) = lengths.iter().find(|(f, n)| *f != field && *n > 0) {
-        return Err(invalid(format!(
-            "input {name}: datatype {datatype} goes in {field}, not {other}"
-        )));
+        return Err(invalid(format!("input {name}: datatype {datatype} goes in {field}, not {other}")));
     }
     let given = lengths.iter().find(|(f, _)| *f == field).map_or(0, |(_, n)| *n);
     if given != count {
@@ -203,9 +163,7 @@ fn decode_typed(
         )));
     }
     let narrow_err = |i: usize, v: i128| {
-        invalid(format!(
-            "input {name}: element {i} is {v}, which does not fit {datatype}"
-        ))
+        invalid(format!("input {name}: element {i} is {v}, which does not fit {datatype}"))
     };
     macro_rules! narrow {
         ($src:expr, $t:ty) => {{
@@ -218,23 +176,12 @@ fn decode_typed(
         }};
     }
     macro_rules! le {
-        ($src:expr) => {{
-            TensorData::Raw(
-                $src.iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>()
-                    .into(),
-            )
-        }};
+        ($src:expr) => {{ TensorData::Raw($src.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()) }};
     }
     Ok(match datatype {
-        DataType::Bool => TensorData::Raw(
-            c.bool_contents
-                .iter()
-                .map(|b| u8::from(*b))
-                .collect::<Vec<u8>>()
-                .into(),
-        ),
+        DataType::Bool => {
+            TensorData::Raw(c.bool_contents.iter().map(|b| u8::from(*b)).collect::<Vec<u8>>().into())
+        }
         DataType::Int8 => narrow!(c.int_contents, i8),
         DataType::Int16 => narrow!(c.int_contents, i16),
         DataType::Int32 => le!(c.int_contents),

@@ -15,10 +15,7 @@ pub fn encode(
     outputs: Vec<Tensor>,
     raw: bool,
 ) -> ModelInferResponse {
-    let raw = raw
-        || outputs
-            .iter()
-            .any(|t| super::decode::typed_field(t.datatype).is_none());
+    let raw = raw || outputs.iter().any(|t| super::decode::typed_field(t.datatype).is_none());
     let mut response = ModelInferResponse {
         model_name,
         model_version,
@@ -27,12 +24,7 @@ pub fn encode(
         ..Default::default()
     };
     for tensor in outputs {
-        let Tensor {
-            name,
-            datatype,
-            shape,
-            data,
-        } = tensor;
+        let Tensor { name, datatype, shape, data } = tensor;
         let contents = if raw {
             response.raw_output_contents.push(raw_bytes(data));
             None

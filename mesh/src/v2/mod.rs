@@ -30,11 +30,7 @@ fn invalid(message: String) -> MeshError {
 }
 
 fn describe(specs: &[TensorSpec]) -> String {
-    specs
-        .iter()
-        .map(|s| format!("{} ({} {:?})", s.name, s.datatype, s.shape))
-        .collect::<Vec<_>>()
-        .join(", ")
+    specs.iter().map(|s| format!("{} ({} {:?})", s.name, s.datatype, s.shape)).collect::<Vec<_>>().join(", ")
 }
 
 /// Checks decoded inputs and requested outputs against the model's declared interface.
@@ -54,11 +50,7 @@ pub fn check(model_id: &str, metadata: &ModelMetadata, request: &InferRequest) -
             )));
         }
         let fits = tensor.shape.len() == spec.shape.len()
-            && tensor
-                .shape
-                .iter()
-                .zip(&spec.shape)
-                .all(|(got, want)| *want < 0 || got == want);
+            && tensor.shape.iter().zip(&spec.shape).all(|(got, want)| *want < 0 || got == want);
         if !fits {
             return Err(invalid(format!(
                 "input {}: shape {:?} does not match the model's {:?} (-1 is any size)",
@@ -66,11 +58,7 @@ pub fn check(model_id: &str, metadata: &ModelMetadata, request: &InferRequest) -
             )));
         }
     }
-    if let Some(missing) = metadata
-        .inputs
-        .iter()
-        .find(|s| !request.inputs.iter().any(|t| t.name == s.name))
-    {
+    if let Some(missing) = metadata.inputs.iter().find(|s| !request.inputs.iter().any(|t| t.name == s.name)) {
         return Err(invalid(format!(
             "input {} ({} {:?}) is missing; model {model_id} needs {}",
             missing.name,

@@ -32,12 +32,7 @@ fn invalid(name: &str, e: impl std::fmt::Display) -> Error {
 
 /// Builds an ONNX Runtime value; one copy of the elements (ONNX Runtime needs its own aligned buffer).
 pub(crate) fn to_value(tensor: Tensor) -> Result<DynValue> {
-    let Tensor {
-        name,
-        datatype,
-        shape,
-        data,
-    } = tensor;
+    let Tensor { name, datatype, shape, data } = tensor;
     let raw = |data: &TensorData| match data {
         TensorData::Raw(bytes) => Ok(bytes.clone()),
         TensorData::Strings(_) => Err(invalid(&name, format_args!("{datatype} data given as strings"))),
@@ -99,10 +94,7 @@ pub(crate) fn from_value(name: &str, value: &DynValue) -> Result<Tensor> {
     macro_rules! pod {
         ($t:ty) => {{
             let (shape, elements) = value.try_extract_tensor::<$t>().map_err(|e| failed(&e))?;
-            (
-                shape.to_vec(),
-                TensorData::Raw(Bytes::copy_from_slice(bytemuck::cast_slice(elements))),
-            )
+            (shape.to_vec(), TensorData::Raw(Bytes::copy_from_slice(bytemuck::cast_slice(elements))))
         }};
     }
     let (shape, data) = match datatype {
@@ -127,16 +119,8 @@ pub(crate) fn from_value(name: &str, value: &DynValue) -> Result<Tensor> {
         DataType::Fp64 => pod!(f64),
         DataType::Bytes => {
             let (shape, strings) = value.try_extract_strings().map_err(|e| failed(&e))?;
-            (
-                shape.to_vec(),
-                TensorData::Strings(strings.into_iter().map(Bytes::from).collect()),
-            )
+            (shape.to_vec(), TensorData::Strings(strings.into_iter().map(Bytes::from).collect()))
         }
     };
-    Ok(Tensor {
-        name: name.to_owned(),
-        datatype,
-        shape,
-        data,
-    })
+    Ok(Tensor { name: name.to_owned(), datatype, shape, data })
 }

@@ -62,11 +62,7 @@ impl OrtRuntime {
             .with_global_thread_pool(pool)
             .build()
             .map_err(|e| unavailable("cannot create the onnxruntime environment", &e))?;
-        let runtime = Self {
-            env,
-            library_path,
-            measure_lock: Arc::new(Mutex::new(())),
-        };
+        let runtime = Self { env, library_path, measure_lock: Arc::new(Mutex::new(())) };
         runtime.warm_up()?;
         tracing::info!(library = %runtime.library_path.display(), "onnxruntime ready");
         Ok(runtime)

@@ -23,24 +23,18 @@ pub fn find_library() -> Result<PathBuf> {
         };
     }
     let mut package_dirs: Vec<PathBuf> = Vec::new();
-    for venv in [
-        std::env::var_os("VIRTUAL_ENV").map(PathBuf::from),
-        Some(PathBuf::from(".venv")),
-    ]
-    .into_iter()
-    .flatten()
+    for venv in [std::env::var_os("VIRTUAL_ENV").map(PathBuf::from), Some(PathBuf::from(".venv"))]
+        .into_iter()
+        .flatten()
     {
         package_dirs.extend(site_packages(&venv.join("lib")).map(|p| p.join("onnxruntime")));
     }
     if let Some(dir) = python_package_dir() {
         package_dirs.push(dir);
     }
-    package_dirs
-        .iter()
-        .find_map(|dir| library_in(&dir.join("capi")))
-        .ok_or_else(|| {
-            Error::RuntimeUnavailable(format!("onnxruntime shared library not found; {HOW_TO_FIX}"))
-        })
+    package_dirs.iter().find_map(|dir| library_in(&dir.join("capi"))).ok_or_else(|| {
+        Error::RuntimeUnavailable(format!("onnxruntime shared library not found; {HOW_TO_FIX}"))
+    })
 }
 
 /// `lib/python3.*/site-packages` under a virtualenv's `lib`.
@@ -56,10 +50,7 @@ fn site_packages(lib: &Path) -> impl Iterator<Item = PathBuf> {
 /// Asks `python3` where it imports `onnxruntime` from; `None` if python or the package is missing.
 fn python_package_dir() -> Option<PathBuf> {
     let output = Command::new("python3")
-        .args([
-            "-c",
-            "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))",
-        ])
+        .args(["-c", "import os, onnxruntime; print(os.path.dirname(onnxruntime.__file__))"])
         .output()
         .ok()?;
     if !output.status.success() {
@@ -76,9 +67,7 @@ fn library_in(dir: &Path) -> Option<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so"))
         })
         .collect();
     found.sort();

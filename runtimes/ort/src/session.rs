@@ -22,14 +22,19 @@ pub(crate) struct OrtModel {
 
 impl OrtModel {
     pub(crate) fn load(env: &Environment, measure_lock: &Mutex<()>, request: &LoadRequest) -> Result<Self> {
-        let load_error = |reason: String| Error::Load {
-            model_id: request.model_id.clone(),
-            reason,
-        };
-        let bytes = std::fs::read(&request.path).map_err(|source| Error::Io {
-            path: request.path.clone(),
-            source,
-        })?;
+        let bytes = std::fs::read(&request.path)
+            .map_err(|source| Error::Io { path: request.path.clone(), source })?;
+        Self::from_bytes(env, measure_lock, &request.model_id, bytes)
+    }
+
+    /// Builds the session from bytes already in memory (a read file, later a mapped disk-cache entry).
+    pub(crate) fn from_bytes(
+        env: &Environment,
+        measure_lock: &Mutex<()>,
+        model_id: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Self> {
+        let load_error = |reason: String| Error::Load { model_id: model_id.to_owned(), reason };
         let file_bytes = bytes.len() as u64;
 
         let (session, grown) = {
@@ -50,11 +55,7 @@ impl OrtModel {
             outputs: specs(session.outputs()).map_err(&load_error)?,
         };
         tracing::debug!(model_id, file_bytes, size_bytes, "onnx session built");
-        Ok(Self {
-            session: Mutex::new(session),
-            metadata,
-            size_bytes,
-        })
+        Ok(Self { session: Mutex::new(session), metadata, size_bytes })
     }
 }
 
@@ -68,9 +69,7 @@ impl OrtModel {
 }
 
 fn build_session(env: &Environment, model: &[u8]) -> ort::Result<Session> {
-    Session::builder(env)?
-        .with_optimization_level(GraphOptimizationLevel::All)?
-        .commit_from_memory(model)
+    Session::builder(env)?.with_optimization_level(GraphOptimizationLevel::All)?.commit_from_memory(model)
 }
 
 fn specs(outlets: &[Outlet]) -> Result<Vec<TensorSpec>, String> {
@@ -80,10 +79,7 @@ fn specs(outlets: &[Outlet]) -> Result<Vec<TensorSpec>, String> {
             ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
                 name: outlet.name().to_owned(),
                 datatype: convert::datatype_of(*ty).ok_or_else(|| {
-                    format!(
-                        "{} has element type {ty:?}, which the V2 protocol cannot carry",
-                        outlet.name()
-                    )
+                    format!("{} has element type {ty:?}, which the V2 protocol cannot carry", outlet.name())
                 })?,
                 shape: shape.iter().map(|d| if *d < 0 { -1 } else { *d }).collect(),
             }),
