@@ -1,1 +1,297 @@
+//! Cache behaviour against a small, real `Runtime` whose model files say how to behave: `size=N`
+//! (bytes the loaded model reports), `fail=REASON`, `gate` (the load waits until the test opens it).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use densemesh_placement::ModelId;
+use densemesh_puller::LocalRepository;
+use densemesh_runtime_core::{
+    Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Runtime, Tensor,
+};
+use parking_lot::{Condvar, Mutex};
+
+use super::*;
+
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock();
+        while !*open {
+            self.opened.wait(&mut open);
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock() = true;
+        self.opened.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct ScriptedRuntime {
+    loads: AtomicUsize,
+    gate: Gate,
+}
+
+struct ScriptedModel {
+    metadata: ModelMetadata,
+    size: u64,
+}
+
+impl Runtime for ScriptedRuntime {
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+
+    fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        let script = std::fs::read_to_string(&request.path)
+            .map_err(|source| Error::Io { path: request.path.clone(), source })?;
+        let mut size = 0;
+        for line in script.lines() {
+            match line.split_once('=') {
+                Some(("size", n)) => size = n.parse().expect("size"),
+                Some(("fail", reason)) => {
+                    return Err(Error::Load {
+                        model_id: request.model_id.clone(),
+                        reason: reason.to_owned(),
+                    });
+                }
+                _ if line == "gate" => self.gate.wait(),
+                _ => {}
+            }
+        }
+        let metadata = ModelMetadata { platform: "scripted".into(), inputs: vec![], outputs: vec![] };
+        Ok(Box::new(ScriptedModel { metadata, size }))
+    }
+}
+
+impl LoadedModel for ScriptedModel {
+    fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size
+    }
+
+    fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>> {
+        Ok(request.inputs)
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    runtime: Arc<ScriptedRuntime>,
+    cache: ModelCache,
+}
+
+fn fixture(capacity: u64, tweak: impl FnOnce(&mut CacheConfig)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let runtime = Arc::new(ScriptedRuntime::default());
+    let mut config = CacheConfig {
+        capacity_bytes: capacity,
+        max_concurrent_loads: 4,
+        load_timeout: Duration::from_secs(10),
+        retry_backoff: Duration::from_millis(300),
+        max_retry_backoff: Duration::from_secs(5),
+        min_residence: Duration::ZERO,
+    };
+    tweak(&mut config);
+    let cache = ModelCache::new(config, runtime.clone(), LocalRepository::new(&root));
+    Fixture { _dir: dir, root, runtime, cache }
+}
+
+impl Fixture {
+    /// Writes a model whose file is tiny (so the size prediction is small) and whose loaded size is `size`.
+    fn model(&self, id: &str, script: &str) -> ModelId {
+        std::fs::create_dir_all(self.root.join(id)).unwrap();
+        std::fs::write(self.root.join(id).join("model.onnx"), script).unwrap();
+        ModelId::new(id).unwrap()
+    }
+
+    fn sized(&self, id: &str, size: u64) -> ModelId {
+        self.model(id, &format!("size={size}"))
+    }
+
+    fn resident(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.cache.resident().into_iter().map(|m| m.id.to_string()).collect();
+        ids.sort();
+        ids
+    }
+
+    fn loads(&self) -> usize {
+        self.runtime.loads.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_hit_needs_no_second_load() {
+    let f = fixture(1000, |_| {});
+    let a = f.sized("a", 100);
+    drop(f.cache.acquire(&a).await.unwrap());
+    drop(f.cache.acquire(&a).await.unwrap());
+    assert_eq!(f.loads(), 1);
+    assert_eq!(f.cache.used_bytes(), 100);
+    assert!(f.cache.is_loaded(&a));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_load() {
+    let f = fixture(1000, |_| {});
+    let a = f.model("a", "gate\nsize=100");
+    let waiters: Vec<_> = (0..16)
+        .map(|_| {
+            let (cache, a) = (f.cache.clone(), a.clone());
+            tokio::spawn(async move { cache.acquire(&a).await.map(|lease| lease.size_bytes()) })
+        })
+        .collect();
+    // Every waiter is parked on the one gated load until the gate opens.
+    while f.loads() == 0 {
+        tokio::task::yield_now().await;
+    }
+    f.runtime.gate.open();
+    for w in waiters {
+        assert_eq!(w.await.unwrap().unwrap(), 100);
+    }
+    assert_eq!(f.loads(), 1);
+}
+
+#[tokio::test]
+async fn evicts_least_recently_used_first_and_only_enough() {
+    let f = fixture(400, |_| {});
+    let ids: Vec<ModelId> = ["a", "b", "c", "d"].iter().map(|id| f.sized(id, 100)).collect();
+    for id in &ids {
+        drop(f.cache.acquire(id).await.unwrap());
+    }
+    // Touch a, so b is now the coldest.
+    drop(f.cache.acquire(&ids[0]).await.unwrap());
+    let e = f.sized("e", 100);
+    drop(f.cache.acquire(&e).await.unwrap());
+    assert_eq!(f.resident(), ["a", "c", "d", "e"]);
+    // 150 bytes need two evictions (c then d), not three.
+    let big = f.sized("big", 150);
+    drop(f.cache.acquire(&big).await.unwrap());
+    assert_eq!(f.resident(), ["a", "big", "e"]);
+    assert_eq!(f.cache.used_bytes(), 350);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_in_use_is_never_evicted_and_loads_wait_for_room() {
+    let f = fixture(200, |_| {});
+    let (a, b, c) = (f.sized("a", 100), f.sized("b", 100), f.sized("c", 100));
+    let lease_a = f.cache.acquire(&a).await.unwrap();
+    let lease_b = f.cache.acquire(&b).await.unwrap();
+    // Both residents are leased: c's load must wait, not evict them and not overrun the capacity.
+    let pending = {
+        let (cache, c) = (f.cache.clone(), c.clone());
+        tokio::spawn(async move { cache.acquire(&c).await.map(|l| l.id().to_string()) })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!pending.is_finished(), "the load must wait while every resident model is leased");
+    assert_eq!(f.resident(), ["a", "b"]);
+    assert!(f.cache.used_bytes() <= 200);
+    drop(lease_b);
+    assert_eq!(pending.await.unwrap().unwrap(), "c");
+    assert_eq!(f.resident(), ["a", "c"], "only the released model may go, even though a is colder");
+    drop(lease_a);
+}
+
+#[tokio::test]
+async fn a_model_larger_than_the_capacity_is_refused_with_both_sizes() {
+    let f = fixture(500, |_| {});
+    let huge = f.sized("huge", 1000);
+    let err = f.cache.acquire(&huge).await.err().unwrap();
+    let message = err.to_string();
+    assert!(matches!(err, CacheError::TooLarge { .. }), "{message}");
+    assert!(message.contains("1000") && message.contains("500"), "{message}");
+    assert_eq!(f.cache.used_bytes(), 0, "a refused load gives its reservation back");
+    // Remembered: the next request is answered without loading again.
+    assert!(matches!(f.cache.acquire(&huge).await, Err(CacheError::TooLarge { .. })));
+    assert_eq!(f.loads(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_load_is_reported_and_retried_only_after_its_backoff() {
+    let f = fixture(500, |c| c.retry_backoff = Duration::from_millis(200));
+    let bad = f.model("bad", "fail=not an onnx model");
+    for _ in 0..3 {
+        match f.cache.acquire(&bad).await {
+            Err(CacheError::LoadFailed { reason, retry_in, .. }) => {
+                assert!(reason.contains("not an onnx model"), "{reason}");
+                assert!(retry_in <= Duration::from_millis(200));
+            }
+            other => panic!("expected a load failure, got {:?}", other.map(|l| l.id().to_string())),
+        }
+    }
+    assert_eq!(f.loads(), 1, "requests inside the back-off do not load again");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(f.cache.acquire(&bad).await.is_err());
+    assert_eq!(f.loads(), 2, "after the back-off the next request tries again");
+    // The second consecutive failure doubles the back-off.
+    match f.cache.acquire(&bad).await {
+        Err(CacheError::LoadFailed { retry_in, .. }) => assert!(retry_in > Duration::from_millis(200)),
+        _ => panic!("expected a load failure"),
+    }
+    // Fixed on disk: after the back-off it loads.
+    f.sized("bad", 10);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(f.cache.acquire(&bad).await.unwrap().size_bytes(), 10);
+    assert_eq!(f.cache.used_bytes(), 10);
+}
+
+#[tokio::test]
+async fn unknown_models_are_not_found_and_not_remembered() {
+    let f = fixture(500, |_| {});
+    let ghost = ModelId::new("ghost").unwrap();
+    assert!(matches!(f.cache.acquire(&ghost).await, Err(CacheError::NotFound(_))));
+    f.sized("ghost", 5);
+    assert!(f.cache.acquire(&ghost).await.is_ok(), "a model dropped into the repository is found at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_never_overruns_the_capacity() {
+    let f = fixture(300, |c| c.max_concurrent_loads = 2);
+    let ids: Vec<ModelId> = (0..8).map(|i| f.sized(&format!("m{i}"), 100)).collect();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let (cache, ids) = (f.cache.clone(), ids.clone());
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    let id = &ids[(t * 7 + i * 3) % ids.len()];
+                    let lease = cache.acquire(id).await.expect("every acquire succeeds");
+                    assert!(cache.used_bytes() <= 300, "used {} > capacity", cache.used_bytes());
+                    tokio::task::yield_now().await;
+                    drop(lease);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let resident: u64 = f.cache.resident().iter().map(|m| m.size_bytes).sum();
+    assert_eq!(resident, f.cache.used_bytes());
+    assert!(resident <= 300);
+}
+
+#[tokio::test]
+async fn shutdown_unloads_everything_and_refuses_new_loads() {
+    let f = fixture(500, |_| {});
+    let a = f.sized("a", 100);
+    drop(f.cache.acquire(&a).await.unwrap());
+    f.cache.shutdown().await;
+    assert!(f.resident().is_empty());
+    assert_eq!(f.cache.used_bytes(), 0);
+    let b = f.sized("b", 100);
+    assert!(matches!(f.cache.acquire(&b).await, Err(CacheError::ShuttingDown)));
+}
