@@ -12,10 +12,14 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
+/// Called before each scrape, to refresh gauges that change with time alone.
+pub type OnScrape = Arc<dyn Fn() + Send + Sync>;
+
 #[derive(Clone)]
 struct AdminState {
     metrics: PrometheusHandle,
     ready: Arc<AtomicBool>,
+    on_scrape: OnScrape,
 }
 
 /// The running admin server; dropping it stops the server and joins its thread.
@@ -30,6 +34,7 @@ impl AdminServer {
         listener: TcpListener,
         metrics: PrometheusHandle,
         ready: Arc<AtomicBool>,
+        on_scrape: OnScrape,
     ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         let stop = CancellationToken::new();
@@ -41,7 +46,7 @@ impl AdminServer {
                     .route("/metrics", get(render_metrics))
                     .route("/healthz", get(|| async { "ok\n" }))
                     .route("/readyz", get(readiness))
-                    .with_state(AdminState { metrics, ready });
+                    .with_state(AdminState { metrics, ready, on_scrape });
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
                     Err(e) => {
@@ -70,6 +75,7 @@ impl Drop for AdminServer {
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> String {
+    (state.on_scrape)();
     state.metrics.render()
 }
 

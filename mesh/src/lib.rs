@@ -10,6 +10,7 @@ pub mod bytesize;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod router;
 pub mod server;

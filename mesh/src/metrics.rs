@@ -22,6 +22,13 @@ pub const REQUEST_DURATION: &str = "densemesh_request_duration_seconds";
 pub const REQUESTS: &str = "densemesh_requests_total";
 pub const QUEUE_WAIT: &str = "densemesh_queue_wait_seconds";
 pub const FORWARDED_REQUESTS: &str = "densemesh_forwarded_requests_total";
+pub const REQUEST_SIZE: &str = "densemesh_request_size_bytes";
+pub const RESPONSE_SIZE: &str = "densemesh_response_size_bytes";
+pub const LOAD_QUEUE_WAIT: &str = "densemesh_load_queue_wait_seconds";
+pub const AGE_AT_EVICTION: &str = "densemesh_age_at_eviction_seconds";
+pub const MODELS_WITH_FAILURE: &str = "densemesh_models_with_failure";
+pub const LRU_LAST_USED: &str = "densemesh_lru_last_used_timestamp_seconds";
+pub const USED_BPS: &str = "densemesh_used_bps";
 
 /// Buckets for latencies from tens of microseconds (tiny models) to minutes (large loads).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -62,4 +69,22 @@ pub fn describe() {
     describe_counter!(REQUESTS, "ModelInfer requests answered, by gRPC code");
     describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time an inference waited for a worker thread");
     describe_counter!(FORWARDED_REQUESTS, "Requests forwarded to another pod");
+    describe_histogram!(REQUEST_SIZE, Unit::Bytes, "Size of each ModelInfer request message");
+    describe_histogram!(RESPONSE_SIZE, Unit::Bytes, "Size of each ModelInfer response message");
+    describe_histogram!(
+        LOAD_QUEUE_WAIT,
+        Unit::Seconds,
+        "Time a load waited for a load slot (--max-concurrent-loads)"
+    );
+    describe_histogram!(AGE_AT_EVICTION, Unit::Seconds, "Time since an evicted model was last used");
+    describe_gauge!(
+        MODELS_WITH_FAILURE,
+        "Models whose last load failed and whose retry back-off has not ended"
+    );
+    describe_gauge!(
+        LRU_LAST_USED,
+        Unit::Seconds,
+        "When the least recently used loaded model was last used (Unix time)"
+    );
+    describe_gauge!(USED_BPS, "Capacity in use, in basis points (100ths of a percent)");
 }

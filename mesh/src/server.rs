@@ -101,7 +101,14 @@ pub async fn run(
         flag: "--metrics-addr",
         source,
     })?;
-    let _admin = AdminServer::start(admin_listener, metrics, ready.clone()).map_err(ServeError::Admin)?;
+    let scraped = cache.clone();
+    let _admin = AdminServer::start(
+        admin_listener,
+        metrics,
+        ready.clone(),
+        Arc::new(move || scraped.refresh_gauges()),
+    )
+    .map_err(ServeError::Admin)?;
 
     let service = InferenceService::new(cache.clone(), Worker::new(config.worker.clone()), ready.clone());
     let inference = GrpcInferenceServiceServer::new(service)
@@ -119,7 +126,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(inference)
+        .add_service(crate::limits::OversizeIsInvalid::new(inference))
         .add_service(reflection)
         .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.clone().cancelled_owned());

@@ -110,7 +110,11 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
         let (metadata, _, request) = request.into_parts();
+        metrics::histogram!(m::REQUEST_SIZE).record(prost::Message::encoded_len(&request) as f64);
         let result = self.infer(&metadata, request).await.map_err(Status::from);
+        if let Ok(response) = &result {
+            metrics::histogram!(m::RESPONSE_SIZE).record(prost::Message::encoded_len(response) as f64);
+        }
         let code = match &result {
             Ok(_) => Code::Ok,
             Err(status) => {
@@ -119,8 +123,9 @@ impl GrpcInferenceService for InferenceService {
             }
         };
         let code = code_label(code);
-        metrics::histogram!(m::REQUEST_DURATION, "code" => code).record(started.elapsed().as_secs_f64());
-        metrics::counter!(m::REQUESTS, "code" => code).increment(1);
+        let labels = [("method", "ModelInfer"), ("code", code)];
+        metrics::histogram!(m::REQUEST_DURATION, &labels).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::REQUESTS, &labels).increment(1);
         result.map(Response::new)
     }
 }

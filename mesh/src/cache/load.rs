@@ -96,11 +96,13 @@ impl Inner {
         let deadline = Instant::now() + self.config.load_timeout;
         let timeout_error =
             || failed(format!("did not finish within {:?} (--load-timeout)", self.config.load_timeout));
+        let queued = Instant::now();
         let _permit = tokio::select! {
             permit = self.load_permits.acquire() => permit.map_err(|_| CacheError::ShuttingDown)?,
             _ = self.shutdown.cancelled() => return Err(CacheError::ShuttingDown),
             _ = tokio::time::sleep_until(deadline) => return Err(timeout_error()),
         };
+        metrics::histogram!(m::LOAD_QUEUE_WAIT).record(queued.elapsed().as_secs_f64());
 
         let repository = self.repository.clone();
         let lookup = id.clone();

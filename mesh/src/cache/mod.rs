@@ -196,6 +196,12 @@ impl ModelCache {
             .collect()
     }
 
+    /// Refreshes the gauges that age with time (LRU age), so a scrape reads current values.
+    pub fn refresh_gauges(&self) {
+        let state = self.inner.state.lock();
+        self.inner.publish(&state);
+    }
+
     /// Bytes charged now (loaded models and loads in progress).
     pub fn used_bytes(&self) -> u64 {
         self.inner.state.lock().used_bytes
@@ -262,8 +268,10 @@ impl Inner {
         for id in victims {
             if let Some(entry) = state.resident.pop(&id) {
                 state.used_bytes -= entry.size_bytes();
-                tracing::info!(model_id = %id, size_bytes = entry.size_bytes(), "evicting model");
+                let idle = now.saturating_duration_since(entry.last_used());
+                tracing::info!(model_id = %id, size_bytes = entry.size_bytes(), idle_s = idle.as_secs(), "evicting model");
                 metrics::counter!(m::CACHE_EVICTIONS).increment(1);
+                metrics::histogram!(m::AGE_AT_EVICTION).record(idle.as_secs_f64());
                 evicted.push(entry);
             }
         }
@@ -297,7 +305,20 @@ impl Inner {
     fn publish(&self, state: &State) {
         metrics::gauge!(m::USED_BYTES).set(state.used_bytes as f64);
         metrics::gauge!(m::MODELS_LOADED).set(state.resident.len() as f64);
-        let lru_age = state.resident.peek_lru().map(|(_, e)| e.last_used().elapsed().as_secs_f64());
-        metrics::gauge!(m::LRU_AGE).set(lru_age.unwrap_or(0.0));
+        let bps = (state.used_bytes as f64 * 10_000.0 / self.config.capacity_bytes.max(1) as f64).round();
+        metrics::gauge!(m::USED_BPS).set(bps);
+        let now = Instant::now();
+        let failing = state.failures.values().filter(|f| f.retry_at > now).count();
+        metrics::gauge!(m::MODELS_WITH_FAILURE).set(failing as f64);
+        // The LRU entry's last use; peeked without touching the order (a lease's use moves it to the
+        // front only through `acquire`).
+        let lru_idle = state.resident.iter().map(|(_, e)| now.saturating_duration_since(e.last_used())).max();
+        let age = lru_idle.unwrap_or_default();
+        metrics::gauge!(m::LRU_AGE).set(age.as_secs_f64());
+        let last_used = std::time::SystemTime::now()
+            .checked_sub(age)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(m::LRU_LAST_USED).set(if lru_idle.is_some() { last_used } else { 0.0 });
     }
 }

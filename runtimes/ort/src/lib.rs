@@ -48,8 +48,13 @@ impl OrtRuntime {
         let unavailable = |what: &str, e: &dyn std::fmt::Display| {
             Error::RuntimeUnavailable(format!("{what} ({}): {e}", library_path.display()))
         };
-        let builder = ort::init_from(&library_path)
-            .map_err(|e| unavailable("cannot load the onnxruntime library", &e))?;
+        let builder = ort::init_from(&library_path).map_err(|e| {
+            Error::RuntimeUnavailable(format!(
+                "cannot load the onnxruntime library {}: {e}; {}",
+                library_path.display(),
+                library::HOW_TO_FIX
+            ))
+        })?;
         let pool = GlobalThreadPoolOptions::default()
             .with_intra_threads(config.intra_threads)
             .and_then(|p| p.with_inter_threads(1))

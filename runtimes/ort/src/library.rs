@@ -5,7 +5,7 @@ use std::process::Command;
 
 use densemesh_runtime_core::{Error, Result};
 
-const HOW_TO_FIX: &str = "install it with `pip install onnxruntime` (or `make setup`), \
+pub(crate) const HOW_TO_FIX: &str = "install it with `pip install onnxruntime` (or `make setup`), \
      or point ORT_DYLIB_PATH at libonnxruntime.so";
 
 /// Finds the ONNX Runtime shared library: `ORT_DYLIB_PATH` if set, else the `onnxruntime` Python

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what building and testing densemesh needs on a fresh Debian machine with Rust and Python 3:
+# protoc (Debian's protobuf-compiler) and a Python virtualenv in .venv with onnxruntime (whose
+# libonnxruntime.so meshd loads) and the test clients. Idempotent and quiet when all is in place.
+# Usage: scripts/setup.sh [run|test]   (run: only what serving needs; test: everything)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-test}"
+
+if ! command -v protoc >/dev/null 2>&1; then
+    echo "setup: installing protobuf-compiler" >&2
+    sudo_cmd=""
+    if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq protobuf-compiler >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv" >&2
+    python3 -m venv .venv
+fi
+requirements=(tests/requirements-run.txt)
+if [ "$what" = test ]; then requirements+=(tests/requirements.txt); fi
+stamp=".venv/.installed-$(cat "${requirements[@]}" | sha256sum | cut -c1-16)"
+if [ ! -e "$stamp" ]; then
+    echo "setup: installing python packages (${requirements[*]})" >&2
+    .venv/bin/python -m pip install -q --upgrade pip
+    for r in "${requirements[@]}"; do .venv/bin/python -m pip install -q -r "$r"; done
+    touch "$stamp"
+fi
