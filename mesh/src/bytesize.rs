@@ -45,7 +45,7 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, size) in &UNITS[..4] {
-            if self.0 >= *size && self.0 % size == 0 {
+            if self.0 >= *size && self.0.is_multiple_of(*size) {
                 return write!(f, "{}{name}", self.0 / size);
             }
         }

@@ -62,7 +62,7 @@ pub fn victims(
     let mut order: Vec<&Candidate> = candidates.iter().filter(evictable).collect();
     match policy {
         // Stable, so equally idle models keep the caller's (recency) order.
-        Policy::LeastRecentlyUsed => order.sort_by(|a, b| b.idle_for.cmp(&a.idle_for)),
+        Policy::LeastRecentlyUsed => order.sort_by_key(|c| std::cmp::Reverse(c.idle_for)),
     }
     let mut freed = 0u64;
     let mut chosen = Vec::new();

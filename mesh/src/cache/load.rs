@@ -29,6 +29,7 @@ impl Drop for Reservation<'_> {
         if self.bytes > 0 {
             let mut state = self.inner.state.lock();
             state.used_bytes -= self.bytes;
+            state.reserved_bytes -= self.bytes;
             self.inner.publish(&state);
             drop(state);
             self.inner.room_freed.notify_waiters();
@@ -125,9 +126,9 @@ impl Inner {
                 how: "its file size",
             });
         }
-        let factor = self.state.lock().size_factor;
+        let factor = self.state.lock().size_factor.unwrap_or(1.0);
         let predicted = ((local.file_bytes as f64 * factor) as u64).clamp(local.file_bytes, capacity);
-        let mut reservation = self.reserve(id, predicted, deadline).await?;
+        let mut reservation = self.reserve(id, predicted, 0, deadline).await?;
 
         let runtime = self.runtime.clone();
         let request = LoadRequest { model_id: id.to_string(), path: local.path.clone() };
@@ -151,29 +152,38 @@ impl Inner {
             });
         }
         if measured > reservation.bytes {
-            let more = self.reserve(id, measured - reservation.bytes, deadline).await?;
+            let more = self.reserve(id, measured - reservation.bytes, reservation.bytes, deadline).await?;
             reservation.absorb(more);
         }
         let entry = Arc::new(Entry::new(id.clone(), model, local.version, self.room_freed.clone()));
-        let mut state = self.state.lock();
-        // The reservation becomes the model's charge; any excess goes back.
-        let excess = reservation.bytes - measured;
-        reservation.bytes = 0;
-        state.used_bytes -= excess;
-        state.resident.put(id.clone(), entry.clone());
-        self.publish(&state);
-        drop(state);
-        if excess > 0 {
-            self.room_freed.notify_waiters();
-        }
+        let evicted = {
+            let mut state = self.state.lock();
+            // The reservation becomes the model's charge; any excess goes back.
+            let excess = reservation.bytes - measured;
+            state.used_bytes -= excess;
+            state.reserved_bytes -= reservation.bytes;
+            reservation.bytes = 0;
+            // Before the new model joins, so it is never its own victim.
+            let evicted = self.trim(&mut state);
+            state.resident.put(id.clone(), entry.clone());
+            self.publish(&state);
+            evicted
+        };
+        self.retire(evicted).await;
+        self.room_freed.notify_waiters();
         Ok(entry)
     }
 
     /// Sets aside `bytes`, evicting idle models; waits while the only candidates are in use.
+    ///
+    /// A load that already holds `held` reserved bytes (its measured size outgrew its prediction) must
+    /// not wait on other loads' reservations, or two such loads wait on each other: it may overcommit
+    /// by at most what other loads have reserved, and `trim` restores the capacity as they settle.
     async fn reserve(
         &self,
         id: &ModelId,
         bytes: u64,
+        held: u64,
         deadline: Instant,
     ) -> Result<Reservation<'_>, CacheError> {
         loop {
@@ -183,9 +193,11 @@ impl Inner {
             notified.as_mut().enable();
             let attempt = {
                 let mut state = self.state.lock();
-                match self.make_room(&mut state, bytes) {
+                let allowance = if held > 0 { state.reserved_bytes - held } else { 0 };
+                match self.make_room(&mut state, bytes, allowance) {
                     Ok(evicted) => {
                         state.used_bytes += bytes;
+                        state.reserved_bytes += bytes;
                         self.publish(&state);
                         Ok(evicted)
                     }
@@ -221,6 +233,6 @@ impl Inner {
         }
         let ratio = (measured as f64 / file_bytes as f64).clamp(1.0, 8.0);
         let mut state = self.state.lock();
-        state.size_factor = 0.75 * state.size_factor + 0.25 * ratio;
+        state.size_factor = Some(state.size_factor.map_or(ratio, |f| 0.75 * f + 0.25 * ratio));
     }
 }

@@ -100,8 +100,10 @@ struct State {
     failures: HashMap<ModelId, Failure>,
     /// Bytes charged to resident models plus reservations of loads in progress.
     used_bytes: u64,
+    /// The part of `used_bytes` that is reservations of loads in progress (predictions, not yet real).
+    reserved_bytes: u64,
     /// Learned ratio of measured size to file size, to predict a load's size before it runs.
-    size_factor: f64,
+    size_factor: Option<f64>,
 }
 
 struct Failure {
@@ -126,7 +128,8 @@ impl ModelCache {
                 loading: HashMap::new(),
                 failures: HashMap::new(),
                 used_bytes: 0,
-                size_factor: 1.0,
+                reserved_bytes: 0,
+                size_factor: None,
             }),
             load_permits,
             room_freed: Arc::new(Notify::new()),
@@ -243,10 +246,15 @@ impl ModelCache {
 }
 
 impl Inner {
-    /// Frees at least `extra` bytes of headroom by evicting; the evicted entries are returned so the
-    /// caller drops them outside the lock.
-    fn make_room(&self, state: &mut State, extra: u64) -> Result<Vec<Arc<Entry>>, eviction::Shortfall> {
-        let needed = (state.used_bytes + extra).saturating_sub(self.config.capacity_bytes);
+    /// Frees at least `extra` bytes of headroom by evicting, treating the capacity as `allowance` bytes
+    /// larger; the evicted entries are returned so the caller drops them outside the lock.
+    fn make_room(
+        &self,
+        state: &mut State,
+        extra: u64,
+        allowance: u64,
+    ) -> Result<Vec<Arc<Entry>>, eviction::Shortfall> {
+        let needed = (state.used_bytes + extra).saturating_sub(self.config.capacity_bytes + allowance);
         if needed == 0 {
             return Ok(Vec::new());
         }
@@ -278,6 +286,20 @@ impl Inner {
         Ok(evicted)
     }
 
+    /// Evicts what it can, without waiting, to bring the cache back under its capacity after loads
+    /// whose measured sizes outgrew their predictions.
+    fn trim(&self, state: &mut State) -> Vec<Arc<Entry>> {
+        match self.make_room(state, 0, 0) {
+            Ok(evicted) => evicted,
+            Err(shortfall) if shortfall.evictable_bytes > 0 => {
+                let partial = state.used_bytes - shortfall.evictable_bytes;
+                let allowance = partial.saturating_sub(self.config.capacity_bytes);
+                self.make_room(state, 0, allowance).unwrap_or_default()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// When the earliest model now protected by the minimum residence becomes evictable.
     fn next_residence_expiry(&self, state: &State) -> Option<Instant> {
         state
@@ -295,7 +317,12 @@ impl Inner {
         }
         let count = entries.len() as u64;
         let started = Instant::now();
-        let _ = tokio::task::spawn_blocking(move || drop(entries)).await;
+        let runtime = self.runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(entries);
+            runtime.reclaim_memory();
+        })
+        .await;
         metrics::counter!(m::MODEL_UNLOADS).increment(count);
         metrics::histogram!(m::UNLOAD_DURATION).record(started.elapsed().as_secs_f64());
         self.room_freed.notify_waiters();

@@ -295,3 +295,29 @@ async fn shutdown_unloads_everything_and_refuses_new_loads() {
     let b = f.sized("b", 100);
     assert!(matches!(f.cache.acquire(&b).await, Err(CacheError::ShuttingDown)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_that_outgrow_their_predictions_together_do_not_wait_on_each_other() {
+    // Files of ~100 bytes predict ~100 bytes each; both measure 250, so neither fits while the other's
+    // reservation stands. Before the fix each waited for the other until --load-timeout.
+    let f = fixture(300, |c| c.load_timeout = Duration::from_secs(5));
+    let padding = "#".repeat(90);
+    let ids: Vec<ModelId> =
+        ["a", "b"].iter().map(|id| f.model(id, &format!("{padding}\ngate\nsize=250"))).collect();
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (cache, id) = (f.cache.clone(), id.clone());
+            tokio::spawn(async move { cache.acquire(&id).await.map(|l| l.size_bytes()) })
+        })
+        .collect();
+    while f.loads() < 2 {
+        tokio::task::yield_now().await;
+    }
+    f.runtime.gate.open();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), 250);
+    }
+    // Once both settled, the capacity holds again (the older model went to make room).
+    assert!(f.cache.used_bytes() <= 300, "used {}", f.cache.used_bytes());
+}

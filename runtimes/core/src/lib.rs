@@ -49,6 +49,10 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Loads a model; blocking, may take seconds.
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>>;
+
+    /// Called (on a blocking thread) after models were dropped, to hand freed memory back to the
+    /// system where the runtime's allocator would keep it. Nothing to do for most runtimes.
+    fn reclaim_memory(&self) {}
 }
 
 /// A model held in memory, ready to serve. Dropping it frees its memory.

@@ -2,7 +2,8 @@
 //!
 //! One process-wide ONNX Runtime environment with one global intra-op thread pool: a thousand loaded
 //! models share the machine's cores instead of owning a thousand thread pools.
-#![forbid(unsafe_code)]
+// One `unsafe` call exists, `malloc_trim` in `memory.rs`, allowed there alone.
+#![deny(unsafe_code)]
 
 mod convert;
 mod library;
@@ -17,6 +18,7 @@ use ort::environment::{Environment, GlobalThreadPoolOptions};
 use parking_lot::Mutex;
 
 pub use library::find_library;
+pub use memory::release_free_heap;
 
 /// A one-node model (see `warmup/generate.py`).
 const WARMUP_MODEL: &[u8] = include_bytes!("warmup.onnx");
@@ -100,5 +102,11 @@ impl Runtime for OrtRuntime {
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
         let model = session::OrtModel::load(&self.env, &self.measure_lock, request)?;
         Ok(Box::new(model))
+    }
+
+    /// ONNX Runtime frees through glibc, which keeps freed pages; an evicted model's memory should
+    /// leave the process, or the capacity accounting and the pod's real footprint drift apart.
+    fn reclaim_memory(&self) {
+        memory::release_free_heap();
     }
 }

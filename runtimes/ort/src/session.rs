@@ -10,7 +10,7 @@ use ort::value::{Outlet, ValueType};
 use parking_lot::Mutex;
 
 use crate::convert;
-use crate::memory::resident_bytes;
+use crate::memory::settled_resident_bytes;
 
 pub(crate) struct OrtModel {
     /// `ort` requires `&mut` to run: ONNX Runtime's allocators are not all thread-safe. Requests for
@@ -22,9 +22,11 @@ pub(crate) struct OrtModel {
 
 impl OrtModel {
     pub(crate) fn load(env: &Environment, measure_lock: &Mutex<()>, request: &LoadRequest) -> Result<Self> {
+        // Read under the measuring lock too: another load's file buffer would count against this one.
+        let _measuring = measure_lock.lock();
         let bytes = std::fs::read(&request.path)
             .map_err(|source| Error::Io { path: request.path.clone(), source })?;
-        Self::from_bytes(env, measure_lock, &request.model_id, bytes)
+        Self::build_measured(env, &request.model_id, bytes)
     }
 
     /// Builds the session from bytes already in memory (a read file, later a mapped disk-cache entry).
@@ -34,19 +36,23 @@ impl OrtModel {
         model_id: &str,
         bytes: Vec<u8>,
     ) -> Result<Self> {
+        let _measuring = measure_lock.lock();
+        Self::build_measured(env, model_id, bytes)
+    }
+
+    /// Builds a session and measures the heap it kept; the caller holds the measuring lock, so no
+    /// other load's allocations count.
+    fn build_measured(env: &Environment, model_id: &str, bytes: Vec<u8>) -> Result<Self> {
         let load_error = |reason: String| Error::Load { model_id: model_id.to_owned(), reason };
         let file_bytes = bytes.len() as u64;
 
-        let (session, grown) = {
-            let _measuring = measure_lock.lock();
-            let before = resident_bytes();
-            let session = build_session(env, &bytes).map_err(|e| load_error(e.to_string()))?;
-            drop(bytes);
-            let grown = before.zip(resident_bytes()).map(|(b, a)| a.saturating_sub(b));
-            (session, grown)
-        };
-        // The session holds at least the weights; growth below that means another thread freed memory
-        // while we measured, so the file size is the better floor.
+        let before = settled_resident_bytes();
+        let session = build_session(env, &bytes).map_err(|e| load_error(e.to_string()))?;
+        // Read before the model's bytes are freed: both readings include them, so they cancel out.
+        let grown = before.zip(settled_resident_bytes()).map(|(b, a)| a.saturating_sub(b));
+        drop(bytes);
+        // The session holds at least the weights; growth below that means an inference elsewhere freed
+        // memory while we measured, so the file size is the better floor.
         let size_bytes = grown.unwrap_or(0).max(file_bytes);
 
         let metadata = ModelMetadata {
@@ -54,7 +60,7 @@ impl OrtModel {
             inputs: specs(session.inputs()).map_err(&load_error)?,
             outputs: specs(session.outputs()).map_err(&load_error)?,
         };
-        tracing::debug!(model_id, file_bytes, size_bytes, "onnx session built");
+        tracing::debug!(model_id, file_bytes, grown_bytes = grown, size_bytes, "onnx session built");
         Ok(Self { session: Mutex::new(session), metadata, size_bytes })
     }
 }

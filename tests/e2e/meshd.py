@@ -1,0 +1,118 @@
+"""Starting and talking to a real meshd process for the end-to-end tests."""
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "models"
+
+
+def wait_for(condition, timeout, what):
+    """Polls `condition` until it returns a truthy value or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Meshd:
+    """A meshd process on loopback ports chosen by the kernel, stopped by `stop()`."""
+
+    def __init__(self, model_repo, *args):
+        binary = os.environ.get("MESHD_BIN", str(REPO / "target" / "debug" / "meshd"))
+        self.dir = tempfile.TemporaryDirectory(prefix="meshd-")
+        addr_file = Path(self.dir.name) / "addr.json"
+        self.log_path = Path(self.dir.name) / "meshd.log"
+        self.log = open(self.log_path, "wb")
+        cmd = [
+            binary, "serve",
+            "--grpc-addr", "127.0.0.1:0",
+            "--metrics-addr", "127.0.0.1:0",
+            "--model-repo", str(model_repo),
+            "--addr-file", str(addr_file),
+            *args,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+        def started():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"meshd exited with {self.proc.returncode}:\n{self.logs()}")
+            return addr_file.exists() and json.loads(addr_file.read_text())
+
+        addrs = wait_for(started, 60, "meshd to listen")
+        self.grpc_addr = addrs["grpc_addr"]
+        self.metrics_addr = addrs["metrics_addr"]
+        self.channel = grpc.insecure_channel(
+            self.grpc_addr,
+            options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
+        )
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def logs(self):
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def metrics(self):
+        """Prometheus text parsed to {name_with_labels: value}."""
+        with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                values[key] = float(value)
+        return values
+
+    def http_status(self, path):
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics_addr}{path}", timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def terminate(self, timeout=30):
+        """SIGTERM, then the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self):
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        self.dir.cleanup()
+
+
+def raw_request(model, inputs, outputs=(), headers_model=None):
+    """A ModelInferRequest with raw contents; `inputs` is [(name, datatype, array)]."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for name, datatype, array in inputs:
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.raw_input_contents.append(to_raw(datatype, array))
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def to_raw(datatype, array):
+    if datatype == "BYTES":
+        out = b""
+        for item in array.reshape(-1):
+            b = item if isinstance(item, bytes) else str(item).encode()
+            out += len(b).to_bytes(4, "little") + b
+        return out
+    return np.ascontiguousarray(array).tobytes()

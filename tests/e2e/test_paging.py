@@ -1,0 +1,53 @@
+"""Paging: six models, room for about two, eight concurrent clients; every answer right."""
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import tritonclient.grpc as grpcclient
+
+from meshd import REPO
+
+sys.path.insert(0, str(REPO / "examples"))
+from generate_models import make_dense_model  # noqa: E402
+
+MODELS = 6
+MB = 4
+REQUESTS = 300
+
+
+def test_six_models_paged_through_room_for_two(start_meshd, tmp_path):
+    for i in range(MODELS):
+        make_dense_model(tmp_path / f"dense-{i}" / "model.onnx", MB, seed=i)
+    file_bytes = (tmp_path / "dense-0" / "model.onnx").stat().st_size
+    capacity = int(file_bytes * 2.5)
+    server = start_meshd(tmp_path, "--capacity", str(capacity), "--max-concurrent-loads", "2")
+    sessions = [ort.InferenceSession(str(tmp_path / f"dense-{i}" / "model.onnx")) for i in range(MODELS)]
+    rng = np.random.default_rng(0)
+    plan = [(int(rng.integers(MODELS)), rng.normal(size=(int(rng.integers(1, 5)), 256)).astype(np.float32))
+            for _ in range(REQUESTS)]
+
+    local = threading.local()
+
+    def call(item):
+        model, x = item
+        if not hasattr(local, "client"):
+            local.client = grpcclient.InferenceServerClient(server.grpc_addr)
+        i = grpcclient.InferInput("x", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        got = local.client.infer(f"dense-{model}", [i]).as_numpy("y")
+        want = sessions[model].run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        return model
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        served = list(pool.map(call, plan))
+    assert sorted(set(served)) == list(range(MODELS))
+
+    metrics = server.metrics()
+    assert metrics["densemesh_cache_evictions_total"] > 0, metrics
+    assert metrics["densemesh_used_bytes"] <= metrics["densemesh_capacity_bytes"] == capacity
+    assert metrics['densemesh_model_loads_total{result="success"}'] >= MODELS
+    assert metrics.get('densemesh_model_loads_total{result="failure"}', 0) == 0
+    assert metrics['densemesh_requests_total{method="ModelInfer",code="OK"}'] == REQUESTS

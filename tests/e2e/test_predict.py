@@ -1,0 +1,146 @@
+"""Every example model through real clients, compared with onnxruntime's own answers."""
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2
+
+from meshd import EXAMPLES
+
+DATATYPES = {
+    np.float32: "FP32", np.float64: "FP64", np.float16: "FP16", np.int64: "INT64", np.int32: "INT32",
+    np.int16: "INT16", np.int8: "INT8", np.uint8: "UINT8", np.uint16: "UINT16", np.uint32: "UINT32",
+    np.uint64: "UINT64", np.bool_: "BOOL", np.object_: "BYTES",
+}
+
+
+def reference(model, feeds):
+    session = ort.InferenceSession(str(EXAMPLES / model / "model.onnx"))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feeds)))
+
+
+def infer(client, model, feeds, **kwargs):
+    inputs = []
+    for name, array in feeds.items():
+        i = grpcclient.InferInput(name, list(array.shape), DATATYPES[array.dtype.type])
+        i.set_data_from_numpy(array)
+        inputs.append(i)
+    return client.infer(model, inputs, **kwargs)
+
+
+def assert_same(got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype, (got, want)
+    if np.issubdtype(want.dtype, np.floating):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_server_is_live_ready_and_healthy(client, examples_server):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_server_metadata().name == "densemesh"
+    assert examples_server.http_status("/healthz") == 200
+    assert examples_server.http_status("/readyz") == 200
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_sklearn_models_match_onnxruntime(client, batch):
+    rng = np.random.default_rng(batch)
+    x = rng.normal(5, 2, size=(batch, 4)).astype(np.float32)
+    result = infer(client, "iris-logreg", {"input": x})
+    want = reference("iris-logreg", {"input": x})
+    assert_same(result.as_numpy("label"), want["label"])
+    assert_same(result.as_numpy("probabilities"), want["probabilities"])
+
+    x = rng.normal(size=(batch, 8)).astype(np.float32)
+    result = infer(client, "mlp-regressor", {"input": x})
+    assert_same(result.as_numpy("variable"), reference("mlp-regressor", {"input": x})["variable"])
+
+
+def test_several_inputs_with_int64_and_bool(client):
+    rng = np.random.default_rng(3)
+    feeds = {
+        "ids": rng.integers(-(2**40), 2**40, size=(5, 4), dtype=np.int64),
+        "mask": rng.random((5, 4)) > 0.5,
+        "scale": np.array([0.25], dtype=np.float32),
+    }
+    result = infer(client, "multi-input", feeds)
+    want = reference("multi-input", feeds)
+    for name in ("masked_sum", "scaled", "any_masked"):
+        assert_same(result.as_numpy(name), want[name])
+
+
+def test_every_datatype_round_trips(client):
+    rng = np.random.default_rng(4)
+    feeds = {
+        "in_bool": np.array([True, False, True]),
+        "in_uint8": np.array([0, 7, 255], dtype=np.uint8),
+        "in_uint16": np.array([0, 65535], dtype=np.uint16),
+        "in_uint32": np.array([2**32 - 1], dtype=np.uint32),
+        "in_uint64": np.array([2**64 - 1, 0], dtype=np.uint64),
+        "in_int8": np.array([-128, 127], dtype=np.int8),
+        "in_int16": np.array([-32768, 5], dtype=np.int16),
+        "in_int32": np.array([-(2**31), 2**31 - 1], dtype=np.int32),
+        "in_int64": np.array([-(2**63), 2**63 - 1], dtype=np.int64),
+        "in_fp16": rng.normal(size=4).astype(np.float16),
+        "in_fp32": rng.normal(size=4).astype(np.float32),
+        "in_fp64": rng.normal(size=4).astype(np.float64),
+        "in_string": np.array([b"hello", "wörld".encode(), b""], dtype=np.object_),
+    }
+    result = infer(client, "dtypes", feeds)
+    for name, array in feeds.items():
+        got = result.as_numpy("out_" + name[3:])
+        if array.dtype == np.object_:
+            assert list(got) == list(array)
+        else:
+            assert got.dtype == array.dtype
+            np.testing.assert_array_equal(got, array)
+
+
+def test_model_metadata_and_readiness(start_meshd):
+    server = start_meshd(EXAMPLES)
+    client = grpcclient.InferenceServerClient(server.grpc_addr)
+    assert not client.is_model_ready("iris-logreg"), "nothing is loaded before the first request"
+    meta = client.get_model_metadata("iris-logreg")
+    assert meta.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 4])]
+    assert [(t.name, t.datatype) for t in meta.outputs] == [("label", "INT64"), ("probabilities", "FP32")]
+    assert client.is_model_ready("iris-logreg")
+    client.close()
+
+
+def test_the_model_id_header_wins_over_model_name(client, examples_server):
+    x = np.ones((1, 4), dtype=np.float32)
+    result = infer(client, "no-such-model", {"input": x}, headers={"mm-model-id": "iris-logreg"})
+    assert result.as_numpy("probabilities").shape == (1, 3)
+
+    request = service_pb2.ModelInferRequest(model_name="no-such-model")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(x.tobytes())
+    response = examples_server.stub.ModelInfer(request, metadata=[("mm-model-id-bin", b"iris-logreg")])
+    assert [o.name for o in response.outputs] == ["label", "probabilities"]
+
+
+def test_typed_contents_get_typed_contents_back(examples_server):
+    x = [5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]
+    request = service_pb2.ModelInferRequest(model_name="iris-logreg", id="req-1")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=[2, 4])
+    tensor.contents.fp32_contents.extend(x)
+    request.outputs.add(name="probabilities")
+    response = examples_server.stub.ModelInfer(request)
+    assert response.id == "req-1" and not response.raw_output_contents
+    [out] = response.outputs
+    assert (out.name, out.datatype, list(out.shape)) == ("probabilities", "FP32", [2, 3])
+    want = reference("iris-logreg", {"input": np.array(x, dtype=np.float32).reshape(2, 4)})["probabilities"]
+    np.testing.assert_allclose(np.array(out.contents.fp32_contents).reshape(2, 3), want, rtol=1e-5)
+
+
+def test_reflection_lists_the_inference_service(examples_server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(examples_server.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for r in responses for s in r.list_services_response.service}
+    assert "inference.GRPCInferenceService" in services
