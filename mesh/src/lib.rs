@@ -11,6 +11,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod loadgen;
 pub mod metrics;
 pub mod router;
 pub mod server;
