@@ -58,6 +58,8 @@ def iris_logreg(models: Path, sklearn_dir: Path) -> None:
         "name": "iris-logreg",
         "implementation": "mlserver_sklearn.SKLearnModel",
         "parameters": {"uri": "./model.joblib"},
+        # Declared so V2 ModelMetadata describes the input, as meshd does from the ONNX file.
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
     }
     (out / "model-settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     (sklearn_dir / "settings.json").write_text(json.dumps({"parallel_workers": 0}, indent=2) + "\n")

@@ -29,6 +29,7 @@ pub struct WorkerConfig {
 #[derive(Clone)]
 pub struct Worker {
     config: WorkerConfig,
+    infer_duration: metrics::Histogram,
     running: Arc<Semaphore>,
     queued: Arc<AtomicUsize>,
 }
@@ -36,13 +37,14 @@ pub struct Worker {
 impl Worker {
     pub fn new(config: WorkerConfig) -> Self {
         let running = Arc::new(Semaphore::new(config.concurrency.max(1)));
-        Self { config, running, queued: Arc::new(AtomicUsize::new(0)) }
+        let infer_duration = metrics::histogram!(m::INFER_DURATION);
+        Self { config, infer_duration, running, queued: Arc::new(AtomicUsize::new(0)) }
     }
 
     /// Runs one inference on a leased model; the lease is held until it finishes.
     pub async fn infer(&self, lease: Lease, request: InferRequest) -> Result<Vec<Tensor>, MeshError> {
         if lease.typical_infer_time().is_some_and(|t| t < self.config.inline_below) {
-            return run(&lease, request);
+            return run(&lease, request, &self.infer_duration);
         }
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.max_queued {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -58,9 +60,10 @@ impl Worker {
             permit.map_err(|_| MeshError::Overloaded("the inference worker is closed".to_owned()))?;
         metrics::histogram!(m::QUEUE_WAIT).record(waited.elapsed().as_secs_f64());
         let span = tracing::Span::current();
+        let infer_duration = self.infer_duration.clone();
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
-            let result = run(&lease, request);
+            let result = run(&lease, request, &infer_duration);
             drop(permit);
             result
         })
@@ -70,11 +73,15 @@ impl Worker {
     }
 }
 
-fn run(lease: &Lease, request: InferRequest) -> Result<Vec<Tensor>, MeshError> {
+fn run(
+    lease: &Lease,
+    request: InferRequest,
+    infer_duration: &metrics::Histogram,
+) -> Result<Vec<Tensor>, MeshError> {
     let started = Instant::now();
     let result = lease.model().infer(request);
     let took = started.elapsed();
     lease.record_infer_time(took);
-    metrics::histogram!(m::INFER_DURATION).record(took.as_secs_f64());
+    infer_duration.record(took.as_secs_f64());
     result.map_err(|source| MeshError::Runtime { model_id: lease.id().clone(), source })
 }
