@@ -7,17 +7,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"
 
+sudo_cmd=""
+if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
 if ! command -v protoc >/dev/null 2>&1; then
     echo "setup: installing protobuf-compiler" >&2
-    sudo_cmd=""
-    if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
     $sudo_cmd apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq protobuf-compiler >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
-    python3 -m venv .venv
+    if ! python3 -m venv .venv 2>/dev/null; then
+        # Debian's system python keeps venv in a separate package.
+        rm -rf .venv
+        $sudo_cmd apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv .venv
+    fi
 fi
 requirements=(tests/requirements-run.txt)
 if [ "$what" = test ]; then requirements+=(tests/requirements.txt); fi
