@@ -6,5 +6,7 @@
 
 pub mod eviction;
 mod model_id;
+pub mod store;
 
 pub use model_id::{InvalidModelId, ModelId};
+pub use store::{MemoryStore, Store, StoreError};

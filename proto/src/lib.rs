@@ -10,5 +10,11 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// ModelMesh's management API (`mmesh.ModelMesh`): model and vmodel registration.
+pub mod mmesh {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("mmesh");
+}
+
 /// Serialized `FileDescriptorSet` of every service above, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("densemesh_descriptor");
