@@ -6,7 +6,13 @@
 
 pub mod eviction;
 mod model_id;
+pub mod registry;
+pub mod spec;
 pub mod store;
+pub mod view;
 
 pub use model_id::{InvalidModelId, ModelId};
+pub use registry::{Registry, RegistryError};
+pub use spec::{ModelSpec, Source, VModelSpec};
 pub use store::{MemoryStore, Store, StoreError};
+pub use view::ClusterView;

@@ -1,0 +1,227 @@
+//! Registration on a [`Store`]: model specs and vmodels under `/<prefix>/models/` and
+//! `/<prefix>/vmodels/`, every conditional write a compare-and-swap on the key's revision.
+
+use std::sync::Arc;
+
+use crate::ModelId;
+use crate::spec::{ModelSpec, SUPPORTED_MODEL_TYPES, VModelSpec};
+use crate::store::{Revision, Store, StoreError};
+
+/// Registry errors; each maps to one gRPC code in the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("model type {0:?} has no runtime here; supported: {supported}", supported = SUPPORTED_MODEL_TYPES.join(", "))]
+    UnsupportedType(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("model {0} is already registered with a different spec; unregister it first")]
+    Conflict(ModelId),
+    #[error("{0}")]
+    NotFound(String),
+    /// A compare-and-swap lost to a concurrent writer, or an expectation did not hold.
+    #[error("{0}")]
+    Precondition(String),
+    #[error("stored record {key} is unreadable: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Result with [`RegistryError`].
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// Reads and writes registrations.
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn Store>,
+    prefix: String,
+}
+
+/// How a registration went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// False when the same spec was already registered (registration is idempotent).
+    pub created: bool,
+    pub revision: Revision,
+}
+
+impl Registry {
+    /// `prefix` like `densemesh`: keys go under `/densemesh/`.
+    pub fn new(store: Arc<dyn Store>, prefix: &str) -> Self {
+        Self { store, prefix: format!("/{}/", prefix.trim_matches('/')) }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn models_prefix(&self) -> String {
+        format!("{}models/", self.prefix)
+    }
+
+    pub fn vmodels_prefix(&self) -> String {
+        format!("{}vmodels/", self.prefix)
+    }
+
+    /// The prefix everything lives under.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn model_key(&self, id: &ModelId) -> String {
+        format!("{}{id}", self.models_prefix())
+    }
+
+    fn vmodel_key(&self, id: &ModelId) -> String {
+        format!("{}{id}", self.vmodels_prefix())
+    }
+
+    /// Registers a model; the same spec again is a no-op, a different one a conflict.
+    pub async fn register(&self, id: &ModelId, spec: &ModelSpec) -> Result<Registered> {
+        validate(spec)?;
+        let key = self.model_key(id);
+        let value = encode(spec);
+        let created = self.store.create(&key, value, None).await?;
+        if created.succeeded {
+            return Ok(Registered { created: true, revision: created.revision });
+        }
+        match self.model(id).await? {
+            Some((existing, revision)) if existing.same_model(spec) => {
+                Ok(Registered { created: false, revision })
+            }
+            Some(_) => Err(RegistryError::Conflict(id.clone())),
+            // Unregistered between our two calls: try once more.
+            None => {
+                let again = self.store.create(&key, encode(spec), None).await?;
+                if again.succeeded {
+                    Ok(Registered { created: true, revision: again.revision })
+                } else {
+                    Err(RegistryError::Precondition(format!("model {id} changed concurrently; retry")))
+                }
+            }
+        }
+    }
+
+    /// Replaces a spec only if it is still at `expected` (0: absent); false when it lost a race.
+    pub async fn replace(&self, id: &ModelId, spec: &ModelSpec, expected: Revision) -> Result<bool> {
+        validate(spec)?;
+        Ok(self.store.compare_and_put(&self.model_key(id), expected, encode(spec), None).await?.succeeded)
+    }
+
+    /// Deletes a registration; false when there was none.
+    pub async fn unregister(&self, id: &ModelId) -> Result<bool> {
+        let Some((_, revision)) = self.model(id).await? else { return Ok(false) };
+        Ok(self.store.compare_and_delete(&self.model_key(id), revision).await?.succeeded)
+    }
+
+    /// A model's spec and its revision.
+    pub async fn model(&self, id: &ModelId) -> Result<Option<(ModelSpec, Revision)>> {
+        let key = self.model_key(id);
+        match self.store.get(&key).await? {
+            Some(kv) => Ok(Some((decode(&key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// A vmodel and its revision.
+    pub async fn vmodel(&self, id: &ModelId) -> Result<Option<(VModelSpec, Revision)>> {
+        let key = self.vmodel_key(id);
+        match self.store.get(&key).await? {
+            Some(kv) => Ok(Some((decode(&key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a vmodel only if it is still at `expected` (0: absent).
+    pub async fn put_vmodel(
+        &self,
+        id: &ModelId,
+        vmodel: &VModelSpec,
+        expected: Revision,
+    ) -> Result<Option<Revision>> {
+        let result = self.store.compare_and_put(&self.vmodel_key(id), expected, encode(vmodel), None).await?;
+        Ok(result.succeeded.then_some(result.revision))
+    }
+
+    /// Deletes a vmodel only if it is still at `expected`.
+    pub async fn delete_vmodel(&self, id: &ModelId, expected: Revision) -> Result<bool> {
+        Ok(self.store.compare_and_delete(&self.vmodel_key(id), expected).await?.succeeded)
+    }
+}
+
+fn validate(spec: &ModelSpec) -> Result<()> {
+    if !SUPPORTED_MODEL_TYPES.contains(&spec.model_type.as_str()) {
+        return Err(RegistryError::UnsupportedType(spec.model_type.clone()));
+    }
+    if spec.path.is_empty() {
+        return Err(RegistryError::Invalid("model path is empty; set ModelInfo.path".to_owned()));
+    }
+    Ok(())
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Plain structs of strings and numbers always serialize.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Decodes a stored record.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| RegistryError::Corrupt { key: key.to_owned(), reason: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Source;
+    use crate::store::MemoryStore;
+
+    fn spec(path: &str) -> ModelSpec {
+        ModelSpec {
+            model_type: "onnx".into(),
+            path: path.into(),
+            key: None,
+            source: Source::Api,
+            auto_delete: false,
+            generation: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn registration_is_idempotent_and_conflicts_are_refused() {
+        let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
+        let id = ModelId::new("m").unwrap();
+        assert!(registry.register(&id, &spec("/a")).await.unwrap().created);
+        assert!(!registry.register(&id, &spec("/a")).await.unwrap().created);
+        assert_eq!(registry.register(&id, &spec("/b")).await, Err(RegistryError::Conflict(id.clone())));
+        let mut tf = spec("/a");
+        tf.model_type = "tensorflow".into();
+        let err = registry.register(&ModelId::new("t").unwrap(), &tf).await.unwrap_err();
+        assert!(err.to_string().contains("tensorflow") && err.to_string().contains("onnx"), "{err}");
+        assert!(registry.unregister(&id).await.unwrap());
+        assert!(!registry.unregister(&id).await.unwrap());
+        assert_eq!(registry.model(&id).await.unwrap(), None);
+        let stored = registry.store().range("/dm/models/").await.unwrap();
+        assert!(stored.kvs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn vmodel_writes_are_compare_and_swap() {
+        let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
+        let v = ModelId::new("v").unwrap();
+        let one = VModelSpec {
+            active: "a".into(),
+            target: "a".into(),
+            owner: String::new(),
+            transition_error: None,
+        };
+        let r1 = registry.put_vmodel(&v, &one, 0).await.unwrap().unwrap();
+        assert_eq!(registry.put_vmodel(&v, &one, 0).await.unwrap(), None, "create only once");
+        let two = VModelSpec { target: "b".into(), ..one.clone() };
+        assert!(registry.put_vmodel(&v, &two, r1).await.unwrap().is_some());
+        assert_eq!(registry.put_vmodel(&v, &one, r1).await.unwrap(), None, "a stale writer loses");
+        let (now, rev) = registry.vmodel(&v).await.unwrap().unwrap();
+        assert!(now.transitioning());
+        assert!(registry.delete_vmodel(&v, rev).await.unwrap());
+    }
+}

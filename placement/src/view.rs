@@ -1,0 +1,279 @@
+//! `ClusterView`: an in-memory mirror of the registry, kept current by a watch, so the request path
+//! reads memory and never the store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::RwLock;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::ModelId;
+use crate::registry::{Registry, RegistryError, decode};
+use crate::spec::{ModelSpec, VModelSpec};
+use crate::store::{KeyValue, Revision, StoreError, WatchEvent};
+
+/// What changed in the view, for components that react (unloading, vmodel transitions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewChange {
+    /// Registered, or its spec changed.
+    Model(ModelId),
+    ModelRemoved(ModelId),
+    VModel(ModelId),
+    VModelRemoved(ModelId),
+}
+
+#[derive(Default)]
+struct Mirror {
+    models: HashMap<ModelId, (ModelSpec, Revision)>,
+    vmodels: HashMap<ModelId, (VModelSpec, Revision)>,
+}
+
+/// The mirror; cloning shares it. The watch task stops when the last clone drops.
+#[derive(Clone)]
+pub struct ClusterView {
+    mirror: Arc<RwLock<Mirror>>,
+    applied: watch::Receiver<Revision>,
+    changes: broadcast::Sender<ViewChange>,
+    _watcher: Arc<DropGuard>,
+}
+
+impl ClusterView {
+    /// Lists the registry, then follows its changes.
+    pub async fn start(registry: Registry) -> Result<Self, RegistryError> {
+        let mirror = Arc::new(RwLock::new(Mirror::default()));
+        let (changes, _) = broadcast::channel(4096);
+        let revision = relist(&registry, &mirror, &changes).await?;
+        let (applied_tx, applied) = watch::channel(revision);
+        let stop = CancellationToken::new();
+        let follower =
+            Follower { registry, mirror: mirror.clone(), changes: changes.clone(), applied: applied_tx };
+        tokio::spawn(follower.run(revision, stop.clone()));
+        Ok(Self { mirror, applied, changes, _watcher: Arc::new(stop.drop_guard()) })
+    }
+
+    pub fn model(&self, id: &ModelId) -> Option<ModelSpec> {
+        self.mirror.read().models.get(id).map(|(spec, _)| spec.clone())
+    }
+
+    /// A model's spec with the revision it was written at.
+    pub fn model_with_revision(&self, id: &ModelId) -> Option<(ModelSpec, Revision)> {
+        self.mirror.read().models.get(id).cloned()
+    }
+
+    pub fn vmodel(&self, id: &ModelId) -> Option<VModelSpec> {
+        self.mirror.read().vmodels.get(id).map(|(v, _)| v.clone())
+    }
+
+    pub fn vmodel_with_revision(&self, id: &ModelId) -> Option<(VModelSpec, Revision)> {
+        self.mirror.read().vmodels.get(id).cloned()
+    }
+
+    /// Every model, sorted by id.
+    pub fn models(&self) -> Vec<(ModelId, ModelSpec)> {
+        let mut all: Vec<_> =
+            self.mirror.read().models.iter().map(|(id, (s, _))| (id.clone(), s.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Every vmodel, sorted by id.
+    pub fn vmodels(&self) -> Vec<(ModelId, VModelSpec)> {
+        let mut all: Vec<_> =
+            self.mirror.read().vmodels.iter().map(|(id, (v, _))| (id.clone(), v.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ViewChange> {
+        self.changes.subscribe()
+    }
+
+    /// Waits until the mirror reflects the store at least at `revision` (read-your-writes for an API
+    /// call that just wrote).
+    pub async fn caught_up(&self, revision: Revision) {
+        let mut applied = self.applied.clone();
+        // An error means the follower is gone, which only happens at shutdown.
+        let _ = applied.wait_for(|r| *r >= revision).await;
+    }
+}
+
+struct Follower {
+    registry: Registry,
+    mirror: Arc<RwLock<Mirror>>,
+    changes: broadcast::Sender<ViewChange>,
+    applied: watch::Sender<Revision>,
+}
+
+impl Follower {
+    async fn run(self, mut revision: Revision, stop: CancellationToken) {
+        let mut retry = Duration::from_millis(100);
+        loop {
+            let mut events = self.registry.store().watch(self.registry.prefix(), revision);
+            loop {
+                let next = tokio::select! {
+                    next = events.next() => next,
+                    _ = stop.cancelled() => return,
+                };
+                match next {
+                    Some(Ok(event)) => {
+                        revision = revision.max(event.revision());
+                        self.apply(event);
+                        self.applied.send_replace(revision);
+                        retry = Duration::from_millis(100);
+                    }
+                    Some(Err(StoreError::Compacted { .. })) => {
+                        match relist(&self.registry, &self.mirror, &self.changes).await {
+                            Ok(r) => {
+                                revision = r;
+                                self.applied.send_replace(r);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot re-list the registry"),
+                        }
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "registry watch failed; resuming");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = stop.cancelled() => return,
+            }
+            retry = (retry * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn apply(&self, event: WatchEvent) {
+        let change = {
+            let mut mirror = self.mirror.write();
+            match event {
+                WatchEvent::Put(kv) => put(&self.registry, &mut mirror, &kv),
+                WatchEvent::Delete { key, .. } => remove(&self.registry, &mut mirror, &key),
+            }
+        };
+        if let Some(change) = change {
+            let _ = self.changes.send(change);
+        }
+    }
+}
+
+/// Which record a key is, if it is one the view mirrors.
+fn classify(registry: &Registry, key: &str) -> Option<(bool, ModelId)> {
+    if let Some(id) = key.strip_prefix(&registry.models_prefix()) {
+        return ModelId::new(id).ok().map(|id| (true, id));
+    }
+    key.strip_prefix(&registry.vmodels_prefix()).and_then(|id| ModelId::new(id).ok()).map(|id| (false, id))
+}
+
+fn put(registry: &Registry, mirror: &mut Mirror, kv: &KeyValue) -> Option<ViewChange> {
+    let (is_model, id) = classify(registry, &kv.key)?;
+    let decoded = if is_model {
+        decode::<ModelSpec>(&kv.key, &kv.value).map(|s| {
+            mirror.models.insert(id.clone(), (s, kv.mod_revision));
+            ViewChange::Model(id)
+        })
+    } else {
+        decode::<VModelSpec>(&kv.key, &kv.value).map(|v| {
+            mirror.vmodels.insert(id.clone(), (v, kv.mod_revision));
+            ViewChange::VModel(id)
+        })
+    };
+    decoded.map_err(|e| tracing::warn!(error = %e, "skipping unreadable record")).ok()
+}
+
+fn remove(registry: &Registry, mirror: &mut Mirror, key: &str) -> Option<ViewChange> {
+    let (is_model, id) = classify(registry, key)?;
+    if is_model {
+        mirror.models.remove(&id).map(|_| ViewChange::ModelRemoved(id))
+    } else {
+        mirror.vmodels.remove(&id).map(|_| ViewChange::VModelRemoved(id))
+    }
+}
+
+/// Replaces the mirror with a fresh read; returns the revision it reflects.
+async fn relist(
+    registry: &Registry,
+    mirror: &RwLock<Mirror>,
+    changes: &broadcast::Sender<ViewChange>,
+) -> Result<Revision, RegistryError> {
+    let range = registry.store().range(registry.prefix()).await?;
+    let mut fresh = Mirror::default();
+    let mut announce = Vec::new();
+    for kv in &range.kvs {
+        if let Some(change) = put(registry, &mut fresh, kv) {
+            announce.push(change);
+        }
+    }
+    let old = std::mem::replace(&mut *mirror.write(), fresh);
+    let current = mirror.read();
+    announce.extend(
+        old.models
+            .keys()
+            .filter(|id| !current.models.contains_key(*id))
+            .cloned()
+            .map(ViewChange::ModelRemoved),
+    );
+    announce.extend(
+        old.vmodels
+            .keys()
+            .filter(|id| !current.vmodels.contains_key(*id))
+            .cloned()
+            .map(ViewChange::VModelRemoved),
+    );
+    drop(current);
+    for change in announce {
+        let _ = changes.send(change);
+    }
+    Ok(range.revision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Source;
+    use crate::store::{MemoryStore, Store};
+
+    fn spec(path: &str) -> ModelSpec {
+        ModelSpec {
+            model_type: "onnx".into(),
+            path: path.into(),
+            key: None,
+            source: Source::Api,
+            auto_delete: false,
+            generation: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_view_follows_registrations_and_reads_its_writes() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let registry = Registry::new(store.clone(), "dm");
+        let before = ModelId::new("before").unwrap();
+        registry.register(&before, &spec("/b")).await.unwrap();
+        let view = ClusterView::start(registry.clone()).await.unwrap();
+        assert_eq!(view.model(&before).unwrap().path, "/b");
+        let mut changes = view.subscribe();
+
+        let after = ModelId::new("after").unwrap();
+        let r = registry.register(&after, &spec("/a")).await.unwrap().revision;
+        view.caught_up(r).await;
+        assert_eq!(view.model(&after).unwrap().path, "/a");
+        assert_eq!(changes.recv().await.unwrap(), ViewChange::Model(after.clone()));
+
+        registry.unregister(&before).await.unwrap();
+        assert_eq!(changes.recv().await.unwrap(), ViewChange::ModelRemoved(before.clone()));
+        assert!(view.model(&before).is_none());
+        // Records outside the mirrored kinds, or unreadable ones, are skipped, not fatal.
+        store.put("/dm/models/bad", b"not json".to_vec(), None).await.unwrap();
+        let r = store.put("/dm/placements/x/y", b"{}".to_vec(), None).await.unwrap();
+        view.caught_up(r).await;
+        assert_eq!(view.models().len(), 1);
+    }
+}
