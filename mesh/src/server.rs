@@ -81,7 +81,11 @@ pub async fn run(
         .await
         .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.to_string()))??
         .into_arc();
-    let cache = ModelCache::new(config.cache.clone(), runtime, LocalRepository::new(&config.model_repo));
+    let cache = ModelCache::new(
+        config.cache.clone(),
+        runtime,
+        crate::cache::locate_in(LocalRepository::new(&config.model_repo)),
+    );
     let ready = Arc::new(AtomicBool::new(false));
 
     let grpc = tokio::net::TcpListener::bind(config.grpc_addr).await.map_err(|source| ServeError::Bind {

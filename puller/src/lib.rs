@@ -6,7 +6,7 @@
 
 mod repository;
 
-pub use repository::{LocalModel, LocalRepository};
+pub use repository::{LocalModel, LocalRepository, resolve_path};
 
 /// Errors finding or reading a model's files.
 #[derive(Debug, thiserror::Error)]

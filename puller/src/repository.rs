@@ -39,19 +39,9 @@ impl LocalRepository {
 
     /// Finds a model's file; blocking (a few `stat` calls).
     pub fn resolve(&self, id: &ModelId) -> Result<LocalModel> {
-        let dir = self.root.join(id.as_str());
-        if let Some(found) = model_file_in(&dir, None)? {
-            return Ok(found);
-        }
-        let mut versions: Vec<u64> =
-            read_dir_names(&dir)?.into_iter().filter_map(|name| name.parse::<u64>().ok()).collect();
-        versions.sort_unstable_by(|a, b| b.cmp(a));
-        for version in versions {
-            if let Some(found) = model_file_in(&dir.join(version.to_string()), Some(version))? {
-                return Ok(found);
-            }
-        }
-        Err(Error::NotFound { model_id: id.to_string(), repository: self.root.clone() })
+        resolve_path(&self.root.join(id.as_str())).and_then(|found| {
+            found.ok_or_else(|| Error::NotFound { model_id: id.to_string(), repository: self.root.clone() })
+        })
     }
 
     /// Ids of every directory that holds a model, sorted; names that are not valid ids are skipped.
@@ -64,6 +54,31 @@ impl LocalRepository {
         ids.sort();
         Ok(ids)
     }
+}
+
+/// A model at a local path: the file itself, or a directory holding `model.onnx` directly or in its
+/// highest numeric version directory. `None` when nothing is there; blocking.
+pub fn resolve_path(path: &Path) -> Result<Option<LocalModel>> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => {
+            return Ok(Some(LocalModel { path: path.to_owned(), version: None, file_bytes: meta.len() }));
+        }
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => return Ok(None),
+        Err(source) => return Err(Error::Io { path: path.to_owned(), source }),
+    }
+    if let Some(found) = model_file_in(path, None)? {
+        return Ok(Some(found));
+    }
+    let mut versions: Vec<u64> =
+        read_dir_names(path)?.into_iter().filter_map(|name| name.parse::<u64>().ok()).collect();
+    versions.sort_unstable_by(|a, b| b.cmp(a));
+    for version in versions {
+        if let Some(found) = model_file_in(&path.join(version.to_string()), Some(version))? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
 }
 
 fn model_file_in(dir: &Path, version: Option<u64>) -> Result<Option<LocalModel>> {

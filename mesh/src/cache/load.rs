@@ -105,18 +105,11 @@ impl Inner {
         };
         metrics::histogram!(m::LOAD_QUEUE_WAIT).record(queued.elapsed().as_secs_f64());
 
-        let repository = self.repository.clone();
+        let locate = self.locate.clone();
         let lookup = id.clone();
-        let local = tokio::task::spawn_blocking(move || repository.resolve(&lookup))
+        let local = tokio::task::spawn_blocking(move || locate(&lookup))
             .await
-            .map_err(|e| failed(format!("model lookup panicked: {e}")))?
-            .map_err(|e| match e {
-                densemesh_puller::Error::NotFound { .. } => {
-                    tracing::debug!(error = %e, "model not in the repository");
-                    CacheError::NotFound(format!("model {id} not found").into())
-                }
-                other => failed(other.to_string()),
-            })?;
+            .map_err(|e| failed(format!("model lookup panicked: {e}")))??;
         let capacity = self.config.capacity_bytes;
         if local.file_bytes > capacity {
             return Err(CacheError::TooLarge {

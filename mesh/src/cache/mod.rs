@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use densemesh_placement::ModelId;
 use densemesh_placement::eviction::{self, Candidate, Policy, Rules};
-use densemesh_puller::LocalRepository;
+use densemesh_puller::{LocalModel, LocalRepository};
 use densemesh_runtime_core::Runtime;
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -73,6 +73,41 @@ pub struct ResidentModel {
     pub in_flight: usize,
 }
 
+/// Finds a model's local file; blocking (called on the blocking pool). `CacheError::NotFound` for an
+/// unknown model; anything else that fails is a load failure.
+pub type Locate = Arc<dyn Fn(&ModelId) -> Result<LocalModel, CacheError> + Send + Sync>;
+
+/// Locates models in a repository directory, by id.
+pub fn locate_in(repository: LocalRepository) -> Locate {
+    Arc::new(move |id| {
+        repository.resolve(id).map_err(|e| match e {
+            densemesh_puller::Error::NotFound { .. } => {
+                tracing::debug!(error = %e, "model not in the repository");
+                CacheError::NotFound(format!("model {id} not found").into())
+            }
+            other => CacheError::LoadFailed {
+                model_id: id.clone(),
+                reason: other.to_string().into(),
+                retry_in: Duration::ZERO,
+            },
+        })
+    })
+}
+
+/// Where one model stands in this pod's cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyStatus {
+    NotLoaded,
+    Loading,
+    Loaded {
+        size_bytes: u64,
+    },
+    /// The last load failed and its back-off has not ended.
+    Failed {
+        reason: String,
+    },
+}
+
 /// A cloneable handle to the cache; all clones share one state.
 #[derive(Clone)]
 pub struct ModelCache {
@@ -82,7 +117,7 @@ pub struct ModelCache {
 struct Inner {
     config: CacheConfig,
     runtime: Arc<dyn Runtime>,
-    repository: LocalRepository,
+    locate: Locate,
     state: Mutex<State>,
     load_permits: Semaphore,
     /// Signalled whenever bytes may have become free: a lease dropped, a model left, a load gave up.
@@ -114,7 +149,7 @@ struct Failure {
 }
 
 impl ModelCache {
-    pub fn new(config: CacheConfig, runtime: Arc<dyn Runtime>, repository: LocalRepository) -> Self {
+    pub fn new(config: CacheConfig, runtime: Arc<dyn Runtime>, locate: Locate) -> Self {
         metrics::gauge!(m::CAPACITY_BYTES).set(config.capacity_bytes as f64);
         metrics::gauge!(m::USED_BYTES).set(0.0);
         metrics::gauge!(m::MODELS_LOADED).set(0.0);
@@ -122,7 +157,7 @@ impl ModelCache {
         let inner = Inner {
             config,
             runtime,
-            repository,
+            locate,
             state: Mutex::new(State {
                 resident: LruCache::unbounded(),
                 loading: HashMap::new(),
@@ -183,6 +218,40 @@ impl ModelCache {
     /// Whether a model is loaded here now; never starts a load.
     pub fn is_loaded(&self, id: &ModelId) -> bool {
         self.inner.state.lock().resident.contains(id)
+    }
+
+    /// Where a model stands here; never starts a load.
+    pub fn status(&self, id: &ModelId) -> CopyStatus {
+        let state = self.inner.state.lock();
+        if let Some(entry) = state.resident.peek(id) {
+            return CopyStatus::Loaded { size_bytes: entry.size_bytes() };
+        }
+        if state.loading.contains_key(id) {
+            return CopyStatus::Loading;
+        }
+        match state.failures.get(id) {
+            Some(f) if f.retry_at > Instant::now() => CopyStatus::Failed { reason: f.error.to_string() },
+            _ => CopyStatus::NotLoaded,
+        }
+    }
+
+    /// Drops a model from the cache (unregistered, or its files changed); requests holding a lease
+    /// finish on it first. Also forgets a remembered failure, so a fixed model loads at once.
+    pub async fn unload(&self, id: &ModelId) {
+        let evicted = {
+            let mut state = self.inner.state.lock();
+            state.failures.remove(id);
+            let evicted = state.resident.pop(id);
+            if let Some(entry) = &evicted {
+                state.used_bytes -= entry.size_bytes();
+            }
+            self.inner.publish(&state);
+            evicted
+        };
+        if let Some(entry) = evicted {
+            tracing::info!(model_id = %id, "unloading model");
+            self.inner.retire(vec![entry]).await;
+        }
     }
 
     /// Loaded models, most recently used first.

@@ -107,7 +107,7 @@ fn fixture(capacity: u64, tweak: impl FnOnce(&mut CacheConfig)) -> Fixture {
         min_residence: Duration::ZERO,
     };
     tweak(&mut config);
-    let cache = ModelCache::new(config, runtime.clone(), LocalRepository::new(&root));
+    let cache = ModelCache::new(config, runtime.clone(), locate_in(LocalRepository::new(&root)));
     Fixture { _dir: dir, root, runtime, cache }
 }
 
@@ -320,4 +320,26 @@ async fn loads_that_outgrow_their_predictions_together_do_not_wait_on_each_other
     }
     // Once both settled, the capacity holds again (the older model went to make room).
     assert!(f.cache.used_bytes() <= 300, "used {}", f.cache.used_bytes());
+}
+
+#[tokio::test]
+async fn status_follows_loads_failures_and_unloads() {
+    let f = fixture(500, |c| c.retry_backoff = Duration::from_secs(30));
+    let (a, bad) = (f.sized("a", 100), f.model("bad", "fail=broken"));
+    assert_eq!(f.cache.status(&a), CopyStatus::NotLoaded);
+    drop(f.cache.acquire(&a).await.unwrap());
+    assert_eq!(f.cache.status(&a), CopyStatus::Loaded { size_bytes: 100 });
+    assert!(f.cache.acquire(&bad).await.is_err());
+    assert!(matches!(f.cache.status(&bad), CopyStatus::Failed { reason } if reason.contains("broken")));
+
+    let lease = f.cache.acquire(&a).await.unwrap();
+    f.cache.unload(&a).await;
+    assert_eq!(f.cache.status(&a), CopyStatus::NotLoaded);
+    assert_eq!(f.cache.used_bytes(), 0);
+    assert_eq!(lease.size_bytes(), 100, "a request holding a lease finishes on the unloaded model");
+    drop(lease);
+    // Unloading forgets the failure: a fixed model loads at once, without waiting out the back-off.
+    f.sized("bad", 10);
+    f.cache.unload(&bad).await;
+    assert!(f.cache.acquire(&bad).await.is_ok());
 }
