@@ -78,6 +78,9 @@ pub struct ServeArgs {
     /// Write the bound addresses here as JSON once listening (useful with port 0).
     #[arg(long, env = "DENSEMESH_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// This node's name in status answers; defaults to the host name.
+    #[arg(long, env = "DENSEMESH_INSTANCE_ID")]
+    pub instance_id: Option<String>,
 }
 
 impl ServeArgs {
@@ -108,8 +111,19 @@ impl ServeArgs {
             },
             shutdown_grace: self.shutdown_grace,
             addr_file: self.addr_file,
+            instance_id: self.instance_id.unwrap_or_else(default_instance_id),
         }
     }
+}
+
+/// The host name (a pod's name in Kubernetes), else `meshd`.
+fn default_instance_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "meshd".to_owned())
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h`, `100us`.

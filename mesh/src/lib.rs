@@ -12,11 +12,14 @@ pub mod config;
 pub mod error;
 pub mod limits;
 pub mod loadgen;
+pub mod management;
 pub mod metrics;
+pub mod repository;
 pub mod router;
 pub mod server;
 pub mod service;
 pub mod v2;
+pub mod vmodels;
 pub mod worker;
 
 pub use cache::{CacheConfig, Lease, ModelCache};

@@ -1,38 +1,70 @@
-//! Which model a request is for: the `mm-model-id` header (or its binary `-bin` form, which ModelMesh
-//! clients send for ids that are not plain ASCII), else the request's `model_name`.
+//! Which model a request is for. In order: the `mm-vmodel-id` header (a vmodel, resolved to its active
+//! model), the `mm-model-id` header (a model), then `model_name`, which names a vmodel when one of that
+//! name exists (modelmesh-serving clients send the InferenceService name), else a model. Each header
+//! also comes as `-bin` (base64, for ids that are not plain ASCII), as ModelMesh clients send them.
 
 use densemesh_placement::ModelId;
 use tonic::metadata::MetadataMap;
 
 use crate::error::MeshError;
 
+pub const VMODEL_ID_HEADER: &str = "mm-vmodel-id";
 pub const MODEL_ID_HEADER: &str = "mm-model-id";
-pub const MODEL_ID_BIN_HEADER: &str = "mm-model-id-bin";
 
-/// The model id a request names, validated so it can never address a path outside the repository.
-pub fn model_id(metadata: &MetadataMap, model_name: &str) -> Result<ModelId, MeshError> {
-    let (name, source) = if let Some(value) = metadata.get(MODEL_ID_HEADER) {
-        let name = value.to_str().map_err(|_| {
-            MeshError::InvalidArgument(format!(
-                "header {MODEL_ID_HEADER} is not ASCII; send {MODEL_ID_BIN_HEADER}"
-            ))
-        })?;
-        (name.to_owned(), MODEL_ID_HEADER)
-    } else if let Some(value) = metadata.get_bin(MODEL_ID_BIN_HEADER) {
-        let bytes = value.to_bytes().map_err(|e| {
-            MeshError::InvalidArgument(format!("header {MODEL_ID_BIN_HEADER} is not valid base64: {e}"))
-        })?;
-        let name = String::from_utf8(bytes.to_vec())
-            .map_err(|_| MeshError::InvalidArgument(format!("header {MODEL_ID_BIN_HEADER} is not UTF-8")))?;
-        (name, MODEL_ID_BIN_HEADER)
-    } else if model_name.is_empty() {
+/// The model to run, and the vmodel it was reached through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub model: ModelId,
+    pub vmodel: Option<ModelId>,
+}
+
+/// Resolves a request's target; `active_model_of` answers a vmodel's active model id, if it exists.
+pub fn resolve(
+    metadata: &MetadataMap,
+    model_name: &str,
+    active_model_of: impl Fn(&ModelId) -> Option<String>,
+) -> Result<Target, MeshError> {
+    let via_vmodel = |vmodel: ModelId| -> Result<Target, MeshError> {
+        let active = active_model_of(&vmodel)
+            .ok_or_else(|| MeshError::NotFound(format!("vmodel {vmodel} not found")))?;
+        let model = ModelId::new(&active)
+            .map_err(|e| MeshError::Internal(format!("vmodel {vmodel} points at a bad id: {e}")))?;
+        Ok(Target { model, vmodel: Some(vmodel) })
+    };
+    if let Some(vmodel) = header_id(metadata, VMODEL_ID_HEADER)? {
+        return via_vmodel(vmodel);
+    }
+    if let Some(model) = header_id(metadata, MODEL_ID_HEADER)? {
+        return Ok(Target { model, vmodel: None });
+    }
+    if model_name.is_empty() {
         return Err(MeshError::InvalidArgument(format!(
             "no model named: set model_name or the {MODEL_ID_HEADER} header"
         )));
+    }
+    let id = ModelId::new(model_name).map_err(|e| MeshError::InvalidArgument(format!("model_name: {e}")))?;
+    if active_model_of(&id).is_some() {
+        return via_vmodel(id);
+    }
+    Ok(Target { model: id, vmodel: None })
+}
+
+/// A validated id from a header or its `-bin` form; `None` when neither is present.
+fn header_id(metadata: &MetadataMap, name: &'static str) -> Result<Option<ModelId>, MeshError> {
+    let invalid = |what: String| MeshError::InvalidArgument(what);
+    let value = if let Some(value) = metadata.get(name) {
+        value
+            .to_str()
+            .map_err(|_| invalid(format!("header {name} is not ASCII; send {name}-bin")))?
+            .to_owned()
+    } else if let Some(value) = metadata.get_bin(format!("{name}-bin")) {
+        let bytes =
+            value.to_bytes().map_err(|e| invalid(format!("header {name}-bin is not valid base64: {e}")))?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| invalid(format!("header {name}-bin is not UTF-8")))?
     } else {
-        (model_name.to_owned(), "model_name")
+        return Ok(None);
     };
-    ModelId::new(&name).map_err(|e| MeshError::InvalidArgument(format!("{source}: {e}")))
+    ModelId::new(&value).map(Some).map_err(|e| invalid(format!("header {name}: {e}")))
 }
 
 #[cfg(test)]
@@ -41,21 +73,41 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn header_wins_over_model_name() {
-        let mut md = MetadataMap::new();
-        assert_eq!(model_id(&md, "plain").unwrap().as_str(), "plain");
-        md.insert_bin(MODEL_ID_BIN_HEADER, BinaryMetadataValue::from_bytes(b"from-bin"));
-        assert_eq!(model_id(&md, "plain").unwrap().as_str(), "from-bin");
-        md.insert(MODEL_ID_HEADER, MetadataValue::from_static("from-header"));
-        assert_eq!(model_id(&md, "plain").unwrap().as_str(), "from-header");
+    fn vmodels(id: &ModelId) -> Option<String> {
+        (id.as_str() == "isvc").then(|| "isvc-rev2".to_owned())
+    }
+
+    fn target(md: &MetadataMap, name: &str) -> (String, Option<String>) {
+        let t = resolve(md, name, vmodels).unwrap();
+        (t.model.to_string(), t.vmodel.map(|v| v.to_string()))
     }
 
     #[test]
-    fn rejects_missing_and_unsafe_ids() {
-        let md = MetadataMap::new();
-        assert!(matches!(model_id(&md, ""), Err(MeshError::InvalidArgument(_))));
-        let err = model_id(&md, "../etc/passwd").unwrap_err().to_string();
+    fn headers_then_model_name_then_vmodel_of_that_name() {
+        let mut md = MetadataMap::new();
+        assert_eq!(target(&md, "plain"), ("plain".into(), None));
+        assert_eq!(
+            target(&md, "isvc"),
+            ("isvc-rev2".into(), Some("isvc".into())),
+            "model_name names a vmodel"
+        );
+        md.insert_bin("mm-model-id-bin", BinaryMetadataValue::from_bytes(b"from-bin"));
+        assert_eq!(target(&md, "isvc"), ("from-bin".into(), None));
+        md.insert("mm-model-id", MetadataValue::from_static("from-header"));
+        assert_eq!(target(&md, "isvc"), ("from-header".into(), None));
+        md.insert("mm-vmodel-id", MetadataValue::from_static("isvc"));
+        assert_eq!(target(&md, "plain"), ("isvc-rev2".into(), Some("isvc".into())), "the vmodel header wins");
+    }
+
+    #[test]
+    fn rejects_missing_unknown_and_unsafe_ids() {
+        let mut md = MetadataMap::new();
+        assert!(matches!(resolve(&md, "", vmodels), Err(MeshError::InvalidArgument(_))));
+        let err = resolve(&md, "../etc/passwd", vmodels).unwrap_err().to_string();
         assert!(err.contains("model_name") && err.contains('/'), "{err}");
+        md.insert("mm-vmodel-id", MetadataValue::from_static("nope"));
+        assert!(
+            matches!(resolve(&md, "x", vmodels), Err(MeshError::NotFound(m)) if m.contains("vmodel nope"))
+        );
     }
 }

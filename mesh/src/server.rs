@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use densemesh_placement::registry::Registry;
+use densemesh_placement::view::ViewChange;
+use densemesh_placement::{ClusterView, MemoryStore, ModelId, Store};
 use densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use densemesh_puller::LocalRepository;
+use densemesh_proto::mmesh::model_mesh_server::ModelMeshServer;
 use densemesh_runtime_core::Runtime;
 use densemesh_runtime_ort::{OrtConfig, OrtRuntime};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -16,7 +19,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminServer;
-use crate::cache::{CacheConfig, ModelCache};
+use crate::cache::{CacheConfig, Locate, ModelCache};
+use crate::error::CacheError;
+use crate::management::Management;
 use crate::metrics as m;
 use crate::service::InferenceService;
 use crate::worker::{Worker, WorkerConfig};
@@ -33,6 +38,8 @@ pub struct ServeConfig {
     pub ort: OrtConfig,
     pub shutdown_grace: Duration,
     pub addr_file: Option<PathBuf>,
+    /// This node's name in status answers (and, in cluster mode, in placement records).
+    pub instance_id: String,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -52,6 +59,8 @@ pub enum ServeError {
     Admin(std::io::Error),
     #[error("grpc server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("registry: {0}")]
+    Registry(#[from] densemesh_placement::RegistryError),
 }
 
 /// Installs the process-wide Prometheus recorder; call once.
@@ -81,11 +90,27 @@ pub async fn run(
         .await
         .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.to_string()))??
         .into_arc();
-    let cache = ModelCache::new(
-        config.cache.clone(),
-        runtime,
-        crate::cache::locate_in(LocalRepository::new(&config.model_repo)),
-    );
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let registry = Registry::new(store, "densemesh");
+    let view = ClusterView::start(registry.clone()).await?;
+    let report = crate::repository::sync_once(&registry, &view, &config.model_repo).await?;
+    tracing::info!(models = report.registered.len(), "model repository registered");
+    let cache = ModelCache::new(config.cache.clone(), runtime, locate_registered(view.clone()));
+    let background = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(crate::repository::watch(
+        registry.clone(),
+        view.clone(),
+        config.model_repo.clone(),
+        background.clone(),
+    ));
+    tasks.spawn(crate::vmodels::drive_transitions(
+        registry.clone(),
+        view.clone(),
+        cache.clone(),
+        background.clone(),
+    ));
+    tasks.spawn(unload_on_change(view.clone(), cache.clone(), background.clone()));
     let ready = Arc::new(AtomicBool::new(false));
 
     let grpc = tokio::net::TcpListener::bind(config.grpc_addr).await.map_err(|source| ServeError::Bind {
@@ -114,7 +139,10 @@ pub async fn run(
     )
     .map_err(ServeError::Admin)?;
 
-    let service = InferenceService::new(cache.clone(), Worker::new(config.worker.clone()), ready.clone());
+    let service =
+        InferenceService::new(cache.clone(), view.clone(), Worker::new(config.worker.clone()), ready.clone());
+    let management =
+        Management::new(registry.clone(), view.clone(), cache.clone(), config.instance_id.clone());
     let inference = GrpcInferenceServiceServer::new(service)
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
@@ -131,6 +159,7 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(crate::limits::OversizeIsInvalid::new(inference))
+        .add_service(ModelMeshServer::new(management))
         .add_service(reflection)
         .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.clone().cancelled_owned());
@@ -156,9 +185,63 @@ pub async fn run(
             }
         }
     }
+    background.cancel();
+    tasks.close();
+    tasks.wait().await;
     cache.shutdown().await;
     tracing::info!("meshd stopped");
     Ok(())
+}
+
+/// Models are found through their registered spec: the path of a file or a model directory.
+fn locate_registered(view: ClusterView) -> Locate {
+    Arc::new(move |id| {
+        let spec =
+            view.model(id).ok_or_else(|| CacheError::NotFound(format!("model {id} not found").into()))?;
+        let failed = |reason: String| CacheError::LoadFailed {
+            model_id: id.clone(),
+            reason: reason.into(),
+            retry_in: Duration::ZERO,
+        };
+        match densemesh_puller::resolve_path(std::path::Path::new(&spec.path)) {
+            Ok(Some(local)) => Ok(local),
+            Ok(None) => Err(failed(format!(
+                "no model file at {} (expected a file, or a directory with model.onnx)",
+                spec.path
+            ))),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    })
+}
+
+/// Unloads a model when it is unregistered or its spec changes, so the next request loads the new one.
+async fn unload_on_change(view: ClusterView, cache: ModelCache, stop: CancellationToken) {
+    let mut changes = view.subscribe();
+    let mut seen: std::collections::HashMap<ModelId, densemesh_placement::ModelSpec> =
+        view.models().into_iter().collect();
+    loop {
+        let change = tokio::select! {
+            change = changes.recv() => change,
+            _ = stop.cancelled() => return,
+        };
+        match change {
+            Ok(ViewChange::Model(id)) => {
+                let Some(spec) = view.model(&id) else { continue };
+                if seen.insert(id.clone(), spec.clone()).is_some_and(|old| old != spec) {
+                    cache.unload(&id).await;
+                }
+            }
+            Ok(ViewChange::ModelRemoved(id)) => {
+                seen.remove(&id);
+                cache.unload(&id).await;
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                seen = view.models().into_iter().collect();
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Writes the bound addresses atomically (temp file, then rename), so a reader never sees half a file.

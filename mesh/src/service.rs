@@ -9,6 +9,8 @@ use densemesh_proto::inference::*;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
+use densemesh_placement::ClusterView;
+
 use crate::cache::ModelCache;
 use crate::error::MeshError;
 use crate::metrics as m;
@@ -19,6 +21,7 @@ use crate::{router, v2};
 #[derive(Clone)]
 pub struct InferenceService {
     cache: ModelCache,
+    view: ClusterView,
     worker: Worker,
     /// False once shutdown began, so load balancers stop sending.
     ready: Arc<AtomicBool>,
@@ -38,14 +41,23 @@ struct HotMetrics {
 const OK_LABELS: [(&str, &str); 2] = [("method", "ModelInfer"), ("code", "OK")];
 
 impl InferenceService {
-    pub fn new(cache: ModelCache, worker: Worker, ready: Arc<AtomicBool>) -> Self {
+    pub fn new(cache: ModelCache, view: ClusterView, worker: Worker, ready: Arc<AtomicBool>) -> Self {
         let hot = HotMetrics {
             request_size: metrics::histogram!(m::REQUEST_SIZE),
             response_size: metrics::histogram!(m::RESPONSE_SIZE),
             ok_duration: metrics::histogram!(m::REQUEST_DURATION, &OK_LABELS),
             ok_count: metrics::counter!(m::REQUESTS, &OK_LABELS),
         };
-        Self { cache, worker, ready, hot }
+        Self { cache, view, worker, ready, hot }
+    }
+
+    /// The model a request runs on, through vmodels.
+    fn target(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        name: &str,
+    ) -> Result<densemesh_placement::ModelId, MeshError> {
+        router::resolve(metadata, name, |v| self.view.vmodel(v).map(|s| s.active)).map(|t| t.model)
     }
 
     async fn infer(
@@ -53,7 +65,7 @@ impl InferenceService {
         metadata: &tonic::metadata::MetadataMap,
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse, MeshError> {
-        let id = router::model_id(metadata, &request.model_name)?;
+        let id = self.target(metadata, &request.model_name)?;
         let (model_name, requested_version, request_id) =
             (request.model_name.clone(), request.model_version.clone(), request.id.clone());
         let span = tracing::debug_span!("infer", model_id = %id, request_id = %request_id);
@@ -91,7 +103,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        let id = router::model_id(request.metadata(), &request.get_ref().name)?;
+        let id = self.target(request.metadata(), &request.get_ref().name)?;
         Ok(Response::new(ModelReadyResponse { ready: self.cache.is_loaded(&id) }))
     }
 
@@ -111,7 +123,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let id = router::model_id(request.metadata(), &request.get_ref().name)?;
+        let id = self.target(request.metadata(), &request.get_ref().name)?;
         let lease = self.cache.acquire(&id).await.map_err(MeshError::from)?;
         let metadata = lease.metadata();
         Ok(Response::new(ModelMetadataResponse {

@@ -108,10 +108,16 @@ impl Registry {
         Ok(self.store.compare_and_put(&self.model_key(id), expected, encode(spec), None).await?.succeeded)
     }
 
-    /// Deletes a registration; false when there was none.
-    pub async fn unregister(&self, id: &ModelId) -> Result<bool> {
-        let Some((_, revision)) = self.model(id).await? else { return Ok(false) };
-        Ok(self.store.compare_and_delete(&self.model_key(id), revision).await?.succeeded)
+    /// Deletes a registration; the revision of the deletion, `None` when there was none.
+    pub async fn unregister(&self, id: &ModelId) -> Result<Option<Revision>> {
+        for _ in 0..8 {
+            let Some((_, revision)) = self.model(id).await? else { return Ok(None) };
+            let deleted = self.store.compare_and_delete(&self.model_key(id), revision).await?;
+            if deleted.succeeded {
+                return Ok(Some(deleted.revision));
+            }
+        }
+        Err(RegistryError::Precondition(format!("model {id} kept changing while being unregistered; retry")))
     }
 
     /// A model's spec and its revision.
@@ -198,8 +204,8 @@ mod tests {
         tf.model_type = "tensorflow".into();
         let err = registry.register(&ModelId::new("t").unwrap(), &tf).await.unwrap_err();
         assert!(err.to_string().contains("tensorflow") && err.to_string().contains("onnx"), "{err}");
-        assert!(registry.unregister(&id).await.unwrap());
-        assert!(!registry.unregister(&id).await.unwrap());
+        assert!(registry.unregister(&id).await.unwrap().is_some());
+        assert_eq!(registry.unregister(&id).await.unwrap(), None);
         assert_eq!(registry.model(&id).await.unwrap(), None);
         let stored = registry.store().range("/dm/models/").await.unwrap();
         assert!(stored.kvs.is_empty());

@@ -1,0 +1,336 @@
+//! ModelMesh's management API (`mmesh.ModelMesh`) on the inference port: registration of models and
+//! vmodels in the registry, and their status from this pod's cache.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use densemesh_placement::registry::{Registry, RegistryError};
+use densemesh_placement::{ClusterView, ModelId, ModelSpec, Source, VModelSpec};
+use densemesh_proto::mmesh::model_mesh_server::ModelMesh;
+use densemesh_proto::mmesh::model_status_info::{ModelCopyInfo, ModelStatus};
+use densemesh_proto::mmesh::v_model_status_info::VModelStatus;
+use densemesh_proto::mmesh::*;
+use tonic::{Code, Request, Response, Status};
+
+use crate::cache::{CopyStatus, ModelCache};
+
+/// How many times a vmodel write retries after losing a compare-and-swap race.
+const CAS_ATTEMPTS: usize = 8;
+
+/// The management service.
+#[derive(Clone)]
+pub struct Management {
+    registry: Registry,
+    view: ClusterView,
+    cache: ModelCache,
+    instance_id: String,
+}
+
+impl Management {
+    pub fn new(registry: Registry, view: ClusterView, cache: ModelCache, instance_id: String) -> Self {
+        Self { registry, view, cache, instance_id }
+    }
+
+    fn model_status(&self, id: &ModelId) -> ModelStatusInfo {
+        if self.view.model(id).is_none() {
+            return ModelStatusInfo { status: ModelStatus::NotFound as i32, ..Default::default() };
+        }
+        let copy = |status: ModelStatus| ModelCopyInfo {
+            location: self.instance_id.clone(),
+            copy_status: status as i32,
+            time: now_millis(),
+        };
+        match self.cache.status(id) {
+            CopyStatus::Loaded { .. } => ModelStatusInfo {
+                status: ModelStatus::Loaded as i32,
+                model_copy_infos: vec![copy(ModelStatus::Loaded)],
+                ..Default::default()
+            },
+            CopyStatus::Loading => ModelStatusInfo {
+                status: ModelStatus::Loading as i32,
+                model_copy_infos: vec![copy(ModelStatus::Loading)],
+                ..Default::default()
+            },
+            CopyStatus::Failed { reason } => ModelStatusInfo {
+                status: ModelStatus::LoadingFailed as i32,
+                errors: vec![reason],
+                model_copy_infos: vec![copy(ModelStatus::LoadingFailed)],
+            },
+            CopyStatus::NotLoaded => {
+                ModelStatusInfo { status: ModelStatus::NotLoaded as i32, ..Default::default() }
+            }
+        }
+    }
+
+    /// Loads a model, in the background or (with `sync`) before answering.
+    async fn load(&self, id: &ModelId, sync: bool) {
+        let (cache, id) = (self.cache.clone(), id.clone());
+        let load = async move {
+            // The outcome shows in the model's status; a failure is remembered by the cache.
+            let _ = cache.acquire(&id).await;
+        };
+        if sync {
+            load.await;
+        } else {
+            tokio::spawn(load);
+        }
+    }
+
+    fn vmodel_status(&self, id: &ModelId, owner: &str) -> VModelStatusInfo {
+        let Some(v) = self.view.vmodel(id).filter(|v| owner.is_empty() || v.owner == owner) else {
+            return VModelStatusInfo {
+                status: VModelStatus::NotFound as i32,
+                active_model_status: Some(ModelStatusInfo {
+                    status: ModelStatus::NotFound as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+        };
+        let status = match (&v.transition_error, v.transitioning()) {
+            (_, false) => VModelStatus::Defined,
+            (Some(_), true) => VModelStatus::TransitionFailed,
+            (None, true) => VModelStatus::Transitioning,
+        };
+        // Stored ids were validated when written; a bad one reads as not found.
+        let status_of_id = |id: &str| ModelId::new(id).map(|id| self.model_status(&id)).unwrap_or_default();
+        let target_status = v.transitioning().then(|| {
+            let mut s = status_of_id(&v.target);
+            if let Some(e) = v.transition_error.as_ref().filter(|e| !s.errors.contains(e)) {
+                s.errors.push(e.clone());
+            }
+            s
+        });
+        VModelStatusInfo {
+            status: status as i32,
+            active_model_status: Some(status_of_id(&v.active)),
+            target_model_status: target_status,
+            active_model_id: v.active,
+            target_model_id: v.target,
+            owner: v.owner,
+        }
+    }
+
+    /// Waits until a vmodel's transition to `target` ends (switched, failed or superseded).
+    async fn transition_settled(&self, id: &ModelId, target: &str) {
+        let mut changes = self.view.subscribe();
+        loop {
+            match self.view.vmodel(id) {
+                Some(v) if v.target == target && v.transitioning() && v.transition_error.is_none() => {}
+                _ => return,
+            }
+            if changes.recv().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn parse_id(what: &str, id: &str) -> Result<ModelId, Status> {
+    ModelId::new(id).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The one mapping from registry errors to gRPC codes.
+fn status_of(e: RegistryError) -> Status {
+    let code = match &e {
+        RegistryError::UnsupportedType(_) | RegistryError::Invalid(_) => Code::InvalidArgument,
+        RegistryError::Conflict(_) => Code::AlreadyExists,
+        RegistryError::NotFound(_) => Code::NotFound,
+        RegistryError::Precondition(_) => Code::FailedPrecondition,
+        RegistryError::Store(densemesh_placement::StoreError::Unavailable(_)) => Code::Unavailable,
+        RegistryError::Corrupt { .. } | RegistryError::Store(_) => Code::Internal,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, Status> {
+    let info = info.ok_or_else(|| Status::invalid_argument("modelInfo is required (type and path)"))?;
+    if info.r#type.is_empty() {
+        return Err(Status::invalid_argument("modelInfo.type is required (e.g. onnx)"));
+    }
+    Ok(ModelSpec {
+        model_type: info.r#type,
+        path: info.path,
+        key: (!info.key.is_empty()).then_some(info.key),
+        source: Source::Api,
+        auto_delete,
+        generation: 0,
+    })
+}
+
+#[tonic::async_trait]
+impl ModelMesh for Management {
+    async fn register_model(
+        &self,
+        request: Request<RegisterModelRequest>,
+    ) -> Result<Response<ModelStatusInfo>, Status> {
+        let request = request.into_inner();
+        let id = parse_id("modelId", &request.model_id)?;
+        let spec = spec_from(request.model_info, false)?;
+        let registered = self.registry.register(&id, &spec).await.map_err(status_of)?;
+        self.view.caught_up(registered.revision).await;
+        tracing::info!(model_id = %id, created = registered.created, "model registered");
+        if request.load_now {
+            self.load(&id, request.sync).await;
+        }
+        Ok(Response::new(self.model_status(&id)))
+    }
+
+    async fn unregister_model(
+        &self,
+        request: Request<UnregisterModelRequest>,
+    ) -> Result<Response<UnregisterModelResponse>, Status> {
+        let id = parse_id("modelId", &request.get_ref().model_id)?;
+        if let Some(revision) = self.registry.unregister(&id).await.map_err(status_of)? {
+            self.view.caught_up(revision).await;
+            self.cache.unload(&id).await;
+            tracing::info!(model_id = %id, "model unregistered");
+        }
+        Ok(Response::new(UnregisterModelResponse {}))
+    }
+
+    async fn get_model_status(
+        &self,
+        request: Request<GetStatusRequest>,
+    ) -> Result<Response<ModelStatusInfo>, Status> {
+        let id = parse_id("modelId", &request.get_ref().model_id)?;
+        Ok(Response::new(self.model_status(&id)))
+    }
+
+    async fn ensure_loaded(
+        &self,
+        request: Request<EnsureLoadedRequest>,
+    ) -> Result<Response<ModelStatusInfo>, Status> {
+        let request = request.into_inner();
+        let id = parse_id("modelId", &request.model_id)?;
+        if self.view.model(&id).is_some() {
+            self.load(&id, request.sync).await;
+        }
+        Ok(Response::new(self.model_status(&id)))
+    }
+
+    async fn set_v_model(
+        &self,
+        request: Request<SetVModelRequest>,
+    ) -> Result<Response<VModelStatusInfo>, Status> {
+        let request = request.into_inner();
+        let vid = parse_id("vModelId", &request.v_model_id)?;
+        let target = parse_id("targetModelId", &request.target_model_id)?;
+        if request.model_info.is_some() {
+            let spec = spec_from(request.model_info.clone(), request.auto_delete_target_model)?;
+            let registered = self.registry.register(&target, &spec).await.map_err(status_of)?;
+            self.view.caught_up(registered.revision).await;
+        }
+        if self.registry.model(&target).await.map_err(status_of)?.is_none() {
+            return Err(Status::not_found(format!(
+                "target model {target} is not registered; register it first or pass modelInfo"
+            )));
+        }
+        let mut written = None;
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.registry.vmodel(&vid).await.map_err(status_of)?;
+            let expected = request.expected_target_model_id.as_str();
+            let (next, revision) = match current {
+                None => {
+                    if request.update_only {
+                        return Err(Status::not_found(format!(
+                            "vmodel {vid} does not exist (updateOnly is set)"
+                        )));
+                    }
+                    if !expected.is_empty() && expected != target.as_str() {
+                        return Err(Status::failed_precondition(format!(
+                            "vmodel {vid} does not exist, so its target is not {expected}"
+                        )));
+                    }
+                    let v = VModelSpec {
+                        active: target.to_string(),
+                        target: target.to_string(),
+                        owner: request.owner.clone(),
+                        transition_error: None,
+                    };
+                    (v, 0)
+                }
+                Some((v, revision)) => {
+                    if !request.owner.is_empty() && v.owner != request.owner {
+                        return Err(Status::already_exists(format!(
+                            "vmodel {vid} exists with owner {:?}, not {:?}",
+                            v.owner, request.owner
+                        )));
+                    }
+                    if !expected.is_empty() && expected != v.target {
+                        return Err(Status::failed_precondition(format!(
+                            "vmodel {vid} targets {}, not the expected {expected}",
+                            v.target
+                        )));
+                    }
+                    let active = if request.force || v.active == target.as_str() {
+                        target.to_string()
+                    } else {
+                        v.active.clone()
+                    };
+                    let next = VModelSpec {
+                        active,
+                        target: target.to_string(),
+                        owner: v.owner.clone(),
+                        transition_error: None,
+                    };
+                    if next == v {
+                        written = Some(revision);
+                        break;
+                    }
+                    (next, revision)
+                }
+            };
+            if let Some(r) = self.registry.put_vmodel(&vid, &next, revision).await.map_err(status_of)? {
+                written = Some(r);
+                break;
+            }
+        }
+        let revision =
+            written.ok_or_else(|| Status::aborted(format!("vmodel {vid} kept changing; retry")))?;
+        self.view.caught_up(revision).await;
+        tracing::info!(vmodel_id = %vid, target = %target, "vmodel set");
+        if request.load_now {
+            self.load(&target, request.sync && self.view.vmodel(&vid).is_some_and(|v| !v.transitioning()))
+                .await;
+        }
+        if request.sync {
+            self.transition_settled(&vid, target.as_str()).await;
+        }
+        Ok(Response::new(self.vmodel_status(&vid, "")))
+    }
+
+    async fn delete_v_model(
+        &self,
+        request: Request<DeleteVModelRequest>,
+    ) -> Result<Response<DeleteVModelResponse>, Status> {
+        let request = request.into_inner();
+        let vid = parse_id("vModelId", &request.v_model_id)?;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((v, revision)) = self.registry.vmodel(&vid).await.map_err(status_of)? else {
+                return Ok(Response::new(DeleteVModelResponse {}));
+            };
+            if !request.owner.is_empty() && v.owner != request.owner {
+                return Err(Status::not_found(format!("vmodel {vid} has no owner {:?}", request.owner)));
+            }
+            if self.registry.delete_vmodel(&vid, revision).await.map_err(status_of)? {
+                crate::vmodels::delete_unreferenced(&self.registry, &self.view, &[v.active, v.target]).await;
+                tracing::info!(vmodel_id = %vid, "vmodel deleted");
+                return Ok(Response::new(DeleteVModelResponse {}));
+            }
+        }
+        Err(Status::aborted(format!("vmodel {vid} kept changing; retry")))
+    }
+
+    async fn get_v_model_status(
+        &self,
+        request: Request<GetVModelStatusRequest>,
+    ) -> Result<Response<VModelStatusInfo>, Status> {
+        let request = request.into_inner();
+        let vid = parse_id("vModelId", &request.v_model_id)?;
+        Ok(Response::new(self.vmodel_status(&vid, &request.owner)))
+    }
+}
