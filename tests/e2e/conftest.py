@@ -32,3 +32,25 @@ def start_meshd():
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def mmesh(tmp_path_factory):
+    """Python stubs for mmesh.ModelMesh, generated with grpcio-tools from the project's proto, the way
+    a ModelMesh user's client is built."""
+    import importlib
+    import sys
+
+    from grpc_tools import protoc
+
+    from meshd import REPO
+
+    out = tmp_path_factory.mktemp("mmesh_stubs")
+    proto_dir = REPO / "proto" / "proto" / "modelmesh"
+    rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
+                      str(proto_dir / "model-mesh.proto")])
+    assert rc == 0, "grpcio-tools could not compile model-mesh.proto"
+    sys.path.insert(0, str(out))
+    pb2 = importlib.import_module("model_mesh_pb2")
+    pb2_grpc = importlib.import_module("model_mesh_pb2_grpc")
+    return pb2, pb2_grpc

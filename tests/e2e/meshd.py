@@ -33,6 +33,7 @@ class Meshd:
 
     def __init__(self, model_repo, *args):
         binary = os.environ.get("MESHD_BIN", str(REPO / "target" / "debug" / "meshd"))
+        self.model_repo = Path(model_repo)
         self.dir = tempfile.TemporaryDirectory(prefix="meshd-")
         addr_file = Path(self.dir.name) / "addr.json"
         self.log_path = Path(self.dir.name) / "meshd.log"
