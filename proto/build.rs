@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/kserve/grpc_predict_v2.proto", "proto/modelmesh/model-mesh.proto"];
+    let protos = [
+        "proto/kserve/grpc_predict_v2.proto",
+        "proto/modelmesh/model-mesh.proto",
+        "proto/densemesh/admin.proto",
+    ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={proto}");
     }

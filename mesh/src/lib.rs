@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_service;
 pub mod bytesize;
 pub mod cache;
 pub mod config;

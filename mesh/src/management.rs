@@ -250,6 +250,7 @@ impl ModelMesh for Management {
                         target: target.to_string(),
                         owner: request.owner.clone(),
                         transition_error: None,
+                        split: Vec::new(),
                     };
                     (v, 0)
                 }
@@ -276,6 +277,7 @@ impl ModelMesh for Management {
                         target: target.to_string(),
                         owner: v.owner.clone(),
                         transition_error: None,
+                        split: Vec::new(),
                     };
                     if next == v {
                         written = Some(revision);

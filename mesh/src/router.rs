@@ -9,6 +9,9 @@ use tonic::metadata::MetadataMap;
 use crate::error::MeshError;
 
 pub const VMODEL_ID_HEADER: &str = "mm-vmodel-id";
+/// A request key (a user id, a session): requests with the same key land on the same model of a
+/// vmodel's traffic split.
+pub const ROUTE_KEY_HEADER: &str = "densemesh-route-key";
 pub const MODEL_ID_HEADER: &str = "mm-model-id";
 
 /// The model to run, and the vmodel it was reached through.
@@ -47,6 +50,25 @@ pub fn resolve(
         return via_vmodel(id);
     }
     Ok(Target { model: id, vmodel: None })
+}
+
+/// Where a request falls in a vmodel's traffic split: the hash of its route key, so a key always
+/// lands on the same model, else a fresh pseudo-random number.
+pub fn split_point(metadata: &MetadataMap) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Fixed keys: the same route key must hash the same on every pod and after restarts.
+    let fixed = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    match metadata.get(ROUTE_KEY_HEADER) {
+        Some(key) => fixed.hash_one(key.as_bytes()),
+        None => {
+            static COUNTER: AtomicU64 = AtomicU64::new(0);
+            let mut h = fixed.build_hasher();
+            COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut h);
+            std::process::id().hash(&mut h);
+            h.finish()
+        }
+    }
 }
 
 /// A validated id from a header or its `-bin` form; `None` when neither is present.
@@ -109,5 +131,20 @@ mod tests {
         assert!(
             matches!(resolve(&md, "x", vmodels), Err(MeshError::NotFound(m)) if m.contains("vmodel nope"))
         );
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    #[test]
+    fn points_without_a_key_spread_and_keys_stick() {
+        let md = MetadataMap::new();
+        let below = (0..1000).filter(|_| split_point(&md) % 100 < 80).count();
+        assert!((700..900).contains(&below), "{below} of 1000 below 80");
+        let mut keyed = MetadataMap::new();
+        keyed.insert(ROUTE_KEY_HEADER, tonic::metadata::MetadataValue::from_static("user-1"));
+        assert_eq!(split_point(&keyed), split_point(&keyed));
     }
 }

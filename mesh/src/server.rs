@@ -15,7 +15,6 @@ use densemesh_proto::mmesh::model_mesh_server::ModelMeshServer;
 use densemesh_runtime_core::Runtime;
 use densemesh_runtime_ort::{OrtConfig, OrtRuntime};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::AdminServer;
@@ -160,9 +159,18 @@ pub async fn run(
         .tcp_nodelay(true)
         .add_service(crate::limits::OversizeIsInvalid::new(inference))
         .add_service(ModelMeshServer::new(management))
+        .add_service(densemesh_proto::admin::admin_server::AdminServer::new(
+            crate::admin_service::AdminService::new(registry.clone(), view.clone(), cache.clone()),
+        ))
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stop.clone().cancelled_owned());
+        // Our own listener (bound before anything starts, so port 0 works): tonic's tcp_nodelay setting
+        // applies only to listeners it binds, so set it here, or small responses wait on Nagle's
+        // algorithm and the peer's delayed ACK (tens of milliseconds per call).
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            stop.clone().cancelled_owned(),
+        );
 
     if let Some(path) = &config.addr_file {
         write_addr_file(path, grpc_addr, metrics_addr)

@@ -51,13 +51,15 @@ impl InferenceService {
         Self { cache, view, worker, ready, hot }
     }
 
-    /// The model a request runs on, through vmodels.
+    /// The model a request runs on, through vmodels (and their traffic splits).
     fn target(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         name: &str,
     ) -> Result<densemesh_placement::ModelId, MeshError> {
-        router::resolve(metadata, name, |v| self.view.vmodel(v).map(|s| s.active)).map(|t| t.model)
+        let point = router::split_point(metadata);
+        router::resolve(metadata, name, |v| self.view.vmodel(v).map(|s| s.route(point).to_owned()))
+            .map(|t| t.model)
     }
 
     async fn infer(

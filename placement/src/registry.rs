@@ -220,6 +220,7 @@ mod tests {
             target: "a".into(),
             owner: String::new(),
             transition_error: None,
+            split: Vec::new(),
         };
         let r1 = registry.put_vmodel(&v, &one, 0).await.unwrap().unwrap();
         assert_eq!(registry.put_vmodel(&v, &one, 0).await.unwrap(), None, "create only once");

@@ -51,10 +51,67 @@ pub struct VModelSpec {
     /// Why the last attempt to load the target failed, while it is failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transition_error: Option<String>,
+    /// When set, traffic is split across these models by weight instead of all going to `active`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<Weighted>,
+}
+
+/// A model's share of a vmodel's traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weighted {
+    pub model: String,
+    pub weight: u32,
+}
+
+/// The model of a split that serves the request at `point` (any number; a request key's hash makes the
+/// choice sticky): each model owns a share of `0..total weight` proportional to its weight. `None`
+/// when the split is empty or weighs nothing.
+pub fn choose(split: &[Weighted], point: u64) -> Option<&str> {
+    let total: u64 = split.iter().map(|w| u64::from(w.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut at = point % total;
+    for w in split {
+        let weight = u64::from(w.weight);
+        if at < weight {
+            return Some(&w.model);
+        }
+        at -= weight;
+    }
+    None
 }
 
 impl VModelSpec {
     pub fn transitioning(&self) -> bool {
         self.active != self.target
+    }
+
+    /// The model to serve a request at `point` (see [`choose`]).
+    pub fn route(&self, point: u64) -> &str {
+        choose(&self.split, point).unwrap_or(&self.active)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(weights: &[(&str, u32)]) -> Vec<Weighted> {
+        weights.iter().map(|(m, w)| Weighted { model: (*m).into(), weight: *w }).collect()
+    }
+
+    #[test]
+    fn shares_follow_weights_exactly_over_one_cycle() {
+        let s = split(&[("a", 90), ("b", 10), ("zero", 0)]);
+        let mut counts = std::collections::HashMap::new();
+        for point in 0..100 {
+            *counts.entry(choose(&s, point).unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!((counts["a"], counts["b"], counts.get("zero")), (90, 10, None));
+        assert_eq!(choose(&s, 12_345), choose(&s, 12_345), "the same key always lands on the same model");
+        assert_eq!(choose(&split(&[("a", 0)]), 7), None);
+        assert_eq!(choose(&[], 7), None);
     }
 }

@@ -16,5 +16,11 @@ pub mod mmesh {
     tonic::include_proto!("mmesh");
 }
 
+/// densemesh's own management extensions (`densemesh.v1.Admin`): listings and traffic splits.
+pub mod admin {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("densemesh.v1");
+}
+
 /// Serialized `FileDescriptorSet` of every service above, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("densemesh_descriptor");

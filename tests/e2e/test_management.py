@@ -207,3 +207,49 @@ def test_the_repository_directory_is_a_registration_source(server, api):
     shutil.rmtree(repo / "api-model")
     time.sleep(1)  # a full settle period of the watcher, to show nothing happens to the API model
     assert predict(server, "api-model").outputs[0].name == "label", "still the API's iris model"
+
+
+def test_traffic_split_follows_weights_and_sticks_to_request_keys(server, api, mmesh, tmp_path):
+    pb2, stub = api
+    import importlib
+    import math
+
+    from grpc_tools import protoc
+
+    out = tmp_path / "admin_stubs"
+    out.mkdir()
+    proto_dir = REPO / "proto" / "proto" / "densemesh"
+    assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}", str(proto_dir / "admin.proto")]) == 0
+    sys.path.insert(0, str(out))
+    admin_pb2, admin_grpc = importlib.import_module("admin_pb2"), importlib.import_module("admin_pb2_grpc")
+    admin = admin_grpc.AdminStub(server.channel)
+
+    for seed, name in [(1, "a"), (2, "b")]:
+        make_dense_model(tmp_path / name / "model.onnx", 0.25, seed=seed)
+        stub.registerModel(pb2.RegisterModelRequest(modelId=name, modelInfo=info(pb2, path=str(tmp_path / name))))
+    x = np.ones((1, 256), dtype=np.float32)
+    want = {n: ort.InferenceSession(str(tmp_path / n / "model.onnx")).run(None, {"x": x})[0] for n in ("a", "b")}
+    stub.setVModel(pb2.SetVModelRequest(vModelId="split", targetModelId="a", loadNow=True, sync=True))
+    admin.SetVModelSplit(admin_pb2.SetVModelSplitRequest(vmodel_id="split", split=[
+        admin_pb2.WeightedModel(model_id="a", weight=80), admin_pb2.WeightedModel(model_id="b", weight=20)]))
+
+    def which(metadata):
+        r = server.stub.ModelInfer(raw_request("ignored", [("x", "FP32", x)]), metadata=[("mm-vmodel-id", "split"), *metadata])
+        got = np.frombuffer(r.raw_output_contents[0], dtype=np.float32).reshape(1, 16)
+        return next(n for n, w in want.items() if np.allclose(got, w, rtol=1e-4, atol=1e-5))
+
+    n = 2000
+    share_a = sum(which([]) == "a" for _ in range(n)) / n
+    sigma = math.sqrt(0.8 * 0.2 / n)
+    assert abs(share_a - 0.8) < 5 * sigma, f"observed {share_a:.3f} for weight 0.8 (5 sigma = {5 * sigma:.3f})"
+    for key in ("user-1", "user-2", "user-3", "user-42"):
+        first = which([("densemesh-route-key", key)])
+        assert all(which([("densemesh-route-key", key)]) == first for _ in range(20)), f"{key} is not sticky"
+    keyed = {which([("densemesh-route-key", f"user-{i}")]) for i in range(200)}
+    assert keyed == {"a", "b"}, "keys spread over the split"
+
+    with pytest.raises(grpc.RpcError) as e:
+        admin.SetVModelSplit(admin_pb2.SetVModelSplitRequest(vmodel_id="split", split=[admin_pb2.WeightedModel(model_id="ghost", weight=1)]))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    admin.SetVModelSplit(admin_pb2.SetVModelSplitRequest(vmodel_id="split"))
+    assert all(which([]) == "a" for _ in range(50)), "an empty split returns all traffic to the active model"

@@ -1,0 +1,131 @@
+//! `densemesh.v1.Admin`: what ModelMesh's API lacks — listings for operators and `meshctl`, and
+//! traffic splits across several models behind one vmodel.
+
+use densemesh_placement::registry::Registry;
+use densemesh_placement::{ClusterView, ModelId, Source, VModelSpec, Weighted};
+use densemesh_proto::admin::admin_server::Admin;
+use densemesh_proto::admin::*;
+use tonic::{Request, Response, Status};
+
+use crate::cache::{CopyStatus, ModelCache};
+
+/// The service.
+#[derive(Clone)]
+pub struct AdminService {
+    registry: Registry,
+    view: ClusterView,
+    cache: ModelCache,
+}
+
+impl AdminService {
+    pub fn new(registry: Registry, view: ClusterView, cache: ModelCache) -> Self {
+        Self { registry, view, cache }
+    }
+}
+
+fn summary(id: &ModelId, v: VModelSpec) -> VModelSummary {
+    VModelSummary {
+        vmodel_id: id.to_string(),
+        active_model_id: v.active,
+        target_model_id: v.target,
+        owner: v.owner,
+        transition_error: v.transition_error.unwrap_or_default(),
+        split: v.split.into_iter().map(|w| WeightedModel { model_id: w.model, weight: w.weight }).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_models(
+        &self,
+        _: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let models = self
+            .view
+            .models()
+            .into_iter()
+            .map(|(id, spec)| {
+                let (status, size_bytes, error) = match self.cache.status(&id) {
+                    CopyStatus::NotLoaded => ("NOT_LOADED", 0, String::new()),
+                    CopyStatus::Loading => ("LOADING", 0, String::new()),
+                    CopyStatus::Loaded { size_bytes } => ("LOADED", size_bytes, String::new()),
+                    CopyStatus::Failed { reason } => ("LOADING_FAILED", 0, reason),
+                };
+                ModelSummary {
+                    model_id: id.to_string(),
+                    r#type: spec.model_type,
+                    path: spec.path,
+                    source: match spec.source {
+                        Source::Api => "api",
+                        Source::Repository => "repository",
+                    }
+                    .to_owned(),
+                    status: status.to_owned(),
+                    size_bytes,
+                    error,
+                }
+            })
+            .collect();
+        Ok(Response::new(ListModelsResponse { models }))
+    }
+
+    async fn list_v_models(
+        &self,
+        _: Request<ListVModelsRequest>,
+    ) -> Result<Response<ListVModelsResponse>, Status> {
+        let vmodels = self.view.vmodels().into_iter().map(|(id, v)| summary(&id, v)).collect();
+        Ok(Response::new(ListVModelsResponse { vmodels }))
+    }
+
+    async fn set_v_model_split(
+        &self,
+        request: Request<SetVModelSplitRequest>,
+    ) -> Result<Response<VModelSplit>, Status> {
+        let request = request.into_inner();
+        let vid = ModelId::new(&request.vmodel_id)
+            .map_err(|e| Status::invalid_argument(format!("vmodel_id: {e}")))?;
+        let mut split = Vec::with_capacity(request.split.len());
+        for w in &request.split {
+            let id = ModelId::new(&w.model_id)
+                .map_err(|e| Status::invalid_argument(format!("split model_id: {e}")))?;
+            if self.view.model(&id).is_none() {
+                return Err(Status::not_found(format!("model {id} in the split is not registered")));
+            }
+            split.push((id, w.weight));
+        }
+        if !split.is_empty() && split.iter().all(|(_, w)| *w == 0) {
+            return Err(Status::invalid_argument(
+                "every weight of the split is 0; give at least one model weight",
+            ));
+        }
+        // Load every model first, so switching to the split leaves no request without a loaded model.
+        for (id, _) in &split {
+            self.cache.acquire(id).await.map_err(|e| {
+                Status::failed_precondition(format!(
+                    "model {id} of the split cannot be loaded, so the split is not applied: {e}"
+                ))
+            })?;
+        }
+        let weighted: Vec<Weighted> =
+            split.iter().map(|(id, w)| Weighted { model: id.to_string(), weight: *w }).collect();
+        for _ in 0..8 {
+            let (current, revision) =
+                self.registry.vmodel(&vid).await.map_err(|e| Status::internal(e.to_string()))?.ok_or_else(
+                    || Status::not_found(format!("vmodel {vid} not found; create it with setVModel first")),
+                )?;
+            let next = VModelSpec { split: weighted.clone(), ..current };
+            if let Some(r) = self
+                .registry
+                .put_vmodel(&vid, &next, revision)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+            {
+                self.view.caught_up(r).await;
+                tracing::info!(vmodel_id = %vid, split = ?weighted, "vmodel traffic split set");
+                let out = summary(&vid, next).split;
+                return Ok(Response::new(VModelSplit { vmodel_id: vid.to_string(), split: out }));
+            }
+        }
+        Err(Status::aborted(format!("vmodel {vid} kept changing; retry")))
+    }
+}

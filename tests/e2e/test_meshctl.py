@@ -1,0 +1,76 @@
+"""meshctl end to end against a running meshd: what a person or a script does with it."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from meshd import EXAMPLES, REPO
+
+MESHCTL = os.environ.get("MESHCTL_BIN", str(REPO / "target" / "debug" / "meshctl"))
+
+
+def meshctl(server, *args, stdin=None):
+    return subprocess.run([MESHCTL, "--addr", server.grpc_addr, *args], input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def ok_json(server, *args, stdin=None):
+    r = meshctl(server, "-o", "json", *args, stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def server(start_meshd):
+    return start_meshd(EXAMPLES, "--load-retry-backoff", "1s")
+
+
+def test_register_list_load_predict_unregister(server, tmp_path):
+    listed = ok_json(server, "list")
+    assert {m["model_id"] for m in listed} == {"dtypes", "iris-logreg", "mlp-regressor", "multi-input"}
+    assert all(m["source"] == "repository" and m["status"] == "NOT_LOADED" for m in listed)
+
+    status = ok_json(server, "register", "mlp2", "--path", str(EXAMPLES / "mlp-regressor"), "--load")
+    assert status["status"] == "LOADED"
+    assert ok_json(server, "status", "mlp2")["copies"][0]["location"]
+
+    x = [[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 3.0]]
+    request = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 8], "data": x}]})
+    out = ok_json(server, "predict", "mlp2", "--input", request)
+    want = ort.InferenceSession(str(EXAMPLES / "mlp-regressor" / "model.onnx")).run(None, {"input": np.array(x, np.float32)})[0]
+    np.testing.assert_allclose(np.array(out["outputs"][0]["data"]).reshape(want.shape), want, rtol=1e-5)
+    via_stdin = ok_json(server, "predict", "mlp2", stdin=request)
+    assert via_stdin["outputs"][0]["data"] == out["outputs"][0]["data"]
+
+    table = meshctl(server, "list")
+    assert table.returncode == 0 and "mlp2" in table.stdout and "LOADED" in table.stdout
+    assert ok_json(server, "unregister", "mlp2")["unregistered"]
+    missing = meshctl(server, "status", "mlp2")
+    assert missing.returncode == 1 and "not registered" in missing.stderr
+
+
+def test_vmodels_from_the_command_line(server, tmp_path):
+    assert ok_json(server, "vmodel", "set", "v", "--target", "iris-logreg")["status"] == "DEFINED"
+    (tmp_path / "bad.onnx").write_bytes(b"junk")
+    failed = meshctl(server, "vmodel", "set", "v", "--target", "bad", "--path", str(tmp_path / "bad.onnx"))
+    assert failed.returncode == 1 and "keeps serving iris-logreg" in failed.stderr
+    got = ok_json(server, "vmodel", "get", "v")
+    assert (got["status"], got["active_model_id"], got["target_model_id"]) == ("TRANSITION_FAILED", "iris-logreg", "bad")
+    assert got["errors"], got
+    ok_json(server, "vmodel", "set", "v", "--target", "iris-logreg")
+    split = ok_json(server, "vmodel", "split", "v", "iris-logreg=3", "multi-input=1")
+    assert [(w["model_id"], w["weight"]) for w in split["split"]] == [("iris-logreg", 3), ("multi-input", 1)]
+    assert ok_json(server, "vmodel", "list")[0]["split"][1]["model_id"] == "multi-input"
+    assert ok_json(server, "vmodel", "delete", "v")["deleted"]
+    assert meshctl(server, "vmodel", "get", "v").returncode == 1
+
+
+def test_bench_and_exit_codes(server):
+    report = ok_json(server, "bench", "iris-logreg", "--concurrency", "2", "--duration", "1s", "--warmup", "200ms")
+    assert report["requests"] > 0 and report["errors"] == 0 and report["p50_us"] > 0
+    assert meshctl(server, "predict", "iris-logreg", "--input", "not json").returncode == 2
+    assert meshctl(server, "register").returncode == 2, "clap's usage error"
+    unreachable = subprocess.run([MESHCTL, "--addr", "127.0.0.1:1", "list"], capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 3 and "cannot reach meshd" in unreachable.stderr
