@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh run
 source scripts/env.sh
-cargo build --release -p densemesh-mesh --bin meshd
+cargo build --release -p densemesh-mesh --bin meshd --bin meshctl
 exec target/release/meshd serve --model-repo examples/models "$@"

@@ -29,6 +29,7 @@ pub const AGE_AT_EVICTION: &str = "densemesh_age_at_eviction_seconds";
 pub const MODELS_WITH_FAILURE: &str = "densemesh_models_with_failure";
 pub const LRU_LAST_USED: &str = "densemesh_lru_last_used_timestamp_seconds";
 pub const USED_BPS: &str = "densemesh_used_bps";
+pub const MODELS_MANAGED: &str = "densemesh_models_managed";
 
 /// Buckets for latencies from tens of microseconds (tiny models) to minutes (large loads).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -87,4 +88,5 @@ pub fn describe() {
         "When the least recently used loaded model was last used (Unix time)"
     );
     describe_gauge!(USED_BPS, "Capacity in use, in basis points (100ths of a percent)");
+    describe_gauge!(MODELS_MANAGED, "Models registered (API and repository)");
 }

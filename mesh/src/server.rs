@@ -129,12 +129,15 @@ pub async fn run(
         flag: "--metrics-addr",
         source,
     })?;
-    let scraped = cache.clone();
+    let (scraped, managed) = (cache.clone(), view.clone());
     let _admin = AdminServer::start(
         admin_listener,
         metrics,
         ready.clone(),
-        Arc::new(move || scraped.refresh_gauges()),
+        Arc::new(move || {
+            scraped.refresh_gauges();
+            metrics::gauge!(m::MODELS_MANAGED).set(managed.model_count() as f64);
+        }),
     )
     .map_err(ServeError::Admin)?;
 

@@ -71,6 +71,11 @@ impl ClusterView {
         self.mirror.read().vmodels.get(id).cloned()
     }
 
+    /// How many models are registered.
+    pub fn model_count(&self) -> usize {
+        self.mirror.read().models.len()
+    }
+
     /// Every model, sorted by id.
     pub fn models(&self) -> Vec<(ModelId, ModelSpec)> {
         let mut all: Vec<_> =
