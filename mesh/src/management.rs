@@ -61,12 +61,16 @@ impl Management {
         }
     }
 
-    /// Loads a model, in the background or (with `sync`) before answering.
-    async fn load(&self, id: &ModelId, sync: bool) {
+    /// Loads a model, in the background or (with `sync`) before answering, and counts it as last used
+    /// at `last_used` for eviction: a model loaded ahead of any request must not push out models that
+    /// requests are using.
+    async fn load(&self, id: &ModelId, sync: bool, last_used: LastUsed) {
         let (cache, id) = (self.cache.clone(), id.clone());
         let load = async move {
             // The outcome shows in the model's status; a failure is remembered by the cache.
-            let _ = cache.acquire(&id).await;
+            if let Ok(lease) = cache.acquire(&id).await {
+                lease.mark_last_used(last_used.instant());
+            }
         };
         if sync {
             load.await;
@@ -125,6 +129,32 @@ impl Management {
     }
 }
 
+/// When a model loaded through the API counts as last used.
+#[derive(Debug, Clone, Copy)]
+enum LastUsed {
+    Now,
+    /// ModelMesh's rule for models loaded ahead of use: as if last used an hour ago.
+    AnHourAgo,
+    /// Milliseconds since the epoch, as the API's `lastUsedTime` gives it.
+    EpochMillis(u64),
+}
+
+impl LastUsed {
+    fn from_request(millis: u64, default: LastUsed) -> Self {
+        if millis == 0 { default } else { LastUsed::EpochMillis(millis) }
+    }
+
+    fn instant(self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let ago = match self {
+            LastUsed::Now => std::time::Duration::ZERO,
+            LastUsed::AnHourAgo => std::time::Duration::from_secs(3600),
+            LastUsed::EpochMillis(ms) => std::time::Duration::from_millis(now_millis().saturating_sub(ms)),
+        };
+        now.checked_sub(ago).unwrap_or(now)
+    }
+}
+
 fn parse_id(what: &str, id: &str) -> Result<ModelId, Status> {
     ModelId::new(id).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
 }
@@ -174,7 +204,8 @@ impl ModelMesh for Management {
         self.view.caught_up(registered.revision).await;
         tracing::info!(model_id = %id, created = registered.created, "model registered");
         if request.load_now {
-            self.load(&id, request.sync).await;
+            self.load(&id, request.sync, LastUsed::from_request(request.last_used_time, LastUsed::AnHourAgo))
+                .await;
         }
         Ok(Response::new(self.model_status(&id)))
     }
@@ -207,7 +238,7 @@ impl ModelMesh for Management {
         let request = request.into_inner();
         let id = parse_id("modelId", &request.model_id)?;
         if self.view.model(&id).is_some() {
-            self.load(&id, request.sync).await;
+            self.load(&id, request.sync, LastUsed::from_request(request.last_used_time, LastUsed::Now)).await;
         }
         Ok(Response::new(self.model_status(&id)))
     }
@@ -296,8 +327,8 @@ impl ModelMesh for Management {
         self.view.caught_up(revision).await;
         tracing::info!(vmodel_id = %vid, target = %target, "vmodel set");
         if request.load_now {
-            self.load(&target, request.sync && self.view.vmodel(&vid).is_some_and(|v| !v.transitioning()))
-                .await;
+            let sync = request.sync && self.view.vmodel(&vid).is_some_and(|v| !v.transitioning());
+            self.load(&target, sync, LastUsed::Now).await;
         }
         if request.sync {
             self.transition_settled(&vid, target.as_str()).await;

@@ -110,6 +110,12 @@ impl Lease {
     pub fn entry(&self) -> &Arc<Entry> {
         &self.entry
     }
+
+    /// Counts the model as last used at `at` (eviction picks the longest idle), for loads made ahead of
+    /// any request or with a caller-given last-use time.
+    pub fn mark_last_used(&self, at: Instant) {
+        *self.entry.last_used.lock() = at;
+    }
 }
 
 impl std::ops::Deref for Lease {

@@ -343,3 +343,16 @@ async fn status_follows_loads_failures_and_unloads() {
     f.cache.unload(&bad).await;
     assert!(f.cache.acquire(&bad).await.is_ok());
 }
+
+#[tokio::test]
+async fn a_model_marked_as_used_long_ago_is_evicted_first() {
+    let f = fixture(200, |_| {});
+    let (a, b, c) = (f.sized("a", 100), f.sized("b", 100), f.sized("c", 100));
+    drop(f.cache.acquire(&b).await.unwrap());
+    // Loaded after b, but ahead of any request: counts as used an hour ago.
+    let preloaded = f.cache.acquire(&a).await.unwrap();
+    preloaded.mark_last_used(tokio::time::Instant::now() - Duration::from_secs(3600));
+    drop(preloaded);
+    drop(f.cache.acquire(&c).await.unwrap());
+    assert_eq!(f.resident(), ["b", "c"]);
+}
