@@ -8,6 +8,8 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod memory;
 
 use std::time::Duration;
@@ -15,6 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
 pub use memory::MemoryStore;
 
 /// A store revision: every change increments it; 0 means "never written".
