@@ -251,10 +251,10 @@ pub(crate) mod harness {
             let server = Self { child, endpoint, _dir: dir };
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&server.endpoint)).await {
-                    if store.range("/").await.is_ok() {
-                        return server;
-                    }
+                if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&server.endpoint)).await
+                    && store.range("/").await.is_ok()
+                {
+                    return server;
                 }
                 assert!(Instant::now() < deadline, "etcd did not answer within 30 s");
                 tokio::time::sleep(Duration::from_millis(100)).await;
