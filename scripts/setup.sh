@@ -9,10 +9,14 @@ what="${1:-test}"
 
 sudo_cmd=""
 if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
-if ! command -v protoc >/dev/null 2>&1; then
-    echo "setup: installing protobuf-compiler" >&2
+apt_packages=()
+command -v protoc >/dev/null 2>&1 || apt_packages+=(protobuf-compiler)
+# The store tests start a real etcd (Debian's etcd 3.4) on loopback ports.
+if [ "$what" = test ] && ! command -v etcd >/dev/null 2>&1; then apt_packages+=(etcd-server); fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
+    echo "setup: installing ${apt_packages[*]}" >&2
     $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq protobuf-compiler >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
@@ -33,4 +37,19 @@ if [ ! -e "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     for r in "${requirements[@]}"; do .venv/bin/python -m pip install -q -r "$r"; done
     touch "$stamp"
+fi
+
+# The kserve SDK conflicts with tritonclient in one interpreter (both register inference.* protobuf
+# messages) and pins an older protobuf, so its end-to-end test runs it from a venv of its own.
+if [ "$what" = test ]; then
+    if [ ! -x .venv-kserve/bin/python ]; then
+        echo "setup: creating .venv-kserve (kserve SDK)" >&2
+        python3 -m venv .venv-kserve
+    fi
+    kstamp=".venv-kserve/.installed-$(cat tests/requirements-kserve.txt | sha256sum | cut -c1-16)"
+    if [ ! -e "$kstamp" ]; then
+        .venv-kserve/bin/python -m pip install -q --upgrade pip
+        .venv-kserve/bin/python -m pip install -q -r tests/requirements-kserve.txt
+        touch "$kstamp"
+    fi
 fi

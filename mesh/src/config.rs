@@ -78,6 +78,13 @@ pub struct ServeArgs {
     /// Write the bound addresses here as JSON once listening (useful with port 0).
     #[arg(long, env = "DENSEMESH_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// etcd endpoints (comma-separated), e.g. http://127.0.0.1:2379; without it the embedded
+    /// in-memory store is used and registrations last as long as the process.
+    #[arg(long, env = "DENSEMESH_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix of this mesh's records in etcd.
+    #[arg(long, env = "DENSEMESH_ETCD_PREFIX", default_value = "densemesh")]
+    pub etcd_prefix: String,
     /// This node's name in status answers; defaults to the host name.
     #[arg(long, env = "DENSEMESH_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -112,6 +119,8 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             addr_file: self.addr_file,
             instance_id: self.instance_id.unwrap_or_else(default_instance_id),
+            etcd: self.etcd,
+            store_prefix: self.etcd_prefix,
         }
     }
 }

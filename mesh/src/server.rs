@@ -39,6 +39,10 @@ pub struct ServeConfig {
     pub addr_file: Option<PathBuf>,
     /// This node's name in status answers (and, in cluster mode, in placement records).
     pub instance_id: String,
+    /// etcd endpoints; empty for the embedded in-memory store.
+    pub etcd: Vec<String>,
+    /// Key prefix of the mesh's records.
+    pub store_prefix: String,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -60,6 +64,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("registry: {0}")]
     Registry(#[from] densemesh_placement::RegistryError),
+    #[error("cannot reach etcd at {0} (--etcd): {1}")]
+    Etcd(String, densemesh_placement::StoreError),
 }
 
 /// Installs the process-wide Prometheus recorder; call once.
@@ -89,8 +95,16 @@ pub async fn run(
         .await
         .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.to_string()))??
         .into_arc();
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let registry = Registry::new(store, "densemesh");
+    let store: Arc<dyn Store> = if config.etcd.is_empty() {
+        Arc::new(MemoryStore::new())
+    } else {
+        let store = densemesh_placement::store::EtcdStore::connect(&config.etcd)
+            .await
+            .map_err(|e| ServeError::Etcd(config.etcd.join(","), e))?;
+        tracing::info!(endpoints = %config.etcd.join(","), prefix = %config.store_prefix, "registry on etcd");
+        Arc::new(store)
+    };
+    let registry = Registry::new(store, &config.store_prefix);
     let view = ClusterView::start(registry.clone()).await?;
     let report = crate::repository::sync_once(&registry, &view, &config.model_repo).await?;
     tracing::info!(models = report.registered.len(), "model repository registered");

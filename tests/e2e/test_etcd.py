@@ -1,0 +1,116 @@
+"""meshd with its registry on a real etcd: registrations outlive the process; an etcd outage leaves
+loaded models serving and answers registry writes with UNAVAILABLE."""
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from meshd import EXAMPLES, raw_request, wait_for
+
+import numpy as np
+
+X = np.ones((1, 4), dtype=np.float32)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Etcd:
+    """Debian's etcd on free loopback ports with a temporary data dir; restartable on the same dir."""
+
+    def __init__(self):
+        self.dir = tempfile.TemporaryDirectory(prefix="etcd-")
+        self.client, self.peer = free_port(), free_port()
+        self.endpoint = f"http://127.0.0.1:{self.client}"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        peer = f"http://127.0.0.1:{self.peer}"
+        binary = shutil.which("etcd")
+        assert binary, "etcd must be installed (Debian's etcd-server; scripts/setup.sh installs it)"
+        self.proc = subprocess.Popen(
+            [binary, "--name", "e2e", "--data-dir", str(Path(self.dir.name) / "data"),
+             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"e2e={peer}"],
+            stdout=subprocess.DEVNULL, stderr=open(Path(self.dir.name) / "etcd.log", "ab"))
+
+        def healthy():
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.client)) == 0
+
+        wait_for(healthy, 30, "etcd to listen")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def etcd():
+    e = Etcd()
+    yield e
+    e.stop()
+    e.dir.cleanup()
+
+
+def mm(server, mmesh):
+    pb2, pb2_grpc = mmesh
+    return pb2, pb2_grpc.ModelMeshStub(server.channel)
+
+
+def test_registrations_outlive_meshd(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    first = start_meshd(repo, "--etcd", etcd.endpoint, "--etcd-prefix", "e2e")
+    pb2, stub = mm(first, mmesh)
+    info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
+    stub.registerModel(pb2.RegisterModelRequest(modelId="kept", modelInfo=info))
+    stub.setVModel(pb2.SetVModelRequest(vModelId="alias", targetModelId="kept"))
+    assert first.terminate() == 0
+
+    second = start_meshd(repo, "--etcd", etcd.endpoint, "--etcd-prefix", "e2e")
+    pb2, stub = mm(second, mmesh)
+    status = stub.getModelStatus(pb2.GetStatusRequest(modelId="kept"))
+    assert pb2.ModelStatusInfo.ModelStatus.Name(status.status) == "NOT_LOADED"
+    response = second.stub.ModelInfer(raw_request("ignored", [("input", "FP32", X)]), metadata=[("mm-vmodel-id", "alias")])
+    assert [o.name for o in response.outputs] == ["label", "probabilities"]
+    # Another prefix is another mesh.
+    other = start_meshd(repo, "--etcd", etcd.endpoint, "--etcd-prefix", "elsewhere")
+    pb2, stub = mm(other, mmesh)
+    assert pb2.ModelStatusInfo.ModelStatus.Name(stub.getModelStatus(pb2.GetStatusRequest(modelId="kept")).status) == "NOT_FOUND"
+
+
+def test_an_etcd_outage_keeps_loaded_models_serving(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = start_meshd(repo, "--etcd", etcd.endpoint)
+    pb2, stub = mm(server, mmesh)
+    info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
+    stub.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info, loadNow=True, sync=True))
+    etcd.stop()
+    for _ in range(20):
+        assert server.stub.ModelInfer(raw_request("m", [("input", "FP32", X)])).outputs[0].name == "label"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.registerModel(pb2.RegisterModelRequest(modelId="n", modelInfo=info), timeout=60)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+    etcd.start()
+    # Back: writes succeed again and the view follows them.
+    def registered():
+        try:
+            stub.registerModel(pb2.RegisterModelRequest(modelId="n", modelInfo=info), timeout=10)
+            return True
+        except grpc.RpcError:
+            return False
+
+    wait_for(registered, 60, "registration after etcd returns")
+    assert server.stub.ModelInfer(raw_request("n", [("input", "FP32", X)])).outputs[0].name == "label"
