@@ -132,11 +132,18 @@ def dtypes(models: Path) -> None:
     _save(_model(helper.make_graph(nodes, "dtypes", inputs, outputs)), models / "dtypes" / "model.onnx")
 
 
-def make_dense_model(path: Path, mb: float, seed: int = 0, width: int = 256, out: int = 16) -> None:
-    """A float32 MLP with about `mb` MiB of weights: x FP32 [-1, 256] -> y FP32 [-1, 16]."""
+def make_dense_model(
+    path: Path, mb: float = 4.0, seed: int = 0, *, hidden: int = 256, layers: int | None = None, out: int = 16
+) -> None:
+    """A float32 MLP: x FP32 [-1, hidden] -> `layers` x (MatMul hidden x hidden, Tanh) -> y FP32 [-1, out].
+
+    `layers` defaults to as many as make the weights about `mb` MiB (at least one), so
+    `make_dense_model(p, 100)` writes a ~100 MiB model. Same arguments, same bytes.
+    """
     rng = np.random.default_rng(seed)
-    floats = int(mb * (1 << 20) / 4)
-    layers = max(1, floats // (width * width))
+    width = hidden
+    if layers is None:
+        layers = max(1, int(mb * (1 << 20) / 4) // (width * width))
     inits, nodes = [], []
     prev = "x"
     for i in range(layers):
@@ -162,11 +169,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dense", type=Path, help="write dense-<i>/model.onnx models here instead")
     parser.add_argument("--count", type=int, default=1)
-    parser.add_argument("--mb", type=float, default=4.0)
+    parser.add_argument("--mb", type=float, default=4.0, help="weights per dense model, in MiB")
+    parser.add_argument("--hidden", type=int, default=256, help="width of the dense models' input and layers")
     args = parser.parse_args()
     if args.dense:
         for i in range(args.count):
-            make_dense_model(args.dense / f"dense-{i}" / "model.onnx", args.mb, seed=i)
+            make_dense_model(args.dense / f"dense-{i}" / "model.onnx", args.mb, seed=i, hidden=args.hidden)
         return
     models = HERE / "models"
     iris_logreg(models, HERE / "sklearn")

@@ -5,6 +5,16 @@ import tritonclient.grpc as grpcclient
 from meshd import EXAMPLES, Meshd
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the logs of every meshd still running (its exit code, any panic)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for server in list(Meshd.running):
+            report.sections.append((f"meshd {server.proc.pid}", server.describe()))
+
+
 @pytest.fixture(scope="module")
 def examples_server():
     server = Meshd(EXAMPLES, "--capacity", "256MiB")

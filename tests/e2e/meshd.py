@@ -1,6 +1,7 @@
 """Starting and talking to a real meshd process for the end-to-end tests."""
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -31,6 +32,8 @@ def wait_for(condition, timeout, what):
 class Meshd:
     """A meshd process on loopback ports chosen by the kernel, stopped by `stop()`."""
 
+    running = []  # not yet stopped; conftest shows their logs when a test fails
+
     def __init__(self, model_repo, *args):
         binary = os.environ.get("MESHD_BIN", str(REPO / "target" / "debug" / "meshd"))
         self.model_repo = Path(model_repo)
@@ -46,14 +49,20 @@ class Meshd:
             "--addr-file", str(addr_file),
             *args,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "NO_COLOR": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        Meshd.running.append(self)
 
         def started():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"meshd exited with {self.proc.returncode}:\n{self.logs()}")
+                raise RuntimeError(f"meshd exited with {self.proc.returncode} while starting:\n{self.logs()}")
             return addr_file.exists() and json.loads(addr_file.read_text())
 
-        addrs = wait_for(started, 60, "meshd to listen")
+        try:
+            addrs = wait_for(started, 60, "meshd to listen")
+        except BaseException:
+            self.stop()
+            raise
         self.grpc_addr = addrs["grpc_addr"]
         self.metrics_addr = addrs["metrics_addr"]
         self.channel = grpc.insecure_channel(
@@ -63,8 +72,9 @@ class Meshd:
         self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
 
     def logs(self):
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
+        if not self.log.closed:
+            self.log.flush()
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.log_path.read_text(errors="replace"))[-4000:]
 
     def metrics(self):
         """Prometheus text parsed to {name_with_labels: value}."""
@@ -89,8 +99,15 @@ class Meshd:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
+    def describe(self):
+        state = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
+        return f"meshd pid {self.proc.pid} ({state}) serving {self.model_repo}, last log lines:\n{self.logs()}"
+
     def stop(self):
-        self.channel.close()
+        if self in Meshd.running:
+            Meshd.running.remove(self)
+        if hasattr(self, "channel"):
+            self.channel.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -102,7 +119,7 @@ def raw_request(model, inputs, outputs=(), headers_model=None):
     """A ModelInferRequest with raw contents; `inputs` is [(name, datatype, array)]."""
     request = service_pb2.ModelInferRequest(model_name=model)
     for name, datatype, array in inputs:
-        tensor = request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        request.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
         request.raw_input_contents.append(to_raw(datatype, array))
     for name in outputs:
         request.outputs.add(name=name)

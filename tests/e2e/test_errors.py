@@ -2,7 +2,6 @@
 import shutil
 import sys
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 
-from meshd import EXAMPLES, REPO, raw_request
+from meshd import EXAMPLES, REPO, raw_request, wait_for
 
 sys.path.insert(0, str(REPO / "examples"))
 from generate_models import make_dense_model  # noqa: E402
@@ -122,9 +121,9 @@ def test_a_corrupt_model_fails_with_its_reason_then_backs_off(start_meshd, tmp_p
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(start_meshd, tmp_path):
     make_dense_model(tmp_path / "slow" / "model.onnx", 16)
-    server = start_meshd(tmp_path, "--inline-infer-below", "0us")
+    server = start_meshd(tmp_path, "--inline-infer-below", "0us", "--infer-threads", "1")
     client = grpcclient.InferenceServerClient(server.grpc_addr)
-    x = np.random.default_rng(0).normal(size=(512, 256)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(1024, 256)).astype(np.float32)
     i = grpcclient.InferInput("x", list(x.shape), "FP32")
     i.set_data_from_numpy(x)
     client.infer("slow", [i])  # loaded, so the requests below are pure inference
@@ -138,9 +137,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_meshd, tmp_path)
 
     for _ in range(6):
         client.async_infer("slow", [i], callback)
-    time.sleep(0.05)
+    # All six have reached the server (it sizes each request as it arrives) before the signal.
+    wait_for(lambda: server.metrics().get("densemesh_request_size_bytes_count", 0) >= 7, 30, "six requests in")
+    answered = server.metrics().get('densemesh_requests_total{method="ModelInfer",code="OK"}', 0) - 1
     assert server.terminate(timeout=60) == 0, server.logs()
     assert done.wait(30)
     assert not errors, errors
-    assert all(r.as_numpy("y").shape == (512, 16) for r in results)
+    assert len(results) == 6 and all(r.as_numpy("y").shape == (1024, 16) for r in results)
+    assert answered < 6, "all six were answered before SIGTERM: nothing was left to drain; make them slower"
     client.close()

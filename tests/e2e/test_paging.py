@@ -46,6 +46,10 @@ def test_six_models_paged_through_room_for_two(start_meshd, tmp_path):
     assert sorted(set(served)) == list(range(MODELS))
 
     metrics = server.metrics()
+    loads = metrics['densemesh_model_loads_total{result="success"}']
+    print(f"capacity {metrics['densemesh_capacity_bytes']:.0f} B, used {metrics['densemesh_used_bytes']:.0f} B, "
+          f"{metrics['densemesh_models_loaded']:.0f} loaded, {metrics['densemesh_cache_evictions_total']:.0f} "
+          f"evictions, {loads:.0f} loads for {REQUESTS} requests")
     assert metrics["densemesh_cache_evictions_total"] > 0, metrics
     assert metrics["densemesh_used_bytes"] <= metrics["densemesh_capacity_bytes"] == capacity
     assert metrics['densemesh_model_loads_total{result="success"}'] >= MODELS

@@ -1,5 +1,10 @@
 """Every example model through real clients, compared with onnxruntime's own answers."""
-import grpc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,6 +18,15 @@ DATATYPES = {
     np.int16: "INT16", np.int8: "INT8", np.uint8: "UINT8", np.uint16: "UINT16", np.uint32: "UINT32",
     np.uint64: "UINT64", np.bool_: "BOOL", np.object_: "BYTES",
 }
+
+
+ORT_TYPES = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+EXAMPLE_MODELS = sorted(p.parent.name for p in EXAMPLES.glob("*/model.onnx"))
 
 
 def reference(model, feeds):
@@ -111,6 +125,20 @@ def test_model_metadata_and_readiness(start_meshd):
     client.close()
 
 
+@pytest.mark.parametrize("model", EXAMPLE_MODELS)
+def test_metadata_describes_the_model_as_onnxruntime_does(client, model):
+    session = ort.InferenceSession(str(EXAMPLES / model / "model.onnx"))
+
+    def described(args):
+        return [(a.name, ORT_TYPES[a.type], [d if isinstance(d, int) else -1 for d in a.shape]) for a in args]
+
+    meta = client.get_model_metadata(model)
+    assert (meta.name, meta.platform) == (model, "onnxruntime_onnx")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == described(session.get_inputs())
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == described(session.get_outputs())
+    assert client.is_model_ready(model)
+
+
 def test_the_model_id_header_wins_over_model_name(client, examples_server):
     x = np.ones((1, 4), dtype=np.float32)
     result = infer(client, "no-such-model", {"input": x}, headers={"mm-model-id": "iris-logreg"})
@@ -144,3 +172,28 @@ def test_reflection_lists_the_inference_service(examples_server):
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     services = {s.name for r in responses for s in r.list_services_response.service}
     assert "inference.GRPCInferenceService" in services
+
+
+def test_the_kserve_sdk_client(examples_server):
+    """kserve's own gRPC client, raw and typed, in its own interpreter ($KSERVE_PYTHON, set by
+    scripts/env.sh to the .venv-kserve that scripts/setup.sh makes; see kserve_client.py). Without
+    $KSERVE_PYTHON (running pytest by hand) it is skipped; with it, a missing kserve is a failure."""
+    python = os.environ.get("KSERVE_PYTHON")
+    if not python:
+        pytest.skip("KSERVE_PYTHON is not set; scripts/test.sh sets it")
+    script = Path(__file__).with_name("kserve_client.py")
+    run = subprocess.run([python, str(script), examples_server.grpc_addr], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["ready"]
+    x = np.random.default_rng(5).normal(5, 2, size=(3, 4)).astype(np.float32)
+    want = reference("iris-logreg", {"input": x})
+    assert len(result["answers"]) == 2
+    for answer in result["answers"]:
+        assert answer["id"] == "k1"
+        outputs = answer["outputs"]
+        assert (outputs["label"]["datatype"], outputs["label"]["shape"]) == ("INT64", [3])
+        assert outputs["label"]["data"] == want["label"].tolist()
+        assert (outputs["probabilities"]["datatype"], outputs["probabilities"]["shape"]) == ("FP32", [3, 3])
+        got = np.array(outputs["probabilities"]["data"], dtype=np.float32).reshape(3, 3)
+        np.testing.assert_allclose(got, want["probabilities"], rtol=1e-5, atol=1e-6)
