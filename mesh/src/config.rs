@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// Key prefix of this mesh's records in etcd.
     #[arg(long, env = "DENSEMESH_ETCD_PREFIX", default_value = "densemesh")]
     pub etcd_prefix: String,
+    /// TTL of this pod's lease in the registry: after a crash, its records vanish this long after its
+    /// last heartbeat (renewed every third of it).
+    #[arg(long, env = "DENSEMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
     /// This node's name in status answers; defaults to the host name.
     #[arg(long, env = "DENSEMESH_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -120,6 +124,7 @@ impl ServeArgs {
             addr_file: self.addr_file,
             instance_id: self.instance_id.unwrap_or_else(default_instance_id),
             etcd: self.etcd,
+            lease_ttl: self.lease_ttl,
             store_prefix: self.etcd_prefix,
         }
     }

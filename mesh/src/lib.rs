@@ -11,6 +11,7 @@ pub mod bytesize;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod instance;
 pub mod limits;
 pub mod loadgen;
 pub mod management;

@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use densemesh_placement::registry::{Registry, RegistryError};
-use densemesh_placement::{ClusterView, ModelId, ModelSpec, Source, VModelSpec};
+use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, Source, VModelSpec};
 use densemesh_proto::mmesh::model_mesh_server::ModelMesh;
 use densemesh_proto::mmesh::model_status_info::{ModelCopyInfo, ModelStatus};
 use densemesh_proto::mmesh::v_model_status_info::VModelStatus;
@@ -30,35 +30,55 @@ impl Management {
         Self { registry, view, cache, instance_id }
     }
 
+    /// A model's status across the cluster: this pod's copy from its cache (current to the instant),
+    /// other pods' copies from their placement records.
     fn model_status(&self, id: &ModelId) -> ModelStatusInfo {
         if self.view.model(id).is_none() {
             return ModelStatusInfo { status: ModelStatus::NotFound as i32, ..Default::default() };
         }
-        let copy = |status: ModelStatus| ModelCopyInfo {
-            location: self.instance_id.clone(),
-            copy_status: status as i32,
-            time: now_millis(),
-        };
-        match self.cache.status(id) {
-            CopyStatus::Loaded { .. } => ModelStatusInfo {
-                status: ModelStatus::Loaded as i32,
-                model_copy_infos: vec![copy(ModelStatus::Loaded)],
-                ..Default::default()
-            },
-            CopyStatus::Loading => ModelStatusInfo {
-                status: ModelStatus::Loading as i32,
-                model_copy_infos: vec![copy(ModelStatus::Loading)],
-                ..Default::default()
-            },
-            CopyStatus::Failed { reason } => ModelStatusInfo {
-                status: ModelStatus::LoadingFailed as i32,
-                errors: vec![reason],
-                model_copy_infos: vec![copy(ModelStatus::LoadingFailed)],
-            },
-            CopyStatus::NotLoaded => {
-                ModelStatusInfo { status: ModelStatus::NotLoaded as i32, ..Default::default() }
+        let mut copies = Vec::new();
+        let mut errors = Vec::new();
+        let local = match self.cache.status(id) {
+            CopyStatus::Loaded { .. } => Some(ModelStatus::Loaded),
+            CopyStatus::Loading => Some(ModelStatus::Loading),
+            CopyStatus::Failed { reason } => {
+                errors.push(reason);
+                Some(ModelStatus::LoadingFailed)
             }
+            CopyStatus::NotLoaded => None,
+        };
+        if let Some(status) = local {
+            copies.push(ModelCopyInfo {
+                location: self.instance_id.clone(),
+                copy_status: status as i32,
+                time: now_millis(),
+            });
         }
+        for (instance, placement) in self.view.placements(id) {
+            if instance == self.instance_id {
+                continue;
+            }
+            let (status, time) = match placement {
+                Placement::Loading { since_ms } => (ModelStatus::Loading, since_ms),
+                Placement::Loaded { since_ms, .. } => (ModelStatus::Loaded, since_ms),
+                Placement::Failed { since_ms, reason } => {
+                    errors.push(format!("{instance}: {reason}"));
+                    (ModelStatus::LoadingFailed, since_ms)
+                }
+            };
+            copies.push(ModelCopyInfo { location: instance, copy_status: status as i32, time });
+        }
+        let has = |s: ModelStatus| copies.iter().any(|c| c.copy_status == s as i32);
+        let status = if has(ModelStatus::Loaded) {
+            ModelStatus::Loaded
+        } else if has(ModelStatus::Loading) {
+            ModelStatus::Loading
+        } else if has(ModelStatus::LoadingFailed) {
+            ModelStatus::LoadingFailed
+        } else {
+            ModelStatus::NotLoaded
+        };
+        ModelStatusInfo { status: status as i32, errors, model_copy_infos: copies }
     }
 
     /// Loads a model, in the background or (with `sync`) before answering, and counts it as last used

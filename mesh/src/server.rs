@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub etcd: Vec<String>,
     /// Key prefix of the mesh's records.
     pub store_prefix: String,
+    /// TTL of this pod's lease on its instance and placement records.
+    pub lease_ttl: Duration,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -188,6 +190,13 @@ pub async fn run(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stop.clone().cancelled_owned(),
         );
+
+    let instance = crate::instance::InstanceConfig {
+        id: config.instance_id.clone(),
+        endpoint: grpc_addr.to_string(),
+        lease_ttl: config.lease_ttl,
+    };
+    tasks.spawn(crate::instance::run(registry.clone(), cache.clone(), instance, background.clone()));
 
     if let Some(path) = &config.addr_file {
         write_addr_file(path, grpc_addr, metrics_addr)

@@ -13,6 +13,6 @@ pub mod view;
 
 pub use model_id::{InvalidModelId, ModelId};
 pub use registry::{Registry, RegistryError};
-pub use spec::{ModelSpec, Source, VModelSpec, Weighted};
+pub use spec::{InstanceRecord, ModelSpec, Placement, Source, VModelSpec, Weighted};
 pub use store::{MemoryStore, Store, StoreError};
 pub use view::ClusterView;

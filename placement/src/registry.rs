@@ -63,6 +63,24 @@ impl Registry {
         format!("{}vmodels/", self.prefix)
     }
 
+    pub fn instances_prefix(&self) -> String {
+        format!("{}instances/", self.prefix)
+    }
+
+    pub fn placements_prefix(&self) -> String {
+        format!("{}placements/", self.prefix)
+    }
+
+    /// Key of one pod's copy of a model.
+    pub fn placement_key(&self, id: &ModelId, instance: &str) -> String {
+        format!("{}{id}/{instance}", self.placements_prefix())
+    }
+
+    /// Key of a pod's instance record.
+    pub fn instance_key(&self, instance: &str) -> String {
+        format!("{}{instance}", self.instances_prefix())
+    }
+
     /// The prefix everything lives under.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -165,7 +183,8 @@ fn validate(spec: &ModelSpec) -> Result<()> {
     Ok(())
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+/// JSON of a record, as every record is stored.
+pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     // Plain structs of strings and numbers always serialize.
     serde_json::to_vec(value).unwrap_or_default()
 }

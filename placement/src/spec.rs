@@ -115,3 +115,40 @@ mod tests {
         assert_eq!(choose(&[], 7), None);
     }
 }
+
+/// A pod, as it publishes itself under its lease: gone when the pod is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRecord {
+    /// Address other pods and clients reach its gRPC port at.
+    pub endpoint: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub models_loaded: u64,
+    pub loading: u64,
+    /// Seconds since its least recently used model was used (its "LRU age").
+    pub lru_age_seconds: u64,
+    /// Leaving: takes no new loads.
+    #[serde(default)]
+    pub draining: bool,
+    pub started_ms: u64,
+}
+
+/// One copy of a model on one pod; written by that pod under its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Placement {
+    Loading { since_ms: u64 },
+    Loaded { since_ms: u64, size_bytes: u64 },
+    Failed { since_ms: u64, reason: String },
+}
+
+impl Placement {
+    pub fn since_ms(&self) -> u64 {
+        match self {
+            Placement::Loading { since_ms } | Placement::Loaded { since_ms, .. } | Placement::Failed { since_ms, .. } => {
+                *since_ms
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::ModelId;
 use crate::registry::{Registry, RegistryError, decode};
-use crate::spec::{ModelSpec, VModelSpec};
+use crate::spec::{InstanceRecord, ModelSpec, Placement, VModelSpec};
 use crate::store::{KeyValue, Revision, StoreError, WatchEvent};
 
 /// What changed in the view, for components that react (unloading, vmodel transitions).
@@ -23,12 +23,19 @@ pub enum ViewChange {
     ModelRemoved(ModelId),
     VModel(ModelId),
     VModelRemoved(ModelId),
+    /// A pod joined or republished its record.
+    Instance(String),
+    InstanceRemoved(String),
+    /// A copy of this model appeared, changed state or vanished.
+    Placement(ModelId),
 }
 
 #[derive(Default)]
 struct Mirror {
     models: HashMap<ModelId, (ModelSpec, Revision)>,
     vmodels: HashMap<ModelId, (VModelSpec, Revision)>,
+    instances: HashMap<String, InstanceRecord>,
+    placements: HashMap<ModelId, HashMap<String, Placement>>,
 }
 
 /// The mirror; cloning shares it. The watch task stops when the last clone drops.
@@ -69,6 +76,26 @@ impl ClusterView {
 
     pub fn vmodel_with_revision(&self, id: &ModelId) -> Option<(VModelSpec, Revision)> {
         self.mirror.read().vmodels.get(id).cloned()
+    }
+
+    /// Live pods by instance id.
+    pub fn instances(&self) -> Vec<(String, InstanceRecord)> {
+        let mut all: Vec<_> = self.mirror.read().instances.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Copies of a model, by instance id, most recent state change first.
+    pub fn placements(&self, id: &ModelId) -> Vec<(String, Placement)> {
+        let mut all: Vec<_> = self
+            .mirror
+            .read()
+            .placements
+            .get(id)
+            .map(|p| p.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        all.sort_by(|a, b| b.1.since_ms().cmp(&a.1.since_ms()).then_with(|| a.0.cmp(&b.0)));
+        all
     }
 
     /// How many models are registered.
@@ -169,36 +196,65 @@ impl Follower {
     }
 }
 
+/// The records the view mirrors.
+enum Record {
+    Model(ModelId),
+    VModel(ModelId),
+    Instance(String),
+    Placement(ModelId, String),
+}
+
 /// Which record a key is, if it is one the view mirrors.
-fn classify(registry: &Registry, key: &str) -> Option<(bool, ModelId)> {
+fn classify(registry: &Registry, key: &str) -> Option<Record> {
     if let Some(id) = key.strip_prefix(&registry.models_prefix()) {
-        return ModelId::new(id).ok().map(|id| (true, id));
+        return ModelId::new(id).ok().map(Record::Model);
     }
-    key.strip_prefix(&registry.vmodels_prefix()).and_then(|id| ModelId::new(id).ok()).map(|id| (false, id))
+    if let Some(id) = key.strip_prefix(&registry.vmodels_prefix()) {
+        return ModelId::new(id).ok().map(Record::VModel);
+    }
+    if let Some(instance) = key.strip_prefix(&registry.instances_prefix()) {
+        return Some(Record::Instance(instance.to_owned()));
+    }
+    let (model, instance) = key.strip_prefix(&registry.placements_prefix())?.split_once('/')?;
+    Some(Record::Placement(ModelId::new(model).ok()?, instance.to_owned()))
 }
 
 fn put(registry: &Registry, mirror: &mut Mirror, kv: &KeyValue) -> Option<ViewChange> {
-    let (is_model, id) = classify(registry, &kv.key)?;
-    let decoded = if is_model {
-        decode::<ModelSpec>(&kv.key, &kv.value).map(|s| {
+    let record = classify(registry, &kv.key)?;
+    let decoded = match record {
+        Record::Model(id) => decode::<ModelSpec>(&kv.key, &kv.value).map(|s| {
             mirror.models.insert(id.clone(), (s, kv.mod_revision));
             ViewChange::Model(id)
-        })
-    } else {
-        decode::<VModelSpec>(&kv.key, &kv.value).map(|v| {
+        }),
+        Record::VModel(id) => decode::<VModelSpec>(&kv.key, &kv.value).map(|v| {
             mirror.vmodels.insert(id.clone(), (v, kv.mod_revision));
             ViewChange::VModel(id)
-        })
+        }),
+        Record::Instance(instance) => decode::<InstanceRecord>(&kv.key, &kv.value).map(|r| {
+            mirror.instances.insert(instance.clone(), r);
+            ViewChange::Instance(instance)
+        }),
+        Record::Placement(id, instance) => decode::<Placement>(&kv.key, &kv.value).map(|p| {
+            mirror.placements.entry(id.clone()).or_default().insert(instance, p);
+            ViewChange::Placement(id)
+        }),
     };
     decoded.map_err(|e| tracing::warn!(error = %e, "skipping unreadable record")).ok()
 }
 
 fn remove(registry: &Registry, mirror: &mut Mirror, key: &str) -> Option<ViewChange> {
-    let (is_model, id) = classify(registry, key)?;
-    if is_model {
-        mirror.models.remove(&id).map(|_| ViewChange::ModelRemoved(id))
-    } else {
-        mirror.vmodels.remove(&id).map(|_| ViewChange::VModelRemoved(id))
+    match classify(registry, key)? {
+        Record::Model(id) => mirror.models.remove(&id).map(|_| ViewChange::ModelRemoved(id)),
+        Record::VModel(id) => mirror.vmodels.remove(&id).map(|_| ViewChange::VModelRemoved(id)),
+        Record::Instance(instance) => mirror.instances.remove(&instance).map(|_| ViewChange::InstanceRemoved(instance)),
+        Record::Placement(id, instance) => {
+            let copies = mirror.placements.get_mut(&id)?;
+            copies.remove(&instance)?;
+            if copies.is_empty() {
+                mirror.placements.remove(&id);
+            }
+            Some(ViewChange::Placement(id))
+        }
     }
 }
 

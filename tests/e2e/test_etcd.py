@@ -114,3 +114,36 @@ def test_an_etcd_outage_keeps_loaded_models_serving(start_meshd, etcd, mmesh, tm
 
     wait_for(registered, 60, "registration after etcd returns")
     assert server.stub.ModelInfer(raw_request("n", [("input", "FP32", X)])).outputs[0].name == "label"
+
+
+def test_every_pod_sees_every_copy_and_a_dead_pods_copies_vanish(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "2s"]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b")
+    pb2, stub_a = mm(a, mmesh)
+    _, stub_b = mm(b, mmesh)
+    info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
+    stub_a.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info, loadNow=True, sync=True))
+
+    def copies_seen_by_b():
+        s = stub_b.getModelStatus(pb2.GetStatusRequest(modelId="m"))
+        return {(c.location, pb2.ModelStatusInfo.ModelStatus.Name(c.copyStatus)) for c in s.modelCopyInfos}
+
+    wait_for(lambda: copies_seen_by_b() == {("pod-a", "LOADED")}, 30, "pod-b to see pod-a's copy")
+    assert pb2.ModelStatusInfo.ModelStatus.Name(stub_b.getModelStatus(pb2.GetStatusRequest(modelId="m")).status) == "LOADED"
+    b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+    wait_for(lambda: copies_seen_by_b() == {("pod-a", "LOADED"), ("pod-b", "LOADED")}, 30, "both copies")
+
+    # SIGKILL: no goodbye; the lease runs out and pod-a's copy vanishes from everyone's view.
+    a.proc.kill()
+    a.proc.wait()
+    wait_for(lambda: copies_seen_by_b() == {("pod-b", "LOADED")}, 30, "pod-a's copy to expire with its lease")
+
+    # SIGTERM: the pod revokes its lease on the way out, so its copy vanishes at once.
+    c = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-c", "--lease-ttl", "600s")
+    c.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+    wait_for(lambda: ("pod-c", "LOADED") in copies_seen_by_b(), 30, "pod-c's copy")
+    assert c.terminate() == 0
+    wait_for(lambda: ("pod-c", "LOADED") not in copies_seen_by_b(), 10, "pod-c's copy to go with its revoked lease")

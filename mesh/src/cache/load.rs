@@ -80,6 +80,13 @@ impl Inner {
         };
         self.publish(&state);
         drop(state);
+        self.emit(match &result {
+            Ok(entry) => super::CopyEvent::Loaded { id: id.clone(), size_bytes: entry.size_bytes() },
+            Err(e @ (CacheError::LoadFailed { .. } | CacheError::TooLarge { .. })) => {
+                super::CopyEvent::Failed { id: id.clone(), reason: e.to_string() }
+            }
+            Err(_) => super::CopyEvent::Gone(id.clone()),
+        });
         outcome.send_replace(Some(result));
     }
 

@@ -108,6 +108,22 @@ pub enum CopyStatus {
     },
 }
 
+/// A change of this pod's copy of a model, for publishing placement records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyEvent {
+    Loading(ModelId),
+    Loaded {
+        id: ModelId,
+        size_bytes: u64,
+    },
+    Failed {
+        id: ModelId,
+        reason: String,
+    },
+    /// Evicted, unloaded, or a load that ended without a copy.
+    Gone(ModelId),
+}
+
 /// A cloneable handle to the cache; all clones share one state.
 #[derive(Clone)]
 pub struct ModelCache {
@@ -124,6 +140,7 @@ struct Inner {
     room_freed: Arc<Notify>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    copies: tokio::sync::broadcast::Sender<CopyEvent>,
 }
 
 type LoadOutcome = Result<Arc<Entry>, CacheError>;
@@ -170,6 +187,7 @@ impl ModelCache {
             room_freed: Arc::new(Notify::new()),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            copies: tokio::sync::broadcast::channel(4096).0,
         };
         Self { inner: Arc::new(inner) }
     }
@@ -249,6 +267,7 @@ impl ModelCache {
             evicted
         };
         if let Some(entry) = evicted {
+            self.inner.emit(CopyEvent::Gone(id.clone()));
             tracing::info!(model_id = %id, "unloading model");
             self.inner.retire(vec![entry]).await;
         }
@@ -266,6 +285,23 @@ impl ModelCache {
                 in_flight: e.in_flight(),
             })
             .collect()
+    }
+
+    /// Time since the least recently used loaded model was used (zero when none is loaded).
+    pub fn lru_age(&self) -> Duration {
+        let state = self.inner.state.lock();
+        let now = Instant::now();
+        state
+            .resident
+            .iter()
+            .map(|(_, e)| now.saturating_duration_since(e.last_used()))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Changes of this pod's copies from now on.
+    pub fn copy_events(&self) -> tokio::sync::broadcast::Receiver<CopyEvent> {
+        self.inner.copies.subscribe()
     }
 
     /// Refreshes the gauges that age with time (LRU age), so a scrape reads current values.
@@ -288,8 +324,9 @@ impl ModelCache {
         let evicted: Vec<Arc<Entry>> = {
             let mut state = self.inner.state.lock();
             let mut all = Vec::with_capacity(state.resident.len());
-            while let Some((_, entry)) = state.resident.pop_lru() {
+            while let Some((id, entry)) = state.resident.pop_lru() {
                 state.used_bytes -= entry.size_bytes();
+                self.inner.emit(CopyEvent::Gone(id));
                 all.push(entry);
             }
             self.inner.publish(&state);
@@ -303,6 +340,7 @@ impl ModelCache {
     fn start_load(&self, state: &mut State, id: &ModelId) -> watch::Receiver<Option<LoadOutcome>> {
         let (tx, rx) = watch::channel(None);
         state.loading.insert(id.clone(), rx.clone());
+        self.inner.emit(CopyEvent::Loading(id.clone()));
         metrics::gauge!(m::LOADING_MODELS).set(state.loading.len() as f64);
         let inner = self.inner.clone();
         let id = id.clone();
@@ -348,6 +386,7 @@ impl Inner {
                 let idle = now.saturating_duration_since(entry.last_used());
                 tracing::info!(model_id = %id, size_bytes = entry.size_bytes(), idle_s = idle.as_secs(), "evicting model");
                 metrics::counter!(m::CACHE_EVICTIONS).increment(1);
+                self.emit(CopyEvent::Gone(id.clone()));
                 metrics::histogram!(m::AGE_AT_EVICTION).record(idle.as_secs_f64());
                 evicted.push(entry);
             }
@@ -395,6 +434,11 @@ impl Inner {
         metrics::counter!(m::MODEL_UNLOADS).increment(count);
         metrics::histogram!(m::UNLOAD_DURATION).record(started.elapsed().as_secs_f64());
         self.room_freed.notify_waiters();
+    }
+
+    fn emit(&self, event: CopyEvent) {
+        // Nobody listening (no placement publisher) is fine.
+        let _ = self.copies.send(event);
     }
 
     /// Publishes gauges that follow the state.

@@ -1,0 +1,172 @@
+//! This pod in the registry: its instance record and its placement records, all under one lease, so a
+//! pod that dies takes its records with it once the lease runs out, and one that leaves (SIGTERM)
+//! revokes the lease and is gone at once.
+//!
+//! The lease is renewed every third of its TTL; the instance record is republished then when it has
+//! changed materially, and at least every `REPUBLISH` (never per request). Placement records follow
+//! the cache's copy events as they happen.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use densemesh_placement::registry::{Registry, encode};
+use densemesh_placement::store::LeaseId;
+use densemesh_placement::{InstanceRecord, Placement, StoreError};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{CopyEvent, CopyStatus, ModelCache};
+
+/// Republish an unchanged instance record this often, so readers can tell stale from quiet.
+const REPUBLISH: Duration = Duration::from_secs(40);
+
+/// Who this pod is.
+#[derive(Debug, Clone)]
+pub struct InstanceConfig {
+    pub id: String,
+    pub endpoint: String,
+    pub lease_ttl: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Publisher {
+    registry: Registry,
+    cache: ModelCache,
+    config: InstanceConfig,
+    started_ms: u64,
+    lease: Option<LeaseId>,
+    published: Option<(InstanceRecord, tokio::time::Instant)>,
+}
+
+/// Keeps this pod's records until `stop`, then revokes its lease.
+pub async fn run(registry: Registry, cache: ModelCache, config: InstanceConfig, stop: CancellationToken) {
+    let mut events = cache.copy_events();
+    let heartbeat = (config.lease_ttl / 3).max(Duration::from_millis(200));
+    let mut p = Publisher { registry, cache, config, started_ms: now_ms(), lease: None, published: None };
+    p.heartbeat().await;
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => p.placement(event).await,
+                // Missed events: the next heartbeat republishes every copy from the cache.
+                Err(RecvError::Lagged(_)) => p.lease = None,
+                Err(RecvError::Closed) => break,
+            },
+            _ = tick.tick() => p.heartbeat().await,
+            _ = stop.cancelled() => break,
+        }
+    }
+    if let Some(lease) = p.lease {
+        match p.registry.store().revoke_lease(lease).await {
+            Ok(()) => tracing::info!(instance_id = %p.config.id, "left the registry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot revoke this pod's lease; its records expire with it")
+            }
+        }
+    }
+}
+
+impl Publisher {
+    fn record(&self) -> InstanceRecord {
+        let resident = self.cache.resident();
+        InstanceRecord {
+            endpoint: self.config.endpoint.clone(),
+            capacity_bytes: self.cache.config().capacity_bytes,
+            used_bytes: self.cache.used_bytes(),
+            models_loaded: resident.len() as u64,
+            loading: 0,
+            lru_age_seconds: self.cache.lru_age().as_secs(),
+            draining: false,
+            started_ms: self.started_ms,
+        }
+    }
+
+    /// Whether a record differs enough from the last published one to write it again.
+    fn material_change(old: &InstanceRecord, new: &InstanceRecord) -> bool {
+        let used_moved = old.used_bytes.abs_diff(new.used_bytes) > new.capacity_bytes / 100;
+        used_moved
+            || old.models_loaded != new.models_loaded
+            || old.draining != new.draining
+            || old.endpoint != new.endpoint
+            || old.lru_age_seconds.abs_diff(new.lru_age_seconds) > 60
+    }
+
+    async fn heartbeat(&mut self) {
+        let store = self.registry.store().clone();
+        if let Some(lease) = self.lease {
+            match store.keep_alive(lease).await {
+                Ok(()) => {}
+                Err(StoreError::LeaseNotFound(_)) => {
+                    tracing::warn!(instance_id = %self.config.id, "lease expired (store unreachable too long?); rejoining");
+                    self.lease = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew this pod's lease");
+                    return;
+                }
+            }
+        }
+        if self.lease.is_none() {
+            match store.grant_lease(self.config.lease_ttl).await {
+                Ok(lease) => {
+                    self.lease = Some(lease);
+                    self.published = None;
+                    self.republish_copies().await;
+                    tracing::info!(instance_id = %self.config.id, endpoint = %self.config.endpoint, "joined the registry");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot join the registry; retrying");
+                    return;
+                }
+            }
+        }
+        let record = self.record();
+        let due = match &self.published {
+            None => true,
+            Some((old, at)) => Self::material_change(old, &record) || at.elapsed() >= REPUBLISH,
+        };
+        if due {
+            let key = self.registry.instance_key(&self.config.id);
+            match store.put(&key, encode(&record), self.lease).await {
+                Ok(_) => self.published = Some((record, tokio::time::Instant::now())),
+                Err(e) => tracing::warn!(error = %e, "cannot publish this pod's instance record"),
+            }
+        }
+    }
+
+    /// Writes a placement record for every copy the cache holds (after joining or missing events).
+    async fn republish_copies(&mut self) {
+        for model in self.cache.resident() {
+            if let CopyStatus::Loaded { size_bytes } = self.cache.status(&model.id) {
+                self.placement(CopyEvent::Loaded { id: model.id, size_bytes }).await;
+            }
+        }
+    }
+
+    async fn placement(&mut self, event: CopyEvent) {
+        let Some(lease) = self.lease else { return };
+        let store = self.registry.store().clone();
+        let since_ms = now_ms();
+        let (id, record) = match event {
+            CopyEvent::Loading(id) => (id, Some(Placement::Loading { since_ms })),
+            CopyEvent::Loaded { id, size_bytes } => (id, Some(Placement::Loaded { since_ms, size_bytes })),
+            CopyEvent::Failed { id, reason } => (id, Some(Placement::Failed { since_ms, reason })),
+            CopyEvent::Gone(id) => (id, None),
+        };
+        let key = self.registry.placement_key(&id, &self.config.id);
+        let written = match record {
+            Some(r) => store.put(&key, encode(&r), Some(lease)).await.map(|_| ()),
+            None => store.delete(&key).await.map(|_| ()),
+        };
+        if let Err(e) = written {
+            tracing::warn!(model_id = %id, error = %e, "cannot publish a placement record");
+            if matches!(e, StoreError::LeaseNotFound(_)) {
+                self.lease = None;
+            }
+        }
+    }
+}
