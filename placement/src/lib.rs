@@ -4,6 +4,7 @@
 //! keeps every decision unit-testable and lets a simulator replay the same logic.
 #![forbid(unsafe_code)]
 
+pub mod choose;
 pub mod eviction;
 mod model_id;
 pub mod registry;

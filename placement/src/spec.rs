@@ -146,9 +146,9 @@ pub enum Placement {
 impl Placement {
     pub fn since_ms(&self) -> u64 {
         match self {
-            Placement::Loading { since_ms } | Placement::Loaded { since_ms, .. } | Placement::Failed { since_ms, .. } => {
-                *since_ms
-            }
+            Placement::Loading { since_ms }
+            | Placement::Loaded { since_ms, .. }
+            | Placement::Failed { since_ms, .. } => *since_ms,
         }
     }
 }

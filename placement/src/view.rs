@@ -80,7 +80,8 @@ impl ClusterView {
 
     /// Live pods by instance id.
     pub fn instances(&self) -> Vec<(String, InstanceRecord)> {
-        let mut all: Vec<_> = self.mirror.read().instances.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut all: Vec<_> =
+            self.mirror.read().instances.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
@@ -246,7 +247,9 @@ fn remove(registry: &Registry, mirror: &mut Mirror, key: &str) -> Option<ViewCha
     match classify(registry, key)? {
         Record::Model(id) => mirror.models.remove(&id).map(|_| ViewChange::ModelRemoved(id)),
         Record::VModel(id) => mirror.vmodels.remove(&id).map(|_| ViewChange::VModelRemoved(id)),
-        Record::Instance(instance) => mirror.instances.remove(&instance).map(|_| ViewChange::InstanceRemoved(instance)),
+        Record::Instance(instance) => {
+            mirror.instances.remove(&instance).map(|_| ViewChange::InstanceRemoved(instance))
+        }
         Record::Placement(id, instance) => {
             let copies = mirror.placements.get_mut(&id)?;
             copies.remove(&instance)?;

@@ -1,0 +1,135 @@
+//! Where to load a model no pod holds: a pure decision over what the cluster view says.
+//!
+//! Among live pods that are not draining and have not failed this model recently: one with free
+//! capacity for the predicted size, least-used fraction first (this pod on ties, to save a hop); if
+//! none has room, the pod whose least recently used model is the coldest in the cluster (cluster-wide
+//! LRU). Pods already loading many models are penalised in both orders.
+
+/// A pod as placement sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadCandidate {
+    pub instance: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    /// Loads in progress on it.
+    pub loading: u64,
+    /// Seconds since its least recently used model was used.
+    pub lru_age_seconds: u64,
+    pub draining: bool,
+    /// It failed to load this model and the back-off has not passed.
+    pub failed_recently: bool,
+}
+
+/// Loads in progress that count like this many extra bytes used per capacity (a tie-breaker).
+const LOADING_PENALTY: f64 = 0.05;
+
+/// The pod to load a model of `predicted_bytes` on, preferring `this` on ties; `None` when no pod can.
+pub fn choose_load_target<'a>(
+    candidates: &'a [LoadCandidate],
+    this: &str,
+    predicted_bytes: u64,
+) -> Option<&'a str> {
+    let eligible = candidates
+        .iter()
+        .filter(|c| !c.draining && !c.failed_recently && c.capacity_bytes >= predicted_bytes);
+    let fraction = |c: &LoadCandidate| {
+        c.used_bytes as f64 / c.capacity_bytes.max(1) as f64 + LOADING_PENALTY * c.loading as f64
+    };
+    let with_room = eligible
+        .clone()
+        .filter(|c| c.capacity_bytes.saturating_sub(c.used_bytes) >= predicted_bytes)
+        .min_by(|a, b| {
+            fraction(a)
+                .total_cmp(&fraction(b))
+                .then_with(|| (b.instance == this).cmp(&(a.instance == this)))
+                .then_with(|| a.instance.cmp(&b.instance))
+        });
+    if let Some(c) = with_room {
+        return Some(&c.instance);
+    }
+    eligible
+        .max_by(|a, b| {
+            a.lru_age_seconds
+                .cmp(&b.lru_age_seconds)
+                .then_with(|| b.loading.cmp(&a.loading))
+                .then_with(|| (a.instance == this).cmp(&(b.instance == this)))
+                .then_with(|| b.instance.cmp(&a.instance))
+        })
+        .map(|c| c.instance.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCandidate {
+        LoadCandidate {
+            instance: name.into(),
+            capacity_bytes: capacity,
+            used_bytes: used,
+            loading: 0,
+            lru_age_seconds: lru,
+            draining: false,
+            failed_recently: false,
+        }
+    }
+
+    #[test]
+    fn prefers_room_then_least_used_then_this_pod() {
+        let pods = [pod("a", 100, 80, 0), pod("b", 100, 30, 0), pod("me", 100, 30, 0)];
+        assert_eq!(choose_load_target(&pods, "me", 10), Some("me"), "ties go to this pod");
+        assert_eq!(choose_load_target(&pods, "x", 10), Some("b"));
+        assert_eq!(choose_load_target(&pods, "x", 50), Some("b"), "only b and me have 50 free");
+    }
+
+    #[test]
+    fn without_room_the_coldest_lru_in_the_cluster_goes() {
+        let pods = [pod("a", 100, 100, 30), pod("b", 100, 95, 600), pod("c", 100, 90, 5)];
+        assert_eq!(choose_load_target(&pods, "a", 20), Some("b"));
+    }
+
+    #[test]
+    fn never_draining_failed_or_too_small() {
+        let mut draining = pod("d", 1000, 0, 999);
+        draining.draining = true;
+        let mut failed = pod("f", 1000, 0, 999);
+        failed.failed_recently = true;
+        let small = pod("s", 10, 0, 999);
+        assert_eq!(choose_load_target(&[draining, failed, small.clone()], "x", 50), None);
+        assert_eq!(choose_load_target(&[small], "x", 5), Some("s"));
+    }
+
+    fn arb_pod() -> impl Strategy<Value = LoadCandidate> {
+        ("[a-e]", 1u64..1000, 0u64..1200, 0u64..5, 0u64..10_000, any::<bool>(), any::<bool>()).prop_map(
+            |(name, capacity, used, loading, lru, draining, failed)| LoadCandidate {
+                instance: name,
+                capacity_bytes: capacity,
+                used_bytes: used.min(capacity),
+                loading,
+                lru_age_seconds: lru,
+                draining,
+                failed_recently: failed,
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn the_choice_is_always_eligible(pods in proptest::collection::vec(arb_pod(), 0..8), size in 1u64..1000) {
+            match choose_load_target(&pods, "a", size) {
+                Some(name) => {
+                    let ok = pods.iter().any(|p| p.instance == name && !p.draining && !p.failed_recently && p.capacity_bytes >= size);
+                    prop_assert!(ok, "chose an ineligible pod");
+                    // With room somewhere, the choice has room.
+                    let room = |p: &LoadCandidate| !p.draining && !p.failed_recently && p.capacity_bytes - p.used_bytes >= size;
+                    if pods.iter().any(room) {
+                        prop_assert!(pods.iter().any(|p| p.instance == name && room(p)));
+                    }
+                }
+                None => prop_assert!(pods.iter().all(|p| p.draining || p.failed_recently || p.capacity_bytes < size)),
+            }
+        }
+    }
+}
