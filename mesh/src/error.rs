@@ -57,6 +57,9 @@ pub enum MeshError {
     /// Too much work queued; the client should back off.
     #[error("{0}")]
     Overloaded(String),
+    /// The pod a request was forwarded to refused it; its answer goes back as it is.
+    #[error("{}", .0.message())]
+    Peer(tonic::Status),
     /// A bug or a crash inside the server.
     #[error("internal error: {0}")]
     Internal(String),
@@ -64,6 +67,9 @@ pub enum MeshError {
 
 impl From<MeshError> for Status {
     fn from(e: MeshError) -> Self {
+        if let MeshError::Peer(status) = e {
+            return status;
+        }
         use densemesh_runtime_core::Error as R;
         let code = match &e {
             MeshError::InvalidArgument(_) => Code::InvalidArgument,
@@ -74,7 +80,7 @@ impl From<MeshError> for Status {
             MeshError::Cache(_) => Code::Unavailable,
             MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,
             MeshError::Runtime { source: R::RuntimeUnavailable(_), .. } => Code::Unavailable,
-            MeshError::Runtime { .. } | MeshError::Internal(_) => Code::Internal,
+            MeshError::Runtime { .. } | MeshError::Internal(_) | MeshError::Peer(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

@@ -13,6 +13,8 @@ pub const VMODEL_ID_HEADER: &str = "mm-vmodel-id";
 /// vmodel's traffic split.
 pub const ROUTE_KEY_HEADER: &str = "densemesh-route-key";
 pub const MODEL_ID_HEADER: &str = "mm-model-id";
+const VMODEL_ID_BIN_HEADER: &str = "mm-vmodel-id-bin";
+const MODEL_ID_BIN_HEADER: &str = "mm-model-id-bin";
 
 /// The model to run, and the vmodel it was reached through.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,10 +36,10 @@ pub fn resolve(
             .map_err(|e| MeshError::Internal(format!("vmodel {vmodel} points at a bad id: {e}")))?;
         Ok(Target { model, vmodel: Some(vmodel) })
     };
-    if let Some(vmodel) = header_id(metadata, VMODEL_ID_HEADER)? {
+    if let Some(vmodel) = header_id(metadata, VMODEL_ID_HEADER, VMODEL_ID_BIN_HEADER)? {
         return via_vmodel(vmodel);
     }
-    if let Some(model) = header_id(metadata, MODEL_ID_HEADER)? {
+    if let Some(model) = header_id(metadata, MODEL_ID_HEADER, MODEL_ID_BIN_HEADER)? {
         return Ok(Target { model, vmodel: None });
     }
     if model_name.is_empty() {
@@ -55,7 +57,7 @@ pub fn resolve(
 /// Where a request falls in a vmodel's traffic split: the hash of its route key, so a key always
 /// lands on the same model, else a fresh pseudo-random number.
 pub fn split_point(metadata: &MetadataMap) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
+    use std::hash::BuildHasher;
     use std::sync::atomic::{AtomicU64, Ordering};
     // Fixed keys: the same route key must hash the same on every pod and after restarts.
     let fixed = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
@@ -63,23 +65,24 @@ pub fn split_point(metadata: &MetadataMap) -> u64 {
         Some(key) => fixed.hash_one(key.as_bytes()),
         None => {
             static COUNTER: AtomicU64 = AtomicU64::new(0);
-            let mut h = fixed.build_hasher();
-            COUNTER.fetch_add(1, Ordering::Relaxed).hash(&mut h);
-            std::process::id().hash(&mut h);
-            h.finish()
+            fixed.hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
         }
     }
 }
 
 /// A validated id from a header or its `-bin` form; `None` when neither is present.
-fn header_id(metadata: &MetadataMap, name: &'static str) -> Result<Option<ModelId>, MeshError> {
+fn header_id(
+    metadata: &MetadataMap,
+    name: &'static str,
+    bin_name: &'static str,
+) -> Result<Option<ModelId>, MeshError> {
     let invalid = |what: String| MeshError::InvalidArgument(what);
     let value = if let Some(value) = metadata.get(name) {
         value
             .to_str()
             .map_err(|_| invalid(format!("header {name} is not ASCII; send {name}-bin")))?
             .to_owned()
-    } else if let Some(value) = metadata.get_bin(format!("{name}-bin")) {
+    } else if let Some(value) = metadata.get_bin(bin_name) {
         let bytes =
             value.to_bytes().map_err(|e| invalid(format!("header {name}-bin is not valid base64: {e}")))?;
         String::from_utf8(bytes.to_vec()).map_err(|_| invalid(format!("header {name}-bin is not UTF-8")))?

@@ -157,8 +157,16 @@ pub async fn run(
     )
     .map_err(ServeError::Admin)?;
 
+    let forwarder = crate::forward::Forwarder::new(
+        config.instance_id.clone(),
+        view.clone(),
+        cache.clone(),
+        config.cache.load_timeout + Duration::from_secs(5),
+        config.max_message_size,
+    );
     let service =
-        InferenceService::new(cache.clone(), view.clone(), Worker::new(config.worker.clone()), ready.clone());
+        InferenceService::new(cache.clone(), view.clone(), Worker::new(config.worker.clone()), ready.clone())
+            .with_forwarder(forwarder);
     let management =
         Management::new(registry.clone(), view.clone(), cache.clone(), config.instance_id.clone());
     let inference = GrpcInferenceServiceServer::new(service)

@@ -13,6 +13,7 @@ use densemesh_placement::ClusterView;
 
 use crate::cache::ModelCache;
 use crate::error::MeshError;
+use crate::forward::Forwarder;
 use crate::metrics as m;
 use crate::worker::Worker;
 use crate::{router, v2};
@@ -22,6 +23,7 @@ use crate::{router, v2};
 pub struct InferenceService {
     cache: ModelCache,
     view: ClusterView,
+    forwarder: Option<Forwarder>,
     worker: Worker,
     /// False once shutdown began, so load balancers stop sending.
     ready: Arc<AtomicBool>,
@@ -48,7 +50,13 @@ impl InferenceService {
             ok_duration: metrics::histogram!(m::REQUEST_DURATION, &OK_LABELS),
             ok_count: metrics::counter!(m::REQUESTS, &OK_LABELS),
         };
-        Self { cache, view, worker, ready, hot }
+        Self { cache, view, forwarder: None, worker, ready, hot }
+    }
+
+    /// Serves requests for models held (or best loaded) elsewhere on that pod.
+    pub fn with_forwarder(mut self, forwarder: Forwarder) -> Self {
+        self.forwarder = Some(forwarder);
+        self
     }
 
     /// The model a request runs on, through vmodels (and their traffic splits).
@@ -68,6 +76,15 @@ impl InferenceService {
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse, MeshError> {
         let id = self.target(metadata, &request.model_name)?;
+        if let Some(forwarder) = self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(metadata))
+            && let Some(peer) = forwarder.route(&id)
+        {
+            match forwarder.forward(&peer, &id, request.clone()).await {
+                Ok(response) => return Ok(response),
+                Err(Some(status)) => return Err(MeshError::Peer(status)),
+                Err(None) => {} // unreachable or gone: serve it here
+            }
+        }
         let (model_name, requested_version, request_id) =
             (request.model_name.clone(), request.model_version.clone(), request.id.clone());
         let span = tracing::debug_span!("infer", model_id = %id, request_id = %request_id);

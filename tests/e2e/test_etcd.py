@@ -133,7 +133,8 @@ def test_every_pod_sees_every_copy_and_a_dead_pods_copies_vanish(start_meshd, et
 
     wait_for(lambda: copies_seen_by_b() == {("pod-a", "LOADED")}, 30, "pod-b to see pod-a's copy")
     assert pb2.ModelStatusInfo.ModelStatus.Name(stub_b.getModelStatus(pb2.GetStatusRequest(modelId="m")).status) == "LOADED"
-    b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+    # A request to pod-b would be forwarded to pod-a's copy; ensureLoaded loads a copy here.
+    stub_b.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True))
     wait_for(lambda: copies_seen_by_b() == {("pod-a", "LOADED"), ("pod-b", "LOADED")}, 30, "both copies")
 
     # SIGKILL: no goodbye; the lease runs out and pod-a's copy vanishes from everyone's view.
@@ -143,7 +144,40 @@ def test_every_pod_sees_every_copy_and_a_dead_pods_copies_vanish(start_meshd, et
 
     # SIGTERM: the pod revokes its lease on the way out, so its copy vanishes at once.
     c = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-c", "--lease-ttl", "600s")
-    c.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+    mm(c, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True))
     wait_for(lambda: ("pod-c", "LOADED") in copies_seen_by_b(), 30, "pod-c's copy")
     assert c.terminate() == 0
     wait_for(lambda: ("pod-c", "LOADED") not in copies_seen_by_b(), 10, "pod-c's copy to go with its revoked lease")
+
+
+def test_requests_reach_the_pod_that_holds_the_model_and_survive_its_death(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "30s"]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b")
+    pb2, stub = mm(a, mmesh)
+    info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
+    stub.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info))
+    want = a.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))  # loads on pod-a
+
+    def b_sees_a_copy():
+        s = mm(b, mmesh)[1].getModelStatus(pb2.GetStatusRequest(modelId="m"))
+        return any(c.location == "pod-a" for c in s.modelCopyInfos)
+
+    wait_for(b_sees_a_copy, 30, "pod-b to see pod-a's copy")
+    for _ in range(10):
+        got = b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+        assert got.raw_output_contents == want.raw_output_contents
+    metrics_b, metrics_a = b.metrics(), a.metrics()
+    assert metrics_b["densemesh_models_loaded"] == 0, "pod-b forwarded instead of loading a second copy"
+    assert metrics_b['densemesh_forwarded_requests_total{result="ok"}'] == 10
+    assert metrics_a['densemesh_requests_total{method="ModelInfer",code="OK"}'] == 11, "one hop: pod-a served them"
+
+    # pod-a dies without a goodbye; its placement lingers until the lease runs out, yet pod-b answers
+    # at once by loading the model itself.
+    a.proc.kill()
+    a.proc.wait()
+    got = b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+    assert got.raw_output_contents == want.raw_output_contents
+    assert b.metrics()["densemesh_models_loaded"] == 1
