@@ -12,7 +12,9 @@ use std::time::Duration;
 use densemesh_placement::choose::{LoadCandidate, choose_load_target};
 use densemesh_placement::{ClusterView, ModelId, Placement};
 use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use densemesh_proto::inference::{ModelInferRequest, ModelInferResponse};
+use densemesh_proto::inference::{
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+};
 use parking_lot::Mutex;
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
@@ -142,6 +144,29 @@ impl Forwarder {
         let counter = Arc::new(AtomicUsize::new(0));
         peers.insert(endpoint.to_owned(), (client.clone(), counter.clone()));
         Some((client, counter))
+    }
+
+    /// Whether a live pod other than this one holds a loaded copy.
+    pub fn loaded_elsewhere(&self, id: &ModelId) -> bool {
+        let instances: HashMap<String, densemesh_placement::InstanceRecord> =
+            self.view.instances().into_iter().collect();
+        self.view.placements(id).iter().any(|(name, p)| {
+            name != &self.instance_id
+                && matches!(p, Placement::Loaded { .. })
+                && instances.get(name).is_some_and(|r| !r.draining)
+        })
+    }
+
+    /// Asks `peer` for a model's metadata, so reading it does not load a second copy here.
+    pub async fn metadata(&self, peer: &Peer, id: &ModelId) -> Option<ModelMetadataResponse> {
+        let (mut client, _) = self.client(&peer.endpoint)?;
+        let mut outgoing =
+            tonic::Request::new(ModelMetadataRequest { name: id.to_string(), version: String::new() });
+        if let (Ok(from), Ok(model)) = (self.instance_id.parse(), id.as_str().parse()) {
+            outgoing.metadata_mut().insert(FORWARDED_HEADER, from);
+            outgoing.metadata_mut().insert(crate::router::MODEL_ID_HEADER, model);
+        }
+        client.model_metadata(outgoing).await.ok().map(tonic::Response::into_inner)
     }
 
     /// Sends the request to `peer` for model `id`. `Err` carries the status when the peer could not

@@ -123,7 +123,9 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let id = self.target(request.metadata(), &request.get_ref().name)?;
-        Ok(Response::new(ModelReadyResponse { ready: self.cache.is_loaded(&id) }))
+        // Ready when a request would be answered without a load: a copy here or on a live peer.
+        let elsewhere = self.forwarder.as_ref().is_some_and(|f| f.loaded_elsewhere(&id));
+        Ok(Response::new(ModelReadyResponse { ready: self.cache.is_loaded(&id) || elsewhere }))
     }
 
     async fn server_metadata(
@@ -143,6 +145,14 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let id = self.target(request.metadata(), &request.get_ref().name)?;
+        if let Some(forwarder) =
+            self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(request.metadata()))
+            && let Some(peer) = forwarder.route(&id)
+            && let Some(mut answer) = forwarder.metadata(&peer, &id).await
+        {
+            answer.name = id.to_string();
+            return Ok(Response::new(answer));
+        }
         let lease = self.cache.acquire(&id).await.map_err(MeshError::from)?;
         let metadata = lease.metadata();
         Ok(Response::new(ModelMetadataResponse {
