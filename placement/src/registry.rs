@@ -198,19 +198,8 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Source;
+    use crate::spec::api_spec as spec;
     use crate::store::MemoryStore;
-
-    fn spec(path: &str) -> ModelSpec {
-        ModelSpec {
-            model_type: "onnx".into(),
-            path: path.into(),
-            key: None,
-            source: Source::Api,
-            auto_delete: false,
-            generation: 0,
-        }
-    }
 
     #[tokio::test]
     async fn registration_is_idempotent_and_conflicts_are_refused() {

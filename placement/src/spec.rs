@@ -40,6 +40,19 @@ impl ModelSpec {
     }
 }
 
+/// An API-registered ONNX spec at `path`, for tests.
+#[cfg(test)]
+pub(crate) fn api_spec(path: &str) -> ModelSpec {
+    ModelSpec {
+        model_type: "onnx".into(),
+        path: path.into(),
+        key: None,
+        source: Source::Api,
+        auto_delete: false,
+        generation: 0,
+    }
+}
+
 /// An alias whose requests go to `active`; `target` is what it is moving to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -301,19 +301,8 @@ async fn relist(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Source;
+    use crate::spec::api_spec as spec;
     use crate::store::{MemoryStore, Store};
-
-    fn spec(path: &str) -> ModelSpec {
-        ModelSpec {
-            model_type: "onnx".into(),
-            path: path.into(),
-            key: None,
-            source: Source::Api,
-            auto_delete: false,
-            generation: 0,
-        }
-    }
 
     #[tokio::test]
     async fn the_view_follows_registrations_and_reads_its_writes() {
