@@ -78,7 +78,7 @@ impl Publisher {
             capacity_bytes: self.cache.config().capacity_bytes,
             used_bytes: self.cache.used_bytes(),
             models_loaded: resident.len() as u64,
-            loading: 0,
+            loading: self.cache.loading_count() as u64,
             lru_age_seconds: self.cache.lru_age().as_secs(),
             draining: false,
             started_ms: self.started_ms,
@@ -90,6 +90,7 @@ impl Publisher {
         let used_moved = old.used_bytes.abs_diff(new.used_bytes) > new.capacity_bytes / 100;
         used_moved
             || old.models_loaded != new.models_loaded
+            || old.loading != new.loading
             || old.draining != new.draining
             || old.endpoint != new.endpoint
             || old.lru_age_seconds.abs_diff(new.lru_age_seconds) > 60

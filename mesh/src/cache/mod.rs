@@ -299,6 +299,11 @@ impl ModelCache {
             .unwrap_or_default()
     }
 
+    /// Loads in progress here.
+    pub fn loading_count(&self) -> usize {
+        self.inner.state.lock().loading.len()
+    }
+
     /// Changes of this pod's copies from now on.
     pub fn copy_events(&self) -> tokio::sync::broadcast::Receiver<CopyEvent> {
         self.inner.copies.subscribe()
