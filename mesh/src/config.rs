@@ -89,6 +89,9 @@ pub struct ServeArgs {
     /// last heartbeat (renewed every third of it).
     #[arg(long, env = "DENSEMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+    /// A copy idle this long is dropped when other pods hold the same model (never the last copy).
+    #[arg(long, env = "DENSEMESH_COPY_IDLE_PERIOD", default_value = "5m", value_parser = parse_duration)]
+    pub copy_idle_period: Duration,
     /// This node's name in status answers; defaults to the host name.
     #[arg(long, env = "DENSEMESH_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -125,6 +128,7 @@ impl ServeArgs {
             instance_id: self.instance_id.unwrap_or_else(default_instance_id),
             etcd: self.etcd,
             lease_ttl: self.lease_ttl,
+            copy_idle_period: self.copy_idle_period,
             store_prefix: self.etcd_prefix,
         }
     }

@@ -10,6 +10,7 @@ pub mod admin_service;
 pub mod bytesize;
 pub mod cache;
 pub mod config;
+pub mod copies;
 pub mod error;
 pub mod forward;
 pub mod instance;

@@ -45,6 +45,8 @@ pub struct ServeConfig {
     pub store_prefix: String,
     /// TTL of this pod's lease on its instance and placement records.
     pub lease_ttl: Duration,
+    /// Idle time after which an extra copy (another pod holds one too) is dropped.
+    pub copy_idle_period: Duration,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -205,6 +207,13 @@ pub async fn run(
         lease_ttl: config.lease_ttl,
     };
     tasks.spawn(crate::instance::run(registry.clone(), cache.clone(), instance, background.clone()));
+    tasks.spawn(crate::copies::drop_idle_copies(
+        view.clone(),
+        cache.clone(),
+        config.instance_id.clone(),
+        config.copy_idle_period,
+        background.clone(),
+    ));
 
     if let Some(path) = &config.addr_file {
         write_addr_file(path, grpc_addr, metrics_addr)

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod choose;
+pub mod copies;
 pub mod eviction;
 mod model_id;
 pub mod registry;

@@ -181,3 +181,28 @@ def test_requests_reach_the_pod_that_holds_the_model_and_survive_its_death(start
     got = b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
     assert got.raw_output_contents == want.raw_output_contents
     assert b.metrics()["densemesh_models_loaded"] == 1
+
+
+def test_two_pods_racing_to_load_end_with_one_copy(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    common = ["--etcd", etcd.endpoint, "--copy-idle-period", "2s"]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b")
+    pb2, stub_a = mm(a, mmesh)
+    _, stub_b = mm(b, mmesh)
+    stub_a.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))))
+    # Both load at once (as two first requests racing on two pods would).
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda s: s.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True)), [stub_a, stub_b]))
+
+    def holders():
+        s = stub_a.getModelStatus(pb2.GetStatusRequest(modelId="m"))
+        return sorted(c.location for c in s.modelCopyInfos if pb2.ModelStatusInfo.ModelStatus.Name(c.copyStatus) == "LOADED")
+
+    wait_for(lambda: holders() == ["pod-a", "pod-b"], 30, "both copies")
+    # Once idle past --copy-idle-period, the extra copy goes and exactly one stays.
+    wait_for(lambda: holders() == ["pod-a"], 30, "the extra copy to be dropped")
+    assert b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)])).outputs[0].name == "label"
+    assert b.metrics()["densemesh_models_loaded"] == 0, "pod-b forwards to the remaining copy"

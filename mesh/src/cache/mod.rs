@@ -71,6 +71,8 @@ pub struct ResidentModel {
     pub id: ModelId,
     pub size_bytes: u64,
     pub in_flight: usize,
+    /// Time since a request last used it.
+    pub idle_for: Duration,
 }
 
 /// Finds a model's local file; blocking (called on the blocking pool). `CacheError::NotFound` for an
@@ -283,6 +285,7 @@ impl ModelCache {
                 id: id.clone(),
                 size_bytes: e.size_bytes(),
                 in_flight: e.in_flight(),
+                idle_for: e.last_used().elapsed(),
             })
             .collect()
     }
