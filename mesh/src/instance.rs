@@ -38,13 +38,32 @@ struct Publisher {
     started_ms: u64,
     lease: Option<LeaseId>,
     published: Option<(InstanceRecord, tokio::time::Instant)>,
+    draining: bool,
 }
 
-/// Keeps this pod's records until `stop`, then revokes its lease.
-pub async fn run(registry: Registry, cache: ModelCache, config: InstanceConfig, stop: CancellationToken) {
+/// Asks the publisher to mark this pod draining; answered once the record says so.
+pub type DrainRequest = tokio::sync::oneshot::Sender<()>;
+
+/// Keeps this pod's records until `stop`, then revokes its lease. A request on `drain` republishes
+/// the instance record as draining (no new loads come here) and answers when it is written.
+pub async fn run(
+    registry: Registry,
+    cache: ModelCache,
+    config: InstanceConfig,
+    mut drain: tokio::sync::mpsc::Receiver<DrainRequest>,
+    stop: CancellationToken,
+) {
     let mut events = cache.copy_events();
     let heartbeat = (config.lease_ttl / 3).max(Duration::from_millis(200));
-    let mut p = Publisher { registry, cache, config, started_ms: now_ms(), lease: None, published: None };
+    let mut p = Publisher {
+        registry,
+        cache,
+        config,
+        started_ms: now_ms(),
+        lease: None,
+        published: None,
+        draining: false,
+    };
     p.heartbeat().await;
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -57,6 +76,11 @@ pub async fn run(registry: Registry, cache: ModelCache, config: InstanceConfig, 
                 Err(RecvError::Closed) => break,
             },
             _ = tick.tick() => p.heartbeat().await,
+            Some(done) = drain.recv() => {
+                p.draining = true;
+                p.heartbeat().await;
+                let _ = done.send(());
+            }
             _ = stop.cancelled() => break,
         }
     }
@@ -80,7 +104,7 @@ impl Publisher {
             models_loaded: resident.len() as u64,
             loading: self.cache.loading_count() as u64,
             lru_age_seconds: self.cache.lru_age().as_secs(),
-            draining: false,
+            draining: self.draining,
             started_ms: self.started_ms,
         }
     }

@@ -11,6 +11,7 @@ pub mod bytesize;
 pub mod cache;
 pub mod config;
 pub mod copies;
+pub mod drain;
 pub mod error;
 pub mod forward;
 pub mod instance;

@@ -206,7 +206,14 @@ pub async fn run(
         endpoint: grpc_addr.to_string(),
         lease_ttl: config.lease_ttl,
     };
-    tasks.spawn(crate::instance::run(registry.clone(), cache.clone(), instance, background.clone()));
+    let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
+    tasks.spawn(crate::instance::run(
+        registry.clone(),
+        cache.clone(),
+        instance,
+        drain_rx,
+        background.clone(),
+    ));
     tasks.spawn(crate::copies::drop_idle_copies(
         view.clone(),
         cache.clone(),
@@ -227,6 +234,21 @@ pub async fn run(
     tokio::select! {
         result = &mut server => result?,
         () = shutdown => {
+            // Still serving while others take over: marked draining (no new loads come here), then
+            // recently used models are loaded on other pods, then in-flight requests drain.
+            let hand_off = async {
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                if drain_tx.send(done_tx).await.is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
+                }
+                let deadline = tokio::time::Instant::now() + config.shutdown_grace / 2;
+                crate::drain::hand_off(&view, &cache, &config.instance_id, deadline).await;
+            };
+            // The server keeps accepting and answering while the hand-off runs.
+            tokio::select! {
+                result = &mut server => result?,
+                () = hand_off => {}
+            }
             tracing::info!("shutting down: draining in-flight requests");
             ready.store(false, Ordering::Release);
             stop.cancel();

@@ -206,3 +206,22 @@ def test_two_pods_racing_to_load_end_with_one_copy(start_meshd, etcd, mmesh, tmp
     wait_for(lambda: holders() == ["pod-a"], 30, "the extra copy to be dropped")
     assert b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)])).outputs[0].name == "label"
     assert b.metrics()["densemesh_models_loaded"] == 0, "pod-b forwards to the remaining copy"
+
+
+def test_a_draining_pod_hands_its_recent_models_to_another_before_leaving(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    a = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-a")
+    b = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-b")
+    pb2, stub_a = mm(a, mmesh)
+    _, stub_b = mm(b, mmesh)
+    info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
+    stub_a.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info))
+    a.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))  # recently used, on pod-a only
+    assert b.metrics()["densemesh_models_loaded"] == 0
+    assert a.terminate() == 0
+    # pod-b loaded it during pod-a's drain: its first request finds the model ready.
+    assert b.metrics()["densemesh_models_loaded"] == 1
+    s = stub_b.getModelStatus(pb2.GetStatusRequest(modelId="m"))
+    assert [(c.location, pb2.ModelStatusInfo.ModelStatus.Name(c.copyStatus)) for c in s.modelCopyInfos] == [("pod-b", "LOADED")]
+    assert b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)])).outputs[0].name == "label"
