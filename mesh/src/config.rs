@@ -92,6 +92,12 @@ pub struct ServeArgs {
     /// A copy idle this long is dropped when other pods hold the same model (never the last copy).
     #[arg(long, env = "DENSEMESH_COPY_IDLE_PERIOD", default_value = "5m", value_parser = parse_duration)]
     pub copy_idle_period: Duration,
+    /// Requests per minute on one copy above which a copy is added on another pod (0: never).
+    #[arg(long, env = "DENSEMESH_COPY_ADD_RATE", default_value_t = 2000.0)]
+    pub copy_add_rate: f64,
+    /// How often request rates are checked for adding copies.
+    #[arg(long, env = "DENSEMESH_COPY_CHECK_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub copy_check_interval: Duration,
     /// This node's name in status answers; defaults to the host name.
     #[arg(long, env = "DENSEMESH_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -129,6 +135,8 @@ impl ServeArgs {
             etcd: self.etcd,
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,
+            copy_add_rate: self.copy_add_rate,
+            copy_check_interval: self.copy_check_interval,
             store_prefix: self.etcd_prefix,
         }
     }

@@ -47,6 +47,10 @@ pub struct ServeConfig {
     pub lease_ttl: Duration,
     /// Idle time after which an extra copy (another pod holds one too) is dropped.
     pub copy_idle_period: Duration,
+    /// Requests per minute on one copy above which another copy is added (0: never).
+    pub copy_add_rate: f64,
+    /// How often request rates are checked.
+    pub copy_check_interval: Duration,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -212,6 +216,14 @@ pub async fn run(
         cache.clone(),
         instance,
         drain_rx,
+        background.clone(),
+    ));
+    tasks.spawn(crate::copies::add_copies_by_load(
+        view.clone(),
+        cache.clone(),
+        config.instance_id.clone(),
+        config.copy_add_rate,
+        config.copy_check_interval,
         background.clone(),
     ));
     tasks.spawn(crate::copies::drop_idle_copies(

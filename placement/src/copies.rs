@@ -41,3 +41,32 @@ mod tests {
         }
     }
 }
+
+/// Whether to add a copy of a model on another pod: this pod's copy serves more than
+/// `threshold_per_minute` requests, no other copy is loading already, and there is a pod without one.
+pub fn add_copy(
+    rate_per_minute: f64,
+    threshold_per_minute: f64,
+    holders: usize,
+    live_pods: usize,
+    loading_elsewhere: bool,
+) -> bool {
+    threshold_per_minute > 0.0
+        && rate_per_minute > threshold_per_minute
+        && !loading_elsewhere
+        && holders < live_pods
+}
+
+#[cfg(test)]
+mod add_tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_is_added_above_the_rate_when_a_pod_is_free() {
+        assert!(add_copy(2500.0, 2000.0, 1, 3, false));
+        assert!(!add_copy(1500.0, 2000.0, 1, 3, false), "below the threshold");
+        assert!(!add_copy(2500.0, 2000.0, 1, 3, true), "one already loading");
+        assert!(!add_copy(2500.0, 2000.0, 3, 3, false), "every pod holds one");
+        assert!(!add_copy(2500.0, 0.0, 1, 3, false), "0 turns it off");
+    }
+}

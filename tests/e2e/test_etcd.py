@@ -1,6 +1,7 @@
 """meshd with its registry on a real etcd: registrations outlive the process; an etcd outage leaves
 loaded models serving and answers registry writes with UNAVAILABLE."""
 import shutil
+import time
 import socket
 import subprocess
 import sys
@@ -225,3 +226,27 @@ def test_a_draining_pod_hands_its_recent_models_to_another_before_leaving(start_
     s = stub_b.getModelStatus(pb2.GetStatusRequest(modelId="m"))
     assert [(c.location, pb2.ModelStatusInfo.ModelStatus.Name(c.copyStatus)) for c in s.modelCopyInfos] == [("pod-b", "LOADED")]
     assert b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)])).outputs[0].name == "label"
+
+
+def test_a_busy_model_gets_a_second_copy(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    common = ["--etcd", etcd.endpoint, "--copy-add-rate", "120", "--copy-check-interval", "1s"]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b")
+    pb2, stub_a = mm(a, mmesh)
+    stub_a.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))))
+    quiet = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-q", "--copy-add-rate", "0")
+    assert quiet.metrics()["densemesh_models_loaded"] == 0
+
+    def holders():
+        s = stub_a.getModelStatus(pb2.GetStatusRequest(modelId="m"))
+        return sorted(c.location for c in s.modelCopyInfos if pb2.ModelStatusInfo.ModelStatus.Name(c.copyStatus) == "LOADED")
+
+    # Well above 120 requests a minute on pod-a's copy, for a few check intervals.
+    deadline = time.monotonic() + 30
+    while len(holders()) < 2 and time.monotonic() < deadline:
+        for _ in range(20):
+            a.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+    assert len(holders()) == 2, holders()
+    assert "pod-a" in holders()

@@ -19,6 +19,8 @@ pub struct Entry {
     loaded_at: Instant,
     last_used: Mutex<Instant>,
     in_flight: AtomicUsize,
+    /// Requests served since load, for the request rate that decides copies.
+    requests: AtomicU64,
     /// Recent inference time, to decide whether a request may run inline on the async executor.
     infer_nanos: AtomicU64,
     room_freed: Arc<Notify>,
@@ -40,6 +42,7 @@ impl Entry {
             loaded_at: now,
             last_used: Mutex::new(now),
             in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
             infer_nanos: AtomicU64::new(u64::MAX),
             room_freed,
         }
@@ -74,6 +77,11 @@ impl Entry {
         *self.last_used.lock()
     }
 
+    /// Requests served since the model was loaded here.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
     pub(super) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
@@ -103,6 +111,7 @@ pub struct Lease {
 impl Lease {
     pub(super) fn new(entry: Arc<Entry>) -> Self {
         entry.in_flight.fetch_add(1, Ordering::AcqRel);
+        entry.requests.fetch_add(1, Ordering::Relaxed);
         *entry.last_used.lock() = Instant::now();
         Self { entry }
     }

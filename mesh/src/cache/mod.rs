@@ -73,6 +73,8 @@ pub struct ResidentModel {
     pub in_flight: usize,
     /// Time since a request last used it.
     pub idle_for: Duration,
+    /// Requests served since it was loaded here.
+    pub requests: u64,
 }
 
 /// Finds a model's local file; blocking (called on the blocking pool). `CacheError::NotFound` for an
@@ -286,6 +288,7 @@ impl ModelCache {
                 size_bytes: e.size_bytes(),
                 in_flight: e.in_flight(),
                 idle_for: e.last_used().elapsed(),
+                requests: e.requests(),
             })
             .collect()
     }
