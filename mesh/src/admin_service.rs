@@ -77,6 +77,29 @@ impl Admin for AdminService {
         Ok(Response::new(ListVModelsResponse { vmodels }))
     }
 
+    async fn list_instances(
+        &self,
+        _: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        let instances = self
+            .view
+            .instances()
+            .into_iter()
+            .map(|(id, r)| InstanceSummary {
+                instance_id: id,
+                endpoint: r.endpoint,
+                capacity_bytes: r.capacity_bytes,
+                used_bytes: r.used_bytes,
+                models_loaded: r.models_loaded,
+                loading: r.loading,
+                lru_age_seconds: r.lru_age_seconds,
+                requests_per_minute: r.requests_per_minute,
+                draining: r.draining,
+            })
+            .collect();
+        Ok(Response::new(ListInstancesResponse { instances }))
+    }
+
     async fn set_v_model_split(
         &self,
         request: Request<SetVModelSplitRequest>,

@@ -39,6 +39,9 @@ struct Publisher {
     lease: Option<LeaseId>,
     published: Option<(InstanceRecord, tokio::time::Instant)>,
     draining: bool,
+    /// Requests counted at the last heartbeat, and when: the rate is their difference over time.
+    last_count: Option<(u64, tokio::time::Instant)>,
+    rate_per_minute: u64,
 }
 
 /// Asks the publisher to mark this pod draining; answered once the record says so.
@@ -63,6 +66,8 @@ pub async fn run(
         lease: None,
         published: None,
         draining: false,
+        last_count: None,
+        rate_per_minute: 0,
     };
     p.heartbeat().await;
     let mut tick = tokio::time::interval(heartbeat);
@@ -104,6 +109,7 @@ impl Publisher {
             models_loaded: resident.len() as u64,
             loading: self.cache.loading_count() as u64,
             lru_age_seconds: self.cache.lru_age().as_secs(),
+            requests_per_minute: self.rate_per_minute,
             draining: self.draining,
             started_ms: self.started_ms,
         }
@@ -118,6 +124,8 @@ impl Publisher {
             || old.draining != new.draining
             || old.endpoint != new.endpoint
             || old.lru_age_seconds.abs_diff(new.lru_age_seconds) > 60
+            || old.requests_per_minute.abs_diff(new.requests_per_minute)
+                > new.requests_per_minute.max(100) / 5
     }
 
     async fn heartbeat(&mut self) {
@@ -149,6 +157,15 @@ impl Publisher {
                 }
             }
         }
+        let now = tokio::time::Instant::now();
+        let count = crate::metrics::requests_served();
+        if let Some((before, at)) = self.last_count {
+            let minutes = now.duration_since(at).as_secs_f64() / 60.0;
+            if minutes > 0.0 {
+                self.rate_per_minute = (count.saturating_sub(before) as f64 / minutes) as u64;
+            }
+        }
+        self.last_count = Some((count, now));
         let record = self.record();
         let due = match &self.published {
             None => true,

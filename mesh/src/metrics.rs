@@ -51,6 +51,20 @@ pub const SIZE_BUCKETS: &[f64] = &[
     17_179_869_184.0,
 ];
 
+/// Requests this process answered, for the request rate in its instance record (the Prometheus
+/// counter cannot be read back).
+static SERVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts one answered ModelInfer request.
+pub fn count_request() {
+    SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Requests answered so far.
+pub fn requests_served() -> u64 {
+    SERVED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Registers help text for every metric, so `/metrics` documents itself.
 pub fn describe() {
     describe_gauge!(MODELS_LOADED, "Models loaded in this pod's memory");

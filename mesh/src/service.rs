@@ -169,6 +169,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
+        m::count_request();
         let (metadata, _, request) = request.into_parts();
         self.hot.request_size.record(prost::Message::encoded_len(&request) as f64);
         match self.infer(&metadata, request).await {

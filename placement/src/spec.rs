@@ -141,6 +141,9 @@ pub struct InstanceRecord {
     pub loading: u64,
     /// Seconds since its least recently used model was used (its "LRU age").
     pub lru_age_seconds: u64,
+    /// Requests it served per minute, over the last heartbeat period.
+    #[serde(default)]
+    pub requests_per_minute: u64,
     /// Leaving: takes no new loads.
     #[serde(default)]
     pub draining: bool,

@@ -250,3 +250,30 @@ def test_a_busy_model_gets_a_second_copy(start_meshd, etcd, mmesh, tmp_path):
             a.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
     assert len(holders()) == 2, holders()
     assert "pod-a" in holders()
+
+
+def test_instances_publish_their_load(start_meshd, etcd, mmesh, tmp_path):
+    import json
+    import subprocess
+
+    from test_meshctl import MESHCTL
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(EXAMPLES / "iris-logreg", repo / "iris")
+    a = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-a", "--lease-ttl", "1s")
+
+    def instances():
+        r = subprocess.run([MESHCTL, "--addr", a.grpc_addr, "-o", "json", "instances"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return {i["instance_id"]: i for i in json.loads(r.stdout)}
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for _ in range(50):
+            a.stub.ModelInfer(raw_request("iris", [("input", "FP32", X)]))
+        me = instances().get("pod-a")
+        if me and me["requests_per_minute"] > 0 and me["models_loaded"] == 1:
+            break
+    assert me["endpoint"] == a.grpc_addr and me["used_bytes"] > 0 and not me["draining"], me
+    assert me["requests_per_minute"] > 0 and me["models_loaded"] == 1, me

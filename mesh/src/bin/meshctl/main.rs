@@ -12,7 +12,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use densemesh_mesh::config::parse_duration;
 use densemesh_mesh::loadgen::{self, LoadSpec};
 use densemesh_proto::admin::admin_client::AdminClient;
-use densemesh_proto::admin::{ListModelsRequest, ListVModelsRequest, SetVModelSplitRequest, WeightedModel};
+use densemesh_proto::admin::{
+    ListInstancesRequest, ListModelsRequest, ListVModelsRequest, SetVModelSplitRequest, WeightedModel,
+};
 use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
 use densemesh_proto::mmesh::model_status_info::ModelStatus;
 use densemesh_proto::mmesh::v_model_status_info::VModelStatus;
@@ -62,6 +64,8 @@ enum Command {
     Unregister { model_id: String },
     /// List registered models and their status on the node.
     List,
+    /// List the mesh's live pods: capacity, use, request rate.
+    Instances,
     /// A model's status.
     Status { model_id: String },
     /// Load a model and wait until it is loaded (or failed).
@@ -278,6 +282,32 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     t.push_str(&format!(
                         "\n{}\t{}\t{}\t{}\t{}\t{}",
                         m.model_id, m.r#type, m.source, m.status, m.size_bytes, m.path
+                    ));
+                }
+                t
+            });
+            Ok(())
+        }
+        Command::Instances => {
+            let instances = admin.list_instances(ListInstancesRequest {}).await?.into_inner().instances;
+            let value = json!(instances.iter().map(|i| json!({"instance_id": i.instance_id, "endpoint": i.endpoint,
+                "capacity_bytes": i.capacity_bytes, "used_bytes": i.used_bytes, "models_loaded": i.models_loaded,
+                "loading": i.loading, "lru_age_seconds": i.lru_age_seconds,
+                "requests_per_minute": i.requests_per_minute, "draining": i.draining})).collect::<Vec<_>>());
+            print(out, &value, || {
+                let mut t =
+                    String::from("INSTANCE\tENDPOINT\tUSED/CAPACITY\tMODELS\tREQ/MIN\tLRU AGE\tDRAINING");
+                for i in &instances {
+                    t.push_str(&format!(
+                        "\n{}\t{}\t{}/{}\t{}\t{}\t{}s\t{}",
+                        i.instance_id,
+                        i.endpoint,
+                        i.used_bytes,
+                        i.capacity_bytes,
+                        i.models_loaded,
+                        i.requests_per_minute,
+                        i.lru_age_seconds,
+                        i.draining
                     ));
                 }
                 t
