@@ -107,15 +107,10 @@ pub async fn add_copies_by_load(
                 .iter()
                 .filter(|(name, _)| !holders.contains(&name.as_str()))
                 .map(|(name, r)| LoadCandidate {
-                    instance: name.clone(),
-                    capacity_bytes: r.capacity_bytes,
-                    used_bytes: r.used_bytes,
-                    loading: r.loading,
-                    lru_age_seconds: r.lru_age_seconds,
-                    draining: false,
                     failed_recently: placements
                         .iter()
                         .any(|(n, p)| n == name && matches!(p, Placement::Failed { .. })),
+                    ..LoadCandidate::from_record(name, r)
                 })
                 .collect();
             let Some(target) = choose_load_target(&candidates, &instance_id, model.size_bytes) else {

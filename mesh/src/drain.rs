@@ -40,13 +40,8 @@ pub async fn hand_off(view: &ClusterView, cache: &ModelCache, this: &str, deadli
         let candidates: Vec<LoadCandidate> = instances
             .iter()
             .map(|(name, r)| LoadCandidate {
-                instance: name.clone(),
-                capacity_bytes: r.capacity_bytes,
                 used_bytes: r.used_bytes + planned.get(name).copied().unwrap_or(0),
-                loading: r.loading,
-                lru_age_seconds: r.lru_age_seconds,
-                draining: false,
-                failed_recently: false,
+                ..LoadCandidate::from_record(name, r)
             })
             .collect();
         let Some(target) = choose_load_target(&candidates, this, model.size_bytes) else { continue };

@@ -98,13 +98,8 @@ impl Forwarder {
             .iter()
             .filter(|(name, _)| *name != &self.instance_id)
             .map(|(name, r)| LoadCandidate {
-                instance: name.clone(),
-                capacity_bytes: r.capacity_bytes,
-                used_bytes: r.used_bytes,
-                loading: r.loading,
-                lru_age_seconds: r.lru_age_seconds,
-                draining: r.draining,
                 failed_recently: failed.contains(&name.as_str()),
+                ..LoadCandidate::from_record(name, r)
             })
             .collect();
         candidates.push(LoadCandidate {

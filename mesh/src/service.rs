@@ -76,7 +76,10 @@ impl InferenceService {
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse, MeshError> {
         let id = self.target(metadata, &request.model_name)?;
-        if let Some(forwarder) = self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(metadata))
+        // A local hit is served here without asking where else the model is.
+        let local = self.cache.lease_if_loaded(&id);
+        if local.is_none()
+            && let Some(forwarder) = self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(metadata))
             && let Some(peer) = forwarder.route(&id)
         {
             match forwarder.forward(&peer, &id, request.clone()).await {
@@ -90,7 +93,10 @@ impl InferenceService {
         let span = tracing::debug_span!("infer", model_id = %id, request_id = %request_id);
         async move {
             let decoded = v2::decode(request)?;
-            let lease = self.cache.acquire(&id).await?;
+            let lease = match local {
+                Some(lease) => lease,
+                None => self.cache.acquire(&id).await?,
+            };
             v2::check(id.as_str(), lease.metadata(), &decoded.request)?;
             let version = lease.version().map_or(requested_version, |v| v.to_string());
             let outputs = self.worker.infer(lease, decoded.request).await?;

@@ -20,6 +20,21 @@ pub struct LoadCandidate {
     pub failed_recently: bool,
 }
 
+impl LoadCandidate {
+    /// A pod as its published instance record describes it (not known to have failed the model).
+    pub fn from_record(instance: &str, record: &crate::InstanceRecord) -> Self {
+        Self {
+            instance: instance.to_owned(),
+            capacity_bytes: record.capacity_bytes,
+            used_bytes: record.used_bytes,
+            loading: record.loading,
+            lru_age_seconds: record.lru_age_seconds,
+            draining: record.draining,
+            failed_recently: false,
+        }
+    }
+}
+
 /// Loads in progress that count like this many extra bytes used per capacity (a tie-breaker).
 const LOADING_PENALTY: f64 = 0.05;
 

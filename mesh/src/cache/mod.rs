@@ -162,6 +162,13 @@ struct State {
     size_factor: Option<f64>,
 }
 
+impl State {
+    /// How long the least recently used model has been idle; `None` when nothing is loaded.
+    fn lru_idle(&self, now: Instant) -> Option<Duration> {
+        self.resident.iter().map(|(_, e)| now.saturating_duration_since(e.last_used())).max()
+    }
+}
+
 struct Failure {
     /// What requests get until `retry_at`.
     error: CacheError,
@@ -237,6 +244,12 @@ impl ModelCache {
         Ok(Lease::new(entry))
     }
 
+    /// A lease on the model if it is loaded here now; never starts a load. The request path's first
+    /// question: a hit costs one lock and nothing else.
+    pub fn lease_if_loaded(&self, id: &ModelId) -> Option<Lease> {
+        self.inner.state.lock().resident.get(id).map(|entry| Lease::new(entry.clone()))
+    }
+
     /// Whether a model is loaded here now; never starts a load.
     pub fn is_loaded(&self, id: &ModelId) -> bool {
         self.inner.state.lock().resident.contains(id)
@@ -295,14 +308,7 @@ impl ModelCache {
 
     /// Time since the least recently used loaded model was used (zero when none is loaded).
     pub fn lru_age(&self) -> Duration {
-        let state = self.inner.state.lock();
-        let now = Instant::now();
-        state
-            .resident
-            .iter()
-            .map(|(_, e)| now.saturating_duration_since(e.last_used()))
-            .max()
-            .unwrap_or_default()
+        self.inner.state.lock().lru_idle(Instant::now()).unwrap_or_default()
     }
 
     /// Loads in progress here.
@@ -463,7 +469,7 @@ impl Inner {
         metrics::gauge!(m::MODELS_WITH_FAILURE).set(failing as f64);
         // The LRU entry's last use; peeked without touching the order (a lease's use moves it to the
         // front only through `acquire`).
-        let lru_idle = state.resident.iter().map(|(_, e)| now.saturating_duration_since(e.last_used())).max();
+        let lru_idle = state.lru_idle(now);
         let age = lru_idle.unwrap_or_default();
         metrics::gauge!(m::LRU_AGE).set(age.as_secs_f64());
         let last_used = std::time::SystemTime::now()
