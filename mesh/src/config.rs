@@ -101,12 +101,33 @@ pub struct ServeArgs {
     /// This node's name in status answers; defaults to the host name.
     #[arg(long, env = "DENSEMESH_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// Disk cache of models pulled from object storage; defaults to densemesh-cache-<instance id>
+    /// in the system's temporary directory. Survives restarts (its index is rebuilt at start).
+    #[arg(long, env = "DENSEMESH_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Byte budget of the disk cache; least recently used models are deleted past it.
+    #[arg(long, env = "DENSEMESH_DISK_CAPACITY", default_value = "10GiB")]
+    pub disk_capacity: ByteSize,
+    /// Storage credentials in modelmesh-serving's storage-config format: a directory with one JSON
+    /// file per storage key (a mounted secret) or one JSON file of keys. Re-read when it changes.
+    #[arg(long, env = "DENSEMESH_STORAGE_CONFIG")]
+    pub storage_config: Option<PathBuf>,
+    /// Limit on each storage request, and on a response that stops sending; retried with back-off.
+    #[arg(long, env = "DENSEMESH_PULL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub pull_timeout: Duration,
 }
 
 impl ServeArgs {
     /// The server configuration these flags describe.
     pub fn into_config(self) -> ServeConfig {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
+        let cache_dir = self
+            .cache_dir
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("densemesh-cache-{instance_id}")));
+        let mut pull = densemesh_puller::PullConfig::new(cache_dir, self.disk_capacity.0);
+        pull.storage_config = self.storage_config;
+        pull.request_timeout = self.pull_timeout;
         ServeConfig {
             grpc_addr: self.grpc_addr,
             metrics_addr: self.metrics_addr,
@@ -131,7 +152,8 @@ impl ServeArgs {
             },
             shutdown_grace: self.shutdown_grace,
             addr_file: self.addr_file,
-            instance_id: self.instance_id.unwrap_or_else(default_instance_id),
+            instance_id,
+            pull,
             etcd: self.etcd,
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,

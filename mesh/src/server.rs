@@ -12,8 +12,10 @@ use densemesh_placement::view::ViewChange;
 use densemesh_placement::{ClusterView, MemoryStore, ModelId, Store};
 use densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use densemesh_proto::mmesh::model_mesh_server::ModelMeshServer;
+use densemesh_puller::Puller;
 use densemesh_runtime_core::Runtime;
 use densemesh_runtime_ort::{OrtConfig, OrtRuntime};
+use futures::FutureExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +53,8 @@ pub struct ServeConfig {
     pub copy_add_rate: f64,
     /// How often request rates are checked.
     pub copy_check_interval: Duration,
+    /// The puller: disk cache and storage credentials.
+    pub pull: densemesh_puller::PullConfig,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -74,6 +78,8 @@ pub enum ServeError {
     Registry(#[from] densemesh_placement::RegistryError),
     #[error("cannot reach etcd at {0} (--etcd): {1}")]
     Etcd(String, densemesh_placement::StoreError),
+    #[error("cannot open the disk cache or storage config (--cache-dir, --storage-config): {0}")]
+    Puller(#[from] densemesh_puller::Error),
 }
 
 /// Installs the process-wide Prometheus recorder; call once.
@@ -116,9 +122,15 @@ pub async fn run(
     let view = ClusterView::start(registry.clone()).await?;
     let report = crate::repository::sync_once(&registry, &view, &config.model_repo).await?;
     tracing::info!(models = report.registered.len(), "model repository registered");
-    let cache = ModelCache::new(config.cache.clone(), runtime, locate_registered(view.clone()));
+    let pull = config.pull.clone();
+    let puller = tokio::task::spawn_blocking(move || Puller::open(pull))
+        .await
+        .map_err(|e| ServeError::Metrics(format!("puller: {e}")))??;
+    let cache =
+        ModelCache::new(config.cache.clone(), runtime, locate_registered(view.clone(), puller.clone()));
     let background = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(reload_storage_config(puller.clone(), background.clone()));
     tasks.spawn(crate::repository::watch(
         registry.clone(),
         view.clone(),
@@ -278,25 +290,39 @@ pub async fn run(
     Ok(())
 }
 
-/// Models are found through their registered spec: the path of a file or a model directory.
-fn locate_registered(view: ClusterView) -> Locate {
+/// Models are found through their registered spec: a local file or model directory, or an object
+/// store location pulled into the disk cache.
+fn locate_registered(view: ClusterView, puller: Arc<Puller>) -> Locate {
     Arc::new(move |id| {
-        let spec =
-            view.model(id).ok_or_else(|| CacheError::NotFound(format!("model {id} not found").into()))?;
-        let failed = |reason: String| CacheError::LoadFailed {
-            model_id: id.clone(),
-            reason: reason.into(),
-            retry_in: Duration::ZERO,
-        };
-        match densemesh_puller::resolve_path(std::path::Path::new(&spec.path)) {
-            Ok(Some(local)) => Ok(local),
-            Ok(None) => Err(failed(format!(
-                "no model file at {} (expected a file, or a directory with model.onnx)",
-                spec.path
-            ))),
-            Err(e) => Err(failed(e.to_string())),
+        let (view, puller) = (view.clone(), puller.clone());
+        async move {
+            let spec = view
+                .model(&id)
+                .ok_or_else(|| CacheError::NotFound(format!("model {id} not found").into()))?;
+            puller.fetch(&spec.path, spec.key.as_deref()).await.map_err(|e| CacheError::LoadFailed {
+                model_id: id.clone(),
+                reason: e.to_string().into(),
+                retry_in: Duration::ZERO,
+            })
         }
+        .boxed()
     })
+}
+
+/// Re-reads the storage config when its files change (a Kubernetes secret update swaps a symlink,
+/// which polling sees reliably). A broken new version is reported and the old one kept.
+async fn reload_storage_config(puller: Arc<Puller>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let reloading = puller.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || reloading.reload_storage_config()).await {
+            tracing::error!(error = %e, "storage config not reloaded; keeping the previous one");
+        }
+    }
 }
 
 /// Unloads a model when it is unregistered or its spec changes, so the next request loads the new one.

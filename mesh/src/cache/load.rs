@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::ModelId;
-use densemesh_runtime_core::LoadRequest;
+use densemesh_runtime_core::{LoadRequest, ModelBytes};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -112,11 +112,14 @@ impl Inner {
         };
         metrics::histogram!(m::LOAD_QUEUE_WAIT).record(queued.elapsed().as_secs_f64());
 
-        let locate = self.locate.clone();
-        let lookup = id.clone();
-        let local = tokio::task::spawn_blocking(move || locate(&lookup))
-            .await
-            .map_err(|e| failed(format!("model lookup panicked: {e}")))??;
+        // Pulling counts against the load's deadline; a pull given up on here still finishes and
+        // lands in the disk cache for the next try.
+        let fetched = tokio::select! {
+            fetched = (self.locate)(id.clone()) => fetched?,
+            _ = tokio::time::sleep_until(deadline) => return Err(timeout_error()),
+        };
+        let local = fetched.model.clone();
+        tracing::debug!(source = fetched.source, path = %local.path.display(), "model files local");
         let capacity = self.config.capacity_bytes;
         if local.file_bytes > capacity {
             return Err(CacheError::TooLarge {
@@ -131,8 +134,20 @@ impl Inner {
         let mut reservation = self.reserve(id, predicted, 0, deadline).await?;
 
         let runtime = self.runtime.clone();
-        let request = LoadRequest { model_id: id.to_string(), path: local.path.clone() };
-        let loading = tokio::task::spawn_blocking(move || runtime.load(&request));
+        let model_id = id.to_string();
+        let loading = tokio::task::spawn_blocking(move || {
+            // Mapped here, on the blocking pool: pre-faulting reads the whole file.
+            let contents = fetched.map().map_err(|e| densemesh_runtime_core::Error::Load {
+                model_id: model_id.clone(),
+                reason: e.to_string(),
+            })?;
+            let path = fetched.model.path.clone();
+            let contents = contents.map(|m| ModelBytes(Arc::new(m)));
+            // `fetched` (and its pin on the disk-cache entry) lives until the runtime is done.
+            let loaded = runtime.load(&LoadRequest { model_id, path, contents });
+            drop(fetched);
+            loaded
+        });
         let model = tokio::select! {
             loaded = loading => loaded
                 .map_err(|e| failed(format!("runtime panicked while loading: {e}")))?

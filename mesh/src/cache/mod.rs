@@ -21,8 +21,10 @@ use std::time::Duration;
 
 use densemesh_placement::ModelId;
 use densemesh_placement::eviction::{self, Candidate, Policy, Rules};
-use densemesh_puller::{LocalModel, LocalRepository};
+use densemesh_puller::{Fetched, LocalRepository};
 use densemesh_runtime_core::Runtime;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use lru::LruCache;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore, watch};
@@ -77,24 +79,37 @@ pub struct ResidentModel {
     pub requests: u64,
 }
 
-/// Finds a model's local file; blocking (called on the blocking pool). `CacheError::NotFound` for an
-/// unknown model; anything else that fails is a load failure.
-pub type Locate = Arc<dyn Fn(&ModelId) -> Result<LocalModel, CacheError> + Send + Sync>;
+/// Makes a model's files local (pulling them if need be). `CacheError::NotFound` for an unknown
+/// model; anything else that fails is a load failure.
+pub type Locate = Arc<dyn Fn(ModelId) -> BoxFuture<'static, Result<Fetched, CacheError>> + Send + Sync>;
 
 /// Locates models in a repository directory, by id.
 pub fn locate_in(repository: LocalRepository) -> Locate {
     Arc::new(move |id| {
-        repository.resolve(id).map_err(|e| match e {
-            densemesh_puller::Error::NotFound { .. } => {
-                tracing::debug!(error = %e, "model not in the repository");
-                CacheError::NotFound(format!("model {id} not found").into())
-            }
-            other => CacheError::LoadFailed {
-                model_id: id.clone(),
-                reason: other.to_string().into(),
-                retry_in: Duration::ZERO,
-            },
-        })
+        let repository = repository.clone();
+        async move {
+            let lookup = id.clone();
+            let found =
+                tokio::task::spawn_blocking(move || repository.resolve(&lookup)).await.map_err(|e| {
+                    CacheError::LoadFailed {
+                        model_id: id.clone(),
+                        reason: format!("model lookup panicked: {e}").into(),
+                        retry_in: Duration::ZERO,
+                    }
+                })?;
+            found.map(Fetched::local).map_err(|e| match e {
+                densemesh_puller::Error::NotFound { .. } => {
+                    tracing::debug!(error = %e, "model not in the repository");
+                    CacheError::NotFound(format!("model {id} not found").into())
+                }
+                other => CacheError::LoadFailed {
+                    model_id: id.clone(),
+                    reason: other.to_string().into(),
+                    retry_in: Duration::ZERO,
+                },
+            })
+        }
+        .boxed()
     })
 }
 

@@ -11,6 +11,7 @@ mod error;
 mod tensor;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use error::{Error, Result};
 pub use tensor::{DataType, Tensor, TensorData, TensorSpec};
@@ -22,6 +23,31 @@ pub struct LoadRequest {
     pub model_id: String,
     /// The model's main file (e.g. `model.onnx`), already on local disk.
     pub path: PathBuf,
+    /// The file's bytes already in memory (a mapped disk-cache entry), for runtimes that can take
+    /// bytes; `None` to read `path`.
+    pub contents: Option<ModelBytes>,
+}
+
+impl LoadRequest {
+    pub fn from_path(model_id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self { model_id: model_id.into(), path: path.into(), contents: None }
+    }
+}
+
+/// A model file's bytes, shared (a memory map, or a buffer).
+#[derive(Clone)]
+pub struct ModelBytes(pub Arc<dyn AsRef<[u8]> + Send + Sync>);
+
+impl ModelBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        (*self.0).as_ref()
+    }
+}
+
+impl std::fmt::Debug for ModelBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ModelBytes({} bytes)", self.as_slice().len())
+    }
 }
 
 /// A model's interface as the runtime sees it, reported through V2 ModelMetadata and used to validate

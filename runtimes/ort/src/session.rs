@@ -24,9 +24,15 @@ impl OrtModel {
     pub(crate) fn load(env: &Environment, measure_lock: &Mutex<()>, request: &LoadRequest) -> Result<Self> {
         // Read under the measuring lock too: another load's file buffer would count against this one.
         let _measuring = measure_lock.lock();
-        let bytes = std::fs::read(&request.path)
-            .map_err(|source| Error::Io { path: request.path.clone(), source })?;
-        Self::build_measured(env, &request.model_id, bytes)
+        match &request.contents {
+            // Already resident (mapped and pre-faulted): counted in both readings, so it cancels out.
+            Some(contents) => Self::build_measured(env, &request.model_id, contents.as_slice()),
+            None => {
+                let bytes = std::fs::read(&request.path)
+                    .map_err(|source| Error::Io { path: request.path.clone(), source })?;
+                Self::build_measured(env, &request.model_id, &bytes)
+            }
+        }
     }
 
     /// Builds the session from bytes already in memory (a read file, later a mapped disk-cache entry).
@@ -37,20 +43,19 @@ impl OrtModel {
         bytes: Vec<u8>,
     ) -> Result<Self> {
         let _measuring = measure_lock.lock();
-        Self::build_measured(env, model_id, bytes)
+        Self::build_measured(env, model_id, &bytes)
     }
 
     /// Builds a session and measures the heap it kept; the caller holds the measuring lock, so no
-    /// other load's allocations count.
-    fn build_measured(env: &Environment, model_id: &str, bytes: Vec<u8>) -> Result<Self> {
+    /// other load's allocations count, and frees `bytes` only after this returns, so they are in
+    /// both readings and cancel out.
+    fn build_measured(env: &Environment, model_id: &str, bytes: &[u8]) -> Result<Self> {
         let load_error = |reason: String| Error::Load { model_id: model_id.to_owned(), reason };
         let file_bytes = bytes.len() as u64;
 
         let before = settled_resident_bytes();
-        let session = build_session(env, &bytes).map_err(|e| load_error(e.to_string()))?;
-        // Read before the model's bytes are freed: both readings include them, so they cancel out.
+        let session = build_session(env, bytes).map_err(|e| load_error(e.to_string()))?;
         let grown = before.zip(settled_resident_bytes()).map(|(b, a)| a.saturating_sub(b));
-        drop(bytes);
         // The session holds at least the weights; growth below that means an inference elsewhere freed
         // memory while we measured, so the file size is the better floor.
         let size_bytes = grown.unwrap_or(0).max(file_bytes);

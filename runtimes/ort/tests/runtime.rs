@@ -28,7 +28,7 @@ fn floats(v: &[f32]) -> TensorData {
 #[test]
 fn loads_reports_metadata_and_infers() {
     let (_dir, path) = write_model(RELU);
-    let model = runtime().load(&LoadRequest { model_id: "relu".into(), path }).unwrap();
+    let model = runtime().load(&LoadRequest::from_path("relu", path)).unwrap();
     let meta = model.metadata();
     assert_eq!(meta.platform, "onnxruntime_onnx");
     assert_eq!((meta.inputs[0].name.as_str(), meta.inputs[0].datatype), ("x", DataType::Fp32));
@@ -52,11 +52,8 @@ fn loading_from_memory_matches_loading_from_disk() {
 #[test]
 fn a_corrupt_file_is_a_load_error_naming_the_model() {
     let (_dir, path) = write_model(b"this is not a protobuf");
-    let err = runtime().load(&LoadRequest { model_id: "broken".into(), path }).err().unwrap();
+    let err = runtime().load(&LoadRequest::from_path("broken", path)).err().unwrap();
     assert!(matches!(err, Error::Load { ref model_id, .. } if model_id == "broken"), "{err}");
-    let missing = runtime()
-        .load(&LoadRequest { model_id: "gone".into(), path: "/nonexistent/model.onnx".into() })
-        .err()
-        .unwrap();
+    let missing = runtime().load(&LoadRequest::from_path("gone", "/nonexistent/model.onnx")).err().unwrap();
     assert!(matches!(missing, Error::Io { .. }), "{missing}");
 }

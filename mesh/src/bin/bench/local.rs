@@ -29,7 +29,7 @@ pub struct LocalLoad {
 pub fn inproc(load: &LocalLoad) -> anyhow::Result<(Histogram<u64>, Errors)> {
     let runtime = OrtRuntime::new(&OrtConfig::default()).context("starting onnxruntime")?;
     let model: Arc<dyn LoadedModel> = runtime
-        .load(&LoadRequest { model_id: "bench".into(), path: load.model_file.clone() })
+        .load(&LoadRequest::from_path("bench", load.model_file.clone()))
         .with_context(|| format!("loading {}", load.model_file.display()))?
         .into();
     let inputs = loadgen::synthetic_inputs(&model.metadata().inputs, load.batch);
@@ -104,8 +104,7 @@ pub fn cold_load(model_file: &Path, repeat: usize) -> anyhow::Result<ColdLoad> {
     for _ in 0..repeat.max(1) {
         dropped &= drop_page_cache();
         let t = Instant::now();
-        let model =
-            runtime.load(&LoadRequest { model_id: "from-disk".into(), path: model_file.to_owned() })?;
+        let model = runtime.load(&LoadRequest::from_path("from-disk", model_file))?;
         disk.push(t.elapsed());
         drop(model);
 
