@@ -103,4 +103,23 @@ pub fn describe() {
     );
     describe_gauge!(USED_BPS, "Capacity in use, in basis points (100ths of a percent)");
     describe_gauge!(MODELS_MANAGED, "Models registered (API and repository)");
+    describe_puller();
+}
+
+/// The puller's metrics (named in `densemesh_puller::metric_names`, recorded there).
+fn describe_puller() {
+    use densemesh_puller::metric_names as p;
+    describe_counter!(p::PULLER_BYTES, Unit::Bytes, "Bytes downloaded from object storage");
+    describe_histogram!(p::PULLER_DURATION, Unit::Seconds, "Time to pull a model into the disk cache");
+    describe_counter!(p::PULLS, "Pulls from object storage finished, by result (success, failure)");
+    describe_counter!(p::PULLER_RETRIES, "Storage requests retried after a failure or a timeout");
+    describe_counter!(p::DISK_CACHE_HITS, "Remote models found in the disk cache, no download");
+    describe_counter!(p::DISK_CACHE_MISSES, "Remote models that had to be downloaded");
+    describe_counter!(p::DISK_CACHE_EVICTIONS, "Disk cache entries deleted to make room");
+    describe_gauge!(
+        p::DISK_CACHE_USED_BYTES,
+        Unit::Bytes,
+        "Disk cache bytes in use, downloads in progress included"
+    );
+    describe_gauge!(p::DISK_CACHE_CAPACITY_BYTES, Unit::Bytes, "Disk cache byte budget (--disk-capacity)");
 }

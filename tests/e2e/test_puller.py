@@ -1,0 +1,172 @@
+"""Models in object storage: meshd pulls them from a real S3-compatible server (moto) into its disk
+cache, registered the way modelmesh-serving registers them, and reloads evicted models from disk."""
+import json
+import socket
+import subprocess
+import sys
+
+import boto3
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from meshd import REPO, raw_request, wait_for
+
+sys.path.insert(0, str(REPO / "examples"))
+from generate_models import make_dense_model  # noqa: E402
+
+SECRET = "moto-secret-key-do-not-log"
+KEY = json.dumps({"storage_key": "moto", "bucket": "models"})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server with two dense models uploaded, and their inputs and expected outputs."""
+    port = free_port()
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def listening():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(listening, 30, "moto to listen")
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key=SECRET, region_name="us-east-1")
+        client.create_bucket(Bucket="models")
+        work = tmp_path_factory.mktemp("s3-models")
+        expected = {}
+        for i, name in enumerate(["a", "b"]):
+            path = work / name / "model.onnx"
+            path.parent.mkdir()
+            make_dense_model(path, mb=8, seed=i)
+            client.upload_file(str(path), "models", f"dense/{name}/model.onnx")
+            session = ort.InferenceSession(str(path))
+            x = np.random.default_rng(i).standard_normal((1, 256)).astype(np.float32)
+            expected[name] = (x, session.run(None, {"x": x})[0], path.stat().st_size)
+        yield endpoint, expected
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def secret_dir(s3, tmp_path):
+    """The storage-config secret as Kubernetes mounts it: one file per storage key."""
+    endpoint, _ = s3
+    d = tmp_path / "storage-config"
+    d.mkdir()
+    (d / "moto").write_text(json.dumps({
+        "type": "s3", "access_key_id": "testing", "secret_access_key": SECRET,
+        "endpoint_url": endpoint, "region": "us-east-1", "default_bucket": "models",
+    }))
+    return d
+
+
+def start(start_meshd, tmp_path, secret_dir, cache_dir):
+    repo = tmp_path / "repo"
+    repo.mkdir(exist_ok=True)
+    # Room for one 8 MiB model: loading the other evicts it from memory (not from disk).
+    return start_meshd(repo, "--storage-config", str(secret_dir), "--cache-dir", str(cache_dir),
+                       "--capacity", "12MiB", "--load-retry-backoff", "1s")
+
+
+def predict(server, model, x):
+    response = server.stub.ModelInfer(raw_request("ignored", [("x", "FP32", x)]), metadata=[("mm-model-id", model)])
+    return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(x.shape[0], -1)
+
+
+def pulled_bytes(server):
+    return server.metrics().get("densemesh_puller_bytes_total", 0)
+
+
+def test_s3_model_is_pulled_once_and_reloaded_from_the_disk_cache_after_eviction_and_restart(
+        s3, secret_dir, start_meshd, mmesh, tmp_path):
+    _, expected = s3
+    pb2, pb2_grpc = mmesh
+    cache_dir = tmp_path / "cache"
+    server = start(start_meshd, tmp_path, secret_dir, cache_dir)
+    api = pb2_grpc.ModelMeshStub(server.channel)
+    # modelmesh-serving's form (object path + storage key JSON) and a full URI with the key.
+    api.registerModel(pb2.RegisterModelRequest(modelId="a", modelInfo=pb2.ModelInfo(
+        type="onnx", path="dense/a/model.onnx", key=KEY)))
+    api.registerModel(pb2.RegisterModelRequest(modelId="b", modelInfo=pb2.ModelInfo(
+        type="onnx", path="s3://models/dense/b/model.onnx", key=json.dumps({"storage_key": "moto"}))))
+
+    x, y, size_a = expected["a"]
+    np.testing.assert_allclose(predict(server, "a", x), y, rtol=1e-5, atol=1e-5)
+    assert pulled_bytes(server) == size_a
+    xb, yb, size_b = expected["b"]
+    np.testing.assert_allclose(predict(server, "b", xb), yb, rtol=1e-5, atol=1e-5)
+    m = server.metrics()
+    assert m["densemesh_cache_evictions_total"] >= 1, "b's load evicted a from memory"
+    assert pulled_bytes(server) == size_a + size_b
+
+    # a again: loaded from the disk cache, no second download.
+    np.testing.assert_allclose(predict(server, "a", x), y, rtol=1e-5, atol=1e-5)
+    m = server.metrics()
+    assert pulled_bytes(server) == size_a + size_b, "no byte downloaded twice"
+    assert m["densemesh_disk_cache_hits_total"] >= 1
+    assert m["densemesh_disk_cache_misses_total"] == 2
+    assert m['densemesh_model_loads_total{result="success"}'] == 3
+    assert m["densemesh_disk_cache_used_bytes"] == size_a + size_b
+
+    # A restart finds the disk cache as it was (index rebuilt from disk): no download at all.
+    first_logs = server.logs()
+    server.stop()
+    again = start(start_meshd, tmp_path, secret_dir, cache_dir)
+    again_api = pb2_grpc.ModelMeshStub(again.channel)
+    again_api.registerModel(pb2.RegisterModelRequest(modelId="a", modelInfo=pb2.ModelInfo(
+        type="onnx", path="dense/a/model.onnx", key=KEY)))
+    np.testing.assert_allclose(predict(again, "a", x), y, rtol=1e-5, atol=1e-5)
+    assert pulled_bytes(again) == 0
+    assert again.metrics()["densemesh_disk_cache_hits_total"] == 1
+    assert SECRET not in again.logs() and SECRET not in first_logs
+
+
+def test_storage_failures_are_clear_load_failures_and_never_show_the_secret(
+        s3, secret_dir, start_meshd, mmesh, tmp_path):
+    pb2, pb2_grpc = mmesh
+    server = start(start_meshd, tmp_path, secret_dir, tmp_path / "cache")
+    api = pb2_grpc.ModelMeshStub(server.channel)
+    cases = {
+        "missing-object": ("dense/nope/model.onnx", KEY, "no such key: s3://models/dense/nope/model.onnx"),
+        "unknown-key": ("dense/a/model.onnx", json.dumps({"storage_key": "elsewhere"}), "storage key elsewhere"),
+        "escaping-path": ("dense/../../etc/passwd", KEY, ".. segment"),
+    }
+    for model, (path, key, reason) in cases.items():
+        api.registerModel(pb2.RegisterModelRequest(modelId=model, modelInfo=pb2.ModelInfo(type="onnx", path=path, key=key)))
+        with pytest.raises(grpc.RpcError) as e:
+            predict(server, model, np.zeros((1, 256), dtype=np.float32))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, model
+        assert reason in e.value.details(), e.value.details()
+        status = api.getModelStatus(pb2.GetStatusRequest(modelId=model))
+        assert pb2.ModelStatusInfo.ModelStatus.Name(status.status) == "LOADING_FAILED", model
+        assert reason in status.errors[0] and SECRET not in status.errors[0], status.errors
+    m = server.metrics()
+    assert m['densemesh_model_loads_total{result="failure"}'] == 3
+    assert SECRET not in server.logs()
+
+    # The storage config is re-read when the secret changes: the unknown key starts working.
+    (secret_dir / "elsewhere").write_text((secret_dir / "moto").read_text())
+    x, y, _ = s3[1]["a"]
+
+    def loads():
+        try:
+            return (predict(server, "unknown-key", x),)
+        except grpc.RpcError:
+            return None  # the failure back-off (1 s) or the reload (every 2 s) has not passed yet
+
+    np.testing.assert_allclose(wait_for(loads, 30, "the new storage key to be used")[0], y, rtol=1e-5, atol=1e-5)
