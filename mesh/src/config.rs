@@ -95,7 +95,11 @@ pub struct ServeArgs {
     /// Requests per minute on one copy above which a copy is added on another pod (0: never).
     #[arg(long, env = "DENSEMESH_COPY_ADD_RATE", default_value_t = 2000.0)]
     pub copy_add_rate: f64,
-    /// How often request rates are checked for adding copies.
+    /// Mean time a copy's inferences wait for a worker thread, over one check interval, above which a
+    /// copy is added on another pod (0: never).
+    #[arg(long, env = "DENSEMESH_COPY_ADD_QUEUE_WAIT", default_value = "50ms", value_parser = parse_duration)]
+    pub copy_add_queue_wait: Duration,
+    /// How often request rates and queue waits are checked for adding copies.
     #[arg(long, env = "DENSEMESH_COPY_CHECK_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub copy_check_interval: Duration,
     /// This node's name in status answers; defaults to the host name.
@@ -158,6 +162,7 @@ impl ServeArgs {
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,
             copy_add_rate: self.copy_add_rate,
+            copy_add_queue_wait: self.copy_add_queue_wait,
             copy_check_interval: self.copy_check_interval,
             store_prefix: self.etcd_prefix,
         }
@@ -223,6 +228,10 @@ mod tests {
         let config = args.into_config();
         assert_eq!(config.cache.capacity_bytes, 64 << 20);
         assert_eq!(config.cache.load_timeout, Duration::from_secs(5));
+        assert_eq!(config.copy_add_queue_wait, Duration::from_millis(50));
+        let Command::Serve(args) =
+            Cli::try_parse_from(["meshd", "serve", "--copy-add-queue-wait", "0"]).unwrap().command;
+        assert_eq!(args.into_config().copy_add_queue_wait, Duration::ZERO, "0 turns the rule off");
         let bad = Cli::try_parse_from(["meshd", "serve", "--capacity", "lots"]).unwrap_err().to_string();
         assert!(bad.contains("--capacity"), "{bad}");
     }

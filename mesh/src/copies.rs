@@ -2,15 +2,23 @@
 //! raced, or load once justified a copy), each pod drops its own copy once it has been idle for
 //! `--copy-idle-period`, except the pod that `placement::copies::drop_idle_copy` says keeps it.
 //! Checked every half period: this is a timer policy, like ModelMesh's janitor, not a poll for work.
+//!
+//! Busy copies get another: [`add_copies_by_load`] applies `placement::copies::add_copy` (request
+//! rate or queue wait past a threshold) to this pod's copies every check interval.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use densemesh_placement::copies::drop_idle_copy;
-use densemesh_placement::{ClusterView, Placement};
+use densemesh_placement::choose::{LoadCandidate, choose_load_target};
+use densemesh_placement::copies::{AddCopyThresholds, Copies, CopyLoad, add_copy, drop_idle_copy};
+use densemesh_placement::{ClusterView, InstanceRecord, ModelId, Placement};
+use densemesh_proto::mmesh::EnsureLoadedRequest;
+use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::cache::ModelCache;
+use crate::worker::QueueWaits;
 
 /// Drops this pod's idle extra copies until `stop`.
 pub async fn drop_idle_copies(
@@ -51,42 +59,52 @@ pub async fn drop_idle_copies(
     }
 }
 
-/// Adds copies of busy models: every `interval`, a model whose copy here served more than
-/// `threshold_per_minute` requests gets a copy on another pod (chosen by placement), so pods without
-/// one forward across several copies. ModelMesh's starting points: 2,000 per minute, every 10 s.
+/// When [`add_copies_by_load`] adds a copy, and how often it looks.
+#[derive(Debug, Clone, Copy)]
+pub struct AddCopiesConfig {
+    pub thresholds: AddCopyThresholds,
+    pub interval: Duration,
+}
+
+/// Adds copies of busy models: every `interval`, a model whose copy here served more requests a minute
+/// than the rate threshold, or whose inferences waited longer for a worker than the queue-wait
+/// threshold (this pod is its bottleneck), gets a copy on another pod (chosen by placement), so pods
+/// without one forward across several copies. ModelMesh's starting points: 2,000 per minute, every 10 s.
+#[tracing::instrument(name = "add_copies", skip_all, fields(instance_id = %instance_id))]
 pub async fn add_copies_by_load(
     view: ClusterView,
     cache: ModelCache,
+    queue_waits: QueueWaits,
     instance_id: String,
-    threshold_per_minute: f64,
-    interval: Duration,
+    config: AddCopiesConfig,
     stop: CancellationToken,
 ) {
-    use std::collections::HashMap;
-
-    use densemesh_placement::choose::{LoadCandidate, choose_load_target};
-    use densemesh_placement::copies::add_copy;
-    use densemesh_proto::mmesh::EnsureLoadedRequest;
-    use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
-
-    if threshold_per_minute <= 0.0 {
+    if !config.thresholds.any() {
         return;
     }
-    let mut seen: HashMap<densemesh_placement::ModelId, u64> = HashMap::new();
-    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(200)));
+    let interval = config.interval.max(Duration::from_millis(200));
+    let mut seen: HashMap<ModelId, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let live: HashMap<String, densemesh_placement::InstanceRecord> =
+        let live: HashMap<String, InstanceRecord> =
             view.instances().into_iter().filter(|(_, r)| !r.draining).collect();
         let resident = cache.resident();
+        let mut waits = queue_waits.take();
         seen.retain(|id, _| resident.iter().any(|m| &m.id == id));
         for model in resident {
-            let Some(before) = seen.insert(model.id.clone(), model.requests) else { continue };
-            let rate = model.requests.saturating_sub(before) as f64 * 60.0 / interval.as_secs_f64();
+            // A model first seen now has no rate yet; its queue waits since it loaded count already.
+            let rate = seen.insert(model.id.clone(), model.requests).map_or(0.0, |before| {
+                model.requests.saturating_sub(before) as f64 * 60.0 / interval.as_secs_f64()
+            });
+            let load = CopyLoad {
+                requests_per_minute: rate,
+                queue_wait: waits.remove(&model.id).unwrap_or_default(),
+            };
             let placements = view.placements(&model.id);
             let mut holders: Vec<&str> = placements
                 .iter()
@@ -96,13 +114,14 @@ pub async fn add_copies_by_load(
             if !holders.contains(&instance_id.as_str()) {
                 holders.push(&instance_id);
             }
-            let loading_elsewhere = placements
-                .iter()
-                .any(|(name, p)| name != &instance_id && matches!(p, Placement::Loading { .. }));
-            let pods = live.len().max(holders.len());
-            if !add_copy(rate, threshold_per_minute, holders.len(), pods, loading_elsewhere) {
-                continue;
-            }
+            let copies = Copies {
+                holders: holders.len(),
+                live_pods: live.len().max(holders.len()),
+                loading_elsewhere: placements
+                    .iter()
+                    .any(|(name, p)| name != &instance_id && matches!(p, Placement::Loading { .. })),
+            };
+            let Some(reason) = add_copy(&load, &config.thresholds, &copies) else { continue };
             let candidates: Vec<LoadCandidate> = live
                 .iter()
                 .filter(|(name, _)| !holders.contains(&name.as_str()))
@@ -117,19 +136,29 @@ pub async fn add_copies_by_load(
                 continue;
             };
             let Some(endpoint) = live.get(target).map(|r| r.endpoint.clone()) else { continue };
-            tracing::info!(model_id = %model.id, rate_per_minute = rate as u64, to = %target, "adding a copy");
+            tracing::info!(
+                model_id = %model.id,
+                ?reason,
+                rate_per_minute = rate as u64,
+                queue_wait_ms = load.queue_wait.mean().unwrap_or_default().as_millis() as u64,
+                to = %target,
+                "adding a copy"
+            );
             let request =
                 EnsureLoadedRequest { model_id: model.id.to_string(), sync: false, ..Default::default() };
-            tokio::spawn(async move {
-                match ModelMeshClient::connect(format!("http://{endpoint}")).await {
-                    Ok(mut client) => {
-                        if let Err(e) = client.ensure_loaded(request).await {
-                            tracing::warn!(error = %e.message(), "could not add a copy");
+            tokio::spawn(
+                async move {
+                    match ModelMeshClient::connect(format!("http://{endpoint}")).await {
+                        Ok(mut client) => {
+                            if let Err(e) = client.ensure_loaded(request).await {
+                                tracing::warn!(error = %e.message(), "could not add a copy");
+                            }
                         }
+                        Err(e) => tracing::warn!(error = %e, "could not reach the pod for a new copy"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "could not reach the pod for a new copy"),
                 }
-            });
+                .in_current_span(),
+            );
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub copy_idle_period: Duration,
     /// Requests per minute on one copy above which another copy is added (0: never).
     pub copy_add_rate: f64,
+    /// Mean worker-queue wait of one copy above which another copy is added (zero: never).
+    pub copy_add_queue_wait: Duration,
     /// How often request rates are checked.
     pub copy_check_interval: Duration,
     /// The puller: disk cache and storage credentials.
@@ -182,9 +184,10 @@ pub async fn run(
         config.cache.load_timeout + Duration::from_secs(5),
         config.max_message_size,
     );
+    let worker = Worker::new(config.worker.clone());
+    let queue_waits = worker.queue_waits();
     let service =
-        InferenceService::new(cache.clone(), view.clone(), Worker::new(config.worker.clone()), ready.clone())
-            .with_forwarder(forwarder);
+        InferenceService::new(cache.clone(), view.clone(), worker, ready.clone()).with_forwarder(forwarder);
     let management =
         Management::new(registry.clone(), view.clone(), cache.clone(), config.instance_id.clone());
     let inference = GrpcInferenceServiceServer::new(service)
@@ -233,9 +236,15 @@ pub async fn run(
     tasks.spawn(crate::copies::add_copies_by_load(
         view.clone(),
         cache.clone(),
+        queue_waits,
         config.instance_id.clone(),
-        config.copy_add_rate,
-        config.copy_check_interval,
+        crate::copies::AddCopiesConfig {
+            thresholds: densemesh_placement::copies::AddCopyThresholds {
+                requests_per_minute: config.copy_add_rate,
+                queue_wait: config.copy_add_queue_wait,
+            },
+            interval: config.copy_check_interval,
+        },
         background.clone(),
     ));
     tasks.spawn(crate::copies::drop_idle_copies(

@@ -5,13 +5,14 @@ import time
 import socket
 import subprocess
 import sys
+import threading
 import tempfile
 from pathlib import Path
 
 import grpc
 import pytest
 
-from meshd import EXAMPLES, raw_request, wait_for
+from meshd import EXAMPLES, REPO, raw_request, wait_for
 
 import numpy as np
 
@@ -277,3 +278,58 @@ def test_instances_publish_their_load(start_meshd, etcd, mmesh, tmp_path):
             break
     assert me["endpoint"] == a.grpc_addr and me["used_bytes"] > 0 and not me["draining"], me
     assert me["requests_per_minute"] > 0 and me["models_loaded"] == 1, me
+
+
+def slow_model(parent, name="slow"):
+    """A dense model (64 layers of 256x256) whose inferences take milliseconds, so requests overlap;
+    outside any pod's repository, so it is registered through the API."""
+    if str(REPO / "examples") not in sys.path:
+        sys.path.insert(0, str(REPO / "examples"))
+    from generate_models import make_dense_model
+
+    make_dense_model(parent / name / "model.onnx", 16)
+    return parent / name
+
+
+def holders_of(stub, pb2, model):
+    s = stub.getModelStatus(pb2.GetStatusRequest(modelId=model))
+    return sorted(c.location for c in s.modelCopyInfos if pb2.ModelStatusInfo.ModelStatus.Name(c.copyStatus) == "LOADED")
+
+
+def test_a_model_whose_inferences_queue_gets_a_copy_elsewhere(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    model_dir = slow_model(tmp_path)
+    # The request-rate rule is off: only the queue wait can add the copy. One inference at a time on one
+    # ONNX Runtime thread, so the wait does not shrink with the machine's core count.
+    a = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-a", "--infer-threads", "1", "--ort-threads", "1",
+                    "--copy-add-rate", "0", "--copy-add-queue-wait", "10ms", "--copy-check-interval", "1s")
+    b = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-b", "--copy-add-rate", "0")
+    pb2, stub_a = mm(a, mmesh)
+    stub_a.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=pb2.ModelInfo(type="onnx", path=str(model_dir))))
+    x = np.random.default_rng(2).normal(size=(128, 256)).astype(np.float32)
+    request = raw_request("m", [("x", "FP32", x)])
+    a.stub.ModelInfer(request)
+    wait_for(lambda: holders_of(stub_a, pb2, "m") == ["pod-a"], 30, "pod-a's copy")
+
+    # Eight clients on one inference thread: each request waits for several others.
+    stop, errors = threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            try:
+                a.stub.ModelInfer(request, timeout=60)
+            except grpc.RpcError as err:
+                errors.append(f"{err.code()}: {err.details()}")
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: holders_of(stub_a, pb2, "m") == ["pod-a", "pod-b"], 30, "a copy on pod-b")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors
+    assert b.metrics().get('densemesh_requests_total{method="ModelInfer",code="OK"}', 0) == 0, "pod-b got no requests: the copy came from pod-a's queue"
