@@ -13,7 +13,7 @@ use densemesh_placement::ClusterView;
 
 use crate::cache::ModelCache;
 use crate::error::MeshError;
-use crate::forward::Forwarder;
+use crate::forward::{Forwarded, Forwarder};
 use crate::metrics as m;
 use crate::worker::Worker;
 use crate::{router, v2};
@@ -82,10 +82,10 @@ impl InferenceService {
             && let Some(forwarder) = self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(metadata))
             && let Some(peer) = forwarder.route(&id)
         {
-            match forwarder.forward(&peer, &id, request.clone()).await {
-                Ok(response) => return Ok(response),
-                Err(Some(status)) => return Err(MeshError::Peer(status)),
-                Err(None) => {} // unreachable or gone: serve it here
+            match forwarder.forward(peer, &id, &request).await {
+                Forwarded::Answered { answer, .. } => return Ok(answer),
+                Forwarded::Refused(status) => return Err(MeshError::Peer(status)),
+                Forwarded::ServeHere => {} // no copy could serve it: load it here
             }
         }
         let (model_name, requested_version, request_id) =
@@ -154,7 +154,7 @@ impl GrpcInferenceService for InferenceService {
         if let Some(forwarder) =
             self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(request.metadata()))
             && let Some(peer) = forwarder.route(&id)
-            && let Some(mut answer) = forwarder.metadata(&peer, &id).await
+            && let Some(mut answer) = forwarder.metadata(peer, &id).await
         {
             answer.name = id.to_string();
             return Ok(Response::new(answer));

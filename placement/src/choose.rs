@@ -4,6 +4,9 @@
 //! capacity for the predicted size, least-used fraction first (this pod on ties, to save a hop); if
 //! none has room, the pod whose least recently used model is the coldest in the cluster (cluster-wide
 //! LRU). Pods already loading many models are penalised in both orders.
+//!
+//! Where to send a request for a model other pods hold: [`choose_copy`], the least busy copy that has
+//! not already failed this request.
 
 /// A pod as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +76,28 @@ pub fn choose_load_target<'a>(
         .map(|c| c.instance.as_str())
 }
 
+/// A pod holding a loaded copy of a model, as the pod forwarding a request to it sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyHolder {
+    pub instance: String,
+    /// Requests in flight from the forwarding pod to it.
+    pub in_flight: usize,
+    /// It failed a request moments ago: likely dead, with records that outlive it until its lease runs
+    /// out, so it counts as busier than any copy that did not.
+    pub failed_recently: bool,
+}
+
+/// The copy to send a request to: the least busy (fewest requests in flight, recently failed pods
+/// last), never one in `failed` (it could not serve this request already); on ties the first listed.
+/// `None` when every copy failed.
+pub fn choose_copy<'a>(holders: &'a [CopyHolder], failed: &[&str]) -> Option<&'a str> {
+    holders
+        .iter()
+        .filter(|h| !failed.contains(&h.instance.as_str()))
+        .min_by_key(|h| (h.failed_recently, h.in_flight))
+        .map(|h| h.instance.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -130,7 +155,49 @@ mod tests {
         )
     }
 
+    fn holder(name: &str, in_flight: usize) -> CopyHolder {
+        CopyHolder { instance: name.into(), in_flight, failed_recently: false }
+    }
+
+    #[test]
+    fn copies_least_busy_first_never_a_failed_one() {
+        let copies = [holder("a", 2), holder("b", 0), holder("c", 0)];
+        assert_eq!(choose_copy(&copies, &[]), Some("b"), "the first of the least busy");
+        assert_eq!(choose_copy(&copies, &["b"]), Some("c"));
+        assert_eq!(choose_copy(&copies, &["b", "c"]), Some("a"), "a busy copy beats none");
+        assert_eq!(choose_copy(&copies, &["a", "b", "c"]), None);
+        assert_eq!(choose_copy(&[], &[]), None);
+        let shaky = [CopyHolder { failed_recently: true, ..holder("b", 0) }, holder("a", 5)];
+        assert_eq!(choose_copy(&shaky, &[]), Some("a"), "a pod that just failed goes last");
+        assert_eq!(choose_copy(&shaky, &["a"]), Some("b"), "yet before none at all");
+    }
+
     proptest! {
+        #[test]
+        fn the_copy_chosen_has_not_failed_and_is_least_busy(
+            loads in proptest::collection::vec((0usize..5, any::<bool>()), 0..8),
+            failed in proptest::collection::vec(0usize..8, 0..8),
+        ) {
+            let copies: Vec<CopyHolder> = loads
+                .iter()
+                .enumerate()
+                .map(|(i, (n, shaky))| CopyHolder { failed_recently: *shaky, ..holder(&format!("p{i}"), *n) })
+                .collect();
+            let names: Vec<String> = failed.iter().map(|i| format!("p{i}")).collect();
+            let failed: Vec<&str> = names.iter().map(String::as_str).collect();
+            let open: Vec<&CopyHolder> =
+                copies.iter().filter(|c| !failed.contains(&c.instance.as_str())).collect();
+            match choose_copy(&copies, &failed) {
+                Some(name) => {
+                    prop_assert!(!failed.contains(&name));
+                    let chosen = copies.iter().find(|c| c.instance == name).unwrap();
+                    let busyness = |c: &CopyHolder| (c.failed_recently, c.in_flight);
+                    prop_assert!(open.iter().all(|c| busyness(c) >= busyness(chosen)));
+                }
+                None => prop_assert!(open.is_empty()),
+            }
+        }
+
         #[test]
         fn the_choice_is_always_eligible(pods in proptest::collection::vec(arb_pod(), 0..8), size in 1u64..1000) {
             match choose_load_target(&pods, "a", size) {

@@ -296,6 +296,71 @@ def holders_of(stub, pb2, model):
     return sorted(c.location for c in s.modelCopyInfos if pb2.ModelStatusInfo.ModelStatus.Name(c.copyStatus) == "LOADED")
 
 
+def test_a_request_whose_copy_dies_mid_run_reaches_another_copy_without_loading_here(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    model_dir = slow_model(tmp_path)
+    # A long lease: the killed pod's copy stays in everyone's view for the whole test, so the entry pod
+    # keeps choosing it first. No copies by load: the copies are the ones the test places.
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "60s", "--copy-add-rate", "0", "--copy-add-queue-wait", "0"]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b")
+    c = start_meshd(repo, *common, "--instance-id", "pod-c")
+    pb2, stub_b = mm(b, mmesh)
+    stub_b.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=pb2.ModelInfo(type="onnx", path=str(model_dir))))
+    # pod-c loads first, pod-a second: pod-a's copy is the most recent, so pod-b tries it first.
+    mm(c, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True))
+    wait_for(lambda: holders_of(stub_b, pb2, "m") == ["pod-c"], 30, "pod-b to see pod-c's copy")
+    mm(a, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True))
+    wait_for(lambda: holders_of(stub_b, pb2, "m") == ["pod-a", "pod-c"], 30, "pod-b to see both copies")
+
+    x = np.random.default_rng(1).normal(size=(64, 256)).astype(np.float32)
+    request = raw_request("m", [("x", "FP32", x)])
+    want = b.stub.ModelInfer(request).raw_output_contents
+    assert a.metrics().get('densemesh_requests_total{method="ModelInfer",code="OK"}') == 1, "pod-a's copy is tried first"
+
+    # The model's own answer is final: not retried on pod-c, not loaded on pod-b.
+    with pytest.raises(grpc.RpcError) as e:
+        b.stub.ModelInfer(raw_request("m", [("nope", "FP32", x)]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert b.metrics()['densemesh_forwarded_requests_total{result="error"}'] == 1
+    asked_c = sum(v for k, v in c.metrics().items() if k.startswith('densemesh_requests_total{method="ModelInfer"'))
+    assert asked_c == 0, "pod-c was never asked"
+
+    # Clients keep sending through pod-b while pod-a is SIGKILLed.
+    answers, errors, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                answers.append(b.stub.ModelInfer(request, timeout=60).raw_output_contents)
+            except grpc.RpcError as err:
+                errors.append(f"{err.code()}: {err.details()}")
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: a.metrics().get('densemesh_requests_total{method="ModelInfer",code="OK"}', 0) >= 10, 60, "pod-a serving")
+        a.proc.kill()
+        a.proc.wait()
+        after_kill = len(answers)
+        wait_for(lambda: len(answers) >= after_kill + 20 or errors, 60, "answers after the kill")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors
+    assert all(got == want for got in answers)
+    metrics_b = b.metrics()
+    assert metrics_b['densemesh_forwarded_requests_total{result="retried"}'] >= 1, metrics_b
+    assert metrics_b.get('densemesh_forwarded_requests_total{result="fallback"}', 0) == 0
+    assert metrics_b["densemesh_models_loaded"] == 0, "pod-b never loaded the model itself"
+    assert metrics_b.get('densemesh_model_loads_total{result="success"}', 0) == 0
+    assert "pod-b" not in holders_of(stub_b, pb2, "m")
+    assert c.metrics()['densemesh_requests_total{method="ModelInfer",code="OK"}'] >= 20, "pod-c served them"
+
+
 def test_a_model_whose_inferences_queue_gets_a_copy_elsewhere(start_meshd, etcd, mmesh, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
