@@ -9,7 +9,6 @@ use futures::{StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::location::Remote;
 use crate::metric_names as m;
@@ -291,6 +290,10 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Bytes gathered before one positional write: per-chunk writes (a few KiB each, every one a
+/// blocking-pool round trip) cost more than the network on loopback.
+const WRITE_BATCH: usize = 8 << 20;
+
 /// Fetches one byte range into its place in `path`, resuming after a broken response. A `whole`
 /// object is hashed on the way (returned), so verifying it costs no second read.
 async fn fetch_range(
@@ -303,28 +306,14 @@ async fn fetch_range(
     policy: &Policy,
 ) -> Result<Option<String>> {
     let io = |source| Error::Io { path: path.to_owned(), source };
-    let mut file = tokio::fs::OpenOptions::new().write(true).open(path).await.map_err(io)?;
+    let file = Arc::new(std::fs::OpenOptions::new().write(true).open(path).map_err(io)?);
     let mut done = 0u64;
     let mut hasher = whole.then(Md5::new);
     let total = range.end - range.start;
-    if total == 0 {
-        return Ok(hasher.map(|h| hex(&h.finalize())));
-    }
     let mut retries = Retries::new(policy, uri);
-    loop {
-        match fetch_once(
-            store,
-            object,
-            &mut file,
-            range.start + done,
-            range.end,
-            &mut done,
-            &mut hasher,
-            uri,
-            policy,
-        )
-        .await
-        {
+    while done < total {
+        let at = Target { file: &file, path, from: range.start + done, end: range.end };
+        match fetch_once(store, object, at, &mut done, &mut hasher, uri, policy).await {
             Ok(()) if done >= total => break,
             Ok(()) => {
                 let reason = format!("response ended after {done} of {total} bytes");
@@ -333,28 +322,38 @@ async fn fetch_range(
             Err(attempt) => retries.failed(attempt).await?,
         }
     }
-    file.flush().await.map_err(io)?;
-    file.sync_data().await.map_err(io)?;
+    let synced = file.clone();
+    tokio::task::spawn_blocking(move || synced.sync_data())
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?;
     Ok(hasher.map(|h| hex(&h.finalize())))
 }
 
-/// One GET of `from..end`, appending to `file` at `from` and counting into `done`.
-#[allow(clippy::too_many_arguments)]
+/// Where one GET's bytes go.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    file: &'a Arc<std::fs::File>,
+    path: &'a Path,
+    from: u64,
+    end: u64,
+}
+
+/// One GET of `from..end`, written at `from` in batches; `done` and the hash advance only with bytes
+/// on disk, so a resumed GET starts exactly where the file stops.
 async fn fetch_once(
     store: &Arc<dyn ObjectStore>,
     object: &Object,
-    file: &mut tokio::fs::File,
-    from: u64,
-    end: u64,
+    at: Target<'_>,
     done: &mut u64,
     hasher: &mut Option<Md5>,
     uri: &str,
     policy: &Policy,
 ) -> Result<(), Attempt> {
     // A whole object from its start is a plain GET: some web servers ignore Range headers.
-    let whole_object = from == 0 && end == object.size;
+    let whole_object = at.from == 0 && at.end == object.size;
     let options = GetOptions {
-        range: (!whole_object).then_some(GetRange::Bounded(from..end)),
+        range: (!whole_object).then_some(GetRange::Bounded(at.from..at.end)),
         version: object.version.clone(),
         ..GetOptions::default()
     };
@@ -364,25 +363,77 @@ async fn fetch_once(
             Ok(Err(e)) => return Err(classify(e, uri)),
             Ok(Ok(result)) => result,
         };
-    let io = |source| Attempt::Fatal(Error::Io { path: PathBuf::from(uri), source });
-    file.seek(std::io::SeekFrom::Start(from)).await.map_err(io)?;
-    let mut left = end - from;
+    let mut left = at.end - at.from;
+    let mut offset = at.from;
+    let mut batch = Vec::with_capacity(WRITE_BATCH.min(left as usize));
+    // One batch is written (and hashed) while the next arrives.
+    let mut writing: Option<Write> = None;
     let mut body = result.into_stream();
+    let mut outcome = Ok(());
     while left > 0 {
         let chunk = match tokio::time::timeout(policy.request_timeout, body.next()).await {
-            Err(_) => return Err(Attempt::Retry { reason: "response stalled".into(), timed_out: true }),
+            Err(_) => {
+                outcome = Err(Attempt::Retry { reason: "response stalled".into(), timed_out: true });
+                break;
+            }
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(classify(e, uri)),
+            Ok(Some(Err(e))) => {
+                outcome = Err(classify(e, uri));
+                break;
+            }
             Ok(Some(Ok(chunk))) => chunk,
         };
         let chunk = if chunk.len() as u64 > left { chunk.slice(..left as usize) } else { chunk };
-        file.write_all(&chunk).await.map_err(io)?;
-        if let Some(h) = hasher.as_mut() {
-            h.update(&chunk);
-        }
         left -= chunk.len() as u64;
-        *done += chunk.len() as u64;
-        metrics::counter!(m::PULLER_BYTES).increment(chunk.len() as u64);
+        batch.extend_from_slice(&chunk);
+        if batch.len() >= WRITE_BATCH {
+            if let Some(previous) = writing.take() {
+                previous.finish(at, done, hasher).await?;
+            }
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH.min(left as usize)));
+            let len = full.len() as u64;
+            writing = Some(Write::start(at, full, offset, hasher.take()));
+            offset += len;
+        }
     }
-    Ok(())
+    if let Some(previous) = writing.take() {
+        previous.finish(at, done, hasher).await?;
+    }
+    // What arrived before a failure is kept: the retry resumes after it.
+    if !batch.is_empty() {
+        Write::start(at, batch, offset, hasher.take()).finish(at, done, hasher).await?;
+    }
+    outcome
+}
+
+/// A batch being hashed and written at its offset on the blocking pool; the hasher travels with it.
+struct Write {
+    task: tokio::task::JoinHandle<(std::io::Result<()>, Option<Md5>)>,
+    len: u64,
+}
+
+impl Write {
+    fn start(at: Target<'_>, batch: Vec<u8>, offset: u64, mut hashing: Option<Md5>) -> Self {
+        use std::os::unix::fs::FileExt;
+        let len = batch.len() as u64;
+        let file = at.file.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            if let Some(h) = hashing.as_mut() {
+                h.update(&batch);
+            }
+            (file.write_all_at(&batch, offset), hashing)
+        });
+        Self { task, len }
+    }
+
+    /// Waits for the write; only then do `done` and the hash count its bytes.
+    async fn finish(self, at: Target<'_>, done: &mut u64, hasher: &mut Option<Md5>) -> Result<(), Attempt> {
+        let io = |source| Attempt::Fatal(Error::Io { path: at.path.to_owned(), source });
+        let (written, hashing) = self.task.await.map_err(|e| io(std::io::Error::other(e)))?;
+        *hasher = hashing;
+        written.map_err(io)?;
+        *done += self.len;
+        metrics::counter!(m::PULLER_BYTES).increment(self.len);
+        Ok(())
+    }
 }

@@ -3,7 +3,8 @@
 //!
 //! - `grpc`: closed-loop KServe V2 gRPC clients against any V2 server (meshd, MLServer);
 //! - `inproc`: the same request through ONNX Runtime in this process, no network: the floor;
-//! - `cold-load`: a model's load from disk against a session built from bytes already in memory.
+//! - `cold-load`: a model's load from disk against a session built from bytes already in memory;
+//! - `pull`: an object pulled from storage into the disk cache against a `read()` of a local copy.
 
 // A binary's root resolves modules beside itself; these live in `bench/` so cargo does not take them
 // for binaries of their own.
@@ -13,6 +14,8 @@ mod figures;
 mod grpc;
 #[path = "bench/local.rs"]
 mod local;
+#[path = "bench/pull.rs"]
+mod pull;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +48,30 @@ enum Command {
         /// Loads of each kind; the median is reported.
         #[arg(long, default_value_t = 5)]
         repeat: usize,
+    },
+    /// Pull throughput from object storage into an empty disk cache, against read() of a local copy.
+    Pull {
+        /// The registered location: s3://bucket/key, http://..., or an object path with --key.
+        #[arg(long)]
+        location: String,
+        /// ModelInfo.key: a storage key name or {"storage_key": ..., "bucket": ...}.
+        #[arg(long)]
+        key: Option<String>,
+        /// The storage-config secret dir or file (as meshd's --storage-config).
+        #[arg(long)]
+        storage_config: Option<PathBuf>,
+        /// A local copy of the same bytes, for the read() baseline.
+        #[arg(long)]
+        local_file: PathBuf,
+        /// Pulls (each into a fresh cache); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Range size in MiB: objects of at least twice this are fetched in parallel ranges.
+        #[arg(long, default_value_t = 16)]
+        range_mib: u64,
+        /// Range requests in flight.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
     },
 }
 
@@ -108,6 +135,17 @@ fn main() -> anyhow::Result<()> {
         Command::ColdLoad { model_file, repeat } => {
             local::print_cold_load(&local::cold_load(&model_file, repeat)?);
             Ok(())
+        }
+        Command::Pull { location, key, storage_config, local_file, repeat, range_mib, parallel } => {
+            pull::run(&pull::PullArgs {
+                location,
+                key,
+                storage_config,
+                local_file,
+                repeat,
+                range_mib,
+                parallel,
+            })
         }
     }
 }
