@@ -244,6 +244,35 @@ async fn a_changed_storage_config_is_picked_up_and_a_broken_one_is_refused() {
     assert_eq!(p.fetch("r/model.onnx", Some(key)).await.unwrap().source, "disk-cache");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_keys_that_climb_out_of_their_prefix_never_write_outside_the_cache() {
+    let s3 = moto();
+    upload(&s3, "evil/model.onnx", &pattern(100, 11)).await;
+    // S3 keys may hold `..`; a plain (unsigned) PUT puts one there, as a hostile bucket could.
+    assert_eq!(http(s3.addr, "PUT", "/models/evil/..%2F..%2F..%2Fescaped.onnx", b"gotcha"), 200);
+    let dir = tempfile::tempdir().unwrap();
+    let p = puller(dir.path(), s3.addr, 10 << 20, |c| c.attempts = 1);
+    let outcome = p.fetch("evil", Some(KEY)).await;
+    let escaped: Vec<_> = walk(dir.path()).into_iter().filter(|f| f.ends_with("escaped.onnx")).collect();
+    for file in &escaped {
+        assert!(file.starts_with(dir.path().join("cache/entries")), "written outside an entry: {file:?}");
+    }
+    assert!(!dir.path().join("escaped.onnx").exists() && !dir.path().join("cache/escaped.onnx").exists());
+    // object_store refuses the listing; the pull fails naming the object, and nothing was written.
+    let error = outcome.err().expect("a prefix holding a climbing key is refused").to_string();
+    assert!(error.contains("escaped.onnx") && error.contains("s3://models/evil"), "{error}");
+    assert_eq!(entries(dir.path()), 0);
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
+}
+
 /// The error itself, through a coalesced pull's shared error.
 fn root(e: &Error) -> &Error {
     match e {
