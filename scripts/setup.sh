@@ -39,6 +39,17 @@ if [ ! -e "$stamp" ]; then
     touch "$stamp"
 fi
 
+# The puller's Azure test runs against Azurite, Microsoft's Azure Blob emulator, from npm.
+if [ "$what" = test ] && [ ! -x .azurite/node_modules/.bin/azurite-blob ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "setup: installing npm" >&2
+        $sudo_cmd apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq npm >/dev/null
+    fi
+    echo "setup: installing azurite into .azurite" >&2
+    npm install --prefix .azurite --no-audit --no-fund --loglevel=error azurite@3.34.0 >/dev/null
+fi
+
 # The kserve SDK conflicts with tritonclient in one interpreter (both register inference.* protobuf
 # messages) and pins an older protobuf, so its end-to-end test runs it from a venv of its own.
 if [ "$what" = test ]; then

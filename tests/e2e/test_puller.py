@@ -170,3 +170,72 @@ def test_storage_failures_are_clear_load_failures_and_never_show_the_secret(
             return None  # the failure back-off (1 s) or the reload (every 2 s) has not passed yet
 
     np.testing.assert_allclose(wait_for(loads, 30, "the new storage key to be used")[0], y, rtol=1e-5, atol=1e-5)
+
+
+# Azurite's well-known development account (public, documented by Microsoft for the emulator).
+AZURE_ACCOUNT = "devstoreaccount1"
+AZURE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory):
+    """Azurite (Microsoft's Azure Blob emulator, from npm; scripts/setup.sh installs it into .azurite)."""
+    binary = REPO / ".azurite" / "node_modules" / ".bin" / "azurite-blob"
+    assert binary.exists(), "azurite must be installed: scripts/setup.sh test"
+    port = free_port()
+    data = tmp_path_factory.mktemp("azurite")
+    proc = subprocess.Popen([str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(data),
+                             "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(listening, 60, "azurite to listen")
+        yield f"http://127.0.0.1:{port}/{AZURE_ACCOUNT}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_azure_blob_models_through_azurite(azurite, start_meshd, mmesh, tmp_path):
+    from azure.storage.blob import BlobServiceClient
+
+    endpoint = azurite
+    connection = (f"DefaultEndpointsProtocol=http;AccountName={AZURE_ACCOUNT};AccountKey={AZURE_KEY};"
+                  f"BlobEndpoint={endpoint};")
+    service = BlobServiceClient.from_connection_string(connection)
+    container = service.create_container("models")
+    model = tmp_path / "model.onnx"
+    make_dense_model(model, mb=2, seed=7)
+    with open(model, "rb") as f:
+        container.upload_blob("dense/az/model.onnx", f)
+    x = np.random.default_rng(7).standard_normal((2, 256)).astype(np.float32)
+    y = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+
+    secret = tmp_path / "storage-config"
+    secret.mkdir()
+    # One key by connection string (as the Azure SDKs take it), one by account name and key.
+    (secret / "azconn").write_text(json.dumps({"type": "azure", "connection_string": connection, "container": "models"}))
+    (secret / "azkey").write_text(json.dumps({"type": "azure", "account_name": AZURE_ACCOUNT, "account_key": AZURE_KEY,
+                                               "endpoint_url": endpoint, "container": "models"}))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = start_meshd(repo, "--storage-config", str(secret), "--cache-dir", str(tmp_path / "cache"))
+    pb2, pb2_grpc = mmesh
+    api = pb2_grpc.ModelMeshStub(server.channel)
+    api.registerModel(pb2.RegisterModelRequest(modelId="by-key", modelInfo=pb2.ModelInfo(
+        type="onnx", path="dense/az/model.onnx", key=json.dumps({"storage_key": "azconn"}))))
+    api.registerModel(pb2.RegisterModelRequest(modelId="by-uri", modelInfo=pb2.ModelInfo(
+        type="onnx", path="az://models/dense/az/model.onnx", key="azkey")))
+    for model_id in ("by-key", "by-uri"):
+        np.testing.assert_allclose(predict(server, model_id, x), y, rtol=1e-5, atol=1e-5)
+    m = server.metrics()
+    assert m["densemesh_puller_bytes_total"] == model.stat().st_size, "the second key's pull was a disk cache hit"
+    assert m["densemesh_disk_cache_hits_total"] == 1
+    assert AZURE_KEY not in server.logs()
