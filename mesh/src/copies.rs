@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cache::ModelCache;
+use crate::instance::now_ms;
 use crate::worker::QueueWaits;
 
 /// Drops this pod's idle extra copies until `stop`.
@@ -125,14 +126,10 @@ pub async fn add_copies_by_load(
             let candidates: Vec<LoadCandidate> = live
                 .iter()
                 .filter(|(name, _)| !holders.contains(&name.as_str()))
-                .map(|(name, r)| LoadCandidate {
-                    failed_recently: placements
-                        .iter()
-                        .any(|(n, p)| n == name && matches!(p, Placement::Failed { .. })),
-                    ..LoadCandidate::from_record(name, r)
-                })
+                .map(|(name, r)| LoadCandidate::from_record(name, r, &placements))
                 .collect();
-            let Some(target) = choose_load_target(&candidates, &instance_id, model.size_bytes) else {
+            let Some(target) = choose_load_target(&candidates, &instance_id, model.size_bytes, now_ms())
+            else {
                 continue;
             };
             let Some(endpoint) = live.get(target).map(|r| r.endpoint.clone()) else { continue };

@@ -11,6 +11,7 @@ use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
 use tokio::time::Instant;
 
 use crate::cache::ModelCache;
+use crate::instance::now_ms;
 
 /// Models used within this window are handed off; colder ones just go.
 pub const RECENT: Duration = Duration::from_secs(600);
@@ -30,8 +31,8 @@ pub async fn hand_off(view: &ClusterView, cache: &ModelCache, this: &str, deadli
             tracing::warn!("drain deadline reached; remaining models are not handed off");
             return;
         }
-        let held_elsewhere = view
-            .placements(&model.id)
+        let placements = view.placements(&model.id);
+        let held_elsewhere = placements
             .iter()
             .any(|(name, p)| instances.contains_key(name) && matches!(p, Placement::Loaded { .. }));
         if held_elsewhere {
@@ -41,10 +42,12 @@ pub async fn hand_off(view: &ClusterView, cache: &ModelCache, this: &str, deadli
             .iter()
             .map(|(name, r)| LoadCandidate {
                 used_bytes: r.used_bytes + planned.get(name).copied().unwrap_or(0),
-                ..LoadCandidate::from_record(name, r)
+                ..LoadCandidate::from_record(name, r, &placements)
             })
             .collect();
-        let Some(target) = choose_load_target(&candidates, this, model.size_bytes) else { continue };
+        let Some(target) = choose_load_target(&candidates, this, model.size_bytes, now_ms()) else {
+            continue;
+        };
         let Some(record) = instances.get(target) else { continue };
         *planned.entry(target.to_owned()).or_default() += model.size_bytes;
         let request =

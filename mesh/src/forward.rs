@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use densemesh_placement::choose::{CopyHolder, LoadCandidate, choose_copy, choose_load_target};
+use densemesh_placement::choose::{
+    CopyHolder, LoadCandidate, choose_copy, choose_load_target, retry_after_ms,
+};
 use densemesh_placement::{ClusterView, InstanceRecord, ModelId, Placement};
 use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use densemesh_proto::inference::{
@@ -97,19 +99,13 @@ impl Forwarder {
         {
             return live(name).map(|r| Peer { instance: name.clone(), endpoint: r.endpoint.clone() });
         }
-        let failed: Vec<&str> = placements
-            .iter()
-            .filter(|(_, p)| matches!(p, Placement::Failed { .. }))
-            .map(|(name, _)| name.as_str())
-            .collect();
         let mut candidates: Vec<LoadCandidate> = instances
             .iter()
             .filter(|(name, _)| *name != &self.instance_id)
-            .map(|(name, r)| LoadCandidate {
-                failed_recently: failed.contains(&name.as_str()),
-                ..LoadCandidate::from_record(name, r)
-            })
+            .map(|(name, r)| LoadCandidate::from_record(name, r, &placements))
             .collect();
+        // This pod as its cache says now, but backing off as its own record says, like every other
+        // pod: while it would only answer with its remembered failure, a pod that may load goes first.
         candidates.push(LoadCandidate {
             instance: self.instance_id.clone(),
             capacity_bytes: self.cache.config().capacity_bytes,
@@ -117,9 +113,9 @@ impl Forwarder {
             loading: 0,
             lru_age_seconds: self.cache.lru_age().as_secs(),
             draining: false,
-            failed_recently: false,
+            retry_after_ms: retry_after_ms(&placements, &self.instance_id),
         });
-        let target = choose_load_target(&candidates, &self.instance_id, 1)?;
+        let target = choose_load_target(&candidates, &self.instance_id, 1, crate::instance::now_ms())?;
         if target == self.instance_id {
             return None;
         }
@@ -501,25 +497,38 @@ mod tests {
     /// A forwarder on pod "me" whose view has `copies` (instance, endpoint) each holding a loaded copy
     /// of model "m", the first listed being the most recently loaded (so tried first on a tie).
     async fn forwarder_with_copies(copies: &[(&str, &str)]) -> Forwarder {
+        let records: Vec<(&str, Option<&str>, Placement)> = copies
+            .iter()
+            .enumerate()
+            .map(|(i, (instance, endpoint))| {
+                (*instance, Some(*endpoint), Placement::Loaded { since_ms: 1000 - i as u64, size_bytes: 1 })
+            })
+            .collect();
+        forwarder_with_records(&records).await
+    }
+
+    /// A forwarder on pod "me" whose view has, for model "m", a placement record per
+    /// (instance, endpoint, record), and an instance record for each one with an endpoint.
+    async fn forwarder_with_records(records: &[(&str, Option<&str>, Placement)]) -> Forwarder {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let registry = Registry::new(store.clone(), "t");
         let model = ModelId::new("m").unwrap();
-        for (i, (instance, endpoint)) in copies.iter().enumerate() {
-            let record = InstanceRecord {
-                endpoint: (*endpoint).to_owned(),
-                capacity_bytes: 1 << 30,
-                used_bytes: 0,
-                models_loaded: 1,
-                loading: 0,
-                lru_age_seconds: 0,
-                requests_per_minute: 0,
-                draining: false,
-                started_ms: 0,
-            };
-            store.put(&registry.instance_key(instance), encode(&record), None).await.unwrap();
-            let since_ms = 1000 - i as u64;
-            let copy = Placement::Loaded { since_ms, size_bytes: 1 };
-            store.put(&registry.placement_key(&model, instance), encode(&copy), None).await.unwrap();
+        for (instance, endpoint, copy) in records {
+            if let Some(endpoint) = endpoint {
+                let record = InstanceRecord {
+                    endpoint: (*endpoint).to_owned(),
+                    capacity_bytes: 1 << 30,
+                    used_bytes: 0,
+                    models_loaded: 1,
+                    loading: 0,
+                    lru_age_seconds: 0,
+                    requests_per_minute: 0,
+                    draining: false,
+                    started_ms: 0,
+                };
+                store.put(&registry.instance_key(instance), encode(&record), None).await.unwrap();
+            }
+            store.put(&registry.placement_key(&model, instance), encode(copy), None).await.unwrap();
         }
         let view = ClusterView::start(registry).await.unwrap();
         let locate: crate::cache::Locate = Arc::new(|id: ModelId| {
@@ -527,6 +536,32 @@ mod tests {
         });
         let cache = ModelCache::new(CacheConfig::default(), Arc::new(NoRuntime), locate);
         Forwarder::new("me".into(), view, cache, Duration::from_secs(10), 1 << 20)
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_failed_the_model_gets_it_again_only_once_its_back_off_ends() {
+        let now = crate::instance::now_ms();
+        let failed = |retry_after_ms: u64| Placement::Failed {
+            since_ms: now - 10,
+            reason: "bad".into(),
+            retry_after_ms,
+        };
+        let model = ModelId::new("m").unwrap();
+        let hour = 3_600_000;
+        // This pod is backing off too, so only the peer's back-off decides.
+        let route = |peer_retry_after_ms: u64| async move {
+            let forwarder = forwarder_with_records(&[
+                ("me", None, failed(now + hour)),
+                ("peer", Some("127.0.0.1:1"), failed(peer_retry_after_ms)),
+            ])
+            .await;
+            forwarder.route(&ModelId::new("m").unwrap()).map(|p| p.instance)
+        };
+        assert_eq!(route(now + hour).await, None, "nobody may load it: served here, with the failure");
+        assert_eq!(route(now - 1).await.as_deref(), Some("peer"), "the peer's back-off is over");
+        // A peer whose back-off is over still comes after this pod when this pod never failed it.
+        let forwarder = forwarder_with_records(&[("peer", Some("127.0.0.1:1"), failed(now - 1))]).await;
+        assert_eq!(forwarder.route(&model), None);
     }
 
     async fn forward(forwarder: &Forwarder, request_id: &str) -> Forwarded<ModelInferResponse> {

@@ -27,8 +27,15 @@ pub struct InstanceConfig {
     pub lease_ttl: Duration,
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the epoch: the clock placement records' times are on.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `t` in milliseconds since the epoch, rounded up: other pods must not see a back-off end before
+/// this pod's own cache lets the model load again.
+fn epoch_ms_rounded_up(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos().div_ceil(1_000_000) as u64)
 }
 
 struct Publisher {
@@ -196,7 +203,10 @@ impl Publisher {
         let (id, record) = match event {
             CopyEvent::Loading(id) => (id, Some(Placement::Loading { since_ms })),
             CopyEvent::Loaded { id, size_bytes } => (id, Some(Placement::Loaded { since_ms, size_bytes })),
-            CopyEvent::Failed { id, reason } => (id, Some(Placement::Failed { since_ms, reason })),
+            CopyEvent::Failed { id, reason, retry_at } => {
+                let retry_after_ms = epoch_ms_rounded_up(retry_at);
+                (id, Some(Placement::Failed { since_ms, reason, retry_after_ms }))
+            }
             CopyEvent::Gone(id) => (id, None),
         };
         let key = self.registry.placement_key(&id, &self.config.id);
@@ -210,5 +220,103 @@ impl Publisher {
                 self.lease = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use densemesh_placement::view::ViewChange;
+    use densemesh_placement::{ClusterView, MemoryStore, ModelId, Store};
+    use densemesh_runtime_core::{LoadRequest, LoadedModel, Runtime};
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::cache::{CacheConfig, Locate};
+    use crate::error::CacheError;
+
+    /// Never reached: the model's files already fail to be found.
+    struct NoRuntime;
+
+    impl Runtime for NoRuntime {
+        fn name(&self) -> &'static str {
+            "none"
+        }
+
+        fn load(&self, _: &LoadRequest) -> densemesh_runtime_core::Result<Box<dyn LoadedModel>> {
+            Err(densemesh_runtime_core::Error::RuntimeUnavailable("not in this test".into()))
+        }
+    }
+
+    /// Waits for the next change `want` accepts: a notification, not a poll.
+    async fn next_change(
+        changes: &mut tokio::sync::broadcast::Receiver<ViewChange>,
+        want: impl Fn(&ViewChange) -> bool,
+    ) {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !want(&changes.recv().await.unwrap()) {}
+        });
+        waited.await.expect("the change within 10 s");
+    }
+
+    #[tokio::test]
+    async fn a_failed_load_is_published_with_the_end_of_its_back_off() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let registry = Registry::new(store, "t");
+        let view = ClusterView::start(registry.clone()).await.unwrap();
+        let mut changes = view.subscribe();
+        let locate: Locate = Arc::new(|id: ModelId| {
+            async move {
+                Err(CacheError::LoadFailed {
+                    model_id: id,
+                    reason: "storage says no".into(),
+                    retry_in: Duration::ZERO,
+                })
+            }
+            .boxed()
+        });
+        let backoff = Duration::from_secs(30);
+        let config = CacheConfig { retry_backoff: backoff, max_retry_backoff: backoff, ..Default::default() };
+        let cache = ModelCache::new(config, Arc::new(NoRuntime), locate);
+        let stop = CancellationToken::new();
+        let (_drain, drain_requests) = tokio::sync::mpsc::channel(1);
+        let instance = InstanceConfig {
+            id: "pod-a".into(),
+            endpoint: "127.0.0.1:1".into(),
+            lease_ttl: Duration::from_secs(30),
+        };
+        let publisher = tokio::spawn(run(registry, cache.clone(), instance, drain_requests, stop.clone()));
+        // Joined (so listening to the cache's events) once its instance record shows.
+        next_change(&mut changes, |c| matches!(c, ViewChange::Instance(i) if i == "pod-a")).await;
+
+        let model = ModelId::new("m").unwrap();
+        let before = now_ms();
+        assert!(matches!(cache.acquire(&model).await, Err(CacheError::LoadFailed { .. })));
+        let after = now_ms();
+        let failed = loop {
+            next_change(&mut changes, |c| matches!(c, ViewChange::Placement(_))).await;
+            if let Some((_, p @ Placement::Failed { .. })) = view.placements(&model).into_iter().next() {
+                break p;
+            }
+        };
+        let Placement::Failed { since_ms, reason, retry_after_ms } = failed else { unreachable!() };
+        assert!(reason.contains("storage says no"), "{reason}");
+        let backoff_ms = backoff.as_millis() as u64;
+        assert!(
+            (before + backoff_ms..=after + backoff_ms + 1).contains(&retry_after_ms),
+            "the back-off ends {retry_after_ms}, the load failed between {before} and {after}"
+        );
+        assert!(since_ms >= before && since_ms < retry_after_ms);
+        stop.cancel();
+        publisher.await.unwrap();
+    }
+
+    #[test]
+    fn back_off_ends_round_up_to_the_millisecond() {
+        let at = |nanos: u64| UNIX_EPOCH + Duration::from_nanos(nanos);
+        assert_eq!(epoch_ms_rounded_up(at(5_000_000)), 5);
+        assert_eq!(epoch_ms_rounded_up(at(5_000_001)), 6);
+        assert_eq!(epoch_ms_rounded_up(UNIX_EPOCH), 0);
     }
 }

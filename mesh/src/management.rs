@@ -61,7 +61,7 @@ impl Management {
             let (status, time) = match placement {
                 Placement::Loading { since_ms } => (ModelStatus::Loading, since_ms),
                 Placement::Loaded { since_ms, .. } => (ModelStatus::Loaded, since_ms),
-                Placement::Failed { since_ms, reason } => {
+                Placement::Failed { since_ms, reason, .. } => {
                     errors.push(format!("{instance}: {reason}"));
                     (ModelStatus::LoadingFailed, since_ms)
                 }

@@ -1,12 +1,15 @@
 //! Where to load a model no pod holds: a pure decision over what the cluster view says.
 //!
-//! Among live pods that are not draining and have not failed this model recently: one with free
-//! capacity for the predicted size, least-used fraction first (this pod on ties, to save a hop); if
-//! none has room, the pod whose least recently used model is the coldest in the cluster (cluster-wide
-//! LRU). Pods already loading many models are penalised in both orders.
+//! Among live pods that are not draining and are not backing off from a failed load of this model: one
+//! with free capacity for the predicted size, least-used fraction first (this pod on ties, to save a
+//! hop); if none has room, the pod whose least recently used model is the coldest in the cluster
+//! (cluster-wide LRU). In both orders, pods that failed the model before (their back-off over) come
+//! after pods that never did, and pods already loading many models are penalised.
 //!
 //! Where to send a request for a model other pods hold: [`choose_copy`], the least busy copy that has
 //! not already failed this request.
+
+use crate::{InstanceRecord, Placement};
 
 /// A pod as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,13 +22,16 @@ pub struct LoadCandidate {
     /// Seconds since its least recently used model was used.
     pub lru_age_seconds: u64,
     pub draining: bool,
-    /// It failed to load this model and the back-off has not passed.
-    pub failed_recently: bool,
+    /// Set when its last load of this model failed: when that failure's back-off ends (ms since the
+    /// epoch). It is never chosen before then, since it would only answer with the remembered
+    /// failure; after, it may be chosen again, behind pods that never failed the model.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl LoadCandidate {
-    /// A pod as its published instance record describes it (not known to have failed the model).
-    pub fn from_record(instance: &str, record: &crate::InstanceRecord) -> Self {
+    /// A pod as its published instance record and its placement record for the model (among
+    /// `copies`, the model's records by instance) describe it.
+    pub fn from_record(instance: &str, record: &InstanceRecord, copies: &[(String, Placement)]) -> Self {
         Self {
             instance: instance.to_owned(),
             capacity_bytes: record.capacity_bytes,
@@ -33,23 +39,41 @@ impl LoadCandidate {
             loading: record.loading,
             lru_age_seconds: record.lru_age_seconds,
             draining: record.draining,
-            failed_recently: false,
+            retry_after_ms: retry_after_ms(copies, instance),
         }
     }
+
+    /// Whether it is still backing off from a failed load of this model at `now_ms`.
+    pub fn backing_off(&self, now_ms: u64) -> bool {
+        self.retry_after_ms.is_some_and(|end| now_ms < end)
+    }
+
+    /// Whether its last load of this model failed, back-off over or not.
+    fn failed_before(&self) -> bool {
+        self.retry_after_ms.is_some()
+    }
+}
+
+/// When `instance`'s back-off from its failed load ends, from the model's placement records
+/// (`copies`, by instance); `None` when its record does not say the load failed.
+pub fn retry_after_ms(copies: &[(String, Placement)], instance: &str) -> Option<u64> {
+    copies.iter().find(|(name, _)| name == instance).and_then(|(_, p)| p.retry_after_ms())
 }
 
 /// Loads in progress that count like this many extra bytes used per capacity (a tie-breaker).
 const LOADING_PENALTY: f64 = 0.05;
 
-/// The pod to load a model of `predicted_bytes` on, preferring `this` on ties; `None` when no pod can.
+/// The pod to load a model of `predicted_bytes` on at `now_ms` (ms since the epoch, the clock the
+/// candidates' back-offs are on), preferring `this` on ties; `None` when no pod can.
 pub fn choose_load_target<'a>(
     candidates: &'a [LoadCandidate],
     this: &str,
     predicted_bytes: u64,
+    now_ms: u64,
 ) -> Option<&'a str> {
     let eligible = candidates
         .iter()
-        .filter(|c| !c.draining && !c.failed_recently && c.capacity_bytes >= predicted_bytes);
+        .filter(|c| !c.draining && !c.backing_off(now_ms) && c.capacity_bytes >= predicted_bytes);
     let fraction = |c: &LoadCandidate| {
         c.used_bytes as f64 / c.capacity_bytes.max(1) as f64 + LOADING_PENALTY * c.loading as f64
     };
@@ -57,8 +81,9 @@ pub fn choose_load_target<'a>(
         .clone()
         .filter(|c| c.capacity_bytes.saturating_sub(c.used_bytes) >= predicted_bytes)
         .min_by(|a, b| {
-            fraction(a)
-                .total_cmp(&fraction(b))
+            a.failed_before()
+                .cmp(&b.failed_before())
+                .then_with(|| fraction(a).total_cmp(&fraction(b)))
                 .then_with(|| (b.instance == this).cmp(&(a.instance == this)))
                 .then_with(|| a.instance.cmp(&b.instance))
         });
@@ -67,8 +92,9 @@ pub fn choose_load_target<'a>(
     }
     eligible
         .max_by(|a, b| {
-            a.lru_age_seconds
-                .cmp(&b.lru_age_seconds)
+            b.failed_before()
+                .cmp(&a.failed_before())
+                .then_with(|| a.lru_age_seconds.cmp(&b.lru_age_seconds))
                 .then_with(|| b.loading.cmp(&a.loading))
                 .then_with(|| (a.instance == this).cmp(&(b.instance == this)))
                 .then_with(|| b.instance.cmp(&a.instance))
@@ -104,6 +130,9 @@ mod tests {
 
     use super::*;
 
+    /// Any time: the back-offs in these tables are relative to it.
+    const NOW: u64 = 1_700_000_000_000;
+
     fn pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCandidate {
         LoadCandidate {
             instance: name.into(),
@@ -112,47 +141,127 @@ mod tests {
             loading: 0,
             lru_age_seconds: lru,
             draining: false,
-            failed_recently: false,
+            retry_after_ms: None,
         }
+    }
+
+    fn failed(pod: LoadCandidate, retry_after_ms: u64) -> LoadCandidate {
+        LoadCandidate { retry_after_ms: Some(retry_after_ms), ..pod }
     }
 
     #[test]
     fn prefers_room_then_least_used_then_this_pod() {
         let pods = [pod("a", 100, 80, 0), pod("b", 100, 30, 0), pod("me", 100, 30, 0)];
-        assert_eq!(choose_load_target(&pods, "me", 10), Some("me"), "ties go to this pod");
-        assert_eq!(choose_load_target(&pods, "x", 10), Some("b"));
-        assert_eq!(choose_load_target(&pods, "x", 50), Some("b"), "only b and me have 50 free");
+        assert_eq!(choose_load_target(&pods, "me", 10, NOW), Some("me"), "ties go to this pod");
+        assert_eq!(choose_load_target(&pods, "x", 10, NOW), Some("b"));
+        assert_eq!(choose_load_target(&pods, "x", 50, NOW), Some("b"), "only b and me have 50 free");
     }
 
     #[test]
     fn without_room_the_coldest_lru_in_the_cluster_goes() {
         let pods = [pod("a", 100, 100, 30), pod("b", 100, 95, 600), pod("c", 100, 90, 5)];
-        assert_eq!(choose_load_target(&pods, "a", 20), Some("b"));
+        assert_eq!(choose_load_target(&pods, "a", 20, NOW), Some("b"));
     }
 
     #[test]
-    fn never_draining_failed_or_too_small() {
+    fn never_draining_backing_off_or_too_small() {
         let mut draining = pod("d", 1000, 0, 999);
         draining.draining = true;
-        let mut failed = pod("f", 1000, 0, 999);
-        failed.failed_recently = true;
+        let backing_off = failed(pod("f", 1000, 0, 999), NOW + 1);
         let small = pod("s", 10, 0, 999);
-        assert_eq!(choose_load_target(&[draining, failed, small.clone()], "x", 50), None);
-        assert_eq!(choose_load_target(&[small], "x", 5), Some("s"));
+        assert_eq!(choose_load_target(&[draining, backing_off, small.clone()], "x", 50, NOW), None);
+        assert_eq!(choose_load_target(&[small], "x", 5, NOW), Some("s"));
     }
 
+    #[test]
+    fn a_failed_pod_is_skipped_exactly_until_its_back_off_ends() {
+        let f = failed(pod("f", 1000, 0, 999), NOW + 2_000);
+        for (now, want) in
+            [(NOW, None), (NOW + 1_999, None), (NOW + 2_000, Some("f")), (NOW + 3_600_000, Some("f"))]
+        {
+            assert_eq!(choose_load_target(std::slice::from_ref(&f), "f", 50, now), want, "at {now}");
+        }
+        // This pod too: its own back-off sends the model elsewhere, even when it would win the tie.
+        let pods = [failed(pod("me", 100, 0, 0), NOW + 2_000), pod("b", 100, 90, 0)];
+        assert_eq!(choose_load_target(&pods, "me", 5, NOW), Some("b"));
+    }
+
+    #[test]
+    fn a_pod_that_failed_before_comes_after_pods_that_never_did() {
+        let over = NOW - 1;
+        // With room: behind a busier pod that never failed, even as this pod on a tie.
+        let pods = [failed(pod("me", 100, 0, 0), over), pod("b", 100, 50, 0)];
+        assert_eq!(choose_load_target(&pods, "me", 10, NOW), Some("b"));
+        // Yet room still beats the penalty: loading where it fits evicts nothing.
+        let pods = [failed(pod("f", 100, 0, 0), over), pod("full", 100, 100, 999)];
+        assert_eq!(choose_load_target(&pods, "x", 10, NOW), Some("f"));
+        // Without room anywhere: behind a warmer LRU that never failed.
+        let pods = [failed(pod("f", 100, 100, 999), over), pod("c", 100, 100, 5)];
+        assert_eq!(choose_load_target(&pods, "x", 10, NOW), Some("c"));
+        // Among pods that all failed it before, the usual order.
+        let pods = [failed(pod("f", 100, 60, 0), over), failed(pod("g", 100, 20, 0), 0)];
+        assert_eq!(choose_load_target(&pods, "x", 10, NOW), Some("g"));
+    }
+
+    #[test]
+    fn the_back_off_is_read_from_the_pods_own_placement_record() {
+        let record = InstanceRecord {
+            endpoint: "127.0.0.1:1".into(),
+            capacity_bytes: 100,
+            used_bytes: 10,
+            models_loaded: 1,
+            loading: 2,
+            lru_age_seconds: 30,
+            requests_per_minute: 0,
+            draining: false,
+            started_ms: 0,
+        };
+        let copies = [
+            ("a".to_owned(), Placement::Failed { since_ms: 1, reason: "bad".into(), retry_after_ms: 500 }),
+            ("b".to_owned(), Placement::Loaded { since_ms: 1, size_bytes: 5 }),
+            ("c".to_owned(), Placement::Loading { since_ms: 1 }),
+        ];
+        let a = LoadCandidate::from_record("a", &record, &copies);
+        assert_eq!((a.capacity_bytes, a.used_bytes, a.loading, a.lru_age_seconds), (100, 10, 2, 30));
+        assert_eq!(a.retry_after_ms, Some(500));
+        assert!(a.backing_off(499) && !a.backing_off(500));
+        for other in ["b", "c", "never-held-it"] {
+            assert_eq!(LoadCandidate::from_record(other, &record, &copies).retry_after_ms, None, "{other}");
+        }
+    }
+
+    /// Back-off ends and `now` drawn from one small range, so every ordering of the two comes up.
     fn arb_pod() -> impl Strategy<Value = LoadCandidate> {
-        ("[a-e]", 1u64..1000, 0u64..1200, 0u64..5, 0u64..10_000, any::<bool>(), any::<bool>()).prop_map(
-            |(name, capacity, used, loading, lru, draining, failed)| LoadCandidate {
-                instance: name,
-                capacity_bytes: capacity,
-                used_bytes: used.min(capacity),
-                loading,
-                lru_age_seconds: lru,
-                draining,
-                failed_recently: failed,
-            },
+        (
+            "[a-e]",
+            1u64..1000,
+            0u64..1200,
+            0u64..5,
+            0u64..10_000,
+            any::<bool>(),
+            proptest::option::of(0u64..20_000),
         )
+            .prop_map(|(name, capacity, used, loading, lru, draining, retry_after_ms)| {
+                LoadCandidate {
+                    instance: name,
+                    capacity_bytes: capacity,
+                    used_bytes: used.min(capacity),
+                    loading,
+                    lru_age_seconds: lru,
+                    draining,
+                    retry_after_ms,
+                }
+            })
+    }
+
+    /// Pods with distinct names, so a name picks out one pod.
+    fn arb_pods(max: usize) -> impl Strategy<Value = Vec<LoadCandidate>> {
+        proptest::collection::vec(arb_pod(), 0..max).prop_map(|pods| {
+            pods.into_iter()
+                .enumerate()
+                .map(|(i, p)| LoadCandidate { instance: format!("{}{i}", p.instance), ..p })
+                .collect()
+        })
     }
 
     fn holder(name: &str, in_flight: usize) -> CopyHolder {
@@ -199,18 +308,64 @@ mod tests {
         }
 
         #[test]
-        fn the_choice_is_always_eligible(pods in proptest::collection::vec(arb_pod(), 0..8), size in 1u64..1000) {
-            match choose_load_target(&pods, "a", size) {
+        fn the_choice_is_always_eligible(pods in arb_pods(8), size in 1u64..1000, now in 0u64..20_000) {
+            let eligible = |p: &LoadCandidate| !p.draining && !p.backing_off(now) && p.capacity_bytes >= size;
+            match choose_load_target(&pods, "a0", size, now) {
                 Some(name) => {
-                    let ok = pods.iter().any(|p| p.instance == name && !p.draining && !p.failed_recently && p.capacity_bytes >= size);
-                    prop_assert!(ok, "chose an ineligible pod");
+                    let chosen = pods.iter().find(|p| p.instance == name).unwrap();
+                    prop_assert!(eligible(chosen), "chose an ineligible pod");
                     // With room somewhere, the choice has room.
-                    let room = |p: &LoadCandidate| !p.draining && !p.failed_recently && p.capacity_bytes - p.used_bytes >= size;
+                    let room = |p: &LoadCandidate| eligible(p) && p.capacity_bytes - p.used_bytes >= size;
                     if pods.iter().any(room) {
-                        prop_assert!(pods.iter().any(|p| p.instance == name && room(p)));
+                        prop_assert!(room(chosen));
+                    }
+                    // A pod that failed the model before goes only where no pod that never did is
+                    // as good: none with room when it has room, none at all when nobody has room.
+                    if chosen.retry_after_ms.is_some() {
+                        let peers_of = |p: &LoadCandidate| if room(chosen) { room(p) } else { eligible(p) };
+                        prop_assert!(!pods.iter().any(|p| p.retry_after_ms.is_none() && peers_of(p)));
                     }
                 }
-                None => prop_assert!(pods.iter().all(|p| p.draining || p.failed_recently || p.capacity_bytes < size)),
+                None => prop_assert!(!pods.iter().any(eligible)),
+            }
+        }
+
+        /// A pod whose back-off runs is as good as absent; once it has ended, exactly when no longer
+        /// matters and the pod can be chosen again (and is, when it is the only one that can load it).
+        #[test]
+        fn never_chosen_while_its_back_off_runs_eligible_again_after(
+            others in arb_pods(6),
+            retry_after_ms in 0u64..20_000,
+            // Often right at the end of the back-off, where an off-by-one would show.
+            now_offset in prop_oneof![-2i64..=2, -20_000i64..20_000],
+            size in 1u64..1000,
+            used in 0u64..1000,
+        ) {
+            let now = retry_after_ms.saturating_add_signed(now_offset);
+            let target = LoadCandidate {
+                instance: "target".into(),
+                capacity_bytes: size.max(used),
+                used_bytes: used.min(size),
+                loading: 0,
+                lru_age_seconds: 0,
+                draining: false,
+                retry_after_ms: Some(retry_after_ms),
+            };
+            let mut pods = others.clone();
+            pods.push(target.clone());
+            let chosen = choose_load_target(&pods, "target", size, now);
+            let alone = choose_load_target(std::slice::from_ref(&target), "target", size, now);
+            if now < retry_after_ms {
+                prop_assert_ne!(chosen, Some("target"));
+                prop_assert_eq!(chosen, choose_load_target(&others, "target", size, now));
+                prop_assert_eq!(alone, None);
+            } else {
+                prop_assert!(chosen.is_some());
+                let long_over = LoadCandidate { retry_after_ms: Some(0), ..target.clone() };
+                let mut same = others.clone();
+                same.push(long_over);
+                prop_assert_eq!(chosen, choose_load_target(&same, "target", size, now));
+                prop_assert_eq!(alone, Some("target"));
             }
         }
     }

@@ -127,6 +127,22 @@ mod tests {
         assert_eq!(choose(&split(&[("a", 0)]), 7), None);
         assert_eq!(choose(&[], 7), None);
     }
+
+    #[test]
+    fn a_failed_record_carries_its_back_off_and_old_records_still_read() {
+        let failed = Placement::Failed { since_ms: 10, reason: "bad".into(), retry_after_ms: 2_010 };
+        let json = serde_json::to_string(&failed).unwrap();
+        assert!(json.contains("\"retry_after_ms\":2010"), "{json}");
+        assert_eq!(serde_json::from_str::<Placement>(&json).unwrap(), failed);
+        assert_eq!(failed.retry_after_ms(), Some(2_010));
+
+        // Written before the field existed: readable, and its back-off counts as over.
+        let old: Placement =
+            serde_json::from_str(r#"{"state":"failed","since_ms":10,"reason":"bad"}"#).unwrap();
+        assert_eq!(old.retry_after_ms(), Some(0));
+        assert_eq!(Placement::Loaded { since_ms: 1, size_bytes: 2 }.retry_after_ms(), None);
+        assert_eq!(Placement::Loading { since_ms: 1 }.retry_after_ms(), None);
+    }
 }
 
 /// A pod, as it publishes itself under its lease: gone when the pod is.
@@ -154,9 +170,24 @@ pub struct InstanceRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Placement {
-    Loading { since_ms: u64 },
-    Loaded { since_ms: u64, size_bytes: u64 },
-    Failed { since_ms: u64, reason: String },
+    Loading {
+        since_ms: u64,
+    },
+    Loaded {
+        since_ms: u64,
+        size_bytes: u64,
+    },
+    /// The pod's last load of the model failed. The record stays after the back-off ends (until the
+    /// pod loads the model again or leaves), so placement reads `retry_after_ms`, not the state alone.
+    Failed {
+        since_ms: u64,
+        reason: String,
+        /// When the pod's back-off ends and it will try the model again, in milliseconds since the
+        /// epoch on its own clock. Records written before this field existed read as 0: over, so an
+        /// old record never keeps a pod from the model.
+        #[serde(default)]
+        retry_after_ms: u64,
+    },
 }
 
 impl Placement {
@@ -165,6 +196,15 @@ impl Placement {
             Placement::Loading { since_ms }
             | Placement::Loaded { since_ms, .. }
             | Placement::Failed { since_ms, .. } => *since_ms,
+        }
+    }
+
+    /// When the back-off of a failed load ends (ms since the epoch); `None` unless the last load
+    /// failed. The end may be in the past: the pod failed the model once but will try it again.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Placement::Failed { retry_after_ms, .. } => Some(*retry_after_ms),
+            Placement::Loading { .. } | Placement::Loaded { .. } => None,
         }
     }
 }

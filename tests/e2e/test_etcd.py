@@ -398,3 +398,52 @@ def test_a_model_whose_inferences_queue_gets_a_copy_elsewhere(start_meshd, etcd,
             t.join(timeout=60)
     assert not errors, errors
     assert b.metrics().get('densemesh_requests_total{method="ModelInfer",code="OK"}', 0) == 0, "pod-b got no requests: the copy came from pod-a's queue"
+
+
+def test_a_pod_that_failed_a_model_gets_it_again_once_its_back_off_ends(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    model_dir = tmp_path / "flaky"
+    model_dir.mkdir()
+    (model_dir / "model.onnx").write_bytes(b"\x08\x07garbage that is not a model")
+    # pod-b backs off for a second, pod-a for ten minutes: once pod-b's back-off is over, only
+    # placement's reading of it decides whether pod-a may send the model there.
+    common = ["--etcd", etcd.endpoint, "--copy-add-rate", "0", "--copy-add-queue-wait", "0"]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a", "--load-retry-backoff", "10m", "--max-load-retry-backoff", "10m")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b", "--load-retry-backoff", "1s", "--max-load-retry-backoff", "1s")
+    pb2, stub_a = mm(a, mmesh)
+    stub_a.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=pb2.ModelInfo(type="onnx", path=str(model_dir))))
+    request = raw_request("m", [("input", "FP32", X)])
+
+    def copies_seen_by_a():
+        s = stub_a.getModelStatus(pb2.GetStatusRequest(modelId="m"))
+        return {(c.location, pb2.ModelStatusInfo.ModelStatus.Name(c.copyStatus)) for c in s.modelCopyInfos}
+
+    # Both pods empty: pod-b loads it itself (ties go to the pod asked) and fails.
+    with pytest.raises(grpc.RpcError) as e:
+        b.stub.ModelInfer(request)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "failed to load" in e.value.details(), e.value.details()
+    wait_for(lambda: ("pod-b", "LOADING_FAILED") in copies_seen_by_a(), 30, "pod-a to see pod-b's failure")
+    # pod-a never failed it, so it goes before pod-b (backing off, or failed before): it loads it and fails.
+    with pytest.raises(grpc.RpcError) as e:
+        a.stub.ModelInfer(request)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+    assert copies_seen_by_a() == {("pod-a", "LOADING_FAILED"), ("pod-b", "LOADING_FAILED")}
+
+    # The model is fixed. pod-a is backing off for ten minutes; pod-b's failed record stays, yet once
+    # its back-off ends pod-a sends the request there, and pod-b loads the model.
+    shutil.copy(EXAMPLES / "iris-logreg" / "model.onnx", model_dir / "model.onnx")
+
+    def served():
+        try:
+            return a.stub.ModelInfer(request, timeout=60)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "failed to load" in err.details(), err.details()
+            return None
+
+    assert [o.name for o in wait_for(served, 30, "pod-b to load the model once its back-off ends").outputs] == ["label", "probabilities"]
+    metrics_a, metrics_b = a.metrics(), b.metrics()
+    assert metrics_a['densemesh_forwarded_requests_total{result="ok"}'] == 1, "pod-b served it"
+    assert metrics_a["densemesh_models_loaded"] == 0 and metrics_b["densemesh_models_loaded"] == 1
+    assert metrics_a.get('densemesh_model_loads_total{result="failure"}') == 1, "pod-a kept to its own back-off"
+    wait_for(lambda: copies_seen_by_a() == {("pod-a", "LOADING_FAILED"), ("pod-b", "LOADED")}, 30, "pod-b's copy")

@@ -83,7 +83,15 @@ impl Inner {
         self.emit(match &result {
             Ok(entry) => super::CopyEvent::Loaded { id: id.clone(), size_bytes: entry.size_bytes() },
             Err(e @ (CacheError::LoadFailed { .. } | CacheError::TooLarge { .. })) => {
-                super::CopyEvent::Failed { id: id.clone(), reason: e.to_string() }
+                // The back-off just recorded (gone only if the model was unloaded since: no wait).
+                let retry_in = self
+                    .state
+                    .lock()
+                    .failures
+                    .get(&id)
+                    .map_or(Duration::ZERO, |f| f.retry_at.saturating_duration_since(Instant::now()));
+                let retry_at = std::time::SystemTime::now() + retry_in;
+                super::CopyEvent::Failed { id: id.clone(), reason: e.to_string(), retry_at }
             }
             Err(_) => super::CopyEvent::Gone(id.clone()),
         });

@@ -138,6 +138,8 @@ pub enum CopyEvent {
     Failed {
         id: ModelId,
         reason: String,
+        /// When the back-off ends and this pod will try again (wall clock, so other pods can read it).
+        retry_at: std::time::SystemTime,
     },
     /// Evicted, unloaded, or a load that ended without a copy.
     Gone(ModelId),
