@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// This node's name in status answers; defaults to the host name.
     #[arg(long, env = "DENSEMESH_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// How long an etcd outage may last before new loads are refused with UNAVAILABLE; until then
+    /// they go on from the in-memory view (loaded models are served however long it lasts).
+    #[arg(long, env = "DENSEMESH_REGISTRY_OUTAGE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub registry_outage_grace: Duration,
     /// Disk cache of models pulled from object storage; defaults to densemesh-cache-<instance id>
     /// in the system's temporary directory. Survives restarts (its index is rebuilt at start).
     #[arg(long, env = "DENSEMESH_CACHE_DIR")]
@@ -158,6 +162,7 @@ impl ServeArgs {
             addr_file: self.addr_file,
             instance_id,
             pull,
+            registry_outage_grace: self.registry_outage_grace,
             etcd: self.etcd,
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,

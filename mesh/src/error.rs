@@ -20,6 +20,9 @@ pub enum CacheError {
     NoRoom { model_id: ModelId, reason: Arc<str> },
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Cluster mode with the registry unreachable for too long: no new loads (see `RegistryHealth`).
+    #[error("model {model_id} is not loaded here and cannot be loaded now: {reason}")]
+    RegistryUnreachable { model_id: ModelId, reason: Arc<str> },
 }
 
 impl CacheError {

@@ -6,6 +6,8 @@
 //! changed materially, and at least every `REPUBLISH` (never per request). Placement records follow
 //! the cache's copy events as they happen.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use densemesh_placement::registry::{Registry, encode};
@@ -25,6 +27,50 @@ pub struct InstanceConfig {
     pub id: String,
     pub endpoint: String,
     pub lease_ttl: Duration,
+    /// Told when the registry stops answering the heartbeat, and when it answers again.
+    pub health: RegistryHealth,
+}
+
+/// Whether the registry answers this pod's heartbeats. Loaded models keep serving through an outage
+/// whatever its length; new loads go on from the in-memory view through a short one (a restart of
+/// etcd), and are refused with UNAVAILABLE once it has lasted past `grace`: by then the view may be
+/// stale (models unregistered or placed elsewhere), and loads cannot be published.
+#[derive(Debug, Clone)]
+pub struct RegistryHealth {
+    /// Epoch milliseconds of the first failed heartbeat of the current outage; 0 while healthy.
+    failing_since_ms: Arc<AtomicU64>,
+    grace: Duration,
+}
+
+impl RegistryHealth {
+    pub fn new(grace: Duration) -> Self {
+        Self { failing_since_ms: Arc::default(), grace }
+    }
+
+    fn failed(&self, at_ms: u64) {
+        metrics::gauge!(crate::metrics::REGISTRY_UP).set(0.0);
+        let _ = self.failing_since_ms.compare_exchange(0, at_ms.max(1), Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn answered(&self) {
+        metrics::gauge!(crate::metrics::REGISTRY_UP).set(1.0);
+        if self.failing_since_ms.swap(0, Ordering::AcqRel) != 0 {
+            tracing::info!("the registry answers again");
+        }
+    }
+
+    /// Why a new load must be refused now, if it must.
+    pub fn refusal(&self, now_ms: u64) -> Option<String> {
+        let since = self.failing_since_ms.load(Ordering::Acquire);
+        let down_for = Duration::from_millis(now_ms.saturating_sub(since));
+        (since != 0 && down_for > self.grace).then(|| {
+            format!(
+                "the registry (etcd) has not answered for {}s (--registry-outage-grace {}s); new loads are refused until it does, loaded models keep serving",
+                down_for.as_secs(),
+                self.grace.as_secs()
+            )
+        })
+    }
 }
 
 /// Wall-clock milliseconds since the epoch: the clock placement records' times are on.
@@ -139,12 +185,14 @@ impl Publisher {
         let store = self.registry.store().clone();
         if let Some(lease) = self.lease {
             match store.keep_alive(lease).await {
-                Ok(()) => {}
+                Ok(()) => self.config.health.answered(),
                 Err(StoreError::LeaseNotFound(_)) => {
+                    self.config.health.answered();
                     tracing::warn!(instance_id = %self.config.id, "lease expired (store unreachable too long?); rejoining");
                     self.lease = None;
                 }
                 Err(e) => {
+                    self.config.health.failed(now_ms());
                     tracing::warn!(error = %e, "cannot renew this pod's lease");
                     return;
                 }
@@ -153,12 +201,14 @@ impl Publisher {
         if self.lease.is_none() {
             match store.grant_lease(self.config.lease_ttl).await {
                 Ok(lease) => {
+                    self.config.health.answered();
                     self.lease = Some(lease);
                     self.published = None;
                     self.republish_copies().await;
                     tracing::info!(instance_id = %self.config.id, endpoint = %self.config.endpoint, "joined the registry");
                 }
                 Err(e) => {
+                    self.config.health.failed(now_ms());
                     tracing::warn!(error = %e, "cannot join the registry; retrying");
                     return;
                 }
@@ -285,6 +335,7 @@ mod tests {
             id: "pod-a".into(),
             endpoint: "127.0.0.1:1".into(),
             lease_ttl: Duration::from_secs(30),
+            health: RegistryHealth::new(Duration::from_secs(30)),
         };
         let publisher = tokio::spawn(run(registry, cache.clone(), instance, drain_requests, stop.clone()));
         // Joined (so listening to the cache's events) once its instance record shows.
@@ -318,5 +369,18 @@ mod tests {
         assert_eq!(epoch_ms_rounded_up(at(5_000_000)), 5);
         assert_eq!(epoch_ms_rounded_up(at(5_000_001)), 6);
         assert_eq!(epoch_ms_rounded_up(UNIX_EPOCH), 0);
+    }
+
+    #[test]
+    fn new_loads_are_refused_only_once_an_outage_outlasts_its_grace() {
+        let health = RegistryHealth::new(Duration::from_secs(30));
+        assert_eq!(health.refusal(1_000_000), None, "healthy");
+        health.failed(1_000_000);
+        health.failed(1_020_000); // later failures of the same outage do not move its start
+        assert_eq!(health.refusal(1_030_000), None, "30 s down: still within the grace");
+        let reason = health.refusal(1_031_000).expect("31 s down: refused");
+        assert!(reason.contains("31s") && reason.contains("--registry-outage-grace 30s"), "{reason}");
+        health.answered();
+        assert_eq!(health.refusal(1_100_000), None, "back: loads again");
     }
 }

@@ -57,6 +57,8 @@ pub struct ServeConfig {
     pub copy_check_interval: Duration,
     /// The puller: disk cache and storage credentials.
     pub pull: densemesh_puller::PullConfig,
+    /// How long the registry may be unreachable before new loads are refused.
+    pub registry_outage_grace: Duration,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -128,8 +130,13 @@ pub async fn run(
     let puller = tokio::task::spawn_blocking(move || Puller::open(pull))
         .await
         .map_err(|e| ServeError::Metrics(format!("puller: {e}")))??;
-    let cache =
+    let health = crate::instance::RegistryHealth::new(config.registry_outage_grace);
+    let mut cache =
         ModelCache::new(config.cache.clone(), runtime, locate_registered(view.clone(), puller.clone()));
+    if !config.etcd.is_empty() {
+        let health = health.clone();
+        cache = cache.with_load_gate(Arc::new(move || health.refusal(crate::instance::now_ms())));
+    }
     let background = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(reload_storage_config(puller.clone(), background.clone()));
@@ -224,6 +231,7 @@ pub async fn run(
         id: config.instance_id.clone(),
         endpoint: grpc_addr.to_string(),
         lease_ttl: config.lease_ttl,
+        health,
     };
     let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
     tasks.spawn(crate::instance::run(

@@ -118,6 +118,34 @@ def test_an_etcd_outage_keeps_loaded_models_serving(start_meshd, etcd, mmesh, tm
     assert server.stub.ModelInfer(raw_request("n", [("input", "FP32", X)])).outputs[0].name == "label"
 
 
+def test_an_etcd_outage_past_its_grace_refuses_new_loads_with_the_reason_and_recovers(start_meshd, etcd, mmesh, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = start_meshd(repo, "--etcd", etcd.endpoint, "--lease-ttl", "3s", "--registry-outage-grace", "2s")
+    pb2, stub = mm(server, mmesh)
+    info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
+    stub.registerModel(pb2.RegisterModelRequest(modelId="loaded", modelInfo=info, loadNow=True, sync=True))
+    stub.registerModel(pb2.RegisterModelRequest(modelId="cold", modelInfo=info))
+    etcd.stop()
+    wait_for(lambda: server.metrics().get("densemesh_registry_up") == 0, 30, "the heartbeat to notice the outage")
+    time.sleep(2.5)  # past --registry-outage-grace
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.ModelInfer(raw_request("cold", [("input", "FP32", X)]))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "registry (etcd) has not answered" in e.value.details() and "cold" in e.value.details(), e.value.details()
+    assert server.stub.ModelInfer(raw_request("loaded", [("input", "FP32", X)])).outputs[0].name == "label"
+    etcd.start()
+
+    def cold_loads():
+        try:
+            return server.stub.ModelInfer(raw_request("cold", [("input", "FP32", X)])).outputs[0].name == "label"
+        except grpc.RpcError:
+            return False
+
+    wait_for(cold_loads, 60, "new loads once etcd answers again")
+    assert server.metrics()["densemesh_registry_up"] == 1
+
+
 def test_every_pod_sees_every_copy_and_a_dead_pods_copies_vanish(start_meshd, etcd, mmesh, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

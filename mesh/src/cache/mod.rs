@@ -113,6 +113,9 @@ pub fn locate_in(repository: LocalRepository) -> Locate {
     })
 }
 
+/// Asked before a new load starts: `Some(reason)` refuses it (cluster mode, registry unreachable).
+pub type LoadGate = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Where one model stands in this pod's cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CopyStatus {
@@ -155,6 +158,7 @@ struct Inner {
     config: CacheConfig,
     runtime: Arc<dyn Runtime>,
     locate: Locate,
+    load_gate: Option<LoadGate>,
     state: Mutex<State>,
     load_permits: Semaphore,
     /// Signalled whenever bytes may have become free: a lease dropped, a model left, a load gave up.
@@ -203,6 +207,7 @@ impl ModelCache {
             config,
             runtime,
             locate,
+            load_gate: None,
             state: Mutex::new(State {
                 resident: LruCache::unbounded(),
                 loading: HashMap::new(),
@@ -218,6 +223,15 @@ impl ModelCache {
             copies: tokio::sync::broadcast::channel(4096).0,
         };
         Self { inner: Arc::new(inner) }
+    }
+
+    /// Adds a check before every new load; call before the cache is cloned.
+    pub fn with_load_gate(mut self, gate: LoadGate) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.load_gate = Some(gate),
+            None => tracing::error!("load gate set after the cache was shared; ignored"),
+        }
+        self
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -243,7 +257,15 @@ impl ModelCache {
             }
             match state.loading.get(id) {
                 Some(outcome) => outcome.clone(),
-                None => self.start_load(&mut state, id),
+                None => {
+                    if let Some(reason) = self.inner.load_gate.as_ref().and_then(|gate| gate()) {
+                        return Err(CacheError::RegistryUnreachable {
+                            model_id: id.clone(),
+                            reason: reason.into(),
+                        });
+                    }
+                    self.start_load(&mut state, id)
+                }
             }
         };
         let waited = Instant::now();
