@@ -357,7 +357,6 @@ mod tests {
         GrpcInferenceService, GrpcInferenceServiceServer,
     };
     use densemesh_proto::inference::*;
-    use densemesh_runtime_core::{LoadRequest, LoadedModel, Runtime};
     use futures::FutureExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tonic::{Code, Request, Response, Status};
@@ -365,19 +364,7 @@ mod tests {
     use super::*;
     use crate::cache::CacheConfig;
     use crate::error::CacheError;
-
-    /// The forwarding pod never loads in these tests: serving here is the outcome being checked.
-    struct NoRuntime;
-
-    impl Runtime for NoRuntime {
-        fn name(&self) -> &'static str {
-            "none"
-        }
-
-        fn load(&self, _: &LoadRequest) -> densemesh_runtime_core::Result<Box<dyn LoadedModel>> {
-            Err(densemesh_runtime_core::Error::RuntimeUnavailable("not in this test".into()))
-        }
-    }
+    use crate::test_support::NoRuntime;
 
     /// A peer that answers every ModelInfer the same way, counting the calls and any not marked as
     /// forwarded.

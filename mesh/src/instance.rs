@@ -279,25 +279,12 @@ mod tests {
 
     use densemesh_placement::view::ViewChange;
     use densemesh_placement::{ClusterView, MemoryStore, ModelId, Store};
-    use densemesh_runtime_core::{LoadRequest, LoadedModel, Runtime};
     use futures::FutureExt;
 
     use super::*;
     use crate::cache::{CacheConfig, Locate};
     use crate::error::CacheError;
-
-    /// Never reached: the model's files already fail to be found.
-    struct NoRuntime;
-
-    impl Runtime for NoRuntime {
-        fn name(&self) -> &'static str {
-            "none"
-        }
-
-        fn load(&self, _: &LoadRequest) -> densemesh_runtime_core::Result<Box<dyn LoadedModel>> {
-            Err(densemesh_runtime_core::Error::RuntimeUnavailable("not in this test".into()))
-        }
-    }
+    use crate::test_support::NoRuntime;
 
     /// Waits for the next change `want` accepts: a notification, not a poll.
     async fn next_change(

@@ -23,6 +23,8 @@ pub mod repository;
 pub mod router;
 pub mod server;
 pub mod service;
+#[cfg(test)]
+mod test_support;
 pub mod v2;
 pub mod vmodels;
 pub mod worker;

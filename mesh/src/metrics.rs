@@ -84,7 +84,10 @@ pub fn describe() {
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Time to answer one ModelInfer request, by code");
     describe_counter!(REQUESTS, "ModelInfer requests answered, by gRPC code");
     describe_histogram!(QUEUE_WAIT, Unit::Seconds, "Time an inference waited for a worker thread");
-    describe_counter!(FORWARDED_REQUESTS, "Requests forwarded to another pod");
+    describe_counter!(
+        FORWARDED_REQUESTS,
+        "Requests forwarded to another pod, by result (ok, retried, error, fallback)"
+    );
     describe_histogram!(REQUEST_SIZE, Unit::Bytes, "Size of each ModelInfer request message");
     describe_histogram!(RESPONSE_SIZE, Unit::Bytes, "Size of each ModelInfer response message");
     describe_histogram!(

@@ -53,7 +53,7 @@ pub struct ServeConfig {
     pub copy_add_rate: f64,
     /// Mean worker-queue wait of one copy above which another copy is added (zero: never).
     pub copy_add_queue_wait: Duration,
-    /// How often request rates are checked.
+    /// How often request rates and queue waits are checked.
     pub copy_check_interval: Duration,
     /// The puller: disk cache and storage credentials.
     pub pull: densemesh_puller::PullConfig,
