@@ -10,6 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::disk::{DiskCache, Manifest, ManifestFile, Pin};
 use crate::fetch::{self, Object, Policy};
@@ -162,15 +163,16 @@ impl Puller {
                     .ok_or(Error::NoModelFile { uri: shown })?;
                 Ok(Fetched::local(model))
             }
-            Location::Remote(remote) => self.fetch_remote(remote).await,
+            Location::Remote(remote) => {
+                let span = tracing::info_span!("pull", uri = %remote.uri());
+                self.fetch_remote(remote).instrument(span).await
+            }
         }
     }
 
     async fn fetch_remote(self: &Arc<Self>, remote: Remote) -> Result<Fetched> {
         let started = Instant::now();
         let uri = remote.uri();
-        let span = tracing::info_span!("pull", %uri);
-        let _enter = span.enter();
         let store = self.store_for(&remote)?;
         let objects = match fetch::list(&store, &remote, &self.policy).await {
             Ok(objects) => objects,
@@ -203,14 +205,17 @@ impl Puller {
                         let this = self.clone();
                         let (remote, objects, digest) = (remote.clone(), objects.clone(), digest.clone());
                         let store = store.clone();
-                        tokio::spawn(async move {
-                            let outcome = this.download(&store, &remote, &objects, &digest).await;
-                            this.inflight.lock().remove(&digest);
-                            if let Err(e) = &outcome {
-                                tracing::warn!(uri = %remote.uri(), error = %e, "pull failed");
+                        tokio::spawn(
+                            async move {
+                                let outcome = this.download(&store, &remote, &objects, &digest).await;
+                                this.inflight.lock().remove(&digest);
+                                if let Err(e) = &outcome {
+                                    tracing::warn!(uri = %remote.uri(), error = %e, "pull failed");
+                                }
+                                tx.send_replace(Some(outcome.map_err(Arc::new)));
                             }
-                            tx.send_replace(Some(outcome.map_err(Arc::new)));
-                        });
+                            .in_current_span(),
+                        );
                         metrics::counter!(m::DISK_CACHE_MISSES).increment(1);
                         rx
                     }
@@ -259,7 +264,12 @@ impl Puller {
         }
         let main = main_file(remote, objects)?;
         let bytes: u64 = objects.iter().map(|o| o.size).sum();
-        let reservation = self.cache.reserve(&uri, bytes)?;
+        // Evicting deletes files: on the blocking pool.
+        let (cache, reserving) = (self.cache.clone(), uri.clone());
+        let reservation =
+            tokio::task::spawn_blocking(move || cache.reserve(&reserving, bytes)).await.map_err(|e| {
+                Error::Io { path: self.config.cache_dir.clone(), source: std::io::Error::other(e) }
+            })??;
         let scratch = self.cache.scratch(digest);
         let started = Instant::now();
         let result =
