@@ -125,11 +125,19 @@ impl DiskCache {
         };
         let (entries_dir, tmp) = (root.join("entries"), root.join("tmp"));
         std::fs::create_dir_all(&entries_dir).map_err(io(&entries_dir))?;
-        // Half-written downloads and half-deleted entries from before a crash.
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        // Half-written downloads and half-deleted entries from before a crash; not the downloads of
+        // another live process that shares the dir (scratch names carry the pid).
+        for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let owner = name.split('.').nth(1).and_then(|pid| pid.parse::<u32>().ok());
+            let live = owner
+                .is_some_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists());
+            if !live {
+                let path = entry.path();
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
 
         let mut found: Vec<(SystemTime, String, Manifest)> = Vec::new();
         for entry in std::fs::read_dir(&entries_dir).map_err(io(&entries_dir))?.flatten() {
@@ -380,7 +388,7 @@ impl Inner {
     /// looks like an entry.
     fn delete(&self, dirs: Vec<PathBuf>) {
         for dir in dirs {
-            let trash = self.root.join("tmp").join(format!("evicted.{:016x}", fastrand::u64(..)));
+            let trash = self.root.join("tmp").join(format!("evicted-{:016x}", fastrand::u64(..)));
             let doomed = if std::fs::rename(&dir, &trash).is_ok() { trash } else { dir };
             if let Err(e) = std::fs::remove_dir_all(&doomed)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -485,6 +493,8 @@ mod tests {
             drop(put(&cache, "new", "s3://b/new", 20).unwrap());
             // A crash mid-download leaves a scratch dir; a crash mid-publish a manifest-less entry.
             std::fs::create_dir_all(DiskCache::data_dir(&cache.scratch("x"))).unwrap();
+            // Another live process's download in a shared dir (pid 1 always runs) is left alone.
+            std::fs::create_dir_all(dir.path().join("tmp/y.1.0000abcd/data")).unwrap();
             std::fs::create_dir_all(dir.path().join("entries/torn/data")).unwrap();
             // A truncated file in a published entry (disk trouble) is not served either.
             std::fs::create_dir_all(dir.path().join("entries/cut/data")).unwrap();
@@ -496,7 +506,9 @@ mod tests {
         let cache = DiskCache::open(dir.path(), 1000).unwrap();
         assert_eq!(cache.digests(), ["new", "old"]);
         assert_eq!(cache.used_bytes(), 30);
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let left: Vec<_> =
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["y.1.0000abcd"]);
         assert!(!dir.path().join("entries/torn").exists() && !dir.path().join("entries/cut").exists());
         assert_eq!(std::fs::read(&cache.lookup_uri("s3://b/new").unwrap().main).unwrap(), vec![7u8; 20]);
         // A smaller budget after the restart evicts the least recently used.
