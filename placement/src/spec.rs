@@ -142,12 +142,19 @@ mod tests {
         assert_eq!(old.retry_after_ms(), Some(0));
         assert_eq!(Placement::Loaded { since_ms: 1, size_bytes: 2 }.retry_after_ms(), None);
         assert_eq!(Placement::Loading { since_ms: 1 }.retry_after_ms(), None);
+
+        // Written by a newer pod with a field this binary does not know: still readable.
+        let newer: Placement =
+            serde_json::from_str(r#"{"state":"loaded","since_ms":1,"size_bytes":2,"device":"gpu0"}"#)
+                .unwrap();
+        assert_eq!(newer, Placement::Loaded { since_ms: 1, size_bytes: 2 });
     }
 }
 
 /// A pod, as it publishes itself under its lease: gone when the pod is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Pod-written records accept fields they do not know: during a rolling upgrade, pods on the older
+// binary must still read what newer pods write.
 pub struct InstanceRecord {
     /// Address other pods and clients reach its gRPC port at.
     pub endpoint: String,
@@ -168,7 +175,8 @@ pub struct InstanceRecord {
 
 /// One copy of a model on one pod; written by that pod under its lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case", deny_unknown_fields)]
+// Unknown fields are accepted, as in `InstanceRecord`: newer pods may add some.
+#[serde(tag = "state", rename_all = "snake_case")]
 pub enum Placement {
     Loading {
         since_ms: u64,
