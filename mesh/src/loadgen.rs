@@ -1,6 +1,7 @@
 //! A closed-loop load generator for KServe V2 servers: a fixed number of concurrent clients, each
 //! sending its next request as soon as the last answer arrives, after a warm-up whose latencies are
-//! discarded. Used by `densemesh-bench` (and `meshctl bench` later); works against any V2 server.
+//! discarded. The one generator behind `meshctl bench` and `densemesh-bench grpc`; works against any
+//! V2 server (meshd, MLServer, Triton): the request is built from the server's own ModelMetadata.
 
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,21 @@ pub struct LoadSpec {
     pub connection_per_client: bool,
     /// Send ServerLive instead of ModelInfer: the bare gRPC round trip, the transport's floor.
     pub server_live_only: bool,
+    /// A request still unanswered after this counts as an error (and its client moves on).
+    pub timeout: Duration,
+}
+
+/// What the clients saw: latencies after the warm-up, and the errors.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Microsecond latencies of the requests answered after the warm-up.
+    pub latencies: Histogram<u64>,
+    /// Errors answered after the warm-up.
+    pub errors: u64,
+    /// Errors answered during the warm-up (not in `errors`, still worth reporting).
+    pub warmup_errors: u64,
+    /// The first error message of the whole run, warm-up included.
+    pub first_error: Option<String>,
 }
 
 /// Latency figures of one run.
@@ -131,6 +147,10 @@ pub enum LoadError {
     Metadata { model: String, status: tonic::Status },
     #[error("model {model} declares an input with unknown datatype {datatype:?}")]
     Datatype { model: String, datatype: String },
+    #[error("model {model} declares no inputs")]
+    NoInputs { model: String },
+    #[error("a client task failed: {0}")]
+    Client(String),
 }
 
 async fn connect(addr: &str) -> Result<Channel, LoadError> {
@@ -145,8 +165,19 @@ async fn connect(addr: &str) -> Result<Channel, LoadError> {
 
 /// Runs the load and reports the latencies seen after the warm-up.
 pub async fn run(spec: &LoadSpec) -> Result<Report, LoadError> {
-    let shared = connect(&spec.addr).await?;
-    let metadata = GrpcInferenceServiceClient::new(shared.clone())
+    let outcome = measure(spec).await?;
+    Ok(Report::from_histogram(
+        &outcome.latencies,
+        outcome.errors,
+        outcome.first_error,
+        spec.duration.as_secs_f64(),
+    ))
+}
+
+/// Builds a ModelInfer request from the model's metadata: dynamic (-1) dimensions become `batch`.
+async fn template(channel: Channel, spec: &LoadSpec) -> Result<ModelInferRequest, LoadError> {
+    let metadata = GrpcInferenceServiceClient::new(channel)
+        // An empty version is "the server's choice" in V2; MLServer rejects anything it does not know.
         .model_metadata(ModelMetadataRequest { name: spec.model.clone(), version: String::new() })
         .await
         .map_err(|status| LoadError::Metadata { model: spec.model.clone(), status })?
@@ -165,58 +196,72 @@ pub async fn run(spec: &LoadSpec) -> Result<Report, LoadError> {
             })
         })
         .collect::<Result<Vec<_>, LoadError>>()?;
-    let template = request(&spec.model, &synthetic_inputs(&specs, spec.batch));
+    if specs.is_empty() {
+        return Err(LoadError::NoInputs { model: spec.model.clone() });
+    }
+    Ok(request(&spec.model, &synthetic_inputs(&specs, spec.batch)))
+}
+
+/// Runs the load: `concurrency` closed-loop clients for the warm-up plus `duration`.
+pub async fn measure(spec: &LoadSpec) -> Result<Outcome, LoadError> {
+    let shared = connect(&spec.addr).await?;
+    let template = if spec.server_live_only { None } else { Some(template(shared.clone(), spec).await?) };
 
     let start = Instant::now();
     let measure_from = start + spec.warmup;
     let stop = measure_from + spec.duration;
-    let mut clients = Vec::with_capacity(spec.concurrency);
+    let mut clients = tokio::task::JoinSet::new();
     for _ in 0..spec.concurrency.max(1) {
         let channel = if spec.connection_per_client { connect(&spec.addr).await? } else { shared.clone() };
         let template = template.clone();
-        let live_only = spec.server_live_only;
-        clients.push(tokio::spawn(async move {
+        let timeout = spec.timeout;
+        clients.spawn(async move {
             let mut client = GrpcInferenceServiceClient::new(channel)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX);
-            let mut h = histogram();
-            let (mut errors, mut first_error) = (0u64, None);
+            let mut seen = Outcome { latencies: histogram(), errors: 0, warmup_errors: 0, first_error: None };
             loop {
                 let sent = Instant::now();
                 if sent >= stop {
                     break;
                 }
-                let result = if live_only {
-                    client.server_live(ServerLiveRequest {}).await.map(|_| ())
-                } else {
-                    client.model_infer(template.clone()).await.map(|_| ())
+                let call = async {
+                    match &template {
+                        Some(request) => client.model_infer(request.clone()).await.map(drop),
+                        None => client.server_live(ServerLiveRequest {}).await.map(drop),
+                    }
                 };
+                let result = tokio::time::timeout(timeout, call).await;
                 let took = sent.elapsed();
-                if sent < measure_from {
-                    continue;
-                }
-                match result {
-                    Ok(_) => {
-                        let _ = h.record(took.as_micros().max(1) as u64);
+                let measuring = sent >= measure_from;
+                let error = match result {
+                    Ok(Ok(())) => {
+                        if measuring {
+                            seen.latencies.saturating_record((took.as_micros() as u64).max(1));
+                        }
+                        continue;
                     }
-                    Err(status) => {
-                        errors += 1;
-                        first_error
-                            .get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
-                    }
+                    Ok(Err(status)) => format!("{:?}: {}", status.code(), status.message()),
+                    Err(_) => format!("no answer within {timeout:?}"),
+                };
+                if measuring {
+                    seen.errors += 1;
+                } else {
+                    seen.warmup_errors += 1;
                 }
+                seen.first_error.get_or_insert(error);
             }
-            (h, errors, first_error)
-        }));
+            seen
+        });
     }
-    let mut total = histogram();
-    let (mut errors, mut first_error) = (0, None);
-    for client in clients {
-        if let Ok((h, e, f)) = client.await {
-            let _ = total.add(&h);
-            errors += e;
-            first_error = first_error.or(f);
-        }
+    let mut total = Outcome { latencies: histogram(), errors: 0, warmup_errors: 0, first_error: None };
+    while let Some(joined) = clients.join_next().await {
+        let seen = joined.map_err(|e| LoadError::Client(e.to_string()))?;
+        // Same bounds on both sides: adding cannot fail.
+        let _ = total.latencies.add(&seen.latencies);
+        total.errors += seen.errors;
+        total.warmup_errors += seen.warmup_errors;
+        total.first_error = total.first_error.or(seen.first_error);
     }
-    Ok(Report::from_histogram(&total, errors, first_error, spec.duration.as_secs_f64()))
+    Ok(total)
 }

@@ -38,9 +38,9 @@ impl Errors {
     }
 }
 
-/// A new latency histogram in microseconds: 1 µs to 60 s, 3 significant digits.
+/// A new latency histogram in microseconds, with the load generator's bounds.
 pub fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
+    densemesh_mesh::loadgen::histogram()
 }
 
 /// Records one latency in microseconds (at least 1, at most the histogram's bound).

@@ -331,6 +331,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 batch: *batch,
                 connection_per_client: false,
                 server_live_only: false,
+                timeout: Duration::from_secs(30),
             };
             let spinner = indicatif::ProgressBar::new_spinner();
             spinner.set_message(format!(
