@@ -63,6 +63,28 @@ struct State {
     tick: u64,
 }
 
+impl State {
+    /// Takes a published entry into the index as just used; a no-op when it is there already (two
+    /// processes sharing the dir published the same entry).
+    fn index(&mut self, digest: &str, manifest: Manifest) {
+        if self.entries.contains_key(digest) {
+            return;
+        }
+        self.tick += 1;
+        self.used += manifest.bytes();
+        self.by_uri.insert(manifest.uri.clone(), digest.to_owned());
+        let meta = Meta {
+            bytes: manifest.bytes(),
+            files: manifest.files.len(),
+            uri: manifest.uri,
+            main: manifest.main,
+            last_used: self.tick,
+            pins: 0,
+        };
+        self.entries.insert(digest.to_owned(), meta);
+    }
+}
+
 struct Inner {
     root: PathBuf,
     capacity: u64,
@@ -157,18 +179,7 @@ impl DiskCache {
         let victims = {
             let mut state = cache.inner.state.lock();
             for (_, digest, manifest) in found {
-                state.tick += 1;
-                state.used += manifest.bytes();
-                state.by_uri.insert(manifest.uri.clone(), digest.clone());
-                let meta = Meta {
-                    bytes: manifest.bytes(),
-                    files: manifest.files.len(),
-                    uri: manifest.uri,
-                    main: manifest.main,
-                    last_used: state.tick,
-                    pins: 0,
-                };
-                state.entries.insert(digest, meta);
+                state.index(&digest, manifest);
             }
             // The budget may have shrunk since the last run.
             let victims = cache.inner.evict_for(&mut state, 0).unwrap_or_default();
@@ -223,21 +234,8 @@ impl DiskCache {
         let (manifest, _) = read_entry(&self.inner.entry_dir(digest))?;
         {
             let mut state = self.inner.state.lock();
-            if !state.entries.contains_key(digest) {
-                state.tick += 1;
-                state.used += manifest.bytes();
-                state.by_uri.insert(manifest.uri.clone(), digest.to_owned());
-                let meta = Meta {
-                    bytes: manifest.bytes(),
-                    files: manifest.files.len(),
-                    uri: manifest.uri,
-                    main: manifest.main,
-                    last_used: state.tick,
-                    pins: 0,
-                };
-                state.entries.insert(digest.to_owned(), meta);
-                self.inner.publish_gauges(&state);
-            }
+            state.index(digest, manifest);
+            self.inner.publish_gauges(&state);
         }
         self.lookup(digest)
     }
@@ -302,22 +300,8 @@ impl DiskCache {
         }
         {
             let mut state = self.inner.state.lock();
-            let bytes = manifest.bytes();
             state.reserved -= std::mem::take(&mut reservation.bytes);
-            if !state.entries.contains_key(digest) {
-                state.used += bytes;
-                state.tick += 1;
-                state.by_uri.insert(manifest.uri.clone(), digest.to_owned());
-                let meta = Meta {
-                    bytes,
-                    files: manifest.files.len(),
-                    uri: manifest.uri,
-                    main: manifest.main,
-                    last_used: state.tick,
-                    pins: 0,
-                };
-                state.entries.insert(digest.to_owned(), meta);
-            }
+            state.index(digest, manifest);
             self.inner.publish_gauges(&state);
         }
         self.lookup(digest).ok_or_else(|| Error::Io {
