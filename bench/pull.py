@@ -11,7 +11,6 @@ Needs `cargo build --release -p densemesh-mesh --bins` and `scripts/setup.sh tes
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,33 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 sys.path.insert(0, str(REPO / "examples"))
 from generate_models import make_dense_model  # noqa: E402
-from meshd import Meshd, raw_request, wait_for  # noqa: E402
+from meshd import Meshd, raw_request, start_moto  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "pull"
 SECRET = "bench-secret"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto():
-    """moto on a free port; returns (process, endpoint)."""
-    port = free_port()
-    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def listening():
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    wait_for(listening, 30, "moto to listen")
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def storage_config(endpoint):

@@ -1,7 +1,6 @@
 """Models in object storage: meshd pulls them from a real S3-compatible server (moto) into its disk
 cache, registered the way modelmesh-serving registers them, and reloads evicted models from disk."""
 import json
-import socket
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from meshd import REPO, raw_request, wait_for
+from meshd import REPO, free_port, raw_request, start_moto, wait_for, wait_listening
 
 sys.path.insert(0, str(REPO / "examples"))
 from generate_models import make_dense_model  # noqa: E402
@@ -20,29 +19,11 @@ SECRET = "moto-secret-key-do-not-log"
 KEY = json.dumps({"storage_key": "moto", "bucket": "models"})
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server with two dense models uploaded, and their inputs and expected outputs."""
-    port = free_port()
-    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-
-    def listening():
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
+    proc, endpoint = start_moto()
     try:
-        wait_for(listening, 30, "moto to listen")
         client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
                               aws_secret_access_key=SECRET, region_name="us-east-1")
         client.create_bucket(Bucket="models")
@@ -187,16 +168,8 @@ def azurite(tmp_path_factory):
     proc = subprocess.Popen([str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(data),
                              "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def listening():
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
     try:
-        wait_for(listening, 60, "azurite to listen")
+        wait_listening(port, "azurite to listen", timeout=60)
         yield f"http://127.0.0.1:{port}/{AZURE_ACCOUNT}"
     finally:
         proc.kill()
