@@ -136,6 +136,7 @@ impl ServeArgs {
         let mut pull = densemesh_puller::PullConfig::new(cache_dir, self.disk_capacity.0);
         pull.storage_config = self.storage_config;
         pull.request_timeout = self.pull_timeout;
+        pull.max_object_bytes = Some(self.capacity.0);
         ServeConfig {
             grpc_addr: self.grpc_addr,
             metrics_addr: self.metrics_addr,

@@ -316,10 +316,18 @@ fn locate_registered(view: ClusterView, puller: Arc<Puller>) -> Locate {
             let spec = view
                 .model(&id)
                 .ok_or_else(|| CacheError::NotFound(format!("model {id} not found").into()))?;
-            puller.fetch(&spec.path, spec.key.as_deref()).await.map_err(|e| CacheError::LoadFailed {
-                model_id: id.clone(),
-                reason: e.to_string().into(),
-                retry_in: Duration::ZERO,
+            puller.fetch(&spec.path, spec.key.as_deref()).await.map_err(|e| match e {
+                densemesh_puller::Error::TooLarge { bytes, limit, .. } => CacheError::TooLarge {
+                    model_id: id.clone(),
+                    needed_bytes: bytes,
+                    capacity_bytes: limit,
+                    how: "its size in storage",
+                },
+                other => CacheError::LoadFailed {
+                    model_id: id.clone(),
+                    reason: other.to_string().into(),
+                    retry_in: Duration::ZERO,
+                },
             })
         }
         .boxed()

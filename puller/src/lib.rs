@@ -76,6 +76,8 @@ pub enum Error {
     DiskFull { uri: String, needed: u64, free: u64, capacity: u64 },
     #[error("object {name:?} under {uri} would be written outside the cache directory")]
     UnsafePath { uri: String, name: String },
+    #[error("{uri} is {bytes} bytes, more than any model may be ({limit} bytes)")]
+    TooLarge { uri: String, bytes: u64, limit: u64 },
     /// A failure of a pull this one waited on (concurrent pulls of one object share one download).
     #[error(transparent)]
     Shared(std::sync::Arc<Error>),

@@ -37,6 +37,9 @@ pub struct PullConfig {
     pub range_bytes: u64,
     /// Requests in flight for one pull.
     pub parallel: usize,
+    /// Larger objects are refused before any download: no such model could ever be loaded (the
+    /// mesh sets its memory capacity here).
+    pub max_object_bytes: Option<u64>,
 }
 
 impl PullConfig {
@@ -49,6 +52,7 @@ impl PullConfig {
             attempts: 4,
             range_bytes: 16 << 20,
             parallel: 8,
+            max_object_bytes: None,
         }
     }
 }
@@ -188,6 +192,10 @@ impl Puller {
             },
             Err(e) => return Err(e),
         };
+        let bytes: u64 = objects.iter().map(|o| o.size).sum();
+        if let Some(limit) = self.config.max_object_bytes.filter(|limit| bytes > *limit) {
+            return Err(Error::TooLarge { uri, bytes, limit });
+        }
         let digest = identity(&uri, &objects);
         // Bounded: a pull published by another task can be evicted before this one pins it.
         for _ in 0..3 {

@@ -140,6 +140,18 @@ def test_storage_failures_are_clear_load_failures_and_never_show_the_secret(
     assert m['densemesh_model_loads_total{result="failure"}'] == 3
     assert SECRET not in server.logs()
 
+    # Larger than the memory capacity (12 MiB): refused before any byte is downloaded.
+    endpoint, _ = s3
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key=SECRET,
+                 region_name="us-east-1").put_object(Bucket="models", Key="huge/model.onnx", Body=b"\0" * (16 << 20))
+    api.registerModel(pb2.RegisterModelRequest(modelId="huge", modelInfo=pb2.ModelInfo(
+        type="onnx", path="huge/model.onnx", key=KEY)))
+    with pytest.raises(grpc.RpcError) as e:
+        predict(server, "huge", np.zeros((1, 256), dtype=np.float32))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    assert "16777216" in e.value.details() and "size in storage" in e.value.details(), e.value.details()
+    assert server.metrics().get("densemesh_puller_bytes_total", 0) == 0
+
     # The storage config is re-read when the secret changes: the unknown key starts working.
     (secret_dir / "elsewhere").write_text((secret_dir / "moto").read_text())
     x, y, _ = s3[1]["a"]
