@@ -225,12 +225,14 @@ impl ModelCache {
         Self { inner: Arc::new(inner) }
     }
 
-    /// Adds a check before every new load; call before the cache is cloned.
+    /// Adds a check before every new load.
+    ///
+    /// # Panics
+    /// If the cache was cloned already: a gate that only some clones saw would be a silent hole.
     pub fn with_load_gate(mut self, gate: LoadGate) -> Self {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.load_gate = Some(gate),
-            None => tracing::error!("load gate set after the cache was shared; ignored"),
-        }
+        Arc::get_mut(&mut self.inner)
+            .expect("with_load_gate is called before the cache is cloned")
+            .load_gate = Some(gate);
         self
     }
 
