@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bytesize::ByteSize;
-use crate::cache::CacheConfig;
+use crate::node::cache::CacheConfig;
 use crate::server::ServeConfig;
-use crate::worker::WorkerConfig;
+use crate::node::worker::WorkerConfig;
 
 /// densemesh node: serves many models over KServe V2 gRPC, paging them in and out of memory.
 #[derive(Debug, Parser)]

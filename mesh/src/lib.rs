@@ -1,34 +1,25 @@
-//! The `meshd` node: KServe V2 gRPC in front of a byte-bounded cache of loaded models.
+//! The `meshd` node: KServe V2 gRPC in front of a byte-bounded cache of loaded models, one pod of a
+//! mesh that places, routes and forwards by model id.
 //!
-//! A request names a model ([`router`]), leases it from the [`cache`] (loading it on a miss), is
-//! validated against the model's interface ([`v2`]) and runs on the [`worker`]. [`server`] wires it
-//! together with the admin HTTP endpoints and graceful shutdown.
+//! Three rooms, dependencies pointing one way (api → cluster → node):
+//! - [`api`]: the gRPC and HTTP surfaces;
+//! - [`cluster`]: what involves other pods (forwarding, instance records, copies, drain, leader chores);
+//! - [`node`]: one pod's machinery (cache and loader, V2 codec, router, worker, limits).
+//!
+//! [`server`] wires them together with graceful shutdown; [`config`] is `meshd serve`'s flags.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod admin_service;
+pub mod api;
 pub mod bytesize;
-pub mod cache;
+pub mod cluster;
 pub mod config;
-pub mod copies;
-pub mod drain;
 pub mod error;
-pub mod forward;
-pub mod instance;
-pub mod limits;
-pub mod loadgen;
-pub mod management;
 pub mod metrics;
-pub mod repository;
-pub mod router;
+pub mod node;
 pub mod server;
-pub mod service;
 #[cfg(test)]
 mod test_support;
-pub mod v2;
-pub mod vmodels;
-pub mod worker;
 
-pub use cache::{CacheConfig, Lease, ModelCache};
 pub use error::{CacheError, MeshError};
+pub use node::cache::{CacheConfig, Lease, ModelCache};
 pub use server::{ServeConfig, ServeError, run};

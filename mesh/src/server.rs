@@ -19,13 +19,13 @@ use futures::FutureExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::AdminServer;
-use crate::cache::{CacheConfig, Locate, ModelCache};
+use crate::api::http::AdminServer;
+use crate::node::cache::{CacheConfig, Locate, ModelCache};
 use crate::error::CacheError;
-use crate::management::Management;
+use crate::api::management::Management;
 use crate::metrics as m;
-use crate::service::InferenceService;
-use crate::worker::{Worker, WorkerConfig};
+use crate::api::service::InferenceService;
+use crate::node::worker::{Worker, WorkerConfig};
 
 /// Everything a node needs to run.
 #[derive(Debug, Clone)]
@@ -124,29 +124,29 @@ pub async fn run(
     };
     let registry = Registry::new(store, &config.store_prefix);
     let view = ClusterView::start(registry.clone()).await?;
-    let report = crate::repository::sync_once(&registry, &view, &config.model_repo).await?;
+    let report = crate::cluster::repository::sync_once(&registry, &view, &config.model_repo).await?;
     tracing::info!(models = report.registered.len(), "model repository registered");
     let pull = config.pull.clone();
     let puller = tokio::task::spawn_blocking(move || Puller::open(pull))
         .await
         .map_err(|e| ServeError::Metrics(format!("puller: {e}")))??;
-    let health = crate::instance::RegistryHealth::new(config.registry_outage_grace);
+    let health = crate::cluster::instance::RegistryHealth::new(config.registry_outage_grace);
     let mut cache =
         ModelCache::new(config.cache.clone(), runtime, locate_registered(view.clone(), puller.clone()));
     if !config.etcd.is_empty() {
         let health = health.clone();
-        cache = cache.with_load_gate(Arc::new(move || health.refusal(crate::instance::now_ms())));
+        cache = cache.with_load_gate(Arc::new(move || health.refusal(crate::cluster::instance::now_ms())));
     }
     let background = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(reload_storage_config(puller.clone(), background.clone()));
-    tasks.spawn(crate::repository::watch(
+    tasks.spawn(crate::cluster::repository::watch(
         registry.clone(),
         view.clone(),
         config.model_repo.clone(),
         background.clone(),
     ));
-    tasks.spawn(crate::vmodels::drive_transitions(
+    tasks.spawn(crate::cluster::vmodels::drive_transitions(
         registry.clone(),
         view.clone(),
         cache.clone(),
@@ -184,7 +184,7 @@ pub async fn run(
     )
     .map_err(ServeError::Admin)?;
 
-    let forwarder = crate::forward::Forwarder::new(
+    let forwarder = crate::cluster::forward::Forwarder::new(
         config.instance_id.clone(),
         view.clone(),
         cache.clone(),
@@ -212,10 +212,10 @@ pub async fn run(
     let stop = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(crate::limits::OversizeIsInvalid::new(inference))
+        .add_service(crate::node::limits::OversizeIsInvalid::new(inference))
         .add_service(ModelMeshServer::new(management))
         .add_service(densemesh_proto::admin::admin_server::AdminServer::new(
-            crate::admin_service::AdminService::new(registry.clone(), view.clone(), cache.clone()),
+            crate::api::admin_service::AdminService::new(registry.clone(), view.clone(), cache.clone()),
         ))
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -227,26 +227,26 @@ pub async fn run(
             stop.clone().cancelled_owned(),
         );
 
-    let instance = crate::instance::InstanceConfig {
+    let instance = crate::cluster::instance::InstanceConfig {
         id: config.instance_id.clone(),
         endpoint: grpc_addr.to_string(),
         lease_ttl: config.lease_ttl,
         health,
     };
     let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
-    tasks.spawn(crate::instance::run(
+    tasks.spawn(crate::cluster::instance::run(
         registry.clone(),
         cache.clone(),
         instance,
         drain_rx,
         background.clone(),
     ));
-    tasks.spawn(crate::copies::add_copies_by_load(
+    tasks.spawn(crate::cluster::copies::add_copies_by_load(
         view.clone(),
         cache.clone(),
         queue_waits,
         config.instance_id.clone(),
-        crate::copies::AddCopiesConfig {
+        crate::cluster::copies::AddCopiesConfig {
             thresholds: densemesh_placement::copies::AddCopyThresholds {
                 requests_per_minute: config.copy_add_rate,
                 queue_wait: config.copy_add_queue_wait,
@@ -255,7 +255,7 @@ pub async fn run(
         },
         background.clone(),
     ));
-    tasks.spawn(crate::copies::drop_idle_copies(
+    tasks.spawn(crate::cluster::copies::drop_idle_copies(
         view.clone(),
         cache.clone(),
         config.instance_id.clone(),
@@ -283,7 +283,7 @@ pub async fn run(
                     let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
                 }
                 let deadline = tokio::time::Instant::now() + config.shutdown_grace / 2;
-                crate::drain::hand_off(&view, &cache, &config.instance_id, deadline).await;
+                crate::cluster::drain::hand_off(&view, &cache, &config.instance_id, deadline).await;
             };
             // The server keeps accepting and answering while the hand-off runs.
             tokio::select! {

@@ -40,7 +40,7 @@ impl Errors {
 
 /// A new latency histogram in microseconds, with the load generator's bounds.
 pub fn histogram() -> Histogram<u64> {
-    densemesh_mesh::loadgen::histogram()
+    densemesh_loadgen::histogram()
 }
 
 /// Records one latency in microseconds (at least 1, at most the histogram's bound).

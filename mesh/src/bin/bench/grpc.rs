@@ -1,9 +1,9 @@
-//! `densemesh-bench grpc`: the mesh's closed-loop load generator (`densemesh_mesh::loadgen`) with
+//! `densemesh-bench grpc`: the mesh's closed-loop load generator (`densemesh_loadgen`) with
 //! the benchmark's choices of connections and RPC, and its error accounting.
 
 use std::time::Duration;
 
-use densemesh_mesh::loadgen;
+use densemesh_loadgen;
 use hdrhistogram::Histogram;
 
 use crate::figures::Errors;

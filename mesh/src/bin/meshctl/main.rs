@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use densemesh_mesh::config::parse_duration;
-use densemesh_mesh::loadgen::{self, LoadSpec};
+use densemesh_loadgen::{self, LoadSpec};
 use densemesh_proto::admin::admin_client::AdminClient;
 use densemesh_proto::admin::{
     ListInstancesRequest, ListModelsRequest, ListVModelsRequest, SetVModelSplitRequest, WeightedModel,

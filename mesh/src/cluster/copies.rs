@@ -17,9 +17,9 @@ use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::ModelCache;
-use crate::instance::now_ms;
-use crate::worker::QueueWaits;
+use crate::node::cache::ModelCache;
+use crate::cluster::instance::now_ms;
+use crate::node::worker::QueueWaits;
 
 /// Drops this pod's idle extra copies until `stop`.
 pub async fn drop_idle_copies(

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::cache::Lease;
+use crate::node::cache::Lease;
 use crate::error::MeshError;
 use crate::metrics as m;
 

@@ -27,7 +27,7 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-use crate::cache::{CopyStatus, ModelCache};
+use crate::node::cache::{CopyStatus, ModelCache};
 use crate::metrics as m;
 
 /// Marks a request that was already forwarded once.
@@ -115,7 +115,7 @@ impl Forwarder {
             draining: false,
             retry_after_ms: retry_after_ms(&placements, &self.instance_id),
         });
-        let target = choose_load_target(&candidates, &self.instance_id, 1, crate::instance::now_ms())?;
+        let target = choose_load_target(&candidates, &self.instance_id, 1, crate::cluster::instance::now_ms())?;
         if target == self.instance_id {
             return None;
         }
@@ -197,7 +197,7 @@ impl Forwarder {
         let from = self.instance_id.parse().unwrap_or(tonic::metadata::MetadataValue::from_static("peer"));
         outgoing.metadata_mut().insert(FORWARDED_HEADER, from);
         if let Ok(model) = id.as_str().parse() {
-            outgoing.metadata_mut().insert(crate::router::MODEL_ID_HEADER, model);
+            outgoing.metadata_mut().insert(crate::node::router::MODEL_ID_HEADER, model);
         }
         outgoing
     }
@@ -362,7 +362,7 @@ mod tests {
     use tonic::{Code, Request, Response, Status};
 
     use super::*;
-    use crate::cache::CacheConfig;
+    use crate::node::cache::CacheConfig;
     use crate::error::CacheError;
     use crate::test_support::NoRuntime;
 
@@ -518,7 +518,7 @@ mod tests {
             store.put(&registry.placement_key(&model, instance), encode(copy), None).await.unwrap();
         }
         let view = ClusterView::start(registry).await.unwrap();
-        let locate: crate::cache::Locate = Arc::new(|id: ModelId| {
+        let locate: crate::node::cache::Locate = Arc::new(|id: ModelId| {
             async move { Err(CacheError::NotFound(format!("model {id} not found").into())) }.boxed()
         });
         let cache = ModelCache::new(CacheConfig::default(), Arc::new(NoRuntime), locate);
@@ -527,7 +527,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pod_that_failed_the_model_gets_it_again_only_once_its_back_off_ends() {
-        let now = crate::instance::now_ms();
+        let now = crate::cluster::instance::now_ms();
         let failed = |retry_after_ms: u64| Placement::Failed {
             since_ms: now - 10,
             reason: "bad".into(),

@@ -11,7 +11,7 @@ use densemesh_proto::mmesh::v_model_status_info::VModelStatus;
 use densemesh_proto::mmesh::*;
 use tonic::{Code, Request, Response, Status};
 
-use crate::cache::{CopyStatus, ModelCache};
+use crate::node::cache::{CopyStatus, ModelCache};
 
 /// How many times a vmodel write retries after losing a compare-and-swap race.
 const CAS_ATTEMPTS: usize = 8;
@@ -370,7 +370,7 @@ impl ModelMesh for Management {
                 return Err(Status::not_found(format!("vmodel {vid} has no owner {:?}", request.owner)));
             }
             if self.registry.delete_vmodel(&vid, revision).await.map_err(status_of)? {
-                crate::vmodels::delete_unreferenced(&self.registry, &self.view, &[v.active, v.target]).await;
+                crate::cluster::vmodels::delete_unreferenced(&self.registry, &self.view, &[v.active, v.target]).await;
                 tracing::info!(vmodel_id = %vid, "vmodel deleted");
                 return Ok(Response::new(DeleteVModelResponse {}));
             }

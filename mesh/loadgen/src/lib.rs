@@ -2,6 +2,7 @@
 //! sending its next request as soon as the last answer arrives, after a warm-up whose latencies are
 //! discarded. The one generator behind `meshctl bench` and `densemesh-bench grpc`; works against any
 //! V2 server (meshd, MLServer, Triton): the request is built from the server's own ModelMetadata.
+#![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 

@@ -10,8 +10,8 @@ use densemesh_proto::mmesh::EnsureLoadedRequest;
 use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
 use tokio::time::Instant;
 
-use crate::cache::ModelCache;
-use crate::instance::now_ms;
+use crate::node::cache::ModelCache;
+use crate::cluster::instance::now_ms;
 
 /// Models used within this window are handed off; colder ones just go.
 pub const RECENT: Duration = Duration::from_secs(600);

@@ -7,7 +7,7 @@ use densemesh_proto::admin::admin_server::Admin;
 use densemesh_proto::admin::*;
 use tonic::{Request, Response, Status};
 
-use crate::cache::{CopyStatus, ModelCache};
+use crate::node::cache::{CopyStatus, ModelCache};
 
 /// The service.
 #[derive(Clone)]

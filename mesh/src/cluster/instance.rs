@@ -16,7 +16,7 @@ use densemesh_placement::{InstanceRecord, Placement, StoreError};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::{CopyEvent, CopyStatus, ModelCache};
+use crate::node::cache::{CopyEvent, CopyStatus, ModelCache};
 
 /// Republish an unchanged instance record this often, so readers can tell stale from quiet.
 const REPUBLISH: Duration = Duration::from_secs(40);
@@ -282,7 +282,7 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
-    use crate::cache::{CacheConfig, Locate};
+    use crate::node::cache::{CacheConfig, Locate};
     use crate::error::CacheError;
     use crate::test_support::NoRuntime;
 

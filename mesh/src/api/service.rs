@@ -11,12 +11,12 @@ use tracing::Instrument;
 
 use densemesh_placement::ClusterView;
 
-use crate::cache::ModelCache;
+use crate::node::cache::ModelCache;
 use crate::error::MeshError;
-use crate::forward::{Forwarded, Forwarder};
+use crate::cluster::forward::{Forwarded, Forwarder};
 use crate::metrics as m;
-use crate::worker::Worker;
-use crate::{router, v2};
+use crate::node::worker::Worker;
+use crate::node::{router, v2};
 
 /// State shared by every request.
 #[derive(Clone)]

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::ModelCache;
+use crate::node::cache::ModelCache;
 use crate::error::CacheError;
 
 /// Pause between attempts when the cache gives no back-off of its own.

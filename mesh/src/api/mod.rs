@@ -1,0 +1,8 @@
+//! The surfaces clients and operators call: KServe V2 gRPC ([`service`]), ModelMesh's management API
+//! ([`management`]), densemesh's Admin API ([`admin_service`]) and the HTTP admin endpoints ([`http`]).
+//! They translate the wire into calls on the cluster and node rooms and never hold policy of their own.
+
+pub mod admin_service;
+pub mod http;
+pub mod management;
+pub mod service;
