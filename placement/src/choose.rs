@@ -1,14 +1,18 @@
-//! Where to load a model no pod holds: a pure decision over what the cluster view says.
+//! The two choices [`crate::route::route`] is made of, as pure functions over plain data.
 //!
-//! Among live pods that are not draining and are not backing off from a failed load of this model: one
-//! with free capacity for the predicted size, least-used fraction first (this pod on ties, to save a
-//! hop); if none has room, the pod whose least recently used model is the coldest in the cluster
-//! (cluster-wide LRU). In both orders, pods that failed the model before (their back-off over) come
-//! after pods that never did, and pods already loading many models are penalised.
+//! Where to load a model no pod holds ([`choose_load_target`]): among live pods that are not draining
+//! and are not backing off from a failed load of this model, one with free capacity for the predicted
+//! size, least-used fraction first (this pod on ties, to save a hop); if none has room, the pod whose
+//! least recently used model is the coldest in the cluster (cluster-wide LRU), as long as that model
+//! was not used within the anti-churn age. In both orders, pods that failed the model before (their
+//! back-off over) come after pods that never did, and pods already loading many models are penalised.
 //!
 //! Where to send a request for a model other pods hold: [`choose_copy`], the least busy copy that has
 //! not already failed this request.
 
+use std::time::Duration;
+
+use crate::route::Refusal;
 use crate::{InstanceRecord, Placement};
 
 /// A pod as placement sees it.
@@ -21,6 +25,8 @@ pub struct LoadCandidate {
     pub loading: u64,
     /// Seconds since its least recently used model was used.
     pub lru_age_seconds: u64,
+    /// That least recently used model: the first a load there would evict.
+    pub coldest_model: Option<String>,
     pub draining: bool,
     /// Set when its last load of this model failed: when that failure's back-off ends (ms since the
     /// epoch). It is never chosen before then, since it would only answer with the remembered
@@ -38,6 +44,7 @@ impl LoadCandidate {
             used_bytes: record.used_bytes,
             loading: record.loading,
             lru_age_seconds: record.lru_age_seconds,
+            coldest_model: (!record.coldest_model.is_empty()).then(|| record.coldest_model.clone()),
             draining: record.draining,
             retry_after_ms: retry_after_ms(copies, instance),
         }
@@ -64,13 +71,15 @@ pub fn retry_after_ms(copies: &[(String, Placement)], instance: &str) -> Option<
 const LOADING_PENALTY: f64 = 0.05;
 
 /// The pod to load a model of `predicted_bytes` on at `now_ms` (ms since the epoch, the clock the
-/// candidates' back-offs are on), preferring `this` on ties; `None` when no pod can.
+/// candidates' back-offs are on), preferring `this` on ties, never evicting a model used within
+/// `anti_churn_age` (zero: off); otherwise why no pod can.
 pub fn choose_load_target<'a>(
     candidates: &'a [LoadCandidate],
     this: &str,
     predicted_bytes: u64,
     now_ms: u64,
-) -> Option<&'a str> {
+    anti_churn_age: Duration,
+) -> Result<&'a str, Refusal> {
     let eligible = candidates
         .iter()
         .filter(|c| !c.draining && !c.backing_off(now_ms) && c.capacity_bytes >= predicted_bytes);
@@ -88,9 +97,12 @@ pub fn choose_load_target<'a>(
                 .then_with(|| a.instance.cmp(&b.instance))
         });
     if let Some(c) = with_room {
-        return Some(&c.instance);
+        return Ok(&c.instance);
     }
-    eligible
+    let churn_floor = anti_churn_age.as_secs();
+    let coldest = eligible
+        .clone()
+        .filter(|c| c.lru_age_seconds >= churn_floor)
         .max_by(|a, b| {
             b.failed_before()
                 .cmp(&a.failed_before())
@@ -98,8 +110,25 @@ pub fn choose_load_target<'a>(
                 .then_with(|| b.loading.cmp(&a.loading))
                 .then_with(|| (a.instance == this).cmp(&(b.instance == this)))
                 .then_with(|| b.instance.cmp(&a.instance))
-        })
-        .map(|c| c.instance.as_str())
+        });
+    if let Some(c) = coldest {
+        return Ok(&c.instance);
+    }
+    if let Some(c) = eligible.max_by_key(|c| c.lru_age_seconds) {
+        return Err(Refusal::WouldEvictRecent {
+            instance: c.instance.clone(),
+            model: c.coldest_model.clone(),
+            used_secs_ago: c.lru_age_seconds,
+            anti_churn_age,
+        });
+    }
+    let largest = candidates.iter().filter(|c| !c.draining).map(|c| c.capacity_bytes).max();
+    match largest {
+        Some(largest) if largest < predicted_bytes => {
+            Err(Refusal::TooLarge { predicted_bytes, largest_capacity_bytes: largest })
+        }
+        _ => Err(Refusal::NoPod),
+    }
 }
 
 /// A pod holding a loaded copy of a model, as the pod forwarding a request to it sees it.
@@ -130,6 +159,11 @@ mod tests {
 
     use super::*;
 
+    /// The choice with the anti-churn rule off, as most tables here are not about it.
+    fn pick<'a>(pods: &'a [LoadCandidate], this: &str, size: u64, now: u64) -> Option<&'a str> {
+        choose_load_target(pods, this, size, now, Duration::ZERO).ok()
+    }
+
     /// Any time: the back-offs in these tables are relative to it.
     const NOW: u64 = 1_700_000_000_000;
 
@@ -140,6 +174,7 @@ mod tests {
             used_bytes: used,
             loading: 0,
             lru_age_seconds: lru,
+            coldest_model: Some(format!("{name}-coldest")),
             draining: false,
             retry_after_ms: None,
         }
@@ -152,15 +187,52 @@ mod tests {
     #[test]
     fn prefers_room_then_least_used_then_this_pod() {
         let pods = [pod("a", 100, 80, 0), pod("b", 100, 30, 0), pod("me", 100, 30, 0)];
-        assert_eq!(choose_load_target(&pods, "me", 10, NOW), Some("me"), "ties go to this pod");
-        assert_eq!(choose_load_target(&pods, "x", 10, NOW), Some("b"));
-        assert_eq!(choose_load_target(&pods, "x", 50, NOW), Some("b"), "only b and me have 50 free");
+        assert_eq!(pick(&pods, "me", 10, NOW), Some("me"), "ties go to this pod");
+        assert_eq!(pick(&pods, "x", 10, NOW), Some("b"));
+        assert_eq!(pick(&pods, "x", 50, NOW), Some("b"), "only b and me have 50 free");
     }
 
     #[test]
     fn without_room_the_coldest_lru_in_the_cluster_goes() {
         let pods = [pod("a", 100, 100, 30), pod("b", 100, 95, 600), pod("c", 100, 90, 5)];
-        assert_eq!(choose_load_target(&pods, "a", 20, NOW), Some("b"));
+        assert_eq!(pick(&pods, "a", 20, NOW), Some("b"));
+    }
+
+    #[test]
+    fn anti_churn_never_evicts_a_model_used_within_the_age() {
+        let ten_minutes = Duration::from_secs(600);
+        // Full pods: the one whose coldest model is older than the age takes it.
+        let pods = [pod("warm", 100, 100, 599), pod("cold", 100, 100, 600)];
+        assert_eq!(choose_load_target(&pods, "warm", 20, NOW, ten_minutes), Ok("cold"));
+        // Room still wins: loading where it fits evicts nothing, however warm the pod.
+        let pods = [pod("warm", 100, 50, 1), pod("cold", 100, 100, 9_999)];
+        assert_eq!(choose_load_target(&pods, "x", 20, NOW, ten_minutes), Ok("warm"));
+        // Every full pod used recently: refused, naming the model it would evict (the coldest).
+        let pods = [pod("a", 100, 100, 30), pod("b", 100, 95, 300)];
+        assert_eq!(
+            choose_load_target(&pods, "a", 20, NOW, ten_minutes),
+            Err(Refusal::WouldEvictRecent {
+                instance: "b".into(),
+                model: Some("b-coldest".into()),
+                used_secs_ago: 300,
+                anti_churn_age: ten_minutes,
+            })
+        );
+        // Off at zero: the coldest pod takes it whatever its age.
+        assert_eq!(choose_load_target(&pods, "a", 20, NOW, Duration::ZERO), Ok("b"));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let pods = [pod("a", 100, 0, 0), pod("b", 300, 0, 0)];
+        assert_eq!(
+            choose_load_target(&pods, "a", 500, NOW, Duration::ZERO),
+            Err(Refusal::TooLarge { predicted_bytes: 500, largest_capacity_bytes: 300 })
+        );
+        assert_eq!(choose_load_target(&pods, "a", 200, NOW, Duration::ZERO), Ok("b"), "too large for a only");
+        let backing_off = [failed(pod("f", 1000, 0, 0), NOW + 1)];
+        assert_eq!(choose_load_target(&backing_off, "f", 5, NOW, Duration::ZERO), Err(Refusal::NoPod));
+        assert_eq!(choose_load_target(&[], "f", 5, NOW, Duration::ZERO), Err(Refusal::NoPod));
     }
 
     #[test]
@@ -169,8 +241,8 @@ mod tests {
         draining.draining = true;
         let backing_off = failed(pod("f", 1000, 0, 999), NOW + 1);
         let small = pod("s", 10, 0, 999);
-        assert_eq!(choose_load_target(&[draining, backing_off, small.clone()], "x", 50, NOW), None);
-        assert_eq!(choose_load_target(&[small], "x", 5, NOW), Some("s"));
+        assert_eq!(pick(&[draining, backing_off, small.clone()], "x", 50, NOW), None);
+        assert_eq!(pick(&[small], "x", 5, NOW), Some("s"));
     }
 
     #[test]
@@ -179,11 +251,11 @@ mod tests {
         for (now, want) in
             [(NOW, None), (NOW + 1_999, None), (NOW + 2_000, Some("f")), (NOW + 3_600_000, Some("f"))]
         {
-            assert_eq!(choose_load_target(std::slice::from_ref(&f), "f", 50, now), want, "at {now}");
+            assert_eq!(pick(std::slice::from_ref(&f), "f", 50, now), want, "at {now}");
         }
         // This pod too: its own back-off sends the model elsewhere, even when it would win the tie.
         let pods = [failed(pod("me", 100, 0, 0), NOW + 2_000), pod("b", 100, 90, 0)];
-        assert_eq!(choose_load_target(&pods, "me", 5, NOW), Some("b"));
+        assert_eq!(pick(&pods, "me", 5, NOW), Some("b"));
     }
 
     #[test]
@@ -191,16 +263,16 @@ mod tests {
         let over = NOW - 1;
         // With room: behind a busier pod that never failed, even as this pod on a tie.
         let pods = [failed(pod("me", 100, 0, 0), over), pod("b", 100, 50, 0)];
-        assert_eq!(choose_load_target(&pods, "me", 10, NOW), Some("b"));
+        assert_eq!(pick(&pods, "me", 10, NOW), Some("b"));
         // Yet room still beats the penalty: loading where it fits evicts nothing.
         let pods = [failed(pod("f", 100, 0, 0), over), pod("full", 100, 100, 999)];
-        assert_eq!(choose_load_target(&pods, "x", 10, NOW), Some("f"));
+        assert_eq!(pick(&pods, "x", 10, NOW), Some("f"));
         // Without room anywhere: behind a warmer LRU that never failed.
         let pods = [failed(pod("f", 100, 100, 999), over), pod("c", 100, 100, 5)];
-        assert_eq!(choose_load_target(&pods, "x", 10, NOW), Some("c"));
+        assert_eq!(pick(&pods, "x", 10, NOW), Some("c"));
         // Among pods that all failed it before, the usual order.
         let pods = [failed(pod("f", 100, 60, 0), over), failed(pod("g", 100, 20, 0), 0)];
-        assert_eq!(choose_load_target(&pods, "x", 10, NOW), Some("g"));
+        assert_eq!(pick(&pods, "x", 10, NOW), Some("g"));
     }
 
     #[test]
@@ -213,6 +285,7 @@ mod tests {
             loading: 2,
             lru_age_seconds: 30,
             requests_per_minute: 0,
+            coldest_model: String::new(),
             draining: false,
             started_ms: 0,
         };
@@ -248,6 +321,7 @@ mod tests {
                     used_bytes: used.min(capacity),
                     loading,
                     lru_age_seconds: lru,
+                    coldest_model: None,
                     draining,
                     retry_after_ms,
                 }
@@ -310,7 +384,7 @@ mod tests {
         #[test]
         fn the_choice_is_always_eligible(pods in arb_pods(8), size in 1u64..1000, now in 0u64..20_000) {
             let eligible = |p: &LoadCandidate| !p.draining && !p.backing_off(now) && p.capacity_bytes >= size;
-            match choose_load_target(&pods, "a0", size, now) {
+            match pick(&pods, "a0", size, now) {
                 Some(name) => {
                     let chosen = pods.iter().find(|p| p.instance == name).unwrap();
                     prop_assert!(eligible(chosen), "chose an ineligible pod");
@@ -348,23 +422,24 @@ mod tests {
                 used_bytes: used.min(size),
                 loading: 0,
                 lru_age_seconds: 0,
+                coldest_model: None,
                 draining: false,
                 retry_after_ms: Some(retry_after_ms),
             };
             let mut pods = others.clone();
             pods.push(target.clone());
-            let chosen = choose_load_target(&pods, "target", size, now);
-            let alone = choose_load_target(std::slice::from_ref(&target), "target", size, now);
+            let chosen = pick(&pods, "target", size, now);
+            let alone = pick(std::slice::from_ref(&target), "target", size, now);
             if now < retry_after_ms {
                 prop_assert_ne!(chosen, Some("target"));
-                prop_assert_eq!(chosen, choose_load_target(&others, "target", size, now));
+                prop_assert_eq!(chosen, pick(&others, "target", size, now));
                 prop_assert_eq!(alone, None);
             } else {
                 prop_assert!(chosen.is_some());
                 let long_over = LoadCandidate { retry_after_ms: Some(0), ..target.clone() };
                 let mut same = others.clone();
                 same.push(long_over);
-                prop_assert_eq!(chosen, choose_load_target(&same, "target", size, now));
+                prop_assert_eq!(chosen, pick(&same, "target", size, now));
                 prop_assert_eq!(alone, Some("target"));
             }
         }

@@ -9,6 +9,7 @@ pub mod copies;
 pub mod eviction;
 mod model_id;
 pub mod registry;
+pub mod route;
 pub mod spec;
 pub mod store;
 pub mod view;

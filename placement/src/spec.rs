@@ -15,7 +15,8 @@ pub enum Source {
 
 /// Where a model lives and how to load it. Written by registration only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Stored records accept fields they do not know: during a rolling upgrade, pods on the older binary
+// must still read specs that newer registrants write (as `InstanceRecord` and `Placement` do).
 pub struct ModelSpec {
     /// Model format, e.g. `onnx`; selects the runtime.
     pub model_type: String,
@@ -31,6 +32,10 @@ pub struct ModelSpec {
     /// Bumped when the repository sees the model's files change, so loaded copies are replaced.
     #[serde(default)]
     pub generation: u64,
+    /// What the model is expected to take in memory once loaded, when the registrant knows: placement
+    /// uses it before any pod has measured the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
 }
 
 impl ModelSpec {
@@ -50,12 +55,13 @@ pub(crate) fn api_spec(path: &str) -> ModelSpec {
         source: Source::Api,
         auto_delete: false,
         generation: 0,
+        size_bytes: None,
     }
 }
 
 /// An alias whose requests go to `active`; `target` is what it is moving to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Unknown fields are accepted, as in `ModelSpec`: a newer writer may add some.
 pub struct VModelSpec {
     pub active: String,
     pub target: String,
@@ -71,7 +77,7 @@ pub struct VModelSpec {
 
 /// A model's share of a vmodel's traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Unknown fields are accepted, as in `ModelSpec`.
 pub struct Weighted {
     pub model: String,
     pub weight: u32,
@@ -94,6 +100,16 @@ pub fn choose(split: &[Weighted], point: u64) -> Option<&str> {
         at -= weight;
     }
     None
+}
+
+/// The split point of a request key (see [`choose`]): FNV-1a 64 of its bytes.
+///
+/// The hash is fixed by this function, not by the toolchain (`std`'s `DefaultHasher` may change between
+/// Rust releases), so a key lands on the same model on every pod, across restarts and upgrades.
+pub fn split_point_of_key(key: &[u8]) -> u64 {
+    const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    key.iter().fold(FNV_OFFSET_BASIS, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(FNV_PRIME))
 }
 
 impl VModelSpec {
@@ -126,6 +142,31 @@ mod tests {
         assert_eq!(choose(&s, 12_345), choose(&s, 12_345), "the same key always lands on the same model");
         assert_eq!(choose(&split(&[("a", 0)]), 7), None);
         assert_eq!(choose(&[], 7), None);
+    }
+
+    #[test]
+    fn split_points_of_keys_are_fnv1a_64_and_never_change() {
+        // The published FNV-1a 64 test vectors, and one route key: changing any of these moves every
+        // sticky key of every traffic split.
+        assert_eq!(split_point_of_key(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(split_point_of_key(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(split_point_of_key(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(split_point_of_key(b"user-1"), 0xf84b_a2aa_754a_4bd4);
+    }
+
+    #[test]
+    fn specs_written_by_a_newer_binary_still_read() {
+        let model: ModelSpec = serde_json::from_str(
+            r#"{"model_type":"onnx","path":"/m","source":"api","auto_delete":true,"future":{"x":1}}"#,
+        )
+        .unwrap();
+        assert_eq!((model.path.as_str(), model.auto_delete), ("/m", true));
+        let vmodel: VModelSpec = serde_json::from_str(
+            r#"{"active":"a","target":"b","canary":true,"split":[{"model":"a","weight":9,"zone":"z"}]}"#,
+        )
+        .unwrap();
+        assert_eq!((vmodel.active.as_str(), vmodel.target.as_str()), ("a", "b"));
+        assert_eq!(vmodel.split, [Weighted { model: "a".into(), weight: 9 }]);
     }
 
     #[test]
@@ -164,6 +205,10 @@ pub struct InstanceRecord {
     pub loading: u64,
     /// Seconds since its least recently used model was used (its "LRU age").
     pub lru_age_seconds: u64,
+    /// That least recently used model, the first a load here would evict (empty when none is loaded),
+    /// so a refusal under the anti-churn rule can name it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub coldest_model: String,
     /// Requests it served per minute, over the last heartbeat period.
     #[serde(default)]
     pub requests_per_minute: u64,

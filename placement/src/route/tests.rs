@@ -1,0 +1,237 @@
+//! The routing rule as tables of cases, then properties over arbitrary clusters.
+
+use proptest::prelude::*;
+
+use super::*;
+
+const NOW: u64 = 1_700_000_000_000;
+const TEN_MINUTES: Duration = Duration::from_secs(600);
+
+fn pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCandidate {
+    LoadCandidate {
+        instance: name.into(),
+        capacity_bytes: capacity,
+        used_bytes: used,
+        loading: 0,
+        lru_age_seconds: lru,
+        coldest_model: Some(format!("{name}-coldest")),
+        draining: false,
+        retry_after_ms: None,
+    }
+}
+
+fn loaded(name: &str, in_flight: usize) -> CopyOn {
+    CopyOn { instance: name.into(), copy: Copy::Loaded { in_flight, failed_recently: false } }
+}
+
+fn loading(name: &str) -> CopyOn {
+    CopyOn { instance: name.into(), copy: Copy::Loading }
+}
+
+fn ask(goal: Goal, pods: &[LoadCandidate], copies: &[CopyOn], size: u64) -> Route {
+    route(&RouteInput {
+        this: "me",
+        goal,
+        pods,
+        copies,
+        exclude: &[],
+        predicted_bytes: size,
+        now_ms: NOW,
+        anti_churn_age: TEN_MINUTES,
+    })
+}
+
+fn three_pods() -> Vec<LoadCandidate> {
+    vec![pod("me", 100, 50, 900), pod("a", 100, 10, 900), pod("b", 100, 90, 900)]
+}
+
+#[test]
+fn a_request_goes_to_a_copy_here_then_a_loaded_peer_then_a_loading_one_then_placement() {
+    let pods = three_pods();
+    assert_eq!(ask(Goal::Serve, &pods, &[loaded("me", 0), loaded("a", 0)], 5), Route::Here);
+    assert_eq!(ask(Goal::Serve, &pods, &[loading("me"), loaded("a", 0)], 5), Route::Here, "await our own load");
+    assert_eq!(ask(Goal::Serve, &pods, &[loaded("a", 3), loaded("b", 1)], 5), Route::Copy("b".into()));
+    assert_eq!(ask(Goal::Serve, &pods, &[loading("b")], 5), Route::WaitFor("b".into()));
+    assert_eq!(
+        ask(Goal::Serve, &pods, &[loading("b"), loaded("a", 9)], 5),
+        Route::Copy("a".into()),
+        "a loaded copy beats waiting for a load"
+    );
+    assert_eq!(ask(Goal::Serve, &pods, &[], 5), Route::LoadOn("a".into()), "least used with room");
+    let even = [pod("me", 100, 10, 0), pod("a", 100, 10, 0)];
+    assert_eq!(ask(Goal::Serve, &even, &[], 5), Route::LoadHere, "this pod on ties");
+}
+
+#[test]
+fn copies_on_draining_gone_or_failed_pods_do_not_count() {
+    let mut pods = three_pods();
+    pods[1].draining = true;
+    // "a" drains and "gone" has no instance record: neither serves; b is loading.
+    let copies = [loaded("a", 0), loaded("gone", 0), loading("b")];
+    assert_eq!(ask(Goal::Serve, &pods, &copies, 5), Route::WaitFor("b".into()));
+    let input = RouteInput {
+        this: "me",
+        goal: Goal::Serve,
+        pods: &pods,
+        copies: &[loaded("b", 0)],
+        exclude: &["b"],
+        predicted_bytes: 5,
+        now_ms: NOW,
+        anti_churn_age: TEN_MINUTES,
+    };
+    assert_eq!(route(&input), Route::LoadHere, "b failed this request; a drains; this pod loads it");
+}
+
+#[test]
+fn a_model_too_large_here_goes_to_a_peer_that_can_hold_it() {
+    let pods = [pod("me", 100, 0, 0), pod("big", 1_000, 900, 9_999)];
+    assert_eq!(ask(Goal::Serve, &pods, &[], 500), Route::LoadOn("big".into()));
+    assert_eq!(
+        ask(Goal::Serve, &pods, &[], 5_000),
+        Route::Refuse(Refusal::TooLarge { predicted_bytes: 5_000, largest_capacity_bytes: 1_000 })
+    );
+}
+
+#[test]
+fn anti_churn_sends_the_load_elsewhere_or_refuses_naming_the_model() {
+    let pods = [pod("me", 100, 100, 30), pod("a", 100, 100, 700)];
+    assert_eq!(ask(Goal::Serve, &pods, &[], 20), Route::LoadOn("a".into()), "a's coldest is old enough");
+    let pods = [pod("me", 100, 100, 30), pod("a", 100, 100, 60)];
+    assert_eq!(
+        ask(Goal::Ensure, &pods, &[], 20),
+        Route::Refuse(Refusal::WouldEvictRecent {
+            instance: "a".into(),
+            model: Some("a-coldest".into()),
+            used_secs_ago: 60,
+            anti_churn_age: TEN_MINUTES,
+        })
+    );
+}
+
+#[test]
+fn ensure_is_satisfied_by_any_copy_and_loads_once_where_placement_says() {
+    let pods = three_pods();
+    assert_eq!(ask(Goal::Ensure, &pods, &[loaded("b", 0)], 5), Route::Copy("b".into()));
+    assert_eq!(ask(Goal::Ensure, &pods, &[loading("a")], 5), Route::WaitFor("a".into()));
+    assert_eq!(ask(Goal::Ensure, &pods, &[], 5), Route::LoadOn("a".into()));
+}
+
+#[test]
+fn a_new_copy_goes_only_to_a_pod_without_one() {
+    let pods = three_pods();
+    // a has the most room but holds a copy already; me is the holder asking.
+    assert_eq!(ask(Goal::AddCopy, &pods, &[loaded("me", 0), loaded("a", 0)], 5), Route::LoadOn("b".into()));
+    assert_eq!(
+        ask(Goal::AddCopy, &pods, &[loaded("me", 0), loaded("a", 0), loading("b")], 5),
+        Route::Refuse(Refusal::NoPod)
+    );
+}
+
+#[test]
+fn a_hand_off_never_stays_here_and_is_done_when_a_peer_holds_it() {
+    let mut pods = three_pods();
+    pods[0] = LoadCandidate { draining: true, used_bytes: 0, ..pods[0].clone() };
+    assert_eq!(ask(Goal::HandOff, &pods, &[loaded("me", 0)], 5), Route::LoadOn("a".into()));
+    assert_eq!(ask(Goal::HandOff, &pods, &[loaded("me", 0), loaded("b", 0)], 5), Route::Copy("b".into()));
+}
+
+fn arb_pods() -> impl Strategy<Value = Vec<LoadCandidate>> {
+    proptest::collection::vec(
+        (1u64..1000, 0u64..1200, 0u64..3, 0u64..1200, any::<bool>(), proptest::option::of(0u64..20_000)),
+        1..6,
+    )
+    .prop_map(|pods| {
+        pods.into_iter()
+            .enumerate()
+            .map(|(i, (capacity, used, loading, lru, draining, retry_after_ms))| LoadCandidate {
+                instance: if i == 0 { "me".into() } else { format!("p{i}") },
+                capacity_bytes: capacity,
+                used_bytes: used.min(capacity),
+                loading,
+                lru_age_seconds: lru,
+                coldest_model: None,
+                draining,
+                retry_after_ms,
+            })
+            .collect()
+    })
+}
+
+fn arb_copies() -> impl Strategy<Value = Vec<CopyOn>> {
+    proptest::collection::vec((0usize..7, any::<bool>(), 0usize..4, any::<bool>()), 0..4).prop_map(|copies| {
+        let mut seen = std::collections::HashSet::new();
+        copies
+            .into_iter()
+            .filter(|(i, ..)| seen.insert(*i))
+            .map(|(i, is_loaded, in_flight, failed_recently)| CopyOn {
+                instance: if i == 0 { "me".into() } else { format!("p{i}") },
+                copy: if is_loaded { Copy::Loaded { in_flight, failed_recently } } else { Copy::Loading },
+            })
+            .collect()
+    })
+}
+
+fn arb_goal() -> impl Strategy<Value = Goal> {
+    prop_oneof![Just(Goal::Serve), Just(Goal::Ensure), Just(Goal::AddCopy), Just(Goal::HandOff)]
+}
+
+proptest! {
+    /// Whatever the cluster: a peer named is a live, non-draining pod not excluded; a copy or a wait
+    /// names a pod holding one; a load never lands on a pod that is draining, backing off, too small,
+    /// or (for a new copy) already holding one, nor evicts a model used within the anti-churn age.
+    #[test]
+    fn every_answer_is_allowed(
+        pods in arb_pods(),
+        copies in arb_copies(),
+        goal in arb_goal(),
+        size in 0u64..1200,
+        now in 0u64..20_000,
+        churn_secs in prop_oneof![Just(0u64), 0u64..1200],
+        exclude_p1 in any::<bool>(),
+    ) {
+        let exclude: Vec<&str> = if exclude_p1 { vec!["p1"] } else { vec![] };
+        let anti_churn_age = Duration::from_secs(churn_secs);
+        let input = RouteInput {
+            this: "me", goal, pods: &pods, copies: &copies, exclude: &exclude,
+            predicted_bytes: size, now_ms: now, anti_churn_age,
+        };
+        let pod_named = |name: &str| pods.iter().find(|p| p.instance == name);
+        let live = |name: &str| pod_named(name).is_some_and(|p| !p.draining) && !exclude.contains(&name);
+        let copy_of = |name: &str| copies.iter().find(|c| c.instance == name).map(|c| &c.copy);
+        let loadable = |name: &str| {
+            let Some(p) = pod_named(name) else { return false };
+            let room = p.capacity_bytes - p.used_bytes >= size;
+            live(name) && !p.backing_off(now) && p.capacity_bytes >= size
+                && (room || p.lru_age_seconds >= churn_secs)
+                && !(goal == Goal::AddCopy && copy_of(name).is_some())
+                && !(goal == Goal::HandOff && name == "me")
+        };
+        match route(&input) {
+            Route::Here => {
+                prop_assert!(matches!(goal, Goal::Serve | Goal::Ensure));
+                prop_assert!(copy_of("me").is_some());
+            }
+            Route::Copy(peer) => {
+                prop_assert!(goal != Goal::AddCopy && peer != "me" && live(&peer));
+                let is_loaded = matches!(copy_of(&peer), Some(Copy::Loaded { .. }));
+                prop_assert!(is_loaded);
+            }
+            Route::WaitFor(peer) => {
+                prop_assert!(goal != Goal::AddCopy && peer != "me" && live(&peer));
+                prop_assert_eq!(copy_of(&peer), Some(&Copy::Loading));
+                // Only when no live peer has it loaded.
+                let loaded_peer = copies.iter().any(|c| c.instance != "me" && live(&c.instance)
+                    && matches!(c.copy, Copy::Loaded { .. }));
+                prop_assert!(!loaded_peer);
+            }
+            Route::LoadHere => prop_assert!(loadable("me")),
+            Route::LoadOn(peer) => {
+                prop_assert!(peer != "me");
+                prop_assert!(loadable(&peer));
+            }
+            Route::Refuse(_) => {
+                prop_assert!(!pods.iter().any(|p| loadable(&p.instance)));
+            }
+        }
+    }
+}
