@@ -1,6 +1,7 @@
 //! `EtcdStore`: the [`Store`] on etcd v3. Revisions, compare-and-swap, leases and watches map one to
-//! one onto etcd's own, so this is a thin translation; errors that mean "etcd is not reachable" become
-//! `StoreError::Unavailable` so callers can tell an outage from a refusal.
+//! one onto etcd's own, so this is a thin translation. Errors are classified by their gRPC status code
+//! (never by message text, which etcd and its client may reword): those that mean "etcd is not
+//! reachable" become `StoreError::Unavailable`, so callers can tell an outage from a refusal.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use etcd_client::{
     PutOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
 };
 use futures::stream::{self, BoxStream, StreamExt};
+use tonic::Code;
 
 use super::{
     Compare, KeyValue, LeaseId, MAX_TXN_OPS, Op, RangeResult, Result, Revision, Store, StoreError, Txn,
@@ -29,37 +31,103 @@ impl EtcdStore {
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-        let client = Client::connect(endpoints, Some(options)).await.map_err(unavailable)?;
+        let client =
+            Client::connect(endpoints, Some(options)).await.map_err(|e| store_error(e, About::Nothing))?;
         Ok(Self { client })
     }
 
-    /// Drops history older than `revision` (watches from before it then get `Compacted`).
+    /// Drops history older than `revision` (watches from before it then get `Compacted`, and so does
+    /// compacting at or below it again).
     pub async fn compact(&self, revision: Revision) -> Result<()> {
-        self.client.clone().compact(revision, None).await.map_err(translate)?;
+        self.client
+            .clone()
+            .compact(revision, None)
+            .await
+            .map_err(|e| store_error(e, About::Revision(revision)))?;
         Ok(())
     }
 }
 
-fn unavailable(e: etcd_client::Error) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// What an etcd error means to a caller, decided by its gRPC status code, or by the client's error
+/// kind for errors that never got an answer from etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Meaning {
+    /// etcd could not be reached, did not answer in time, or is too busy now: an outage, worth
+    /// retrying.
+    Unavailable,
+    /// `NotFound`: the only thing etcd's KV, lease and watch calls can fail to find is a lease.
+    LeaseNotFound,
+    /// `OutOfRange`: a revision etcd no longer keeps ("required revision has been compacted") or has
+    /// not reached; for a lease, a TTL above etcd's maximum.
+    OutOfRange,
+    /// A refusal that retrying unchanged will not turn into a success.
+    Rejected,
 }
 
-/// etcd's answers mapped to store errors: "lease not found" is the caller's problem, anything about the
-/// connection is an outage.
-fn translate(e: etcd_client::Error) -> StoreError {
-    let text = e.to_string();
-    if text.contains("lease not found") {
-        // The message names no id; callers add it where they know it.
-        return StoreError::LeaseNotFound(LeaseId(0));
+fn meaning(e: &etcd_client::Error) -> Meaning {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(status) => match status.code() {
+            // Unknown, Internal and Cancelled are what tonic makes of a connection torn down mid-call
+            // (HTTP/2 resets); ResourceExhausted is etcd's "too many requests" or full-disk alarm.
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Unknown
+            | Code::Internal => Meaning::Unavailable,
+            Code::NotFound => Meaning::LeaseNotFound,
+            Code::OutOfRange => Meaning::OutOfRange,
+            Code::Ok
+            | Code::InvalidArgument
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::Unimplemented
+            | Code::DataLoss
+            | Code::Unauthenticated => Meaning::Rejected,
+        },
+        // No answer from etcd at all: the connection or the client's streams to it failed.
+        E::TransportError(_)
+        | E::IoError(_)
+        | E::EndpointError(_)
+        | E::WatchError(_)
+        | E::LeaseKeepAliveError(_) => Meaning::Unavailable,
+        // Malformed endpoints or arguments: a configuration or programming error.
+        _ => Meaning::Rejected,
     }
-    StoreError::Unavailable(text)
+}
+
+/// What the failed call was about, so a classified error can name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum About {
+    Nothing,
+    /// A call that wrote with this lease (the first, when a transaction names several).
+    Lease(LeaseId),
+    /// A call that needs history from this revision on.
+    Revision(Revision),
+}
+
+/// An etcd error as a store error. `NotFound` only means a lost lease when the call named one, and
+/// `OutOfRange` only means compacted history when it asked for a revision; otherwise (e.g. a lease
+/// TTL etcd finds too long) they are refusals.
+fn store_error(e: etcd_client::Error, about: About) -> StoreError {
+    match (meaning(&e), about) {
+        (Meaning::Unavailable, _) => StoreError::Unavailable(e.to_string()),
+        (Meaning::LeaseNotFound, About::Lease(lease)) => StoreError::LeaseNotFound(lease),
+        // etcd's answer does not say which revision it still keeps; at least the requested one is gone.
+        (Meaning::OutOfRange, About::Revision(requested)) => {
+            StoreError::Compacted { requested, oldest: requested }
+        }
+        (Meaning::LeaseNotFound | Meaning::OutOfRange | Meaning::Rejected, _) => {
+            StoreError::Rejected(e.to_string())
+        }
+    }
 }
 
 fn lease_error(lease: LeaseId) -> impl Fn(etcd_client::Error) -> StoreError {
-    move |e| match translate(e) {
-        StoreError::LeaseNotFound(_) => StoreError::LeaseNotFound(lease),
-        other => other,
-    }
+    move |e| store_error(e, About::Lease(lease))
 }
 
 fn key_value(kv: &etcd_client::KeyValue) -> KeyValue {
@@ -90,7 +158,7 @@ impl Store for EtcdStore {
             .clone()
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(translate)?;
+            .map_err(|e| store_error(e, About::Nothing))?;
         let revision = response.header().map_or(0, |h| h.revision());
         Ok(RangeResult { kvs: response.kvs().iter().map(key_value).collect(), revision })
     }
@@ -100,15 +168,15 @@ impl Store for EtcdStore {
         if ops > MAX_TXN_OPS {
             return Err(StoreError::TooManyOps(ops));
         }
-        let leases: Vec<LeaseId> = txn
+        let about = txn
             .success
             .iter()
             .chain(&txn.failure)
-            .filter_map(|op| match op {
+            .find_map(|op| match op {
                 Op::Put { lease, .. } => *lease,
                 _ => None,
             })
-            .collect();
+            .map_or(About::Nothing, About::Lease);
         let compares: Vec<EtcdCompare> = txn
             .compare
             .into_iter()
@@ -122,25 +190,31 @@ impl Store for EtcdStore {
             .when(compares)
             .and_then(txn.success.into_iter().map(txn_op).collect::<Vec<_>>())
             .or_else(txn.failure.into_iter().map(txn_op).collect::<Vec<_>>());
-        let response = self.client.clone().txn(request).await.map_err(|e| match translate(e) {
-            StoreError::LeaseNotFound(_) => {
-                StoreError::LeaseNotFound(leases.first().copied().unwrap_or(LeaseId(0)))
-            }
-            other => other,
-        })?;
+        let response = self.client.clone().txn(request).await.map_err(|e| store_error(e, about))?;
         let revision = response.header().map_or(0, |h| h.revision());
         Ok(TxnResult { succeeded: response.succeeded(), revision })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         let seconds = i64::try_from(ttl.as_secs_f64().ceil() as u64).unwrap_or(i64::MAX).max(1);
-        let response = self.client.clone().lease_grant(seconds, None).await.map_err(translate)?;
+        let response = self
+            .client
+            .clone()
+            .lease_grant(seconds, None)
+            .await
+            .map_err(|e| store_error(e, About::Nothing))?;
         Ok(LeaseId(response.id()))
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
-        let (mut keeper, mut responses) =
-            self.client.clone().lease_keep_alive(lease.0).await.map_err(lease_error(lease))?;
+        let (mut keeper, mut responses) = match self.client.clone().lease_keep_alive(lease.0).await {
+            Ok(opened) => opened,
+            // etcd-client opens the stream with one renewal and fails with this kind when etcd answers
+            // it with a TTL of 0 (its only other cause, a full request channel, cannot happen on the
+            // channel it has just created): the lease is gone.
+            Err(etcd_client::Error::LeaseKeepAliveError(_)) => return Err(StoreError::LeaseNotFound(lease)),
+            Err(e) => return Err(lease_error(lease)(e)),
+        };
         keeper.keep_alive().await.map_err(lease_error(lease))?;
         match responses.message().await.map_err(lease_error(lease))? {
             // etcd answers a keep-alive for an expired or unknown lease with a TTL of 0.
@@ -160,7 +234,7 @@ impl Store for EtcdStore {
         stream::once(async move {
             let mut client = client;
             match client.watch(prefix, Some(options)).await {
-                Err(e) => stream::iter([Err(translate(e))]).boxed(),
+                Err(e) => stream::iter([Err(store_error(e, About::Revision(after)))]).boxed(),
                 Ok(watch) => stream::unfold(Some(watch), move |state| async move {
                     let mut watch = state?;
                     match watch.message().await {
@@ -198,7 +272,7 @@ impl Store for EtcdStore {
                         Ok(None) => {
                             Some((vec![Err(StoreError::Unavailable("watch stream closed".into()))], None))
                         }
-                        Err(e) => Some((vec![Err(translate(e))], None)),
+                        Err(e) => Some((vec![Err(store_error(e, About::Revision(after)))], None)),
                     }
                 })
                 .flat_map(stream::iter)
@@ -311,6 +385,80 @@ mod tests {
         let mut fresh = store.watch("/k/", last);
         store.put("/k/a", b"3".to_vec(), None).await.unwrap();
         assert!(matches!(fresh.next().await, Some(Ok(WatchEvent::Put(kv))) if kv.value == b"3"));
+    }
+
+    #[test]
+    fn etcd_errors_are_classified_by_grpc_code_not_by_message() {
+        use etcd_client::Error as E;
+        let status = |code: Code, message: &str| E::GRpcStatus(tonic::Status::new(code, message));
+        let lease = LeaseId(7);
+        let cases = [
+            // The messages say one thing and the codes another: the codes decide.
+            (
+                status(Code::Unavailable, "etcdserver: requested lease not found"),
+                About::Lease(lease),
+                "unavailable",
+            ),
+            (status(Code::NotFound, "something else entirely"), About::Lease(lease), "lease not found"),
+            (status(Code::DeadlineExceeded, "context deadline exceeded"), About::Nothing, "unavailable"),
+            (status(Code::ResourceExhausted, "etcdserver: too many requests"), About::Nothing, "unavailable"),
+            (status(Code::Unknown, "h2 protocol error"), About::Nothing, "unavailable"),
+            (
+                status(Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
+                About::Revision(5),
+                "compacted",
+            ),
+            // OutOfRange about no revision (a lease TTL above etcd's maximum) is a refusal, and so is
+            // NotFound about no lease.
+            (status(Code::OutOfRange, "etcdserver: too large lease TTL"), About::Nothing, "rejected"),
+            (status(Code::NotFound, "etcdserver: requested lease not found"), About::Nothing, "rejected"),
+            (
+                status(Code::InvalidArgument, "etcdserver: too many operations in txn request"),
+                About::Nothing,
+                "rejected",
+            ),
+            (status(Code::PermissionDenied, "unavailable"), About::Nothing, "rejected"),
+            (
+                status(Code::Unauthenticated, "etcdserver: invalid auth token"),
+                About::Lease(lease),
+                "rejected",
+            ),
+            // Errors that never got an answer from etcd.
+            (E::IoError(std::io::ErrorKind::ConnectionRefused.into()), About::Nothing, "unavailable"),
+            (E::WatchError("channel closed".into()), About::Revision(5), "unavailable"),
+            (E::InvalidArgs("empty endpoints".into()), About::Nothing, "rejected"),
+        ];
+        for (error, about, expected) in cases {
+            let described = format!("{error} about {about:?}");
+            let got = match store_error(error, about) {
+                StoreError::Unavailable(_) => "unavailable",
+                StoreError::LeaseNotFound(l) if l == lease => "lease not found",
+                StoreError::Compacted { requested: 5, oldest: 5 } => "compacted",
+                StoreError::Rejected(_) => "rejected",
+                other => panic!("{described}: unexpected {other:?}"),
+            };
+            assert_eq!(got, expected, "{described}");
+        }
+    }
+
+    /// etcd's real answers, through the classification: refusals, lost leases and compacted history
+    /// each come out as themselves, none as an outage.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_refusals_lost_leases_and_compactions_are_told_apart() {
+        let etcd = EtcdServer::start().await;
+        let store = etcd.store().await;
+        // etcd answers a TTL above its maximum (9e9 s) with OutOfRange, which is no compaction.
+        let err = store.grant_lease(Duration::from_secs(10_000_000_000)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Rejected(_)), "{err}");
+        let gone = LeaseId(0x7fff_0000);
+        let err = store.put("/e/k", b"x".to_vec(), Some(gone)).await.unwrap_err();
+        assert_eq!(err, StoreError::LeaseNotFound(gone));
+        assert_eq!(store.revoke_lease(gone).await.unwrap_err(), StoreError::LeaseNotFound(gone));
+        assert_eq!(store.keep_alive(gone).await.unwrap_err(), StoreError::LeaseNotFound(gone));
+        let last = store.put("/e/k", b"y".to_vec(), None).await.unwrap();
+        store.compact(last).await.unwrap();
+        let err = store.compact(last).await.unwrap_err();
+        assert_eq!(err, StoreError::Compacted { requested: last, oldest: last });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

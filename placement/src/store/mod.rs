@@ -9,7 +9,7 @@
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 #[cfg(feature = "etcd")]
-mod etcd;
+pub(crate) mod etcd;
 mod memory;
 
 use std::time::Duration;
@@ -103,7 +103,9 @@ impl WatchEvent {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The revision a watch asked to start from was compacted away: re-read with `range`, then
-    /// watch from the revision that read returned.
+    /// watch from the revision that read returned. `oldest` is the oldest revision kept where the
+    /// store says (a watch does); an etcd error for compacted history does not, and then it is
+    /// `requested`.
     #[error("revision {requested} was compacted (oldest kept: {oldest}); list again and watch from there")]
     Compacted { requested: Revision, oldest: Revision },
     #[error("lease {0:?} does not exist or has expired")]
@@ -111,6 +113,10 @@ pub enum StoreError {
     /// The store cannot be reached; the operation may be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store refused the request (malformed, not permitted, beyond a limit): retrying it unchanged
+    /// will not help.
+    #[error("store refused the request: {0}")]
+    Rejected(String),
     #[error("transaction has {0} operations; the limit is {MAX_TXN_OPS}")]
     TooManyOps(usize),
 }
