@@ -220,6 +220,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn records_written_by_a_newer_binary_still_read() {
+        let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
+        let (m, v) = (ModelId::new("m").unwrap(), ModelId::new("v").unwrap());
+        let model = br#"{"model_type":"onnx","path":"/a","source":"api","added_later":{"x":1}}"#;
+        registry.store().put("/dm/models/m", model.to_vec(), None).await.unwrap();
+        let vmodel =
+            br#"{"active":"m","target":"m","added_later":true,"split":[{"model":"m","weight":1,"x":2}]}"#;
+        registry.store().put("/dm/vmodels/v", vmodel.to_vec(), None).await.unwrap();
+
+        assert_eq!(registry.model(&m).await.unwrap().unwrap().0, spec("/a"));
+        assert!(!registry.register(&m, &spec("/a")).await.unwrap().created, "the same model, not a conflict");
+        let (read, _) = registry.vmodel(&v).await.unwrap().unwrap();
+        assert_eq!((read.active.as_str(), read.split.len()), ("m", 1));
+    }
+
+    #[tokio::test]
     async fn vmodel_writes_are_compare_and_swap() {
         let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
         let v = ModelId::new("v").unwrap();
