@@ -6,6 +6,7 @@
 
 pub mod choose;
 pub mod copies;
+pub mod election;
 pub mod eviction;
 mod model_id;
 pub mod registry;

@@ -81,6 +81,11 @@ impl Registry {
         format!("{}{instance}", self.instances_prefix())
     }
 
+    /// The election key: holds the leader's instance id, bound to its lease (see [`crate::election`]).
+    pub fn leader_key(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+
     /// The prefix everything lives under.
     pub fn prefix(&self) -> &str {
         &self.prefix

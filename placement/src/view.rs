@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::ModelId;
+use crate::election::leader_of;
 use crate::registry::{Registry, RegistryError, decode};
 use crate::spec::{InstanceRecord, ModelSpec, Placement, VModelSpec};
 use crate::store::{KeyValue, Revision, StoreError, WatchEvent};
@@ -28,14 +29,20 @@ pub enum ViewChange {
     InstanceRemoved(String),
     /// A copy of this model appeared, changed state or vanished.
     Placement(ModelId),
+    /// Another instance leads now (`None`: nobody, until a campaign wins).
+    Leader(Option<String>),
 }
 
 #[derive(Default)]
 struct Mirror {
     models: HashMap<ModelId, (ModelSpec, Revision)>,
     vmodels: HashMap<ModelId, (VModelSpec, Revision)>,
-    instances: HashMap<String, InstanceRecord>,
-    placements: HashMap<ModelId, HashMap<String, Placement>>,
+    /// Replaced (copy on write), never mutated in place: readers hold a snapshot without a lock.
+    instances: Arc<HashMap<String, InstanceRecord>>,
+    /// Each model's copies by instance, copy on write like `instances`.
+    placements: HashMap<ModelId, Arc<HashMap<String, Placement>>>,
+    /// The instance id the `leader` key holds.
+    leader: Option<String>,
 }
 
 /// The mirror; cloning shares it. The watch task stops when the last clone drops.
@@ -86,6 +93,18 @@ impl ClusterView {
         all
     }
 
+    /// Live pods by instance id, as a snapshot shared with the mirror (replaced on change, never
+    /// copied per call): the request path reads it without cloning or sorting.
+    pub fn instances_snapshot(&self) -> Arc<HashMap<String, InstanceRecord>> {
+        self.mirror.read().instances.clone()
+    }
+
+    /// A model's copies by instance id, shared like [`Self::instances_snapshot`]; `None` when no pod
+    /// has a record of it.
+    pub fn copies(&self, id: &ModelId) -> Option<Arc<HashMap<String, Placement>>> {
+        self.mirror.read().placements.get(id).cloned()
+    }
+
     /// Copies of a model, by instance id, most recent state change first.
     pub fn placements(&self, id: &ModelId) -> Vec<(String, Placement)> {
         let mut all: Vec<_> = self
@@ -97,6 +116,11 @@ impl ClusterView {
             .unwrap_or_default();
         all.sort_by(|a, b| b.1.since_ms().cmp(&a.1.since_ms()).then_with(|| a.0.cmp(&b.0)));
         all
+    }
+
+    /// The instance that leads the cluster, if any (see [`crate::election`]).
+    pub fn leader(&self) -> Option<String> {
+        self.mirror.read().leader.clone()
     }
 
     /// How many models are registered.
@@ -203,10 +227,15 @@ enum Record {
     VModel(ModelId),
     Instance(String),
     Placement(ModelId, String),
+    Leader,
 }
 
-/// Which record a key is, if it is one the view mirrors.
+/// Which record a key is, if it is one the view mirrors. Keys of other kinds (say, written by a newer
+/// binary) are none of these and are skipped.
 fn classify(registry: &Registry, key: &str) -> Option<Record> {
+    if key == registry.leader_key() {
+        return Some(Record::Leader);
+    }
     if let Some(id) = key.strip_prefix(&registry.models_prefix()) {
         return ModelId::new(id).ok().map(Record::Model);
     }
@@ -225,22 +254,28 @@ fn put(registry: &Registry, mirror: &mut Mirror, kv: &KeyValue) -> Option<ViewCh
     let decoded = match record {
         Record::Model(id) => decode::<ModelSpec>(&kv.key, &kv.value).map(|s| {
             mirror.models.insert(id.clone(), (s, kv.mod_revision));
-            ViewChange::Model(id)
+            Some(ViewChange::Model(id))
         }),
         Record::VModel(id) => decode::<VModelSpec>(&kv.key, &kv.value).map(|v| {
             mirror.vmodels.insert(id.clone(), (v, kv.mod_revision));
-            ViewChange::VModel(id)
+            Some(ViewChange::VModel(id))
         }),
         Record::Instance(instance) => decode::<InstanceRecord>(&kv.key, &kv.value).map(|r| {
-            mirror.instances.insert(instance.clone(), r);
-            ViewChange::Instance(instance)
+            Arc::make_mut(&mut mirror.instances).insert(instance.clone(), r);
+            Some(ViewChange::Instance(instance))
         }),
         Record::Placement(id, instance) => decode::<Placement>(&kv.key, &kv.value).map(|p| {
-            mirror.placements.entry(id.clone()).or_default().insert(instance, p);
-            ViewChange::Placement(id)
+            Arc::make_mut(mirror.placements.entry(id.clone()).or_default()).insert(instance, p);
+            Some(ViewChange::Placement(id))
+        }),
+        Record::Leader => leader_of(kv).map(|leader| {
+            // A campaign that re-binds the key to a new lease rewrites the same leader: no change.
+            let changed = mirror.leader.as_ref() != Some(&leader);
+            mirror.leader = Some(leader.clone());
+            changed.then_some(ViewChange::Leader(Some(leader)))
         }),
     };
-    decoded.map_err(|e| tracing::warn!(error = %e, "skipping unreadable record")).ok()
+    decoded.map_err(|e| tracing::warn!(error = %e, "skipping unreadable record")).ok().flatten()
 }
 
 fn remove(registry: &Registry, mirror: &mut Mirror, key: &str) -> Option<ViewChange> {
@@ -248,16 +283,25 @@ fn remove(registry: &Registry, mirror: &mut Mirror, key: &str) -> Option<ViewCha
         Record::Model(id) => mirror.models.remove(&id).map(|_| ViewChange::ModelRemoved(id)),
         Record::VModel(id) => mirror.vmodels.remove(&id).map(|_| ViewChange::VModelRemoved(id)),
         Record::Instance(instance) => {
-            mirror.instances.remove(&instance).map(|_| ViewChange::InstanceRemoved(instance))
+            if !mirror.instances.contains_key(&instance) {
+                return None;
+            }
+            Arc::make_mut(&mut mirror.instances).remove(&instance);
+            Some(ViewChange::InstanceRemoved(instance))
         }
         Record::Placement(id, instance) => {
             let copies = mirror.placements.get_mut(&id)?;
-            copies.remove(&instance)?;
+            if !copies.contains_key(&instance) {
+                return None;
+            }
+            let copies = Arc::make_mut(copies);
+            copies.remove(&instance);
             if copies.is_empty() {
                 mirror.placements.remove(&id);
             }
             Some(ViewChange::Placement(id))
         }
+        Record::Leader => mirror.leader.take().map(|_| ViewChange::Leader(None)),
     }
 }
 
@@ -271,12 +315,33 @@ async fn relist(
     let mut fresh = Mirror::default();
     let mut announce = Vec::new();
     for kv in &range.kvs {
-        if let Some(change) = put(registry, &mut fresh, kv) {
+        // The leader is announced below, only if it differs from the one the old mirror had.
+        if let Some(change) = put(registry, &mut fresh, kv)
+            && !matches!(change, ViewChange::Leader(_))
+        {
             announce.push(change);
         }
     }
     let old = std::mem::replace(&mut *mirror.write(), fresh);
     let current = mirror.read();
+    if old.leader != current.leader {
+        announce.push(ViewChange::Leader(current.leader.clone()));
+    }
+    // Whatever vanished while the watch was behind is announced as if the watch had seen it go.
+    announce.extend(
+        old.instances
+            .keys()
+            .filter(|id| !current.instances.contains_key(*id))
+            .cloned()
+            .map(ViewChange::InstanceRemoved),
+    );
+    announce.extend(
+        old.placements
+            .keys()
+            .filter(|id| !current.placements.contains_key(*id))
+            .cloned()
+            .map(ViewChange::Placement),
+    );
     announce.extend(
         old.models
             .keys()
@@ -299,34 +364,4 @@ async fn relist(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::spec::api_spec as spec;
-    use crate::store::{MemoryStore, Store};
-
-    #[tokio::test]
-    async fn the_view_follows_registrations_and_reads_its_writes() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let registry = Registry::new(store.clone(), "dm");
-        let before = ModelId::new("before").unwrap();
-        registry.register(&before, &spec("/b")).await.unwrap();
-        let view = ClusterView::start(registry.clone()).await.unwrap();
-        assert_eq!(view.model(&before).unwrap().path, "/b");
-        let mut changes = view.subscribe();
-
-        let after = ModelId::new("after").unwrap();
-        let r = registry.register(&after, &spec("/a")).await.unwrap().revision;
-        view.caught_up(r).await;
-        assert_eq!(view.model(&after).unwrap().path, "/a");
-        assert_eq!(changes.recv().await.unwrap(), ViewChange::Model(after.clone()));
-
-        registry.unregister(&before).await.unwrap();
-        assert_eq!(changes.recv().await.unwrap(), ViewChange::ModelRemoved(before.clone()));
-        assert!(view.model(&before).is_none());
-        // Records outside the mirrored kinds, or unreadable ones, are skipped, not fatal.
-        store.put("/dm/models/bad", b"not json".to_vec(), None).await.unwrap();
-        let r = store.put("/dm/placements/x/y", b"{}".to_vec(), None).await.unwrap();
-        view.caught_up(r).await;
-        assert_eq!(view.models().len(), 1);
-    }
-}
+mod tests;

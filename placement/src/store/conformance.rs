@@ -1,12 +1,17 @@
 //! The behaviour every [`Store`] must have, as async functions each implementation's tests run
 //! through [`store_conformance_tests!`](crate::store_conformance_tests). Keys live under a prefix of
-//! the caller's choosing, so a shared etcd can run them side by side.
+//! the caller's choosing, so a shared etcd can run them side by side. The last case runs leader
+//! election and the [`ClusterView`]'s mirror of it on the store, since both rest on its semantics.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
 use super::{Compare, Op, Store, StoreError, Txn, WatchEvent};
+use crate::election::{campaign, resign};
+use crate::view::ViewChange;
+use crate::{ClusterView, Registry};
 
 fn key(prefix: &str, k: &str) -> String {
     format!("{prefix}{k}")
@@ -156,6 +161,71 @@ pub async fn watches_resume_without_missing_or_repeating(store: &dyn Store, pref
     assert_eq!(describe(&next(&mut from_start).await), "put last 5", "other prefixes are not seen");
 }
 
+/// Two candidates, one leader; the key and the view follow the leader's lease.
+pub async fn leader_election(store: Arc<dyn Store>, prefix: &str) {
+    let registry = Registry::new(store.clone(), prefix);
+    let view = ClusterView::start(registry.clone()).await.unwrap();
+    let mut changes = view.subscribe();
+    assert_eq!(view.leader(), None);
+    let settled = async || {
+        // The store's revision now, then the view caught up with it.
+        let revision = store.range(&registry.leader_key()).await.unwrap().revision;
+        view.caught_up(revision).await;
+    };
+    let holder = async || store.get(&registry.leader_key()).await.unwrap().map(|kv| kv.value);
+
+    let (lease_a, lease_b) = (
+        store.grant_lease(Duration::from_secs(600)).await.unwrap(),
+        store.grant_lease(Duration::from_secs(600)).await.unwrap(),
+    );
+    let (a, b) = futures::join!(campaign(&registry, "pod-a", lease_a), campaign(&registry, "pod-b", lease_b));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a ^ b, "exactly one of two candidates wins (a: {a}, b: {b})");
+    let ((winner, winner_lease), loser) =
+        if a { (("pod-a", lease_a), ("pod-b", lease_b)) } else { (("pod-b", lease_b), ("pod-a", lease_a)) };
+    assert!(!campaign(&registry, loser.0, loser.1).await.unwrap(), "the loser's next campaign loses too");
+    assert!(campaign(&registry, winner, winner_lease).await.unwrap(), "the winner's next campaign holds");
+    let key = store.get(&registry.leader_key()).await.unwrap().unwrap();
+    assert_eq!((key.value.as_slice(), key.lease), (winner.as_bytes(), Some(winner_lease)));
+    settled().await;
+    assert_eq!(view.leader().as_deref(), Some(winner));
+    assert_eq!(next_leader(&mut changes).await, Some(winner.to_owned()));
+    assert!(view.models().is_empty() && view.instances().is_empty(), "the leader key is no other record");
+
+    assert!(!resign(&registry, loser.0).await.unwrap(), "a non-leader cannot resign for the leader");
+    assert_eq!(holder().await.as_deref(), Some(winner.as_bytes()));
+
+    // The winner's lease ends (its pod died): the key goes with it, and the other candidate wins.
+    store.revoke_lease(winner_lease).await.unwrap();
+    assert_eq!(holder().await, None);
+    settled().await;
+    assert_eq!(view.leader(), None);
+    assert_eq!(next_leader(&mut changes).await, None);
+    assert!(campaign(&registry, loser.0, loser.1).await.unwrap(), "the key is free again");
+    settled().await;
+    assert_eq!(view.leader().as_deref(), Some(loser.0));
+    assert_eq!(next_leader(&mut changes).await, Some(loser.0.to_owned()));
+
+    assert!(resign(&registry, loser.0).await.unwrap());
+    assert_eq!(holder().await, None);
+    settled().await;
+    assert_eq!(view.leader(), None);
+    store.revoke_lease(loser.1).await.unwrap();
+}
+
+/// The next leader change the view announces.
+async fn next_leader(changes: &mut tokio::sync::broadcast::Receiver<ViewChange>) -> Option<String> {
+    loop {
+        let change = tokio::time::timeout(Duration::from_secs(10), changes.recv())
+            .await
+            .expect("a view change within 10 s")
+            .expect("the view's changes stay open");
+        if let ViewChange::Leader(leader) = change {
+            return leader;
+        }
+    }
+}
+
 async fn next(stream: &mut futures::stream::BoxStream<'static, super::Result<WatchEvent>>) -> WatchEvent {
     tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
@@ -196,6 +266,13 @@ macro_rules! store_conformance_tests {
                 $lease_ttl,
             )
             .await;
+        }
+
+        #[tokio::test]
+        async fn conformance_leader_election() {
+            let store = $make.await;
+            $crate::store::conformance::leader_election(::std::sync::Arc::new(store), "/conformance/leader/")
+                .await;
         }
 
         #[tokio::test]

@@ -369,6 +369,7 @@ mod tests {
         conformance::watches_resume_without_missing_or_repeating(&store, "/c/watch/").await;
         // etcd rounds TTLs below its minimum (about 1.5 s) up, so ask for 2 s.
         conformance::leases_expire_renew_and_revoke(&store, "/c/lease/", Duration::from_secs(2)).await;
+        conformance::leader_election(std::sync::Arc::new(store.clone()), "/c/leader/").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
