@@ -1,13 +1,16 @@
-"""Paging: six models, room for about two, eight concurrent clients; every answer right."""
+"""Paging: six models, room for about two, eight concurrent clients; every answer right. And ModelMesh's
+anti-churn rule: a load that would evict a model used moments ago is refused, naming it."""
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
 import tritonclient.grpc as grpcclient
 
-from meshd import REPO
+from meshd import REPO, raw_request
 
 sys.path.insert(0, str(REPO / "examples"))
 from generate_models import make_dense_model  # noqa: E402
@@ -22,7 +25,8 @@ def test_six_models_paged_through_room_for_two(start_meshd, tmp_path):
         make_dense_model(tmp_path / f"dense-{i}" / "model.onnx", MB, seed=i)
     file_bytes = (tmp_path / "dense-0" / "model.onnx").stat().st_size
     capacity = int(file_bytes * 2.5)
-    server = start_meshd(tmp_path, "--capacity", str(capacity), "--max-concurrent-loads", "2")
+    # Paging through recently used models is the point here, so the anti-churn rule is off.
+    server = start_meshd(tmp_path, "--capacity", str(capacity), "--max-concurrent-loads", "2", "--anti-churn-age", "0")
     sessions = [ort.InferenceSession(str(tmp_path / f"dense-{i}" / "model.onnx")) for i in range(MODELS)]
     rng = np.random.default_rng(0)
     plan = [(int(rng.integers(MODELS)), rng.normal(size=(int(rng.integers(1, 5)), 256)).astype(np.float32))
@@ -55,3 +59,38 @@ def test_six_models_paged_through_room_for_two(start_meshd, tmp_path):
     assert metrics['densemesh_model_loads_total{result="success"}'] >= MODELS
     assert metrics.get('densemesh_model_loads_total{result="failure"}', 0) == 0
     assert metrics['densemesh_requests_total{method="ModelInfer",code="OK"}'] == REQUESTS
+
+
+def test_anti_churn_refuses_with_the_model_it_would_evict(start_meshd, tmp_path):
+    for i in range(3):
+        make_dense_model(tmp_path / f"dense-{i}" / "model.onnx", MB, seed=i)
+    capacity = int((tmp_path / "dense-0" / "model.onnx").stat().st_size * 2.5)
+    x = np.random.default_rng(3).normal(size=(2, 256)).astype(np.float32)
+    want = [ort.InferenceSession(str(tmp_path / f"dense-{i}" / "model.onnx")).run(None, {"x": x})[0] for i in range(3)]
+
+    def infer(server, i):
+        r = server.stub.ModelInfer(raw_request(f"dense-{i}", [("x", "FP32", x)]))
+        np.testing.assert_allclose(np.frombuffer(r.raw_output_contents[0], dtype=np.float32).reshape(want[i].shape),
+                                   want[i], rtol=1e-4, atol=1e-5)
+
+    # The default age (10 minutes): both models were used moments ago, so the third is refused.
+    server = start_meshd(tmp_path, "--capacity", str(capacity))
+    infer(server, 0)
+    infer(server, 1)
+    with pytest.raises(grpc.RpcError) as e:
+        infer(server, 2)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    assert "dense-0" in e.value.details() or "dense-1" in e.value.details(), e.value.details()
+    metrics = server.metrics()
+    assert metrics.get("densemesh_cache_evictions_total", 0) == 0, "nothing was evicted for the refused load"
+    assert metrics["densemesh_models_loaded"] == 2
+    infer(server, 0)
+    infer(server, 1)
+
+    # With the rule off (--anti-churn-age 0) the same requests page as before.
+    paging = start_meshd(tmp_path, "--capacity", str(capacity), "--anti-churn-age", "0")
+    for i in (0, 1, 2, 0):
+        infer(paging, i)
+    metrics = paging.metrics()
+    assert metrics["densemesh_cache_evictions_total"] >= 2, metrics
+    assert metrics.get('densemesh_model_loads_total{result="failure"}', 0) == 0

@@ -56,12 +56,12 @@ def secret_dir(s3, tmp_path):
     return d
 
 
-def start(start_meshd, tmp_path, secret_dir, cache_dir):
+def start(start_meshd, tmp_path, secret_dir, cache_dir, *args):
     repo = tmp_path / "repo"
     repo.mkdir(exist_ok=True)
     # Room for one 8 MiB model: loading the other evicts it from memory (not from disk).
     return start_meshd(repo, "--storage-config", str(secret_dir), "--cache-dir", str(cache_dir),
-                       "--capacity", "12MiB", "--load-retry-backoff", "1s")
+                       "--capacity", "12MiB", "--load-retry-backoff", "1s", *args)
 
 
 def predict(server, model, x):
@@ -78,7 +78,8 @@ def test_s3_model_is_pulled_once_and_reloaded_from_the_disk_cache_after_eviction
     _, expected = s3
     pb2, pb2_grpc = mmesh
     cache_dir = tmp_path / "cache"
-    server = start(start_meshd, tmp_path, secret_dir, cache_dir)
+    # b's load evicts a, used moments ago: the anti-churn rule would refuse it, so it is off.
+    server = start(start_meshd, tmp_path, secret_dir, cache_dir, "--anti-churn-age", "0")
     api = pb2_grpc.ModelMeshStub(server.channel)
     # modelmesh-serving's form (object path + storage key JSON) and a full URI with the key.
     api.registerModel(pb2.RegisterModelRequest(modelId="a", modelInfo=pb2.ModelInfo(
