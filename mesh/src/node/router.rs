@@ -4,6 +4,7 @@
 //! also comes as `-bin` (base64, for ids that are not plain ASCII), as ModelMesh clients send them.
 
 use densemesh_placement::ModelId;
+use densemesh_placement::spec::split_point_of_key;
 use tonic::metadata::MetadataMap;
 
 use crate::error::MeshError;
@@ -54,18 +55,17 @@ pub fn resolve(
     Ok(Target { model: id, vmodel: None })
 }
 
-/// Where a request falls in a vmodel's traffic split: the hash of its route key, so a key always
-/// lands on the same model, else a fresh pseudo-random number.
+/// Where a request falls in a vmodel's traffic split: the fixed hash of its route key
+/// ([`split_point_of_key`], FNV-1a 64), so a key lands on the same model on every pod, after restarts
+/// and across toolchains; else a fresh pseudo-random number.
 pub fn split_point(metadata: &MetadataMap) -> u64 {
-    use std::hash::BuildHasher;
     use std::sync::atomic::{AtomicU64, Ordering};
-    // Fixed keys: the same route key must hash the same on every pod and after restarts.
-    let fixed = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
     match metadata.get(ROUTE_KEY_HEADER) {
-        Some(key) => fixed.hash_one(key.as_bytes()),
+        Some(key) => split_point_of_key(key.as_bytes()),
         None => {
+            // Only needs to spread: a counter, hashed so that consecutive requests scatter.
             static COUNTER: AtomicU64 = AtomicU64::new(0);
-            fixed.hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
+            split_point_of_key(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes())
         }
     }
 }
@@ -149,5 +149,7 @@ mod split_tests {
         let mut keyed = MetadataMap::new();
         keyed.insert(ROUTE_KEY_HEADER, tonic::metadata::MetadataValue::from_static("user-1"));
         assert_eq!(split_point(&keyed), split_point(&keyed));
+        // Pinned: the same key must land on the same model on every pod, build and toolchain.
+        assert_eq!(split_point(&keyed), 0xf84b_a2aa_754a_4bd4, "FNV-1a 64 of the route key");
     }
 }
