@@ -29,10 +29,12 @@ pub struct LocalRepository {
 }
 
 impl LocalRepository {
+    /// The repository at `root`; nothing is read until asked.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }
 
+    /// The directory the repository reads.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -46,13 +48,19 @@ impl LocalRepository {
 
     /// Ids of every directory that holds a model, sorted; names that are not valid ids are skipped.
     pub fn list(&self) -> Result<Vec<ModelId>> {
-        let mut ids: Vec<ModelId> = read_dir_names(&self.root)?
-            .iter()
-            .filter_map(|name| ModelId::new(name).ok())
-            .filter(|id| self.resolve(id).is_ok())
-            .collect();
-        ids.sort();
-        Ok(ids)
+        let ids = valid_ids(read_dir_names(&self.root)?);
+        Ok(ids.into_iter().filter(|id| self.resolve(id).is_ok()).collect())
+    }
+
+    /// Ids of every entry whose name is a valid id, sorted, whether or not it holds a model; blocking.
+    ///
+    /// Unlike [`LocalRepository::list`], an entry that cannot be read stays in, so a caller that
+    /// mirrors the repository can tell "gone" ([`Error::NotFound`] from [`LocalRepository::resolve`])
+    /// from "unreadable for now" and leave the latter alone. A missing or unreadable root is an error.
+    pub fn candidates(&self) -> Result<Vec<ModelId>> {
+        let entries =
+            std::fs::read_dir(&self.root).map_err(|source| Error::Io { path: self.root.clone(), source })?;
+        Ok(valid_ids(entries.flatten().filter_map(|e| e.file_name().into_string().ok()).collect()))
     }
 }
 
@@ -94,6 +102,13 @@ fn model_file_in(dir: &Path, version: Option<u64>) -> Result<Option<LocalModel>>
         }
     }
     Ok(None)
+}
+
+/// The names that are valid model ids, sorted.
+fn valid_ids(names: Vec<String>) -> Vec<ModelId> {
+    let mut ids: Vec<ModelId> = names.iter().filter_map(|name| ModelId::new(name).ok()).collect();
+    ids.sort();
+    ids
 }
 
 /// Entry names of a directory; empty when it does not exist.
@@ -138,5 +153,15 @@ mod tests {
         }
         let ids: Vec<String> = repo.list().unwrap().iter().map(|m| m.to_string()).collect();
         assert_eq!(ids, ["flat", "versioned"]);
+        let candidates: Vec<String> = repo.candidates().unwrap().iter().map(|m| m.to_string()).collect();
+        assert_eq!(candidates, ["empty", "flat", "versioned"]);
+    }
+
+    #[test]
+    fn a_missing_root_is_an_error_for_candidates_but_empty_for_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = LocalRepository::new(dir.path().join("absent"));
+        assert!(repo.list().unwrap().is_empty());
+        assert!(matches!(repo.candidates(), Err(Error::Io { .. })));
     }
 }
