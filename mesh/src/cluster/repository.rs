@@ -1,31 +1,121 @@
 //! The model repository directory as a registration source: its models are registered at start
 //! (source `repository`) and kept in step as files appear, change or vanish. A model registered
 //! through the API is never touched, even when a directory of the same name appears or goes.
+//!
+//! In a cluster the repository is one shared source seen by every pod, often the same volume mounted
+//! at different paths, copied at different times. So what a pass writes must depend on what the
+//! models *are*, never on where or when this pod sees them; otherwise two pods rewrite each other's
+//! registrations forever and every rewrite unloads the model everywhere. A repository-sourced
+//! [`ModelSpec`] therefore holds:
+//! - `path`: `repo:<model-id>`, the model's directory relative to the repository root. Each pod turns
+//!   it into its own local path under its own `--model-repo` with [`resolve_repository_path`]. Specs
+//!   written by earlier versions hold an absolute path; they still resolve when the path lies under
+//!   the root, and the next pass rewrites them once to the relative form (reported as `migrated`).
+//! - `generation`: a function of content alone, the first 8 bytes of a SHA-256 over the size and
+//!   SHA-256 of each file [`LocalRepository::resolve`] points at. Hashing reads the whole file, so a
+//!   digest is remembered per (path, size, mtime) and an unchanged file is read once per process.
+//!
+//! A pass that cannot read the repository root fails and changes nothing; a model whose files cannot
+//! be read this time keeps its registration as it is. Only a model whose directory is really gone is
+//! unregistered.
 
-use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::io::{ErrorKind, Read};
+use std::path::{Component, Path, PathBuf};
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime};
 
 use densemesh_placement::registry::{Registry, RegistryError};
 use densemesh_placement::{ClusterView, ModelId, ModelSpec, Source};
 use densemesh_puller::LocalRepository;
 use notify::{RecursiveMode, Watcher};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// What one pass changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
+    /// Newly registered models.
     pub registered: Vec<ModelId>,
+    /// Models whose content changed.
     pub updated: Vec<ModelId>,
+    /// Specs of an earlier version (an absolute path) rewritten to the relative form.
+    pub migrated: Vec<ModelId>,
+    /// Models whose directory is gone.
     pub unregistered: Vec<ModelId>,
 }
+
+/// How a repository-sourced spec's `path` starts: `repo:<model-id>`.
+pub const REPOSITORY_PATH_PREFIX: &str = "repo:";
 
 /// Files change in bursts (a copy, an unpack); one pass after they settle.
 const SETTLE: Duration = Duration::from_millis(300);
 
+/// A spec path that does not name a place inside the model repository.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("model path {path:?} does not lie inside the model repository {}: {reason}", root.display())]
+pub struct RepositoryPathError {
+    /// The spec's path as registered.
+    pub path: String,
+    /// This pod's repository root (`--model-repo`).
+    pub root: PathBuf,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Where a repository-sourced spec's `path` lies under this pod's repository `root`.
+///
+/// Accepts `repo:<relative path>` (what [`sync_once`] writes), joined to `root`, and, for specs
+/// written by earlier versions, an absolute path lying under `root` (or under `root` with symlinks
+/// resolved, which is how those versions wrote it), re-rooted at `root`. Refuses everything else: a
+/// relative part that is empty or has `..`, `.`, or a root; an absolute path elsewhere; a bare
+/// relative path; a URI. The check is on the text only: existence is the loader's business, and
+/// symlinks inside the repository are the operator's to place. Pure for `repo:` paths; for an
+/// absolute path not lexically under `root` it canonicalizes `root` (a few `stat` calls).
+pub fn resolve_repository_path(root: &Path, spec_path: &str) -> Result<PathBuf, RepositoryPathError> {
+    let refuse = |reason| RepositoryPathError { path: spec_path.to_owned(), root: root.to_owned(), reason };
+    if let Some(relative) = spec_path.strip_prefix(REPOSITORY_PATH_PREFIX) {
+        let relative = Path::new(relative);
+        return if is_plain_relative(relative) {
+            Ok(root.join(relative))
+        } else {
+            Err(refuse("the part after repo: must be a relative path without `.` or `..`"))
+        };
+    }
+    let absolute = Path::new(spec_path);
+    if !absolute.is_absolute() {
+        return Err(refuse("expected repo:<model-id>, or an absolute path under the repository"));
+    }
+    let rest = match absolute.strip_prefix(root) {
+        Ok(rest) => rest.to_owned(),
+        Err(_) => std::fs::canonicalize(root)
+            .ok()
+            .and_then(|canonical| absolute.strip_prefix(canonical).ok().map(Path::to_owned))
+            .ok_or_else(|| refuse("the absolute path is not under the repository"))?,
+    };
+    if is_plain_relative(&rest) {
+        Ok(root.join(rest))
+    } else {
+        Err(refuse("the absolute path leaves the repository or names its root"))
+    }
+}
+
+/// Non-empty, and only names: no `..`, `.`, root or prefix that could leave the directory.
+fn is_plain_relative(path: &Path) -> bool {
+    path.components().next().is_some() && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// The spec path [`sync_once`] registers for a model: `repo:<model-id>`.
+pub fn repository_spec_path(id: &ModelId) -> String {
+    format!("{REPOSITORY_PATH_PREFIX}{id}")
+}
+
 /// One pass: the registry's repository-sourced models made to match the directory.
+///
+/// Two pods passing over copies of the same repository write the same specs, whatever their paths
+/// and mtimes: after the first, the others change nothing.
 pub async fn sync_once(
     registry: &Registry,
     view: &ClusterView,
@@ -35,33 +125,30 @@ pub async fn sync_once(
     let scan_root = root.clone();
     let found = tokio::task::spawn_blocking(move || scan(&scan_root))
         .await
-        .map_err(|e| RegistryError::Invalid(format!("repository scan failed: {e}")))?;
+        .map_err(|e| RegistryError::Invalid(format!("repository scan failed: {e}")))?
+        .map_err(|e| RegistryError::Invalid(format!("cannot read the model repository: {e}")))?;
     let mut report = SyncReport::default();
-    let mut present = HashSet::new();
-    for (id, generation) in found {
-        present.insert(id.clone());
-        let spec = ModelSpec {
-            model_type: "onnx".to_owned(),
-            path: root.join(id.as_str()).to_string_lossy().into_owned(),
-            key: None,
-            source: Source::Repository,
-            auto_delete: false,
-            generation,
-        };
-        match registry.model(&id).await? {
+    for (id, generation) in &found.models {
+        let spec = repository_spec(id, *generation);
+        match registry.model(id).await? {
             None => {
-                if registry.replace(&id, &spec, 0).await? {
-                    report.registered.push(id);
+                if registry.replace(id, &spec, 0).await? {
+                    report.registered.push(id.clone());
                 }
             }
             Some((existing, revision)) if existing.source == Source::Repository && existing != spec => {
-                if registry.replace(&id, &spec, revision).await? {
-                    report.updated.push(id);
+                if registry.replace(id, &spec, revision).await? {
+                    if existing.path.starts_with(REPOSITORY_PATH_PREFIX) {
+                        report.updated.push(id.clone());
+                    } else {
+                        report.migrated.push(id.clone());
+                    }
                 }
             }
             Some(_) => {}
         }
     }
+    let present: HashSet<&ModelId> = found.models.iter().map(|(id, _)| id).chain(&found.unreadable).collect();
     let gone = view
         .models()
         .into_iter()
@@ -81,23 +168,125 @@ pub async fn sync_once(
     Ok(report)
 }
 
+/// The spec a repository model is registered with: nothing in it depends on this pod.
+fn repository_spec(id: &ModelId, generation: u64) -> ModelSpec {
+    ModelSpec {
+        model_type: "onnx".to_owned(),
+        path: repository_spec_path(id),
+        key: None,
+        source: Source::Repository,
+        auto_delete: false,
+        generation,
+        size_bytes: None,
+    }
+}
+
 fn model_key(registry: &Registry, id: &ModelId) -> String {
     format!("{}{id}", registry.models_prefix())
 }
 
-/// Models in the directory, each with a generation that changes when its file changes.
-fn scan(root: &Path) -> Vec<(ModelId, u64)> {
+/// What a scan found.
+#[derive(Debug, Default)]
+struct Scan {
+    /// Models with the generation of their content.
+    models: Vec<(ModelId, u64)>,
+    /// Models there but unreadable this time: left as registered, neither written nor removed.
+    unreadable: Vec<ModelId>,
+}
+
+/// Models in the directory, each with a generation of its content; blocking.
+fn scan(root: &Path) -> densemesh_puller::Result<Scan> {
     let repository = LocalRepository::new(root);
-    let Ok(ids) = repository.list() else { return Vec::new() };
-    ids.into_iter()
-        .filter_map(|id| {
-            let local = repository.resolve(&id).ok()?;
-            let meta = std::fs::metadata(&local.path).ok()?;
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (local.path.as_os_str(), meta.len(), meta.modified().ok()).hash(&mut h);
-            Some((id, h.finish()))
-        })
-        .collect()
+    let mut found = Scan::default();
+    let mut hashed = HashSet::new();
+    for id in repository.candidates()? {
+        let files = match repository.resolve(&id) {
+            Ok(local) => vec![local.path],
+            Err(densemesh_puller::Error::NotFound { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(model_id = %id, error = %e, "cannot read a repository model; leaving its registration as it is");
+                found.unreadable.push(id);
+                continue;
+            }
+        };
+        match content_generation(&files) {
+            Ok(generation) => found.models.push((id, generation)),
+            // Removed between the lookup and the read: gone.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(model_id = %id, error = %e, "cannot read a repository model; leaving its registration as it is");
+                found.unreadable.push(id);
+            }
+        }
+        hashed.extend(files);
+    }
+    // Digests of files no longer here are dropped; other repositories' are left alone.
+    DIGESTS.lock().retain(|path, _| !path.starts_with(root) || hashed.contains(path));
+    Ok(found)
+}
+
+/// A model's generation: a digest of its files' sizes and contents, in order; blocking.
+fn content_generation(files: &[PathBuf]) -> std::io::Result<u64> {
+    let mut hasher = Sha256::new();
+    for file in files {
+        let (bytes, digest) = file_digest(file)?;
+        hasher.update(bytes.to_le_bytes());
+        hasher.update(digest);
+    }
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hasher.finalize()[..8]);
+    Ok(u64::from_be_bytes(first))
+}
+
+/// A file's digest as last read, valid while its size and mtime are unchanged.
+#[derive(Debug, Clone, Copy)]
+struct Digested {
+    bytes: u64,
+    modified: SystemTime,
+    digest: [u8; 32],
+}
+
+/// Digests by file path, so a pass reads only files that changed since the last one.
+static DIGESTS: LazyLock<Mutex<HashMap<PathBuf, Digested>>> = LazyLock::new(Default::default);
+
+/// A file modified this shortly before it was read may be written again within the same mtime tick
+/// (coarse on some filesystems) without its stamp changing, so its digest is not remembered.
+const RACY: Duration = Duration::from_secs(2);
+
+/// A file's size and SHA-256, from [`DIGESTS`] when its size and mtime are those last seen; blocking.
+fn file_digest(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
+    let before = std::fs::metadata(path)?;
+    let modified = before.modified()?;
+    let remembered = DIGESTS.lock().get(path).copied();
+    if let Some(known) = remembered.filter(|d| d.bytes == before.len() && d.modified == modified) {
+        return Ok((known.bytes, known.digest));
+    }
+    let started = SystemTime::now();
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buffer[..n]);
+        bytes += n as u64;
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    let after = file.metadata()?;
+    // Remembered only if nothing moved while it was read and it has been still for a while.
+    let settled = bytes == before.len()
+        && after.len() == before.len()
+        && after.modified().ok() == Some(modified)
+        && started.duration_since(modified).is_ok_and(|still| still >= RACY);
+    if settled {
+        DIGESTS.lock().insert(path.to_owned(), Digested { bytes, modified, digest });
+    }
+    Ok((bytes, digest))
 }
 
 /// Keeps the registry in step with the directory until `stop`.
@@ -134,5 +323,249 @@ pub async fn watch(registry: Registry, view: ClusterView, root: PathBuf, stop: C
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot sync the model repository"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use densemesh_placement::store::{MemoryStore, Store};
+
+    use super::*;
+
+    /// One pod: its own registry handle and view on the shared store.
+    struct Pod {
+        registry: Registry,
+        view: ClusterView,
+    }
+
+    async fn pod(store: &Arc<dyn Store>) -> Pod {
+        let registry = Registry::new(store.clone(), "t");
+        let view = ClusterView::start(registry.clone()).await.unwrap();
+        Pod { registry, view }
+    }
+
+    impl Pod {
+        async fn sync(&self, root: &Path) -> SyncReport {
+            sync_once(&self.registry, &self.view, root).await.unwrap()
+        }
+
+        /// Every registered model with its spec and revision.
+        async fn registrations(&self) -> Vec<(ModelId, ModelSpec, densemesh_placement::store::Revision)> {
+            let mut all = Vec::new();
+            for (id, _) in self.view.models() {
+                if let Some((spec, revision)) = self.registry.model(&id).await.unwrap() {
+                    all.push((id, spec, revision));
+                }
+            }
+            all
+        }
+    }
+
+    fn id(name: &str) -> ModelId {
+        ModelId::new(name).unwrap()
+    }
+
+    fn ids(names: &[&str]) -> Vec<ModelId> {
+        names.iter().map(|n| id(n)).collect()
+    }
+
+    /// Writes a file with `content`, stamped `age` in the past.
+    fn write(path: &Path, content: &[u8], age: Duration) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+        set_age(path, age);
+    }
+
+    fn set_age(path: &Path, age: Duration) {
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    /// A flat model `a` and a versioned model `b` (version 3 wins), every file stamped `age` ago.
+    fn repository(root: &Path, age: Duration) {
+        write(&root.join("a/model.onnx"), b"model a", age);
+        write(&root.join("b/1/model.onnx"), b"model b, old version", age);
+        write(&root.join("b/3/model.onnx"), b"model b", age);
+    }
+
+    #[tokio::test]
+    async fn copies_at_other_paths_and_times_write_the_registry_once() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (root_one, root_two) = (one.path().join("mounted/here"), two.path().join("there"));
+        repository(&root_one, Duration::from_secs(3600));
+        repository(&root_two, Duration::from_secs(60));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let (pod_one, pod_two) = (pod(&store).await, pod(&store).await);
+
+        let first = pod_one.sync(&root_one).await;
+        assert_eq!(first.registered, ids(&["a", "b"]));
+        let written = pod_one.registrations().await;
+        for (id, spec, _) in &written {
+            assert_eq!(spec.path, format!("repo:{id}"));
+        }
+        for _ in 0..2 {
+            assert_eq!(pod_two.sync(&root_two).await, SyncReport::default());
+            assert_eq!(pod_one.sync(&root_one).await, SyncReport::default());
+        }
+        assert_eq!(pod_two.registrations().await, written, "no rewrite: same specs at the same revisions");
+
+        // A real change: one update, seen alike by the pod whose copy catches up later.
+        write(&root_two.join("a/model.onnx"), b"model A", Duration::ZERO);
+        let changed = pod_two.sync(&root_two).await;
+        assert_eq!(changed, SyncReport { updated: ids(&["a"]), ..SyncReport::default() });
+        write(&root_one.join("a/model.onnx"), b"model A", Duration::from_secs(10));
+        assert_eq!(pod_one.sync(&root_one).await, SyncReport::default());
+        let after = pod_one.registrations().await;
+        assert_ne!(after[0].1.generation, written[0].1.generation);
+        assert_ne!(after[0].2, written[0].2);
+        assert_eq!(after[1], written[1], "b untouched");
+    }
+
+    #[tokio::test]
+    async fn a_model_deleted_from_the_directory_is_unregistered() {
+        let dir = tempfile::tempdir().unwrap();
+        repository(dir.path(), Duration::from_secs(60));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let pod = pod(&store).await;
+        pod.sync(dir.path()).await;
+
+        std::fs::remove_dir_all(dir.path().join("b")).unwrap();
+        let report = pod.sync(dir.path()).await;
+        assert_eq!(report, SyncReport { unregistered: ids(&["b"]), ..SyncReport::default() });
+        assert_eq!(pod.registry.model(&id("b")).await.unwrap(), None);
+        assert!(pod.registry.model(&id("a")).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_repository_unregisters_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        repository(&root, Duration::from_secs(60));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let pod = pod(&store).await;
+        pod.sync(&root).await;
+        let before = pod.registrations().await;
+
+        // An unmounted volume looks like a missing directory: not an empty repository.
+        std::fs::remove_dir_all(&root).unwrap();
+        let err = sync_once(&pod.registry, &pod.view, &root).await.unwrap_err();
+        assert!(err.to_string().contains("cannot read the model repository"), "{err}");
+        assert_eq!(pod.registrations().await, before);
+    }
+
+    #[tokio::test]
+    async fn an_api_registered_model_of_the_same_name_is_never_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        repository(dir.path(), Duration::from_secs(60));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let pod = pod(&store).await;
+        let api = ModelSpec {
+            source: Source::Api,
+            path: "/elsewhere/a".to_owned(),
+            ..repository_spec(&id("a"), 0)
+        };
+        let registered = pod.registry.register(&id("a"), &api).await.unwrap();
+
+        assert_eq!(pod.sync(dir.path()).await.registered, ids(&["b"]));
+        std::fs::remove_dir_all(dir.path().join("a")).unwrap();
+        assert_eq!(pod.sync(dir.path()).await, SyncReport::default());
+        assert_eq!(pod.registry.model(&id("a")).await.unwrap(), Some((api, registered.revision)));
+    }
+
+    #[tokio::test]
+    async fn a_spec_of_the_previous_version_is_rewritten_once() {
+        let dir = tempfile::tempdir().unwrap();
+        repository(dir.path(), Duration::from_secs(60));
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let pod = pod(&store).await;
+        let legacy_path = root.join("a").to_string_lossy().into_owned();
+        let legacy = ModelSpec { path: legacy_path.clone(), ..repository_spec(&id("a"), 12345) };
+        pod.registry.replace(&id("a"), &legacy, 0).await.unwrap();
+        assert_eq!(resolve_repository_path(dir.path(), &legacy_path).unwrap(), dir.path().join("a"));
+
+        let report = pod.sync(dir.path()).await;
+        assert_eq!(report.migrated, ids(&["a"]));
+        assert_eq!(report.updated, Vec::<ModelId>::new());
+        assert_eq!(pod.registry.model(&id("a")).await.unwrap().unwrap().0.path, "repo:a");
+        assert_eq!(pod.sync(dir.path()).await, SyncReport::default());
+    }
+
+    #[test]
+    fn repository_paths_resolve_inside_the_root_only() {
+        let root = Path::new("/srv/models");
+        for (path, resolved) in [
+            ("repo:a", "/srv/models/a"),
+            ("repo:a/3/model.onnx", "/srv/models/a/3/model.onnx"),
+            ("repo:a:b.c-d", "/srv/models/a:b.c-d"),
+            ("/srv/models/a", "/srv/models/a"),
+            ("/srv/models/a/1/model.onnx", "/srv/models/a/1/model.onnx"),
+        ] {
+            assert_eq!(resolve_repository_path(root, path), Ok(PathBuf::from(resolved)), "{path}");
+        }
+        for path in [
+            "repo:",
+            "repo:..",
+            "repo:../x",
+            "repo:a/../../x",
+            "repo:./a",
+            "repo:/etc/passwd",
+            "/etc/passwd",
+            "/srv/models",
+            "/srv/models/",
+            "/srv/models/../x",
+            "/srv/models/a/../../x",
+            "/srv/models-other/a",
+            "a",
+            "models/a",
+            "s3://bucket/a",
+            "",
+        ] {
+            let err = resolve_repository_path(root, path).unwrap_err();
+            assert_eq!((err.path.as_str(), err.root.as_path()), (path, root));
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_previous_version_path_resolves_through_a_symlinked_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let written = std::fs::canonicalize(&real).unwrap().join("a");
+        let resolved = resolve_repository_path(&link, written.to_str().unwrap()).unwrap();
+        assert_eq!(resolved, link.join("a"));
+    }
+
+    #[test]
+    fn generation_follows_content_and_skips_unchanged_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (dir.path().join("one/model.onnx"), dir.path().join("two/model.onnx"));
+        write(&one, b"weights", Duration::from_secs(3600));
+        write(&two, b"weights", Duration::from_secs(7200));
+        let generation = content_generation(std::slice::from_ref(&one)).unwrap();
+        assert_eq!(content_generation(std::slice::from_ref(&two)).unwrap(), generation);
+
+        // Same size and mtime: remembered, not read again (proved by changing the bytes underneath).
+        let stamp = std::fs::metadata(&one).unwrap().modified().unwrap();
+        std::fs::write(&one, b"WEIGHTS").unwrap();
+        std::fs::File::options().write(true).open(&one).unwrap().set_modified(stamp).unwrap();
+        assert_eq!(content_generation(std::slice::from_ref(&one)).unwrap(), generation);
+        // A new mtime: read again.
+        set_age(&one, Duration::from_secs(60));
+        assert_ne!(content_generation(std::slice::from_ref(&one)).unwrap(), generation);
+
+        // A file modified just now is not remembered: a rewrite within its mtime tick is still seen.
+        let fresh = dir.path().join("fresh/model.onnx");
+        write(&fresh, b"weights", Duration::ZERO);
+        assert_eq!(content_generation(std::slice::from_ref(&fresh)).unwrap(), generation);
+        let stamp = std::fs::metadata(&fresh).unwrap().modified().unwrap();
+        std::fs::write(&fresh, b"WEIGHTS").unwrap();
+        std::fs::File::options().write(true).open(&fresh).unwrap().set_modified(stamp).unwrap();
+        assert_ne!(content_generation(std::slice::from_ref(&fresh)).unwrap(), generation);
     }
 }
