@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bytesize::ByteSize;
 use crate::node::cache::CacheConfig;
-use crate::server::ServeConfig;
 use crate::node::worker::WorkerConfig;
+use crate::server::ServeConfig;
 
 /// densemesh node: serves many models over KServe V2 gRPC, paging them in and out of memory.
 #[derive(Debug, Parser)]
@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// Models whose inferences typically take less than this run inline, skipping a thread hand-off.
     #[arg(long, env = "DENSEMESH_INLINE_INFER_BELOW", default_value = "100us", value_parser = parse_duration)]
     pub inline_infer_below: Duration,
+    /// Requests with more input tensor bytes than this never run inline, however fast their model
+    /// usually is (e.g. 64KiB).
+    #[arg(long, env = "DENSEMESH_INLINE_INFER_MAX_BYTES", default_value = "64KiB")]
+    pub inline_infer_max_bytes: ByteSize,
     /// Threads in ONNX Runtime's shared intra-op pool; 0 means one per core.
     #[arg(long, env = "DENSEMESH_ORT_THREADS", default_value_t = 0)]
     pub ort_threads: usize,
@@ -89,6 +93,11 @@ pub struct ServeArgs {
     /// last heartbeat (renewed every third of it).
     #[arg(long, env = "DENSEMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
+    /// ModelMesh's anti-churn rule: a load never evicts a model used more recently than this; it goes
+    /// to a pod that can take it without, or is refused with RESOURCE_EXHAUSTED naming the model it
+    /// would evict (0: off, pages freely).
+    #[arg(long, env = "DENSEMESH_ANTI_CHURN_AGE", default_value = "10m", value_parser = parse_duration)]
+    pub anti_churn_age: Duration,
     /// A copy idle this long is dropped when other pods hold the same model (never the last copy).
     #[arg(long, env = "DENSEMESH_COPY_IDLE_PERIOD", default_value = "5m", value_parser = parse_duration)]
     pub copy_idle_period: Duration,
@@ -153,6 +162,7 @@ impl ServeArgs {
                 concurrency: if self.infer_threads == 0 { cores } else { self.infer_threads },
                 max_queued: self.max_queued_inferences,
                 inline_below: self.inline_infer_below,
+                inline_max_bytes: self.inline_infer_max_bytes.0,
             },
             max_message_size: usize::try_from(self.max_message_size.0).unwrap_or(usize::MAX),
             ort: densemesh_runtime_ort::OrtConfig {
@@ -164,6 +174,7 @@ impl ServeArgs {
             instance_id,
             pull,
             registry_outage_grace: self.registry_outage_grace,
+            anti_churn_age: self.anti_churn_age,
             etcd: self.etcd,
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,
@@ -235,6 +246,8 @@ mod tests {
         assert_eq!(config.cache.capacity_bytes, 64 << 20);
         assert_eq!(config.cache.load_timeout, Duration::from_secs(5));
         assert_eq!(config.copy_add_queue_wait, Duration::from_millis(50));
+        assert_eq!(config.anti_churn_age, Duration::from_secs(600), "ModelMesh's default");
+        assert_eq!(config.worker.inline_max_bytes, 64 << 10);
         let Command::Serve(args) =
             Cli::try_parse_from(["meshd", "serve", "--copy-add-queue-wait", "0"]).unwrap().command;
         assert_eq!(args.into_config().copy_add_queue_wait, Duration::ZERO, "0 turns the rule off");

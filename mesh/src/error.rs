@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use densemesh_placement::ModelId;
+use densemesh_placement::route::Refusal;
+use densemesh_placement::{ModelId, RegistryError, StoreError};
 use tonic::{Code, Status};
 
 /// Why a model could not be made ready. Cloneable: one load's outcome is shared by every request
@@ -60,12 +61,58 @@ pub enum MeshError {
     /// Too much work queued; the client should back off.
     #[error("{0}")]
     Overloaded(String),
+    /// Placement found no pod for the model (see `placement::route`).
+    #[error("model {model_id} cannot be loaded: {}", describe_refusal(.refusal))]
+    Refused { model_id: ModelId, refusal: Refusal },
+    /// The registry refused or failed a read or write.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     /// The pod a request was forwarded to refused it; its answer goes back as it is.
     #[error("{}", .0.message())]
     Peer(tonic::Status),
     /// A bug or a crash inside the server.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl MeshError {
+    /// Placement's refusal of a model.
+    pub fn refused(model_id: &ModelId, refusal: Refusal) -> Self {
+        MeshError::Refused { model_id: model_id.clone(), refusal }
+    }
+}
+
+fn describe_refusal(refusal: &Refusal) -> String {
+    match refusal {
+        Refusal::TooLarge { predicted_bytes, largest_capacity_bytes } => format!(
+            "it needs about {predicted_bytes} bytes and the largest pod's capacity is {largest_capacity_bytes} bytes (--capacity)"
+        ),
+        Refusal::WouldEvictRecent { instance, model, used_secs_ago, anti_churn_age } => format!(
+            "every pod is full, and loading it on {instance} would evict {} used {used_secs_ago}s ago, within the anti-churn age of {}s (--anti-churn-age); retry later or add capacity",
+            model.as_deref().map_or_else(|| "a model".to_owned(), |m| format!("model {m}")),
+            anti_churn_age.as_secs()
+        ),
+        Refusal::NoPod => {
+            "no pod may load it now (all are draining or backing off from a failed load of it)".to_owned()
+        }
+    }
+}
+
+/// The one mapping from registry errors to gRPC codes, used by every API.
+fn registry_code(e: &RegistryError) -> Code {
+    match e {
+        RegistryError::UnsupportedType(_) | RegistryError::Invalid(_) => Code::InvalidArgument,
+        RegistryError::Conflict(_) => Code::AlreadyExists,
+        RegistryError::NotFound(_) => Code::NotFound,
+        RegistryError::Precondition(_) => Code::FailedPrecondition,
+        RegistryError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
+        RegistryError::Corrupt { .. } | RegistryError::Store(_) => Code::Internal,
+    }
+}
+
+/// A registry error as the gRPC status every API answers with.
+pub fn registry_status(e: RegistryError) -> Status {
+    Status::from(MeshError::Registry(e))
 }
 
 impl From<MeshError> for Status {
@@ -81,6 +128,9 @@ impl From<MeshError> for Status {
                 Code::ResourceExhausted
             }
             MeshError::Cache(_) => Code::Unavailable,
+            MeshError::Refused { refusal: Refusal::NoPod, .. } => Code::Unavailable,
+            MeshError::Refused { .. } => Code::ResourceExhausted,
+            MeshError::Registry(e) => registry_code(e),
             MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,
             MeshError::Runtime { source: R::RuntimeUnavailable(_), .. } => Code::Unavailable,
             MeshError::Runtime { .. } | MeshError::Internal(_) | MeshError::Peer(_) => Code::Internal,

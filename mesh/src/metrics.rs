@@ -31,6 +31,7 @@ pub const LRU_LAST_USED: &str = "densemesh_lru_last_used_timestamp_seconds";
 pub const USED_BPS: &str = "densemesh_used_bps";
 pub const MODELS_MANAGED: &str = "densemesh_models_managed";
 pub const REGISTRY_UP: &str = "densemesh_registry_up";
+pub const LEADER: &str = "densemesh_leader";
 
 /// Buckets for latencies from tens of microseconds (tiny models) to minutes (large loads).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -108,6 +109,7 @@ pub fn describe() {
     describe_gauge!(USED_BPS, "Capacity in use, in basis points (100ths of a percent)");
     describe_gauge!(MODELS_MANAGED, "Models registered (API and repository)");
     describe_gauge!(REGISTRY_UP, "1 while the registry (etcd) answers this pod's heartbeats, else 0");
+    describe_gauge!(LEADER, "1 while this pod leads (does the cluster-wide chores), else 0");
     describe_puller();
 }
 

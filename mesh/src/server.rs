@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use densemesh_placement::registry::Registry;
 use densemesh_placement::view::ViewChange;
-use densemesh_placement::{ClusterView, MemoryStore, ModelId, Store};
+use densemesh_placement::{ClusterView, MemoryStore, ModelId, Source, Store};
 use densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use densemesh_proto::mmesh::model_mesh_server::ModelMeshServer;
 use densemesh_puller::Puller;
@@ -20,11 +20,13 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::http::AdminServer;
-use crate::node::cache::{CacheConfig, Locate, ModelCache};
-use crate::error::CacheError;
 use crate::api::management::Management;
-use crate::metrics as m;
 use crate::api::service::InferenceService;
+use crate::cluster::placer::{Placer, PlacerConfig};
+use crate::cluster::repository::resolve_repository_path;
+use crate::error::CacheError;
+use crate::metrics as m;
+use crate::node::cache::{CacheConfig, Locate, ModelCache};
 use crate::node::worker::{Worker, WorkerConfig};
 
 /// Everything a node needs to run.
@@ -59,6 +61,8 @@ pub struct ServeConfig {
     pub pull: densemesh_puller::PullConfig,
     /// How long the registry may be unreachable before new loads are refused.
     pub registry_outage_grace: Duration,
+    /// A load never evicts a model used more recently than this (zero: off).
+    pub anti_churn_age: Duration,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -111,7 +115,7 @@ pub async fn run(
     let ort_config = config.ort.clone();
     let runtime: Arc<dyn Runtime> = tokio::task::spawn_blocking(move || OrtRuntime::new(&ort_config))
         .await
-        .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.to_string()))??
+        .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.into()))??
         .into_arc();
     let store: Arc<dyn Store> = if config.etcd.is_empty() {
         Arc::new(MemoryStore::new())
@@ -124,15 +128,19 @@ pub async fn run(
     };
     let registry = Registry::new(store, &config.store_prefix);
     let view = ClusterView::start(registry.clone()).await?;
-    let report = crate::cluster::repository::sync_once(&registry, &view, &config.model_repo).await?;
-    tracing::info!(models = report.registered.len(), "model repository registered");
+    if config.etcd.is_empty() {
+        // Alone on the embedded store, this pod's repository is the registry: register it before
+        // serving. In a cluster the leader syncs the shared repository (see `cluster::leader`).
+        let report = crate::cluster::repository::sync_once(&registry, &view, &config.model_repo).await?;
+        tracing::info!(models = report.registered.len(), "model repository registered");
+    }
     let pull = config.pull.clone();
     let puller = tokio::task::spawn_blocking(move || Puller::open(pull))
         .await
         .map_err(|e| ServeError::Metrics(format!("puller: {e}")))??;
     let health = crate::cluster::instance::RegistryHealth::new(config.registry_outage_grace);
-    let mut cache =
-        ModelCache::new(config.cache.clone(), runtime, locate_registered(view.clone(), puller.clone()));
+    let locate = locate_registered(view.clone(), puller.clone(), config.model_repo.clone());
+    let mut cache = ModelCache::new(config.cache.clone(), runtime, locate);
     if !config.etcd.is_empty() {
         let health = health.clone();
         cache = cache.with_load_gate(Arc::new(move || health.refusal(crate::cluster::instance::now_ms())));
@@ -140,18 +148,6 @@ pub async fn run(
     let background = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(reload_storage_config(puller.clone(), background.clone()));
-    tasks.spawn(crate::cluster::repository::watch(
-        registry.clone(),
-        view.clone(),
-        config.model_repo.clone(),
-        background.clone(),
-    ));
-    tasks.spawn(crate::cluster::vmodels::drive_transitions(
-        registry.clone(),
-        view.clone(),
-        cache.clone(),
-        background.clone(),
-    ));
     tasks.spawn(unload_on_change(view.clone(), cache.clone(), background.clone()));
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -184,19 +180,24 @@ pub async fn run(
     )
     .map_err(ServeError::Admin)?;
 
-    let forwarder = crate::cluster::forward::Forwarder::new(
+    let peers = crate::cluster::peers::Peers::new(config.cache.load_timeout + Duration::from_secs(5));
+    let placer = Placer::new(
         config.instance_id.clone(),
         view.clone(),
         cache.clone(),
-        config.cache.load_timeout + Duration::from_secs(5),
-        config.max_message_size,
+        peers,
+        PlacerConfig {
+            anti_churn_age: config.anti_churn_age,
+            wait_limit: config.cache.load_timeout + Duration::from_secs(5),
+            model_repo: config.model_repo.clone(),
+        },
     );
+    let forwarder = crate::cluster::forward::Forwarder::new(placer.clone(), config.max_message_size);
     let worker = Worker::new(config.worker.clone());
     let queue_waits = worker.queue_waits();
     let service =
         InferenceService::new(cache.clone(), view.clone(), worker, ready.clone()).with_forwarder(forwarder);
-    let management =
-        Management::new(registry.clone(), view.clone(), cache.clone(), config.instance_id.clone());
+    let management = Management::new(registry.clone(), view.clone(), cache.clone(), placer.clone());
     let inference = GrpcInferenceServiceServer::new(service)
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
@@ -215,7 +216,7 @@ pub async fn run(
         .add_service(crate::node::limits::OversizeIsInvalid::new(inference))
         .add_service(ModelMeshServer::new(management))
         .add_service(densemesh_proto::admin::admin_server::AdminServer::new(
-            crate::api::admin_service::AdminService::new(registry.clone(), view.clone(), cache.clone()),
+            crate::api::admin_service::AdminService::new(registry.clone(), cache.clone(), placer.clone()),
         ))
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -227,11 +228,13 @@ pub async fn run(
             stop.clone().cancelled_owned(),
         );
 
+    let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     let instance = crate::cluster::instance::InstanceConfig {
         id: config.instance_id.clone(),
         endpoint: grpc_addr.to_string(),
         lease_ttl: config.lease_ttl,
         health,
+        lease: Arc::new(lease_tx),
     };
     let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
     tasks.spawn(crate::cluster::instance::run(
@@ -241,11 +244,16 @@ pub async fn run(
         drain_rx,
         background.clone(),
     ));
+    let chores = crate::cluster::leader::Chores {
+        registry: registry.clone(),
+        placer: placer.clone(),
+        model_repo: config.model_repo.clone(),
+    };
+    tasks.spawn(crate::cluster::leader::run(chores, lease_rx, background.clone()));
     tasks.spawn(crate::cluster::copies::add_copies_by_load(
-        view.clone(),
+        placer.clone(),
         cache.clone(),
         queue_waits,
-        config.instance_id.clone(),
         crate::cluster::copies::AddCopiesConfig {
             thresholds: densemesh_placement::copies::AddCopyThresholds {
                 requests_per_minute: config.copy_add_rate,
@@ -283,7 +291,7 @@ pub async fn run(
                     let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
                 }
                 let deadline = tokio::time::Instant::now() + config.shutdown_grace / 2;
-                crate::cluster::drain::hand_off(&view, &cache, &config.instance_id, deadline).await;
+                crate::cluster::drain::hand_off(&placer, &cache, deadline).await;
             };
             // The server keeps accepting and answering while the hand-off runs.
             tokio::select! {
@@ -302,32 +310,42 @@ pub async fn run(
     background.cancel();
     tasks.close();
     tasks.wait().await;
+    placer.close().await;
     cache.shutdown().await;
     tracing::info!("meshd stopped");
     Ok(())
 }
 
-/// Models are found through their registered spec: a local file or model directory, or an object
-/// store location pulled into the disk cache.
-fn locate_registered(view: ClusterView, puller: Arc<Puller>) -> Locate {
+/// Models are found through their registered spec: a model of the shared repository under this pod's
+/// own `--model-repo`, a local file or model directory, or an object store location pulled into the
+/// disk cache.
+fn locate_registered(view: ClusterView, puller: Arc<Puller>, model_repo: PathBuf) -> Locate {
     Arc::new(move |id| {
-        let (view, puller) = (view.clone(), puller.clone());
+        let (view, puller, model_repo) = (view.clone(), puller.clone(), model_repo.clone());
         async move {
             let spec = view
                 .model(&id)
                 .ok_or_else(|| CacheError::NotFound(format!("model {id} not found").into()))?;
-            puller.fetch(&spec.path, spec.key.as_deref()).await.map_err(|e| match e {
+            let failed = |reason: String| CacheError::LoadFailed {
+                model_id: id.clone(),
+                reason: reason.into(),
+                retry_in: Duration::ZERO,
+            };
+            let path = match spec.source {
+                Source::Repository => resolve_repository_path(&model_repo, &spec.path)
+                    .map_err(|e| failed(e.to_string()))?
+                    .to_string_lossy()
+                    .into_owned(),
+                Source::Api => spec.path.clone(),
+            };
+            puller.fetch(&path, spec.key.as_deref()).await.map_err(|e| match e {
                 densemesh_puller::Error::TooLarge { bytes, limit, .. } => CacheError::TooLarge {
                     model_id: id.clone(),
                     needed_bytes: bytes,
                     capacity_bytes: limit,
                     how: "its size in storage",
                 },
-                other => CacheError::LoadFailed {
-                    model_id: id.clone(),
-                    reason: other.to_string().into(),
-                    retry_in: Duration::ZERO,
-                },
+                other => failed(other.to_string()),
             })
         }
         .boxed()

@@ -35,9 +35,9 @@ pub struct LoadCandidate {
 }
 
 impl LoadCandidate {
-    /// A pod as its published instance record and its placement record for the model (among
-    /// `copies`, the model's records by instance) describe it.
-    pub fn from_record(instance: &str, record: &InstanceRecord, copies: &[(String, Placement)]) -> Self {
+    /// A pod as its published instance record and its own placement record for the model (if it has
+    /// one) describe it: the one builder every caller uses.
+    pub fn from_record(instance: &str, record: &InstanceRecord, own: Option<&Placement>) -> Self {
         Self {
             instance: instance.to_owned(),
             capacity_bytes: record.capacity_bytes,
@@ -46,7 +46,7 @@ impl LoadCandidate {
             lru_age_seconds: record.lru_age_seconds,
             coldest_model: (!record.coldest_model.is_empty()).then(|| record.coldest_model.clone()),
             draining: record.draining,
-            retry_after_ms: retry_after_ms(copies, instance),
+            retry_after_ms: own.and_then(Placement::retry_after_ms),
         }
     }
 
@@ -59,12 +59,6 @@ impl LoadCandidate {
     fn failed_before(&self) -> bool {
         self.retry_after_ms.is_some()
     }
-}
-
-/// When `instance`'s back-off from its failed load ends, from the model's placement records
-/// (`copies`, by instance); `None` when its record does not say the load failed.
-pub fn retry_after_ms(copies: &[(String, Placement)], instance: &str) -> Option<u64> {
-    copies.iter().find(|(name, _)| name == instance).and_then(|(_, p)| p.retry_after_ms())
 }
 
 /// Loads in progress that count like this many extra bytes used per capacity (a tie-breaker).
@@ -100,17 +94,14 @@ pub fn choose_load_target<'a>(
         return Ok(&c.instance);
     }
     let churn_floor = anti_churn_age.as_secs();
-    let coldest = eligible
-        .clone()
-        .filter(|c| c.lru_age_seconds >= churn_floor)
-        .max_by(|a, b| {
-            b.failed_before()
-                .cmp(&a.failed_before())
-                .then_with(|| a.lru_age_seconds.cmp(&b.lru_age_seconds))
-                .then_with(|| b.loading.cmp(&a.loading))
-                .then_with(|| (a.instance == this).cmp(&(b.instance == this)))
-                .then_with(|| b.instance.cmp(&a.instance))
-        });
+    let coldest = eligible.clone().filter(|c| c.lru_age_seconds >= churn_floor).max_by(|a, b| {
+        b.failed_before()
+            .cmp(&a.failed_before())
+            .then_with(|| a.lru_age_seconds.cmp(&b.lru_age_seconds))
+            .then_with(|| b.loading.cmp(&a.loading))
+            .then_with(|| (a.instance == this).cmp(&(b.instance == this)))
+            .then_with(|| b.instance.cmp(&a.instance))
+    });
     if let Some(c) = coldest {
         return Ok(&c.instance);
     }
@@ -294,12 +285,17 @@ mod tests {
             ("b".to_owned(), Placement::Loaded { since_ms: 1, size_bytes: 5 }),
             ("c".to_owned(), Placement::Loading { since_ms: 1 }),
         ];
-        let a = LoadCandidate::from_record("a", &record, &copies);
+        let own = |name: &str| copies.iter().find(|(n, _)| n == name).map(|(_, p)| p);
+        let a = LoadCandidate::from_record("a", &record, own("a"));
         assert_eq!((a.capacity_bytes, a.used_bytes, a.loading, a.lru_age_seconds), (100, 10, 2, 30));
         assert_eq!(a.retry_after_ms, Some(500));
         assert!(a.backing_off(499) && !a.backing_off(500));
         for other in ["b", "c", "never-held-it"] {
-            assert_eq!(LoadCandidate::from_record(other, &record, &copies).retry_after_ms, None, "{other}");
+            assert_eq!(
+                LoadCandidate::from_record(other, &record, own(other)).retry_after_ms,
+                None,
+                "{other}"
+            );
         }
     }
 

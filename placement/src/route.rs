@@ -145,8 +145,13 @@ pub fn route(input: &RouteInput<'_>) -> Route {
         })
         .cloned()
         .collect();
-    let target =
-        choose_load_target(&candidates, input.this, input.predicted_bytes, input.now_ms, input.anti_churn_age);
+    let target = choose_load_target(
+        &candidates,
+        input.this,
+        input.predicted_bytes,
+        input.now_ms,
+        input.anti_churn_age,
+    );
     match target {
         Ok(name) if name == input.this => Route::LoadHere,
         Ok(name) => Route::LoadOn(name.to_owned()),

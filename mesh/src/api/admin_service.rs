@@ -2,11 +2,14 @@
 //! traffic splits across several models behind one vmodel.
 
 use densemesh_placement::registry::Registry;
+use densemesh_placement::route::Goal;
 use densemesh_placement::{ClusterView, ModelId, Source, VModelSpec, Weighted};
 use densemesh_proto::admin::admin_server::Admin;
 use densemesh_proto::admin::*;
 use tonic::{Request, Response, Status};
 
+use crate::cluster::placer::{LastUsed, Placer};
+use crate::error::registry_status;
 use crate::node::cache::{CopyStatus, ModelCache};
 
 /// The service.
@@ -15,11 +18,12 @@ pub struct AdminService {
     registry: Registry,
     view: ClusterView,
     cache: ModelCache,
+    placer: Placer,
 }
 
 impl AdminService {
-    pub fn new(registry: Registry, view: ClusterView, cache: ModelCache) -> Self {
-        Self { registry, view, cache }
+    pub fn new(registry: Registry, cache: ModelCache, placer: Placer) -> Self {
+        Self { registry, view: placer.view().clone(), cache, placer }
     }
 }
 
@@ -121,9 +125,10 @@ impl Admin for AdminService {
                 "every weight of the split is 0; give at least one model weight",
             ));
         }
-        // Load every model first, so switching to the split leaves no request without a loaded model.
+        // Every model of the split gets a copy first, where placement says (once in the cluster, not
+        // here), so switching to the split leaves no request without a loaded model.
         for (id, _) in &split {
-            self.cache.acquire(id).await.map_err(|e| {
+            self.placer.ensure(id, Goal::Ensure, true, LastUsed::Now).await.map_err(|e| {
                 Status::failed_precondition(format!(
                     "model {id} of the split cannot be loaded, so the split is not applied: {e}"
                 ))
@@ -133,16 +138,11 @@ impl Admin for AdminService {
             split.iter().map(|(id, w)| Weighted { model: id.to_string(), weight: *w }).collect();
         for _ in 0..8 {
             let (current, revision) =
-                self.registry.vmodel(&vid).await.map_err(|e| Status::internal(e.to_string()))?.ok_or_else(
-                    || Status::not_found(format!("vmodel {vid} not found; create it with setVModel first")),
-                )?;
+                self.registry.vmodel(&vid).await.map_err(registry_status)?.ok_or_else(|| {
+                    Status::not_found(format!("vmodel {vid} not found; create it with setVModel first"))
+                })?;
             let next = VModelSpec { split: weighted.clone(), ..current };
-            if let Some(r) = self
-                .registry
-                .put_vmodel(&vid, &next, revision)
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-            {
+            if let Some(r) = self.registry.put_vmodel(&vid, &next, revision).await.map_err(registry_status)? {
                 self.view.caught_up(r).await;
                 tracing::info!(vmodel_id = %vid, split = ?weighted, "vmodel traffic split set");
                 let out = summary(&vid, next).split;

@@ -3,14 +3,18 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use densemesh_placement::registry::{Registry, RegistryError};
+use densemesh_placement::registry::Registry;
+use densemesh_placement::route::Goal;
 use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, Source, VModelSpec};
 use densemesh_proto::mmesh::model_mesh_server::ModelMesh;
 use densemesh_proto::mmesh::model_status_info::{ModelCopyInfo, ModelStatus};
 use densemesh_proto::mmesh::v_model_status_info::VModelStatus;
 use densemesh_proto::mmesh::*;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
+use crate::cluster::forward::Forwarder;
+use crate::cluster::placer::{LastUsed, Placer};
+use crate::error::{MeshError, registry_status as status_of};
 use crate::node::cache::{CopyStatus, ModelCache};
 
 /// How many times a vmodel write retries after losing a compare-and-swap race.
@@ -22,12 +26,14 @@ pub struct Management {
     registry: Registry,
     view: ClusterView,
     cache: ModelCache,
+    placer: Placer,
     instance_id: String,
 }
 
 impl Management {
-    pub fn new(registry: Registry, view: ClusterView, cache: ModelCache, instance_id: String) -> Self {
-        Self { registry, view, cache, instance_id }
+    pub fn new(registry: Registry, view: ClusterView, cache: ModelCache, placer: Placer) -> Self {
+        let instance_id = placer.instance_id().to_owned();
+        Self { registry, view, cache, placer, instance_id }
     }
 
     /// A model's status across the cluster: this pod's copy from its cache (current to the instant),
@@ -81,22 +87,21 @@ impl Management {
         ModelStatusInfo { status: status as i32, errors, model_copy_infos: copies }
     }
 
-    /// Loads a model, in the background or (with `sync`) before answering, and counts it as last used
-    /// at `last_used` for eviction: a model loaded ahead of any request must not push out models that
-    /// requests are using.
-    async fn load(&self, id: &ModelId, sync: bool, last_used: LastUsed) {
-        let (cache, id) = (self.cache.clone(), id.clone());
-        let load = async move {
-            // The outcome shows in the model's status; a failure is remembered by the cache.
-            if let Ok(lease) = cache.acquire(&id).await {
-                lease.mark_last_used(last_used.instant());
-            }
-        };
-        if sync {
-            load.await;
-        } else {
-            tokio::spawn(load);
+    /// Makes sure a copy of the model exists where placement says (here, or a peer asked to load it),
+    /// in the background or (with `sync`) before answering, counting it as last used at `last_used`
+    /// for eviction: a model loaded ahead of any request must not push out models requests are using.
+    /// A call forwarded by another pod loads here: that pod already asked placement.
+    async fn load(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        id: &ModelId,
+        sync: bool,
+        last_used: LastUsed,
+    ) -> Result<(), MeshError> {
+        if Forwarder::was_forwarded(metadata) {
+            return self.placer.load_here(id, sync, last_used).await;
         }
+        self.placer.ensure(id, Goal::Ensure, sync, last_used).await.map(|_| ())
     }
 
     fn vmodel_status(&self, id: &ModelId, owner: &str) -> VModelStatusInfo {
@@ -149,51 +154,12 @@ impl Management {
     }
 }
 
-/// When a model loaded through the API counts as last used.
-#[derive(Debug, Clone, Copy)]
-enum LastUsed {
-    Now,
-    /// ModelMesh's rule for models loaded ahead of use: as if last used an hour ago.
-    AnHourAgo,
-    /// Milliseconds since the epoch, as the API's `lastUsedTime` gives it.
-    EpochMillis(u64),
-}
-
-impl LastUsed {
-    fn from_request(millis: u64, default: LastUsed) -> Self {
-        if millis == 0 { default } else { LastUsed::EpochMillis(millis) }
-    }
-
-    fn instant(self) -> tokio::time::Instant {
-        let now = tokio::time::Instant::now();
-        let ago = match self {
-            LastUsed::Now => std::time::Duration::ZERO,
-            LastUsed::AnHourAgo => std::time::Duration::from_secs(3600),
-            LastUsed::EpochMillis(ms) => std::time::Duration::from_millis(now_millis().saturating_sub(ms)),
-        };
-        now.checked_sub(ago).unwrap_or(now)
-    }
-}
-
 fn parse_id(what: &str, id: &str) -> Result<ModelId, Status> {
     ModelId::new(id).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
 }
 
 fn now_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The one mapping from registry errors to gRPC codes.
-fn status_of(e: RegistryError) -> Status {
-    let code = match &e {
-        RegistryError::UnsupportedType(_) | RegistryError::Invalid(_) => Code::InvalidArgument,
-        RegistryError::Conflict(_) => Code::AlreadyExists,
-        RegistryError::NotFound(_) => Code::NotFound,
-        RegistryError::Precondition(_) => Code::FailedPrecondition,
-        RegistryError::Store(densemesh_placement::StoreError::Unavailable(_)) => Code::Unavailable,
-        RegistryError::Corrupt { .. } | RegistryError::Store(_) => Code::Internal,
-    };
-    Status::new(code, e.to_string())
 }
 
 fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, Status> {
@@ -208,6 +174,7 @@ fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, St
         source: Source::Api,
         auto_delete,
         generation: 0,
+        size_bytes: None,
     })
 }
 
@@ -217,17 +184,23 @@ impl ModelMesh for Management {
         &self,
         request: Request<RegisterModelRequest>,
     ) -> Result<Response<ModelStatusInfo>, Status> {
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let id = parse_id("modelId", &request.model_id)?;
         let spec = spec_from(request.model_info, false)?;
         let registered = self.registry.register(&id, &spec).await.map_err(status_of)?;
         self.view.caught_up(registered.revision).await;
         tracing::info!(model_id = %id, created = registered.created, "model registered");
+        let mut status = None;
         if request.load_now {
-            self.load(&id, request.sync, LastUsed::from_request(request.last_used_time, LastUsed::AnHourAgo))
-                .await;
+            let last_used = LastUsed::from_request(request.last_used_time, LastUsed::AnHourAgo);
+            // The registration stands whatever the load does; its outcome is in the status.
+            if let Err(e) = self.load(&metadata, &id, request.sync, last_used).await {
+                let mut s = self.model_status(&id);
+                s.errors.push(e.to_string());
+                status = Some(s);
+            }
         }
-        Ok(Response::new(self.model_status(&id)))
+        Ok(Response::new(status.unwrap_or_else(|| self.model_status(&id))))
     }
 
     async fn unregister_model(
@@ -255,10 +228,11 @@ impl ModelMesh for Management {
         &self,
         request: Request<EnsureLoadedRequest>,
     ) -> Result<Response<ModelStatusInfo>, Status> {
-        let request = request.into_inner();
+        let (metadata, _, request) = request.into_parts();
         let id = parse_id("modelId", &request.model_id)?;
         if self.view.model(&id).is_some() {
-            self.load(&id, request.sync, LastUsed::from_request(request.last_used_time, LastUsed::Now)).await;
+            let last_used = LastUsed::from_request(request.last_used_time, LastUsed::Now);
+            self.load(&metadata, &id, request.sync, last_used).await.map_err(Status::from)?;
         }
         Ok(Response::new(self.model_status(&id)))
     }
@@ -346,9 +320,14 @@ impl ModelMesh for Management {
             written.ok_or_else(|| Status::aborted(format!("vmodel {vid} kept changing; retry")))?;
         self.view.caught_up(revision).await;
         tracing::info!(vmodel_id = %vid, target = %target, "vmodel set");
-        if request.load_now {
-            let sync = request.sync && self.view.vmodel(&vid).is_some_and(|v| !v.transitioning());
-            self.load(&target, sync, LastUsed::Now).await;
+        // A transition's target is loaded by the leader, once, where placement says; a vmodel that is
+        // not transitioning has its model loaded here and now when asked.
+        let transitioning = self.view.vmodel(&vid).is_some_and(|v| v.transitioning());
+        if request.load_now && !transitioning {
+            self.placer
+                .ensure(&target, Goal::Ensure, request.sync, LastUsed::Now)
+                .await
+                .map_err(Status::from)?;
         }
         if request.sync {
             self.transition_settled(&vid, target.as_str()).await;
@@ -369,8 +348,8 @@ impl ModelMesh for Management {
             if !request.owner.is_empty() && v.owner != request.owner {
                 return Err(Status::not_found(format!("vmodel {vid} has no owner {:?}", request.owner)));
             }
+            // Its auto-delete models are unregistered by the leader, which sees the vmodel go.
             if self.registry.delete_vmodel(&vid, revision).await.map_err(status_of)? {
-                crate::cluster::vmodels::delete_unreferenced(&self.registry, &self.view, &[v.active, v.target]).await;
                 tracing::info!(vmodel_id = %vid, "vmodel deleted");
                 return Ok(Response::new(DeleteVModelResponse {}));
             }

@@ -10,11 +10,12 @@ use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
 use densemesh_placement::ClusterView;
+use densemesh_placement::route::Refusal;
 
-use crate::node::cache::ModelCache;
+use crate::cluster::forward::{Destination, Forwarded, Forwarder};
 use crate::error::MeshError;
-use crate::cluster::forward::{Forwarded, Forwarder};
 use crate::metrics as m;
+use crate::node::cache::{CopyStatus, ModelCache};
 use crate::node::worker::Worker;
 use crate::node::{router, v2};
 
@@ -78,14 +79,23 @@ impl InferenceService {
         let id = self.target(metadata, &request.model_name)?;
         // A local hit is served here without asking where else the model is.
         let local = self.cache.lease_if_loaded(&id);
+        let mut request = request;
         if local.is_none()
             && let Some(forwarder) = self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(metadata))
-            && let Some(peer) = forwarder.route(&id)
         {
-            match forwarder.forward(peer, &id, &request).await {
-                Forwarded::Answered { answer, .. } => return Ok(answer),
-                Forwarded::Refused(status) => return Err(MeshError::Peer(status)),
-                Forwarded::ServeHere => {} // no copy could serve it: load it here
+            match forwarder.route(&id) {
+                Ok(Destination::Here) => {}
+                Ok(Destination::Peer(peer)) => match forwarder.forward(peer, &id, request).await {
+                    Forwarded::Answered { answer, .. } => return Ok(answer),
+                    Forwarded::Refused(status) => return Err(MeshError::Peer(status)),
+                    // No pod could serve it: load it here.
+                    Forwarded::ServeHere(back) => request = back,
+                },
+                // Nobody may load it because this pod's own load failed: the cache answers with
+                // that failure, which says more than the refusal.
+                Err(MeshError::Refused { refusal: Refusal::NoPod, .. })
+                    if matches!(self.cache.status(&id), CopyStatus::Failed { .. }) => {}
+                Err(refused) => return Err(refused),
             }
         }
         let (model_name, requested_version, request_id) =
@@ -153,7 +163,7 @@ impl GrpcInferenceService for InferenceService {
         let id = self.target(request.metadata(), &request.get_ref().name)?;
         if let Some(forwarder) =
             self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(request.metadata()))
-            && let Some(peer) = forwarder.route(&id)
+            && let Ok(Destination::Peer(peer)) = forwarder.route(&id)
             && let Some(mut answer) = forwarder.metadata(peer, &id).await
         {
             answer.name = id.to_string();

@@ -9,16 +9,15 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use densemesh_placement::choose::{LoadCandidate, choose_load_target};
 use densemesh_placement::copies::{AddCopyThresholds, Copies, CopyLoad, add_copy, drop_idle_copy};
+use densemesh_placement::route::Goal;
 use densemesh_placement::{ClusterView, InstanceRecord, ModelId, Placement};
-use densemesh_proto::mmesh::EnsureLoadedRequest;
-use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cluster::placer::{LastUsed, Placer};
 use crate::node::cache::ModelCache;
-use crate::cluster::instance::now_ms;
 use crate::node::worker::QueueWaits;
 
 /// Drops this pod's idle extra copies until `stop`.
@@ -71,18 +70,19 @@ pub struct AddCopiesConfig {
 /// than the rate threshold, or whose inferences waited longer for a worker than the queue-wait
 /// threshold (this pod is its bottleneck), gets a copy on another pod (chosen by placement), so pods
 /// without one forward across several copies. ModelMesh's starting points: 2,000 per minute, every 10 s.
-#[tracing::instrument(name = "add_copies", skip_all, fields(instance_id = %instance_id))]
+#[tracing::instrument(name = "add_copies", skip_all, fields(instance_id = %placer.instance_id()))]
 pub async fn add_copies_by_load(
-    view: ClusterView,
+    placer: Placer,
     cache: ModelCache,
     queue_waits: QueueWaits,
-    instance_id: String,
     config: AddCopiesConfig,
     stop: CancellationToken,
 ) {
     if !config.thresholds.any() {
         return;
     }
+    let (view, instance_id) = (placer.view().clone(), placer.instance_id().to_owned());
+    let tasks = TaskTracker::new();
     let interval = config.interval.max(Duration::from_millis(200));
     let mut seen: HashMap<ModelId, u64> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
@@ -90,7 +90,7 @@ pub async fn add_copies_by_load(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         }
         let live: HashMap<String, InstanceRecord> =
             view.instances().into_iter().filter(|(_, r)| !r.draining).collect();
@@ -123,39 +123,27 @@ pub async fn add_copies_by_load(
                     .any(|(name, p)| name != &instance_id && matches!(p, Placement::Loading { .. })),
             };
             let Some(reason) = add_copy(&load, &config.thresholds, &copies) else { continue };
-            let candidates: Vec<LoadCandidate> = live
-                .iter()
-                .filter(|(name, _)| !holders.contains(&name.as_str()))
-                .map(|(name, r)| LoadCandidate::from_record(name, r, &placements))
-                .collect();
-            let Some(target) = choose_load_target(&candidates, &instance_id, model.size_bytes, now_ms())
-            else {
-                continue;
-            };
-            let Some(endpoint) = live.get(target).map(|r| r.endpoint.clone()) else { continue };
             tracing::info!(
                 model_id = %model.id,
                 ?reason,
                 rate_per_minute = rate as u64,
                 queue_wait_ms = load.queue_wait.mean().unwrap_or_default().as_millis() as u64,
-                to = %target,
                 "adding a copy"
             );
-            let request =
-                EnsureLoadedRequest { model_id: model.id.to_string(), sync: false, ..Default::default() };
-            tokio::spawn(
+            // Placement picks the pod (never one holding a copy); the load runs in the background, owned
+            // by `tasks`, so a slow pod does not hold up the next check.
+            let (placer, id) = (placer.clone(), model.id.clone());
+            tasks.spawn(
                 async move {
-                    match ModelMeshClient::connect(format!("http://{endpoint}")).await {
-                        Ok(mut client) => {
-                            if let Err(e) = client.ensure_loaded(request).await {
-                                tracing::warn!(error = %e.message(), "could not add a copy");
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "could not reach the pod for a new copy"),
+                    match placer.ensure(&id, Goal::AddCopy, false, LastUsed::Now).await {
+                        Ok(on) => tracing::info!(model_id = %id, ?on, "copy added"),
+                        Err(e) => tracing::warn!(model_id = %id, error = %e, "could not add a copy"),
                     }
                 }
                 .in_current_span(),
             );
         }
     }
+    tasks.close();
+    tasks.wait().await;
 }

@@ -1,78 +1,62 @@
-//! Serving a request on another pod: where the model already is, or where placement says to load it.
+//! Serving a request on another pod: where `placement::route` says (a loaded copy, a copy being
+//! loaded, or the pod chosen to load it).
 //!
 //! One hop at most: a forwarded request carries `densemesh-forwarded`, and a pod that sees it serves
 //! locally, loading if it must. A peer that fails the request (unreachable, killed mid-request,
-//! shutting down, unable to load the model) is not the end: the request goes on to the least busy
-//! other pod holding a loaded copy (each attempt still one hop), and only when none is left is it
-//! served here. A peer's own answer for the model (INVALID_ARGUMENT, NOT_FOUND, a runtime error) is
-//! final: another copy would say the same. Tensors travel as the same `Bytes` they arrived in; only
-//! the message framing is written again.
+//! shutting down, unable to load the model) is not the end: placement is asked again without the pods
+//! that failed it (each attempt still one hop), up to [`MAX_ATTEMPTS`] pods, and only then is it served
+//! here. A peer's own answer for the model (INVALID_ARGUMENT, NOT_FOUND, a runtime error) is final:
+//! another copy would say the same.
+//!
+//! The request is moved into an `Arc` once and every attempt encodes from it: nothing is copied on the
+//! way out, not even for a retry; only a request that ends up served here after a failure may be
+//! cloned back out of it (when the transport still holds a reference).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
-use densemesh_placement::choose::{
-    CopyHolder, LoadCandidate, choose_copy, choose_load_target, retry_after_ms,
-};
-use densemesh_placement::{ClusterView, InstanceRecord, ModelId, Placement};
+use densemesh_placement::ModelId;
+use densemesh_placement::route::{Goal, Route};
 use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use densemesh_proto::inference::{
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
 };
-use parking_lot::Mutex;
+use prost::bytes::{Buf, BufMut};
+use prost::encoding::{DecodeContext, WireType};
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::node::cache::{CopyStatus, ModelCache};
+use crate::cluster::placer::{Placer, mark_forwarded};
+use crate::error::MeshError;
 use crate::metrics as m;
 
 /// Marks a request that was already forwarded once.
 pub const FORWARDED_HEADER: &str = "densemesh-forwarded";
 
-/// A pooled client to one peer and the requests in flight to it.
-type PeerClient = (GrpcInferenceServiceClient<Channel>, Arc<AtomicUsize>);
+/// Pods one request is sent to, the first included, before it is served here: a request never waits
+/// on a long chain of dead pods whose leases have not run out yet.
+pub const MAX_ATTEMPTS: usize = 3;
 
-/// A peer pod to forward to.
+/// Where a request goes, as the request path needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub instance: String,
-    pub endpoint: String,
+pub enum Destination {
+    /// Serve it here, loading the model if it must.
+    Here,
+    /// Send it to this peer.
+    Peer(String),
 }
 
-/// Routing between pods, and the pooled connections to them.
+/// Routing between pods over the shared peer connections.
 #[derive(Clone)]
 pub struct Forwarder {
-    instance_id: String,
-    view: ClusterView,
-    cache: ModelCache,
-    peers: Arc<Mutex<HashMap<String, PeerClient>>>,
-    /// When each peer (by endpoint) last failed a request, so the next requests try other copies first.
-    failures: Arc<Mutex<HashMap<String, Instant>>>,
-    timeout: Duration,
+    placer: Placer,
     max_message_size: usize,
 }
 
 impl Forwarder {
-    pub fn new(
-        instance_id: String,
-        view: ClusterView,
-        cache: ModelCache,
-        timeout: Duration,
-        max_message_size: usize,
-    ) -> Self {
-        Self {
-            instance_id,
-            view,
-            cache,
-            peers: Arc::default(),
-            failures: Arc::default(),
-            timeout,
-            max_message_size,
-        }
+    pub fn new(placer: Placer, max_message_size: usize) -> Self {
+        Self { placer, max_message_size }
     }
 
     /// Whether this request was forwarded to us (then it is served here, never forwarded again).
@@ -80,150 +64,51 @@ impl Forwarder {
         metadata.contains_key(FORWARDED_HEADER)
     }
 
-    /// The peer that should serve `id`, or `None` to serve it here.
-    pub fn route(&self, id: &ModelId) -> Option<Peer> {
-        if !matches!(self.cache.status(id), CopyStatus::NotLoaded | CopyStatus::Failed { .. }) {
-            return None;
-        }
-        let instances: HashMap<String, InstanceRecord> = self.view.instances().into_iter().collect();
-        let live = |name: &str| instances.get(name).filter(|r| !r.draining);
-        let placements = self.view.placements(id);
-        // A loaded copy elsewhere: the one we have the fewest requests in flight to.
-        if let Some(peer) = self.loaded_copy(&instances, &placements, &[]) {
-            return Some(peer);
-        }
-        // Loading elsewhere already: wait for that copy rather than load a second.
-        if let Some((name, _)) = placements
-            .iter()
-            .find(|(name, p)| name != &self.instance_id && matches!(p, Placement::Loading { .. }))
-        {
-            return live(name).map(|r| Peer { instance: name.clone(), endpoint: r.endpoint.clone() });
-        }
-        let mut candidates: Vec<LoadCandidate> = instances
-            .iter()
-            .filter(|(name, _)| *name != &self.instance_id)
-            .map(|(name, r)| LoadCandidate::from_record(name, r, &placements))
-            .collect();
-        // This pod as its cache says now, but backing off as its own record says, like every other
-        // pod: while it would only answer with its remembered failure, a pod that may load goes first.
-        candidates.push(LoadCandidate {
-            instance: self.instance_id.clone(),
-            capacity_bytes: self.cache.config().capacity_bytes,
-            used_bytes: self.cache.used_bytes(),
-            loading: 0,
-            lru_age_seconds: self.cache.lru_age().as_secs(),
-            draining: false,
-            retry_after_ms: retry_after_ms(&placements, &self.instance_id),
-        });
-        let target = choose_load_target(&candidates, &self.instance_id, 1, crate::cluster::instance::now_ms())?;
-        if target == self.instance_id {
-            return None;
-        }
-        instances.get(target).map(|r| Peer { instance: target.to_owned(), endpoint: r.endpoint.clone() })
-    }
-
-    /// The least busy live pod other than this one holding a loaded copy, never one in `failed`.
-    fn loaded_copy(
-        &self,
-        instances: &HashMap<String, InstanceRecord>,
-        placements: &[(String, Placement)],
-        failed: &[&str],
-    ) -> Option<Peer> {
-        let holders: Vec<CopyHolder> = placements
-            .iter()
-            .filter(|(name, p)| name != &self.instance_id && matches!(p, Placement::Loaded { .. }))
-            .filter_map(|(name, _)| {
-                let record = instances.get(name).filter(|r| !r.draining)?;
-                Some(CopyHolder {
-                    instance: name.clone(),
-                    in_flight: self.in_flight(&record.endpoint),
-                    failed_recently: self.failed_recently(&record.endpoint),
-                })
-            })
-            .collect();
-        let chosen = choose_copy(&holders, failed)?;
-        instances.get(chosen).map(|r| Peer { instance: chosen.to_owned(), endpoint: r.endpoint.clone() })
-    }
-
-    /// Another copy for a request that `failed` pods could not serve, as the view says now.
-    fn next_copy(&self, id: &ModelId, failed: &[String]) -> Option<Peer> {
-        let instances: HashMap<String, InstanceRecord> = self.view.instances().into_iter().collect();
-        let failed: Vec<&str> = failed.iter().map(String::as_str).collect();
-        self.loaded_copy(&instances, &self.view.placements(id), &failed)
-    }
-
-    fn failed_recently(&self, endpoint: &str) -> bool {
-        self.failures.lock().get(endpoint).is_some_and(|at| at.elapsed() < FAILURE_MEMORY)
-    }
-
-    fn in_flight(&self, endpoint: &str) -> usize {
-        self.peers.lock().get(endpoint).map_or(0, |(_, n)| n.load(Ordering::Relaxed))
-    }
-
-    fn client(&self, endpoint: &str) -> Option<PeerClient> {
-        let mut peers = self.peers.lock();
-        if let Some((client, n)) = peers.get(endpoint) {
-            return Some((client.clone(), n.clone()));
-        }
-        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
-            .ok()?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(self.timeout)
-            .connect_lazy();
-        let client = GrpcInferenceServiceClient::new(channel)
-            .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size);
-        let counter = Arc::new(AtomicUsize::new(0));
-        peers.insert(endpoint.to_owned(), (client.clone(), counter.clone()));
-        Some((client, counter))
+    /// Where a request for `id` goes now (placement's answer for [`Goal::Serve`]).
+    pub fn route(&self, id: &ModelId) -> Result<Destination, MeshError> {
+        destination(id, self.placer.route(id, Goal::Serve, &[]))
     }
 
     /// Whether a live pod other than this one holds a loaded copy.
     pub fn loaded_elsewhere(&self, id: &ModelId) -> bool {
-        let instances: HashMap<String, InstanceRecord> = self.view.instances().into_iter().collect();
-        self.view.placements(id).iter().any(|(name, p)| {
-            name != &self.instance_id
-                && matches!(p, Placement::Loaded { .. })
-                && instances.get(name).is_some_and(|r| !r.draining)
-        })
+        matches!(self.placer.route(id, Goal::HandOff, &[]), Route::Copy(_))
     }
 
-    /// A message for a peer, marked as forwarded (so it is never forwarded again) and naming the model
-    /// by id (the peer must not resolve a vmodel a second time).
+    /// A message for a peer, marked as forwarded and naming the model by id (the peer must not
+    /// resolve a vmodel a second time).
     fn outgoing<T>(&self, id: &ModelId, message: T) -> tonic::Request<T> {
         let mut outgoing = tonic::Request::new(message);
-        // The mark must be there whatever the instance id: without it a request could bounce.
-        let from = self.instance_id.parse().unwrap_or(tonic::metadata::MetadataValue::from_static("peer"));
-        outgoing.metadata_mut().insert(FORWARDED_HEADER, from);
+        mark_forwarded(outgoing.metadata_mut(), self.placer.instance_id());
         if let Ok(model) = id.as_str().parse() {
             outgoing.metadata_mut().insert(crate::node::router::MODEL_ID_HEADER, model);
         }
         outgoing
     }
 
-    /// Calls `first`, then, while peers fail, the next copy, up to [`MAX_ATTEMPTS`] pods in all.
-    async fn with_failover<T, F, Fut>(&self, id: &ModelId, first: Peer, call: F) -> Forwarded<T>
+    /// Calls `first`, then, while peers fail, where placement says next, up to [`MAX_ATTEMPTS`] pods.
+    async fn with_failover<T, F, Fut>(&self, id: &ModelId, first: String, call: F) -> Forwarded<T>
     where
-        F: Fn(GrpcInferenceServiceClient<Channel>) -> Fut,
+        F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        let peers = self.placer.peers();
         let mut failed: Vec<String> = Vec::new();
         let mut next = Some(first);
         while let Some(peer) = next.take() {
             let attempt = failed.len() + 1;
-            let span = tracing::debug_span!("forward", peer = %peer.instance, model_id = %id, attempt);
-            let result = match self.client(&peer.endpoint) {
-                Some((client, in_flight)) => {
-                    let _counted = InFlight::start(in_flight);
-                    call(client).instrument(span).await
+            let span = tracing::debug_span!("forward", peer = %peer, model_id = %id, attempt);
+            let endpoint = self.placer.endpoint(&peer).unwrap_or_default();
+            let result = match peers.channel(&endpoint) {
+                Some(channel) => {
+                    let _counted = channel.start_request();
+                    call(channel.channel).instrument(span).await
                 }
-                None => Err(tonic::Status::unavailable(format!("bad peer endpoint {:?}", peer.endpoint))),
+                None => Err(tonic::Status::unavailable(format!("no usable endpoint for peer {peer}"))),
             };
             let status = match result {
                 Err(status) if peer_failed(&status) => status,
                 answered => {
-                    self.failures.lock().remove(&peer.endpoint);
+                    peers.answered(&endpoint);
                     return match answered {
                         Ok(answer) => {
                             Forwarded::Answered { answer: answer.into_inner(), retried: !failed.is_empty() }
@@ -232,95 +117,112 @@ impl Forwarder {
                     };
                 }
             };
-            {
-                let mut failures = self.failures.lock();
-                failures.retain(|_, at| at.elapsed() < FAILURE_MEMORY);
-                failures.insert(peer.endpoint, Instant::now());
-            }
-            failed.push(peer.instance);
-            if failed.len() < MAX_ATTEMPTS {
-                next = self.next_copy(id, &failed);
-            }
-            let then = next.as_ref().map_or("serving here", |_| "trying another copy");
+            peers.failed(&endpoint);
+            failed.push(peer);
+            let then = if failed.len() < MAX_ATTEMPTS {
+                let exclude: Vec<&str> = failed.iter().map(String::as_str).collect();
+                match destination(id, self.placer.route(id, Goal::Serve, &exclude)) {
+                    Ok(Destination::Peer(p)) => {
+                        next = Some(p);
+                        "trying the next pod placement names"
+                    }
+                    Ok(Destination::Here) => "serving here",
+                    Err(e) => {
+                        tracing::warn!(model_id = %id, code = ?status.code(), error = %status.message(), "peer could not serve; placement has no other pod");
+                        return Forwarded::Refused(tonic::Status::from(e));
+                    }
+                }
+            } else {
+                "serving here"
+            };
             tracing::warn!(
                 peer = %failed[failed.len() - 1],
                 model_id = %id,
                 code = ?status.code(),
                 error = %status.message(),
-                next = next.as_ref().map(|p| p.instance.as_str()),
+                next = next.as_deref(),
                 "peer could not serve; {then}"
             );
         }
-        Forwarded::ServeHere
+        Forwarded::ServeHere(())
     }
 
-    /// Asks `peer` (or, if it fails, another copy) for a model's metadata, so reading it does not load
+    /// Asks `peer` (or, if it fails, the next pod) for a model's metadata, so reading it does not load
     /// a second copy here. `None`: ask this pod.
-    pub async fn metadata(&self, peer: Peer, id: &ModelId) -> Option<ModelMetadataResponse> {
+    pub async fn metadata(&self, peer: String, id: &ModelId) -> Option<ModelMetadataResponse> {
         let request = ModelMetadataRequest { name: id.to_string(), version: String::new() };
+        let max = self.max_message_size;
         let answer = self
-            .with_failover(id, peer, |mut client| {
+            .with_failover(id, peer, |channel| {
                 let outgoing = self.outgoing(id, request.clone());
+                let mut client = GrpcInferenceServiceClient::new(channel).max_decoding_message_size(max);
                 async move { client.model_metadata(outgoing).await }
             })
             .await;
         match answer {
             Forwarded::Answered { answer, .. } => Some(answer),
-            Forwarded::Refused(_) | Forwarded::ServeHere => None,
+            Forwarded::Refused(_) | Forwarded::ServeHere(()) => None,
         }
     }
 
-    /// Sends the request to `peer` for model `id`, and on to other copies while peers fail; counted in
-    /// `densemesh_forwarded_requests_total` by how it ended.
+    /// Sends the request to `peer` for model `id`, and on while peers fail; counted in
+    /// `densemesh_forwarded_requests_total` by how it ended. [`Forwarded::ServeHere`] hands the
+    /// request back.
     pub async fn forward(
         &self,
-        peer: Peer,
+        peer: String,
         id: &ModelId,
-        request: &ModelInferRequest,
-    ) -> Forwarded<ModelInferResponse> {
+        request: ModelInferRequest,
+    ) -> Forwarded<ModelInferResponse, ModelInferRequest> {
+        let shared = SharedRequest(Arc::new(request));
+        let max = self.max_message_size;
         let forwarded = self
-            .with_failover(id, peer, |mut client| {
-                // Cloning shares the tensors' `Bytes`; the original stays for the next attempt.
-                let outgoing = self.outgoing(id, request.clone());
-                async move { client.model_infer(outgoing).await }
+            .with_failover(id, peer, |channel| {
+                let outgoing = self.outgoing(id, shared.clone());
+                async move { infer_shared(channel, outgoing, max).await }
             })
             .await;
         let result = match &forwarded {
             Forwarded::Answered { retried: false, .. } => "ok",
             Forwarded::Answered { retried: true, .. } => "retried",
             Forwarded::Refused(_) => "error",
-            Forwarded::ServeHere => "fallback",
+            Forwarded::ServeHere(()) => "fallback",
         };
         metrics::counter!(m::FORWARDED_REQUESTS, "result" => result).increment(1);
-        forwarded
+        match forwarded {
+            Forwarded::Answered { answer, retried } => Forwarded::Answered { answer, retried },
+            Forwarded::Refused(status) => Forwarded::Refused(status),
+            Forwarded::ServeHere(()) => Forwarded::ServeHere(shared.into_inner()),
+        }
     }
 }
 
-/// How long a peer that failed a request is tried after every other copy: about a lease, after which a
-/// dead pod's records are gone anyway.
-const FAILURE_MEMORY: Duration = Duration::from_secs(5);
-
-/// Pods one request is sent to, the first included, before it is served here: a request never waits
-/// on a long chain of dead pods whose leases have not run out yet.
-pub const MAX_ATTEMPTS: usize = 3;
+/// Placement's answer as a destination for a request.
+fn destination(id: &ModelId, route: Route) -> Result<Destination, MeshError> {
+    match route {
+        Route::Here | Route::LoadHere => Ok(Destination::Here),
+        Route::Copy(peer) | Route::WaitFor(peer) | Route::LoadOn(peer) => Ok(Destination::Peer(peer)),
+        Route::Refuse(refusal) => Err(MeshError::refused(id, refusal)),
+    }
+}
 
 /// How forwarding a request ended.
 #[derive(Debug)]
-pub enum Forwarded<T> {
+pub enum Forwarded<T, R = ()> {
     /// A peer answered; `retried` when an earlier one had failed.
     Answered { answer: T, retried: bool },
-    /// A peer answered with an error of the request or the model, which goes back to the client as
-    /// it is: another copy would say the same.
+    /// A peer answered with an error of the request or the model (another copy would say the same),
+    /// or placement had nowhere else to send it; it goes back to the client as it is.
     Refused(tonic::Status),
-    /// No peer could serve it: serve it here.
-    ServeHere,
+    /// No peer could serve it: serve it (the request, handed back) here.
+    ServeHere(R),
 }
 
-/// Whether a failed call means the peer could not serve the request (so another copy may), rather
+/// Whether a failed call means the peer could not serve the request (so another pod may), rather
 /// than an answer about the model. tonic keeps the transport error (connection refused, reset when
 /// the peer died mid-request, timed out) as the status's source; a status the peer sent has none.
 /// UNAVAILABLE from the peer means it is shutting down or could not load the model.
-fn peer_failed(status: &tonic::Status) -> bool {
+pub(crate) fn peer_failed(status: &tonic::Status) -> bool {
     std::error::Error::source(status).is_some()
         || matches!(
             status.code(),
@@ -328,20 +230,57 @@ fn peer_failed(status: &tonic::Status) -> bool {
         )
 }
 
-/// Counts a request in flight to a peer for as long as it is, even if the caller gives up on it.
-struct InFlight(Arc<AtomicUsize>);
+/// An inference request shared by every attempt to forward it: encoding reads it through the `Arc`,
+/// so no attempt copies it.
+#[derive(Debug, Clone, Default)]
+struct SharedRequest(Arc<ModelInferRequest>);
 
-impl InFlight {
-    fn start(counter: Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+impl SharedRequest {
+    /// The request back, copied only if a finished call's transport still holds a reference.
+    fn into_inner(self) -> ModelInferRequest {
+        Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
     }
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+impl prost::Message for SharedRequest {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.0.encode_raw(buf)
     }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        Arc::make_mut(&mut self.0).merge_field(tag, wire_type, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.encoded_len()
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// `ModelInfer` on a peer, encoding the shared request in place (the generated client would need an
+/// owned copy per attempt).
+async fn infer_shared(
+    channel: Channel,
+    request: tonic::Request<SharedRequest>,
+    max_message_size: usize,
+) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(max_message_size)
+        .max_encoding_message_size(max_message_size);
+    // Not ready means the connection could not be made: the peer failed, as a transport error.
+    grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("peer not ready: {e}")))?;
+    let path = http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
+    let codec = tonic_prost::ProstCodec::<SharedRequest, ModelInferResponse>::default();
+    grpc.unary(request, path, codec).await
 }
 
 #[cfg(test)]
@@ -349,7 +288,10 @@ mod tests {
     //! The forwarder against peers that answer, refuse, say UNAVAILABLE, refuse connections, or die
     //! once the request reached them; pods and copies come from a real `ClusterView` on `MemoryStore`.
 
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use densemesh_placement::{ClusterView, InstanceRecord, Placement};
 
     use densemesh_placement::registry::{Registry, encode};
     use densemesh_placement::{MemoryStore, Store};
@@ -362,8 +304,10 @@ mod tests {
     use tonic::{Code, Request, Response, Status};
 
     use super::*;
-    use crate::node::cache::CacheConfig;
+    use crate::cluster::peers::Peers;
+    use crate::cluster::placer::PlacerConfig;
     use crate::error::CacheError;
+    use crate::node::cache::{CacheConfig, ModelCache};
     use crate::test_support::NoRuntime;
 
     /// A peer that answers every ModelInfer the same way, counting the calls and any not marked as
@@ -509,6 +453,7 @@ mod tests {
                     models_loaded: 1,
                     loading: 0,
                     lru_age_seconds: 0,
+                    coldest_model: String::new(),
                     requests_per_minute: 0,
                     draining: false,
                     started_ms: 0,
@@ -522,7 +467,13 @@ mod tests {
             async move { Err(CacheError::NotFound(format!("model {id} not found").into())) }.boxed()
         });
         let cache = ModelCache::new(CacheConfig::default(), Arc::new(NoRuntime), locate);
-        Forwarder::new("me".into(), view, cache, Duration::from_secs(10), 1 << 20)
+        let config = PlacerConfig {
+            anti_churn_age: Duration::ZERO,
+            wait_limit: Duration::from_secs(10),
+            model_repo: std::path::PathBuf::new(),
+        };
+        let placer = Placer::new("me".into(), view, cache, Peers::new(Duration::from_secs(10)), config);
+        Forwarder::new(placer, 1 << 20)
     }
 
     #[tokio::test]
@@ -542,21 +493,24 @@ mod tests {
                 ("peer", Some("127.0.0.1:1"), failed(peer_retry_after_ms)),
             ])
             .await;
-            forwarder.route(&ModelId::new("m").unwrap()).map(|p| p.instance)
+            forwarder.route(&ModelId::new("m").unwrap()).map_err(|e| Status::from(e).code())
         };
-        assert_eq!(route(now + hour).await, None, "nobody may load it: served here, with the failure");
-        assert_eq!(route(now - 1).await.as_deref(), Some("peer"), "the peer's back-off is over");
+        assert_eq!(route(now + hour).await, Err(Code::Unavailable), "nobody may load it now");
+        assert_eq!(route(now - 1).await, Ok(Destination::Peer("peer".into())), "the peer's back-off is over");
         // A peer whose back-off is over still comes after this pod when this pod never failed it.
         let forwarder = forwarder_with_records(&[("peer", Some("127.0.0.1:1"), failed(now - 1))]).await;
-        assert_eq!(forwarder.route(&model), None);
+        assert_eq!(forwarder.route(&model).ok(), Some(Destination::Here));
     }
 
-    async fn forward(forwarder: &Forwarder, request_id: &str) -> Forwarded<ModelInferResponse> {
+    async fn forward(
+        forwarder: &Forwarder,
+        request_id: &str,
+    ) -> Forwarded<ModelInferResponse, ModelInferRequest> {
         let model = ModelId::new("m").unwrap();
-        let first = forwarder.route(&model).expect("a copy to forward to");
+        let Ok(Destination::Peer(first)) = forwarder.route(&model) else { panic!("a copy to forward to") };
         let request =
             ModelInferRequest { model_name: "m".into(), id: request_id.into(), ..Default::default() };
-        forwarder.forward(first, &model, &request).await
+        forwarder.forward(first, &model, request).await
     }
 
     #[tokio::test]
@@ -580,7 +534,7 @@ mod tests {
         assert!(reached.load(Ordering::SeqCst), "the first peer died after the request reached it");
         assert_eq!(good.calls(), 1);
         assert_eq!(good.unmarked.load(Ordering::SeqCst), 0, "a retry is still marked as forwarded");
-        assert_eq!(forwarder.in_flight(&good_endpoint), 0);
+        assert_eq!(forwarder.placer.peers().in_flight(&good_endpoint), 0);
         // The pods that just failed are tried after the copy that answered, not first again.
         assert!(matches!(forward(&forwarder, "next").await, Forwarded::Answered { retried: false, .. }));
         assert_eq!(good.calls(), 2);
@@ -610,7 +564,10 @@ mod tests {
         }
         let copies: Vec<(&str, &str)> = copies.iter().map(|(n, e)| (*n, e.as_str())).collect();
         let forwarder = forwarder_with_copies(&copies).await;
-        assert!(matches!(forward(&forwarder, "r").await, Forwarded::ServeHere));
+        match forward(&forwarder, "r").await {
+            Forwarded::ServeHere(request) => assert_eq!(request.id, "r", "the request comes back whole"),
+            other => panic!("expected to serve it here, got {other:?}"),
+        }
         let calls: Vec<usize> = peers.iter().map(FakePeer::calls).collect();
         assert_eq!(calls, [1, 1, 1, 0], "least busy first (ties in view order), never one twice");
         assert_eq!(MAX_ATTEMPTS, 3);

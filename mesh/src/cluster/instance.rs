@@ -29,6 +29,8 @@ pub struct InstanceConfig {
     pub lease_ttl: Duration,
     /// Told when the registry stops answering the heartbeat, and when it answers again.
     pub health: RegistryHealth,
+    /// Where this pod's current lease is shared (the leader election binds its key to it).
+    pub lease: Arc<tokio::sync::watch::Sender<Option<LeaseId>>>,
 }
 
 /// Whether the registry answers this pod's heartbeats. Loaded models keep serving through an outage
@@ -141,7 +143,13 @@ pub async fn run(
             }
             _ = stop.cancelled() => break,
         }
+        p.config.lease.send_if_modified(|shared| {
+            let changed = *shared != p.lease;
+            *shared = p.lease;
+            changed
+        });
     }
+    p.config.lease.send_replace(None);
     if let Some(lease) = p.lease {
         match p.registry.store().revoke_lease(lease).await {
             Ok(()) => tracing::info!(instance_id = %p.config.id, "left the registry"),
@@ -155,13 +163,15 @@ pub async fn run(
 impl Publisher {
     fn record(&self) -> InstanceRecord {
         let resident = self.cache.resident();
+        let state = self.cache.placement_state();
         InstanceRecord {
             endpoint: self.config.endpoint.clone(),
-            capacity_bytes: self.cache.config().capacity_bytes,
-            used_bytes: self.cache.used_bytes(),
+            capacity_bytes: state.capacity_bytes,
+            used_bytes: state.used_bytes,
             models_loaded: resident.len() as u64,
-            loading: self.cache.loading_count() as u64,
-            lru_age_seconds: self.cache.lru_age().as_secs(),
+            loading: state.loading,
+            lru_age_seconds: state.lru_age.as_secs(),
+            coldest_model: state.coldest_model.map(|id| id.to_string()).unwrap_or_default(),
             requests_per_minute: self.rate_per_minute,
             draining: self.draining,
             started_ms: self.started_ms,
@@ -176,6 +186,7 @@ impl Publisher {
             || old.loading != new.loading
             || old.draining != new.draining
             || old.endpoint != new.endpoint
+            || old.coldest_model != new.coldest_model
             || old.lru_age_seconds.abs_diff(new.lru_age_seconds) > 60
             || old.requests_per_minute.abs_diff(new.requests_per_minute)
                 > new.requests_per_minute.max(100) / 5
@@ -282,8 +293,8 @@ mod tests {
     use futures::FutureExt;
 
     use super::*;
-    use crate::node::cache::{CacheConfig, Locate};
     use crate::error::CacheError;
+    use crate::node::cache::{CacheConfig, Locate};
     use crate::test_support::NoRuntime;
 
     /// Waits for the next change `want` accepts: a notification, not a poll.
@@ -323,6 +334,7 @@ mod tests {
             endpoint: "127.0.0.1:1".into(),
             lease_ttl: Duration::from_secs(30),
             health: RegistryHealth::new(Duration::from_secs(30)),
+            lease: Arc::new(tokio::sync::watch::channel(None).0),
         };
         let publisher = tokio::spawn(run(registry, cache.clone(), instance, drain_requests, stop.clone()));
         // Joined (so listening to the cache's events) once its instance record shows.

@@ -49,7 +49,11 @@ fn three_pods() -> Vec<LoadCandidate> {
 fn a_request_goes_to_a_copy_here_then_a_loaded_peer_then_a_loading_one_then_placement() {
     let pods = three_pods();
     assert_eq!(ask(Goal::Serve, &pods, &[loaded("me", 0), loaded("a", 0)], 5), Route::Here);
-    assert_eq!(ask(Goal::Serve, &pods, &[loading("me"), loaded("a", 0)], 5), Route::Here, "await our own load");
+    assert_eq!(
+        ask(Goal::Serve, &pods, &[loading("me"), loaded("a", 0)], 5),
+        Route::Here,
+        "await our own load"
+    );
     assert_eq!(ask(Goal::Serve, &pods, &[loaded("a", 3), loaded("b", 1)], 5), Route::Copy("b".into()));
     assert_eq!(ask(Goal::Serve, &pods, &[loading("b")], 5), Route::WaitFor("b".into()));
     assert_eq!(

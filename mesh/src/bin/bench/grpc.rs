@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use densemesh_loadgen;
+use densemesh_loadgen as loadgen;
 use hdrhistogram::Histogram;
 
 use crate::figures::Errors;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use densemesh_loadgen;
+use densemesh_loadgen as loadgen;
 use densemesh_runtime_core::{InferRequest, LoadRequest, LoadedModel, Runtime};
 use densemesh_runtime_ort::{OrtConfig, OrtRuntime};
 use hdrhistogram::Histogram;

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use densemesh_loadgen::{self as loadgen, LoadSpec};
 use densemesh_mesh::config::parse_duration;
-use densemesh_loadgen::{self, LoadSpec};
 use densemesh_proto::admin::admin_client::AdminClient;
 use densemesh_proto::admin::{
     ListInstancesRequest, ListModelsRequest, ListVModelsRequest, SetVModelSplitRequest, WeightedModel,

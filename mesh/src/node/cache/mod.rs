@@ -79,6 +79,20 @@ pub struct ResidentModel {
     pub requests: u64,
 }
 
+/// This pod's cache as placement reads it (see [`ModelCache::placement_state`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlacementState {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub loading: u64,
+    pub lru_age: Duration,
+    pub coldest_model: Option<ModelId>,
+    /// Loaded size over file size, learned from past loads.
+    pub size_factor: Option<f64>,
+    /// The mean loaded model's size: a prior for a model nothing is known about.
+    pub mean_model_bytes: Option<u64>,
+}
+
 /// Makes a model's files local (pulling them if need be). `CacheError::NotFound` for an unknown
 /// model; anything else that fails is a load failure.
 pub type Locate = Arc<dyn Fn(ModelId) -> BoxFuture<'static, Result<Fetched, CacheError>> + Send + Sync>;
@@ -160,7 +174,8 @@ struct Inner {
     locate: Locate,
     load_gate: Option<LoadGate>,
     state: Mutex<State>,
-    load_permits: Semaphore,
+    /// Shared so a load given up on at its deadline can keep its slot until the runtime returns.
+    load_permits: Arc<Semaphore>,
     /// Signalled whenever bytes may have become free: a lease dropped, a model left, a load gave up.
     room_freed: Arc<Notify>,
     tasks: TaskTracker,
@@ -202,7 +217,7 @@ impl ModelCache {
         metrics::gauge!(m::CAPACITY_BYTES).set(config.capacity_bytes as f64);
         metrics::gauge!(m::USED_BYTES).set(0.0);
         metrics::gauge!(m::MODELS_LOADED).set(0.0);
-        let load_permits = Semaphore::new(config.max_concurrent_loads.max(1));
+        let load_permits = Arc::new(Semaphore::new(config.max_concurrent_loads.max(1)));
         let inner = Inner {
             config,
             runtime,
@@ -355,6 +370,29 @@ impl ModelCache {
     /// Loads in progress here.
     pub fn loading_count(&self) -> usize {
         self.inner.state.lock().loading.len()
+    }
+
+    /// This pod as placement sees it, read under one lock: what is charged, loads in progress, and the
+    /// least recently used model (the first a load here would evict) with its idle time.
+    pub fn placement_state(&self) -> PlacementState {
+        let state = self.inner.state.lock();
+        let now = Instant::now();
+        let coldest = state
+            .resident
+            .iter()
+            .map(|(id, e)| (now.saturating_duration_since(e.last_used()), id))
+            .max_by_key(|(idle, _)| *idle);
+        let resident = state.resident.len() as u64;
+        PlacementState {
+            capacity_bytes: self.inner.config.capacity_bytes,
+            used_bytes: state.used_bytes,
+            loading: state.loading.len() as u64,
+            lru_age: coldest.map(|(idle, _)| idle).unwrap_or_default(),
+            coldest_model: coldest.map(|(_, id)| id.clone()),
+            size_factor: state.size_factor,
+            mean_model_bytes: (resident > 0)
+                .then(|| state.resident.iter().map(|(_, e)| e.size_bytes()).sum::<u64>() / resident),
+        }
     }
 
     /// Changes of this pod's copies from now on.

@@ -1,0 +1,175 @@
+//! Connections to other pods: one lazily connected HTTP/2 channel per peer endpoint, shared by
+//! forwarded inferences and management calls, with the requests in flight to each peer and when each
+//! last failed one (so the next requests try other copies first). Channels to pods that left the
+//! cluster are dropped as soon as the view no longer lists them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use densemesh_placement::InstanceRecord;
+use parking_lot::Mutex;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a peer that failed a request is tried after every other copy: about a lease, after which a
+/// dead pod's records are gone anyway.
+const FAILURE_MEMORY: Duration = Duration::from_secs(5);
+
+/// One peer's channel and the requests in flight to it.
+#[derive(Clone)]
+pub struct PeerChannel {
+    pub channel: Channel,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl PeerChannel {
+    /// Counts a request to this peer for as long as the guard lives, even if the caller gives up.
+    pub fn start_request(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
+    }
+}
+
+/// A request in flight to a peer.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<String, PeerChannel>,
+    failures: HashMap<String, Instant>,
+    /// The instance snapshot the channels were last pruned against.
+    pruned_for: Option<Arc<HashMap<String, InstanceRecord>>>,
+}
+
+/// The pool; cloning shares it.
+#[derive(Clone)]
+pub struct Peers {
+    state: Arc<Mutex<State>>,
+    timeout: Duration,
+}
+
+impl Peers {
+    /// A pool whose calls give up after `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        Self { state: Arc::default(), timeout }
+    }
+
+    /// The channel to `endpoint`, connected on first use; `None` when the endpoint is not an address.
+    pub fn channel(&self, endpoint: &str) -> Option<PeerChannel> {
+        let mut state = self.state.lock();
+        if let Some(peer) = state.channels.get(endpoint) {
+            return Some(peer.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{endpoint}"))
+            .ok()?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(self.timeout)
+            .connect_lazy();
+        let peer = PeerChannel { channel, in_flight: Arc::default() };
+        state.channels.insert(endpoint.to_owned(), peer.clone());
+        Some(peer)
+    }
+
+    /// Requests in flight from this pod to `endpoint`.
+    pub fn in_flight(&self, endpoint: &str) -> usize {
+        self.state.lock().channels.get(endpoint).map_or(0, |p| p.in_flight.load(Ordering::Relaxed))
+    }
+
+    /// Whether `endpoint` failed a request moments ago.
+    pub fn failed_recently(&self, endpoint: &str) -> bool {
+        self.state.lock().failures.get(endpoint).is_some_and(|at| at.elapsed() < FAILURE_MEMORY)
+    }
+
+    /// Remembers that `endpoint` failed a request now.
+    pub fn failed(&self, endpoint: &str) {
+        let mut state = self.state.lock();
+        state.failures.retain(|_, at| at.elapsed() < FAILURE_MEMORY);
+        state.failures.insert(endpoint.to_owned(), Instant::now());
+    }
+
+    /// Forgets a failure: `endpoint` just answered.
+    pub fn answered(&self, endpoint: &str) {
+        let mut state = self.state.lock();
+        if !state.failures.is_empty() {
+            state.failures.remove(endpoint);
+        }
+    }
+
+    /// Drops the channels of pods no longer in `instances`; cheap when the snapshot is the one seen last.
+    pub fn prune(&self, instances: &Arc<HashMap<String, InstanceRecord>>) {
+        let mut state = self.state.lock();
+        if state.pruned_for.as_ref().is_some_and(|seen| Arc::ptr_eq(seen, instances)) {
+            return;
+        }
+        state.pruned_for = Some(instances.clone());
+        let live: std::collections::HashSet<&str> = instances.values().map(|r| r.endpoint.as_str()).collect();
+        let before = state.channels.len();
+        state.channels.retain(|endpoint, _| live.contains(endpoint.as_str()));
+        if state.channels.len() < before {
+            tracing::debug!(dropped = before - state.channels.len(), "closed channels to pods that left");
+        }
+    }
+
+    /// Endpoints with an open channel, for tests.
+    #[cfg(test)]
+    pub fn connected(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.state.lock().channels.keys().cloned().collect();
+        all.sort();
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(endpoint: &str) -> InstanceRecord {
+        InstanceRecord {
+            endpoint: endpoint.into(),
+            capacity_bytes: 1,
+            used_bytes: 0,
+            models_loaded: 0,
+            loading: 0,
+            lru_age_seconds: 0,
+            coldest_model: String::new(),
+            requests_per_minute: 0,
+            draining: false,
+            started_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn channels_to_pods_that_left_are_dropped() {
+        let peers = Peers::new(Duration::from_secs(1));
+        assert!(peers.channel("127.0.0.1:1").is_some());
+        assert!(peers.channel("127.0.0.1:2").is_some());
+        let live = Arc::new(HashMap::from([("b".to_owned(), record("127.0.0.1:2"))]));
+        peers.prune(&live);
+        assert_eq!(peers.connected(), ["127.0.0.1:2"]);
+        assert!(peers.channel("not an address\n").is_none());
+    }
+
+    #[test]
+    fn in_flight_counts_until_the_guard_drops_and_failures_are_remembered_briefly() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _guard = rt.enter();
+        let peers = Peers::new(Duration::from_secs(1));
+        let peer = peers.channel("127.0.0.1:3").unwrap();
+        let counted = peer.start_request();
+        assert_eq!(peers.in_flight("127.0.0.1:3"), 1);
+        drop(counted);
+        assert_eq!(peers.in_flight("127.0.0.1:3"), 0);
+        peers.failed("127.0.0.1:3");
+        assert!(peers.failed_recently("127.0.0.1:3"));
+        peers.answered("127.0.0.1:3");
+        assert!(!peers.failed_recently("127.0.0.1:3"));
+    }
+}

@@ -1,0 +1,438 @@
+//! The mesh's side of `placement::route`: it gathers what the decision reads (the cluster view's
+//! shared snapshot, this pod's cache as of now, the size the model will take, requests in flight to
+//! each peer) and does the I/O the answer asks for. Every caller that needs a model somewhere asks
+//! here: the request path (through the forwarder), `ensureLoaded` and `registerModel{loadNow}`, vmodel
+//! transitions and traffic splits, copies, and drain.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use densemesh_placement::choose::LoadCandidate;
+use densemesh_placement::route::{Copy, CopyOn, Goal, Route, RouteInput, route};
+use densemesh_placement::view::ViewChange;
+use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, Source};
+use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
+use densemesh_proto::mmesh::model_status_info::ModelStatus;
+use densemesh_proto::mmesh::{EnsureLoadedRequest, ModelStatusInfo};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cluster::forward::FORWARDED_HEADER;
+use crate::cluster::instance::now_ms;
+use crate::cluster::peers::Peers;
+use crate::error::{CacheError, MeshError};
+use crate::node::cache::{CopyStatus, ModelCache};
+
+/// What routing needs besides the cluster's state.
+#[derive(Debug, Clone)]
+pub struct PlacerConfig {
+    /// A load never evicts a model used more recently than this (zero: off). `--anti-churn-age`.
+    pub anti_churn_age: Duration,
+    /// How long a caller that asked for a loaded copy (`sync`) waits for another pod's load.
+    pub wait_limit: Duration,
+    /// This pod's `--model-repo`, where repository models' files are (for their size).
+    pub model_repo: PathBuf,
+}
+
+/// Asks placement and carries out its answer; cloning shares it.
+#[derive(Clone)]
+pub struct Placer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    instance_id: String,
+    view: ClusterView,
+    cache: ModelCache,
+    peers: Peers,
+    config: PlacerConfig,
+    /// Loads started in the background (`ensureLoaded` without `sync`, copies), so none is orphaned.
+    tasks: TaskTracker,
+}
+
+/// Where a model was made to live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// On this pod.
+    Here,
+    /// On this peer (loaded, loading, or asked to load it).
+    On(String),
+}
+
+/// When a model loaded ahead of use counts as last used, so it does not push out models in use.
+#[derive(Debug, Clone, Copy)]
+pub enum LastUsed {
+    Now,
+    /// ModelMesh's rule for models loaded ahead of use: as if last used an hour ago.
+    AnHourAgo,
+    /// Milliseconds since the epoch, as the API's `lastUsedTime` gives it.
+    EpochMillis(u64),
+}
+
+impl LastUsed {
+    /// `millis` as the API sends it (0: not given, so `default`).
+    pub fn from_request(millis: u64, default: LastUsed) -> Self {
+        if millis == 0 { default } else { LastUsed::EpochMillis(millis) }
+    }
+
+    fn epoch_millis(self) -> u64 {
+        match self {
+            LastUsed::Now => now_ms(),
+            LastUsed::AnHourAgo => now_ms().saturating_sub(3_600_000),
+            LastUsed::EpochMillis(ms) => ms,
+        }
+    }
+
+    fn instant(self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let ago = Duration::from_millis(now_ms().saturating_sub(self.epoch_millis()));
+        now.checked_sub(ago).unwrap_or(now)
+    }
+}
+
+impl Placer {
+    pub fn new(
+        instance_id: String,
+        view: ClusterView,
+        cache: ModelCache,
+        peers: Peers,
+        config: PlacerConfig,
+    ) -> Self {
+        let inner = Inner { instance_id, view, cache, peers, config, tasks: TaskTracker::new() };
+        Self { inner: Arc::new(inner) }
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance_id
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.inner.peers
+    }
+
+    pub fn view(&self) -> &ClusterView {
+        &self.inner.view
+    }
+
+    /// A live pod's gRPC endpoint.
+    pub fn endpoint(&self, instance: &str) -> Option<String> {
+        self.inner.view.instances_snapshot().get(instance).map(|r| r.endpoint.clone())
+    }
+
+    /// Where `id` goes for `goal`, never to a pod in `exclude`: `placement::route` over the cluster as
+    /// this pod sees it now.
+    pub fn route(&self, id: &ModelId, goal: Goal, exclude: &[&str]) -> Route {
+        let this = self.inner.instance_id.as_str();
+        let instances = self.inner.view.instances_snapshot();
+        self.inner.peers.prune(&instances);
+        let records = self.inner.view.copies(id);
+        let own = |name: &str| records.as_ref().and_then(|r| r.get(name));
+        let local = self.inner.cache.placement_state();
+        let mut pods: Vec<LoadCandidate> = Vec::with_capacity(instances.len() + 1);
+        for (name, record) in instances.iter().filter(|(name, _)| *name != this) {
+            pods.push(LoadCandidate::from_record(name, record, own(name)));
+        }
+        // This pod as its cache says now (its record may be seconds old), draining and backing off
+        // as its own records say, like every other pod.
+        pods.push(LoadCandidate {
+            instance: this.to_owned(),
+            capacity_bytes: local.capacity_bytes,
+            used_bytes: local.used_bytes,
+            loading: local.loading,
+            lru_age_seconds: local.lru_age.as_secs(),
+            coldest_model: local.coldest_model.as_ref().map(ModelId::to_string),
+            draining: instances.get(this).is_some_and(|r| r.draining),
+            retry_after_ms: own(this).and_then(Placement::retry_after_ms),
+        });
+        let mut copies: Vec<CopyOn> = Vec::new();
+        match self.inner.cache.status(id) {
+            CopyStatus::Loaded { .. } => copies.push(CopyOn {
+                instance: this.to_owned(),
+                copy: Copy::Loaded { in_flight: 0, failed_recently: false },
+            }),
+            CopyStatus::Loading => copies.push(CopyOn { instance: this.to_owned(), copy: Copy::Loading }),
+            CopyStatus::Failed { .. } | CopyStatus::NotLoaded => {}
+        }
+        // Most recent state change first (then by name): ties between equally busy copies go the same
+        // way on every call.
+        let mut others: Vec<(&String, &Placement)> =
+            records.iter().flat_map(|r| r.iter()).filter(|(name, _)| *name != this).collect();
+        others.sort_by(|a, b| b.1.since_ms().cmp(&a.1.since_ms()).then_with(|| a.0.cmp(b.0)));
+        for (name, placement) in others {
+            let endpoint = instances.get(name).map(|r| r.endpoint.as_str()).unwrap_or_default();
+            let copy = match placement {
+                Placement::Loaded { .. } => Copy::Loaded {
+                    in_flight: self.inner.peers.in_flight(endpoint),
+                    failed_recently: self.inner.peers.failed_recently(endpoint),
+                },
+                Placement::Loading { .. } => Copy::Loading,
+                Placement::Failed { .. } => continue,
+            };
+            copies.push(CopyOn { instance: name.clone(), copy });
+        }
+        route(&RouteInput {
+            this,
+            goal,
+            pods: &pods,
+            copies: &copies,
+            exclude,
+            predicted_bytes: self.predicted_bytes(id),
+            now_ms: now_ms(),
+            anti_churn_age: self.inner.config.anti_churn_age,
+        })
+    }
+
+    /// What `id` will take in memory, best known first: the registration's size hint; a size some pod
+    /// measured; the file's size times the factor learned from past loads; the mean loaded model here.
+    /// 0 when nothing is known (a model no one has seen, in remote storage, on an empty pod).
+    pub fn predicted_bytes(&self, id: &ModelId) -> u64 {
+        let spec = self.inner.view.model(id);
+        if let Some(hint) = spec.as_ref().and_then(|s| s.size_bytes) {
+            return hint;
+        }
+        let measured = self.inner.view.copies(id).and_then(|records| {
+            records
+                .values()
+                .filter_map(|p| match p {
+                    Placement::Loaded { size_bytes, .. } => Some(*size_bytes),
+                    _ => None,
+                })
+                .max()
+        });
+        if let Some(measured) = measured {
+            return measured;
+        }
+        let local = self.inner.cache.placement_state();
+        let file_bytes = spec.and_then(|s| local_model_bytes(&s, &self.inner.config.model_repo));
+        match (file_bytes, local.mean_model_bytes) {
+            (Some(bytes), _) => (bytes as f64 * local.size_factor.unwrap_or(1.0)) as u64,
+            (None, Some(mean)) => mean,
+            (None, None) => 0,
+        }
+    }
+
+    /// Makes sure a copy of `id` exists where placement says (`goal` is [`Goal::Ensure`],
+    /// [`Goal::AddCopy`] or [`Goal::HandOff`]); with `sync`, waits until it is loaded. A peer that
+    /// cannot be reached is skipped for the next choice, up to `MAX_ATTEMPTS` pods.
+    pub async fn ensure(
+        &self,
+        id: &ModelId,
+        goal: Goal,
+        sync: bool,
+        last_used: LastUsed,
+    ) -> Result<Ensured, MeshError> {
+        let mut failed: Vec<String> = Vec::new();
+        loop {
+            let exclude: Vec<&str> = failed.iter().map(String::as_str).collect();
+            let decision = self.route(id, goal, &exclude);
+            tracing::debug!(model_id = %id, ?goal, ?decision, "placement");
+            let peer = match decision {
+                Route::Here => {
+                    if sync {
+                        self.load_here(id, true, last_used).await?;
+                    }
+                    return Ok(Ensured::Here);
+                }
+                Route::LoadHere => {
+                    self.load_here(id, sync, last_used).await?;
+                    return Ok(Ensured::Here);
+                }
+                Route::Copy(peer) => return Ok(Ensured::On(peer)),
+                Route::WaitFor(peer) => {
+                    if sync {
+                        self.wait_for_copy(id, &peer).await?;
+                    }
+                    return Ok(Ensured::On(peer));
+                }
+                Route::Refuse(refusal) => return Err(MeshError::refused(id, refusal)),
+                Route::LoadOn(peer) => peer,
+            };
+            match self.load_on(&peer, id, sync, last_used).await {
+                Ok(()) => return Ok(Ensured::On(peer)),
+                Err(PeerLoad::Unreachable(reason)) => {
+                    tracing::warn!(model_id = %id, peer = %peer, %reason, "peer cannot be reached to load the model; asking placement again");
+                    failed.push(peer);
+                    if failed.len() >= crate::cluster::forward::MAX_ATTEMPTS {
+                        return Err(MeshError::Cache(CacheError::LoadFailed {
+                            model_id: id.clone(),
+                            reason: format!("no pod chosen to load it could be reached (last: {reason})")
+                                .into(),
+                            retry_in: Duration::ZERO,
+                        }));
+                    }
+                }
+                Err(PeerLoad::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Loads `id` on this pod (the caller decided, or the request was forwarded here to load it).
+    pub async fn load_here(&self, id: &ModelId, sync: bool, last_used: LastUsed) -> Result<(), MeshError> {
+        let (cache, model) = (self.inner.cache.clone(), id.clone());
+        let load = async move {
+            let lease = cache.acquire(&model).await?;
+            lease.mark_last_used(last_used.instant());
+            Ok::<(), CacheError>(())
+        };
+        if sync {
+            return load.await.map_err(MeshError::from);
+        }
+        // The outcome shows in the model's status; a failure is remembered by the cache.
+        let span = tracing::info_span!("load", model_id = %id);
+        self.inner.tasks.spawn(
+            async move {
+                if let Err(e) = load.await {
+                    tracing::warn!(error = %e, "background load failed");
+                }
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+
+    /// Asks `peer` to load `id` on itself (marked forwarded, so it loads without asking placement).
+    async fn load_on(
+        &self,
+        peer: &str,
+        id: &ModelId,
+        sync: bool,
+        last_used: LastUsed,
+    ) -> Result<(), PeerLoad> {
+        let endpoint =
+            self.endpoint(peer).ok_or_else(|| PeerLoad::Unreachable("it left the cluster".into()))?;
+        let channel = self
+            .inner
+            .peers
+            .channel(&endpoint)
+            .ok_or_else(|| PeerLoad::Unreachable(format!("bad endpoint {endpoint:?}")))?;
+        let mut request = tonic::Request::new(EnsureLoadedRequest {
+            model_id: id.to_string(),
+            last_used_time: last_used.epoch_millis(),
+            sync,
+        });
+        mark_forwarded(request.metadata_mut(), &self.inner.instance_id);
+        let _counted = channel.start_request();
+        let answer = ModelMeshClient::new(channel.channel).ensure_loaded(request).await;
+        let status = match answer {
+            Ok(answer) => {
+                self.inner.peers.answered(&endpoint);
+                answer.into_inner()
+            }
+            Err(status) if crate::cluster::forward::peer_failed(&status) => {
+                self.inner.peers.failed(&endpoint);
+                return Err(PeerLoad::Unreachable(status.message().to_owned()));
+            }
+            Err(status) => return Err(PeerLoad::Failed(MeshError::Peer(status))),
+        };
+        tracing::info!(model_id = %id, peer = %peer, sync, "asked a peer to load the model");
+        if sync && status.status != ModelStatus::Loaded as i32 {
+            return Err(PeerLoad::Failed(peer_load_failed(id, peer, &status)));
+        }
+        Ok(())
+    }
+
+    /// Waits until `peer`'s copy of `id` is loaded (or fails, or the wait limit passes).
+    async fn wait_for_copy(&self, id: &ModelId, peer: &str) -> Result<(), MeshError> {
+        let view = &self.inner.view;
+        let mut changes = view.subscribe();
+        let settled = async {
+            loop {
+                match view.copies(id).as_ref().and_then(|c| c.get(peer)) {
+                    Some(Placement::Loaded { .. }) => return Ok(()),
+                    Some(Placement::Failed { reason, .. }) => {
+                        return Err(format!("{peer} failed to load it: {reason}"));
+                    }
+                    None => return Err(format!("{peer} stopped loading it")),
+                    Some(Placement::Loading { .. }) => {}
+                }
+                loop {
+                    match changes.recv().await {
+                        Ok(ViewChange::Placement(changed)) if &changed == id => break,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            return Err("the cluster view closed".to_owned());
+                        }
+                    }
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(self.inner.config.wait_limit, settled)
+            .await
+            .unwrap_or_else(|_| Err(format!("{peer} did not finish loading it in time")));
+        outcome.map_err(|reason| {
+            MeshError::Cache(CacheError::LoadFailed {
+                model_id: id.clone(),
+                reason: reason.into(),
+                retry_in: Duration::ZERO,
+            })
+        })
+    }
+
+    /// Waits for the loads started in the background; new ones are refused by the cache by then.
+    pub async fn close(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+/// Why a peer did not load a model.
+enum PeerLoad {
+    /// It could not be reached or is leaving: another pod may do.
+    Unreachable(String),
+    /// It answered: the model failed there (or the request was refused).
+    Failed(MeshError),
+}
+
+fn peer_load_failed(id: &ModelId, peer: &str, status: &ModelStatusInfo) -> MeshError {
+    let reason = if status.errors.is_empty() {
+        format!(
+            "{peer} answered {:?}",
+            ModelStatus::try_from(status.status).unwrap_or(ModelStatus::NotLoaded)
+        )
+    } else {
+        format!("{peer}: {}", status.errors.join("; "))
+    };
+    MeshError::Cache(CacheError::LoadFailed {
+        model_id: id.clone(),
+        reason: reason.into(),
+        retry_in: Duration::ZERO,
+    })
+}
+
+/// Marks an outgoing call as forwarded by `from`: the peer serves it itself and never forwards it again.
+pub fn mark_forwarded(metadata: &mut tonic::metadata::MetadataMap, from: &str) {
+    // The mark must be there whatever the instance id: without it a request could bounce.
+    let from = from.parse().unwrap_or(tonic::metadata::MetadataValue::from_static("peer"));
+    metadata.insert(FORWARDED_HEADER, from);
+}
+
+/// A local model's size on disk: its file, or the files of its directory (and of its version
+/// directories); `None` for a model in remote storage or one that cannot be read.
+fn local_model_bytes(spec: &ModelSpec, model_repo: &Path) -> Option<u64> {
+    let path = match spec.source {
+        Source::Repository => {
+            crate::cluster::repository::resolve_repository_path(model_repo, &spec.path).ok()?
+        }
+        Source::Api => {
+            let path = spec.path.strip_prefix("file://").unwrap_or(&spec.path);
+            if path.contains("://") {
+                return None;
+            }
+            PathBuf::from(path)
+        }
+    };
+    fn bytes_under(path: &Path, depth: u32) -> Option<u64> {
+        let meta = std::fs::metadata(path).ok()?;
+        if meta.is_file() {
+            return Some(meta.len());
+        }
+        if depth == 0 || !meta.is_dir() {
+            return None;
+        }
+        let entries = std::fs::read_dir(path).ok()?;
+        Some(entries.flatten().filter_map(|e| bytes_under(&e.path(), depth - 1)).sum())
+    }
+    bytes_under(&path, 2).filter(|bytes| *bytes > 0)
+}
