@@ -18,6 +18,7 @@ use densemesh_runtime_ort::{OrtConfig, OrtRuntime};
 use futures::FutureExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::api::http::AdminServer;
 use crate::api::management::Management;
@@ -147,8 +148,14 @@ pub async fn run(
     }
     let background = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(reload_storage_config(puller.clone(), background.clone()));
-    tasks.spawn(unload_on_change(view.clone(), cache.clone(), background.clone()));
+    tasks.spawn(
+        reload_storage_config(puller.clone(), background.clone())
+            .instrument(tracing::info_span!("storage config reload")),
+    );
+    tasks.spawn(
+        unload_on_change(view.clone(), cache.clone(), background.clone())
+            .instrument(tracing::info_span!("unload on change")),
+    );
     let ready = Arc::new(AtomicBool::new(false));
 
     let grpc = tokio::net::TcpListener::bind(config.grpc_addr).await.map_err(|source| ServeError::Bind {
@@ -237,19 +244,25 @@ pub async fn run(
         lease: Arc::new(lease_tx),
     };
     let (drain_tx, drain_rx) = tokio::sync::mpsc::channel(1);
-    tasks.spawn(crate::cluster::instance::run(
-        registry.clone(),
-        cache.clone(),
-        instance,
-        drain_rx,
-        background.clone(),
-    ));
+    tasks.spawn(
+        crate::cluster::instance::run(
+            registry.clone(),
+            cache.clone(),
+            instance,
+            drain_rx,
+            background.clone(),
+        )
+        .instrument(tracing::info_span!("instance", instance_id = %config.instance_id)),
+    );
     let chores = crate::cluster::leader::Chores {
         registry: registry.clone(),
         placer: placer.clone(),
         model_repo: config.model_repo.clone(),
     };
-    tasks.spawn(crate::cluster::leader::run(chores, lease_rx, background.clone()));
+    tasks.spawn(
+        crate::cluster::leader::run(chores, lease_rx, background.clone())
+            .instrument(tracing::info_span!("leader", instance_id = %config.instance_id)),
+    );
     tasks.spawn(crate::cluster::copies::add_copies_by_load(
         placer.clone(),
         cache.clone(),
@@ -263,13 +276,16 @@ pub async fn run(
         },
         background.clone(),
     ));
-    tasks.spawn(crate::cluster::copies::drop_idle_copies(
-        view.clone(),
-        cache.clone(),
-        config.instance_id.clone(),
-        config.copy_idle_period,
-        background.clone(),
-    ));
+    tasks.spawn(
+        crate::cluster::copies::drop_idle_copies(
+            view.clone(),
+            cache.clone(),
+            config.instance_id.clone(),
+            config.copy_idle_period,
+            background.clone(),
+        )
+        .instrument(tracing::info_span!("drop idle copies")),
+    );
 
     if let Some(path) = &config.addr_file {
         write_addr_file(path, grpc_addr, metrics_addr)
