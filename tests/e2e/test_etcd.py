@@ -146,6 +146,10 @@ def test_an_etcd_outage_past_its_grace_refuses_new_loads_with_the_reason_and_rec
     assert server.metrics()["densemesh_registry_up"] == 1
 
 
+# Marks a management call as forwarded by a peer: the pod loads the model itself, as placement chose it.
+HERE = [("densemesh-forwarded", "test")]
+
+
 def test_every_pod_sees_every_copy_and_a_dead_pods_copies_vanish(start_meshd, etcd, mmesh, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -163,8 +167,11 @@ def test_every_pod_sees_every_copy_and_a_dead_pods_copies_vanish(start_meshd, et
 
     wait_for(lambda: copies_seen_by_b() == {("pod-a", "LOADED")}, 30, "pod-b to see pod-a's copy")
     assert pb2.ModelStatusInfo.ModelStatus.Name(stub_b.getModelStatus(pb2.GetStatusRequest(modelId="m")).status) == "LOADED"
-    # A request to pod-b would be forwarded to pod-a's copy; ensureLoaded loads a copy here.
-    stub_b.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True))
+    # ensureLoaded is satisfied by pod-a's copy (placement: any copy will do); one marked forwarded, as a
+    # peer sends it when placement picked this pod, loads a copy here.
+    assert stub_b.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True)).status == pb2.ModelStatusInfo.LOADED
+    assert copies_seen_by_b() == {("pod-a", "LOADED")}, "no second copy for an ensureLoaded"
+    stub_b.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True), metadata=HERE)
     wait_for(lambda: copies_seen_by_b() == {("pod-a", "LOADED"), ("pod-b", "LOADED")}, 30, "both copies")
 
     # SIGKILL: no goodbye; the lease runs out and pod-a's copy vanishes from everyone's view.
@@ -174,7 +181,7 @@ def test_every_pod_sees_every_copy_and_a_dead_pods_copies_vanish(start_meshd, et
 
     # SIGTERM: the pod revokes its lease on the way out, so its copy vanishes at once.
     c = start_meshd(repo, "--etcd", etcd.endpoint, "--instance-id", "pod-c", "--lease-ttl", "600s")
-    mm(c, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True))
+    mm(c, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True), metadata=HERE)
     wait_for(lambda: ("pod-c", "LOADED") in copies_seen_by_b(), 30, "pod-c's copy")
     assert c.terminate() == 0
     wait_for(lambda: ("pod-c", "LOADED") not in copies_seen_by_b(), 10, "pod-c's copy to go with its revoked lease")
@@ -225,7 +232,8 @@ def test_two_pods_racing_to_load_end_with_one_copy(start_meshd, etcd, mmesh, tmp
     # Both load at once (as two first requests racing on two pods would).
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda s: s.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True)), [stub_a, stub_b]))
+        list(pool.map(lambda s: s.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True), metadata=HERE),
+                      [stub_a, stub_b]))
 
     def holders():
         s = stub_a.getModelStatus(pb2.GetStatusRequest(modelId="m"))
@@ -337,9 +345,9 @@ def test_a_request_whose_copy_dies_mid_run_reaches_another_copy_without_loading_
     pb2, stub_b = mm(b, mmesh)
     stub_b.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=pb2.ModelInfo(type="onnx", path=str(model_dir))))
     # pod-c loads first, pod-a second: pod-a's copy is the most recent, so pod-b tries it first.
-    mm(c, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True))
+    mm(c, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True), metadata=HERE)
     wait_for(lambda: holders_of(stub_b, pb2, "m") == ["pod-c"], 30, "pod-b to see pod-c's copy")
-    mm(a, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True))
+    mm(a, mmesh)[1].ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True), metadata=HERE)
     wait_for(lambda: holders_of(stub_b, pb2, "m") == ["pod-a", "pod-c"], 30, "pod-b to see both copies")
 
     x = np.random.default_rng(1).normal(size=(64, 256)).astype(np.float32)
