@@ -254,10 +254,12 @@ pub async fn run(
         )
         .instrument(tracing::info_span!("instance", instance_id = %config.instance_id)),
     );
+    let synced = Arc::new(tokio::sync::watch::channel(false).0);
     let chores = crate::cluster::leader::Chores {
         registry: registry.clone(),
         placer: placer.clone(),
         model_repo: config.model_repo.clone(),
+        synced: synced.clone(),
     };
     tasks.spawn(
         crate::cluster::leader::run(chores, lease_rx, background.clone())
@@ -287,6 +289,10 @@ pub async fn run(
         .instrument(tracing::info_span!("drop idle copies")),
     );
 
+    if !config.etcd.is_empty() {
+        let limit = config.lease_ttl * 2 + Duration::from_secs(5);
+        crate::cluster::leader::repository_registered(&view, &config.instance_id, &synced, limit).await;
+    }
     if let Some(path) = &config.addr_file {
         write_addr_file(path, grpc_addr, metrics_addr)
             .map_err(|source| ServeError::AddrFile { path: path.clone(), source })?;

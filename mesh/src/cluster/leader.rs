@@ -9,6 +9,7 @@
 //! - pruning failed placement records whose back-off ended long ago, or whose model is gone.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::election;
@@ -40,6 +41,8 @@ pub struct Chores {
     pub placer: Placer,
     /// The shared model repository to sync into the registry.
     pub model_repo: PathBuf,
+    /// Set once this pod, leading, has synced the repository into the registry (start-up waits on it).
+    pub synced: Arc<watch::Sender<bool>>,
 }
 
 /// Campaigns and runs the chores while leading, until `stop`; then stops them and resigns, so another
@@ -112,12 +115,14 @@ fn start(chores: &Chores, stop: &CancellationToken) -> (CancellationToken, TaskT
         .instrument(tracing::info_span!("vmodel transitions")),
     );
     let (registry, root, sync_stop) = (chores.registry.clone(), chores.model_repo.clone(), token.clone());
+    let synced = chores.synced.clone();
     tasks.spawn(
         async move {
             match crate::cluster::repository::sync_once(&registry, &view, &root).await {
                 Ok(report) => tracing::info!(?report, "model repository synced"),
                 Err(e) => tracing::warn!(error = %e, "cannot sync the model repository"),
             }
+            synced.send_replace(true);
             crate::cluster::repository::watch(registry, view, root, sync_stop).await;
         }
         .instrument(tracing::info_span!("repository sync")),
@@ -179,6 +184,33 @@ fn stale_failure(placement: &Placement, registered: bool, now_ms: u64) -> bool {
         None => false,
         Some(_) if !registered => true,
         Some(end) => now_ms.saturating_sub(end) > PRUNE_FAILED_AFTER.as_millis() as u64,
+    }
+}
+
+/// Waits until the registry reflects the model repository: this pod leads and has synced it, or
+/// another pod leads (and synced it when it won). A pod that served before then would answer
+/// NOT_FOUND for the repository's models. Gives up after `limit`, saying so.
+pub async fn repository_registered(
+    view: &ClusterView,
+    this: &str,
+    synced: &watch::Sender<bool>,
+    limit: Duration,
+) {
+    let mut changes = view.subscribe();
+    let mut done = synced.subscribe();
+    let settled = async {
+        loop {
+            if *done.borrow_and_update() || view.leader().is_some_and(|leader| leader != this) {
+                return;
+            }
+            tokio::select! {
+                _ = changes.recv() => {}
+                _ = done.changed() => {}
+            }
+        }
+    };
+    if tokio::time::timeout(limit, settled).await.is_err() {
+        tracing::warn!(waited = ?limit, "no leader has synced the model repository yet; serving anyway");
     }
 }
 

@@ -37,7 +37,8 @@ async fn pod(registry: &Registry, name: &str, repo: &std::path::Path) -> Pod {
     let lease = registry.store().grant_lease(Duration::from_secs(60)).await.unwrap();
     let (shared, leases) = watch::channel(Some(lease));
     let stop = CancellationToken::new();
-    let chores = Chores { registry: registry.clone(), placer, model_repo: repo.to_owned() };
+    let synced = Arc::new(watch::channel(false).0);
+    let chores = Chores { registry: registry.clone(), placer, model_repo: repo.to_owned(), synced };
     let task = tokio::spawn(run(chores, leases, stop.clone()));
     Pod { view, lease, _leases: shared, stop, task }
 }
