@@ -144,6 +144,22 @@ pub fn choose_copy<'a>(holders: &'a [CopyHolder], failed: &[&str]) -> Option<&'a
         .map(|h| h.instance.as_str())
 }
 
+/// A pod for tables of cases: `capacity` and `used` bytes, its coldest model (`<name>-coldest`)
+/// idle `lru` seconds, nothing loading, not draining, never failed.
+#[cfg(test)]
+pub(crate) fn test_pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCandidate {
+    LoadCandidate {
+        instance: name.into(),
+        capacity_bytes: capacity,
+        used_bytes: used,
+        loading: 0,
+        lru_age_seconds: lru,
+        coldest_model: Some(format!("{name}-coldest")),
+        draining: false,
+        retry_after_ms: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -158,18 +174,7 @@ mod tests {
     /// Any time: the back-offs in these tables are relative to it.
     const NOW: u64 = 1_700_000_000_000;
 
-    fn pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCandidate {
-        LoadCandidate {
-            instance: name.into(),
-            capacity_bytes: capacity,
-            used_bytes: used,
-            loading: 0,
-            lru_age_seconds: lru,
-            coldest_model: Some(format!("{name}-coldest")),
-            draining: false,
-            retry_after_ms: None,
-        }
-    }
+    use super::test_pod as pod;
 
     fn failed(pod: LoadCandidate, retry_after_ms: u64) -> LoadCandidate {
         LoadCandidate { retry_after_ms: Some(retry_after_ms), ..pod }

@@ -7,18 +7,7 @@ use super::*;
 const NOW: u64 = 1_700_000_000_000;
 const TEN_MINUTES: Duration = Duration::from_secs(600);
 
-fn pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCandidate {
-    LoadCandidate {
-        instance: name.into(),
-        capacity_bytes: capacity,
-        used_bytes: used,
-        loading: 0,
-        lru_age_seconds: lru,
-        coldest_model: Some(format!("{name}-coldest")),
-        draining: false,
-        retry_after_ms: None,
-    }
-}
+use crate::choose::test_pod as pod;
 
 fn loaded(name: &str, in_flight: usize) -> CopyOn {
     CopyOn { instance: name.into(), copy: Copy::Loaded { in_flight, failed_recently: false } }
