@@ -1,5 +1,6 @@
 //! Test doubles shared by the unit tests of several modules.
 
+use densemesh_proto::inference::*;
 use densemesh_runtime_core::{LoadRequest, LoadedModel, Runtime};
 
 /// A runtime that never loads: for tests where serving or loading on this pod is the outcome being
@@ -13,5 +14,56 @@ impl Runtime for NoRuntime {
 
     fn load(&self, _: &LoadRequest) -> densemesh_runtime_core::Result<Box<dyn LoadedModel>> {
         Err(densemesh_runtime_core::Error::RuntimeUnavailable("not in this test".into()))
+    }
+}
+
+/// A KServe V2 server that answers every ModelInfer with an empty response naming the model asked
+/// for, and nothing else: for tests of what wraps the generated service.
+#[derive(Clone, Default)]
+pub(crate) struct AnswersInfer;
+
+#[tonic::async_trait]
+impl densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceService for AnswersInfer {
+    async fn server_live(
+        &self,
+        _: tonic::Request<ServerLiveRequest>,
+    ) -> Result<tonic::Response<ServerLiveResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: tonic::Request<ServerReadyRequest>,
+    ) -> Result<tonic::Response<ServerReadyResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ServerReadyResponse { ready: true }))
+    }
+
+    async fn model_ready(
+        &self,
+        _: tonic::Request<ModelReadyRequest>,
+    ) -> Result<tonic::Response<ModelReadyResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ModelReadyResponse { ready: true }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: tonic::Request<ServerMetadataRequest>,
+    ) -> Result<tonic::Response<ServerMetadataResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn model_metadata(
+        &self,
+        _: tonic::Request<ModelMetadataRequest>,
+    ) -> Result<tonic::Response<ModelMetadataResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn model_infer(
+        &self,
+        request: tonic::Request<ModelInferRequest>,
+    ) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
+        let model_name = request.into_inner().model_name;
+        Ok(tonic::Response::new(ModelInferResponse { model_name, ..Default::default() }))
     }
 }

@@ -80,7 +80,35 @@ fn rewrite<R>(response: &mut Response<R>) {
 
 #[cfg(test)]
 mod tests {
+    use densemesh_proto::inference::ModelInferRequest;
+    use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+
     use super::*;
+    use crate::test_support::AnswersInfer;
+
+    /// Pins the rewrite to the tonic in use: a real server refusing a real oversized request answers
+    /// INVALID_ARGUMENT naming the flag. A tonic whose refusal reads differently fails here, not in
+    /// front of users.
+    #[tokio::test]
+    async fn tonics_own_refusal_of_an_oversized_request_becomes_invalid_argument() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = GrpcInferenceServiceServer::new(AnswersInfer).max_decoding_message_size(1024);
+        let server = tonic::transport::Server::builder()
+            .add_service(OversizeIsInvalid::new(service))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        let server = tokio::spawn(server);
+        let mut client = GrpcInferenceServiceClient::connect(format!("http://{addr}")).await.unwrap();
+
+        let small = ModelInferRequest { model_name: "m".into(), ..Default::default() };
+        assert_eq!(client.model_infer(small).await.unwrap().into_inner().model_name, "m");
+        let big = ModelInferRequest { model_name: "m".into(), id: "x".repeat(4096), ..Default::default() };
+        let refused = client.model_infer(big).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("--max-message-size"), "{}", refused.message());
+        server.abort();
+    }
 
     #[test]
     fn rewrites_only_tonics_size_refusal() {
