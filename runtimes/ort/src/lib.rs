@@ -2,6 +2,11 @@
 //!
 //! One process-wide ONNX Runtime environment with one global intra-op thread pool: a thousand loaded
 //! models share the machine's cores instead of owning a thousand thread pools.
+//!
+//! A model is charged an estimate of what its session holds, calibrated when the runtime starts
+//! against memory readings taken while nothing else runs (`memory.rs`), so the figure does not move
+//! with other threads' traffic; small models of simple operators get lean session options
+//! (`session::Profile`).
 // One `unsafe` call exists, `malloc_trim` in `memory.rs`, allowed there alone.
 #![deny(unsafe_code)]
 
@@ -11,11 +16,9 @@ mod memory;
 mod session;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use densemesh_runtime_core::{Error, LoadRequest, LoadedModel, Result, Runtime};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
-use parking_lot::Mutex;
 
 pub use library::find_library;
 pub use memory::release_free_heap;
@@ -36,8 +39,8 @@ pub struct OrtConfig {
 pub struct OrtRuntime {
     env: Environment,
     library_path: PathBuf,
-    /// Session builds run one at a time so each one's memory growth can be attributed to it.
-    measure_lock: Arc<Mutex<()>>,
+    /// How loads are measured and what they are charged (see `memory.rs`).
+    sizing: session::Sizing,
 }
 
 impl OrtRuntime {
@@ -69,22 +72,29 @@ impl OrtRuntime {
             .with_global_thread_pool(pool)
             .build()
             .map_err(|e| unavailable("cannot create the onnxruntime environment", &e))?;
-        let runtime = Self { env, library_path, measure_lock: Arc::new(Mutex::new(())) };
-        runtime.warm_up()?;
-        tracing::info!(library = %runtime.library_path.display(), "onnxruntime ready");
-        Ok(runtime)
-    }
-
-    /// Builds and runs a tiny session once, so ONNX Runtime's one-time allocations are not charged to
-    /// the first real model's measured size.
-    fn warm_up(&self) -> Result<()> {
-        session::OrtModel::warm_up(&self.env, WARMUP_MODEL)
-            .map_err(|e| Error::RuntimeUnavailable(format!("onnxruntime cannot run a trivial model: {e}")))
+        // Calibrated first: a session dropped before it (the warm-up's) would leave memory free in
+        // the heap for the calibration's sessions to reuse, hiding part of their cost.
+        let sizing = session::Sizing::calibrate(&env)
+            .map_err(|e| unavailable("onnxruntime cannot build the calibration model", &e))?;
+        // A tiny session built and run once, so a model's first inference does not pay ONNX
+        // Runtime's one-time allocations and a library that cannot run a model fails here.
+        session::OrtModel::warm_up(&env, WARMUP_MODEL)
+            .map_err(|e| unavailable("onnxruntime cannot run a trivial model", &e))?;
+        let (lean, full) = sizing.costs();
+        tracing::info!(
+            library = %library_path.display(),
+            lean_session_bytes = lean.per_session,
+            lean_node_bytes = lean.per_node,
+            full_session_bytes = full.per_session,
+            full_node_bytes = full.per_node,
+            "onnxruntime ready"
+        );
+        Ok(Self { env, library_path, sizing })
     }
 
     /// Loads a model from bytes already in memory, skipping the file read.
     pub fn load_from_memory(&self, model_id: &str, model: Vec<u8>) -> Result<Box<dyn LoadedModel>> {
-        let model = session::OrtModel::from_bytes(&self.env, &self.measure_lock, model_id, model)?;
+        let model = session::OrtModel::from_bytes(&self.env, &self.sizing, model_id, model)?;
         Ok(Box::new(model))
     }
 
@@ -100,7 +110,7 @@ impl Runtime for OrtRuntime {
     }
 
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
-        let model = session::OrtModel::load(&self.env, &self.measure_lock, request)?;
+        let model = session::OrtModel::load(&self.env, &self.sizing, request)?;
         Ok(Box::new(model))
     }
 

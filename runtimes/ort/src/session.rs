@@ -4,13 +4,92 @@ use densemesh_runtime_core::{
     Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Tensor, TensorSpec,
 };
 use ort::environment::Environment;
+use ort::ep;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{Outlet, ValueType};
 use parking_lot::Mutex;
 
 use crate::convert;
-use crate::memory::settled_resident_bytes;
+use crate::memory::{self, GraphSummary, SessionCost};
+
+/// Models below this file size whose operators are all simple get [`Profile::Lean`]: there the fixed
+/// cost of a session (~90 KiB with default options, ~50 KiB lean) is a sizable share of the model.
+const LEAN_BELOW_BYTES: u64 = 1 << 20;
+
+/// The session options a model is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Profile {
+    /// No CPU memory arena (nor the memory patterns that need one) and basic graph optimisation.
+    ///
+    /// Measured on a 16→32→4 MLP (pip onnxruntime 1.32): 57 KiB per session instead of 128 KiB once
+    /// it has run. The arena holds a session's largest intermediate tensors between requests (38 KiB
+    /// here); extended optimisation keeps ~30 KiB of optimiser state per session. Inference speed is
+    /// the same for such models, whose intermediates are small and whose operators the extended and
+    /// layout optimisations leave alone; a small convolutional net, by contrast, runs 1.6× slower with
+    /// basic optimisation, which is why the operators are checked ([`GraphSummary::only_simple_ops`]).
+    Lean,
+    /// ONNX Runtime's defaults for serving: the CPU arena, memory patterns, every optimisation.
+    Full,
+}
+
+impl Profile {
+    pub(crate) fn for_model(file_bytes: u64, graph: Option<&GraphSummary>) -> Self {
+        match graph {
+            Some(graph) if graph.only_simple_ops && file_bytes < LEAN_BELOW_BYTES => Profile::Lean,
+            _ => Profile::Full,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Profile::Lean => "lean",
+            Profile::Full => "full",
+        }
+    }
+}
+
+/// How loads are measured and charged: one at a time, at the costs calibrated at start-up.
+pub(crate) struct Sizing {
+    /// Session builds run one at a time, so each measured growth is one build's.
+    lock: Mutex<()>,
+    lean: SessionCost,
+    full: SessionCost,
+}
+
+impl Sizing {
+    /// Calibrates both profiles' costs (see [`memory::calibrate`]); call before serving anything.
+    pub(crate) fn calibrate(env: &Environment) -> ort::Result<Self> {
+        // Both profiles' sessions live until both are measured (see `memory::calibrate`). The
+        // fallbacks, for where the resident set cannot be read, were measured on onnxruntime 1.32.
+        let mut kept = Vec::new();
+        let lean = memory::calibrate(
+            |model| build_session(env, model, Profile::Lean),
+            SessionCost { per_session: 32 << 10, per_node: 4 << 10 },
+            &mut kept,
+        )?;
+        let full = memory::calibrate(
+            |model| build_session(env, model, Profile::Full),
+            SessionCost { per_session: 64 << 10, per_node: 4 << 10 },
+            &mut kept,
+        )?;
+        drop(kept);
+        memory::release_free_heap();
+        Ok(Self { lock: Mutex::new(()), lean, full })
+    }
+
+    fn cost(&self, profile: Profile) -> &SessionCost {
+        match profile {
+            Profile::Lean => &self.lean,
+            Profile::Full => &self.full,
+        }
+    }
+
+    /// The calibrated costs, (lean, full), for logs.
+    pub(crate) fn costs(&self) -> (SessionCost, SessionCost) {
+        (self.lean, self.full)
+    }
+}
 
 pub(crate) struct OrtModel {
     /// `ort` requires `&mut` to run: ONNX Runtime's allocators are not all thread-safe. Requests for
@@ -21,16 +100,16 @@ pub(crate) struct OrtModel {
 }
 
 impl OrtModel {
-    pub(crate) fn load(env: &Environment, measure_lock: &Mutex<()>, request: &LoadRequest) -> Result<Self> {
+    pub(crate) fn load(env: &Environment, sizing: &Sizing, request: &LoadRequest) -> Result<Self> {
         // Read under the measuring lock too: another load's file buffer would count against this one.
-        let _measuring = measure_lock.lock();
+        let _measuring = sizing.lock.lock();
         match &request.contents {
-            // Already resident (mapped and pre-faulted): counted in both readings, so it cancels out.
-            Some(contents) => Self::build_measured(env, &request.model_id, contents.as_slice()),
+            // Already resident (mapped and pre-faulted): file-backed, so outside the measured set.
+            Some(contents) => Self::build_measured(env, sizing, &request.model_id, contents.as_slice()),
             None => {
                 let bytes = std::fs::read(&request.path)
                     .map_err(|source| Error::Io { path: request.path.clone(), source })?;
-                Self::build_measured(env, &request.model_id, &bytes)
+                Self::build_measured(env, sizing, &request.model_id, &bytes)
             }
         }
     }
@@ -38,49 +117,79 @@ impl OrtModel {
     /// Builds the session from bytes already in memory (a read file, later a mapped disk-cache entry).
     pub(crate) fn from_bytes(
         env: &Environment,
-        measure_lock: &Mutex<()>,
+        sizing: &Sizing,
         model_id: &str,
         bytes: Vec<u8>,
     ) -> Result<Self> {
-        let _measuring = measure_lock.lock();
-        Self::build_measured(env, model_id, &bytes)
+        let _measuring = sizing.lock.lock();
+        Self::build_measured(env, sizing, model_id, &bytes)
     }
 
-    /// Builds a session and measures the heap it kept; the caller holds the measuring lock, so no
+    /// Builds a session and charges it (see [`memory`]); the caller holds the measuring lock, so no
     /// other load's allocations count, and frees `bytes` only after this returns, so they are in
     /// both readings and cancel out.
-    fn build_measured(env: &Environment, model_id: &str, bytes: &[u8]) -> Result<Self> {
+    fn build_measured(env: &Environment, sizing: &Sizing, model_id: &str, bytes: &[u8]) -> Result<Self> {
         let load_error = |reason: String| Error::Load { model_id: model_id.to_owned(), reason };
         let file_bytes = bytes.len() as u64;
+        let graph = memory::summarize(bytes);
+        let profile = Profile::for_model(file_bytes, graph.as_ref());
 
-        let before = settled_resident_bytes();
-        let session = build_session(env, bytes).map_err(|e| load_error(e.to_string()))?;
-        let grown = before.zip(settled_resident_bytes()).map(|(b, a)| a.saturating_sub(b));
-        // The session holds at least the weights; growth below that means an inference elsewhere freed
-        // memory while we measured, so the file size is the better floor.
-        let size_bytes = grown.unwrap_or(0).max(file_bytes);
+        let before = memory::settled_anonymous_bytes();
+        let session = build_session(env, bytes, profile).map_err(|e| load_error(e.to_string()))?;
+        let grown = before.zip(memory::settled_anonymous_bytes()).map(|(b, a)| a.saturating_sub(b));
+        let nodes = graph.map_or(0, |g| g.nodes);
+        let estimate = sizing.cost(profile).estimate(file_bytes, nodes);
+        // Called only when the growth looks like more than other threads could have added: one
+        // more build of the same model tells the two apart.
+        let size_bytes = memory::charge(estimate, grown, || {
+            let before = memory::settled_anonymous_bytes()?;
+            let again = build_session(env, bytes, profile).ok()?;
+            let grown = memory::settled_anonymous_bytes()?.saturating_sub(before);
+            drop(again);
+            memory::release_free_heap();
+            Some(grown)
+        });
 
         let metadata = ModelMetadata {
             platform: "onnxruntime_onnx".to_owned(),
             inputs: specs(session.inputs()).map_err(&load_error)?,
             outputs: specs(session.outputs()).map_err(&load_error)?,
         };
-        tracing::debug!(model_id, file_bytes, grown_bytes = grown, size_bytes, "onnx session built");
+        tracing::debug!(
+            model_id,
+            file_bytes,
+            nodes,
+            profile = profile.name(),
+            estimate_bytes = estimate,
+            grown_bytes = grown,
+            size_bytes,
+            "onnx session built"
+        );
         Ok(Self { session: Mutex::new(session), metadata, size_bytes })
     }
 }
 
 impl OrtModel {
     pub(crate) fn warm_up(env: &Environment, model: &[u8]) -> ort::Result<()> {
-        let mut session = build_session(env, model)?;
+        let mut session = build_session(env, model, Profile::Full)?;
         let x = ort::value::Tensor::from_array(([1usize], vec![1.0f32]))?;
         session.run(ort::inputs!["x" => x])?;
         Ok(())
     }
 }
 
-fn build_session(env: &Environment, model: &[u8]) -> ort::Result<Session> {
-    Session::builder(env)?.with_optimization_level(GraphOptimizationLevel::All)?.commit_from_memory(model)
+fn build_session(env: &Environment, model: &[u8], profile: Profile) -> ort::Result<Session> {
+    let (arena, level) = match profile {
+        Profile::Lean => (false, GraphOptimizationLevel::Level1),
+        Profile::Full => (true, GraphOptimizationLevel::All),
+    };
+    let cpu = ep::CPU::default().with_arena_allocator(arena).build().error_on_failure();
+    Session::builder(env)?
+        .with_execution_providers([cpu])?
+        // Memory patterns lay out a run's buffers inside the arena; without one they only cost memory.
+        .with_memory_pattern(arena)?
+        .with_optimization_level(level)?
+        .commit_from_memory(model)
 }
 
 fn specs(outlets: &[Outlet]) -> Result<Vec<TensorSpec>, String> {
