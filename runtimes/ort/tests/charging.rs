@@ -5,12 +5,12 @@
 //! take, however long that is.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex, OnceLock};
+use std::sync::{Arc, Barrier, OnceLock};
 
 use densemesh_runtime_core::{DataType, InferRequest, LoadedModel, Tensor, TensorData};
 use densemesh_runtime_ort::{OrtConfig, OrtRuntime};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// ONNX Runtime allows one environment per process, so the tests share one runtime.
 fn runtime() -> &'static OrtRuntime {
@@ -225,7 +225,7 @@ fn assert_honest(what: &str, charged: u64, real: u64) {
 
 #[test]
 fn a_model_is_charged_the_same_while_other_threads_allocate_and_free_heavily() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock();
     // ~100 KB: the size whose charge moved from 233–320 KB alone to 389–430 KB under traffic.
     let model = onnx::mlp(&[128, 160, 32]);
     let busy: Arc<dyn LoadedModel> =
@@ -281,7 +281,7 @@ fn a_model_is_charged_the_same_while_other_threads_allocate_and_free_heavily() {
 
 #[test]
 fn a_model_that_holds_several_times_its_file_is_charged_what_it_holds() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock();
     // ~0.6 MB of attributes that ONNX Runtime turns into ~3 MB of tables: more than an estimate from
     // the file and the node count says, and more than other threads' noise could explain.
     let model = onnx::trees(300, 5);
