@@ -83,6 +83,10 @@ pub enum Error {
     Shared(std::sync::Arc<Error>),
     #[error("{uri} holds no model file (expected one file, or model.onnx in the directory)")]
     NoModelFile { uri: String },
+    /// The download a pull waited on ended without an outcome: it panicked, or the puller shut down.
+    /// The object is not left stuck: the next pull of it starts a new download.
+    #[error("pulling {uri} was abandoned: {why}")]
+    Abandoned { uri: String, why: &'static str },
 }
 
 /// Result with this crate's [`Error`].

@@ -10,6 +10,8 @@ use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::disk::{DiskCache, Manifest, ManifestFile, Pin};
@@ -99,7 +101,12 @@ pub struct Puller {
     /// Built clients by (backend, storage key, bucket); cleared when the storage config changes.
     stores: Mutex<HashMap<StoreKey, Arc<dyn ObjectStore>>>,
     /// Downloads in progress, by entry digest: a second pull of the same object waits for the first.
+    /// An entry is removed only by its download's [`Flight`], however that download ends.
     inflight: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+    /// The download tasks, which outlive the pulls that started them (see [`Puller::shutdown`]).
+    downloads: TaskTracker,
+    /// Cancels the downloads in progress at shutdown.
+    stop: CancellationToken,
 }
 
 impl Puller {
@@ -125,7 +132,18 @@ impl Puller {
             storage: RwLock::new(storage),
             stores: Mutex::default(),
             inflight: Mutex::default(),
+            downloads: TaskTracker::new(),
+            stop: CancellationToken::new(),
         }))
+    }
+
+    /// Cancels the downloads in progress and waits for their tasks to end, so none is cut off by the
+    /// runtime going away. Their pulls, and any pull started afterwards, fail with
+    /// [`Error::Abandoned`]; the disk cache keeps what was published.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.downloads.close();
+        self.downloads.wait().await;
     }
 
     /// Re-reads the storage config if its files changed; `Ok(true)` when it did. On an error the
@@ -210,17 +228,28 @@ impl Puller {
                     None => {
                         let (tx, rx) = watch::channel(None);
                         inflight.insert(digest.clone(), rx.clone());
-                        let this = self.clone();
-                        let (remote, objects, digest) = (remote.clone(), objects.clone(), digest.clone());
-                        let store = store.clone();
-                        tokio::spawn(
+                        let flight = Flight {
+                            puller: self.clone(),
+                            digest: digest.clone(),
+                            uri: uri.clone(),
+                            done: tx,
+                            outcome: None,
+                        };
+                        let (remote, objects, store) = (remote.clone(), objects.clone(), store.clone());
+                        let stop = self.stop.clone();
+                        self.downloads.spawn(
                             async move {
-                                let outcome = this.download(&store, &remote, &objects, &digest).await;
-                                this.inflight.lock().remove(&digest);
+                                let download =
+                                    flight.puller.download(&store, &remote, &objects, &flight.digest);
+                                let outcome = tokio::select! {
+                                    outcome = download => outcome,
+                                    // Dropping the flight unfinished tells its waiters why.
+                                    () = stop.cancelled() => return,
+                                };
                                 if let Err(e) = &outcome {
-                                    tracing::warn!(uri = %remote.uri(), error = %e, "pull failed");
+                                    tracing::warn!(uri = %flight.uri, error = %e, "pull failed");
                                 }
-                                tx.send_replace(Some(outcome.map_err(Arc::new)));
+                                flight.land(outcome);
                             }
                             .in_current_span(),
                         );
@@ -230,13 +259,13 @@ impl Puller {
                 }
             };
             let mut waiting = waiting;
+            // A flight always sends an outcome before it drops its sender, so this error is a safety net.
             let outcome = waiting
                 .wait_for(Option::is_some)
                 .await
-                .map_err(|_| Error::Remote {
+                .map_err(|_| Error::Abandoned {
                     uri: uri.clone(),
-                    attempts: 0,
-                    reason: "pull abandoned".into(),
+                    why: "its download ended without an outcome",
                 })?
                 .clone();
             if let Some(Err(e)) = outcome {
@@ -341,6 +370,43 @@ impl Puller {
     }
 }
 
+/// One download's entry in [`Puller::inflight`]. However the download's task ends (an outcome, a panic,
+/// a cancellation), dropping this removes the entry and gives its waiters an outcome, so a failed
+/// download never leaves its object waiting on a dead channel: the next pull starts a new one.
+struct Flight {
+    puller: Arc<Puller>,
+    digest: String,
+    uri: String,
+    done: watch::Sender<Outcome>,
+    /// Set by [`Flight::land`]; still `None` when dropped means the download never finished.
+    outcome: Option<Result<(), Arc<Error>>>,
+}
+
+impl Flight {
+    /// Ends the flight with the download's outcome.
+    fn land(mut self, outcome: Result<()>) {
+        self.outcome = Some(outcome.map_err(Arc::new));
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        // Removed before waiters wake: a waiter that pulls again must not find this finished download.
+        // Only this flight removes its entry, and none is inserted while it is there, so it is ours.
+        self.puller.inflight.lock().remove(&self.digest);
+        let outcome = self.outcome.take().unwrap_or_else(|| {
+            let why = if std::thread::panicking() {
+                tracing::error!(uri = %self.uri, "download panicked; its pulls fail, the next one starts again");
+                "its download panicked (a bug); pulling it again starts a new download"
+            } else {
+                "the puller is shutting down"
+            };
+            Err(Arc::new(Error::Abandoned { uri: self.uri.clone(), why }))
+        });
+        self.done.send_replace(Some(outcome));
+    }
+}
+
 /// The model file of a pull: the object itself, or in a directory model `model.onnx` (directly or
 /// in the highest numeric version dir), else its only `.onnx` file.
 fn main_file(remote: &Remote, objects: &[Object]) -> Result<PathBuf> {
@@ -389,3 +455,6 @@ fn identity(uri: &str, objects: &[Object]) -> String {
     }
     fetch::hex(&h.finalize()[..16])
 }
+
+#[cfg(test)]
+mod tests;
