@@ -13,7 +13,7 @@ mod tensor;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use error::{Error, Result};
+pub use error::{Cause, Context, Error, Result};
 pub use tensor::{DataType, Tensor, TensorData, TensorSpec};
 
 /// Everything a runtime needs to load one model.
@@ -29,6 +29,7 @@ pub struct LoadRequest {
 }
 
 impl LoadRequest {
+    /// A request to load `path` from disk.
     pub fn from_path(model_id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
         Self { model_id: model_id.into(), path: path.into(), contents: None }
     }
@@ -39,6 +40,7 @@ impl LoadRequest {
 pub struct ModelBytes(pub Arc<dyn AsRef<[u8]> + Send + Sync>);
 
 impl ModelBytes {
+    /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         (*self.0).as_ref()
     }
@@ -56,14 +58,18 @@ impl std::fmt::Debug for ModelBytes {
 pub struct ModelMetadata {
     /// V2 platform string, e.g. `onnxruntime_onnx`.
     pub platform: String,
+    /// The tensors a request must carry.
     pub inputs: Vec<TensorSpec>,
+    /// The tensors the model produces.
     pub outputs: Vec<TensorSpec>,
 }
 
 /// One inference: validated inputs (in any order) and the outputs wanted (empty means all).
 #[derive(Debug, Clone, Default)]
 pub struct InferRequest {
+    /// The input tensors.
     pub inputs: Vec<Tensor>,
+    /// Names of the outputs to return; empty for all.
     pub outputs: Vec<String>,
 }
 
@@ -83,6 +89,7 @@ pub trait Runtime: Send + Sync + 'static {
 
 /// A model held in memory, ready to serve. Dropping it frees its memory.
 pub trait LoadedModel: Send + Sync + 'static {
+    /// The model's interface.
     fn metadata(&self) -> &ModelMetadata;
 
     /// Memory this model holds, as measured after loading; this is what capacity is charged.

@@ -1,7 +1,7 @@
 //! Tensors between densemesh's byte buffers and ONNX Runtime values.
 
 use bytes::Bytes;
-use densemesh_runtime_core::{DataType, Error, Result, Tensor, TensorData};
+use densemesh_runtime_core::{Cause, Context, DataType, Error, Result, Tensor, TensorData};
 use half::{bf16, f16};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
@@ -26,8 +26,8 @@ pub(crate) fn datatype_of(ty: TensorElementType) -> Option<DataType> {
     })
 }
 
-fn invalid(name: &str, e: impl std::fmt::Display) -> Error {
-    Error::InvalidInput(format!("input {name}: {e}"))
+fn invalid(name: &str, e: impl Into<Cause>) -> Error {
+    Error::InvalidInput(Context::new(format!("input {name}"), e).into())
 }
 
 /// Builds an ONNX Runtime value; one copy of the elements (ONNX Runtime needs its own aligned buffer).
@@ -35,7 +35,7 @@ pub(crate) fn to_value(tensor: Tensor) -> Result<DynValue> {
     let Tensor { name, datatype, shape, data } = tensor;
     let raw = |data: &TensorData| match data {
         TensorData::Raw(bytes) => Ok(bytes.clone()),
-        TensorData::Strings(_) => Err(invalid(&name, format_args!("{datatype} data given as strings"))),
+        TensorData::Strings(_) => Err(invalid(&name, format!("{datatype} data given as strings"))),
     };
     macro_rules! pod {
         ($t:ty) => {{
@@ -71,9 +71,7 @@ pub(crate) fn to_value(tensor: Tensor) -> Result<DynValue> {
                     Ok(s) if !s.contains('\0') => Ok(s.to_owned()),
                     _ => Err(invalid(
                         &name,
-                        format_args!(
-                            "element {i} is not UTF-8 text without NUL bytes, as ONNX strings must be"
-                        ),
+                        format!("element {i} is not UTF-8 text without NUL bytes, as ONNX strings must be"),
                     )),
                 })
                 .collect::<Result<Vec<String>>>()?;
@@ -85,21 +83,21 @@ pub(crate) fn to_value(tensor: Tensor) -> Result<DynValue> {
 
 /// Copies an ONNX Runtime output into a densemesh tensor.
 pub(crate) fn from_value(name: &str, value: &DynValue) -> Result<Tensor> {
-    let failed = |e: &dyn std::fmt::Display| Error::Inference(format!("output {name}: {e}"));
+    let failed = |e: Cause| Error::Inference(Context::new(format!("output {name}"), e).into());
     let ValueType::Tensor { ty, .. } = value.dtype() else {
-        return Err(failed(&format_args!("is a {:?}, not a tensor", value.dtype())));
+        return Err(failed(format!("is a {:?}, not a tensor", value.dtype()).into()));
     };
     let datatype =
-        datatype_of(*ty).ok_or_else(|| failed(&format_args!("element type {ty:?} has no V2 datatype")))?;
+        datatype_of(*ty).ok_or_else(|| failed(format!("element type {ty:?} has no V2 datatype").into()))?;
     macro_rules! pod {
         ($t:ty) => {{
-            let (shape, elements) = value.try_extract_tensor::<$t>().map_err(|e| failed(&e))?;
+            let (shape, elements) = value.try_extract_tensor::<$t>().map_err(|e| failed(e.into()))?;
             (shape.to_vec(), TensorData::Raw(Bytes::copy_from_slice(bytemuck::cast_slice(elements))))
         }};
     }
     let (shape, data) = match datatype {
         DataType::Bool => {
-            let (shape, elements) = value.try_extract_tensor::<bool>().map_err(|e| failed(&e))?;
+            let (shape, elements) = value.try_extract_tensor::<bool>().map_err(|e| failed(e.into()))?;
             (
                 shape.to_vec(),
                 TensorData::Raw(elements.iter().map(|b| u8::from(*b)).collect::<Vec<u8>>().into()),
@@ -118,7 +116,7 @@ pub(crate) fn from_value(name: &str, value: &DynValue) -> Result<Tensor> {
         DataType::Fp32 => pod!(f32),
         DataType::Fp64 => pod!(f64),
         DataType::Bytes => {
-            let (shape, strings) = value.try_extract_strings().map_err(|e| failed(&e))?;
+            let (shape, strings) = value.try_extract_strings().map_err(|e| failed(e.into()))?;
             (shape.to_vec(), TensorData::Strings(strings.into_iter().map(Bytes::from).collect()))
         }
     };

@@ -17,7 +17,7 @@ mod session;
 
 use std::path::PathBuf;
 
-use densemesh_runtime_core::{Error, LoadRequest, LoadedModel, Result, Runtime};
+use densemesh_runtime_core::{Context, Error, LoadRequest, LoadedModel, Result, Runtime};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
 
 pub use library::find_library;
@@ -50,36 +50,33 @@ impl OrtRuntime {
             Some(path) => path.clone(),
             None => find_library()?,
         };
-        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
-            Error::RuntimeUnavailable(format!("{what} ({}): {e}", library_path.display()))
+        let unavailable = |what: &str, e: ort::Error| {
+            Error::RuntimeUnavailable(Context::new(format!("{what} ({})", library_path.display()), e).into())
         };
         let builder = ort::init_from(&library_path).map_err(|e| {
-            Error::RuntimeUnavailable(format!(
-                "cannot load the onnxruntime library {}: {e}; {}",
-                library_path.display(),
-                library::HOW_TO_FIX
-            ))
+            let context = format!("cannot load the onnxruntime library {}", library_path.display());
+            Error::RuntimeUnavailable(Context::new(context, e).with_hint(library::HOW_TO_FIX).into())
         })?;
         let pool = GlobalThreadPoolOptions::default()
             .with_intra_threads(config.intra_threads)
             .and_then(|p| p.with_inter_threads(1))
             // Spinning idle workers would steal the cores the gRPC server needs between requests.
             .and_then(|p| p.with_spin_control(false))
-            .map_err(|e| unavailable("cannot configure the onnxruntime thread pool", &e))?;
+            .map_err(|e| unavailable("cannot configure the onnxruntime thread pool", e))?;
         let env = builder
             .with_name("densemesh")
             .with_telemetry(false)
             .with_global_thread_pool(pool)
             .build()
-            .map_err(|e| unavailable("cannot create the onnxruntime environment", &e))?;
+            .map_err(|e| unavailable("cannot create the onnxruntime environment", e))?;
         // Calibrated first: a session dropped before it (the warm-up's) would leave memory free in
         // the heap for the calibration's sessions to reuse, hiding part of their cost.
         let sizing = session::Sizing::calibrate(&env)
-            .map_err(|e| unavailable("onnxruntime cannot build the calibration model", &e))?;
+            .map_err(|e| unavailable("onnxruntime cannot build the calibration model", e))?;
         // A tiny session built and run once, so a model's first inference does not pay ONNX
         // Runtime's one-time allocations and a library that cannot run a model fails here.
         session::OrtModel::warm_up(&env, WARMUP_MODEL)
-            .map_err(|e| unavailable("onnxruntime cannot run a trivial model", &e))?;
+            .map_err(|e| unavailable("onnxruntime cannot run a trivial model", e))?;
         let (lean, full) = sizing.costs();
         tracing::info!(
             library = %library_path.display(),

@@ -16,10 +16,9 @@ pub fn find_library() -> Result<PathBuf> {
         return if path.is_file() {
             Ok(path)
         } else {
-            Err(Error::RuntimeUnavailable(format!(
-                "ORT_DYLIB_PATH is {} but no file is there; {HOW_TO_FIX}",
-                path.display()
-            )))
+            Err(Error::RuntimeUnavailable(
+                format!("ORT_DYLIB_PATH is {} but no file is there; {HOW_TO_FIX}", path.display()).into(),
+            ))
         };
     }
     let mut package_dirs: Vec<PathBuf> = Vec::new();
@@ -33,7 +32,7 @@ pub fn find_library() -> Result<PathBuf> {
         package_dirs.push(dir);
     }
     package_dirs.iter().find_map(|dir| library_in(&dir.join("capi"))).ok_or_else(|| {
-        Error::RuntimeUnavailable(format!("onnxruntime shared library not found; {HOW_TO_FIX}"))
+        Error::RuntimeUnavailable(format!("onnxruntime shared library not found; {HOW_TO_FIX}").into())
     })
 }
 

@@ -1,7 +1,7 @@
 //! One loaded ONNX model: its session, its interface and what it costs in memory.
 
 use densemesh_runtime_core::{
-    Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Tensor, TensorSpec,
+    Cause, Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Tensor, TensorSpec,
 };
 use ort::environment::Environment;
 use ort::ep;
@@ -129,13 +129,13 @@ impl OrtModel {
     /// other load's allocations count, and frees `bytes` only after this returns, so they are in
     /// both readings and cancel out.
     fn build_measured(env: &Environment, sizing: &Sizing, model_id: &str, bytes: &[u8]) -> Result<Self> {
-        let load_error = |reason: String| Error::Load { model_id: model_id.to_owned(), reason };
+        let load_error = |source: Cause| Error::Load { model_id: model_id.to_owned(), source };
         let file_bytes = bytes.len() as u64;
         let graph = memory::summarize(bytes);
         let profile = Profile::for_model(file_bytes, graph.as_ref());
 
         let before = memory::settled_anonymous_bytes();
-        let session = build_session(env, bytes, profile).map_err(|e| load_error(e.to_string()))?;
+        let session = build_session(env, bytes, profile).map_err(|e| load_error(e.into()))?;
         let grown = before.zip(memory::settled_anonymous_bytes()).map(|(b, a)| a.saturating_sub(b));
         let nodes = graph.map_or(0, |g| g.nodes);
         let estimate = sizing.cost(profile).estimate(file_bytes, nodes);
@@ -152,8 +152,8 @@ impl OrtModel {
 
         let metadata = ModelMetadata {
             platform: "onnxruntime_onnx".to_owned(),
-            inputs: specs(session.inputs()).map_err(&load_error)?,
-            outputs: specs(session.outputs()).map_err(&load_error)?,
+            inputs: specs(session.inputs()).map_err(|reason| load_error(reason.into()))?,
+            outputs: specs(session.outputs()).map_err(|reason| load_error(reason.into()))?,
         };
         tracing::debug!(
             model_id,
@@ -228,7 +228,7 @@ impl LoadedModel for OrtModel {
             .map(|t| Ok((t.name.clone(), convert::to_value(t)?)))
             .collect::<Result<Vec<_>>>()?;
         let mut session = self.session.lock();
-        let mut outputs = session.run(inputs).map_err(|e| Error::Inference(e.to_string()))?;
+        let mut outputs = session.run(inputs).map_err(|e| Error::Inference(e.into()))?;
         let wanted: Vec<&str> = if request.outputs.is_empty() {
             self.metadata.outputs.iter().map(|o| o.name.as_str()).collect()
         } else {
@@ -237,9 +237,9 @@ impl LoadedModel for OrtModel {
         wanted
             .into_iter()
             .map(|name| {
-                let value = outputs
-                    .remove(name)
-                    .ok_or_else(|| Error::Inference(format!("the model produced no output named {name}")))?;
+                let value = outputs.remove(name).ok_or_else(|| {
+                    Error::Inference(format!("the model produced no output named {name}").into())
+                })?;
                 convert::from_value(name, &value)
             })
             .collect()

@@ -11,4 +11,8 @@ fn a_missing_library_says_what_to_install() {
     let message = err.to_string();
     assert!(matches!(err, Error::RuntimeUnavailable(_)), "{message}");
     assert!(message.contains("/nonexistent/libonnxruntime.so"), "{message}");
+    assert!(message.contains("pip install onnxruntime"), "{message}");
+    // The loader's own error stays reachable under the message that names the library.
+    let chain = std::iter::successors(std::error::Error::source(&err), |e| e.source());
+    assert!(chain.into_iter().any(|e| e.downcast_ref::<ort::LoadDynamicError>().is_some()), "{message}");
 }

@@ -57,3 +57,12 @@ fn a_corrupt_file_is_a_load_error_naming_the_model() {
     let missing = runtime().load(&LoadRequest::from_path("gone", "/nonexistent/model.onnx")).err().unwrap();
     assert!(matches!(missing, Error::Io { .. }), "{missing}");
 }
+
+#[test]
+fn a_load_failure_keeps_the_onnxruntime_error_as_its_source() {
+    let (_dir, path) = write_model(b"this is not a protobuf");
+    let err = runtime().load(&LoadRequest::from_path("broken", path)).err().unwrap();
+    let source = std::error::Error::source(&err).expect("a load failure has a source");
+    let cause = source.downcast_ref::<ort::Error>().expect("the source is onnxruntime's own error");
+    assert_eq!(err.to_string(), format!("cannot load model broken: {cause}"));
+}
