@@ -334,6 +334,7 @@ pub async fn run(
     tasks.wait().await;
     placer.close().await;
     cache.shutdown().await;
+    puller.shutdown().await;
     tracing::info!("meshd stopped");
     Ok(())
 }
