@@ -4,27 +4,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::ModelId;
-use densemesh_runtime_core::{LoadRequest, ModelBytes};
-use tokio::sync::watch;
+use densemesh_runtime_core::{LoadRequest, LoadedModel, ModelBytes};
+use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{Entry, Failure, Inner, LoadOutcome};
 use crate::error::CacheError;
 use crate::metrics as m;
 
 /// Bytes set aside for a load in progress; given back on drop unless the load settles them.
-struct Reservation<'a> {
-    inner: &'a Inner,
+///
+/// It owns its handle on the cache so it can outlive [`Inner::load_once`]: a load given up on at its
+/// deadline hands it to the task that waits for the runtime to return.
+struct Reservation {
+    inner: Arc<Inner>,
     bytes: u64,
 }
 
-impl Reservation<'_> {
-    fn absorb(&mut self, mut other: Reservation<'_>) {
+impl Reservation {
+    fn absorb(&mut self, mut other: Reservation) {
         self.bytes += std::mem::take(&mut other.bytes);
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if self.bytes > 0 {
             let mut state = self.inner.state.lock();
@@ -36,6 +41,9 @@ impl Drop for Reservation<'_> {
         }
     }
 }
+
+/// What the runtime's blocking load call returns, once it does.
+type RuntimeLoad = JoinHandle<densemesh_runtime_core::Result<Box<dyn LoadedModel>>>;
 
 impl Inner {
     /// The body of a load task: runs the load and shares its outcome with every waiting request.
@@ -113,8 +121,8 @@ impl Inner {
         let timeout_error =
             || failed(format!("did not finish within {:?} (--load-timeout)", self.config.load_timeout));
         let queued = Instant::now();
-        let _permit = tokio::select! {
-            permit = self.load_permits.acquire() => permit.map_err(|_| CacheError::ShuttingDown)?,
+        let permit = tokio::select! {
+            permit = self.load_permits.clone().acquire_owned() => permit.map_err(|_| CacheError::ShuttingDown)?,
             _ = self.shutdown.cancelled() => return Err(CacheError::ShuttingDown),
             _ = tokio::time::sleep_until(deadline) => return Err(timeout_error()),
         };
@@ -143,11 +151,11 @@ impl Inner {
 
         let runtime = self.runtime.clone();
         let model_id = id.to_string();
-        let loading = tokio::task::spawn_blocking(move || {
+        let mut loading: RuntimeLoad = tokio::task::spawn_blocking(move || {
             // Mapped here, on the blocking pool: pre-faulting reads the whole file.
             let contents = fetched.map().map_err(|e| densemesh_runtime_core::Error::Load {
                 model_id: model_id.clone(),
-                reason: e.to_string(),
+                source: e.into(),
             })?;
             let path = fetched.model.path.clone();
             let contents = contents.map(|m| ModelBytes(Arc::new(m)));
@@ -157,16 +165,21 @@ impl Inner {
             loaded
         });
         let model = tokio::select! {
-            loaded = loading => loaded
+            loaded = &mut loading => loaded
                 .map_err(|e| failed(format!("runtime panicked while loading: {e}")))?
                 .map_err(|e| failed(e.to_string()))?,
-            // The blocking load cannot be interrupted; its result is dropped when it finishes.
-            _ = tokio::time::sleep_until(deadline) => return Err(timeout_error()),
+            _ = tokio::time::sleep_until(deadline) => {
+                // The caller hears of the timeout now, but the runtime call cannot be interrupted: the
+                // slot and the bytes stay taken until it returns, so the limits hold for what is
+                // really running.
+                self.settle_abandoned_load(loading, permit, reservation);
+                return Err(timeout_error());
+            }
         };
         let measured = model.size_bytes();
         self.learn_size_factor(local.file_bytes, measured);
         if measured > capacity {
-            let _ = tokio::task::spawn_blocking(move || drop(model)).await;
+            self.discard(model).await;
             return Err(CacheError::TooLarge {
                 model_id: id.clone(),
                 needed_bytes: measured,
@@ -175,8 +188,14 @@ impl Inner {
             });
         }
         if measured > reservation.bytes {
-            let more = self.reserve(id, measured - reservation.bytes, reservation.bytes, deadline).await?;
-            reservation.absorb(more);
+            match self.reserve(id, measured - reservation.bytes, reservation.bytes, deadline).await {
+                Ok(more) => reservation.absorb(more),
+                Err(e) => {
+                    // Freed before the slot and the bytes go back, and off the async threads.
+                    self.discard(model).await;
+                    return Err(e);
+                }
+            }
         }
         let entry = Arc::new(Entry::new(id.clone(), model, local.version, self.room_freed.clone()));
         let evicted = {
@@ -194,7 +213,51 @@ impl Inner {
         };
         self.retire(evicted).await;
         self.room_freed.notify_waiters();
+        drop(permit);
         Ok(entry)
+    }
+
+    /// Takes over a load whose deadline passed while the runtime was still loading: a task owned by
+    /// the cache's tracker waits for the runtime to return, frees whatever it loaded, and only then
+    /// gives back the load slot and the reserved bytes.
+    ///
+    /// Shutdown waits for it like any load in progress; it does not watch the shutdown token, because
+    /// nothing can interrupt the runtime call and the limits must hold until it ends.
+    fn settle_abandoned_load(
+        self: &Arc<Self>,
+        loading: RuntimeLoad,
+        permit: OwnedSemaphorePermit,
+        reservation: Reservation,
+    ) {
+        let inner = self.clone();
+        let span = tracing::info_span!("abandoned_load", reserved_bytes = reservation.bytes);
+        let settle = async move {
+            let given_up = Instant::now();
+            match loading.await {
+                Ok(Ok(model)) => inner.discard(model).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "abandoned load failed"),
+                Err(e) => tracing::warn!(error = %e, "runtime panicked during an abandoned load"),
+            }
+            // The slot first: the reservation's release wakes the loads waiting for room.
+            drop(permit);
+            drop(reservation);
+            tracing::info!(
+                overran_ms = given_up.elapsed().as_millis() as u64,
+                "load that passed --load-timeout finished; its slot and bytes are free again"
+            );
+        };
+        self.tasks.spawn(settle.instrument(span));
+    }
+
+    /// Frees a model this cache will not keep, on the blocking pool: freeing a large session can take
+    /// milliseconds.
+    async fn discard(&self, model: Box<dyn LoadedModel>) {
+        let runtime = self.runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(model);
+            runtime.reclaim_memory();
+        })
+        .await;
     }
 
     /// Sets aside `bytes`, evicting idle models; waits while the only candidates are in use.
@@ -203,12 +266,12 @@ impl Inner {
     /// not wait on other loads' reservations, or two such loads wait on each other: it may overcommit
     /// by at most what other loads have reserved, and `trim` restores the capacity as they settle.
     async fn reserve(
-        &self,
+        self: &Arc<Self>,
         id: &ModelId,
         bytes: u64,
         held: u64,
         deadline: Instant,
-    ) -> Result<Reservation<'_>, CacheError> {
+    ) -> Result<Reservation, CacheError> {
         loop {
             let notified = self.room_freed.notified();
             tokio::pin!(notified);
@@ -230,7 +293,7 @@ impl Inner {
             let (shortfall, wake_at) = match attempt {
                 Ok(evicted) => {
                     self.retire(evicted).await;
-                    return Ok(Reservation { inner: self, bytes });
+                    return Ok(Reservation { inner: self.clone(), bytes });
                 }
                 Err(waiting) => waiting,
             };

@@ -2,7 +2,6 @@
 //! (bytes the loaded model reports), `fail=REASON`, `gate` (the load waits until the test opens it).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use densemesh_placement::ModelId;
@@ -11,6 +10,7 @@ use densemesh_runtime_core::{
     Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Runtime, Tensor,
 };
 use parking_lot::{Condvar, Mutex};
+use tokio::sync::watch;
 
 use super::*;
 
@@ -34,10 +34,16 @@ impl Gate {
     }
 }
 
-#[derive(Default)]
 struct ScriptedRuntime {
-    loads: AtomicUsize,
+    /// Runtime loads begun so far, watched by tests that wait for a load to reach the runtime.
+    loads: watch::Sender<usize>,
     gate: Gate,
+}
+
+impl Default for ScriptedRuntime {
+    fn default() -> Self {
+        Self { loads: watch::channel(0).0, gate: Gate::default() }
+    }
 }
 
 struct ScriptedModel {
@@ -51,7 +57,7 @@ impl Runtime for ScriptedRuntime {
     }
 
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
-        self.loads.fetch_add(1, Ordering::SeqCst);
+        self.loads.send_modify(|n| *n += 1);
         let script = std::fs::read_to_string(&request.path)
             .map_err(|source| Error::Io { path: request.path.clone(), source })?;
         let mut size = 0;
@@ -59,10 +65,7 @@ impl Runtime for ScriptedRuntime {
             match line.split_once('=') {
                 Some(("size", n)) => size = n.parse().expect("size"),
                 Some(("fail", reason)) => {
-                    return Err(Error::Load {
-                        model_id: request.model_id.clone(),
-                        reason: reason.to_owned(),
-                    });
+                    return Err(Error::Load { model_id: request.model_id.clone(), source: reason.into() });
                 }
                 _ if line == "gate" => self.gate.wait(),
                 _ => {}
@@ -111,6 +114,13 @@ fn fixture(capacity: u64, tweak: impl FnOnce(&mut CacheConfig)) -> Fixture {
     Fixture { _dir: dir, root, runtime, cache }
 }
 
+/// A failing test still opens the gate, so no runtime load stays blocked and the test ends.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.runtime.gate.open();
+    }
+}
+
 impl Fixture {
     /// Writes a model whose file is tiny (so the size prediction is small) and whose loaded size is `size`.
     fn model(&self, id: &str, script: &str) -> ModelId {
@@ -130,7 +140,23 @@ impl Fixture {
     }
 
     fn loads(&self) -> usize {
-        self.runtime.loads.load(Ordering::SeqCst)
+        *self.runtime.loads.borrow()
+    }
+
+    /// Waits until `n` loads have reached the runtime (and any gated one among them is blocked there).
+    async fn loads_begun(&self, n: usize) {
+        let mut loads = self.runtime.loads.subscribe();
+        loads.wait_for(|begun| *begun >= n).await.expect("the runtime lives as long as the fixture");
+    }
+
+    /// Bytes set aside by loads in progress, including ones given up on whose runtime call still runs.
+    fn reserved_bytes(&self) -> u64 {
+        self.cache.inner.state.lock().reserved_bytes
+    }
+
+    /// Load slots (`max_concurrent_loads`) free now.
+    fn free_load_slots(&self) -> usize {
+        self.cache.inner.load_permits.available_permits()
     }
 }
 
@@ -355,4 +381,46 @@ async fn a_model_marked_as_used_long_ago_is_evicted_first() {
     drop(preloaded);
     drop(f.cache.acquire(&c).await.unwrap());
     assert_eq!(f.resident(), ["b", "c"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_load_past_its_timeout_keeps_its_slot_and_bytes_until_the_runtime_returns() {
+    let f = fixture(1000, |c| {
+        c.max_concurrent_loads = 1;
+        c.load_timeout = Duration::from_secs(10);
+    });
+    let slow = f.model("slow", &format!("{}\ngate\nsize=100", "#".repeat(90)));
+    let pending = {
+        let (cache, slow) = (f.cache.clone(), slow.clone());
+        tokio::spawn(async move { cache.acquire(&slow).await.map(|l| l.size_bytes()) })
+    };
+    f.loads_begun(1).await;
+    let reserved = f.reserved_bytes();
+    assert!(reserved >= 90, "the load reserved its predicted size, {reserved} bytes");
+
+    // The blocked runtime call keeps paused time still; the test moves it past the deadline.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let err = pending.await.unwrap().expect_err("the caller hears of the timeout at the deadline");
+    assert!(err.to_string().contains("--load-timeout"), "{err}");
+
+    // The runtime is still loading: the limits count it until it returns.
+    assert_eq!(f.free_load_slots(), 0, "the timed-out load still holds its slot");
+    assert_eq!(f.reserved_bytes(), reserved, "and its reserved bytes");
+    assert_eq!(f.cache.used_bytes(), reserved);
+
+    // Another load waits for that slot, and gets it once the runtime returns.
+    let other = f.sized("other", 50);
+    let waiting = {
+        let (cache, other) = (f.cache.clone(), other.clone());
+        tokio::spawn(async move { cache.acquire(&other).await.map(|l| l.size_bytes()) })
+    };
+    tokio::task::yield_now().await;
+    assert_eq!(f.loads(), 1, "no second load runs beside the one past its deadline");
+    f.runtime.gate.open();
+    assert_eq!(waiting.await.unwrap().unwrap(), 50);
+    assert_eq!(f.loads(), 2);
+    assert_eq!(f.reserved_bytes(), 0, "the abandoned load's bytes went back once it returned");
+    assert_eq!(f.cache.used_bytes(), 50, "and what it loaded was freed, not kept");
+    assert_eq!(f.free_load_slots(), 1);
+    assert_eq!(f.resident(), ["other"]);
 }
