@@ -1,11 +1,12 @@
 //! Where inference runs: never for long on the async executor.
 //!
 //! A model whose inferences typically finish within `inline_below` (tiny models, tens of microseconds)
-//! runs inline, which saves a thread hand-off that would cost more than the inference; anything slower
-//! runs on the blocking pool, at most `concurrency` at once, with at most `max_queued` waiting beyond
-//! that, so overload turns into RESOURCE_EXHAUSTED instead of unbounded memory. How long each model's
-//! inferences waited for a worker is kept per model ([`QueueWaits`]): past a threshold, the model gets
-//! a copy on another pod.
+//! runs inline when the request is small (at most `inline_max_bytes` of input tensors), which saves a
+//! thread hand-off that would cost more than the inference; anything slower or larger runs on the
+//! blocking pool. Every inference, inline or not, holds one of `concurrency` slots while it runs, and at
+//! most `max_queued` wait for a slot beyond those, so overload turns into RESOURCE_EXHAUSTED instead of
+//! unbounded memory. How long each model's inferences waited for a slot is kept per model
+//! ([`QueueWaits`]): past a threshold, the model gets a copy on another pod.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,21 +15,29 @@ use std::time::{Duration, Instant};
 
 use densemesh_placement::ModelId;
 use densemesh_placement::copies::QueueWait;
-use densemesh_runtime_core::{InferRequest, Tensor};
+use densemesh_runtime_core::{InferRequest, Tensor, TensorData};
 use parking_lot::Mutex;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tracing::Instrument;
 
-use crate::node::cache::Lease;
 use crate::error::MeshError;
 use crate::metrics as m;
+use crate::node::cache::Lease;
 
 /// Limits of the inference worker.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// Inferences running at once, inline ones included (`--infer-threads`).
     pub concurrency: usize,
+    /// Inferences that may wait for a free slot before requests are refused (`--max-queued-inferences`).
     pub max_queued: usize,
+    /// Models whose inferences typically take less run inline, skipping a thread hand-off
+    /// (`--inline-infer-below`).
     pub inline_below: Duration,
+    /// Requests with more input tensor bytes than this never run inline, however fast their model
+    /// usually is: the typical time was measured on typical requests, and a large one could hold the
+    /// async thread far longer (`--inline-infer-max-bytes`).
+    pub inline_max_bytes: u64,
 }
 
 /// Runs inferences; cloneable.
@@ -36,13 +45,15 @@ pub struct WorkerConfig {
 pub struct Worker {
     config: WorkerConfig,
     infer_duration: metrics::Histogram,
+    /// One permit per inference running, inline or on the blocking pool.
     running: Arc<Semaphore>,
+    /// Inferences waiting for a permit.
     queued: Arc<AtomicUsize>,
     queue_waits: QueueWaits,
 }
 
 /// Per model, how long its inferences waited for a worker since the last [`take`](Self::take); shared
-/// by every clone. Models that run inline never wait and are not recorded.
+/// by every clone. Inferences that run inline never wait and are not recorded.
 #[derive(Clone, Default)]
 pub struct QueueWaits(Arc<Mutex<HashMap<ModelId, QueueWait>>>);
 
@@ -63,6 +74,7 @@ impl QueueWaits {
 }
 
 impl Worker {
+    /// A worker with its own slots and queue; clones share them.
     pub fn new(config: WorkerConfig) -> Self {
         let running = Arc::new(Semaphore::new(config.concurrency.max(1)));
         let infer_duration = metrics::histogram!(m::INFER_DURATION);
@@ -77,9 +89,43 @@ impl Worker {
 
     /// Runs one inference on a leased model; the lease is held until it finishes.
     pub async fn infer(&self, lease: Lease, request: InferRequest) -> Result<Vec<Tensor>, MeshError> {
-        if lease.typical_infer_time().is_some_and(|t| t < self.config.inline_below) {
-            return run(&lease, request, &self.infer_duration);
-        }
+        let permit = match self.running.clone().try_acquire_owned() {
+            Ok(permit) if self.runs_inline(&lease, &request) => {
+                let result = run(&lease, request, &self.infer_duration);
+                drop(permit);
+                return result;
+            }
+            Ok(permit) => {
+                self.record_wait(lease.id(), Duration::ZERO);
+                permit
+            }
+            // Inline or not, an inference that finds every slot taken waits its turn in the queue.
+            Err(TryAcquireError::NoPermits) => self.wait_for_slot(lease.id()).await?,
+            Err(TryAcquireError::Closed) => return Err(closed()),
+        };
+        let span = tracing::Span::current();
+        let infer_duration = self.infer_duration.clone();
+        tokio::task::spawn_blocking(move || {
+            // Entered only inside this synchronous closure, never across an await.
+            let _enter = span.enter();
+            let result = run(&lease, request, &infer_duration);
+            drop(permit);
+            result
+        })
+        .in_current_span()
+        .await
+        .map_err(|e| MeshError::Internal(format!("inference task failed: {e}")))?
+    }
+
+    /// Whether an inference is cheap enough to run on the async thread: a model that is typically fast,
+    /// and a request no larger than the ones that made it look fast.
+    fn runs_inline(&self, lease: &Lease, request: &InferRequest) -> bool {
+        lease.typical_infer_time().is_some_and(|t| t < self.config.inline_below)
+            && input_bytes(request) <= self.config.inline_max_bytes
+    }
+
+    /// Waits in the bounded queue for a slot; refused at once when the queue is full.
+    async fn wait_for_slot(&self, id: &ModelId) -> Result<OwnedSemaphorePermit, MeshError> {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.max_queued {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(MeshError::Overloaded(format!(
@@ -90,23 +136,31 @@ impl Worker {
         let waited = Instant::now();
         let permit = self.running.clone().acquire_owned().await;
         self.queued.fetch_sub(1, Ordering::AcqRel);
-        let permit =
-            permit.map_err(|_| MeshError::Overloaded("the inference worker is closed".to_owned()))?;
-        let waited = waited.elapsed();
-        metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
-        self.queue_waits.record(lease.id(), waited);
-        let span = tracing::Span::current();
-        let infer_duration = self.infer_duration.clone();
-        tokio::task::spawn_blocking(move || {
-            let _enter = span.enter();
-            let result = run(&lease, request, &infer_duration);
-            drop(permit);
-            result
-        })
-        .in_current_span()
-        .await
-        .map_err(|e| MeshError::Internal(format!("inference task failed: {e}")))?
+        let permit = permit.map_err(|_| closed())?;
+        self.record_wait(id, waited.elapsed());
+        Ok(permit)
     }
+
+    fn record_wait(&self, id: &ModelId, waited: Duration) {
+        metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
+        self.queue_waits.record(id, waited);
+    }
+}
+
+fn closed() -> MeshError {
+    MeshError::Overloaded("the inference worker is closed".to_owned())
+}
+
+/// Bytes of a request's input tensors, the measure of its size that decides inline runs.
+fn input_bytes(request: &InferRequest) -> u64 {
+    request
+        .inputs
+        .iter()
+        .map(|input| match &input.data {
+            TensorData::Raw(bytes) => bytes.len() as u64,
+            TensorData::Strings(elements) => elements.iter().map(|e| e.len() as u64).sum(),
+        })
+        .sum()
 }
 
 fn run(
@@ -124,7 +178,180 @@ fn run(
 
 #[cfg(test)]
 mod tests {
+    use std::thread::ThreadId;
+
+    use bytes::Bytes;
+    use densemesh_runtime_core::{DataType, LoadedModel, ModelMetadata};
+    use parking_lot::Condvar;
+    use tokio::sync::Notify;
+
     use super::*;
+
+    /// What a [`ProbeModel`] saw: where each inference ran and how many worker slots were free then.
+    #[derive(Default)]
+    struct Probe {
+        slots: std::sync::OnceLock<Arc<Semaphore>>,
+        seen: Mutex<Vec<Seen>>,
+        /// An inference whose first input is named `hold` waits here until the test opens it.
+        open: Mutex<bool>,
+        opened: Condvar,
+        held: Notify,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    struct Seen {
+        thread: ThreadId,
+        free_slots: usize,
+    }
+
+    impl Probe {
+        fn release(&self) {
+            *self.open.lock() = true;
+            self.opened.notify_all();
+        }
+
+        fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().clone()
+        }
+    }
+
+    /// Releases held inferences when dropped, so a failing test ends instead of waiting on them.
+    struct ReleaseOnDrop(Arc<Probe>);
+
+    impl Drop for ReleaseOnDrop {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+
+    /// A model double that echoes its inputs and reports to its [`Probe`].
+    struct ProbeModel {
+        probe: Arc<Probe>,
+        metadata: ModelMetadata,
+    }
+
+    impl LoadedModel for ProbeModel {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.metadata
+        }
+
+        fn size_bytes(&self) -> u64 {
+            1
+        }
+
+        fn infer(&self, request: InferRequest) -> densemesh_runtime_core::Result<Vec<Tensor>> {
+            let free_slots = self.probe.slots.get().expect("the probe knows its worker").available_permits();
+            self.probe.seen.lock().push(Seen { thread: std::thread::current().id(), free_slots });
+            if request.inputs.first().is_some_and(|input| input.name == "hold") {
+                self.probe.held.notify_one();
+                let mut open = self.probe.open.lock();
+                while !*open {
+                    self.probe.opened.wait(&mut open);
+                }
+            }
+            Ok(request.inputs)
+        }
+    }
+
+    fn worker(concurrency: usize, max_queued: usize, probe: &Arc<Probe>) -> Worker {
+        let worker = Worker::new(WorkerConfig {
+            concurrency,
+            max_queued,
+            inline_below: Duration::from_millis(1),
+            inline_max_bytes: 1024,
+        });
+        probe.slots.set(worker.running.clone()).expect("one worker per probe");
+        worker
+    }
+
+    /// A lease on a model that counts as fast (typically well under `inline_below`) or not yet timed.
+    fn lease(id: &str, probe: &Arc<Probe>, fast: bool) -> Lease {
+        let metadata = ModelMetadata { platform: "probe".into(), inputs: vec![], outputs: vec![] };
+        let model = ProbeModel { probe: probe.clone(), metadata };
+        let lease = Lease::detached(ModelId::new(id).unwrap(), Box::new(model));
+        if fast {
+            lease.record_infer_time(Duration::from_micros(1));
+        }
+        lease
+    }
+
+    fn request(name: &str, bytes: usize) -> InferRequest {
+        let input = Tensor {
+            name: name.to_owned(),
+            datatype: DataType::Uint8,
+            shape: vec![bytes as i64],
+            data: TensorData::Raw(Bytes::from(vec![0u8; bytes])),
+        };
+        InferRequest { inputs: vec![input], outputs: vec![] }
+    }
+
+    #[tokio::test]
+    async fn a_small_request_on_a_fast_model_runs_inline_and_holds_a_slot() {
+        let probe = Arc::new(Probe::default());
+        let worker = worker(2, 4, &probe);
+        worker.infer(lease("fast", &probe, true), request("x", 16)).await.unwrap();
+        let seen = probe.seen();
+        assert_eq!(seen[0].thread, std::thread::current().id(), "ran on the async thread");
+        assert_eq!(seen[0].free_slots, 1, "an inline inference counts against --infer-threads");
+        assert_eq!(worker.running.available_permits(), 2, "and gives its slot back");
+    }
+
+    #[tokio::test]
+    async fn a_large_request_on_a_fast_model_runs_on_the_blocking_pool() {
+        let probe = Arc::new(Probe::default());
+        let worker = worker(2, 4, &probe);
+        worker.infer(lease("fast", &probe, true), request("x", 4096)).await.unwrap();
+        let seen = probe.seen();
+        assert_ne!(seen[0].thread, std::thread::current().id(), "4 KiB > --inline-infer-max-bytes");
+        assert_eq!(seen[0].free_slots, 1);
+        // As fast a model with a small request runs inline: the size decided.
+        worker.infer(lease("fast", &probe, true), request("x", 1024)).await.unwrap();
+        assert_eq!(probe.seen()[1].thread, std::thread::current().id());
+    }
+
+    #[tokio::test]
+    async fn inline_inferences_wait_their_turn_and_are_refused_when_the_queue_is_full() {
+        let probe = Arc::new(Probe::default());
+        let worker = worker(1, 1, &probe);
+        let _release = ReleaseOnDrop(probe.clone());
+        let test_thread = std::thread::current().id();
+        // A slow model's inference takes the only slot and holds it.
+        let held = probe.held.notified();
+        let slow = {
+            let worker = worker.clone();
+            let lease = lease("slow", &probe, false);
+            tokio::spawn(async move { worker.infer(lease, request("hold", 16)).await })
+        };
+        held.await;
+        assert_eq!(worker.running.available_permits(), 0);
+
+        // A fast, small request finds no slot: it queues instead of running inline beside the other.
+        let queued = {
+            let worker = worker.clone();
+            let lease = lease("fast", &probe, true);
+            tokio::spawn(async move { worker.infer(lease, request("x", 16)).await })
+        };
+        while worker.queued.load(Ordering::Acquire) == 0 && !queued.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        assert!(!queued.is_finished(), "it waits for the slot instead of running inline");
+        assert_eq!(probe.seen().len(), 1, "the queued inference has not run");
+
+        // With the queue full, the next one is refused at once, fast model or not.
+        let refused = worker.infer(lease("fast", &probe, true), request("x", 16)).await;
+        assert!(matches!(refused, Err(MeshError::Overloaded(_))), "{refused:?}");
+        assert_eq!(probe.seen().len(), 1, "the refused inference did not run");
+
+        probe.release();
+        slow.await.unwrap().unwrap();
+        queued.await.unwrap().unwrap();
+        let seen = probe.seen();
+        assert_eq!(seen.len(), 2);
+        assert_ne!(seen[1].thread, test_thread, "after waiting it runs on the blocking pool");
+        assert_eq!(seen[1].free_slots, 0, "the slow one's slot was handed over, not shared");
+        assert_eq!(worker.running.available_permits(), 1);
+        assert_eq!(worker.queue_waits().take()[&ModelId::new("fast").unwrap()].samples, 1);
+    }
 
     #[test]
     fn queue_waits_are_kept_per_model_and_start_afresh_once_taken() {

@@ -21,8 +21,9 @@ pub struct Entry {
     in_flight: AtomicUsize,
     /// Requests served since load, for the request rate that decides copies.
     requests: AtomicU64,
-    /// Recent inference time, to decide whether a request may run inline on the async executor.
-    infer_nanos: AtomicU64,
+    /// Moving average of recent inference times (`None` before the first), to decide whether a request
+    /// may run inline on the async executor.
+    typical_infer_time: Mutex<Option<Duration>>,
     room_freed: Arc<Notify>,
 }
 
@@ -43,19 +44,22 @@ impl Entry {
             last_used: Mutex::new(now),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
-            infer_nanos: AtomicU64::new(u64::MAX),
+            typical_infer_time: Mutex::new(None),
             room_freed,
         }
     }
 
+    /// Which model this is, for errors, logs and per-model accounting.
     pub fn id(&self) -> &ModelId {
         &self.id
     }
 
+    /// The runtime's model, to run inferences on while a lease holds it.
     pub fn model(&self) -> &dyn LoadedModel {
         &*self.model
     }
 
+    /// The model's inputs and outputs, to validate requests before they reach the runtime.
     pub fn metadata(&self) -> &ModelMetadata {
         self.model.metadata()
     }
@@ -65,6 +69,7 @@ impl Entry {
         self.version
     }
 
+    /// The measured size this model is charged against the capacity.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
     }
@@ -88,18 +93,16 @@ impl Entry {
 
     /// Moving average of recent inference times; `None` before the first inference.
     pub fn typical_infer_time(&self) -> Option<Duration> {
-        match self.infer_nanos.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            nanos => Some(Duration::from_nanos(nanos)),
-        }
+        *self.typical_infer_time.lock()
     }
 
     /// Folds one inference time into the moving average (weight 1/8).
     pub fn record_infer_time(&self, took: Duration) {
-        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX - 1);
-        let old = self.infer_nanos.load(Ordering::Relaxed);
-        let new = if old == u64::MAX { sample } else { old - old / 8 + sample / 8 };
-        self.infer_nanos.store(new, Ordering::Relaxed);
+        let mut typical = self.typical_infer_time.lock();
+        *typical = Some(match *typical {
+            None => took,
+            Some(old) => old - old / 8 + took / 8,
+        });
     }
 }
 
@@ -116,6 +119,7 @@ impl Lease {
         Self { entry }
     }
 
+    /// The leased model as a shared handle, for callers that need the `Arc` rather than `Deref`.
     pub fn entry(&self) -> &Arc<Entry> {
         &self.entry
     }
@@ -124,6 +128,14 @@ impl Lease {
     /// any request or with a caller-given last-use time.
     pub fn mark_last_used(&self, at: Instant) {
         *self.entry.last_used.lock() = at;
+    }
+}
+
+#[cfg(test)]
+impl Lease {
+    /// A lease on a model held by no cache, for tests of what runs on leased models (the worker).
+    pub(crate) fn detached(id: ModelId, model: Box<dyn LoadedModel>) -> Self {
+        Self::new(Arc::new(Entry::new(id, model, None, Arc::new(Notify::new()))))
     }
 }
 
