@@ -1,5 +1,9 @@
 //! Cache behaviour against a small, real `Runtime` whose model files say how to behave: `size=N`
 //! (bytes the loaded model reports), `fail=REASON`, `gate` (the load waits until the test opens it).
+//!
+//! Timing runs on paused tokio time: sleeps and back-offs pass at once, in order. A runtime load blocked
+//! on the gate runs on the blocking pool, which keeps paused time from advancing on its own, so a test
+//! that needs a deadline to pass while a load is blocked moves the clock itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,7 +164,7 @@ impl Fixture {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_hit_needs_no_second_load() {
     let f = fixture(1000, |_| {});
     let a = f.sized("a", 100);
@@ -171,7 +175,7 @@ async fn a_hit_needs_no_second_load() {
     assert!(f.cache.is_loaded(&a));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn concurrent_requests_share_one_load() {
     let f = fixture(1000, |_| {});
     let a = f.model("a", "gate\nsize=100");
@@ -182,9 +186,7 @@ async fn concurrent_requests_share_one_load() {
         })
         .collect();
     // Every waiter is parked on the one gated load until the gate opens.
-    while f.loads() == 0 {
-        tokio::task::yield_now().await;
-    }
+    f.loads_begun(1).await;
     f.runtime.gate.open();
     for w in waiters {
         assert_eq!(w.await.unwrap().unwrap(), 100);
@@ -192,26 +194,32 @@ async fn concurrent_requests_share_one_load() {
     assert_eq!(f.loads(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn evicts_least_recently_used_first_and_only_enough() {
     let f = fixture(400, |_| {});
+    // Paused time stands still: each use is a millisecond after the last, so "least recent" is defined.
+    let use_once = |id: ModelId| {
+        let cache = f.cache.clone();
+        async move {
+            drop(cache.acquire(&id).await.unwrap());
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+    };
     let ids: Vec<ModelId> = ["a", "b", "c", "d"].iter().map(|id| f.sized(id, 100)).collect();
     for id in &ids {
-        drop(f.cache.acquire(id).await.unwrap());
+        use_once(id.clone()).await;
     }
     // Touch a, so b is now the coldest.
-    drop(f.cache.acquire(&ids[0]).await.unwrap());
-    let e = f.sized("e", 100);
-    drop(f.cache.acquire(&e).await.unwrap());
+    use_once(ids[0].clone()).await;
+    use_once(f.sized("e", 100)).await;
     assert_eq!(f.resident(), ["a", "c", "d", "e"]);
     // 150 bytes need two evictions (c then d), not three.
-    let big = f.sized("big", 150);
-    drop(f.cache.acquire(&big).await.unwrap());
+    use_once(f.sized("big", 150)).await;
     assert_eq!(f.resident(), ["a", "big", "e"]);
     assert_eq!(f.cache.used_bytes(), 350);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_model_in_use_is_never_evicted_and_loads_wait_for_room() {
     let f = fixture(200, |_| {});
     let (a, b, c) = (f.sized("a", 100), f.sized("b", 100), f.sized("c", 100));
@@ -222,7 +230,9 @@ async fn a_model_in_use_is_never_evicted_and_loads_wait_for_room() {
         let (cache, c) = (f.cache.clone(), c.clone());
         tokio::spawn(async move { cache.acquire(&c).await.map(|l| l.id().to_string()) })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Paused time passes only once every task is idle: by then c's load is parked waiting for room.
+    // Most of its --load-timeout (10s) goes by without it taking any.
+    tokio::time::sleep(Duration::from_secs(9)).await;
     assert!(!pending.is_finished(), "the load must wait while every resident model is leased");
     assert_eq!(f.resident(), ["a", "b"]);
     assert!(f.cache.used_bytes() <= 200);
@@ -232,7 +242,7 @@ async fn a_model_in_use_is_never_evicted_and_loads_wait_for_room() {
     drop(lease_a);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_model_larger_than_the_capacity_is_refused_with_both_sizes() {
     let f = fixture(500, |_| {});
     let huge = f.sized("huge", 1000);
@@ -246,7 +256,7 @@ async fn a_model_larger_than_the_capacity_is_refused_with_both_sizes() {
     assert_eq!(f.loads(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failed_load_is_reported_and_retried_only_after_its_backoff() {
     let f = fixture(500, |c| c.retry_backoff = Duration::from_millis(200));
     let bad = f.model("bad", "fail=not an onnx model");
@@ -260,7 +270,10 @@ async fn a_failed_load_is_reported_and_retried_only_after_its_backoff() {
         }
     }
     assert_eq!(f.loads(), 1, "requests inside the back-off do not load again");
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::time::sleep(Duration::from_millis(199)).await;
+    assert!(f.cache.acquire(&bad).await.is_err());
+    assert_eq!(f.loads(), 1, "still inside the back-off");
+    tokio::time::sleep(Duration::from_millis(1)).await;
     assert!(f.cache.acquire(&bad).await.is_err());
     assert_eq!(f.loads(), 2, "after the back-off the next request tries again");
     // The second consecutive failure doubles the back-off.
@@ -268,14 +281,14 @@ async fn a_failed_load_is_reported_and_retried_only_after_its_backoff() {
         Err(CacheError::LoadFailed { retry_in, .. }) => assert!(retry_in > Duration::from_millis(200)),
         _ => panic!("expected a load failure"),
     }
-    // Fixed on disk: after the back-off it loads.
+    // Fixed on disk: after the back-off (doubled: 400ms) it loads.
     f.sized("bad", 10);
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(f.cache.acquire(&bad).await.unwrap().size_bytes(), 10);
     assert_eq!(f.cache.used_bytes(), 10);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unknown_models_are_not_found_and_not_remembered() {
     let f = fixture(500, |_| {});
     let ghost = ModelId::new("ghost").unwrap();
@@ -310,7 +323,7 @@ async fn churn_never_overruns_the_capacity() {
     assert!(resident <= 300);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn shutdown_unloads_everything_and_refuses_new_loads() {
     let f = fixture(500, |_| {});
     let a = f.sized("a", 100);
@@ -322,10 +335,11 @@ async fn shutdown_unloads_everything_and_refuses_new_loads() {
     assert!(matches!(f.cache.acquire(&b).await, Err(CacheError::ShuttingDown)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn loads_that_outgrow_their_predictions_together_do_not_wait_on_each_other() {
     // Files of ~100 bytes predict ~100 bytes each; both measure 250, so neither fits while the other's
-    // reservation stands. Before the fix each waited for the other until --load-timeout.
+    // reservation stands. Before the fix each waited for the other until --load-timeout (on paused
+    // time, the deadline passes as soon as both wait, and both fail).
     let f = fixture(300, |c| c.load_timeout = Duration::from_secs(5));
     let padding = "#".repeat(90);
     let ids: Vec<ModelId> =
@@ -337,9 +351,7 @@ async fn loads_that_outgrow_their_predictions_together_do_not_wait_on_each_other
             tokio::spawn(async move { cache.acquire(&id).await.map(|l| l.size_bytes()) })
         })
         .collect();
-    while f.loads() < 2 {
-        tokio::task::yield_now().await;
-    }
+    f.loads_begun(2).await;
     f.runtime.gate.open();
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), 250);
@@ -348,7 +360,7 @@ async fn loads_that_outgrow_their_predictions_together_do_not_wait_on_each_other
     assert!(f.cache.used_bytes() <= 300, "used {}", f.cache.used_bytes());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn status_follows_loads_failures_and_unloads() {
     let f = fixture(500, |c| c.retry_backoff = Duration::from_secs(30));
     let (a, bad) = (f.sized("a", 100), f.model("bad", "fail=broken"));
@@ -370,7 +382,7 @@ async fn status_follows_loads_failures_and_unloads() {
     assert!(f.cache.acquire(&bad).await.is_ok());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_model_marked_as_used_long_ago_is_evicted_first() {
     let f = fixture(200, |_| {});
     let (a, b, c) = (f.sized("a", 100), f.sized("b", 100), f.sized("c", 100));
