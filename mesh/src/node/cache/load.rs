@@ -23,12 +23,6 @@ struct Reservation {
     bytes: u64,
 }
 
-impl Reservation {
-    fn absorb(&mut self, mut other: Reservation) {
-        self.bytes += std::mem::take(&mut other.bytes);
-    }
-}
-
 impl Drop for Reservation {
     fn drop(&mut self) {
         if self.bytes > 0 {
@@ -147,7 +141,7 @@ impl Inner {
         }
         let factor = self.state.lock().size_factor.unwrap_or(1.0);
         let predicted = ((local.file_bytes as f64 * factor) as u64).clamp(local.file_bytes, capacity);
-        let mut reservation = self.reserve(id, predicted, 0, deadline).await?;
+        let mut reservation = self.reserve(id, predicted, deadline).await?;
 
         let runtime = self.runtime.clone();
         let model_id = id.to_string();
@@ -188,10 +182,14 @@ impl Inner {
             });
         }
         if measured > reservation.bytes {
-            match self.reserve(id, measured - reservation.bytes, reservation.bytes, deadline).await {
-                Ok(more) => reservation.absorb(more),
+            // The prediction goes back while the load waits for its whole measured size: a load
+            // holding bytes while it waits for more could wait on another doing the same, and letting
+            // it overrun the capacity instead would break the limit.
+            drop(std::mem::replace(&mut reservation, Reservation { inner: self.clone(), bytes: 0 }));
+            match self.reserve(id, measured, deadline).await {
+                Ok(whole) => reservation = whole,
                 Err(e) => {
-                    // Freed before the slot and the bytes go back, and off the async threads.
+                    // Freed before the slot goes back, and off the async threads.
                     self.discard(model).await;
                     return Err(e);
                 }
@@ -260,16 +258,13 @@ impl Inner {
         .await;
     }
 
-    /// Sets aside `bytes`, evicting idle models; waits while the only candidates are in use.
-    ///
-    /// A load that already holds `held` reserved bytes (its measured size outgrew its prediction) must
-    /// not wait on other loads' reservations, or two such loads wait on each other: it may overcommit
-    /// by at most what other loads have reserved, and `trim` restores the capacity as they settle.
+    /// Sets aside `bytes`, evicting idle models; waits while the only candidates are in use. The
+    /// capacity is never overrun: a load whose measured size outgrew its prediction gives its
+    /// reservation back and asks again for the whole size.
     async fn reserve(
         self: &Arc<Self>,
         id: &ModelId,
         bytes: u64,
-        held: u64,
         deadline: Instant,
     ) -> Result<Reservation, CacheError> {
         loop {
@@ -279,8 +274,7 @@ impl Inner {
             notified.as_mut().enable();
             let attempt = {
                 let mut state = self.state.lock();
-                let allowance = if held > 0 { state.reserved_bytes - held } else { 0 };
-                match self.make_room(&mut state, bytes, allowance) {
+                match self.make_room(&mut state, bytes, 0) {
                     Ok(evicted) => {
                         state.used_bytes += bytes;
                         state.reserved_bytes += bytes;
