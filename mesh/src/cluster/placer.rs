@@ -22,7 +22,7 @@ use crate::cluster::forward::FORWARDED_HEADER;
 use crate::cluster::instance::now_ms;
 use crate::cluster::peers::Peers;
 use crate::error::{CacheError, MeshError};
-use crate::node::cache::{CopyStatus, ModelCache};
+use crate::node::cache::{CopyStatus, ModelCache, PlacementState};
 
 /// What routing needs besides the cluster's state.
 #[derive(Debug, Clone)]
@@ -128,23 +128,6 @@ impl Placer {
         self.inner.peers.prune(&instances);
         let records = self.inner.view.copies(id);
         let own = |name: &str| records.as_ref().and_then(|r| r.get(name));
-        let local = self.inner.cache.placement_state();
-        let mut pods: Vec<LoadCandidate> = Vec::with_capacity(instances.len() + 1);
-        for (name, record) in instances.iter().filter(|(name, _)| *name != this) {
-            pods.push(LoadCandidate::from_record(name, record, own(name)));
-        }
-        // This pod as its cache says now (its record may be seconds old), draining and backing off
-        // as its own records say, like every other pod.
-        pods.push(LoadCandidate {
-            instance: this.to_owned(),
-            capacity_bytes: local.capacity_bytes,
-            used_bytes: local.used_bytes,
-            loading: local.loading,
-            lru_age_seconds: local.lru_age.as_secs(),
-            coldest_model: local.coldest_model.as_ref().map(ModelId::to_string),
-            draining: instances.get(this).is_some_and(|r| r.draining),
-            retry_after_ms: own(this).and_then(Placement::retry_after_ms),
-        });
         let mut copies: Vec<CopyOn> = Vec::new();
         match self.inner.cache.status(id) {
             CopyStatus::Loaded { .. } => copies.push(CopyOn {
@@ -171,13 +154,48 @@ impl Placer {
             };
             copies.push(CopyOn { instance: name.clone(), copy });
         }
+        // The rule reads pods' loads and the model's size only when nobody holds the model (its step
+        // 4); a request for a model with a live copy elsewhere, the forwarding hot path, skips reading
+        // this pod's LRU and predicting the size.
+        let live_elsewhere = |c: &CopyOn| {
+            c.instance != this
+                && !exclude.contains(&c.instance.as_str())
+                && instances.get(&c.instance).is_some_and(|r| !r.draining)
+        };
+        let here = copies.iter().any(|c| c.instance == this);
+        let placing = match goal {
+            Goal::AddCopy => true,
+            Goal::Serve | Goal::Ensure => !here && !copies.iter().any(live_elsewhere),
+            Goal::HandOff => !copies.iter().any(live_elsewhere),
+        };
+        let local = if placing {
+            self.inner.cache.placement_state()
+        } else {
+            PlacementState { capacity_bytes: self.inner.cache.config().capacity_bytes, ..Default::default() }
+        };
+        let mut pods: Vec<LoadCandidate> = Vec::with_capacity(instances.len() + 1);
+        for (name, record) in instances.iter().filter(|(name, _)| *name != this) {
+            pods.push(LoadCandidate::from_record(name, record, own(name)));
+        }
+        // This pod as its cache says now (its record may be seconds old), draining and backing off
+        // as its own records say, like every other pod.
+        pods.push(LoadCandidate {
+            instance: this.to_owned(),
+            capacity_bytes: local.capacity_bytes,
+            used_bytes: local.used_bytes,
+            loading: local.loading,
+            lru_age_seconds: local.lru_age.as_secs(),
+            coldest_model: local.coldest_model.as_ref().map(ModelId::to_string),
+            draining: instances.get(this).is_some_and(|r| r.draining),
+            retry_after_ms: own(this).and_then(Placement::retry_after_ms),
+        });
         route(&RouteInput {
             this,
             goal,
             pods: &pods,
             copies: &copies,
             exclude,
-            predicted_bytes: self.predicted_bytes(id),
+            predicted_bytes: if placing { self.predicted_bytes(id) } else { 0 },
             now_ms: now_ms(),
             anti_churn_age: self.inner.config.anti_churn_age,
         })

@@ -80,7 +80,7 @@ pub struct ResidentModel {
 }
 
 /// This pod's cache as placement reads it (see [`ModelCache::placement_state`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PlacementState {
     pub capacity_bytes: u64,
     pub used_bytes: u64,
