@@ -71,6 +71,29 @@ impl InferenceService {
             .map(|t| t.model)
     }
 
+    /// Where a request for `id` is served, as placement says, with the forwarder to use for a peer;
+    /// `None` when it is served here without asking (a forwarded request, or no forwarder).
+    fn destination(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        id: &densemesh_placement::ModelId,
+    ) -> Result<Option<(&Forwarder, Destination)>, MeshError> {
+        let Some(forwarder) = self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(metadata)) else {
+            return Ok(None);
+        };
+        match forwarder.route(id) {
+            Ok(destination) => Ok(Some((forwarder, destination))),
+            // Nobody may load it because this pod's own load failed: the cache answers with that
+            // failure, which says more than the refusal.
+            Err(MeshError::Refused { refusal: Refusal::NoPod, .. })
+                if matches!(self.cache.status(id), CopyStatus::Failed { .. }) =>
+            {
+                Ok(None)
+            }
+            Err(refused) => Err(refused),
+        }
+    }
+
     async fn infer(
         &self,
         metadata: &tonic::metadata::MetadataMap,
@@ -81,21 +104,13 @@ impl InferenceService {
         let local = self.cache.lease_if_loaded(&id);
         let mut request = request;
         if local.is_none()
-            && let Some(forwarder) = self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(metadata))
+            && let Some((forwarder, Destination::Peer(peer))) = self.destination(metadata, &id)?
         {
-            match forwarder.route(&id) {
-                Ok(Destination::Here) => {}
-                Ok(Destination::Peer(peer)) => match forwarder.forward(peer, &id, request).await {
-                    Forwarded::Answered { answer, .. } => return Ok(answer),
-                    Forwarded::Refused(status) => return Err(MeshError::Peer(status)),
-                    // No pod could serve it: load it here.
-                    Forwarded::ServeHere(back) => request = back,
-                },
-                // Nobody may load it because this pod's own load failed: the cache answers with
-                // that failure, which says more than the refusal.
-                Err(MeshError::Refused { refusal: Refusal::NoPod, .. })
-                    if matches!(self.cache.status(&id), CopyStatus::Failed { .. }) => {}
-                Err(refused) => return Err(refused),
+            match forwarder.forward(peer, &id, request).await {
+                Forwarded::Answered { answer, .. } => return Ok(answer),
+                Forwarded::Refused(status) => return Err(MeshError::Peer(status)),
+                // No pod could serve it: load it here.
+                Forwarded::ServeHere(back) => request = back,
             }
         }
         let (model_name, requested_version, request_id) =
@@ -161,9 +176,7 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let id = self.target(request.metadata(), &request.get_ref().name)?;
-        if let Some(forwarder) =
-            self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(request.metadata()))
-            && let Ok(Destination::Peer(peer)) = forwarder.route(&id)
+        if let Some((forwarder, Destination::Peer(peer))) = self.destination(request.metadata(), &id)?
             && let Some(mut answer) = forwarder.metadata(peer, &id).await
         {
             answer.name = id.to_string();
