@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use crate::route::Refusal;
 use crate::{InstanceRecord, Placement};
 
 /// A pod as placement sees it.
@@ -59,6 +58,19 @@ impl LoadCandidate {
     fn failed_before(&self) -> bool {
         self.retry_after_ms.is_some()
     }
+}
+
+/// Why no pod can take a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Larger than every pod's whole capacity.
+    TooLarge { predicted_bytes: u64, largest_capacity_bytes: u64 },
+    /// Every pod that could take it is full of models used within the anti-churn age; loading it would
+    /// evict `model` on `instance`, used `used_secs_ago`.
+    WouldEvictRecent { instance: String, model: Option<String>, used_secs_ago: u64, anti_churn_age: Duration },
+    /// No pod may load it now: all are draining or backing off from a failed load of it (or, for a
+    /// copy, every pod already has one).
+    NoPod,
 }
 
 /// Loads in progress that count like this many extra bytes used per capacity (a tie-breaker).

@@ -20,6 +20,7 @@
 
 use std::time::Duration;
 
+pub use crate::choose::Refusal;
 use crate::choose::{CopyHolder, LoadCandidate, choose_copy, choose_load_target};
 
 /// Why the caller asks.
@@ -89,19 +90,6 @@ pub enum Route {
     LoadOn(String),
     /// Nothing can serve it now.
     Refuse(Refusal),
-}
-
-/// Why no pod can take a model.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// Larger than every pod's whole capacity.
-    TooLarge { predicted_bytes: u64, largest_capacity_bytes: u64 },
-    /// Every pod that could take it is full of models used within the anti-churn age; loading it would
-    /// evict `model` on `instance`, used `used_secs_ago`.
-    WouldEvictRecent { instance: String, model: Option<String>, used_secs_ago: u64, anti_churn_age: Duration },
-    /// No pod may load it now: all are draining or backing off from a failed load of it (or, for a
-    /// copy, every pod already has one).
-    NoPod,
 }
 
 /// The decision; see the module documentation for the rule.

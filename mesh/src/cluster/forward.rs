@@ -27,16 +27,12 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::cluster::placer::{Placer, mark_forwarded};
+use crate::cluster::peers::{mark_forwarded, peer_failed};
+use crate::cluster::placer::Placer;
 use crate::error::MeshError;
 use crate::metrics as m;
 
-/// Marks a request that was already forwarded once.
-pub const FORWARDED_HEADER: &str = "densemesh-forwarded";
-
-/// Pods one request is sent to, the first included, before it is served here: a request never waits
-/// on a long chain of dead pods whose leases have not run out yet.
-pub const MAX_ATTEMPTS: usize = 3;
+pub use crate::cluster::peers::{FORWARDED_HEADER, MAX_ATTEMPTS};
 
 /// Where a request goes, as the request path needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,18 +212,6 @@ pub enum Forwarded<T, R = ()> {
     Refused(tonic::Status),
     /// No peer could serve it: serve it (the request, handed back) here.
     ServeHere(R),
-}
-
-/// Whether a failed call means the peer could not serve the request (so another pod may), rather
-/// than an answer about the model. tonic keeps the transport error (connection refused, reset when
-/// the peer died mid-request, timed out) as the status's source; a status the peer sent has none.
-/// UNAVAILABLE from the peer means it is shutting down or could not load the model.
-pub(crate) fn peer_failed(status: &tonic::Status) -> bool {
-    std::error::Error::source(status).is_some()
-        || matches!(
-            status.code(),
-            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
-        )
 }
 
 /// An inference request shared by every attempt to forward it: encoding reads it through the `Arc`,
@@ -571,17 +555,5 @@ mod tests {
         let calls: Vec<usize> = peers.iter().map(FakePeer::calls).collect();
         assert_eq!(calls, [1, 1, 1, 0], "least busy first (ties in view order), never one twice");
         assert_eq!(MAX_ATTEMPTS, 3);
-    }
-
-    #[test]
-    fn only_transport_failures_and_unavailable_peers_count_as_failed() {
-        assert!(peer_failed(&Status::unavailable("shutting down")));
-        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
-        let transport = Status::from_error(Box::new(reset));
-        assert_eq!(transport.code(), Code::Unknown, "tonic's code for a reset connection");
-        assert!(peer_failed(&transport), "the transport error is kept as its source");
-        for code in [Code::InvalidArgument, Code::NotFound, Code::Internal, Code::ResourceExhausted] {
-            assert!(!peer_failed(&Status::new(code, "the model says so")), "{code:?}");
-        }
     }
 }

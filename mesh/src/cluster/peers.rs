@@ -1,4 +1,5 @@
-//! Connections to other pods: one lazily connected HTTP/2 channel per peer endpoint, shared by
+//! Calls to other pods: what marks a call as forwarded, when a failed call means the peer failed (so
+//! another may serve), and the connections: one lazily connected HTTP/2 channel per peer endpoint, shared by
 //! forwarded inferences and management calls, with the requests in flight to each peer and when each
 //! last failed one (so the next requests try other copies first). Channels to pods that left the
 //! cluster are dropped as soon as the view no longer lists them.
@@ -11,6 +12,32 @@ use std::time::{Duration, Instant};
 use densemesh_placement::InstanceRecord;
 use parking_lot::Mutex;
 use tonic::transport::{Channel, Endpoint};
+
+/// Marks a call that was already forwarded once: the pod receiving it serves it itself.
+pub const FORWARDED_HEADER: &str = "densemesh-forwarded";
+
+/// Pods one request is sent to, the first included, before it is served here: a request never waits
+/// on a long chain of dead pods whose leases have not run out yet.
+pub const MAX_ATTEMPTS: usize = 3;
+
+/// Marks an outgoing call as forwarded by `from`: the peer serves it itself and never forwards it again.
+pub fn mark_forwarded(metadata: &mut tonic::metadata::MetadataMap, from: &str) {
+    // The mark must be there whatever the instance id: without it a request could bounce.
+    let from = from.parse().unwrap_or(tonic::metadata::MetadataValue::from_static("peer"));
+    metadata.insert(FORWARDED_HEADER, from);
+}
+
+/// Whether a failed call means the peer could not serve the request (so another pod may), rather
+/// than an answer about the model. tonic keeps the transport error (connection refused, reset when
+/// the peer died mid-request, timed out) as the status's source; a status the peer sent has none.
+/// UNAVAILABLE from the peer means it is shutting down or could not load the model.
+pub fn peer_failed(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some()
+        || matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        )
+}
 
 /// How long a peer that failed a request is tried after every other copy: about a lease, after which a
 /// dead pod's records are gone anyway.
@@ -171,5 +198,22 @@ mod tests {
         assert!(peers.failed_recently("127.0.0.1:3"));
         peers.answered("127.0.0.1:3");
         assert!(!peers.failed_recently("127.0.0.1:3"));
+    }
+
+    #[test]
+    fn only_transport_failures_and_unavailable_peers_count_as_failed() {
+        assert!(peer_failed(&tonic::Status::unavailable("shutting down")));
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let transport = tonic::Status::from_error(Box::new(reset));
+        assert_eq!(transport.code(), tonic::Code::Unknown, "tonic's code for a reset connection");
+        assert!(peer_failed(&transport), "the transport error is kept as its source");
+        for code in [
+            tonic::Code::InvalidArgument,
+            tonic::Code::NotFound,
+            tonic::Code::Internal,
+            tonic::Code::ResourceExhausted,
+        ] {
+            assert!(!peer_failed(&tonic::Status::new(code, "the model says so")), "{code:?}");
+        }
     }
 }

@@ -18,9 +18,8 @@ use densemesh_proto::mmesh::{EnsureLoadedRequest, ModelStatusInfo};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::cluster::forward::FORWARDED_HEADER;
 use crate::cluster::instance::now_ms;
-use crate::cluster::peers::Peers;
+use crate::cluster::peers::{MAX_ATTEMPTS, Peers, mark_forwarded, peer_failed};
 use crate::error::{CacheError, MeshError};
 use crate::node::cache::{CopyStatus, ModelCache, PlacementState};
 
@@ -271,7 +270,7 @@ impl Placer {
                 Err(PeerLoad::Unreachable(reason)) => {
                     tracing::warn!(model_id = %id, peer = %peer, %reason, "peer cannot be reached to load the model; asking placement again");
                     failed.push(peer);
-                    if failed.len() >= crate::cluster::forward::MAX_ATTEMPTS {
+                    if failed.len() >= MAX_ATTEMPTS {
                         return Err(MeshError::Cache(CacheError::LoadFailed {
                             model_id: id.clone(),
                             reason: format!("no pod chosen to load it could be reached (last: {reason})")
@@ -337,7 +336,7 @@ impl Placer {
                 self.inner.peers.answered(&endpoint);
                 answer.into_inner()
             }
-            Err(status) if crate::cluster::forward::peer_failed(&status) => {
+            Err(status) if peer_failed(&status) => {
                 self.inner.peers.failed(&endpoint);
                 return Err(PeerLoad::Unreachable(status.message().to_owned()));
             }
@@ -417,13 +416,6 @@ fn peer_load_failed(id: &ModelId, peer: &str, status: &ModelStatusInfo) -> MeshE
         reason: reason.into(),
         retry_in: Duration::ZERO,
     })
-}
-
-/// Marks an outgoing call as forwarded by `from`: the peer serves it itself and never forwards it again.
-pub fn mark_forwarded(metadata: &mut tonic::metadata::MetadataMap, from: &str) {
-    // The mark must be there whatever the instance id: without it a request could bounce.
-    let from = from.parse().unwrap_or(tonic::metadata::MetadataValue::from_static("peer"));
-    metadata.insert(FORWARDED_HEADER, from);
 }
 
 /// A local model's size on disk: its file, or the files of its directory (and of its version
