@@ -162,13 +162,12 @@ pub async fn run(
 
 impl Publisher {
     fn record(&self) -> InstanceRecord {
-        let resident = self.cache.resident();
         let state = self.cache.placement_state();
         InstanceRecord {
             endpoint: self.config.endpoint.clone(),
             capacity_bytes: state.capacity_bytes,
             used_bytes: state.used_bytes,
-            models_loaded: resident.len() as u64,
+            models_loaded: state.models_loaded,
             loading: state.loading,
             lru_age_seconds: state.lru_age.as_secs(),
             coldest_model: state.coldest_model.map(|id| id.to_string()).unwrap_or_default(),

@@ -4,6 +4,7 @@
 //! here: the request path (through the forwarder), `ensureLoaded` and `registerModel{loadNow}`, vmodel
 //! transitions and traffic splits, copies, and drain.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -194,33 +195,33 @@ impl Placer {
             pods: &pods,
             copies: &copies,
             exclude,
-            predicted_bytes: if placing { self.predicted_bytes(id) } else { 0 },
+            predicted_bytes: if placing { self.predicted_bytes(id, records.as_deref(), &local) } else { 0 },
             now_ms: now_ms(),
             anti_churn_age: self.inner.config.anti_churn_age,
         })
     }
 
     /// What `id` will take in memory, best known first: the registration's size hint; a size some pod
-    /// measured; the file's size times the factor learned from past loads; the mean loaded model here.
-    /// 0 when nothing is known (a model no one has seen, in remote storage, on an empty pod).
-    pub fn predicted_bytes(&self, id: &ModelId) -> u64 {
+    /// measured (among its placement `records`); the file's size times the factor this pod learned
+    /// from past loads; the mean loaded model here (from `local`). 0 when nothing is known (a model no
+    /// one has seen, in remote storage, on an empty pod).
+    fn predicted_bytes(
+        &self,
+        id: &ModelId,
+        records: Option<&HashMap<String, Placement>>,
+        local: &PlacementState,
+    ) -> u64 {
         let spec = self.inner.view.model(id);
         if let Some(hint) = spec.as_ref().and_then(|s| s.size_bytes) {
             return hint;
         }
-        let measured = self.inner.view.copies(id).and_then(|records| {
-            records
-                .values()
-                .filter_map(|p| match p {
-                    Placement::Loaded { size_bytes, .. } => Some(*size_bytes),
-                    _ => None,
-                })
-                .max()
+        let measured = records.into_iter().flat_map(HashMap::values).filter_map(|p| match p {
+            Placement::Loaded { size_bytes, .. } => Some(*size_bytes),
+            _ => None,
         });
-        if let Some(measured) = measured {
+        if let Some(measured) = measured.max() {
             return measured;
         }
-        let local = self.inner.cache.placement_state();
         let file_bytes = spec.and_then(|s| local_model_bytes(&s, &self.inner.config.model_repo));
         match (file_bytes, local.mean_model_bytes) {
             (Some(bytes), _) => (bytes as f64 * local.size_factor.unwrap_or(1.0)) as u64,

@@ -85,6 +85,7 @@ pub struct PlacementState {
     pub capacity_bytes: u64,
     pub used_bytes: u64,
     pub loading: u64,
+    pub models_loaded: u64,
     pub lru_age: Duration,
     pub coldest_model: Option<ModelId>,
     /// Loaded size over file size, learned from past loads.
@@ -201,7 +202,15 @@ struct State {
 impl State {
     /// How long the least recently used model has been idle; `None` when nothing is loaded.
     fn lru_idle(&self, now: Instant) -> Option<Duration> {
-        self.resident.iter().map(|(_, e)| now.saturating_duration_since(e.last_used())).max()
+        self.coldest(now).map(|(idle, _)| idle)
+    }
+
+    /// The least recently used loaded model and how long it has been idle.
+    fn coldest(&self, now: Instant) -> Option<(Duration, &ModelId)> {
+        self.resident
+            .iter()
+            .map(|(id, e)| (now.saturating_duration_since(e.last_used()), id))
+            .max_by_key(|(idle, _)| *idle)
     }
 }
 
@@ -376,17 +385,13 @@ impl ModelCache {
     /// least recently used model (the first a load here would evict) with its idle time.
     pub fn placement_state(&self) -> PlacementState {
         let state = self.inner.state.lock();
-        let now = Instant::now();
-        let coldest = state
-            .resident
-            .iter()
-            .map(|(id, e)| (now.saturating_duration_since(e.last_used()), id))
-            .max_by_key(|(idle, _)| *idle);
+        let coldest = state.coldest(Instant::now());
         let resident = state.resident.len() as u64;
         PlacementState {
             capacity_bytes: self.inner.config.capacity_bytes,
             used_bytes: state.used_bytes,
             loading: state.loading.len() as u64,
+            models_loaded: resident,
             lru_age: coldest.map(|(idle, _)| idle).unwrap_or_default(),
             coldest_model: coldest.map(|(_, id)| id.clone()),
             size_factor: state.size_factor,
