@@ -76,6 +76,13 @@ impl Registry {
         format!("{}{id}/{instance}", self.placements_prefix())
     }
 
+    /// The model and instance a placement key names, the inverse of [`Self::placement_key`]; `None`
+    /// for any other key or an invalid model id.
+    pub fn placement_of_key<'k>(&self, key: &'k str) -> Option<(ModelId, &'k str)> {
+        let (model, instance) = key.strip_prefix(&self.placements_prefix())?.split_once('/')?;
+        Some((ModelId::new(model).ok()?, instance))
+    }
+
     /// Key of a pod's instance record.
     pub fn instance_key(&self, instance: &str) -> String {
         format!("{}{instance}", self.instances_prefix())

@@ -245,8 +245,8 @@ fn classify(registry: &Registry, key: &str) -> Option<Record> {
     if let Some(instance) = key.strip_prefix(&registry.instances_prefix()) {
         return Some(Record::Instance(instance.to_owned()));
     }
-    let (model, instance) = key.strip_prefix(&registry.placements_prefix())?.split_once('/')?;
-    Some(Record::Placement(ModelId::new(model).ok()?, instance.to_owned()))
+    let (model, instance) = registry.placement_of_key(key)?;
+    Some(Record::Placement(model, instance.to_owned()))
 }
 
 fn put(registry: &Registry, mirror: &mut Mirror, kv: &KeyValue) -> Option<ViewChange> {

@@ -16,7 +16,7 @@ use densemesh_placement::election;
 use densemesh_placement::registry::Registry;
 use densemesh_placement::store::LeaseId;
 use densemesh_placement::view::ViewChange;
-use densemesh_placement::{ClusterView, ModelId, Placement};
+use densemesh_placement::{ClusterView, Placement};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -153,14 +153,7 @@ async fn prune_failed(registry: Registry, view: ClusterView, stop: CancellationT
         let Ok(range) = registry.store().range(&registry.placements_prefix()).await else { continue };
         let mut pruned = 0;
         for kv in range.kvs {
-            let Some(model) = kv
-                .key
-                .strip_prefix(&registry.placements_prefix())
-                .and_then(|rest| rest.split_once('/'))
-                .and_then(|(model, _)| ModelId::new(model).ok())
-            else {
-                continue;
-            };
+            let Some((model, _)) = registry.placement_of_key(&kv.key) else { continue };
             let Ok(placement) = serde_json::from_slice::<Placement>(&kv.value) else { continue };
             if !stale_failure(&placement, view.model(&model).is_some(), now_ms()) {
                 continue;

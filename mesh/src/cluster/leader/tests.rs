@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use densemesh_placement::{MemoryStore, Store};
+use densemesh_placement::{MemoryStore, ModelId, Store};
 use futures::FutureExt;
 
 use super::*;
