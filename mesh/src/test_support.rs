@@ -1,5 +1,6 @@
 //! Test doubles shared by the unit tests of several modules.
 
+use densemesh_placement::InstanceRecord;
 use densemesh_proto::inference::*;
 use densemesh_runtime_core::{LoadRequest, LoadedModel, Runtime};
 
@@ -65,5 +66,21 @@ impl densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceSer
     ) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
         let model_name = request.into_inner().model_name;
         Ok(tonic::Response::new(ModelInferResponse { model_name, ..Default::default() }))
+    }
+}
+
+/// A live pod's instance record at `endpoint`: 1 GiB of capacity, one model loaded, nothing else going on.
+pub(crate) fn instance_record(endpoint: &str) -> InstanceRecord {
+    InstanceRecord {
+        endpoint: endpoint.to_owned(),
+        capacity_bytes: 1 << 30,
+        used_bytes: 0,
+        models_loaded: 1,
+        loading: 0,
+        lru_age_seconds: 0,
+        coldest_model: String::new(),
+        requests_per_minute: 0,
+        draining: false,
+        started_ms: 0,
     }
 }

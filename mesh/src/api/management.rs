@@ -1,8 +1,6 @@
 //! ModelMesh's management API (`mmesh.ModelMesh`) on the inference port: registration of models and
 //! vmodels in the registry, and their status from this pod's cache.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use densemesh_placement::registry::Registry;
 use densemesh_placement::route::Goal;
 use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, Source, VModelSpec};
@@ -13,6 +11,7 @@ use densemesh_proto::mmesh::*;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::forward::Forwarder;
+use crate::cluster::instance::now_ms;
 use crate::cluster::placer::{LastUsed, Placer};
 use crate::error::{MeshError, registry_status as status_of};
 use crate::node::cache::{CopyStatus, ModelCache};
@@ -57,7 +56,7 @@ impl Management {
             copies.push(ModelCopyInfo {
                 location: self.instance_id.clone(),
                 copy_status: status as i32,
-                time: now_millis(),
+                time: now_ms(),
             });
         }
         for (instance, placement) in self.view.placements(id) {
@@ -156,10 +155,6 @@ impl Management {
 
 fn parse_id(what: &str, id: &str) -> Result<ModelId, Status> {
     ModelId::new(id).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
-}
-
-fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, Status> {

@@ -275,7 +275,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use densemesh_placement::{ClusterView, InstanceRecord, Placement};
+    use densemesh_placement::{ClusterView, Placement};
 
     use densemesh_placement::registry::{Registry, encode};
     use densemesh_placement::{MemoryStore, Store};
@@ -292,7 +292,7 @@ mod tests {
     use crate::cluster::placer::PlacerConfig;
     use crate::error::CacheError;
     use crate::node::cache::{CacheConfig, ModelCache};
-    use crate::test_support::NoRuntime;
+    use crate::test_support::{NoRuntime, instance_record};
 
     /// A peer that answers every ModelInfer the same way, counting the calls and any not marked as
     /// forwarded.
@@ -430,18 +430,7 @@ mod tests {
         let model = ModelId::new("m").unwrap();
         for (instance, endpoint, copy) in records {
             if let Some(endpoint) = endpoint {
-                let record = InstanceRecord {
-                    endpoint: (*endpoint).to_owned(),
-                    capacity_bytes: 1 << 30,
-                    used_bytes: 0,
-                    models_loaded: 1,
-                    loading: 0,
-                    lru_age_seconds: 0,
-                    coldest_model: String::new(),
-                    requests_per_minute: 0,
-                    draining: false,
-                    started_ms: 0,
-                };
+                let record = instance_record(endpoint);
                 store.put(&registry.instance_key(instance), encode(&record), None).await.unwrap();
             }
             store.put(&registry.placement_key(&model, instance), encode(copy), None).await.unwrap();

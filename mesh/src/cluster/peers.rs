@@ -157,28 +157,14 @@ impl Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn record(endpoint: &str) -> InstanceRecord {
-        InstanceRecord {
-            endpoint: endpoint.into(),
-            capacity_bytes: 1,
-            used_bytes: 0,
-            models_loaded: 0,
-            loading: 0,
-            lru_age_seconds: 0,
-            coldest_model: String::new(),
-            requests_per_minute: 0,
-            draining: false,
-            started_ms: 0,
-        }
-    }
+    use crate::test_support::instance_record;
 
     #[tokio::test]
     async fn channels_to_pods_that_left_are_dropped() {
         let peers = Peers::new(Duration::from_secs(1));
         assert!(peers.channel("127.0.0.1:1").is_some());
         assert!(peers.channel("127.0.0.1:2").is_some());
-        let live = Arc::new(HashMap::from([("b".to_owned(), record("127.0.0.1:2"))]));
+        let live = Arc::new(HashMap::from([("b".to_owned(), instance_record("127.0.0.1:2"))]));
         peers.prune(&live);
         assert_eq!(peers.connected(), ["127.0.0.1:2"]);
         assert!(peers.channel("not an address\n").is_none());
