@@ -371,16 +371,6 @@ impl ModelCache {
             .collect()
     }
 
-    /// Time since the least recently used loaded model was used (zero when none is loaded).
-    pub fn lru_age(&self) -> Duration {
-        self.inner.state.lock().lru_idle(Instant::now()).unwrap_or_default()
-    }
-
-    /// Loads in progress here.
-    pub fn loading_count(&self) -> usize {
-        self.inner.state.lock().loading.len()
-    }
-
     /// This pod as placement sees it, read under one lock: what is charged, loads in progress, and the
     /// least recently used model (the first a load here would evict) with its idle time.
     pub fn placement_state(&self) -> PlacementState {
