@@ -1,7 +1,8 @@
 //! The two choices [`crate::route::route`] is made of, as pure functions over plain data.
 //!
-//! Where to load a model no pod holds ([`choose_load_target`]): among live pods that are not draining
-//! and are not backing off from a failed load of this model, one with free capacity for the predicted
+//! Where to load a model no pod holds ([`choose_load_target`]): among live pods that offer the model's
+//! type, are not draining and are not backing off from a failed load of this model, one with free
+//! capacity for the predicted
 //! size, least-used fraction first (this pod on ties, to save a hop); if none has room, the pod whose
 //! least recently used model is the coldest in the cluster (cluster-wide LRU), as long as that model
 //! was not used within the anti-churn age. In both orders, pods that failed the model before (their
@@ -27,6 +28,9 @@ pub struct LoadCandidate {
     /// That least recently used model: the first a load there would evict.
     pub coldest_model: Option<String>,
     pub draining: bool,
+    /// Whether it offers the model's type (its instance record lists it; ModelMesh's type
+    /// constraints): a pod that does not is never chosen to load, hold or serve the model.
+    pub offers_type: bool,
     /// Set when its last load of this model failed: when that failure's back-off ends (ms since the
     /// epoch). It is never chosen before then, since it would only answer with the remembered
     /// failure; after, it may be chosen again, behind pods that never failed the model.
@@ -35,8 +39,14 @@ pub struct LoadCandidate {
 
 impl LoadCandidate {
     /// A pod as its published instance record and its own placement record for the model (if it has
-    /// one) describe it: the one builder every caller uses.
-    pub fn from_record(instance: &str, record: &InstanceRecord, own: Option<&Placement>) -> Self {
+    /// one) describe it, for a model of `model_type` (`None`: not registered, so of no type any pod
+    /// could refuse): the one builder every caller uses.
+    pub fn from_record(
+        instance: &str,
+        record: &InstanceRecord,
+        own: Option<&Placement>,
+        model_type: Option<&str>,
+    ) -> Self {
         Self {
             instance: instance.to_owned(),
             capacity_bytes: record.capacity_bytes,
@@ -45,6 +55,7 @@ impl LoadCandidate {
             lru_age_seconds: record.lru_age_seconds,
             coldest_model: (!record.coldest_model.is_empty()).then(|| record.coldest_model.clone()),
             draining: record.draining,
+            offers_type: model_type.is_none_or(|t| record.offers(t)),
             retry_after_ms: own.and_then(Placement::retry_after_ms),
         }
     }
@@ -71,6 +82,8 @@ pub enum Refusal {
     /// No pod may load it now: all are draining or backing off from a failed load of it (or, for a
     /// copy, every pod already has one).
     NoPod,
+    /// No live pod offers the model's type (`--model-types`).
+    NoPodOffers { model_type: String },
 }
 
 /// Loads in progress that count like this many extra bytes used per capacity (a tie-breaker).
@@ -86,9 +99,9 @@ pub fn choose_load_target<'a>(
     now_ms: u64,
     anti_churn_age: Duration,
 ) -> Result<&'a str, Refusal> {
-    let eligible = candidates
-        .iter()
-        .filter(|c| !c.draining && !c.backing_off(now_ms) && c.capacity_bytes >= predicted_bytes);
+    let eligible = candidates.iter().filter(|c| {
+        c.offers_type && !c.draining && !c.backing_off(now_ms) && c.capacity_bytes >= predicted_bytes
+    });
     let fraction = |c: &LoadCandidate| {
         c.used_bytes as f64 / c.capacity_bytes.max(1) as f64 + LOADING_PENALTY * c.loading as f64
     };
@@ -125,7 +138,7 @@ pub fn choose_load_target<'a>(
             anti_churn_age,
         });
     }
-    let largest = candidates.iter().filter(|c| !c.draining).map(|c| c.capacity_bytes).max();
+    let largest = candidates.iter().filter(|c| c.offers_type && !c.draining).map(|c| c.capacity_bytes).max();
     match largest {
         Some(largest) if largest < predicted_bytes => {
             Err(Refusal::TooLarge { predicted_bytes, largest_capacity_bytes: largest })
@@ -157,7 +170,7 @@ pub fn choose_copy<'a>(holders: &'a [CopyHolder], failed: &[&str]) -> Option<&'a
 }
 
 /// A pod for tables of cases: `capacity` and `used` bytes, its coldest model (`<name>-coldest`)
-/// idle `lru` seconds, nothing loading, not draining, never failed.
+/// idle `lru` seconds, nothing loading, not draining, offering the model's type, never failed.
 #[cfg(test)]
 pub(crate) fn test_pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCandidate {
     LoadCandidate {
@@ -168,6 +181,7 @@ pub(crate) fn test_pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCa
         lru_age_seconds: lru,
         coldest_model: Some(format!("{name}-coldest")),
         draining: false,
+        offers_type: true,
         retry_after_ms: None,
     }
 }
@@ -296,6 +310,7 @@ mod tests {
             coldest_model: String::new(),
             draining: false,
             started_ms: 0,
+            model_types: vec!["onnx".into()],
         };
         let copies = [
             ("a".to_owned(), Placement::Failed { since_ms: 1, reason: "bad".into(), retry_after_ms: 500 }),
@@ -303,17 +318,43 @@ mod tests {
             ("c".to_owned(), Placement::Loading { since_ms: 1 }),
         ];
         let own = |name: &str| copies.iter().find(|(n, _)| n == name).map(|(_, p)| p);
-        let a = LoadCandidate::from_record("a", &record, own("a"));
+        let a = LoadCandidate::from_record("a", &record, own("a"), Some("onnx"));
         assert_eq!((a.capacity_bytes, a.used_bytes, a.loading, a.lru_age_seconds), (100, 10, 2, 30));
+        assert!(a.offers_type);
         assert_eq!(a.retry_after_ms, Some(500));
         assert!(a.backing_off(499) && !a.backing_off(500));
         for other in ["b", "c", "never-held-it"] {
             assert_eq!(
-                LoadCandidate::from_record(other, &record, own(other)).retry_after_ms,
+                LoadCandidate::from_record(other, &record, own(other), Some("onnx")).retry_after_ms,
                 None,
                 "{other}"
             );
         }
+        // The type is read from the record's list; a model of no known type is refused by none.
+        assert!(!LoadCandidate::from_record("a", &record, None, Some("pytorch")).offers_type);
+        let offers_nothing = InstanceRecord { model_types: Vec::new(), ..record };
+        assert!(!LoadCandidate::from_record("a", &offers_nothing, None, Some("onnx")).offers_type);
+        assert!(LoadCandidate::from_record("a", &offers_nothing, None, None).offers_type);
+    }
+
+    #[test]
+    fn never_a_pod_that_does_not_offer_the_type() {
+        let other_type = |p: LoadCandidate| LoadCandidate { offers_type: false, ..p };
+        // The emptiest pod, this one on a tie, and the coldest: none offers the type, so b takes it.
+        let pods = [other_type(pod("me", 100, 0, 0)), pod("b", 100, 90, 5)];
+        assert_eq!(pick(&pods, "me", 10, NOW), Some("b"));
+        let pods = [other_type(pod("cold", 100, 100, 9_999)), pod("b", 100, 100, 5)];
+        assert_eq!(pick(&pods, "x", 10, NOW), Some("b"));
+        // Too large is judged among pods that offer the type: a bigger pod of another type is no help.
+        let pods = [other_type(pod("big", 1_000, 0, 0)), pod("small", 100, 0, 0)];
+        assert_eq!(
+            choose_load_target(&pods, "x", 500, NOW, Duration::ZERO),
+            Err(Refusal::TooLarge { predicted_bytes: 500, largest_capacity_bytes: 100 })
+        );
+        assert_eq!(
+            choose_load_target(&[other_type(pod("a", 100, 0, 0))], "a", 5, NOW, Duration::ZERO),
+            Err(Refusal::NoPod)
+        );
     }
 
     /// Back-off ends and `now` drawn from one small range, so every ordering of the two comes up.
@@ -326,9 +367,10 @@ mod tests {
             0u64..10_000,
             any::<bool>(),
             proptest::option::of(0u64..20_000),
+            proptest::bool::weighted(0.8),
         )
-            .prop_map(|(name, capacity, used, loading, lru, draining, retry_after_ms)| {
-                LoadCandidate {
+            .prop_map(
+                |(name, capacity, used, loading, lru, draining, retry_after_ms, offers_type)| LoadCandidate {
                     instance: name,
                     capacity_bytes: capacity,
                     used_bytes: used.min(capacity),
@@ -336,9 +378,10 @@ mod tests {
                     lru_age_seconds: lru,
                     coldest_model: None,
                     draining,
+                    offers_type,
                     retry_after_ms,
-                }
-            })
+                },
+            )
     }
 
     /// Pods with distinct names, so a name picks out one pod.
@@ -396,7 +439,9 @@ mod tests {
 
         #[test]
         fn the_choice_is_always_eligible(pods in arb_pods(8), size in 1u64..1000, now in 0u64..20_000) {
-            let eligible = |p: &LoadCandidate| !p.draining && !p.backing_off(now) && p.capacity_bytes >= size;
+            let eligible = |p: &LoadCandidate| {
+                p.offers_type && !p.draining && !p.backing_off(now) && p.capacity_bytes >= size
+            };
             match pick(&pods, "a0", size, now) {
                 Some(name) => {
                     let chosen = pods.iter().find(|p| p.instance == name).unwrap();
@@ -437,6 +482,7 @@ mod tests {
                 lru_age_seconds: 0,
                 coldest_model: None,
                 draining: false,
+                offers_type: true,
                 retry_after_ms: Some(retry_after_ms),
             };
             let mut pods = others.clone();

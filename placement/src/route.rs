@@ -2,6 +2,10 @@
 //! `registerModel{loadNow}`, a vmodel target, a new copy, a drain hand-off). Callers only do the I/O
 //! the answer asks for, so "why did model X go to pod Y?" is answered by reading [`route`].
 //!
+//! Only pods that offer the model's type count, at every step (ModelMesh's type constraints): a pod
+//! that does not is never answered for a copy, a wait or a load, so a request reaching it goes on to
+//! one that does.
+//!
 //! The rule, in order:
 //! 1. A copy here (loaded, or loading: the request awaits that load) serves it, unless the goal is a
 //!    copy elsewhere ([`Goal::AddCopy`]) or this pod is leaving ([`Goal::HandOff`]).
@@ -13,8 +17,8 @@
 //!    room first (least-used fraction, this pod on ties), else the coldest LRU in the cluster, but
 //!    never by evicting a model used within the anti-churn age (ModelMesh's rule: refuse rather than
 //!    thrash). A model too large for this pod but not for a peer goes to that peer.
-//! 5. Else refuse, saying why: larger than any pod, it would evict a recently used model (named), or
-//!    no pod may load it now.
+//! 5. Else refuse, saying why: no live pod offers its type (named), larger than any pod, it would
+//!    evict a recently used model (named), or no pod may load it now.
 //!
 //! For [`Goal::AddCopy`] only pods without a copy count, and the answer is always a load elsewhere.
 
@@ -60,8 +64,11 @@ pub struct RouteInput<'a> {
     pub this: &'a str,
     pub goal: Goal,
     /// Every live pod, this one included (with its state current to the instant), each with its back-off
-    /// from a failed load of this model.
+    /// from a failed load of this model and whether it offers the model's type.
     pub pods: &'a [LoadCandidate],
+    /// The model's type (its spec's format), named in the refusal when no pod offers it; `None` when
+    /// the model is not registered, and then every pod counts as offering it.
+    pub model_type: Option<&'a str>,
     /// The model's copies, on any pod (this one included).
     pub copies: &'a [CopyOn],
     /// Pods that already failed this request (failover): never chosen again for it.
@@ -94,11 +101,14 @@ pub enum Route {
 
 /// The decision; see the module documentation for the rule.
 pub fn route(input: &RouteInput<'_>) -> Route {
+    let pod = |name: &str| input.pods.iter().find(|p| p.instance == name);
     let usable = |name: &str| {
-        !input.exclude.contains(&name) && input.pods.iter().any(|p| p.instance == name && !p.draining)
+        !input.exclude.contains(&name) && pod(name).is_some_and(|p| !p.draining && p.offers_type)
     };
+    // This pod is among `pods` as callers build them; were it missing, its copy would still serve.
+    let this_offers = pod(input.this).is_none_or(|p| p.offers_type);
     let here = input.copies.iter().find(|c| c.instance == input.this);
-    if matches!(input.goal, Goal::Serve | Goal::Ensure) && here.is_some() {
+    if matches!(input.goal, Goal::Serve | Goal::Ensure) && here.is_some() && this_offers {
         return Route::Here;
     }
     let elsewhere = |c: &&CopyOn| c.instance != input.this && usable(&c.instance);
@@ -120,6 +130,11 @@ pub fn route(input: &RouteInput<'_>) -> Route {
         if let Some(loading) = input.copies.iter().filter(elsewhere).find(|c| c.copy == Copy::Loading) {
             return Route::WaitFor(loading.instance.clone());
         }
+    }
+    if let Some(model_type) = input.model_type
+        && !input.pods.iter().any(|p| p.offers_type)
+    {
+        return Route::Refuse(Refusal::NoPodOffers { model_type: model_type.to_owned() });
     }
     let holds = |name: &str| input.copies.iter().any(|c| c.instance == name);
     let candidates: Vec<LoadCandidate> = input

@@ -170,6 +170,23 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_record_without_model_types_offers_every_supported_type() {
+        let old: InstanceRecord = serde_json::from_str(
+            r#"{"endpoint":"e","capacity_bytes":1,"used_bytes":0,"models_loaded":0,"loading":0,"lru_age_seconds":0,"started_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.model_types, every_supported_type());
+        assert!(SUPPORTED_MODEL_TYPES.iter().all(|t| old.offers(t)));
+        // One that offers nothing says so, and reads back the same: `[]` is not the absent field.
+        let none = InstanceRecord { model_types: Vec::new(), ..old.clone() };
+        let json = serde_json::to_string(&none).unwrap();
+        assert!(json.contains(r#""model_types":[]"#), "{json}");
+        let read: InstanceRecord = serde_json::from_str(&json).unwrap();
+        assert!(!read.offers("onnx"));
+        assert_eq!(read, none);
+    }
+
+    #[test]
     fn a_failed_record_carries_its_back_off_and_old_records_still_read() {
         let failed = Placement::Failed { since_ms: 10, reason: "bad".into(), retry_after_ms: 2_010 };
         let json = serde_json::to_string(&failed).unwrap();
@@ -216,6 +233,23 @@ pub struct InstanceRecord {
     #[serde(default)]
     pub draining: bool,
     pub started_ms: u64,
+    /// Model formats it loads (`--model-types`, ModelMesh's type constraints): placement sends it only
+    /// models of these types. A record written before the field existed offers every type this build
+    /// supports, as that pod did; an empty list offers none.
+    #[serde(default = "every_supported_type")]
+    pub model_types: Vec<String>,
+}
+
+impl InstanceRecord {
+    /// Whether the pod loads models of `model_type`.
+    pub fn offers(&self, model_type: &str) -> bool {
+        self.model_types.iter().any(|t| t == model_type)
+    }
+}
+
+/// [`SUPPORTED_MODEL_TYPES`], owned: what an instance record without `model_types` offers.
+pub fn every_supported_type() -> Vec<String> {
+    SUPPORTED_MODEL_TYPES.iter().map(|t| (*t).to_owned()).collect()
 }
 
 /// One copy of a model on one pod; written by that pod under its lease.

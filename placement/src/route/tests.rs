@@ -24,6 +24,7 @@ fn ask(goal: Goal, pods: &[LoadCandidate], copies: &[CopyOn], size: u64) -> Rout
         pods,
         copies,
         exclude: &[],
+        model_type: Some("onnx"),
         predicted_bytes: size,
         now_ms: NOW,
         anti_churn_age: TEN_MINUTES,
@@ -68,6 +69,7 @@ fn copies_on_draining_gone_or_failed_pods_do_not_count() {
         pods: &pods,
         copies: &[loaded("b", 0)],
         exclude: &["b"],
+        model_type: Some("onnx"),
         predicted_bytes: 5,
         now_ms: NOW,
         anti_churn_age: TEN_MINUTES,
@@ -128,15 +130,58 @@ fn a_hand_off_never_stays_here_and_is_done_when_a_peer_holds_it() {
     assert_eq!(ask(Goal::HandOff, &pods, &[loaded("me", 0), loaded("b", 0)], 5), Route::Copy("b".into()));
 }
 
+#[test]
+fn only_pods_offering_the_type_hold_serve_or_load_it() {
+    let other_type = |p: LoadCandidate| LoadCandidate { offers_type: false, ..p };
+    // This pod does not offer the type: its own copy does not serve; a peer's loaded copy does, and
+    // with none anywhere the model loads on a pod that offers it, never here.
+    let pods = [other_type(pod("me", 100, 0, 0)), pod("a", 100, 50, 0), pod("b", 100, 90, 0)];
+    assert_eq!(ask(Goal::Serve, &pods, &[loaded("me", 0), loaded("b", 0)], 5), Route::Copy("b".into()));
+    assert_eq!(ask(Goal::Serve, &pods, &[], 5), Route::LoadOn("a".into()), "me is emptiest, yet not it");
+    assert_eq!(ask(Goal::Ensure, &pods, &[], 5), Route::LoadOn("a".into()));
+    // Copies and loads on a peer that does not offer it do not count.
+    let pods = [pod("me", 100, 50, 0), other_type(pod("a", 100, 0, 0))];
+    assert_eq!(ask(Goal::Serve, &pods, &[loaded("a", 0)], 5), Route::LoadHere);
+    assert_eq!(ask(Goal::Serve, &pods, &[loading("a")], 5), Route::LoadHere);
+    assert_eq!(ask(Goal::AddCopy, &pods, &[loaded("me", 0)], 5), Route::Refuse(Refusal::NoPod));
+    // Nobody offers it: the refusal names the type.
+    let pods = [other_type(pod("me", 100, 0, 0)), other_type(pod("a", 100, 0, 0))];
+    assert_eq!(
+        ask(Goal::Serve, &pods, &[loaded("me", 0)], 5),
+        Route::Refuse(Refusal::NoPodOffers { model_type: "onnx".into() })
+    );
+    // A model that is not registered has no type to refuse.
+    let input = RouteInput {
+        this: "me",
+        goal: Goal::Serve,
+        pods: &[pod("me", 100, 0, 0)],
+        copies: &[],
+        exclude: &[],
+        model_type: None,
+        predicted_bytes: 5,
+        now_ms: NOW,
+        anti_churn_age: TEN_MINUTES,
+    };
+    assert_eq!(route(&input), Route::LoadHere);
+}
+
 fn arb_pods() -> impl Strategy<Value = Vec<LoadCandidate>> {
     proptest::collection::vec(
-        (1u64..1000, 0u64..1200, 0u64..3, 0u64..1200, any::<bool>(), proptest::option::of(0u64..20_000)),
+        (
+            1u64..1000,
+            0u64..1200,
+            0u64..3,
+            0u64..1200,
+            any::<bool>(),
+            proptest::option::of(0u64..20_000),
+            proptest::bool::weighted(0.75),
+        ),
         1..6,
     )
     .prop_map(|pods| {
         pods.into_iter()
             .enumerate()
-            .map(|(i, (capacity, used, loading, lru, draining, retry_after_ms))| LoadCandidate {
+            .map(|(i, (capacity, used, loading, lru, draining, retry_after_ms, offers_type))| LoadCandidate {
                 instance: if i == 0 { "me".into() } else { format!("p{i}") },
                 capacity_bytes: capacity,
                 used_bytes: used.min(capacity),
@@ -144,6 +189,7 @@ fn arb_pods() -> impl Strategy<Value = Vec<LoadCandidate>> {
                 lru_age_seconds: lru,
                 coldest_model: None,
                 draining,
+                offers_type,
                 retry_after_ms,
             })
             .collect()
@@ -169,9 +215,11 @@ fn arb_goal() -> impl Strategy<Value = Goal> {
 }
 
 proptest! {
-    /// Whatever the cluster: a peer named is a live, non-draining pod not excluded; a copy or a wait
-    /// names a pod holding one; a load never lands on a pod that is draining, backing off, too small,
-    /// or (for a new copy) already holding one, nor evicts a model used within the anti-churn age.
+    /// Whatever the cluster: a pod named (here included) offers the model's type; a peer named is a
+    /// live, non-draining pod not excluded; a copy or a wait names a pod holding one; a load never
+    /// lands on a pod that is draining, backing off, too small, or (for a new copy) already holding
+    /// one, nor evicts a model used within the anti-churn age; when no pod offers the type, the
+    /// refusal names it.
     #[test]
     fn every_answer_is_allowed(
         pods in arb_pods(),
@@ -185,11 +233,14 @@ proptest! {
         let exclude: Vec<&str> = if exclude_p1 { vec!["p1"] } else { vec![] };
         let anti_churn_age = Duration::from_secs(churn_secs);
         let input = RouteInput {
-            this: "me", goal, pods: &pods, copies: &copies, exclude: &exclude,
+            this: "me", goal, pods: &pods, copies: &copies, exclude: &exclude, model_type: Some("onnx"),
             predicted_bytes: size, now_ms: now, anti_churn_age,
         };
         let pod_named = |name: &str| pods.iter().find(|p| p.instance == name);
-        let live = |name: &str| pod_named(name).is_some_and(|p| !p.draining) && !exclude.contains(&name);
+        let offers = |name: &str| pod_named(name).is_some_and(|p| p.offers_type);
+        let live = |name: &str| {
+            pod_named(name).is_some_and(|p| !p.draining) && offers(name) && !exclude.contains(&name)
+        };
         let copy_of = |name: &str| copies.iter().find(|c| c.instance == name).map(|c| &c.copy);
         let loadable = |name: &str| {
             let Some(p) = pod_named(name) else { return false };
@@ -199,10 +250,15 @@ proptest! {
                 && !(goal == Goal::AddCopy && copy_of(name).is_some())
                 && !(goal == Goal::HandOff && name == "me")
         };
-        match route(&input) {
+        let answer = route(&input);
+        if !pods.iter().any(|p| p.offers_type) {
+            prop_assert_eq!(answer, Route::Refuse(Refusal::NoPodOffers { model_type: "onnx".into() }));
+            return Ok(());
+        }
+        match answer {
             Route::Here => {
                 prop_assert!(matches!(goal, Goal::Serve | Goal::Ensure));
-                prop_assert!(copy_of("me").is_some());
+                prop_assert!(copy_of("me").is_some() && offers("me"));
             }
             Route::Copy(peer) => {
                 prop_assert!(goal != Goal::AddCopy && peer != "me" && live(&peer));
@@ -222,9 +278,39 @@ proptest! {
                 prop_assert!(peer != "me");
                 prop_assert!(loadable(&peer));
             }
-            Route::Refuse(_) => {
+            Route::Refuse(refusal) => {
+                prop_assert!(!matches!(refusal, Refusal::NoPodOffers { .. }), "some pod offers it");
                 prop_assert!(!pods.iter().any(|p| loadable(&p.instance)));
             }
+        }
+    }
+}
+
+proptest! {
+    /// ModelMesh's type constraints on their own: whatever the cluster and the goal, every pod an
+    /// answer names (this one for `Here` and `LoadHere`) offers the model's type, and the refusal
+    /// names the type exactly when no pod offers it.
+    #[test]
+    fn never_place_on_a_pod_that_does_not_offer_the_type(
+        pods in arb_pods(),
+        copies in arb_copies(),
+        goal in arb_goal(),
+        size in 0u64..1200,
+        now in 0u64..20_000,
+    ) {
+        let input = RouteInput {
+            this: "me", goal, pods: &pods, copies: &copies, exclude: &[], model_type: Some("onnx"),
+            predicted_bytes: size, now_ms: now, anti_churn_age: Duration::ZERO,
+        };
+        let offers = |name: &str| pods.iter().any(|p| p.instance == name && p.offers_type);
+        match route(&input) {
+            Route::Here | Route::LoadHere => prop_assert!(offers("me")),
+            Route::Copy(peer) | Route::WaitFor(peer) | Route::LoadOn(peer) => prop_assert!(offers(&peer)),
+            Route::Refuse(Refusal::NoPodOffers { model_type }) => {
+                prop_assert_eq!(model_type, "onnx");
+                prop_assert!(!pods.iter().any(|p| p.offers_type));
+            }
+            Route::Refuse(_) => prop_assert!(pods.iter().any(|p| p.offers_type)),
         }
     }
 }
