@@ -12,6 +12,7 @@ mod model_id;
 pub mod registry;
 pub mod route;
 pub mod spec;
+pub mod status;
 pub mod store;
 pub mod view;
 
