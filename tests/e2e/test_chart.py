@@ -139,8 +139,12 @@ def strict_schema(schema):
                 walk(sub)
 
     walk(schema)
-    # metadata is the API server's ObjectMeta, not described by CRDs.
-    schema.get("properties", {}).get("metadata", {}).pop("additionalProperties", None)
+    # apiVersion, kind and metadata (ObjectMeta) are the API server's, allowed at the root whether or not
+    # a CRD's schema lists them; metadata's fields are checked by the API server, not by CRDs.
+    properties = schema.setdefault("properties", {})
+    properties.setdefault("apiVersion", {"type": "string"})
+    properties.setdefault("kind", {"type": "string"})
+    properties["metadata"] = {"type": "object"}
     return schema
 
 
