@@ -1,0 +1,4 @@
+//! Kubernetes for densemesh: the CRDs modelmesh-serving users already write (InferenceService in
+//! ModelMesh mode, Predictor, ServingRuntime), the pure mapping from them to the mesh's management
+//! API, and the controller that applies it.
+pub mod crd;

@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", densemesh_controller::crd::crds_yaml());
+}
