@@ -2,3 +2,4 @@
 //! ModelMesh mode, Predictor, ServingRuntime), the pure mapping from them to the mesh's management
 //! API, and the controller that applies it.
 pub mod crd;
+pub mod mapping;
