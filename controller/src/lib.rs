@@ -3,3 +3,4 @@
 //! API, and the controller that applies it.
 pub mod crd;
 pub mod mapping;
+pub mod reconcile;
