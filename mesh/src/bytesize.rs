@@ -1,4 +1,5 @@
-//! Byte sizes as operators write them: `2GiB`, `512MiB`, `1048576`.
+//! Byte sizes as operators write them: `2GiB`, `512MiB`, `1048576`; and `--capacity`, which is
+//! either a size or a share of the container's memory (`60%`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -53,6 +54,50 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// `--capacity`: a size, or a share of the memory the container may use (its cgroup limit, else the
+/// machine's memory), which is read when the node starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capacity {
+    Bytes(ByteSize),
+    /// Percent of the memory limit, 1 to 100.
+    ShareOfMemory(u8),
+}
+
+impl Capacity {
+    /// The capacity in bytes, given the memory a share is of.
+    pub fn bytes_of(self, memory_bytes: u64) -> u64 {
+        match self {
+            Capacity::Bytes(size) => size.0,
+            Capacity::ShareOfMemory(percent) => (u128::from(memory_bytes) * u128::from(percent) / 100) as u64,
+        }
+    }
+}
+
+impl FromStr for Capacity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let Some(number) = s.strip_suffix('%') else { return s.parse().map(Capacity::Bytes) };
+        let share =
+            || format!("{s:?} is not a share of memory; write a whole percent from 1% to 100%, e.g. 60%");
+        let percent: u8 = number.trim().parse().map_err(|_| share())?;
+        if !(1..=100).contains(&percent) {
+            return Err(share());
+        }
+        Ok(Capacity::ShareOfMemory(percent))
+    }
+}
+
+impl fmt::Display for Capacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Capacity::Bytes(size) => size.fmt(f),
+            Capacity::ShareOfMemory(percent) => write!(f, "{percent}%"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +127,27 @@ mod tests {
         assert_eq!(ByteSize(2 << 30).to_string(), "2GiB");
         assert_eq!(ByteSize(1536 << 20).to_string(), "1536MiB");
         assert_eq!(ByteSize(1000).to_string(), "1000");
+    }
+
+    #[test]
+    fn capacities_are_sizes_or_shares_of_memory() {
+        let cases = [
+            ("2GiB", Capacity::Bytes(ByteSize(2 << 30))),
+            ("60%", Capacity::ShareOfMemory(60)),
+            (" 1 % ", Capacity::ShareOfMemory(1)),
+            ("100%", Capacity::ShareOfMemory(100)),
+        ];
+        for (s, want) in cases {
+            assert_eq!(s.parse::<Capacity>(), Ok(want), "{s}");
+        }
+        for bad in ["0%", "101%", "60.5%", "-5%", "%", "x%", "lots"] {
+            let e = bad.parse::<Capacity>().unwrap_err();
+            assert!(e.contains(&format!("{:?}", bad.trim())), "{bad}: {e}");
+        }
+        assert!("150%".parse::<Capacity>().unwrap_err().contains("from 1% to 100%"));
+        assert_eq!(Capacity::ShareOfMemory(60).bytes_of(10 << 30), 6 << 30);
+        assert_eq!(Capacity::ShareOfMemory(100).bytes_of(u64::MAX), u64::MAX, "no overflow");
+        assert_eq!(Capacity::Bytes(ByteSize(5)).bytes_of(1 << 30), 5, "a size is a size");
+        assert_eq!(Capacity::ShareOfMemory(60).to_string(), "60%");
     }
 }

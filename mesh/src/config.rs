@@ -1,15 +1,19 @@
 //! `meshd` command line: every flag also reads `DENSEMESH_<FLAG>` from the environment.
 
+mod memory;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use densemesh_placement::spec::SUPPORTED_MODEL_TYPES;
 
-use crate::bytesize::ByteSize;
+use crate::bytesize::{ByteSize, Capacity};
 use crate::node::cache::CacheConfig;
 use crate::node::worker::WorkerConfig;
 use crate::server::ServeConfig;
+use memory::{MemoryLimit, MemorySources};
 
 /// densemesh node: serves many models over KServe V2 gRPC, paging them in and out of memory.
 #[derive(Debug, Parser)]
@@ -36,9 +40,16 @@ pub struct ServeArgs {
     /// Model repository: DIR/<model-id>/model.onnx or DIR/<model-id>/<version>/model.onnx.
     #[arg(long, env = "DENSEMESH_MODEL_REPO", default_value = "examples/models")]
     pub model_repo: PathBuf,
-    /// Memory for loaded models, e.g. 2GiB, 512MiB or a byte count.
+    /// Memory for loaded models: a size (2GiB, 512MiB, a byte count) or a share of the container's
+    /// memory limit (60%; of the machine's memory when the container has no limit).
     #[arg(long, env = "DENSEMESH_CAPACITY", default_value = "2GiB")]
-    pub capacity: ByteSize,
+    pub capacity: Capacity,
+    /// Model types this pod loads, comma-separated (ModelMesh's type constraints): placement sends it
+    /// only models of these types, and requests for others are forwarded to a pod that loads them.
+    /// Empty: none. Default: every type this build has a runtime for.
+    #[arg(long, env = "DENSEMESH_MODEL_TYPES", value_delimiter = ',',
+        default_values = SUPPORTED_MODEL_TYPES, value_parser = parse_model_type)]
+    pub model_types: Vec<String>,
     /// Model loads that may run at once.
     #[arg(long, env = "DENSEMESH_MAX_CONCURRENT_LOADS", default_value_t = 2)]
     pub max_concurrent_loads: usize,
@@ -134,9 +145,40 @@ pub struct ServeArgs {
     pub pull_timeout: Duration,
 }
 
+/// Flags that cannot be turned into a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot tell how much memory --capacity {share} is a share of: {source}; give a size instead (e.g. 2GiB)"
+    )]
+    Memory { share: Capacity, source: std::io::Error },
+}
+
 impl ServeArgs {
-    /// The server configuration these flags describe.
-    pub fn into_config(self) -> ServeConfig {
+    /// The server configuration these flags describe, on this machine (a `--capacity` share is of its
+    /// memory limit).
+    pub fn into_config(self) -> Result<ServeConfig, ConfigError> {
+        self.into_config_with(&MemorySources::system())
+    }
+
+    /// [`Self::into_config`] with the memory limit read from `memory`.
+    fn into_config_with(self, memory: &MemorySources) -> Result<ServeConfig, ConfigError> {
+        let capacity_bytes = match self.capacity {
+            Capacity::Bytes(size) => size.0,
+            share @ Capacity::ShareOfMemory(_) => {
+                let limit = memory.limit().map_err(|source| ConfigError::Memory { share, source })?;
+                let bytes = share.bytes_of(limit.bytes());
+                match limit {
+                    MemoryLimit::Cgroup(of) => tracing::info!(capacity = %share, of, capacity_bytes = bytes,
+                        "capacity is a share of the container's memory limit"),
+                    MemoryLimit::Physical(of) => {
+                        tracing::info!(capacity = %share, of, capacity_bytes = bytes,
+                        "the container has no memory limit: capacity is a share of the machine's memory")
+                    }
+                }
+                bytes
+            }
+        };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
         let cache_dir = self
@@ -145,13 +187,13 @@ impl ServeArgs {
         let mut pull = densemesh_puller::PullConfig::new(cache_dir, self.disk_capacity.0);
         pull.storage_config = self.storage_config;
         pull.request_timeout = self.pull_timeout;
-        pull.max_object_bytes = Some(self.capacity.0);
-        ServeConfig {
+        pull.max_object_bytes = Some(capacity_bytes);
+        Ok(ServeConfig {
             grpc_addr: self.grpc_addr,
             metrics_addr: self.metrics_addr,
             model_repo: self.model_repo,
             cache: CacheConfig {
-                capacity_bytes: self.capacity.0,
+                capacity_bytes,
                 max_concurrent_loads: self.max_concurrent_loads.max(1),
                 load_timeout: self.load_timeout,
                 retry_backoff: self.load_retry_backoff,
@@ -182,8 +224,19 @@ impl ServeArgs {
             copy_add_queue_wait: self.copy_add_queue_wait,
             copy_check_interval: self.copy_check_interval,
             store_prefix: self.etcd_prefix,
-        }
+            model_types: self.model_types.into_iter().filter(|t| !t.is_empty()).collect(),
+        })
     }
+}
+
+/// One of `--model-types`: a type this build has a runtime for (empty values are skipped, so an empty
+/// flag offers none).
+fn parse_model_type(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() || SUPPORTED_MODEL_TYPES.contains(&s) {
+        return Ok(s.to_owned());
+    }
+    Err(format!("unknown model type {s:?}; this build loads: {}", SUPPORTED_MODEL_TYPES.join(", ")))
 }
 
 /// The host name (a pod's name in Kubernetes), else `meshd`.
@@ -242,7 +295,7 @@ mod tests {
         ])
         .unwrap();
         let Command::Serve(args) = cli.command;
-        let config = args.into_config();
+        let config = args.into_config().unwrap();
         assert_eq!(config.cache.capacity_bytes, 64 << 20);
         assert_eq!(config.cache.load_timeout, Duration::from_secs(5));
         assert_eq!(config.copy_add_queue_wait, Duration::from_millis(50));
@@ -250,8 +303,52 @@ mod tests {
         assert_eq!(config.worker.inline_max_bytes, 64 << 10);
         let Command::Serve(args) =
             Cli::try_parse_from(["meshd", "serve", "--copy-add-queue-wait", "0"]).unwrap().command;
-        assert_eq!(args.into_config().copy_add_queue_wait, Duration::ZERO, "0 turns the rule off");
+        assert_eq!(args.into_config().unwrap().copy_add_queue_wait, Duration::ZERO, "0 turns the rule off");
         let bad = Cli::try_parse_from(["meshd", "serve", "--capacity", "lots"]).unwrap_err().to_string();
         assert!(bad.contains("--capacity"), "{bad}");
+    }
+
+    fn serve_args(flags: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["meshd", "serve"].iter().chain(flags))?;
+        let Command::Serve(args) = cli.command;
+        Ok(args)
+    }
+
+    #[test]
+    fn model_types_default_to_every_supported_type_and_unknown_ones_are_refused_by_name() {
+        let types = |flags: &[&str]| serve_args(flags).unwrap().into_config().unwrap().model_types;
+        assert_eq!(types(&[]), SUPPORTED_MODEL_TYPES);
+        assert_eq!(types(&["--model-types", "onnx"]), ["onnx"]);
+        assert_eq!(types(&["--model-types", "onnx, onnx"]), ["onnx", "onnx"]);
+        assert!(types(&["--model-types", ""]).is_empty(), "empty offers none");
+        let bad = serve_args(&["--model-types", "onnx,pytorch"]).unwrap_err().to_string();
+        assert!(bad.contains("--model-types") && bad.contains("\"pytorch\""), "{bad}");
+        assert!(bad.contains(&format!("this build loads: {}", SUPPORTED_MODEL_TYPES.join(", "))), "{bad}");
+    }
+
+    #[test]
+    fn a_capacity_share_is_of_the_containers_memory_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = MemorySources {
+            cgroup_v2_max: dir.path().join("memory.max"),
+            cgroup_v1_limit: dir.path().join("memory.limit_in_bytes"),
+            meminfo: dir.path().join("meminfo"),
+        };
+        std::fs::write(&memory.meminfo, "MemTotal: 8388608 kB\n").unwrap();
+        let capacity = |flag: &str| {
+            let config = serve_args(&["--capacity", flag]).unwrap().into_config_with(&memory).unwrap();
+            (config.cache.capacity_bytes, config.pull.max_object_bytes)
+        };
+        std::fs::write(&memory.cgroup_v2_max, "4294967296\n").unwrap();
+        assert_eq!(capacity("50%"), (2 << 30, Some(2 << 30)), "half of the 4 GiB limit");
+        std::fs::write(&memory.cgroup_v2_max, "max\n").unwrap();
+        assert_eq!(capacity("25%").0, 2 << 30, "no limit: a quarter of the machine's 8 GiB");
+        assert_eq!(capacity("1GiB").0, 1 << 30);
+        std::fs::remove_file(&memory.meminfo).unwrap();
+        let e =
+            serve_args(&["--capacity", "60%"]).unwrap().into_config_with(&memory).unwrap_err().to_string();
+        assert!(e.contains("--capacity 60%") && e.contains("give a size instead"), "{e}");
+        let bad = serve_args(&["--capacity", "120%"]).unwrap_err().to_string();
+        assert!(bad.contains("--capacity") && bad.contains("from 1% to 100%"), "{bad}");
     }
 }

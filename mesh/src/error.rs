@@ -95,6 +95,9 @@ fn describe_refusal(refusal: &Refusal) -> String {
         Refusal::NoPod => {
             "no pod may load it now (all are draining or backing off from a failed load of it)".to_owned()
         }
+        Refusal::NoPodOffers { model_type } => {
+            format!("no pod offers model type {model_type} (--model-types)")
+        }
     }
 }
 
@@ -128,7 +131,9 @@ impl From<MeshError> for Status {
                 Code::ResourceExhausted
             }
             MeshError::Cache(_) => Code::Unavailable,
-            MeshError::Refused { refusal: Refusal::NoPod, .. } => Code::Unavailable,
+            MeshError::Refused { refusal: Refusal::NoPod | Refusal::NoPodOffers { .. }, .. } => {
+                Code::Unavailable
+            }
             MeshError::Refused { .. } => Code::ResourceExhausted,
             MeshError::Registry(e) => registry_code(e),
             MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,
@@ -169,6 +174,7 @@ mod tests {
                 Code::Unavailable,
             ),
             (CacheError::ShuttingDown.into(), Code::Unavailable),
+            (MeshError::refused(&id, Refusal::NoPodOffers { model_type: "onnx".into() }), Code::Unavailable),
             (
                 MeshError::Runtime {
                     model_id: id,
@@ -183,5 +189,12 @@ mod tests {
             assert_eq!(status.code(), code, "{message}");
             assert_eq!(status.message(), message);
         }
+        let id = ModelId::new("m").unwrap();
+        let refused =
+            Status::from(MeshError::refused(&id, Refusal::NoPodOffers { model_type: "onnx".into() }));
+        assert_eq!(
+            refused.message(),
+            "model m cannot be loaded: no pod offers model type onnx (--model-types)"
+        );
     }
 }

@@ -15,7 +15,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let metrics = densemesh_mesh::server::install_metrics()?;
-            densemesh_mesh::run(args.into_config(), metrics, shutdown_signal()).await.context("meshd failed")
+            let config = args.into_config()?;
+            densemesh_mesh::run(config, metrics, shutdown_signal()).await.context("meshd failed")
         }
     }
 }

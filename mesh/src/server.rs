@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub registry_outage_grace: Duration,
     /// A load never evicts a model used more recently than this (zero: off).
     pub anti_churn_age: Duration,
+    /// The model types this pod loads (`--model-types`); placement sends it no others.
+    pub model_types: Vec<String>,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -197,6 +199,7 @@ pub async fn run(
             anti_churn_age: config.anti_churn_age,
             wait_limit: config.cache.load_timeout + Duration::from_secs(5),
             model_repo: config.model_repo.clone(),
+            model_types: config.model_types.clone(),
         },
     );
     let forwarder = crate::cluster::forward::Forwarder::new(placer.clone(), config.max_message_size);
@@ -240,6 +243,7 @@ pub async fn run(
         id: config.instance_id.clone(),
         endpoint: grpc_addr.to_string(),
         lease_ttl: config.lease_ttl,
+        model_types: config.model_types.clone(),
         health,
         lease: Arc::new(lease_tx),
     };
@@ -299,7 +303,7 @@ pub async fn run(
     }
     ready.store(true, Ordering::Release);
     tracing::info!(%grpc_addr, %metrics_addr, repository = %config.model_repo.display(),
-        capacity_bytes = config.cache.capacity_bytes, "meshd serving");
+        capacity_bytes = config.cache.capacity_bytes, model_types = %config.model_types.join(","), "meshd serving");
 
     tokio::pin!(server);
     tokio::select! {

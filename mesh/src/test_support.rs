@@ -82,5 +82,6 @@ pub(crate) fn instance_record(endpoint: &str) -> InstanceRecord {
         requests_per_minute: 0,
         draining: false,
         started_ms: 0,
+        model_types: densemesh_placement::spec::every_supported_type(),
     }
 }

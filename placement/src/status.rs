@@ -184,93 +184,76 @@ mod tests {
         Some(Failure { message: message.into(), instance: instance.into(), at_ms })
     }
 
+    /// The state of model "m": `state` with `copies` loaded or loading and `failed` failed records,
+    /// then the last failure and the size.
+    fn want(
+        state: LoadState,
+        copies: u32,
+        failed: u32,
+        last_failure: Option<Failure>,
+        size: u64,
+    ) -> ModelState {
+        ModelState {
+            model_id: "m".into(),
+            state,
+            total_copies: copies,
+            failed_copies: failed,
+            last_failure,
+            size_bytes: size,
+        }
+    }
+
     #[test]
     fn a_models_state_follows_the_rule_in_order() {
         use LoadState::*;
         use Registration::*;
-        // (case, registration, copies, state, total, failed, last failure, size)
-        type Copies = Vec<(&'static str, Placement)>;
-        let cases: Vec<(&str, Registration, Copies, LoadState, u32, u32, Option<Failure>, u64)> = vec![
-            ("not registered", Absent, vec![], Pending, 0, 0, None, 0),
-            ("unregistered, a copy left", Absent, vec![("a", loaded(5))], Pending, 1, 0, None, 5),
-            ("registered, no copy", Placeable, vec![], Standby, 0, 0, None, 0),
-            ("no pod offers its type", NoPodOffersType, vec![], Pending, 0, 0, None, 0),
-            ("loading", Placeable, vec![("a", loading())], Loading, 1, 0, None, 0),
+        let cases = [
+            ("not registered", Absent, vec![], want(Pending, 0, 0, None, 0)),
+            ("unregistered, a copy left", Absent, vec![("a", loaded(5))], want(Pending, 1, 0, None, 5)),
+            ("registered, no copy", Placeable, vec![], want(Standby, 0, 0, None, 0)),
+            ("no pod offers its type", NoPodOffersType, vec![], want(Pending, 0, 0, None, 0)),
+            ("loading", Placeable, vec![("a", loading())], want(Loading, 1, 0, None, 0)),
             (
                 "loaded twice: the largest copy's size",
                 Placeable,
                 vec![("a", loaded(5)), ("b", loaded(7)), ("c", loading())],
-                Loaded,
-                3,
-                0,
-                None,
-                7,
+                want(Loaded, 3, 0, None, 7),
             ),
             (
                 "loaded on one pod, failed on another: no failure to report",
                 Placeable,
                 vec![("a", loaded(5)), ("b", failed(9, "bad"))],
-                Loaded,
-                1,
-                1,
-                None,
-                5,
+                want(Loaded, 1, 1, None, 5),
             ),
             (
                 "loading again after a failure elsewhere: the failure still shows",
                 Placeable,
                 vec![("a", loading()), ("b", failed(9, "bad"))],
-                Loading,
-                1,
-                1,
-                failure("bad", "b", 9),
-                0,
+                want(Loading, 1, 1, failure("bad", "b", 9), 0),
             ),
             (
                 "failed everywhere: the most recent failure",
                 Placeable,
                 vec![("a", failed(9, "old")), ("b", failed(12, "new")), ("c", failed(3, "older"))],
-                FailedToLoad,
-                0,
-                3,
-                failure("new", "b", 12),
-                0,
+                want(FailedToLoad, 0, 3, failure("new", "b", 12), 0),
             ),
             (
                 "failures at the same instant: the larger instance id, whatever the map order",
                 Placeable,
                 vec![("a", failed(9, "from a")), ("b", failed(9, "from b"))],
-                FailedToLoad,
-                0,
-                2,
-                failure("from b", "b", 9),
-                0,
+                want(FailedToLoad, 0, 2, failure("from b", "b", 9), 0),
             ),
             (
                 "failed while no pod offers its type any more: still failed",
                 NoPodOffersType,
                 vec![("a", failed(9, "bad"))],
-                FailedToLoad,
-                0,
-                1,
-                failure("bad", "a", 9),
-                0,
+                want(FailedToLoad, 0, 1, failure("bad", "a", 9), 0),
             ),
         ];
-        for (case, registration, records, state, total, failed_copies, last_failure, size_bytes) in cases {
-            let records = copies(&records);
-            let got = model_state("m", registration, Some(&records));
-            let want = ModelState {
-                model_id: "m".into(),
-                state,
-                total_copies: total,
-                failed_copies,
-                last_failure,
-                size_bytes,
-            };
-            assert_eq!(got, want, "{case}");
+        for (case, registration, records, want) in cases {
+            assert_eq!(model_state("m", registration, Some(&copies(&records))), want, "{case}");
         }
-        assert_eq!(model_state("m", Registration::Placeable, None).state, LoadState::Standby);
+        assert_eq!(model_state("m", Registration::Placeable, None), want(Standby, 0, 0, None, 0));
     }
 
     #[test]

@@ -72,6 +72,11 @@ impl ClusterView {
         self.mirror.read().models.get(id).map(|(spec, _)| spec.clone())
     }
 
+    /// A model's type (format), without copying the rest of its spec.
+    pub fn model_type(&self, id: &ModelId) -> Option<String> {
+        self.mirror.read().models.get(id).map(|(spec, _)| spec.model_type.clone())
+    }
+
     /// A model's spec with the revision it was written at.
     pub fn model_with_revision(&self, id: &ModelId) -> Option<(ModelSpec, Revision)> {
         self.mirror.read().models.get(id).cloned()

@@ -128,8 +128,14 @@ impl Forwarder {
                         return Forwarded::Refused(tonic::Status::from(e));
                     }
                 }
-            } else {
+            } else if self.placer.offers(id) {
                 "serving here"
+            } else {
+                tracing::warn!(model_id = %id, code = ?status.code(), error = %status.message(), "peer could not serve; this pod does not offer the model's type");
+                return Forwarded::Refused(tonic::Status::unavailable(format!(
+                    "model {id}: the {MAX_ATTEMPTS} pods tried could not serve it (last: {}), and this pod does not offer its type (--model-types)",
+                    status.message()
+                )));
             };
             tracing::warn!(
                 peer = %failed[failed.len() - 1],
@@ -444,6 +450,7 @@ mod tests {
             anti_churn_age: Duration::ZERO,
             wait_limit: Duration::from_secs(10),
             model_repo: std::path::PathBuf::new(),
+            model_types: densemesh_placement::spec::every_supported_type(),
         };
         let placer = Placer::new("me".into(), view, cache, Peers::new(Duration::from_secs(10)), config);
         Forwarder::new(placer, 1 << 20)

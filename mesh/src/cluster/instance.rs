@@ -27,6 +27,8 @@ pub struct InstanceConfig {
     pub id: String,
     pub endpoint: String,
     pub lease_ttl: Duration,
+    /// The model types this pod offers, published in its record for placement.
+    pub model_types: Vec<String>,
     /// Told when the registry stops answering the heartbeat, and when it answers again.
     pub health: RegistryHealth,
     /// Where this pod's current lease is shared (the leader election binds its key to it).
@@ -174,6 +176,7 @@ impl Publisher {
             requests_per_minute: self.rate_per_minute,
             draining: self.draining,
             started_ms: self.started_ms,
+            model_types: self.config.model_types.clone(),
         }
     }
 
@@ -332,6 +335,7 @@ mod tests {
             id: "pod-a".into(),
             endpoint: "127.0.0.1:1".into(),
             lease_ttl: Duration::from_secs(30),
+            model_types: densemesh_placement::spec::every_supported_type(),
             health: RegistryHealth::new(Duration::from_secs(30)),
             lease: Arc::new(tokio::sync::watch::channel(None).0),
         };

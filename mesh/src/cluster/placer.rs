@@ -33,6 +33,8 @@ pub struct PlacerConfig {
     pub wait_limit: Duration,
     /// This pod's `--model-repo`, where repository models' files are (for their size).
     pub model_repo: PathBuf,
+    /// The model types this pod offers (`--model-types`); it never holds a model of another type.
+    pub model_types: Vec<String>,
 }
 
 /// Asks placement and carries out its answer; cloning shares it.
@@ -115,6 +117,16 @@ impl Placer {
         &self.inner.view
     }
 
+    /// Whether this pod offers `id`'s type (a model that is not registered has no type it could
+    /// refuse).
+    pub fn offers(&self, id: &ModelId) -> bool {
+        self.inner.view.model_type(id).is_none_or(|t| self.offers_type(&t))
+    }
+
+    fn offers_type(&self, model_type: &str) -> bool {
+        self.inner.config.model_types.iter().any(|t| t == model_type)
+    }
+
     /// A live pod's gRPC endpoint.
     pub fn endpoint(&self, instance: &str) -> Option<String> {
         self.inner.view.instances_snapshot().get(instance).map(|r| r.endpoint.clone())
@@ -173,9 +185,11 @@ impl Placer {
         } else {
             PlacementState { capacity_bytes: self.inner.cache.config().capacity_bytes, ..Default::default() }
         };
+        let model_type = self.inner.view.model_type(id);
+        let model_type = model_type.as_deref();
         let mut pods: Vec<LoadCandidate> = Vec::with_capacity(instances.len() + 1);
         for (name, record) in instances.iter().filter(|(name, _)| *name != this) {
-            pods.push(LoadCandidate::from_record(name, record, own(name)));
+            pods.push(LoadCandidate::from_record(name, record, own(name), model_type));
         }
         // This pod as its cache says now (its record may be seconds old), draining and backing off
         // as its own records say, like every other pod.
@@ -187,6 +201,7 @@ impl Placer {
             lru_age_seconds: local.lru_age.as_secs(),
             coldest_model: local.coldest_model.as_ref().map(ModelId::to_string),
             draining: instances.get(this).is_some_and(|r| r.draining),
+            offers_type: model_type.is_none_or(|t| self.offers_type(t)),
             retry_after_ms: own(this).and_then(Placement::retry_after_ms),
         });
         route(&RouteInput {
@@ -195,6 +210,7 @@ impl Placer {
             pods: &pods,
             copies: &copies,
             exclude,
+            model_type,
             predicted_bytes: if placing { self.predicted_bytes(id, records.as_deref(), &local) } else { 0 },
             now_ms: now_ms(),
             anti_churn_age: self.inner.config.anti_churn_age,
