@@ -400,6 +400,7 @@ def test_controller_settings():
         "DENSEMESH_PUBLIC_REST_URL": f"http://{RELEASE}-meshd.{NAMESPACE}:8008",
         "DENSEMESH_LEASE_NAMESPACE": NAMESPACE,
         "DENSEMESH_LEASE_NAME": LEASE,
+        "DENSEMESH_LEASE_DURATION": "15s",
         "DENSEMESH_MESHD_POD_TEMPLATE": "/etc/densemesh/meshd-pod-template/pod-template.yaml",
         "DENSEMESH_SCALE_TO_ZERO_GRACE": "5m",
         "DENSEMESH_METRICS_ADDR": "0.0.0.0:2113",
@@ -448,14 +449,15 @@ def test_external_etcd_with_tls():
     assert "etcd-tls" not in {v["name"] for v in pod_template(plain)["spec"]["volumes"]}
 
 
-def test_capacity_share_reaches_meshd():
+def test_capacity_reaches_meshd():
     docs = render("capacity-share-values.yaml")
     meshd = meshd_container(docs)
-    assert env_of(meshd)["DENSEMESH_CAPACITY"] == "60%"
+    assert env_of(meshd)["DENSEMESH_CAPACITY"] == "75%"
     assert meshd["resources"]["limits"]["memory"] == "4Gi", "a share needs a memory limit to be a share of"
     runtime = one(docs, "ServingRuntime")
     assert runtime["spec"]["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
-    assert env_of(meshd_container(render("defaults")))["DENSEMESH_CAPACITY"] == "1GiB"
+    assert env_of(meshd_container(render("defaults")))["DENSEMESH_CAPACITY"] == "60%"
+    assert env_of(meshd_container(render("bundled-etcd-values.yaml")))["DENSEMESH_CAPACITY"] == "2GiB"
 
 
 def test_default_runtime():
@@ -496,7 +498,8 @@ def test_monitoring_and_network_policies():
     (("etcd.mode=external", "etcd.external.endpoints={etcd:2379}"), "etcd.external.endpoints.0: Does not match pattern"),
     (("etcd.external.tls.secretName=certs",), "etcd.external.tls.secretName is set but etcd.mode is not external"),
     (("meshd.capacity=lots",), "meshd.capacity: Does not match pattern"),
-    (("meshd.capacity=60%", "meshd.resources.limits=null"), "meshd.resources.limits.memory is not set"),
+    (("meshd.resources.limits=null",), "meshd.resources.limits.memory is not set"),
+    (("meshd.capacity=0%",), "meshd.capacity: Does not match pattern"),
     (("controller.replicas=two",), "controller.replicas: Invalid type"),
     (("meshd.shutdownGrace=soon",), "meshd.shutdownGrace: Does not match pattern"),
     (("meshd.capacty=2GiB",), "Additional property capacty is not allowed"),

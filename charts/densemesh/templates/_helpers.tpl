@@ -100,12 +100,12 @@ checks each value's type and form (etcd.mode's choices, capacity's syntax).
 {{- if hasSuffix "%" (toString .Values.meshd.capacity) }}
 {{- $limits := (.Values.meshd.resources | default dict).limits | default dict }}
 {{- if not $limits.memory }}
-{{- fail (printf "meshd.capacity %s is a share of the container's memory limit, but meshd.resources.limits.memory is not set" (toString .Values.meshd.capacity)) }}
+{{- fail (printf "meshd.capacity %s is a share of the container's memory limit, but meshd.resources.limits.memory is not set (without a limit meshd takes a share of the whole node's memory): set one, or give meshd.capacity as a size such as 2GiB" (toString .Values.meshd.capacity)) }}
 {{- end }}
 {{- if .Values.defaultRuntime.enabled }}
 {{- $rlimits := (.Values.defaultRuntime.resources | default dict).limits | default dict }}
 {{- if and .Values.defaultRuntime.resources (not $rlimits.memory) }}
-{{- fail (printf "meshd.capacity %s is a share of the container's memory limit, but defaultRuntime.resources has no limits.memory" (toString .Values.meshd.capacity)) }}
+{{- fail (printf "meshd.capacity %s is a share of the container's memory limit, but defaultRuntime.resources has no limits.memory (its pods would take a share of the whole node's memory)" (toString .Values.meshd.capacity)) }}
 {{- end }}
 {{- end }}
 {{- end }}
