@@ -226,7 +226,12 @@ pub async fn run(
         .add_service(crate::node::limits::OversizeIsInvalid::new(inference))
         .add_service(ModelMeshServer::new(management))
         .add_service(densemesh_proto::admin::admin_server::AdminServer::new(
-            crate::api::admin_service::AdminService::new(registry.clone(), cache.clone(), placer.clone()),
+            crate::api::admin_service::AdminService::new(
+                registry.clone(),
+                cache.clone(),
+                placer.clone(),
+                stop.clone(),
+            ),
         ))
         .add_service(reflection)
         .add_service(reflection_alpha)

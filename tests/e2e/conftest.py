@@ -64,3 +64,24 @@ def mmesh(tmp_path_factory):
     pb2 = importlib.import_module("model_mesh_pb2")
     pb2_grpc = importlib.import_module("model_mesh_pb2_grpc")
     return pb2, pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def admin_api(tmp_path_factory):
+    """Python stubs for densemesh.v1.Admin, generated with grpcio-tools from the project's proto."""
+    import importlib
+    import sys
+
+    from grpc_tools import protoc
+
+    from meshd import REPO
+
+    out = tmp_path_factory.mktemp("admin_stubs")
+    proto_dir = REPO / "proto" / "proto" / "densemesh"
+    rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
+                      str(proto_dir / "admin.proto")])
+    assert rc == 0, "grpcio-tools could not compile admin.proto"
+    sys.path.insert(0, str(out))
+    pb2 = importlib.import_module("admin_pb2")
+    pb2_grpc = importlib.import_module("admin_pb2_grpc")
+    return pb2, pb2_grpc

@@ -1,14 +1,21 @@
-//! `densemesh.v1.Admin`: what ModelMesh's API lacks — listings for operators and `meshctl`, and
-//! traffic splits across several models behind one vmodel.
+//! `densemesh.v1.Admin`: what ModelMesh's API lacks — listings for operators and `meshctl`, traffic
+//! splits across several models behind one vmodel, and a watch of every vmodel's status for the
+//! Kubernetes controller.
+
+use std::pin::Pin;
 
 use densemesh_placement::registry::Registry;
 use densemesh_placement::route::Goal;
+use densemesh_placement::status::{self, LoadState};
 use densemesh_placement::{ClusterView, ModelId, Source, VModelSpec, Weighted};
 use densemesh_proto::admin::admin_server::Admin;
 use densemesh_proto::admin::*;
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::placer::{LastUsed, Placer};
+use crate::cluster::vmodel_watch::{StatusEvent, VModelWatch};
 use crate::error::registry_status;
 use crate::node::cache::{CopyStatus, ModelCache};
 
@@ -19,11 +26,69 @@ pub struct AdminService {
     view: ClusterView,
     cache: ModelCache,
     placer: Placer,
+    /// Ends the watches when the server stops, so they never hold up its shutdown.
+    shutdown: CancellationToken,
 }
 
 impl AdminService {
-    pub fn new(registry: Registry, cache: ModelCache, placer: Placer) -> Self {
-        Self { registry, view: placer.view().clone(), cache, placer }
+    pub fn new(registry: Registry, cache: ModelCache, placer: Placer, shutdown: CancellationToken) -> Self {
+        Self { registry, view: placer.view().clone(), cache, placer, shutdown }
+    }
+}
+
+fn weighted(split: Vec<Weighted>) -> Vec<WeightedModel> {
+    split.into_iter().map(|w| WeightedModel { model_id: w.model, weight: w.weight }).collect()
+}
+
+/// A watch event on the wire.
+fn vmodel_event(event: StatusEvent) -> VModelEvent {
+    use v_model_event::Kind;
+    let (kind, vmodel) = match event {
+        StatusEvent::Upsert(state) => (Kind::Upsert, Some(vmodel_state(state))),
+        StatusEvent::Deleted { vmodel_id, owner } => (
+            Kind::Deleted,
+            Some(VModelState { vmodel_id: vmodel_id.to_string(), owner, ..Default::default() }),
+        ),
+        StatusEvent::Synced => (Kind::Synced, None),
+    };
+    VModelEvent { kind: kind as i32, vmodel }
+}
+
+fn vmodel_state(s: status::VModelState) -> VModelState {
+    VModelState {
+        vmodel_id: s.vmodel_id.to_string(),
+        owner: s.owner,
+        active_model_id: s.active,
+        target_model_id: s.target,
+        split: weighted(s.split),
+        transition_error: s.transition_error.unwrap_or_default(),
+        models: s.models.into_iter().map(model_state).collect(),
+    }
+}
+
+fn model_state(m: status::ModelState) -> ModelState {
+    use model_state::State;
+    let state = match m.state {
+        LoadState::Pending => State::Pending,
+        LoadState::Standby => State::Standby,
+        LoadState::Loading => State::Loading,
+        LoadState::Loaded => State::Loaded,
+        LoadState::FailedToLoad => State::FailedToLoad,
+    };
+    let failure = m.last_failure.unwrap_or_else(|| status::Failure {
+        message: String::new(),
+        instance: String::new(),
+        at_ms: 0,
+    });
+    ModelState {
+        model_id: m.model_id,
+        state: state as i32,
+        total_copies: m.total_copies,
+        failed_copies: m.failed_copies,
+        last_failure_message: failure.message,
+        last_failure_instance: failure.instance,
+        last_failure_ms: failure.at_ms,
+        size_bytes: m.size_bytes,
     }
 }
 
@@ -34,12 +99,25 @@ fn summary(id: &ModelId, v: VModelSpec) -> VModelSummary {
         target_model_id: v.target,
         owner: v.owner,
         transition_error: v.transition_error.unwrap_or_default(),
-        split: v.split.into_iter().map(|w| WeightedModel { model_id: w.model, weight: w.weight }).collect(),
+        split: weighted(v.split),
     }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    type WatchVModelsStream = Pin<Box<dyn Stream<Item = Result<VModelEvent, Status>> + Send + 'static>>;
+
+    async fn watch_v_models(
+        &self,
+        request: Request<WatchVModelsRequest>,
+    ) -> Result<Response<Self::WatchVModelsStream>, Status> {
+        let owner = request.into_inner().owner;
+        tracing::debug!(%owner, "vmodel watch started");
+        // The stream ends when the client goes (tonic drops it) or the server stops.
+        let watch = VModelWatch::new(self.view.clone(), owner, self.shutdown.child_token());
+        Ok(Response::new(Box::pin(watch.into_stream().map(|event| Ok(vmodel_event(event))))))
+    }
+
     async fn list_models(
         &self,
         _: Request<ListModelsRequest>,
@@ -99,6 +177,7 @@ impl Admin for AdminService {
                 lru_age_seconds: r.lru_age_seconds,
                 requests_per_minute: r.requests_per_minute,
                 draining: r.draining,
+                model_types: r.model_types,
             })
             .collect();
         Ok(Response::new(ListInstancesResponse { instances }))

@@ -1,7 +1,8 @@
 //! What involves other pods: asking placement where a model goes and doing what it says
 //! ([`placer`]), forwarding requests ([`forward`]) over shared connections ([`peers`]), this pod's
-//! instance and placement records ([`instance`]), copies ([`copies`]), drain ([`drain`]), and the
-//! chores only the leader does (vmodel transitions, repository sync).
+//! instance and placement records ([`instance`]), copies ([`copies`]), drain ([`drain`]), the
+//! chores only the leader does (vmodel transitions, repository sync), and every vmodel's status across
+//! the mesh as it changes ([`vmodel_watch`]).
 
 pub mod copies;
 pub mod drain;
@@ -11,4 +12,5 @@ pub mod leader;
 pub mod peers;
 pub mod placer;
 pub mod repository;
+pub mod vmodel_watch;
 pub mod vmodels;
