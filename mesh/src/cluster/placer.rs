@@ -24,6 +24,9 @@ use crate::cluster::peers::{MAX_ATTEMPTS, Peers, mark_forwarded, peer_failed};
 use crate::error::{CacheError, MeshError};
 use crate::node::cache::{CopyStatus, ModelCache, PlacementState};
 
+/// How long a sync load on a peer waits for the peer's placement record to reach this pod's view.
+const PEER_RECORD_WAIT: Duration = Duration::from_secs(5);
+
 /// What routing needs besides the cluster's state.
 #[derive(Debug, Clone)]
 pub struct PlacerConfig {
@@ -363,7 +366,31 @@ impl Placer {
         if sync && status.status != ModelStatus::Loaded as i32 {
             return Err(PeerLoad::Failed(peer_load_failed(id, peer, &status)));
         }
+        if sync {
+            self.seen_loaded(id, peer).await;
+        }
         Ok(())
+    }
+
+    /// Waits, briefly, until this pod's view shows `peer`'s copy of `id` loaded: the peer answered
+    /// once loaded, and a status read here right after must say so too.
+    async fn seen_loaded(&self, id: &ModelId, peer: &str) {
+        let view = &self.inner.view;
+        // Subscribed before looking, so the record cannot arrive in between unnoticed.
+        let mut changes = view.subscribe();
+        let seen = async {
+            while !matches!(
+                view.copies(id).as_ref().and_then(|c| c.get(peer)),
+                Some(Placement::Loaded { .. })
+            ) {
+                if let Err(tokio::sync::broadcast::error::RecvError::Closed) = changes.recv().await {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(PEER_RECORD_WAIT, seen).await.is_err() {
+            tracing::debug!(model_id = %id, peer = %peer, "the peer's loaded copy is not in the view yet");
+        }
     }
 
     /// Waits until `peer`'s copy of `id` is loaded (or fails, or the wait limit passes).
