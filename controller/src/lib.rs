@@ -2,5 +2,8 @@
 //! ModelMesh mode, Predictor, ServingRuntime), the pure mapping from them to the mesh's management
 //! API, and the controller that applies it.
 pub mod crd;
+pub mod lease;
 pub mod mapping;
+pub mod mesh;
+pub mod operator;
 pub mod reconcile;
