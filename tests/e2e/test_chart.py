@@ -288,9 +288,14 @@ def expected_controller_grants(watch_scope):
     add(watch_scope, KSERVE, [f"{r}/finalizers" for r in CR_NAMESPACED], ["update"])
     for group in ("", "events.k8s.io"):
         add(watch_scope, group, ["events"], ["create", "patch"])
+    # A ServingRuntime's meshd Deployment goes in the runtime's namespace, a ClusterServingRuntime's in the
+    # release namespace (controller/src/operator.rs).
+    deployment_verbs = ["get", "list", "watch", "create", "patch", "update", "delete"]
+    add(watch_scope, "apps", ["deployments"], deployment_verbs)
+    if watch_scope not in ("cluster", NAMESPACE):
+        add(NAMESPACE, "apps", ["deployments"], deployment_verbs)
     add(NAMESPACE, "coordination.k8s.io", ["leases"], ["create"])
     add(NAMESPACE, "coordination.k8s.io", ["leases"], ["get", "update"], LEASE)
-    add(NAMESPACE, "apps", ["deployments"], ["get", "list", "watch", "create", "patch", "update", "delete"])
     return grants
 
 
@@ -313,6 +318,11 @@ def test_meshd_runs_without_kubernetes_credentials():
     docs = render("defaults")
     spec = pod_template(docs)["spec"]
     assert spec["automountServiceAccountToken"] is False
+    # Runtimes may live in any namespace: by default their pods use that namespace's default account.
+    assert "serviceAccountName" not in spec and not find(docs, "ServiceAccount", f"{RELEASE}-meshd")
+    docs = render("defaults", ("meshd.serviceAccount.create=true",))
+    spec = pod_template(docs)["spec"]
+    assert spec["serviceAccountName"] == one(docs, "ServiceAccount", f"{RELEASE}-meshd")["metadata"]["name"]
     bound = {s["name"] for d in docs if d["kind"].endswith("RoleBinding") for s in d["subjects"]}
     assert spec["serviceAccountName"] not in bound, "meshd's ServiceAccount has no RBAC"
 
@@ -488,7 +498,9 @@ def test_monitoring_and_network_policies():
     assert set(policies) == {f"{RELEASE}-meshd", f"{RELEASE}-etcd"}
     meshd_labels = pod_template(docs)["metadata"]["labels"]
     etcd_from = policies[f"{RELEASE}-etcd"]["spec"]["ingress"][0]["from"]
-    assert [f["podSelector"]["matchLabels"].items() <= meshd_labels.items() for f in etcd_from] == [True]
+    # meshd pods of runtimes in any namespace, and nothing else.
+    assert [(f["namespaceSelector"], f["podSelector"]["matchLabels"].items() <= meshd_labels.items())
+            for f in etcd_from] == [({}, True)]
     assert not find(render("defaults"), "ServiceMonitor") and not find(render("defaults"), "NetworkPolicy")
 
 

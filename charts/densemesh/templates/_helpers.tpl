@@ -52,11 +52,12 @@ app.kubernetes.io/part-of: densemesh
 {{- end }}
 {{- end }}
 
+{{/* Empty: meshd pods run as their namespace's default ServiceAccount (runtimes may live anywhere). */}}
 {{- define "densemesh.meshd.serviceAccountName" -}}
 {{- if .Values.meshd.serviceAccount.create }}
 {{- default (printf "%s-meshd" (include "densemesh.fullname" .)) .Values.meshd.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.meshd.serviceAccount.name }}
+{{- .Values.meshd.serviceAccount.name }}
 {{- end }}
 {{- end }}
 

@@ -21,7 +21,9 @@ metadata:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
-  serviceAccountName: {{ include "densemesh.meshd.serviceAccountName" . }}
+  {{- with include "densemesh.meshd.serviceAccountName" . }}
+  serviceAccountName: {{ . }}
+  {{- end }}
   # meshd never calls the Kubernetes API.
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: {{ $m.terminationGracePeriodSeconds }}
