@@ -7,3 +7,4 @@ pub mod mapping;
 pub mod mesh;
 pub mod operator;
 pub mod reconcile;
+pub mod runtime;

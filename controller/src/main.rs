@@ -44,6 +44,13 @@ struct Cli {
     /// status write.
     #[arg(long, env = "DENSEMESH_STATUS_DEBOUNCE", default_value = "200ms", value_parser = humantime::parse_duration)]
     status_debounce: Duration,
+    /// The meshd PodTemplateSpec (YAML) every ServingRuntime becomes a Deployment of; without it
+    /// runtimes only decide which formats are served, and meshd pods run by other means.
+    #[arg(long, env = "DENSEMESH_MESHD_POD_TEMPLATE")]
+    meshd_pod_template: Option<std::path::PathBuf>,
+    /// How long a runtime no model uses keeps its pods before it is scaled to zero.
+    #[arg(long, env = "DENSEMESH_SCALE_TO_ZERO_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    scale_to_zero_grace: Duration,
     /// Prometheus metrics (`/metrics`).
     #[arg(long, env = "DENSEMESH_METRICS_ADDR", default_value = "127.0.0.1:2113")]
     metrics_addr: SocketAddr,
@@ -72,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         .install()
         .with_context(|| format!("serving metrics on {}", cli.metrics_addr))?;
 
+    // Read before taking the lease: a bad template is a startup error, not a leader that fails.
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API server configured (in-cluster or KUBECONFIG)")?;
@@ -91,10 +99,24 @@ async fn main() -> anyhow::Result<()> {
     lease.acquire().await;
     metrics::gauge!("densemesh_controller_leader").set(1.0);
     info!(identity, "leading");
+    let pod_template = match &cli.meshd_pod_template {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the meshd pod template {}", path.display()))?;
+            Some(
+                serde_yaml::from_str(&text)
+                    .with_context(|| format!("{} is not a PodTemplateSpec", path.display()))?,
+            )
+        }
+        None => None,
+    };
     let settings = Settings {
         urls: Urls { grpc: cli.public_grpc_url, rest: cli.public_rest_url },
         namespace: Some(cli.namespace).filter(|n| !n.is_empty()),
         debounce: cli.status_debounce,
+        pod_template,
+        runtime_namespace: cli.lease_namespace.clone(),
+        scale_to_zero_grace: cli.scale_to_zero_grace,
     };
     tokio::select! {
         result = operator::run(client, mesh, settings) => result,

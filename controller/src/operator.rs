@@ -9,9 +9,10 @@ use std::time::Duration;
 use densemesh_proto::admin::{VModelState, v_model_event};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -24,13 +25,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{info, warn};
 
-use crate::crd::{ClusterServingRuntime, InferenceService, Predictor, ServingRuntime};
+use crate::crd::{ClusterServingRuntime, InferenceService, Predictor, ServingRuntime, ServingRuntimeSpec};
 use crate::mapping::{
     self, Desired, ISVC_OWNER, PREDICTOR_OWNER, RuntimeInfo, SpecError, desired_for_isvc,
     desired_for_predictor,
 };
 use crate::mesh::{GrpcMesh, MeshApi, MeshError};
 use crate::reconcile::{self, MeshCall, Rollout, Urls};
+use crate::runtime::{self, UNNEEDED_SINCE_ANNOTATION};
 
 /// The finalizer that keeps an object until its vmodel is gone from the mesh.
 pub const FINALIZER: &str = "serving.kserve.io/densemesh";
@@ -136,6 +138,28 @@ pub struct Settings {
     /// How long reconciles of one object wait for more triggers, so a burst of mesh events is
     /// one status write.
     pub debounce: Duration,
+    /// The meshd pod every ServingRuntime becomes a Deployment of; without it runtimes only
+    /// select formats and the meshd pods are run by other means (tests, a single box).
+    pub pod_template: Option<k8s_openapi::api::core::v1::PodTemplateSpec>,
+    /// Where ClusterServingRuntimes' Deployments go (the controller's own namespace).
+    pub runtime_namespace: String,
+    pub scale_to_zero_grace: Duration,
+}
+
+/// A runtime by identity: a ServingRuntime in a namespace, or a ClusterServingRuntime.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RuntimeKey {
+    cluster: bool,
+    namespace: String,
+    name: String,
+}
+
+/// Which runtime each served object uses ("kind/namespace/name" → runtime), so a runtime knows
+/// whether any model needs it.
+type Usage = Arc<RwLock<HashMap<String, RuntimeKey>>>;
+
+fn usage_key<K: MeshObject>(obj: &K) -> String {
+    format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 /// Shared by every reconcile of one kind.
@@ -147,6 +171,7 @@ pub struct Context<K: MeshObject> {
     by_vmodel: Arc<RwLock<HashMap<String, Vec<ObjectRef<K>>>>>,
     runtimes: Store<ServingRuntime>,
     cluster_runtimes: Store<ClusterServingRuntime>,
+    usage: Usage,
     settings: Settings,
 }
 
@@ -177,9 +202,18 @@ pub async fn run(client: kube::Client, mesh: GrpcMesh, settings: Settings) -> an
     cluster_runtimes.wait_until_ready().await?;
 
     let mesh: Arc<GrpcMesh> = Arc::new(mesh);
-    let isvcs = serve::<InferenceService>(&client, &mesh, &runtimes, &cluster_runtimes, &settings);
-    let predictors = serve::<Predictor>(&client, &mesh, &runtimes, &cluster_runtimes, &settings);
-    tokio::join!(isvcs, predictors);
+    let usage = Usage::default();
+    let isvcs = serve::<InferenceService>(&client, &mesh, &runtimes, &cluster_runtimes, &usage, &settings);
+    let predictors = serve::<Predictor>(&client, &mesh, &runtimes, &cluster_runtimes, &usage, &settings);
+    match settings.pod_template.clone() {
+        Some(template) => {
+            let deployments = run_runtimes(client.clone(), usage.clone(), template, settings.clone());
+            tokio::join!(isvcs, predictors, deployments);
+        }
+        None => {
+            tokio::join!(isvcs, predictors);
+        }
+    }
     Ok(())
 }
 
@@ -188,6 +222,7 @@ async fn serve<K: MeshObject>(
     mesh: &Arc<GrpcMesh>,
     runtimes: &Store<ServingRuntime>,
     cluster_runtimes: &Store<ClusterServingRuntime>,
+    usage: &Usage,
     settings: &Settings,
 ) {
     let ctx = Arc::new(Context::<K> {
@@ -197,6 +232,7 @@ async fn serve<K: MeshObject>(
         by_vmodel: Arc::default(),
         runtimes: runtimes.clone(),
         cluster_runtimes: cluster_runtimes.clone(),
+        usage: usage.clone(),
         settings: settings.clone(),
     });
     let (triggers, trigger_rx) = mpsc::unbounded_channel();
@@ -349,9 +385,18 @@ async fn apply<K: MeshObject>(obj: &K, ctx: &Context<K>, api: &Api<K>) -> Result
                 spec: &r.spec.0,
             }))
             .collect();
-        mapping::choose_runtime(&d, &infos)?;
+        let chosen = mapping::choose_runtime(&d, &infos)?;
+        let key = RuntimeKey {
+            cluster: chosen.cluster,
+            namespace: if chosen.cluster { String::new() } else { namespace.clone() },
+            name: chosen.name.to_owned(),
+        };
+        ctx.usage.write().insert(usage_key(obj), key);
         Ok(d)
     });
+    if desired.is_err() {
+        ctx.usage.write().remove(&usage_key(obj));
+    }
     let mesh = ctx.reported.read().vmodels.get(&name).cloned();
     if let Ok(d) = &desired {
         for call in reconcile::plan(d, mesh.as_ref(), &obj.rollout()) {
@@ -390,6 +435,7 @@ async fn apply<K: MeshObject>(obj: &K, ctx: &Context<K>, api: &Api<K>) -> Result
 async fn cleanup<K: MeshObject>(obj: &K, ctx: &Context<K>) -> Result<Action, Error> {
     let name = obj.name_any();
     ctx.mesh.call(&MeshCall::DeleteVModel { vmodel_id: name.clone(), owner: K::OWNER.to_owned() }).await?;
+    ctx.usage.write().remove(&usage_key(obj));
     let this = ObjectRef::from_obj(obj);
     let mut index = ctx.by_vmodel.write();
     if let Some(refs) = index.get_mut(&name) {
@@ -417,4 +463,125 @@ fn error_policy<K: MeshObject>(obj: Arc<K>, err: &Error, _ctx: Arc<Context<K>>) 
     metrics::counter!("densemesh_controller_reconcile_errors_total", "kind" => K::kind(&()).into_owned())
         .increment(1);
     Action::requeue(Duration::from_secs(2))
+}
+
+/// Keeps one Deployment per ServingRuntime and ClusterServingRuntime, scaled by whether any model
+/// uses the runtime.
+async fn run_runtimes(
+    client: kube::Client,
+    usage: Usage,
+    template: k8s_openapi::api::core::v1::PodTemplateSpec,
+    settings: Settings,
+) {
+    let ctx =
+        Arc::new(RuntimeContext { client: client.clone(), usage, template, settings: settings.clone() });
+    let runtimes: Api<ServingRuntime> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let deployments: Api<Deployment> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let namespaced = Controller::new(runtimes, watcher::Config::default())
+        .owns(deployments, watcher::Config::default().labels(runtime::RUNTIME_LABEL))
+        .shutdown_on_signal()
+        .run(
+            |rt: Arc<ServingRuntime>, ctx: Arc<RuntimeContext>| async move {
+                let key = RuntimeKey {
+                    cluster: false,
+                    namespace: rt.namespace().unwrap_or_default(),
+                    name: rt.name_any(),
+                };
+                let owner = rt.controller_owner_ref(&()).unwrap_or_default();
+                ensure_deployment(&key, &rt.spec, owner, &ctx).await
+            },
+            |_, err: &Error, _| {
+                warn!(error = %err, "runtime reconcile failed; retrying");
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+    let cluster = Controller::new(Api::<ClusterServingRuntime>::all(client), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(
+            |rt: Arc<ClusterServingRuntime>, ctx: Arc<RuntimeContext>| async move {
+                let key = RuntimeKey { cluster: true, namespace: String::new(), name: rt.name_any() };
+                let owner = rt.controller_owner_ref(&()).unwrap_or_default();
+                ensure_deployment(&key, &rt.spec.0, owner, &ctx).await
+            },
+            |_, err: &Error, _| {
+                warn!(error = %err, "cluster runtime reconcile failed; retrying");
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx,
+        )
+        .for_each(|_| futures::future::ready(()));
+    tokio::join!(namespaced, cluster);
+}
+
+struct RuntimeContext {
+    client: kube::Client,
+    usage: Usage,
+    template: k8s_openapi::api::core::v1::PodTemplateSpec,
+    settings: Settings,
+}
+
+async fn ensure_deployment(
+    key: &RuntimeKey,
+    spec: &ServingRuntimeSpec,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    ctx: &RuntimeContext,
+) -> Result<Action, Error> {
+    if spec.multi_model == Some(false) {
+        // A KServe single-model runtime: not the mesh's.
+        return Ok(Action::await_change());
+    }
+    let namespace = if key.cluster { ctx.settings.runtime_namespace.clone() } else { key.namespace.clone() };
+    let name = runtime::deployment_name(&key.name, key.cluster);
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = api.get_opt(&name).await?;
+    let since = existing
+        .as_ref()
+        .and_then(|d| d.metadata.annotations.as_ref())
+        .and_then(|a| a.get(UNNEEDED_SINCE_ANNOTATION))
+        .and_then(|t| t.parse::<Timestamp>().ok());
+    let needed = ctx.usage.read().values().any(|k| k == key);
+    let (replicas, since) =
+        runtime::replicas(spec.replicas, needed, since, Timestamp::now(), ctx.settings.scale_to_zero_grace);
+    let deployment = match runtime::deployment(
+        &key.name,
+        key.cluster,
+        &namespace,
+        spec,
+        &ctx.template,
+        replicas,
+        since,
+        owner,
+    ) {
+        Ok(d) => d,
+        Err(why) => {
+            warn!(runtime = key.name, "cannot make the runtime's Deployment: {why}");
+            return Ok(Action::await_change());
+        }
+    };
+    match existing {
+        None => {
+            api.create(&PostParams::default(), &deployment).await?;
+            info!(runtime = key.name, namespace, replicas, "created the runtime's Deployment");
+        }
+        Some(_) => {
+            let mut patch = serde_json::to_value(&deployment).expect("a Deployment serializes");
+            if since.is_none() {
+                patch["metadata"]["annotations"] = serde_json::json!({ UNNEEDED_SINCE_ANNOTATION: null });
+            }
+            // A merge patch that changes nothing is no write on the API server.
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+        }
+    }
+    // While unneeded, look again when the grace period may have ended.
+    Ok(Action::requeue(
+        ctx.settings.scale_to_zero_grace.min(Duration::from_secs(30)).max(Duration::from_secs(1)),
+    ))
 }
