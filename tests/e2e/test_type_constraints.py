@@ -26,6 +26,14 @@ def local_status(server, admin_api, model_id):
     return next(m.status for m in models if m.model_id == model_id)
 
 
+def registered_on(server, mmesh, model_id):
+    """Whether `server`'s view has the registration yet (a peer asked to serve a model its view does
+    not have yet answers NOT_FOUND: the registry is eventually consistent across pods)."""
+    pb2, stub = mm(server, mmesh)
+    status = stub.getModelStatus(pb2.GetStatusRequest(modelId=model_id)).status
+    return pb2.ModelStatusInfo.ModelStatus.Name(status) != "NOT_FOUND"
+
+
 def test_a_model_goes_only_to_a_pod_that_offers_its_type(start_meshd, etcd, mmesh, admin_api, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -39,6 +47,7 @@ def test_a_model_goes_only_to_a_pod_that_offers_its_type(start_meshd, etcd, mmes
     pb2, stub_b = mm(b, mmesh)
     info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
     stub_b.registerModel(pb2.RegisterModelRequest(modelId="iris", modelInfo=info))
+    wait_for(lambda: registered_on(a, mmesh, "iris"), 30, "pod-a to see the registration")
     for _ in range(5):
         response = b.stub.ModelInfer(raw_request("iris", [("input", "FP32", X)]))
         assert [o.name for o in response.outputs] == ["label", "probabilities"]
@@ -50,6 +59,7 @@ def test_a_model_goes_only_to_a_pod_that_offers_its_type(start_meshd, etcd, mmes
 
     # ensureLoaded through pod-b places the model on pod-a too.
     stub_b.registerModel(pb2.RegisterModelRequest(modelId="iris-2", modelInfo=info))
+    wait_for(lambda: registered_on(a, mmesh, "iris-2"), 30, "pod-a to see the registration")
     status = stub_b.ensureLoaded(pb2.EnsureLoadedRequest(modelId="iris-2", sync=True))
     assert pb2.ModelStatusInfo.ModelStatus.Name(status.status) == "LOADED"
     assert [c.location for c in status.modelCopyInfos] == ["pod-a"]

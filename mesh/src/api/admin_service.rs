@@ -114,7 +114,7 @@ impl Admin for AdminService {
         let owner = request.into_inner().owner;
         tracing::debug!(%owner, "vmodel watch started");
         // The stream ends when the client goes (tonic drops it) or the server stops.
-        let watch = VModelWatch::new(self.view.clone(), owner, self.shutdown.child_token());
+        let watch = VModelWatch::new(self.view.clone(), owner, self.shutdown.clone());
         Ok(Response::new(Box::pin(watch.into_stream().map(|event| Ok(vmodel_event(event))))))
     }
 
