@@ -69,6 +69,8 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", densemesh_controller::crd::crds_yaml());
         return Ok(());
     }
+    // Several crates pull in rustls with different crypto backends; pick one before any TLS.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into()),

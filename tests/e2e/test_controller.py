@@ -1,0 +1,322 @@
+"""densemesh-controller end to end: the real kube-rs controller and kubectl against the Kubernetes
+API-server double (tests/kube/apiserver_double.py, not a real API server), real etcd, two meshd pods and
+a model in S3 (moto), inferred through tritonclient by the InferenceService's name."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from meshd import REPO, free_port, raw_request, start_moto, wait_for
+from test_etcd import Etcd
+
+sys.path.insert(0, str(REPO / "examples"))
+from generate_models import make_dense_model  # noqa: E402
+
+CRDS = REPO / "charts" / "densemesh" / "crds" / "serving.kserve.io.yaml"
+CONTROLLER_BIN = os.environ.get("CONTROLLER_BIN", str(REPO / "target" / "debug" / "densemesh-controller"))
+SECRET = "moto-secret-key-do-not-log"
+
+
+def find_kubectl():
+    """The versioned kubectl 1.33: the plain `kubectl` on PATH is the cloud SDK's wrapper."""
+    candidates = [os.environ.get("DENSEMESH_KUBECTL"), shutil.which("kubectl.1.33")]
+    wrapper = shutil.which("kubectl")
+    if wrapper:
+        candidates.append(str(Path(wrapper).resolve().parent / "kubectl.1.33"))
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    pytest.fail("kubectl 1.33 not found (kubectl.1.33 on PATH or beside the `kubectl` wrapper)")
+
+
+class Kube:
+    """The API-server double in its own process, and kubectl pointed at it."""
+
+    def __init__(self, tmp):
+        self.kubeconfig = tmp / "kubeconfig"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "kube" / "apiserver_double.py"), "--port", "0",
+             "--kubeconfig-out", str(self.kubeconfig), "--crds", str(CRDS), "--bookmark-interval", "1"],
+            stdout=subprocess.PIPE, stderr=open(tmp / "double.log", "wb"), text=True)
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("http://"), f"the double did not start: {(tmp / 'double.log').read_text()}"
+        self.kubectl_bin = find_kubectl()
+        self.cache = tmp / "kube-cache"
+
+    def kubectl(self, *args, check=True, timeout=60, input=None):
+        r = subprocess.run([self.kubectl_bin, "--kubeconfig", str(self.kubeconfig), "--cache-dir", str(self.cache), *args],
+                           capture_output=True, text=True, timeout=timeout, input=input)
+        if check and r.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def apply(self, *docs):
+        return self.kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump_all(docs))
+
+    def get(self, kind, name):
+        r = self.kubectl("get", kind, name, "-o", "json", check=False)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Controller:
+    def __init__(self, kube, mesh_addr, tmp, *args):
+        self.log_path = tmp / f"controller-{len(list(tmp.glob('controller-*.log')))}.log"
+        self.proc = subprocess.Popen(
+            [CONTROLLER_BIN, "--mesh-endpoint", f"http://{mesh_addr}", "--public-grpc-url", f"grpc://{mesh_addr}",
+             "--public-rest-url", "http://127.0.0.1:8008", "--metrics-addr", f"127.0.0.1:{free_port()}",
+             "--lease-duration", "3s", *args],
+            env={**os.environ, "KUBECONFIG": str(kube.kubeconfig), "RUST_LOG": "info,kube=warn", "NO_COLOR": "1"},
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+
+    def logs(self):
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 with two models of the same shape but different weights."""
+    proc, endpoint = start_moto()
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key=SECRET, region_name="us-east-1")
+        client.create_bucket(Bucket="models")
+        work = tmp_path_factory.mktemp("s3-models")
+        x = np.random.default_rng(7).standard_normal((1, 256)).astype(np.float32)
+        expected = {}
+        for i, name in enumerate(["a", "b"]):
+            path = work / name / "model.onnx"
+            path.parent.mkdir()
+            make_dense_model(path, mb=1, seed=i)
+            client.upload_file(str(path), "models", f"dense/{name}/model.onnx")
+            expected[name] = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+        secrets = work / "storage-config"
+        secrets.mkdir()
+        (secrets / "moto").write_text(json.dumps({
+            "type": "s3", "access_key_id": "testing", "secret_access_key": SECRET,
+            "endpoint_url": endpoint, "region": "us-east-1", "default_bucket": "models"}))
+        yield secrets, x, expected
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def mesh(s3, start_meshd, tmp_path):
+    """A real etcd and two meshd pods on it."""
+    secrets, _, _ = s3
+    etcd = Etcd()
+    etcd.start()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3s", "--storage-config", str(secrets),
+              "--capacity", "64MiB", "--load-retry-backoff", "1s"]
+    pods = [start_meshd(repo, *common, "--instance-id", name, "--cache-dir", str(tmp_path / f"cache-{name}"))
+            for name in ("pod-a", "pod-b")]
+    yield pods
+    for p in pods:
+        p.stop()
+    etcd.stop()
+
+
+@pytest.fixture
+def kube(tmp_path):
+    k = Kube(tmp_path)
+    yield k
+    k.stop()
+
+
+@pytest.fixture
+def controller(kube, mesh, tmp_path):
+    c = Controller(kube, mesh[0].grpc_addr, tmp_path)
+    yield c
+    c.stop()
+    # Captured, so shown only when the test failed.
+    print(f"--- controller log ---\n{c.logs()}\n--- double log ---\n{(tmp_path / 'double.log').read_text()[-3000:]}")
+
+
+RUNTIME = {
+    "apiVersion": "serving.kserve.io/v1alpha1", "kind": "ServingRuntime",
+    "metadata": {"name": "densemesh-onnx", "namespace": "default"},
+    "spec": {"supportedModelFormats": [{"name": "onnx", "version": "1", "autoSelect": True}], "multiModel": True},
+}
+
+
+def isvc(name, uri, **predictor):
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": "default", "annotations": {
+            "serving.kserve.io/deploymentMode": "ModelMesh", "serving.kserve.io/secretKey": "moto"}},
+        "spec": {"predictor": {"model": {"modelFormat": {"name": "onnx"}, "storageUri": uri}, **predictor}},
+    }
+
+
+def infer(pod, name, x):
+    response = pod.stub.ModelInfer(raw_request(name, [("x", "FP32", x)]), timeout=30)
+    return np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(x.shape[0], -1)
+
+
+def model_status(obj):
+    return (obj or {}).get("status", {}).get("modelStatus", {})
+
+
+def test_an_inference_service_is_served_rolled_to_new_storage_under_load_and_deleted(s3, mesh, kube, controller, mmesh):
+    import tritonclient.grpc as grpcclient
+
+    _, x, expected = s3
+    pod_a, pod_b = mesh
+    kube.apply(RUNTIME, isvc("mnist", "s3://models/dense/a/model.onnx"))
+    kube.kubectl("wait", "--for=condition=Ready", "isvc/mnist", "--timeout=90s", timeout=100)
+
+    table = kube.kubectl("get", "isvc").stdout.splitlines()
+    assert table[0].split() == ["NAME", "URL", "READY", "ACTIVE", "TARGET", "AGE"], table
+    row = table[1].split()
+    assert row[:4] == ["mnist", f"grpc://{pod_a.grpc_addr}", "True", "Loaded"], table
+
+    obj = kube.get("isvc", "mnist")
+    first_revision = obj["status"]["components"]["predictor"]["latestRolledoutRevision"]
+    assert first_revision.startswith("mnist__isvc-") and len(first_revision) == len("mnist__isvc-") + 10
+    assert model_status(obj)["transitionStatus"] == "UpToDate"
+    assert model_status(obj)["copies"]["totalCopies"] >= 1
+    assert "serving.kserve.io/densemesh" in obj["metadata"]["finalizers"]
+
+    # tritonclient by the InferenceService's name, through the other pod.
+    client = grpcclient.InferenceServerClient(pod_b.grpc_addr)
+    inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("mnist", [inp]).as_numpy("y"), expected["a"], rtol=1e-5)
+
+    # Change storageUri under load: no request fails, every answer is the old model's or the new one's.
+    answers, failures, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                answers.append(infer(pod_b, "mnist", x))
+            except grpc.RpcError as e:
+                failures.append(f"{e.code()}: {e.details()}")
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        kube.apply(RUNTIME, isvc("mnist", "s3://models/dense/b/model.onnx"))
+
+        def rolled_out():
+            obj = kube.get("isvc", "mnist")
+            rev = obj["status"]["components"]["predictor"].get("latestRolledoutRevision")
+            return rev != first_revision and model_status(obj).get("transitionStatus") == "UpToDate" and obj
+        obj = wait_for(rolled_out, 90, "the new revision to roll out")
+        wait_for(lambda: any(np.allclose(a, expected["b"], rtol=1e-5) for a in answers[-5:]), 30,
+                 "answers from the new model")
+    finally:
+        stop.set()
+        sender.join()
+    assert not failures, failures[:5]
+    olds = sum(np.allclose(a, expected["a"], rtol=1e-5) for a in answers)
+    news = sum(np.allclose(a, expected["b"], rtol=1e-5) for a in answers)
+    assert olds + news == len(answers), "an answer came from neither model"
+    assert olds > 0 and news > 0
+    assert obj["status"]["components"]["predictor"]["previousRolledoutRevision"] == first_revision
+
+    # Delete: the finalizer deletes the vmodel, and with it the auto-delete models.
+    kube.kubectl("delete", "isvc", "mnist", "--timeout=60s", timeout=70)
+    pb2, pb2_grpc = mmesh
+    stub = pb2_grpc.ModelMeshStub(pod_a.channel)
+    vstatus = stub.getVModelStatus(pb2.GetVModelStatusRequest(vModelId="mnist"))
+    assert pb2.VModelStatusInfo.VModelStatus.Name(vstatus.status) == "NOT_FOUND"
+    for rev in (first_revision, obj["status"]["components"]["predictor"]["latestRolledoutRevision"]):
+        wait_for(lambda: pb2.ModelStatusInfo.ModelStatus.Name(
+            stub.getModelStatus(pb2.GetStatusRequest(modelId=rev)).status) == "NOT_FOUND", 30, f"{rev} to go")
+
+
+def test_bad_specs_become_invalid_spec_and_the_serving_revision_keeps_serving(s3, mesh, kube, controller):
+    _, x, expected = s3
+    kube.apply(RUNTIME, isvc("keep", "s3://models/dense/a/model.onnx"))
+    kube.kubectl("wait", "--for=condition=Ready", "isvc/keep", "--timeout=90s", timeout=100)
+
+    no_storage = isvc("nostorage", "")
+    del no_storage["spec"]["predictor"]["model"]["storageUri"]
+    unknown_runtime = isvc("norun", "s3://models/dense/a/model.onnx")
+    unknown_runtime["spec"]["predictor"]["model"]["runtime"] = "triton-nope"
+    no_format = isvc("xgb", "s3://models/dense/a/model.onnx")
+    no_format["spec"]["predictor"]["model"]["modelFormat"]["name"] = "xgboost"
+    broken_keep = isvc("keep", "ftp://models/dense/a/model.onnx")
+    kube.apply(no_storage, unknown_runtime, no_format, broken_keep)
+
+    cases = {"nostorage": ("InvalidPredictorSpec", "has no storage"),
+             "norun": ("RuntimeNotRecognized", '"triton-nope" does not exist'),
+             "xgb": ("NoSupportingRuntime", "xgboost"),
+             "keep": ("InvalidPredictorSpec", "ftp://")}
+    for name, (reason, words) in cases.items():
+        def invalid():
+            ms = model_status(kube.get("isvc", name))
+            return ms.get("transitionStatus") == "InvalidSpec" and ms
+        ms = wait_for(invalid, 30, f"{name} to be InvalidSpec")
+        assert ms["lastFailureInfo"]["reason"] == reason, (name, ms)
+        assert words in ms["lastFailureInfo"]["message"], (name, ms)
+    # The serving revision of `keep` is untouched and still answers.
+    obj = kube.get("isvc", "keep")
+    assert [c["status"] for c in obj["status"]["conditions"] if c["type"] == "Ready"] == ["True"]
+    np.testing.assert_allclose(infer(mesh[1], "keep", x), expected["a"], rtol=1e-5)
+    # The controller is still up and serving.
+    assert controller.proc.poll() is None, controller.logs()
+
+
+def test_objects_without_the_model_mesh_annotation_are_left_alone(s3, mesh, kube, controller):
+    serverless = isvc("kserve-owned", "s3://models/dense/a/model.onnx")
+    del serverless["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+    kube.apply(RUNTIME, serverless, isvc("ours", "s3://models/dense/a/model.onnx"))
+    kube.kubectl("wait", "--for=condition=Ready", "isvc/ours", "--timeout=90s", timeout=100)
+    obj = kube.get("isvc", "kserve-owned")
+    assert "status" not in obj and not obj["metadata"].get("finalizers"), obj
+
+
+def test_a_predictor_is_served_as_a_ksp_vmodel(s3, mesh, kube, controller):
+    _, x, expected = s3
+    predictor = {
+        "apiVersion": "serving.kserve.io/v1alpha1", "kind": "Predictor",
+        "metadata": {"name": "example-predictor", "namespace": "default"},
+        "spec": {"modelType": {"name": "onnx"}, "path": "dense/b/model.onnx",
+                 "storage": {"s3": {"secretKey": "moto", "bucket": "models"}}},
+    }
+    kube.apply(RUNTIME, predictor)
+    wait_for(lambda: (kube.get("predictor", "example-predictor") or {}).get("status", {}).get("available"),
+             90, "the predictor to be available")
+    np.testing.assert_allclose(infer(mesh[0], "example-predictor", x), expected["b"], rtol=1e-5)
+
+
+def test_a_second_replica_stands_by_until_the_leader_goes(s3, mesh, kube, controller, tmp_path):
+    kube.apply(RUNTIME, isvc("first", "s3://models/dense/a/model.onnx"))
+    kube.kubectl("wait", "--for=condition=Ready", "isvc/first", "--timeout=90s", timeout=100)
+    standby = Controller(kube, mesh[1].grpc_addr, tmp_path, "--identity", "standby")
+    try:
+        time.sleep(2)
+        assert "standing by" in standby.logs()
+        controller.stop()
+        wait_for(lambda: "took the leader lease" in standby.logs(), 30, "the standby to take over")
+        kube.apply(isvc("second", "s3://models/dense/b/model.onnx"))
+        kube.kubectl("wait", "--for=condition=Ready", "isvc/second", "--timeout=90s", timeout=100)
+    finally:
+        standby.stop()
