@@ -10,6 +10,6 @@ export CARGO_TERM_COLOR=never
 cargo fmt --all --check
 # clippy.toml's bans (std::env::set_var, std::sync::Mutex in async code) hold only if clippy runs.
 cargo clippy --workspace --all-targets -- -D warnings
-cargo build -p densemesh-mesh --bins
+cargo build -p densemesh-mesh -p densemesh-controller --bins
 cargo test --workspace
 MESHD_BIN="$PWD/target/debug/meshd" python -m pytest tests/e2e -q -p no:cacheprovider

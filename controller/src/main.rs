@@ -51,6 +51,10 @@ struct Cli {
     /// How long a runtime no model uses keeps its pods before it is scaled to zero.
     #[arg(long, env = "DENSEMESH_SCALE_TO_ZERO_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
     scale_to_zero_grace: Duration,
+    /// Reconciles of one kind that run at once. Unbounded, thousands of objects arriving together
+    /// would open as many API connections.
+    #[arg(long, env = "DENSEMESH_CONCURRENCY", default_value_t = 32)]
+    concurrency: u16,
     /// Prometheus metrics (`/metrics`).
     #[arg(long, env = "DENSEMESH_METRICS_ADDR", default_value = "127.0.0.1:2113")]
     metrics_addr: SocketAddr,
@@ -116,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         urls: Urls { grpc: cli.public_grpc_url, rest: cli.public_rest_url },
         namespace: Some(cli.namespace).filter(|n| !n.is_empty()),
         debounce: cli.status_debounce,
+        concurrency: cli.concurrency,
         pod_template,
         runtime_namespace: cli.lease_namespace.clone(),
         scale_to_zero_grace: cli.scale_to_zero_grace,

@@ -138,6 +138,8 @@ pub struct Settings {
     /// How long reconciles of one object wait for more triggers, so a burst of mesh events is
     /// one status write.
     pub debounce: Duration,
+    /// Reconciles of one kind at once.
+    pub concurrency: u16,
     /// The meshd pod every ServingRuntime becomes a Deployment of; without it runtimes only
     /// select formats and the meshd pods are run by other means (tests, a single box).
     pub pod_template: Option<k8s_openapi::api::core::v1::PodTemplateSpec>,
@@ -242,7 +244,9 @@ async fn serve<K: MeshObject>(
         None => Api::all(client.clone()),
     };
     Controller::new(api, watcher::Config::default())
-        .with_config(ControllerConfig::default().debounce(settings.debounce))
+        .with_config(
+            ControllerConfig::default().debounce(settings.debounce).concurrency(settings.concurrency),
+        )
         .reconcile_on(UnboundedReceiverStream::new(trigger_rx))
         .shutdown_on_signal()
         .run(reconcile_object::<K>, error_policy::<K>, ctx)
@@ -398,8 +402,10 @@ async fn apply<K: MeshObject>(obj: &K, ctx: &Context<K>, api: &Api<K>) -> Result
         ctx.usage.write().remove(&usage_key(obj));
     }
     let mesh = ctx.reported.read().vmodels.get(&name).cloned();
+    let mut moved_mesh = false;
     if let Ok(d) = &desired {
         for call in reconcile::plan(d, mesh.as_ref(), &obj.rollout()) {
+            moved_mesh = true;
             metrics::counter!("densemesh_controller_mesh_calls_total", "call" => call_name(&call))
                 .increment(1);
             if let Err(err) = ctx.mesh.call(&call).await {
@@ -416,6 +422,11 @@ async fn apply<K: MeshObject>(obj: &K, ctx: &Context<K>, api: &Api<K>) -> Result
                 break;
             }
         }
+    }
+    if moved_mesh && desired.is_ok() {
+        // The mesh now differs from what it last reported, and its watch will say how within
+        // milliseconds: the status is written then, once, instead of now and again then.
+        return Ok(Action::requeue(Duration::from_secs(600)));
     }
     let now = Time(Timestamp::now());
     if let Some(status) = obj.new_status(&desired, mesh.as_ref(), &ctx.settings.urls, &now) {

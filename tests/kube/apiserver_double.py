@@ -804,6 +804,10 @@ class ApiServerDouble:
         self._by_uid: dict[str, tuple[Store, tuple]] = {}
         self._dependents: dict[str, set] = collections.defaultdict(set)
         self._namespace_objects = collections.Counter()
+        # Requests by (method, User-Agent's product, resource plural, subresource), for benchmarks that
+        # count a client's API writes; served at /debug/requests (not a Kubernetes path).
+        self.requests = collections.Counter()
+        self._requests_lock = threading.Lock()
         self._stopping = threading.Event()
         self._httpd = None
         self._thread = None
@@ -1627,11 +1631,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(200, VERSION_INFO)
         if path in ("/healthz", "/readyz", "/livez"):
             return self._send(200, b"ok", "text/plain")
+        if path == "/debug/requests":
+            with double._requests_lock:
+                counts = [{"method": m, "agent": a, "resource": r, "subresource": sub, "count": n}
+                          for (m, a, r, sub), n in sorted(double.requests.items())]
+            return self._send(200, {"requests": counts})
         if method == "GET":
             doc = double.discovery(path)
             if doc is not None:
                 return self._send(200, doc)
         view, namespace, name, subresource = self._resolve(double, path)
+        agent = (self.headers.get("User-Agent") or "").split("/")[0]
+        with double._requests_lock:
+            double.requests[(method, agent, view.plural, subresource or "")] += 1
         if subresource and not ((subresource == "status" and view.status) or (subresource == "scale" and view.scale)):
             raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
         dry_run = params.get("dryRun") == "All"
