@@ -3,6 +3,7 @@
 //! API, and the controller that applies it.
 pub mod crd;
 pub mod lease;
+pub mod manifests;
 pub mod mapping;
 pub mod mesh;
 pub mod operator;

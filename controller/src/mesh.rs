@@ -64,7 +64,12 @@ impl GrpcMesh {
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .connect_lazy();
-        Ok(GrpcMesh { mmesh: ModelMeshClient::new(channel.clone()), admin: AdminClient::new(channel) })
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Over a channel the caller already has.
+    pub fn from_channel(channel: Channel) -> Self {
+        GrpcMesh { mmesh: ModelMeshClient::new(channel.clone()), admin: AdminClient::new(channel) }
     }
 
     /// Every vmodel of `owner` and then each change (densemesh's Admin.WatchVModels).
@@ -82,7 +87,12 @@ impl GrpcMesh {
 }
 
 fn info(model: &ModelRegistration) -> ModelInfo {
-    ModelInfo { r#type: model.model_type.clone(), path: model.path.clone(), key: model.key.clone() }
+    ModelInfo {
+        r#type: model.model_type.clone(),
+        path: model.path.clone(),
+        key: model.key.clone(),
+        ..Default::default()
+    }
 }
 
 #[async_trait]
