@@ -400,7 +400,9 @@ async fn reload_storage_config(puller: Arc<Puller>, stop: CancellationToken) {
     }
 }
 
-/// Unloads a model when it is unregistered or its spec changes, so the next request loads the new one.
+/// Unloads a model when it is unregistered or its spec changes what is loaded (another path, new
+/// files), so the next request loads the new one. A change of placement hints alone (size, minimum
+/// copies) leaves the copies serving.
 async fn unload_on_change(view: ClusterView, cache: ModelCache, stop: CancellationToken) {
     let mut changes = view.subscribe();
     let mut seen: std::collections::HashMap<ModelId, densemesh_placement::ModelSpec> =
@@ -413,7 +415,7 @@ async fn unload_on_change(view: ClusterView, cache: ModelCache, stop: Cancellati
         match change {
             Ok(ViewChange::Model(id)) => {
                 let Some(spec) = view.model(&id) else { continue };
-                if seen.insert(id.clone(), spec.clone()).is_some_and(|old| old != spec) {
+                if seen.insert(id.clone(), spec.clone()).is_some_and(|old| spec.reloads(&old)) {
                     cache.unload(&id).await;
                 }
             }

@@ -40,8 +40,10 @@ pub struct Registry {
 /// How a registration went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Registered {
-    /// False when the same spec was already registered (registration is idempotent).
+    /// False when the same model was already registered (registration is idempotent).
     pub created: bool,
+    /// The model was registered already and this registration changed its placement hints.
+    pub updated: bool,
     pub revision: Revision,
 }
 
@@ -106,30 +108,33 @@ impl Registry {
         format!("{}{id}", self.vmodels_prefix())
     }
 
-    /// Registers a model; the same spec again is a no-op, a different one a conflict.
+    /// Registers a model. The same model again (type, path and key) is a no-op, except that its
+    /// placement hints (size, minimum copies) become the new registration's; a different model under
+    /// the same id is a conflict.
     pub async fn register(&self, id: &ModelId, spec: &ModelSpec) -> Result<Registered> {
         validate(spec)?;
         let key = self.model_key(id);
-        let value = encode(spec);
-        let created = self.store.create(&key, value, None).await?;
-        if created.succeeded {
-            return Ok(Registered { created: true, revision: created.revision });
-        }
-        match self.model(id).await? {
-            Some((existing, revision)) if existing.same_model(spec) => {
-                Ok(Registered { created: false, revision })
+        for _ in 0..8 {
+            let created = self.store.create(&key, encode(spec), None).await?;
+            if created.succeeded {
+                return Ok(Registered { created: true, updated: false, revision: created.revision });
             }
-            Some(_) => Err(RegistryError::Conflict(id.clone())),
-            // Unregistered between our two calls: try once more.
-            None => {
-                let again = self.store.create(&key, encode(spec), None).await?;
-                if again.succeeded {
-                    Ok(Registered { created: true, revision: again.revision })
-                } else {
-                    Err(RegistryError::Precondition(format!("model {id} changed concurrently; retry")))
-                }
+            // Unregistered between the two calls: create it again.
+            let Some((existing, revision)) = self.model(id).await? else { continue };
+            if !existing.same_model(spec) {
+                return Err(RegistryError::Conflict(id.clone()));
+            }
+            if existing.same_hints(spec) {
+                return Ok(Registered { created: false, updated: false, revision });
+            }
+            // Everything else stays as first registered (source, auto-delete, generation).
+            let next = ModelSpec { size_bytes: spec.size_bytes, min_copies: spec.min_copies, ..existing };
+            let put = self.store.compare_and_put(&key, revision, encode(&next), None).await?;
+            if put.succeeded {
+                return Ok(Registered { created: false, updated: true, revision: put.revision });
             }
         }
+        Err(RegistryError::Precondition(format!("model {id} kept changing while being registered; retry")))
     }
 
     /// Replaces a spec only if it is still at `expected` (0: absent); false when it lost a race.
@@ -229,6 +234,31 @@ mod tests {
         assert_eq!(registry.model(&id).await.unwrap(), None);
         let stored = registry.store().range("/dm/models/").await.unwrap();
         assert!(stored.kvs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn registering_the_same_model_again_replaces_its_placement_hints_only() {
+        let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
+        let id = ModelId::new("m").unwrap();
+        let first = ModelSpec { auto_delete: true, ..spec("/a") };
+        let created = registry.register(&id, &first).await.unwrap();
+        assert!(created.created && !created.updated);
+
+        let hinted = ModelSpec { size_bytes: Some(1 << 20), min_copies: Some(2), ..spec("/a") };
+        let again = registry.register(&id, &hinted).await.unwrap();
+        assert!(!again.created && again.updated && again.revision > created.revision);
+        let (stored, revision) = registry.model(&id).await.unwrap().unwrap();
+        assert_eq!(revision, again.revision);
+        assert_eq!((stored.size_bytes, stored.min_copies), (Some(1 << 20), Some(2)));
+        assert!(stored.auto_delete, "the rest stays as first registered");
+
+        let same = registry.register(&id, &hinted).await.unwrap();
+        assert!(!same.created && !same.updated && same.revision == again.revision, "idempotent");
+        let cleared = registry.register(&id, &spec("/a")).await.unwrap();
+        assert!(cleared.updated, "a registration without hints clears them");
+        assert_eq!(registry.model(&id).await.unwrap().unwrap().0.min_copies, None);
+        let moved = ModelSpec { min_copies: Some(3), ..spec("/b") };
+        assert_eq!(registry.register(&id, &moved).await, Err(RegistryError::Conflict(id.clone())));
     }
 
     #[tokio::test]

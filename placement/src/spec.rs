@@ -36,12 +36,28 @@ pub struct ModelSpec {
     /// uses it before any pod has measured the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    /// Copies the leader keeps loaded at least, each on its own pod (as far as live pods offering the
+    /// model's type go); `None` when the registrant did not ask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_copies: Option<u32>,
 }
 
 impl ModelSpec {
     /// Whether two specs describe the same model (who registered it and when aside).
     pub fn same_model(&self, other: &ModelSpec) -> bool {
         self.model_type == other.model_type && self.path == other.path && self.key == other.key
+    }
+
+    /// Whether copies loaded from `old` must be replaced to serve this spec: another model, or the
+    /// same one whose files changed. Placement hints (size, minimum copies) and who registered it do
+    /// not touch what is loaded.
+    pub fn reloads(&self, old: &ModelSpec) -> bool {
+        !self.same_model(old) || self.generation != old.generation
+    }
+
+    /// Whether the placement hints a registration may change on a registered model differ.
+    pub fn same_hints(&self, other: &ModelSpec) -> bool {
+        self.size_bytes == other.size_bytes && self.min_copies == other.min_copies
     }
 }
 
@@ -56,6 +72,7 @@ pub(crate) fn api_spec(path: &str) -> ModelSpec {
         auto_delete: false,
         generation: 0,
         size_bytes: None,
+        min_copies: None,
     }
 }
 
@@ -167,6 +184,21 @@ mod tests {
         .unwrap();
         assert_eq!((vmodel.active.as_str(), vmodel.target.as_str()), ("a", "b"));
         assert_eq!(vmodel.split, [Weighted { model: "a".into(), weight: 9 }]);
+    }
+
+    #[test]
+    fn placement_hints_are_optional_on_the_wire_and_never_reload_a_model() {
+        let plain = api_spec("/m");
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("size_bytes") && !json.contains("min_copies"), "{json}");
+        let hinted = ModelSpec { size_bytes: Some(7), min_copies: Some(2), ..plain.clone() };
+        let json = serde_json::to_string(&hinted).unwrap();
+        assert!(json.contains(r#""min_copies":2"#), "{json}");
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), hinted);
+
+        assert!(!hinted.reloads(&plain) && !hinted.same_hints(&plain));
+        assert!(ModelSpec { generation: 1, ..plain.clone() }.reloads(&plain), "new files");
+        assert!(api_spec("/other").reloads(&plain), "another model");
     }
 
     #[test]

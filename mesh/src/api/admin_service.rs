@@ -145,6 +145,8 @@ impl Admin for AdminService {
                     status: status.to_owned(),
                     size_bytes,
                     error,
+                    size_hint_bytes: spec.size_bytes.unwrap_or_default(),
+                    min_copies: spec.min_copies.unwrap_or_default(),
                 }
             })
             .collect();

@@ -157,6 +157,8 @@ fn parse_id(what: &str, id: &str) -> Result<ModelId, Status> {
     ModelId::new(id).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
 }
 
+/// The spec a registration writes. densemesh's `sizeBytes` and `minCopies` extensions become placement
+/// hints; 0 (what a client that does not know them sends) is no hint.
 fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, Status> {
     let info = info.ok_or_else(|| Status::invalid_argument("modelInfo is required (type and path)"))?;
     if info.r#type.is_empty() {
@@ -169,7 +171,8 @@ fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, St
         source: Source::Api,
         auto_delete,
         generation: 0,
-        size_bytes: None,
+        size_bytes: (info.size_bytes > 0).then_some(info.size_bytes),
+        min_copies: (info.min_copies > 0).then_some(info.min_copies),
     })
 }
 
@@ -184,7 +187,7 @@ impl ModelMesh for Management {
         let spec = spec_from(request.model_info, false)?;
         let registered = self.registry.register(&id, &spec).await.map_err(status_of)?;
         self.view.caught_up(registered.revision).await;
-        tracing::info!(model_id = %id, created = registered.created, "model registered");
+        tracing::info!(model_id = %id, created = registered.created, updated = registered.updated, "model registered");
         let mut status = None;
         if request.load_now {
             let last_used = LastUsed::from_request(request.last_used_time, LastUsed::AnHourAgo);
@@ -359,5 +362,28 @@ impl ModelMesh for Management {
         let request = request.into_inner();
         let vid = parse_id("vModelId", &request.v_model_id)?;
         Ok(Response::new(self.vmodel_status(&vid, &request.owner)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_densemesh_extensions_of_model_info_become_placement_hints_and_zero_is_none() {
+        let info = |size_bytes, min_copies| ModelInfo {
+            r#type: "onnx".into(),
+            path: "/m".into(),
+            key: String::new(),
+            size_bytes,
+            min_copies,
+        };
+        let old_client = spec_from(Some(info(0, 0)), false).unwrap();
+        assert_eq!((old_client.size_bytes, old_client.min_copies, old_client.key), (None, None, None));
+        let hinted = spec_from(Some(info(5 << 20, 2)), true).unwrap();
+        assert_eq!(
+            (hinted.size_bytes, hinted.min_copies, hinted.auto_delete),
+            (Some(5 << 20), Some(2), true)
+        );
     }
 }

@@ -43,7 +43,7 @@ async fn timed(
                         client.unregister_model(UnregisterModelRequest { model_id: id.clone() }).await?;
                     } else {
                         let info =
-                            ModelInfo { r#type: "onnx".into(), path: path.clone(), key: String::new() };
+                            ModelInfo { r#type: "onnx".into(), path: path.clone(), ..Default::default() };
                         let request = RegisterModelRequest {
                             model_id: id.clone(),
                             model_info: Some(info),

@@ -178,6 +178,7 @@ fn repository_spec(id: &ModelId, generation: u64) -> ModelSpec {
         auto_delete: false,
         generation,
         size_bytes: None,
+        min_copies: None,
     }
 }
 

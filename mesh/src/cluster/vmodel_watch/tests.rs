@@ -50,6 +50,7 @@ impl Mesh {
             auto_delete: false,
             generation: 0,
             size_bytes: None,
+            min_copies: None,
         };
         let registered = self.registry.register(&id(model), &spec).await.unwrap();
         self.view.caught_up(registered.revision).await;
