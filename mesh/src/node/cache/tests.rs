@@ -396,6 +396,31 @@ async fn a_model_marked_as_used_long_ago_is_evicted_first() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn waiting_for_a_load_slot_does_not_count_against_the_load_timeout() {
+    let f = fixture(1000, |c| {
+        c.max_concurrent_loads = 1;
+        c.load_timeout = Duration::from_secs(10);
+    });
+    let slow = f.model("slow", "gate\nsize=100");
+    let queued = f.model("queued", "size=100");
+    let first = {
+        let (cache, slow) = (f.cache.clone(), slow.clone());
+        tokio::spawn(async move { cache.acquire(&slow).await.map(|l| l.size_bytes()) })
+    };
+    f.loads_begun(1).await;
+    let second = {
+        let (cache, queued) = (f.cache.clone(), queued.clone());
+        tokio::spawn(async move { cache.acquire(&queued).await.map(|l| l.size_bytes()) })
+    };
+    // The slow load times out at 10s but holds its slot until the runtime returns, at 15s.
+    tokio::time::advance(Duration::from_secs(15)).await;
+    assert!(first.await.unwrap().is_err(), "the slow load itself timed out");
+    assert!(!second.is_finished(), "the queued load waits for the slot, past 10s, without failing");
+    f.runtime.gate.open();
+    assert_eq!(second.await.unwrap().expect("queued, then loaded within its own timeout"), 100);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_load_past_its_timeout_keeps_its_slot_and_bytes_until_the_runtime_returns() {
     let f = fixture(1000, |c| {
         c.max_concurrent_loads = 1;
