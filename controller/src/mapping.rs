@@ -183,7 +183,8 @@ fn storage_location(
                 };
                 Ok((pvc_path(claim, path), String::new()))
             }
-            "s3" | "gs" | "http" | "https" => {
+            // file:// serves a single box (`meshctl apply`); the mesh reads local paths anyway.
+            "s3" | "gs" | "http" | "https" | "file" => {
                 let key = key_name.map(|k| storage_key_json(&k, bucket)).unwrap_or_default();
                 Ok((uri.to_owned(), key))
             }

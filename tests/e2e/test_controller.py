@@ -320,3 +320,55 @@ def test_a_second_replica_stands_by_until_the_leader_goes(s3, mesh, kube, contro
         kube.kubectl("wait", "--for=condition=Ready", "isvc/second", "--timeout=90s", timeout=100)
     finally:
         standby.stop()
+
+
+MESHCTL = os.environ.get("MESHCTL_BIN", str(REPO / "target" / "debug" / "meshctl"))
+
+
+def test_meshctl_apply_registers_the_same_yaml_without_kubernetes(s3, start_meshd, tmp_path):
+    secrets, x, expected = s3
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    pod = start_meshd(repo, "--storage-config", str(secrets), "--cache-dir", str(tmp_path / "cache"))
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    predictor = {
+        "apiVersion": "serving.kserve.io/v1alpha1", "kind": "Predictor", "metadata": {"name": "pred"},
+        "spec": {"modelType": {"name": "onnx"}, "path": "dense/b/model.onnx",
+                 "storage": {"s3": {"secretKey": "moto", "bucket": "models"}}},
+    }
+    serverless = isvc("kserve-owned", "s3://models/dense/a/model.onnx")
+    del serverless["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+    (manifests / "a.yaml").write_text(yaml.safe_dump_all([RUNTIME, isvc("mnist", "s3://models/dense/a/model.onnx"), serverless]))
+    (manifests / "b.json").write_text(json.dumps(predictor))
+
+    def apply(*args):
+        return subprocess.run([MESHCTL, "--addr", pod.grpc_addr, "-o", "json", "apply", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    r = apply("-f", str(manifests), "--wait", "90s")
+    assert r.returncode == 0, r.stderr + r.stdout
+    rows = {row["object"]: row for row in json.loads(r.stdout)}
+    assert rows["inferenceservice/mnist"]["result"] == "configured" and rows["inferenceservice/mnist"]["state"] == "ready"
+    assert rows["predictor/pred"]["state"] == "ready"
+    assert rows["servingruntime/densemesh-onnx"]["result"].startswith("skipped")
+    assert "ModelMesh" in rows["inferenceservice/kserve-owned"]["result"]
+    np.testing.assert_allclose(infer(pod, "mnist", x), expected["a"], rtol=1e-5)
+    np.testing.assert_allclose(infer(pod, "pred", x), expected["b"], rtol=1e-5)
+
+    again = json.loads(apply("-f", str(manifests / "a.yaml")).stdout)
+    assert {row["object"]: row["result"] for row in again}["inferenceservice/mnist"] == "unchanged"
+
+    (manifests / "a.yaml").write_text(yaml.safe_dump(isvc("mnist", "s3://models/dense/b/model.onnx")))
+    r = apply("-f", str(manifests / "a.yaml"), "--wait", "90s")
+    assert r.returncode == 0, r.stderr + r.stdout
+    wait_for(lambda: np.allclose(infer(pod, "mnist", x), expected["b"], rtol=1e-5), 30, "the new revision to serve")
+
+    bad = isvc("bad", "s3://models/dense/a/model.onnx")
+    bad["spec"]["predictor"]["model"]["modelFormat"]["name"] = "xgboost"
+    (manifests / "bad.yaml").write_text(yaml.safe_dump(bad))
+    r = apply("-f", str(manifests / "bad.yaml"))
+    assert r.returncode == 1
+    assert "no pod of this mesh offers model type xgboost" in r.stdout, r.stdout
+    r = apply("-f", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "missing.yaml" in r.stderr

@@ -3,6 +3,7 @@
 //! Exit codes: 0 done; 1 the server refused or the operation failed (the message says why); 2 bad
 //! usage; 3 the server could not be reached.
 
+mod apply;
 mod predict;
 
 use std::process::ExitCode;
@@ -84,6 +85,15 @@ enum Command {
         /// The request as JSON, @FILE, or - for standard input.
         #[arg(long, short, default_value = "-")]
         input: String,
+    },
+    /// Register the InferenceServices and Predictors of Kubernetes manifests (modelmesh-serving's
+    /// YAML, unchanged) straight with the mesh, as the controller would: FILE or a folder of them.
+    Apply {
+        #[arg(long, short = 'f')]
+        file: std::path::PathBuf,
+        /// Wait until every applied object's model is ready (or failed), up to this long.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
     },
     /// Measure a model with concurrent clients (req/s, latency percentiles).
     Bench {
@@ -238,6 +248,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 r#type: model_type.clone(),
                 path: path.clone(),
                 key: key.clone().unwrap_or_default(),
+                ..Default::default()
             };
             let mut s = mm
                 .register_model(RegisterModelRequest {
@@ -315,6 +326,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Vmodel { command } => vmodel(out, &mut mm, &mut admin, command).await,
+        Command::Apply { file, wait } => apply::run(channel, out, file, *wait).await,
         Command::Predict { model, vmodel, input } => {
             let request = predict::read_request(input).map_err(|message| Failure { code: 2, message })?;
             let response = predict::run(channel, model, *vmodel, &request).await?;
@@ -392,6 +404,7 @@ async fn vmodel(
                 r#type: model_type.clone(),
                 path: p.clone(),
                 key: String::new(),
+                ..Default::default()
             });
             let spinner = indicatif::ProgressBar::new_spinner();
             if !no_wait {
