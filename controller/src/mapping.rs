@@ -105,7 +105,18 @@ pub fn desired_for_isvc(isvc: &InferenceService) -> Result<Desired, SpecError> {
     };
     let runtime = model.runtime.clone().or_else(|| annotations.get(SERVING_RUNTIME_ANNOTATION).cloned());
     Ok(Desired {
-        model_id: revision_id(name, ISVC_OWNER, &format, runtime.as_deref(), &path, &key, size_bytes),
+        model_id: revision_id(
+            name,
+            ISVC_OWNER,
+            RevisionOf {
+                format: &format,
+                runtime: runtime.as_deref(),
+                path: &path,
+                key: &key,
+                size_bytes,
+                min_copies,
+            },
+        ),
         vmodel_id: name.to_owned(),
         owner: ISVC_OWNER,
         model_type: format.name.to_ascii_lowercase(),
@@ -144,7 +155,18 @@ pub fn desired_for_predictor(predictor: &Predictor) -> Result<Desired, SpecError
     };
     let runtime = spec.runtime.as_ref().map(|r| r.name.clone());
     Ok(Desired {
-        model_id: revision_id(name, PREDICTOR_OWNER, &spec.model_type, runtime.as_deref(), &path, &key, None),
+        model_id: revision_id(
+            name,
+            PREDICTOR_OWNER,
+            RevisionOf {
+                format: &spec.model_type,
+                runtime: runtime.as_deref(),
+                path: &path,
+                key: &key,
+                size_bytes: None,
+                min_copies: None,
+            },
+        ),
         vmodel_id: name.to_owned(),
         owner: PREDICTOR_OWNER,
         model_type: spec.model_type.name.to_ascii_lowercase(),
@@ -219,24 +241,28 @@ fn storage_key_json(key: &str, bucket: Option<&str>) -> String {
     serde_json::to_string(&Key { storage_key: key, bucket }).expect("strings serialize")
 }
 
-/// `<name>__<owner>-<10 hex>`: a new id for every spec that loads differently, the same id for a
-/// spec that does not, so re-applying an unchanged object changes nothing in the mesh.
-fn revision_id(
-    name: &str,
-    owner: &str,
-    format: &ModelFormat,
-    runtime: Option<&str>,
-    path: &str,
-    key: &str,
+/// What makes one revision differ from another.
+struct RevisionOf<'a> {
+    format: &'a ModelFormat,
+    runtime: Option<&'a str>,
+    path: &'a str,
+    key: &'a str,
     size_bytes: Option<u64>,
-) -> String {
+    min_copies: Option<u32>,
+}
+
+/// `<name>__<owner>-<10 hex>`: a new id for every spec that loads or is kept differently (the
+/// placement hints included: the mesh learns them with a revision), the same id for a spec that
+/// does not, so re-applying an unchanged object changes nothing in the mesh.
+fn revision_id(name: &str, owner: &str, r: RevisionOf) -> String {
     let canonical = serde_json::json!({
-        "format": format.name.to_ascii_lowercase(),
-        "version": format.version,
-        "runtime": runtime,
-        "path": path,
-        "key": key,
-        "size": size_bytes,
+        "format": r.format.name.to_ascii_lowercase(),
+        "version": r.format.version,
+        "runtime": r.runtime,
+        "path": r.path,
+        "key": r.key,
+        "size": r.size_bytes,
+        "min_copies": r.min_copies,
     });
     let digest = Sha256::digest(canonical.to_string().as_bytes());
     let hex: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();

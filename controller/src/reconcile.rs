@@ -18,6 +18,8 @@ pub struct ModelRegistration {
     pub model_type: String,
     pub path: String,
     pub key: String,
+    pub size_bytes: Option<u64>,
+    pub min_copies: Option<u32>,
 }
 
 /// One management-API call.
@@ -54,6 +56,8 @@ impl Desired {
             model_type: self.model_type.clone(),
             path: self.path.clone(),
             key: self.key.clone(),
+            size_bytes: self.size_bytes,
+            min_copies: self.min_copies,
         }
     }
 }
