@@ -372,3 +372,66 @@ def test_meshctl_apply_registers_the_same_yaml_without_kubernetes(s3, start_mesh
     assert "no pod of this mesh offers model type xgboost" in r.stdout, r.stdout
     r = apply("-f", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "missing.yaml" in r.stderr
+
+
+def test_a_serving_runtime_becomes_a_deployment_scaled_to_zero_when_unused_and_back(s3, mesh, kube, tmp_path):
+    template = tmp_path / "pod-template.yaml"
+    template.write_text(yaml.safe_dump({
+        "metadata": {"labels": {"app.kubernetes.io/name": "densemesh", "app.kubernetes.io/component": "meshd"}},
+        "spec": {"containers": [{"name": "meshd", "image": "densemesh/meshd:test", "args": ["serve"],
+                                 "env": [{"name": "DENSEMESH_CAPACITY", "value": "60%"}]}]},
+    }))
+    runtime = {**RUNTIME, "spec": {**RUNTIME["spec"], "replicas": 3, "nodeSelector": {"pool": "models"}}}
+    kube.apply(runtime)
+    controller = Controller(kube, mesh[0].grpc_addr, tmp_path, "--meshd-pod-template", str(template),
+                            "--scale-to-zero-grace", "3s")
+    try:
+        def replicas():
+            d = kube.get("deployment", "densemesh-densemesh-onnx")
+            return d and d["spec"]["replicas"]
+        deployment = wait_for(lambda: kube.get("deployment", "densemesh-densemesh-onnx"), 30, "the runtime's Deployment")
+        pod = deployment["spec"]["template"]
+        assert pod["metadata"]["labels"]["serving.kserve.io/servingRuntime"] == "densemesh-onnx"
+        assert pod["spec"]["nodeSelector"] == {"pool": "models"}
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env == {"DENSEMESH_CAPACITY": "60%", "DENSEMESH_MODEL_TYPES": "onnx"}
+        assert deployment["metadata"]["ownerReferences"][0]["kind"] == "ServingRuntime"
+        # No model uses it: after the grace period it has no pods.
+        wait_for(lambda: replicas() == 0, 60, "the unused runtime to scale to zero")
+        # A model arrives: the runtime scales back up.
+        kube.apply(isvc("arrives", "s3://models/dense/a/model.onnx"))
+        wait_for(lambda: replicas() == 3, 60, "the runtime to scale back up")
+        kube.kubectl("wait", "--for=condition=Ready", "isvc/arrives", "--timeout=90s", timeout=100)
+    finally:
+        controller.stop()
+        print(controller.logs())
+
+
+def test_a_canary_splits_traffic_and_promotion_is_one_edit(s3, mesh, kube, controller):
+    _, x, expected = s3
+    kube.apply(RUNTIME, isvc("canary", "s3://models/dense/a/model.onnx"))
+    kube.kubectl("wait", "--for=condition=Ready", "isvc/canary", "--timeout=90s", timeout=100)
+    stable = kube.get("isvc", "canary")["status"]["components"]["predictor"]["latestRolledoutRevision"]
+
+    kube.apply(isvc("canary", "s3://models/dense/b/model.onnx", canaryTrafficPercent=50))
+
+    def split():
+        traffic = kube.get("isvc", "canary")["status"]["components"]["predictor"].get("traffic", [])
+        return len(traffic) == 2 and traffic
+    traffic = wait_for(split, 90, "the canary split")
+    assert {t["revisionName"]: t["percent"] for t in traffic}[stable] == 50
+    answers = [infer(mesh[1], "canary", x) for _ in range(60)]
+    olds = sum(np.allclose(a, expected["a"], rtol=1e-5) for a in answers)
+    news = sum(np.allclose(a, expected["b"], rtol=1e-5) for a in answers)
+    assert olds + news == 60 and olds > 5 and news > 5, (olds, news)
+
+    # Promotion: the field goes; every request then reaches the new revision.
+    kube.apply(isvc("canary", "s3://models/dense/b/model.onnx"))
+
+    def promoted():
+        obj = kube.get("isvc", "canary")
+        p = obj["status"]["components"]["predictor"]
+        return p.get("latestRolledoutRevision") != stable and len(p.get("traffic", [])) == 1 and obj
+    obj = wait_for(promoted, 90, "the promotion")
+    assert obj["status"]["components"]["predictor"]["previousRolledoutRevision"] == stable
+    assert all(np.allclose(infer(mesh[1], "canary", x), expected["b"], rtol=1e-5) for _ in range(10))
