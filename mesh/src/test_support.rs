@@ -1,8 +1,18 @@
 //! Test doubles shared by the unit tests of several modules.
 
-use densemesh_placement::InstanceRecord;
+use std::sync::Arc;
+use std::time::Duration;
+
+use densemesh_placement::registry::Registry;
+use densemesh_placement::{ClusterView, InstanceRecord, MemoryStore, ModelId, ModelSpec, Source};
 use densemesh_proto::inference::*;
 use densemesh_runtime_core::{LoadRequest, LoadedModel, Runtime};
+use futures::FutureExt;
+
+use crate::cluster::peers::Peers;
+use crate::cluster::placer::{Placer, PlacerConfig};
+use crate::error::CacheError;
+use crate::node::cache::{CacheConfig, Locate, ModelCache};
 
 /// A runtime that never loads: for tests where serving or loading on this pod is the outcome being
 /// checked against, or where the model's files already fail to be found.
@@ -84,4 +94,79 @@ pub(crate) fn instance_record(endpoint: &str) -> InstanceRecord {
         started_ms: 0,
         model_types: densemesh_placement::spec::every_supported_type(),
     }
+}
+
+/// Why a [`TestPod`]'s loads of registered models fail.
+pub(crate) const NO_FILES: &str = "no model files in this test";
+
+/// One pod on its own `MemoryStore` registry (prefix `t`): a view, a cache and a placer. As meshd's,
+/// its cache finds models through the view (NOT_FOUND for one the view lacks); a registered model
+/// then fails to load with [`NO_FILES`].
+pub(crate) struct TestPod {
+    pub registry: Registry,
+    pub view: ClusterView,
+    pub cache: ModelCache,
+    pub placer: Placer,
+}
+
+impl TestPod {
+    pub async fn start(name: &str) -> Self {
+        let registry = Registry::new(Arc::new(MemoryStore::new()), "t");
+        let view = ClusterView::start(registry.clone()).await.unwrap();
+        let known = view.clone();
+        let locate: Locate = Arc::new(move |id: ModelId| {
+            let known = known.model(&id).is_some();
+            async move {
+                Err(if known {
+                    CacheError::LoadFailed { model_id: id, reason: NO_FILES.into(), retry_in: Duration::ZERO }
+                } else {
+                    CacheError::NotFound(format!("model {id} not found").into())
+                })
+            }
+            .boxed()
+        });
+        let cache = ModelCache::new(CacheConfig::default(), Arc::new(NoRuntime), locate);
+        let config = PlacerConfig {
+            anti_churn_age: Duration::ZERO,
+            wait_limit: Duration::from_secs(5),
+            model_repo: std::path::PathBuf::new(),
+            model_types: densemesh_placement::spec::every_supported_type(),
+        };
+        let placer =
+            Placer::new(name.into(), view.clone(), cache.clone(), Peers::new(Duration::from_secs(5)), config);
+        Self { registry, view, cache, placer }
+    }
+
+    /// The revision the registry's next write will have.
+    pub async fn next_revision(&self) -> i64 {
+        self.registry.store().range(self.registry.prefix()).await.unwrap().revision + 1
+    }
+
+    /// Registers an ONNX model at `/models/<id>` after `delay`, as a write through another pod whose
+    /// record reaches this pod's view only then; the revision it was written at.
+    pub async fn register_after(&self, id: &str, delay: Duration) -> i64 {
+        tokio::time::sleep(delay).await;
+        let spec = ModelSpec {
+            model_type: "onnx".into(),
+            path: format!("/models/{id}"),
+            key: None,
+            source: Source::Api,
+            auto_delete: false,
+            generation: 0,
+            size_bytes: None,
+            min_copies: None,
+        };
+        self.registry.register(&ModelId::new(id).unwrap(), &spec).await.unwrap().revision
+    }
+}
+
+/// Metadata of a call forwarded by pod `from` for a model whose spec it saw at `revision`.
+pub(crate) fn forwarded_metadata(from: &'static str, revision: Option<i64>) -> tonic::metadata::MetadataMap {
+    use crate::cluster::peers::{FORWARDED_HEADER, FORWARDED_REVISION_HEADER};
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static(from));
+    if let Some(revision) = revision {
+        metadata.insert(FORWARDED_REVISION_HEADER, revision.into());
+    }
+    metadata
 }

@@ -82,6 +82,11 @@ impl ClusterView {
         self.mirror.read().models.get(id).cloned()
     }
 
+    /// The revision a model's spec was written at, without copying the spec (`None`: not registered).
+    pub fn model_revision(&self, id: &ModelId) -> Option<Revision> {
+        self.mirror.read().models.get(id).map(|(_, revision)| *revision)
+    }
+
     pub fn vmodel(&self, id: &ModelId) -> Option<VModelSpec> {
         self.mirror.read().vmodels.get(id).map(|(v, _)| v.clone())
     }

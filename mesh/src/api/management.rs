@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::cluster::forward::Forwarder;
 use crate::cluster::instance::now_ms;
+use crate::cluster::peers;
 use crate::cluster::placer::{LastUsed, Placer};
 use crate::error::{MeshError, registry_status as status_of};
 use crate::node::cache::{CopyStatus, ModelCache};
@@ -228,6 +229,9 @@ impl ModelMesh for Management {
     ) -> Result<Response<ModelStatusInfo>, Status> {
         let (metadata, _, request) = request.into_parts();
         let id = parse_id("modelId", &request.model_id)?;
+        // A peer that asks this pod to load a model it just saw registered must not hear NOT_FOUND
+        // because this pod's view is a moment behind its own.
+        peers::catch_up_with_sender(&self.view, &metadata, &id, peers::FORWARDED_VIEW_WAIT).await;
         if self.view.model(&id).is_some() {
             let last_used = LastUsed::from_request(request.last_used_time, LastUsed::Now);
             self.load(&metadata, &id, request.sync, last_used).await.map_err(Status::from)?;
@@ -367,7 +371,28 @@ impl ModelMesh for Management {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::test_support::{NO_FILES, TestPod, forwarded_metadata};
+
+    #[tokio::test]
+    async fn a_forwarded_ensure_loaded_waits_for_the_registration_its_sender_acted_on() {
+        let pod = TestPod::start("a").await;
+        let management =
+            Management::new(pod.registry.clone(), pod.view.clone(), pod.cache.clone(), pod.placer.clone());
+        let next = pod.next_revision().await;
+        let message = EnsureLoadedRequest { model_id: "m".into(), sync: true, ..Default::default() };
+        let request =
+            Request::from_parts(forwarded_metadata("b", Some(next)), tonic::Extensions::default(), message);
+        let ensure = management.ensure_loaded(request);
+        let (answer, written) = tokio::join!(ensure, pod.register_after("m", Duration::from_millis(300)));
+        assert_eq!(written, next);
+        // Loaded from the spec (and failing here for want of files), never NOT_FOUND.
+        let status = answer.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains(NO_FILES), "{status:?}");
+    }
 
     #[test]
     fn the_densemesh_extensions_of_model_info_become_placement_hints_and_zero_is_none() {

@@ -9,10 +9,11 @@ use densemesh_proto::inference::*;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use densemesh_placement::ClusterView;
 use densemesh_placement::route::Refusal;
+use densemesh_placement::{ClusterView, ModelId};
 
 use crate::cluster::forward::{Destination, Forwarded, Forwarder};
+use crate::cluster::peers;
 use crate::error::MeshError;
 use crate::metrics as m;
 use crate::node::cache::{CopyStatus, ModelCache};
@@ -61,11 +62,7 @@ impl InferenceService {
     }
 
     /// The model a request runs on, through vmodels (and their traffic splits).
-    fn target(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        name: &str,
-    ) -> Result<densemesh_placement::ModelId, MeshError> {
+    fn target(&self, metadata: &tonic::metadata::MetadataMap, name: &str) -> Result<ModelId, MeshError> {
         let point = router::split_point(metadata);
         router::resolve(metadata, name, |v| self.view.vmodel(v).map(|s| s.route(point).to_owned()))
             .map(|t| t.model)
@@ -76,7 +73,7 @@ impl InferenceService {
     fn destination(
         &self,
         metadata: &tonic::metadata::MetadataMap,
-        id: &densemesh_placement::ModelId,
+        id: &ModelId,
     ) -> Result<Option<(&Forwarder, Destination)>, MeshError> {
         let Some(forwarder) = self.forwarder.as_ref().filter(|_| !Forwarder::was_forwarded(metadata)) else {
             return Ok(None);
@@ -94,6 +91,12 @@ impl InferenceService {
         }
     }
 
+    /// A request forwarded here for a model this pod does not hold is served from the spec the
+    /// forwarding pod acted on: this pod's view may not have that registration yet.
+    async fn catch_up_with_sender(&self, metadata: &tonic::metadata::MetadataMap, id: &ModelId) {
+        peers::catch_up_with_sender(&self.view, metadata, id, peers::FORWARDED_VIEW_WAIT).await;
+    }
+
     async fn infer(
         &self,
         metadata: &tonic::metadata::MetadataMap,
@@ -102,6 +105,9 @@ impl InferenceService {
         let id = self.target(metadata, &request.model_name)?;
         // A local hit is served here without asking where else the model is.
         let local = self.cache.lease_if_loaded(&id);
+        if local.is_none() {
+            self.catch_up_with_sender(metadata, &id).await;
+        }
         let mut request = request;
         if local.is_none()
             && let Some((forwarder, Destination::Peer(peer))) = self.destination(metadata, &id)?
@@ -176,6 +182,9 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let id = self.target(request.metadata(), &request.get_ref().name)?;
+        if !self.cache.is_loaded(&id) {
+            self.catch_up_with_sender(request.metadata(), &id).await;
+        }
         if let Some((forwarder, Destination::Peer(peer))) = self.destination(request.metadata(), &id)?
             && let Some(mut answer) = forwarder.metadata(peer, &id).await
         {
@@ -240,5 +249,60 @@ fn code_label(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A request forwarded to a pod whose view lags behind the forwarding pod's.
+
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::node::worker::WorkerConfig;
+    use crate::test_support::{NO_FILES, TestPod, forwarded_metadata};
+
+    fn service(pod: &TestPod) -> InferenceService {
+        let worker = Worker::new(WorkerConfig {
+            concurrency: 1,
+            max_queued: 8,
+            inline_below: Duration::ZERO,
+            inline_max_bytes: 0,
+        });
+        InferenceService::new(pod.cache.clone(), pod.view.clone(), worker, Arc::new(AtomicBool::new(true)))
+            .with_forwarder(Forwarder::new(pod.placer.clone(), 1 << 20))
+    }
+
+    fn request(model: &str, metadata: tonic::metadata::MetadataMap) -> Request<ModelInferRequest> {
+        let message = ModelInferRequest { model_name: model.into(), ..Default::default() };
+        Request::from_parts(metadata, tonic::Extensions::default(), message)
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_request_waits_for_the_registration_its_sender_acted_on() {
+        let pod = TestPod::start("a").await;
+        let service = service(&pod);
+        let next = pod.next_revision().await;
+        let infer = service.model_infer(request("m", forwarded_metadata("b", Some(next))));
+        // The registration, written through pod b, reaches this pod's view after the request does.
+        let (answer, written) = tokio::join!(infer, pod.register_after("m", Duration::from_millis(300)));
+        assert_eq!(written, next);
+        let status = answer.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "served from the spec, not NOT_FOUND: {status:?}");
+        assert!(status.message().contains(NO_FILES), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_model_is_not_found_at_once_when_the_view_is_not_behind() {
+        let pod = TestPod::start("a").await;
+        let service = service(&pod);
+        let written = pod.register_after("other", Duration::ZERO).await;
+        pod.view.caught_up(written).await;
+        for metadata in [forwarded_metadata("b", Some(written)), forwarded_metadata("b", None)] {
+            let started = Instant::now();
+            let status = service.model_infer(request("ghost", metadata)).await.unwrap_err();
+            assert_eq!(status.code(), Code::NotFound, "{status:?}");
+            assert!(started.elapsed() < Duration::from_secs(1), "no wait: {:?}", started.elapsed());
+        }
     }
 }

@@ -74,7 +74,7 @@ impl Forwarder {
     /// resolve a vmodel a second time).
     fn outgoing<T>(&self, id: &ModelId, message: T) -> tonic::Request<T> {
         let mut outgoing = tonic::Request::new(message);
-        mark_forwarded(outgoing.metadata_mut(), self.placer.instance_id());
+        mark_forwarded(outgoing.metadata_mut(), self.placer.instance_id(), self.placer.view(), id);
         if let Ok(model) = id.as_str().parse() {
             outgoing.metadata_mut().insert(crate::node::router::MODEL_ID_HEADER, model);
         }

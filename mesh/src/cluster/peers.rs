@@ -9,22 +9,61 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use densemesh_placement::InstanceRecord;
+use densemesh_placement::store::Revision;
+use densemesh_placement::{ClusterView, InstanceRecord, ModelId};
 use parking_lot::Mutex;
+use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 
 /// Marks a call that was already forwarded once: the pod receiving it serves it itself.
 pub const FORWARDED_HEADER: &str = "densemesh-forwarded";
 
+/// On a forwarded call: the registry revision of the model's spec the forwarding pod acted on, so the
+/// receiving pod, whose view may lag behind (a registration written through the forwarding pod
+/// moments ago), waits for it rather than answer NOT_FOUND or load an older spec.
+pub const FORWARDED_REVISION_HEADER: &str = "densemesh-registry-revision";
+
+/// How long a pod receiving a forwarded call waits for its view to reach the forwarding pod's
+/// revision. Views follow one etcd watch and lag by milliseconds; this only bounds a view that is
+/// cut off from the registry.
+pub const FORWARDED_VIEW_WAIT: Duration = Duration::from_secs(2);
+
 /// Pods one request is sent to, the first included, before it is served here: a request never waits
 /// on a long chain of dead pods whose leases have not run out yet.
 pub const MAX_ATTEMPTS: usize = 3;
 
-/// Marks an outgoing call as forwarded by `from`: the peer serves it itself and never forwards it again.
-pub fn mark_forwarded(metadata: &mut tonic::metadata::MetadataMap, from: &str) {
+/// Marks an outgoing call for model `id` as forwarded by `from`: the peer serves it itself and never
+/// forwards it again, and first waits until its view has `id`'s spec at least at the revision `view`
+/// (the forwarding pod's) has it, when it has it at all.
+pub fn mark_forwarded(metadata: &mut MetadataMap, from: &str, view: &ClusterView, id: &ModelId) {
     // The mark must be there whatever the instance id: without it a request could bounce.
     let from = from.parse().unwrap_or(tonic::metadata::MetadataValue::from_static("peer"));
     metadata.insert(FORWARDED_HEADER, from);
+    if let Some(revision) = view.model_revision(id) {
+        metadata.insert(FORWARDED_REVISION_HEADER, revision.into());
+    }
+}
+
+/// The revision of the model's spec a forwarded call's sender acted on, if it says.
+fn forwarded_revision(metadata: &MetadataMap) -> Option<Revision> {
+    metadata.get(FORWARDED_REVISION_HEADER)?.to_str().ok()?.parse().ok()
+}
+
+/// On a call forwarded for model `id`: waits, at most `limit`, until `view` holds `id`'s spec at
+/// least as new as the forwarding pod did. Returns at once for a call that was not forwarded or
+/// names no revision, and when the view is there already (the usual case), so only a view that lags
+/// behind the sender's is waited for. Whatever the view holds after is the answer: a model still
+/// unknown is NOT_FOUND.
+pub async fn catch_up_with_sender(view: &ClusterView, metadata: &MetadataMap, id: &ModelId, limit: Duration) {
+    let Some(sent) = forwarded_revision(metadata).filter(|_| metadata.contains_key(FORWARDED_HEADER)) else {
+        return;
+    };
+    if view.model_revision(id).is_some_and(|held| held >= sent) {
+        return;
+    }
+    if tokio::time::timeout(limit, view.caught_up(sent)).await.is_err() {
+        tracing::warn!(model_id = %id, revision = sent, waited = ?limit, "this pod's view did not reach the forwarding pod's revision in time");
+    }
 }
 
 /// Whether a failed call means the peer could not serve the request (so another pod may), rather
@@ -184,6 +223,36 @@ mod tests {
         assert!(peers.failed_recently("127.0.0.1:3"));
         peers.answered("127.0.0.1:3");
         assert!(!peers.failed_recently("127.0.0.1:3"));
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_call_carries_the_revision_of_the_spec_its_sender_acted_on() {
+        use crate::test_support::TestPod;
+
+        let sender = TestPod::start("b").await;
+        let written = sender.register_after("m", Duration::ZERO).await;
+        sender.view.caught_up(written).await;
+        let (known, unknown) = (ModelId::new("m").unwrap(), ModelId::new("ghost").unwrap());
+        let mut metadata = MetadataMap::new();
+        mark_forwarded(&mut metadata, "b", &sender.view, &known);
+        assert_eq!(metadata.get(FORWARDED_HEADER).unwrap(), "b");
+        assert_eq!(forwarded_revision(&metadata), Some(written));
+        let mut metadata = MetadataMap::new();
+        mark_forwarded(&mut metadata, "b", &sender.view, &unknown);
+        assert!(metadata.contains_key(FORWARDED_HEADER) && forwarded_revision(&metadata).is_none());
+
+        // A receiver whose view never gets there (here: another registry) waits only so long.
+        let receiver = TestPod::start("a").await;
+        let mut metadata = MetadataMap::new();
+        mark_forwarded(&mut metadata, "b", &sender.view, &known);
+        let started = std::time::Instant::now();
+        catch_up_with_sender(&receiver.view, &metadata, &known, Duration::from_millis(100)).await;
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(2), "{waited:?}");
+        // The sender itself is there already: no wait.
+        let started = std::time::Instant::now();
+        catch_up_with_sender(&sender.view, &metadata, &known, Duration::from_secs(10)).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -348,7 +348,7 @@ impl Placer {
             last_used_time: last_used.epoch_millis(),
             sync,
         });
-        mark_forwarded(request.metadata_mut(), &self.inner.instance_id);
+        mark_forwarded(request.metadata_mut(), &self.inner.instance_id, &self.inner.view, id);
         let _counted = channel.start_request();
         let answer = ModelMeshClient::new(channel.channel).ensure_loaded(request).await;
         let status = match answer {
@@ -374,7 +374,7 @@ impl Placer {
 
     /// Waits, briefly, until this pod's view shows `peer`'s copy of `id` loaded: the peer answered
     /// once loaded, and a status read here right after must say so too.
-    async fn seen_loaded(&self, id: &ModelId, peer: &str) {
+    pub(crate) async fn seen_loaded(&self, id: &ModelId, peer: &str) {
         let view = &self.inner.view;
         // Subscribed before looking, so the record cannot arrive in between unnoticed.
         let mut changes = view.subscribe();
