@@ -70,6 +70,16 @@ pub trait MeshObject:
     fn ours(&self) -> bool;
     fn desired(&self) -> Result<Desired, SpecError>;
     fn rollout(&self) -> Rollout;
+    type Status: Serialize + PartialEq;
+    fn status(&self) -> Option<&Self::Status>;
+    /// The status for what the mesh reported.
+    fn status_for(
+        &self,
+        desired: &Result<Desired, SpecError>,
+        mesh: Option<&VModelState>,
+        urls: &Urls,
+        now: &Time,
+    ) -> Self::Status;
     /// The status to write, or `None` when it would not change.
     fn new_status(
         &self,
@@ -77,7 +87,10 @@ pub trait MeshObject:
         mesh: Option<&VModelState>,
         urls: &Urls,
         now: &Time,
-    ) -> Option<serde_json::Value>;
+    ) -> Option<serde_json::Value> {
+        let status = self.status_for(desired, mesh, urls, now);
+        (self.status() != Some(&status)).then(|| serde_json::to_value(status).expect("status serializes"))
+    }
 }
 
 impl MeshObject for InferenceService {
@@ -91,17 +104,18 @@ impl MeshObject for InferenceService {
     fn rollout(&self) -> Rollout {
         Rollout::of_isvc(self.status.as_ref())
     }
-    fn new_status(
+    type Status = crate::crd::InferenceServiceStatus;
+    fn status(&self) -> Option<&Self::Status> {
+        self.status.as_ref()
+    }
+    fn status_for(
         &self,
         desired: &Result<Desired, SpecError>,
         mesh: Option<&VModelState>,
         urls: &Urls,
         now: &Time,
-    ) -> Option<serde_json::Value> {
-        let status =
-            reconcile::isvc_status(desired, mesh, self.status.as_ref(), self.metadata.generation, urls, now);
-        (self.status.as_ref() != Some(&status))
-            .then(|| serde_json::to_value(status).expect("status serializes"))
+    ) -> Self::Status {
+        reconcile::isvc_status(desired, mesh, self.status.as_ref(), self.metadata.generation, urls, now)
     }
 }
 
@@ -116,16 +130,18 @@ impl MeshObject for Predictor {
     fn rollout(&self) -> Rollout {
         Rollout::default()
     }
-    fn new_status(
+    type Status = crate::crd::PredictorStatus;
+    fn status(&self) -> Option<&Self::Status> {
+        self.status.as_ref()
+    }
+    fn status_for(
         &self,
         desired: &Result<Desired, SpecError>,
         mesh: Option<&VModelState>,
         urls: &Urls,
         _now: &Time,
-    ) -> Option<serde_json::Value> {
-        let status = reconcile::predictor_status(desired, mesh, urls);
-        (self.status.as_ref() != Some(&status))
-            .then(|| serde_json::to_value(status).expect("status serializes"))
+    ) -> Self::Status {
+        reconcile::predictor_status(desired, mesh, urls)
     }
 }
 
