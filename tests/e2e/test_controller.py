@@ -3,7 +3,6 @@ API-server double (tests/kube/apiserver_double.py, not a real API server), real 
 a model in S3 (moto), inferred through tritonclient by the InferenceService's name."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import yaml
 
 from meshd import REPO, free_port, raw_request, start_moto, wait_for
 from test_etcd import Etcd
+from test_kube_double import find_kubectl
 
 sys.path.insert(0, str(REPO / "examples"))
 from generate_models import make_dense_model  # noqa: E402
@@ -26,18 +26,6 @@ from generate_models import make_dense_model  # noqa: E402
 CRDS = REPO / "charts" / "densemesh" / "crds" / "serving.kserve.io.yaml"
 CONTROLLER_BIN = os.environ.get("CONTROLLER_BIN", str(REPO / "target" / "debug" / "densemesh-controller"))
 SECRET = "moto-secret-key-do-not-log"
-
-
-def find_kubectl():
-    """The versioned kubectl 1.33: the plain `kubectl` on PATH is the cloud SDK's wrapper."""
-    candidates = [os.environ.get("DENSEMESH_KUBECTL"), shutil.which("kubectl.1.33")]
-    wrapper = shutil.which("kubectl")
-    if wrapper:
-        candidates.append(str(Path(wrapper).resolve().parent / "kubectl.1.33"))
-    for c in candidates:
-        if c and os.access(c, os.X_OK):
-            return c
-    pytest.fail("kubectl 1.33 not found (kubectl.1.33 on PATH or beside the `kubectl` wrapper)")
 
 
 class Kube:
