@@ -1,16 +1,60 @@
-//! How many copies of a model the cluster keeps: pure decisions the pods apply to their own copies.
+//! How many copies of a model the cluster keeps: pure decisions the pods apply to their own copies
+//! (drop an idle one, add one under load), and the leader's floor for models registered with a
+//! minimum number of copies ([`copies_short`]).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-/// Whether this pod should drop its copy of a model: other live pods hold copies too and this one has
-/// been idle for `idle_period`. The last copy is never dropped for idleness (only evicted for room),
-/// and of several idle copies the one on the lowest instance id stays, so pods deciding at the same
-/// moment never drop them all.
-pub fn drop_idle_copy(this: &str, holders: &[&str], idle_for: Duration, idle_period: Duration) -> bool {
-    if idle_for < idle_period || !holders.contains(&this) || holders.len() < 2 {
+use crate::{InstanceRecord, Placement};
+
+/// Whether this pod should drop its copy of a model: more than `keep` live pods hold copies (`keep`:
+/// the model's minimum copies, at least 1) and this one has been idle for `idle_period`. The last
+/// copy is never dropped for idleness (only evicted for room), nor one of a model's minimum copies;
+/// of several idle copies those on the `keep` lowest instance ids stay, so pods deciding at the same
+/// moment never drop too many.
+pub fn drop_idle_copy(
+    this: &str,
+    holders: &[&str],
+    idle_for: Duration,
+    idle_period: Duration,
+    keep: usize,
+) -> bool {
+    let keep = keep.max(1);
+    if idle_for < idle_period || !holders.contains(&this) || holders.len() <= keep {
         return false;
     }
-    holders.iter().min().is_some_and(|keeper| *keeper != this)
+    let lower = holders.iter().filter(|h| **h < this).count();
+    lower >= keep
+}
+
+/// A model registered with a minimum number of copies, as the leader's view shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct MinCopies<'a> {
+    /// The spec's `min_copies`.
+    pub min_copies: u32,
+    /// Its type: only pods offering it can hold a copy.
+    pub model_type: &'a str,
+    /// Its copies by instance (placement records), if any.
+    pub copies: Option<&'a HashMap<String, Placement>>,
+}
+
+/// How many more copies a model needs to have its minimum loaded, each on its own pod; 0 when it has
+/// enough. Copies loaded or loading on live pods that are not draining and offer its type count (a
+/// failed record is no copy; a draining pod's copy is about to go). The goal is capped by the number
+/// of such pods, as no pod holds two copies: with fewer pods than the minimum, every pod holds one.
+pub fn copies_short(model: &MinCopies<'_>, pods: &HashMap<String, InstanceRecord>) -> usize {
+    let eligible = |name: &str| pods.get(name).is_some_and(|p| !p.draining && p.offers(model.model_type));
+    let pods_offering = pods.keys().filter(|name| eligible(name)).count();
+    let goal = usize::try_from(model.min_copies).unwrap_or(usize::MAX).min(pods_offering);
+    let held = model
+        .copies
+        .into_iter()
+        .flat_map(HashMap::iter)
+        .filter(|(name, p)| {
+            eligible(name) && matches!(p, Placement::Loaded { .. } | Placement::Loading { .. })
+        })
+        .count();
+    goal.saturating_sub(held)
 }
 
 #[cfg(test)]
@@ -24,20 +68,116 @@ mod tests {
     #[test]
     fn extra_idle_copies_go_and_the_last_stays() {
         let idle = Duration::from_secs(61);
-        assert!(drop_idle_copy("b", &["a", "b"], idle, PERIOD));
-        assert!(!drop_idle_copy("a", &["a", "b"], idle, PERIOD), "the lowest id keeps its copy");
-        assert!(!drop_idle_copy("a", &["a"], idle, PERIOD), "never the last copy");
-        assert!(!drop_idle_copy("b", &["a", "b"], Duration::from_secs(30), PERIOD), "not while in use");
-        assert!(!drop_idle_copy("c", &["a", "b"], idle, PERIOD), "only a copy it holds");
+        assert!(drop_idle_copy("b", &["a", "b"], idle, PERIOD, 1));
+        assert!(!drop_idle_copy("a", &["a", "b"], idle, PERIOD, 1), "the lowest id keeps its copy");
+        assert!(!drop_idle_copy("a", &["a"], idle, PERIOD, 1), "never the last copy");
+        assert!(!drop_idle_copy("a", &["a"], idle, PERIOD, 0), "never the last copy, whatever keep says");
+        assert!(!drop_idle_copy("b", &["a", "b"], Duration::from_secs(30), PERIOD, 1), "not while in use");
+        assert!(!drop_idle_copy("c", &["a", "b"], idle, PERIOD, 1), "only a copy it holds");
+    }
+
+    #[test]
+    fn a_models_minimum_copies_are_never_dropped_for_idleness() {
+        let idle = Duration::from_secs(61);
+        assert!(!drop_idle_copy("b", &["a", "b"], idle, PERIOD, 2), "two copies, a minimum of two");
+        assert!(!drop_idle_copy("c", &["a", "b", "c"], idle, PERIOD, 3));
+        assert!(!drop_idle_copy("b", &["a", "b", "c"], idle, PERIOD, 2), "among the two lowest ids");
+        assert!(drop_idle_copy("c", &["a", "b", "c"], idle, PERIOD, 2), "the third goes");
     }
 
     proptest! {
         #[test]
-        fn all_pods_deciding_at_once_keep_exactly_one(n in 1usize..8) {
+        fn all_pods_deciding_at_once_keep_exactly_the_minimum(n in 1usize..8, keep in 0usize..6) {
             let names: Vec<String> = (0..n).map(|i| format!("pod-{i}")).collect();
             let holders: Vec<&str> = names.iter().map(String::as_str).collect();
-            let kept = holders.iter().filter(|h| !drop_idle_copy(h, &holders, PERIOD * 2, PERIOD)).count();
-            prop_assert_eq!(kept, 1);
+            let kept =
+                holders.iter().filter(|h| !drop_idle_copy(h, &holders, PERIOD * 2, PERIOD, keep)).count();
+            prop_assert_eq!(kept, n.min(keep.max(1)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod min_copies_tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn pod(model_types: &[&str], draining: bool) -> InstanceRecord {
+        InstanceRecord {
+            endpoint: "e".into(),
+            capacity_bytes: 1 << 30,
+            used_bytes: 0,
+            models_loaded: 0,
+            loading: 0,
+            lru_age_seconds: 0,
+            coldest_model: String::new(),
+            requests_per_minute: 0,
+            draining,
+            started_ms: 0,
+            model_types: model_types.iter().map(|t| (*t).to_owned()).collect(),
+        }
+    }
+
+    fn pods(names: &[&str]) -> HashMap<String, InstanceRecord> {
+        names.iter().map(|n| ((*n).to_owned(), pod(&["onnx"], false))).collect()
+    }
+
+    const LOADED: Placement = Placement::Loaded { since_ms: 1, size_bytes: 1 };
+    const LOADING: Placement = Placement::Loading { since_ms: 1 };
+
+    fn failed() -> Placement {
+        Placement::Failed { since_ms: 1, reason: "bad".into(), retry_after_ms: 2 }
+    }
+
+    fn short(min_copies: u32, copies: &[(&str, Placement)], pods: &HashMap<String, InstanceRecord>) -> usize {
+        let copies: HashMap<String, Placement> =
+            copies.iter().map(|(n, p)| ((*n).to_owned(), p.clone())).collect();
+        let model = MinCopies { min_copies, model_type: "onnx", copies: Some(&copies) };
+        copies_short(&model, pods)
+    }
+
+    #[test]
+    fn which_models_need_how_many_more_copies() {
+        let three = pods(&["a", "b", "c"]);
+        assert_eq!(short(2, &[], &three), 2, "none yet");
+        assert_eq!(short(2, &[("a", LOADED)], &three), 1);
+        assert_eq!(short(2, &[("a", LOADED), ("b", LOADING)], &three), 0, "a copy loading counts");
+        assert_eq!(short(2, &[("a", LOADED), ("b", failed())], &three), 1, "a failed record is no copy");
+        assert_eq!(short(2, &[("a", LOADED), ("gone", LOADED)], &three), 1, "a dead pod's copy is none");
+        assert_eq!(short(1, &[("a", LOADED), ("b", LOADED)], &three), 0, "more than the minimum");
+        assert_eq!(short(0, &[], &three), 0);
+        assert_eq!(short(5, &[("a", LOADED)], &three), 2, "at most one copy per live pod");
+        assert_eq!(short(2, &[], &HashMap::new()), 0, "no pod, nothing to do");
+        let model = MinCopies { min_copies: 2, model_type: "onnx", copies: None };
+        assert_eq!(copies_short(&model, &three), 2, "no placement record at all");
+    }
+
+    #[test]
+    fn only_live_pods_offering_the_type_and_not_draining_hold_or_count() {
+        let mut mixed = pods(&["a", "b"]);
+        mixed.insert("routes-only".into(), pod(&[], false));
+        mixed.insert("leaving".into(), pod(&["onnx"], true));
+        assert_eq!(short(4, &[], &mixed), 2, "capped by the two pods that can hold a copy");
+        assert_eq!(short(2, &[("a", LOADED), ("leaving", LOADED)], &mixed), 1, "a draining copy is going");
+        assert_eq!(short(2, &[("a", LOADED), ("routes-only", LOADED)], &mixed), 1);
+    }
+
+    proptest! {
+        #[test]
+        fn the_shortfall_never_exceeds_the_minimum_or_the_free_pods(
+            min in 0u32..6, live in 0usize..6, held in proptest::collection::vec(0usize..8, 0..8),
+        ) {
+            let names: Vec<String> = (0..live).map(|i| format!("p{i}")).collect();
+            let pods = pods(&names.iter().map(String::as_str).collect::<Vec<_>>());
+            let copies: Vec<(String, Placement)> =
+                held.iter().map(|i| (format!("p{i}"), LOADED)).collect();
+            let copies: Vec<(&str, Placement)> = copies.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
+            let missing = short(min, &copies, &pods);
+            let holding = held.iter().filter(|i| **i < live).collect::<std::collections::HashSet<_>>().len();
+            prop_assert!(missing <= min as usize);
+            prop_assert!(missing <= live - holding, "never more copies than pods without one");
+            prop_assert_eq!(missing == 0, holding >= (min as usize).min(live));
         }
     }
 }

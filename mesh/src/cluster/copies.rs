@@ -1,6 +1,7 @@
 //! Extra copies that nobody uses are dropped: when several pods hold a model (two first requests
 //! raced, or load once justified a copy), each pod drops its own copy once it has been idle for
-//! `--copy-idle-period`, except the pod that `placement::copies::drop_idle_copy` says keeps it.
+//! `--copy-idle-period`, except the pods that `placement::copies::drop_idle_copy` says keep theirs
+//! (one, or the model's minimum copies).
 //! Checked every half period: this is a timer policy, like ModelMesh's janitor, not a poll for work.
 //!
 //! Busy copies get another: [`add_copies_by_load`] applies `placement::copies::add_copy` (request
@@ -51,7 +52,9 @@ pub async fn drop_idle_copies(
                 holders.push(instance_id.clone());
             }
             let holders: Vec<&str> = holders.iter().map(String::as_str).collect();
-            if drop_idle_copy(&instance_id, &holders, model.idle_for, idle_period) {
+            // A model's minimum copies stay however idle (the leader would only load them again).
+            let keep = view.model(&model.id).and_then(|spec| spec.min_copies).unwrap_or(1) as usize;
+            if drop_idle_copy(&instance_id, &holders, model.idle_for, idle_period, keep) {
                 tracing::info!(model_id = %model.id, copies = holders.len(), idle_s = model.idle_for.as_secs(), "dropping an idle extra copy");
                 cache.unload(&model.id).await;
             }

@@ -6,6 +6,7 @@
 //! The chores, run only while this pod leads and stopped the moment it does not:
 //! - vmodel transitions and auto-delete ([`crate::cluster::vmodels`]);
 //! - syncing the shared `--model-repo` into the registry ([`crate::cluster::repository`]);
+//! - keeping the minimum copies of models registered with one ([`crate::cluster::min_copies`]);
 //! - pruning failed placement records whose back-off ended long ago, or whose model is gone.
 
 use std::path::PathBuf;
@@ -126,6 +127,10 @@ fn start(chores: &Chores, stop: &CancellationToken) -> (CancellationToken, TaskT
             crate::cluster::repository::watch(registry, view, root, sync_stop).await;
         }
         .instrument(tracing::info_span!("repository sync")),
+    );
+    tasks.spawn(
+        crate::cluster::min_copies::keep_min_copies(chores.placer.clone(), token.clone())
+            .instrument(tracing::info_span!("min copies")),
     );
     tasks.spawn(
         prune_failed(chores.registry.clone(), chores.placer.view().clone(), token.clone())
