@@ -42,6 +42,33 @@ fn format_retry(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
+/// What [`CacheError::LoadFailed`] appends before the time to the next attempt.
+const NEXT_ATTEMPT: &str = "; next attempt in ";
+
+/// `message` without the times to the next attempt that [`CacheError::LoadFailed`] (its own, or a
+/// peer's quoted in it) puts in: the same failure reads the same on every attempt.
+pub fn without_retry_times(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(NEXT_ATTEMPT) {
+        let after = &rest[at + NEXT_ATTEMPT.len()..];
+        let digits = after.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(after.len());
+        match after[digits..].strip_prefix('s') {
+            Some(tail) if digits > 0 => {
+                out.push_str(&rest[..at]);
+                rest = tail;
+            }
+            // Not a time this module wrote: keep it as it is.
+            _ => {
+                out.push_str(&rest[..at + NEXT_ATTEMPT.len()]);
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Errors answering a request.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -147,6 +174,31 @@ impl From<MeshError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_times_are_dropped_from_a_failure_however_deep() {
+        let id = ModelId::new("m").unwrap();
+        let failed = |retry_in| {
+            CacheError::LoadFailed { model_id: id.clone(), reason: "bad graph".into(), retry_in }.to_string()
+        };
+        assert_eq!(without_retry_times(&failed(Duration::from_secs(2))), "model m failed to load: bad graph");
+        assert_eq!(
+            without_retry_times(&failed(Duration::from_millis(4_250))),
+            without_retry_times(&failed(Duration::ZERO)),
+            "one failure reads the same on every attempt"
+        );
+        let quoted = CacheError::LoadFailed {
+            model_id: id.clone(),
+            reason: format!("pod-b: {}", failed(Duration::from_secs(8))).into(),
+            retry_in: Duration::ZERO,
+        };
+        assert_eq!(
+            without_retry_times(&quoted.to_string()),
+            "model m failed to load: pod-b: model m failed to load: bad graph"
+        );
+        assert_eq!(without_retry_times("x; next attempt in soon"), "x; next attempt in soon");
+        assert_eq!(without_retry_times("no pod may load it now"), "no pod may load it now");
+    }
 
     #[test]
     fn codes_follow_the_design() {

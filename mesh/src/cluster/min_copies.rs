@@ -91,7 +91,10 @@ fn missing(view: &ClusterView, id: &ModelId) -> usize {
 }
 
 /// When the first back-off of a failed copy of the model ends after `now_ms`, as a wait from now.
-fn first_back_off_end(copies: Option<&HashMap<String, Placement>>, now_ms: u64) -> Option<Duration> {
+pub(crate) fn first_back_off_end(
+    copies: Option<&HashMap<String, Placement>>,
+    now_ms: u64,
+) -> Option<Duration> {
     copies?
         .values()
         .filter_map(Placement::retry_after_ms)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::choose::LoadCandidate;
-use densemesh_placement::route::{Copy, CopyOn, Goal, Route, RouteInput, route};
+use densemesh_placement::route::{Copy, CopyOn, Goal, Refusal, Route, RouteInput, route};
 use densemesh_placement::view::ViewChange;
 use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, Source};
 use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
@@ -251,7 +251,9 @@ impl Placer {
 
     /// Makes sure a copy of `id` exists where placement says (`goal` is [`Goal::Ensure`],
     /// [`Goal::AddCopy`] or [`Goal::HandOff`]); with `sync`, waits until it is loaded. A peer that
-    /// cannot be reached is skipped for the next choice, up to `MAX_ATTEMPTS` pods.
+    /// cannot be reached, or could not load it, is skipped for the next choice, up to `MAX_ATTEMPTS`
+    /// pods; when placement then has no pod left, the last peer's failure is the answer (it says why,
+    /// where "no pod may load it now" would not).
     pub async fn ensure(
         &self,
         id: &ModelId,
@@ -260,6 +262,7 @@ impl Placer {
         last_used: LastUsed,
     ) -> Result<Ensured, MeshError> {
         let mut failed: Vec<String> = Vec::new();
+        let mut last_failure: Option<String> = None;
         loop {
             let exclude: Vec<&str> = failed.iter().map(String::as_str).collect();
             let decision = self.route(id, goal, &exclude);
@@ -282,6 +285,13 @@ impl Placer {
                     }
                     return Ok(Ensured::On(peer));
                 }
+                Route::Refuse(Refusal::NoPod) if last_failure.is_some() => {
+                    return Err(MeshError::Cache(CacheError::LoadFailed {
+                        model_id: id.clone(),
+                        reason: last_failure.unwrap_or_default().into(),
+                        retry_in: Duration::ZERO,
+                    }));
+                }
                 Route::Refuse(refusal) => return Err(MeshError::refused(id, refusal)),
                 Route::LoadOn(peer) => peer,
             };
@@ -289,6 +299,7 @@ impl Placer {
                 Ok(()) => return Ok(Ensured::On(peer)),
                 Err(PeerLoad::Unreachable(reason)) => {
                     tracing::warn!(model_id = %id, peer = %peer, %reason, "peer cannot be reached to load the model; asking placement again");
+                    last_failure = Some(format!("{peer}: {reason}"));
                     failed.push(peer);
                     if failed.len() >= MAX_ATTEMPTS {
                         return Err(MeshError::Cache(CacheError::LoadFailed {

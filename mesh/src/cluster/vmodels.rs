@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::registry::Registry;
-use densemesh_placement::route::Goal;
+use densemesh_placement::route::{Goal, Refusal};
 use densemesh_placement::view::ViewChange;
 use densemesh_placement::{ClusterView, ModelId, VModelSpec};
 use parking_lot::Mutex;
@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cluster::instance::now_ms;
+use crate::cluster::min_copies::first_back_off_end;
 use crate::cluster::placer::{LastUsed, Placer};
-use crate::error::{CacheError, MeshError};
+use crate::error::{CacheError, MeshError, without_retry_times};
 
 /// Pause between attempts when the failure gives no back-off of its own.
 const RETRY_FLOOR: Duration = Duration::from_millis(500);
@@ -102,10 +104,15 @@ impl Driver {
                 }
                 Err(e) => {
                     tracing::warn!(target = %target, error = %e, "vmodel target failed to load");
-                    self.record_failure(&id, &target, e.to_string()).await;
+                    self.record_failure(&id, &target, &e).await;
                     let wait = match e {
                         MeshError::Cache(CacheError::LoadFailed { retry_in, .. }) => {
                             retry_in.max(RETRY_FLOOR)
+                        }
+                        // The pods that failed it back off: try again when the first may load it.
+                        MeshError::Refused { refusal: Refusal::NoPod, .. } => {
+                            first_back_off_end(self.view.copies(&target).as_deref(), now_ms())
+                                .map_or(RETRY_FLOOR * 4, |end| end.max(RETRY_FLOOR))
                         }
                         _ => RETRY_FLOOR * 4,
                     };
@@ -135,10 +142,12 @@ impl Driver {
         Some(old.active)
     }
 
-    async fn record_failure(&self, id: &ModelId, target: &ModelId, reason: String) {
+    /// Writes why the target failed on the vmodel, when that changes what it says (see
+    /// [`transition_error_after`]): each write is a change every WatchVModels client is sent.
+    async fn record_failure(&self, id: &ModelId, target: &ModelId, failure: &MeshError) {
         self.update(id, |v| {
-            (v.target == target.as_str() && v.transition_error.as_deref() != Some(reason.as_str()))
-                .then(|| VModelSpec { transition_error: Some(reason.clone()), ..v.clone() })
+            let error = transition_error_after(v.transition_error.as_deref(), failure)?;
+            (v.target == target.as_str()).then(|| VModelSpec { transition_error: Some(error), ..v.clone() })
         })
         .await;
     }
@@ -160,6 +169,32 @@ impl Driver {
         }
         None
     }
+}
+
+/// What a vmodel's `transition_error` becomes after an attempt to load its target failed with
+/// `failure`; `None` to leave it as it is, so that only a failure that really differs is a change
+/// (each one is sent to every WatchVModels client):
+/// - the real failure stays while its pods back off from it: placement then refuses with "no pod may
+///   load it now", which says nothing new, so that refusal is written only when nothing is recorded;
+/// - a failed load is recorded as the model's, by its innermost reason: the same failure reads the
+///   same whichever pod hit it (a peer's answer quotes its own error) and on every attempt (the times
+///   to the next attempt are left out).
+pub fn transition_error_after(current: Option<&str>, failure: &MeshError) -> Option<String> {
+    if current.is_some() && matches!(failure, MeshError::Refused { refusal: Refusal::NoPod, .. }) {
+        return None;
+    }
+    let text = without_retry_times(&failure.to_string());
+    let reason = match failure {
+        MeshError::Cache(CacheError::LoadFailed { model_id, .. }) => {
+            let marker = format!("model {model_id} failed to load: ");
+            match text.rfind(&marker) {
+                Some(at) => format!("{marker}{}", &text[at + marker.len()..]),
+                None => text,
+            }
+        }
+        _ => text,
+    };
+    (current != Some(reason.as_str())).then_some(reason)
 }
 
 /// Unregisters auto-delete models that a vmodel referred to (as active, target or in a split) when
@@ -185,4 +220,90 @@ pub async fn delete_unreferenced(registry: &Registry, view: &ClusterView, seen: 
         }
     }
     *seen = referenced;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn load_failed(reason: &str, retry_in: Duration) -> MeshError {
+        let model_id = ModelId::new("v2").unwrap();
+        MeshError::Cache(CacheError::LoadFailed { model_id, reason: reason.into(), retry_in })
+    }
+
+    fn no_pod() -> MeshError {
+        MeshError::refused(&ModelId::new("v2").unwrap(), Refusal::NoPod)
+    }
+
+    /// The errors a vmodel shows over a sequence of failed attempts, each write one change.
+    fn written(attempts: &[MeshError]) -> Vec<String> {
+        let mut current: Option<String> = None;
+        let mut writes = Vec::new();
+        for failure in attempts {
+            if let Some(next) = transition_error_after(current.as_deref(), failure) {
+                writes.push(next.clone());
+                current = Some(next);
+            }
+        }
+        writes
+    }
+
+    #[test]
+    fn the_real_failure_stays_through_its_back_off() {
+        let s = Duration::from_secs(1);
+        // Fail, back off (every pod refused), fail again with a longer back-off, back off again.
+        let attempts = [
+            load_failed("bad graph", 2 * s),
+            no_pod(),
+            no_pod(),
+            load_failed("bad graph", 4 * s),
+            no_pod(),
+            load_failed("bad graph", 8 * s),
+        ];
+        assert_eq!(written(&attempts), ["model v2 failed to load: bad graph"], "written once, never flipped");
+    }
+
+    #[test]
+    fn one_failure_reads_the_same_from_whichever_pod_hit_it() {
+        let s = Duration::from_secs(1);
+        let on_peer = |peer: &str, retry_in| {
+            let peers_answer = load_failed("bad graph", retry_in).to_string();
+            load_failed(&format!("{peer}: {peers_answer}"), Duration::ZERO)
+        };
+        let attempts = [
+            on_peer("pod-1", 2 * s),
+            load_failed("bad graph", 2 * s),
+            no_pod(),
+            on_peer("pod-2", 4 * s),
+            on_peer("pod-1", 8 * s),
+        ];
+        assert_eq!(written(&attempts), ["model v2 failed to load: bad graph"]);
+        let unreachable = load_failed("pod-1: connection refused", Duration::ZERO);
+        assert_eq!(written(&[unreachable]), ["model v2 failed to load: pod-1: connection refused"]);
+    }
+
+    #[test]
+    fn a_different_failure_replaces_it_and_a_refusal_is_written_only_first() {
+        let s = Duration::from_secs(1);
+        let attempts =
+            [no_pod(), load_failed("bad graph", 2 * s), no_pod(), load_failed("no such file", 4 * s)];
+        assert_eq!(
+            written(&attempts),
+            [
+                "model v2 cannot be loaded: no pod may load it now (all are draining or backing off from a failed load of it)",
+                "model v2 failed to load: bad graph",
+                "model v2 failed to load: no such file",
+            ]
+        );
+        let other = MeshError::refused(
+            &ModelId::new("v2").unwrap(),
+            Refusal::NoPodOffers { model_type: "onnx".into() },
+        );
+        assert!(
+            transition_error_after(Some("model v2 failed to load: bad graph"), &other).is_some(),
+            "a refusal for another reason is news"
+        );
+    }
 }
