@@ -162,17 +162,23 @@ pub struct ComponentStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficTarget {
+    #[serde(default)]
     pub revision_name: String,
+    #[serde(default)]
     pub percent: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_revision: Option<bool>,
 }
 
-/// modelmesh-serving's `status.modelStatus`.
+/// modelmesh-serving's `status.modelStatus`. Every status type here reads whatever KServe itself
+/// writes (fields left out, values this crate does not know): the controller lists InferenceServices
+/// of every mode, and one it cannot read would stop it for all.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelStatus {
+    #[serde(default)]
     pub transition_status: TransitionStatus,
+    #[serde(default)]
     pub states: ModelRevisionStates,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copies: Option<ModelCopies>,
@@ -187,11 +193,15 @@ pub enum TransitionStatus {
     InProgress,
     BlockedByFailedLoad,
     InvalidSpec,
+    /// A value some other writer used.
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelRevisionStates {
+    #[serde(default)]
     pub active_model_state: ModelState,
     /// Empty unless a transition to a new revision is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,19 +216,25 @@ pub enum ModelState {
     Loading,
     Loaded,
     FailedToLoad,
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelCopies {
+    #[serde(default)]
     pub failed_copies: i64,
+    #[serde(default)]
     pub total_copies: i64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FailureInfo {
+    #[serde(default)]
     pub reason: FailureReason,
+    #[serde(default)]
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_revision_name: Option<String>,
@@ -237,7 +253,10 @@ pub enum FailureReason {
     RuntimeUnhealthy,
     NoSupportingRuntime,
     RuntimeNotRecognized,
+    RuntimeDisabled,
     InvalidPredictorSpec,
+    #[serde(other)]
+    Unknown,
 }
 
 /// modelmesh-serving's older, flatter form of one model.
@@ -306,14 +325,19 @@ pub struct PvcStorage {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PredictorStatus {
+    #[serde(default)]
     pub available: bool,
+    #[serde(default)]
     pub active_model_state: ModelState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_model_state: Option<ModelState>,
+    #[serde(default)]
     pub transition_status: TransitionStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_info: Option<FailureInfo>,
+    #[serde(default)]
     pub total_copies: i64,
+    #[serde(default)]
     pub failed_copies: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc_endpoint: Option<String>,
@@ -437,6 +461,29 @@ spec:
         let model = isvc.spec.predictor.model.unwrap();
         assert_eq!(model.model_format.unwrap().name, "onnx");
         assert_eq!(model.storage.unwrap().path.as_deref(), Some("onnx/mnist.onnx"));
+    }
+
+    #[test]
+    fn a_status_kserve_wrote_is_read_not_refused() {
+        let isvc: InferenceService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+            "metadata": {"name": "serverless"},
+            "spec": {"predictor": {"model": {"modelFormat": {"name": "sklearn"}}}},
+            "status": {
+                "url": "http://serverless.default.example.com",
+                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                "modelStatus": {"transitionStatus": "", "copies": {"failedCopies": 0},
+                                "lastFailureInfo": {"reason": "RuntimeDisabled"},
+                                "states": {"activeModelState": "", "targetModelState": "SomethingNew"}},
+                "components": {"predictor": {"latestCreatedRevision": "serverless-predictor-00001",
+                                             "traffic": [{"latestRevision": true, "percent": 100}]}}
+            }
+        }))
+        .unwrap();
+        let status = isvc.status.unwrap().model_status.unwrap();
+        assert_eq!(status.transition_status, TransitionStatus::Unknown);
+        assert_eq!(status.states.target_model_state, Some(ModelState::Unknown));
+        assert_eq!(status.last_failure_info.unwrap().reason, FailureReason::RuntimeDisabled);
     }
 
     #[test]

@@ -86,6 +86,17 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("serving metrics on {}", cli.metrics_addr))?;
 
     // Read before taking the lease: a bad template is a startup error, not a leader that fails.
+    let pod_template = match &cli.meshd_pod_template {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the meshd pod template {}", path.display()))?;
+            Some(
+                serde_yaml::from_str(&text)
+                    .with_context(|| format!("{} is not a PodTemplateSpec", path.display()))?,
+            )
+        }
+        None => None,
+    };
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API server configured (in-cluster or KUBECONFIG)")?;
@@ -105,17 +116,6 @@ async fn main() -> anyhow::Result<()> {
     lease.acquire().await;
     metrics::gauge!("densemesh_controller_leader").set(1.0);
     info!(identity, "leading");
-    let pod_template = match &cli.meshd_pod_template {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the meshd pod template {}", path.display()))?;
-            Some(
-                serde_yaml::from_str(&text)
-                    .with_context(|| format!("{} is not a PodTemplateSpec", path.display()))?,
-            )
-        }
-        None => None,
-    };
     let settings = Settings {
         urls: Urls { grpc: cli.public_grpc_url, rest: cli.public_rest_url },
         namespace: Some(cli.namespace).filter(|n| !n.is_empty()),

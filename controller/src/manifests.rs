@@ -39,7 +39,7 @@ impl Manifest {
     /// check); `None` for an ignored document.
     pub fn desired(&self, offered: Option<&[String]>) -> Option<Result<Desired, SpecError>> {
         let desired = match self {
-            Manifest::InferenceService(o) => mapping::desired_for_isvc(o),
+            Manifest::InferenceService(o) => mapping::desired_for_isvc_with(o, true),
             Manifest::Predictor(o) => mapping::desired_for_predictor(o),
             Manifest::Ignored { .. } => return None,
         };

@@ -56,8 +56,15 @@ fn invalid(message: impl Into<String>) -> SpecError {
     SpecError { reason: FailureReason::InvalidPredictorSpec, message: message.into() }
 }
 
-/// What an InferenceService asks of the mesh.
+/// What an InferenceService asks of the mesh. `file://` storage is refused: on a cluster it would
+/// let whoever may create an InferenceService read files of the meshd pods.
 pub fn desired_for_isvc(isvc: &InferenceService) -> Result<Desired, SpecError> {
+    desired_for_isvc_with(isvc, false)
+}
+
+/// As `desired_for_isvc`, with `file://` storage allowed where the manifests' author runs the mesh
+/// (`meshctl apply` on a single box).
+pub fn desired_for_isvc_with(isvc: &InferenceService, local_files: bool) -> Result<Desired, SpecError> {
     let name = isvc.metadata.name.as_deref().unwrap_or_default();
     let annotations = isvc.metadata.annotations.clone().unwrap_or_default();
     let predictor = &isvc.spec.predictor;
@@ -85,8 +92,13 @@ pub fn desired_for_isvc(isvc: &InferenceService) -> Result<Desired, SpecError> {
         )));
     };
     let secret_key = annotations.get(SECRET_KEY_ANNOTATION).cloned();
-    let (path, key) =
-        storage_location(field, model.storage_uri.as_deref(), model.storage.as_ref(), secret_key)?;
+    let (path, key) = storage_location(
+        field,
+        model.storage_uri.as_deref(),
+        model.storage.as_ref(),
+        secret_key,
+        local_files,
+    )?;
     let size_bytes = match &model.size {
         Some(q) => Some(parse_quantity(&q.0).map_err(|e| invalid(format!("{field}.size {:?}: {e}", q.0)))?),
         None => None,
@@ -151,6 +163,7 @@ pub fn desired_for_predictor(predictor: &Predictor) -> Result<Desired, SpecError
             None,
             Some(&StorageSpec { path: Some(spec.path.clone()), ..Default::default() }),
             None,
+            false,
         )?
     };
     let runtime = spec.runtime.as_ref().map(|r| r.name.clone());
@@ -186,7 +199,12 @@ fn storage_location(
     uri: Option<&str>,
     storage: Option<&StorageSpec>,
     secret_key: Option<String>,
+    local_files: bool,
 ) -> Result<(String, String), SpecError> {
+    let given = uri.or(storage.and_then(|s| s.path.as_deref())).unwrap_or_default();
+    if given.split(['/', '\\']).any(|segment| segment == "..") {
+        return Err(invalid(format!("{field}: storage path {given:?} has a `..` segment")));
+    }
     let key_name = storage.and_then(|s| s.key.clone()).or(secret_key);
     let bucket =
         storage.and_then(|s| s.parameters.as_ref()).and_then(|p| p.get("bucket")).map(String::as_str);
@@ -205,7 +223,9 @@ fn storage_location(
                 };
                 Ok((pvc_path(claim, path), String::new()))
             }
-            // file:// serves a single box (`meshctl apply`); the mesh reads local paths anyway.
+            "file" if !local_files => Err(invalid(format!(
+                "{field}.storageUri {uri:?}: file:// is not served from a cluster; use s3://, gs://, https:// or pvc://"
+            ))),
             "s3" | "gs" | "http" | "https" | "file" => {
                 let key = key_name.map(|k| storage_key_json(&k, bucket)).unwrap_or_default();
                 Ok((uri.to_owned(), key))
@@ -255,7 +275,7 @@ struct RevisionOf<'a> {
 /// placement hints included: the mesh learns them with a revision), the same id for a spec that
 /// does not, so re-applying an unchanged object changes nothing in the mesh.
 fn revision_id(name: &str, owner: &str, r: RevisionOf) -> String {
-    let canonical = serde_json::json!({
+    let mut canonical = serde_json::json!({
         "format": r.format.name.to_ascii_lowercase(),
         "version": r.format.version,
         "runtime": r.runtime,
@@ -264,6 +284,10 @@ fn revision_id(name: &str, owner: &str, r: RevisionOf) -> String {
         "size": r.size_bytes,
         "min_copies": r.min_copies,
     });
+    // Fields not given leave no trace, so a field added later does not change every existing id.
+    if let Some(fields) = canonical.as_object_mut() {
+        fields.retain(|_, v| !v.is_null());
+    }
     let digest = Sha256::digest(canonical.to_string().as_bytes());
     let hex: String = digest.iter().take(5).map(|b| format!("{b:02x}")).collect();
     format!("{name}__{owner}-{hex}")

@@ -31,6 +31,9 @@ impl MeshError {
             MeshError::Call { status, .. } => matches!(
                 status.code(),
                 tonic::Code::Unavailable
+                    | tonic::Code::Cancelled
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
                     | tonic::Code::DeadlineExceeded
                     | tonic::Code::ResourceExhausted
                     | tonic::Code::Aborted
@@ -91,7 +94,8 @@ fn info(model: &ModelRegistration) -> ModelInfo {
         r#type: model.model_type.clone(),
         path: model.path.clone(),
         key: model.key.clone(),
-        ..Default::default()
+        size_bytes: model.size_bytes.unwrap_or(0),
+        min_copies: model.min_copies.unwrap_or(0),
     }
 }
 
@@ -109,6 +113,18 @@ impl MeshApi for GrpcMesh {
                         target_model_id: model.model_id.clone(),
                         model_info: Some(info(model)),
                         auto_delete_target_model: true,
+                        load_now: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(fail("setVModel"))?;
+            }
+            MeshCall::Retarget { vmodel_id, owner, model_id } => {
+                mmesh
+                    .set_v_model(SetVModelRequest {
+                        v_model_id: vmodel_id.clone(),
+                        owner: owner.clone(),
+                        target_model_id: model_id.clone(),
                         load_now: true,
                         ..Default::default()
                     })
@@ -164,5 +180,26 @@ impl MeshApi for GrpcMesh {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_carry_the_placement_hints() {
+        let info = info(&ModelRegistration {
+            model_id: "m".into(),
+            model_type: "onnx".into(),
+            path: "s3://b/m".into(),
+            key: String::new(),
+            size_bytes: Some(4096),
+            min_copies: Some(2),
+        });
+        assert_eq!((info.size_bytes, info.min_copies), (4096, 2));
+        let none =
+            super::info(&ModelRegistration { size_bytes: None, min_copies: None, ..Default::default() });
+        assert_eq!((none.size_bytes, none.min_copies), (0, 0), "0 is 'not given' on the wire");
     }
 }

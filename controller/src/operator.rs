@@ -172,6 +172,24 @@ struct RuntimeKey {
     name: String,
 }
 
+/// An object that maps to a vmodel id.
+pub struct Claim<K: kube::Resource<DynamicType = ()>> {
+    obj: ObjectRef<K>,
+    created: Option<Timestamp>,
+}
+
+/// Of the objects that map to one vmodel id (one name in several namespaces), the one that owns it:
+/// the oldest, then the first namespace by name. The mesh has one vmodel per name, and two objects
+/// driving it would undo each other forever.
+fn claimant<'a>(
+    claims: impl IntoIterator<Item = (Option<Timestamp>, &'a str)>,
+) -> Option<(Option<Timestamp>, &'a str)> {
+    claims.into_iter().min_by(|a, b| {
+        // An object without a creation time (never from an API server) sorts last.
+        (a.0.is_none(), a.0, a.1).cmp(&(b.0.is_none(), b.0, b.1))
+    })
+}
+
 /// Which runtime each served object uses ("kind/namespace/name" → runtime), so a runtime knows
 /// whether any model needs it.
 type Usage = Arc<RwLock<HashMap<String, RuntimeKey>>>;
@@ -185,8 +203,9 @@ pub struct Context<K: MeshObject> {
     client: kube::Client,
     mesh: Arc<dyn MeshApi>,
     reported: Arc<RwLock<Reported>>,
-    /// Objects by vmodel id, so a mesh event reaches the objects it concerns.
-    by_vmodel: Arc<RwLock<HashMap<String, Vec<ObjectRef<K>>>>>,
+    /// Objects by vmodel id (with when each was created), so a mesh event reaches the objects it
+    /// concerns and a name used in two namespaces has one claimant.
+    by_vmodel: Arc<RwLock<HashMap<String, Vec<Claim<K>>>>>,
     runtimes: Store<ServingRuntime>,
     cluster_runtimes: Store<ClusterServingRuntime>,
     usage: Usage,
@@ -282,12 +301,12 @@ async fn follow_mesh<K: MeshObject>(
     mesh: Arc<GrpcMesh>,
     owner: &'static str,
     reported: Arc<RwLock<Reported>>,
-    by_vmodel: Arc<RwLock<HashMap<String, Vec<ObjectRef<K>>>>>,
+    by_vmodel: Arc<RwLock<HashMap<String, Vec<Claim<K>>>>>,
     triggers: mpsc::UnboundedSender<ObjectRef<K>>,
 ) {
     let trigger = |id: &str| {
-        for obj in by_vmodel.read().get(id).into_iter().flatten() {
-            let _ = triggers.send(obj.clone());
+        for claim in by_vmodel.read().get(id).into_iter().flatten() {
+            let _ = triggers.send(claim.obj.clone());
         }
     };
     let mut backoff = Duration::from_millis(200);
@@ -357,24 +376,44 @@ async fn reconcile_object<K: MeshObject>(obj: Arc<K>, ctx: Arc<Context<K>>) -> R
         return Ok(Action::await_change());
     }
     let name = obj.name_any();
-    {
+    let namespace = obj.namespace().unwrap_or_default();
+    let this = ObjectRef::from_obj(&*obj);
+    let claimed_by = {
         let mut index = ctx.by_vmodel.write();
-        let refs = index.entry(name.clone()).or_default();
-        let this = ObjectRef::from_obj(&*obj);
-        if !refs.contains(&this) {
-            refs.push(this);
+        let claims = index.entry(name.clone()).or_default();
+        if !claims.iter().any(|c| c.obj == this) {
+            let created = obj.meta().creation_timestamp.as_ref().map(|t| t.0);
+            claims.push(Claim { obj: this.clone(), created });
         }
-    }
+        claimant(claims.iter().map(|c| (c.created, c.obj.namespace.as_deref().unwrap_or_default())))
+            .map(|(_, ns)| ns.to_owned())
+            .filter(|ns| *ns != namespace)
+    };
+    // Chosen before the mesh is heard from, so a runtime in use is never scaled to zero for
+    // want of a reconcile.
+    let sole_owner = claimed_by.is_none();
+    let desired = match claimed_by {
+        Some(owner_ns) => Err(SpecError {
+            reason: crate::crd::FailureReason::InvalidPredictorSpec,
+            message: format!(
+                "vmodel {name} is already served for {} {owner_ns}/{name}, created earlier: one mesh serves one \
+                 object per name across namespaces (rename this one, or run a controller per namespace with --namespace)",
+                K::kind(&())
+            ),
+        }),
+        None => desired_of(&*obj, &ctx),
+    };
     if !ctx.reported.read().synced {
         // Until the mesh's first round is in, "no vmodel" could just mean "not heard of yet".
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, obj, |event| async {
         match event {
-            Finalizer::Apply(obj) if obj.ours() => apply(&*obj, &ctx, &api).await,
-            // No longer ours (its annotation changed) or being deleted: the vmodel goes.
-            Finalizer::Apply(obj) | Finalizer::Cleanup(obj) => cleanup(&*obj, &ctx).await,
+            Finalizer::Apply(obj) if obj.ours() => apply(&*obj, desired, &ctx, &api).await,
+            // No longer ours (its annotation changed) or being deleted: the vmodel goes, unless
+            // it is another object's.
+            Finalizer::Apply(obj) | Finalizer::Cleanup(obj) => cleanup(&*obj, sole_owner, &ctx).await,
         }
     })
     .await
@@ -385,10 +424,11 @@ async fn reconcile_object<K: MeshObject>(obj: Arc<K>, ctx: Arc<Context<K>>) -> R
     })
 }
 
-async fn apply<K: MeshObject>(obj: &K, ctx: &Context<K>, api: &Api<K>) -> Result<Action, Error> {
-    let name = obj.name_any();
+/// What the object asks of the mesh, with its runtime chosen; records the runtime as in use. A
+/// spec that turned invalid keeps its runtime's record: its previous revision still serves there.
+fn desired_of<K: MeshObject>(obj: &K, ctx: &Context<K>) -> Result<Desired, SpecError> {
     let namespace = obj.namespace().unwrap_or_default();
-    let mut desired = obj.desired().and_then(|d| {
+    obj.desired().and_then(|d| {
         let runtimes = ctx.runtimes.state();
         let cluster = ctx.cluster_runtimes.state();
         let infos: Vec<RuntimeInfo> = runtimes
@@ -413,14 +453,22 @@ async fn apply<K: MeshObject>(obj: &K, ctx: &Context<K>, api: &Api<K>) -> Result
         };
         ctx.usage.write().insert(usage_key(obj), key);
         Ok(d)
-    });
-    if desired.is_err() {
-        ctx.usage.write().remove(&usage_key(obj));
-    }
+    })
+}
+
+async fn apply<K: MeshObject>(
+    obj: &K,
+    mut desired: Result<Desired, SpecError>,
+    ctx: &Context<K>,
+    api: &Api<K>,
+) -> Result<Action, Error> {
+    let name = obj.name_any();
+    let namespace = obj.namespace().unwrap_or_default();
     let mesh = ctx.reported.read().vmodels.get(&name).cloned();
     let mut moved_mesh = false;
     if let Ok(d) = &desired {
-        for call in reconcile::plan(d, mesh.as_ref(), &obj.rollout()) {
+        let now_ms = u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0);
+        for call in reconcile::plan(d, mesh.as_ref(), &obj.rollout(), now_ms) {
             moved_mesh = true;
             metrics::counter!("densemesh_controller_mesh_calls_total", "call" => call_name(&call))
                 .increment(1);
@@ -441,32 +489,46 @@ async fn apply<K: MeshObject>(obj: &K, ctx: &Context<K>, api: &Api<K>) -> Result
     }
     if moved_mesh && desired.is_ok() {
         // The mesh now differs from what it last reported, and its watch will say how within
-        // milliseconds: the status is written then, once, instead of now and again then.
-        return Ok(Action::requeue(Duration::from_secs(600)));
+        // milliseconds: the status is written then, once, instead of now and again then (and
+        // at the latest at this requeue, should the change be one the watch does not show).
+        return Ok(Action::requeue(Duration::from_secs(5)));
     }
     let now = Time(Timestamp::now());
     if let Some(status) = obj.new_status(&desired, mesh.as_ref(), &ctx.settings.urls, &now) {
-        api.patch_status(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": status })),
-        )
-        .await?;
+        // The whole status replaced: a merge patch would keep fields the new status leaves out
+        // (a cleared failure, a finished transition's target).
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            { "op": "add", "path": "/status", "value": status }
+        ]))
+        .expect("a JSON patch of one add");
+        api.patch_status(&name, &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
         metrics::counter!("densemesh_controller_status_writes_total", "kind" => K::kind(&()).into_owned())
             .increment(1);
     }
     // The mesh's watch brings every change; the long requeue only repairs what a lost event missed.
-    Ok(Action::requeue(Duration::from_secs(600)))
+    // A revision that failed is looked at again when a new load may be asked of it.
+    let failed = mesh.as_ref().is_some_and(|m| {
+        m.models.iter().any(|x| x.state() == densemesh_proto::admin::model_state::State::FailedToLoad)
+    });
+    Ok(Action::requeue(if failed {
+        Duration::from_millis(reconcile::RETRY_FAILED_AFTER_MS)
+    } else {
+        Duration::from_secs(600)
+    }))
 }
 
-async fn cleanup<K: MeshObject>(obj: &K, ctx: &Context<K>) -> Result<Action, Error> {
+async fn cleanup<K: MeshObject>(obj: &K, sole_owner: bool, ctx: &Context<K>) -> Result<Action, Error> {
     let name = obj.name_any();
-    ctx.mesh.call(&MeshCall::DeleteVModel { vmodel_id: name.clone(), owner: K::OWNER.to_owned() }).await?;
+    if sole_owner {
+        ctx.mesh
+            .call(&MeshCall::DeleteVModel { vmodel_id: name.clone(), owner: K::OWNER.to_owned() })
+            .await?;
+    }
     ctx.usage.write().remove(&usage_key(obj));
     let this = ObjectRef::from_obj(obj);
     let mut index = ctx.by_vmodel.write();
     if let Some(refs) = index.get_mut(&name) {
-        refs.retain(|r| *r != this);
+        refs.retain(|r| r.obj != this);
         if refs.is_empty() {
             index.remove(&name);
         }
@@ -477,7 +539,7 @@ async fn cleanup<K: MeshObject>(obj: &K, ctx: &Context<K>) -> Result<Action, Err
 
 fn call_name(call: &MeshCall) -> &'static str {
     match call {
-        MeshCall::SetVModel { .. } => "setVModel",
+        MeshCall::SetVModel { .. } | MeshCall::Retarget { .. } => "setVModel",
         MeshCall::RegisterModel { .. } => "registerModel",
         MeshCall::UnregisterModel { .. } => "unregisterModel",
         MeshCall::SetSplit { .. } => "SetVModelSplit",
@@ -611,4 +673,18 @@ async fn ensure_deployment(
     Ok(Action::requeue(
         ctx.settings.scale_to_zero_grace.min(Duration::from_secs(30)).max(Duration::from_secs(1)),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_claimant_per_name_the_oldest_then_by_namespace() {
+        let t = |s| Some(Timestamp::from_second(s).unwrap());
+        assert_eq!(claimant([(t(20), "a"), (t(10), "b")]), Some((t(10), "b")));
+        assert_eq!(claimant([(t(10), "b"), (t(10), "a")]), Some((t(10), "a")));
+        assert_eq!(claimant([(None, "a"), (t(30), "z")]), Some((t(30), "z")));
+        assert_eq!(claimant(std::iter::empty::<(Option<Timestamp>, &str)>()), None);
+    }
 }

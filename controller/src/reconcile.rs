@@ -12,7 +12,7 @@ use crate::crd::{
 use crate::mapping::{Desired, SpecError};
 
 /// How a model is registered: modelmesh-serving's `ModelInfo` plus the size hint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelRegistration {
     pub model_id: String,
     pub model_type: String,
@@ -30,6 +30,12 @@ pub enum MeshCall {
         vmodel_id: String,
         owner: String,
         model: ModelRegistration,
+    },
+    /// Points the vmodel back at a model it already knows (registered as it is).
+    Retarget {
+        vmodel_id: String,
+        owner: String,
+        model_id: String,
     },
     /// Registers a canary revision and loads it now, without moving the vmodel.
     RegisterModel {
@@ -80,10 +86,14 @@ impl Rollout {
     }
 }
 
+/// How long after a revision failed to load everywhere the controller asks the mesh to load it
+/// again (modelmesh-serving's `loadNow` for failed specs): the storage may have been fixed since.
+pub const RETRY_FAILED_AFTER_MS: u64 = 30_000;
+
 /// The calls that move the mesh from `mesh` (the vmodel as last reported; `None` when it does not
 /// exist) to `desired`. Empty when the mesh is already there, so a reconcile that changes nothing
 /// writes nothing.
-pub fn plan(desired: &Desired, mesh: Option<&VModelState>, rollout: &Rollout) -> Vec<MeshCall> {
+pub fn plan(desired: &Desired, mesh: Option<&VModelState>, rollout: &Rollout, now_ms: u64) -> Vec<MeshCall> {
     let set_vmodel = || MeshCall::SetVModel {
         vmodel_id: desired.vmodel_id.clone(),
         owner: desired.owner.to_owned(),
@@ -109,10 +119,10 @@ pub fn plan(desired: &Desired, mesh: Option<&VModelState>, rollout: &Rollout) ->
             if mesh.target_model_id != stable {
                 // A rollout of the new revision began before the canary was asked for: stay on
                 // the stable one.
-                calls.push(MeshCall::SetVModel {
+                calls.push(MeshCall::Retarget {
                     vmodel_id: desired.vmodel_id.clone(),
                     owner: desired.owner.to_owned(),
-                    model: ModelRegistration { model_id: stable.to_owned(), ..desired.registration() },
+                    model_id: stable.to_owned(),
                 });
             }
             let want = if percent == 0 {
@@ -135,6 +145,13 @@ pub fn plan(desired: &Desired, mesh: Option<&VModelState>, rollout: &Rollout) ->
                 calls.push(MeshCall::SetSplit { vmodel_id: desired.vmodel_id.clone(), split: Vec::new() });
             }
             if mesh.target_model_id != desired.model_id {
+                calls.push(set_vmodel());
+            } else if let Some(failed) = model(mesh, &desired.model_id)
+                .filter(|m| m.state() == model_state::State::FailedToLoad)
+                .filter(|m| now_ms.saturating_sub(m.last_failure_ms) >= RETRY_FAILED_AFTER_MS)
+            {
+                // Failed everywhere a while ago: load it again, as for a new spec.
+                debug_assert_eq!(failed.model_id, desired.model_id);
                 calls.push(set_vmodel());
             }
         }
@@ -184,7 +201,14 @@ struct Summary {
     message: String,
 }
 
-fn summarize(desired: &Result<Desired, SpecError>, mesh: Option<&VModelState>) -> Summary {
+/// `rolled_out`: the revision that has served all traffic before; paged out of memory (Standby), it
+/// still serves, since the mesh loads it on first use. A revision that never loaded is not ready
+/// just because it is registered.
+fn summarize(
+    desired: &Result<Desired, SpecError>,
+    mesh: Option<&VModelState>,
+    rolled_out: Option<&str>,
+) -> Summary {
     let mut s = Summary {
         active: ModelState::Pending,
         target: None,
@@ -228,12 +252,15 @@ fn summarize(desired: &Result<Desired, SpecError>, mesh: Option<&VModelState>) -
         } else {
             TransitionStatus::UpToDate
         };
-        // A model paged out of memory (Standby) still serves: the mesh loads it on first use.
-        s.ready = matches!(s.active, ModelState::Loaded | ModelState::Standby);
+        s.ready = s.active == ModelState::Loaded
+            || (s.active == ModelState::Standby && rolled_out == Some(mesh.active_model_id.as_str()));
         (s.reason, s.message) = match s.active {
-            ModelState::Loaded | ModelState::Standby => ("", String::new()),
+            _ if s.ready => ("", String::new()),
+            ModelState::Loaded | ModelState::Standby => {
+                ("ModelPending", format!("model {} is registered and not loaded yet", mesh.active_model_id))
+            }
             ModelState::Loading => ("ModelLoading", format!("model {} is loading", mesh.active_model_id)),
-            ModelState::Pending => {
+            ModelState::Pending | ModelState::Unknown => {
                 ("ModelPending", format!("model {} is not registered yet", mesh.active_model_id))
             }
             ModelState::FailedToLoad => (
@@ -297,9 +324,9 @@ pub fn isvc_status(
     urls: &Urls,
     now: &Time,
 ) -> InferenceServiceStatus {
-    let s = summarize(desired, mesh);
-    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let prev_rollout = Rollout::of_isvc(previous);
+    let s = summarize(desired, mesh, prev_rollout.rolled_out.as_deref());
+    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let mut predictor = ComponentStatus {
         grpc_url: Some(urls.grpc.clone()),
         rest_url: Some(urls.rest.clone()),
@@ -329,12 +356,12 @@ pub fn isvc_status(
                 latest_revision: Some(latest.as_deref() == Some(mesh.active_model_id.as_str())),
             }]
         } else {
-            let total: u32 = mesh.split.iter().map(|w| w.weight).sum::<u32>().max(1);
+            let total: u64 = mesh.split.iter().map(|w| u64::from(w.weight)).sum::<u64>().max(1);
             mesh.split
                 .iter()
                 .map(|w| TrafficTarget {
                     revision_name: w.model_id.clone(),
-                    percent: i64::from(w.weight * 100 / total),
+                    percent: i64::try_from(u64::from(w.weight) * 100 / total).unwrap_or(100),
                     latest_revision: Some(latest.as_deref() == Some(w.model_id.as_str())),
                 })
                 .collect()
@@ -364,7 +391,8 @@ pub fn predictor_status(
     mesh: Option<&VModelState>,
     urls: &Urls,
 ) -> PredictorStatus {
-    let s = summarize(desired, mesh);
+    // A Predictor keeps no rollout record: its active model counts as rolled out.
+    let s = summarize(desired, mesh, mesh.map(|m| m.active_model_id.as_str()));
     PredictorStatus {
         available: s.ready,
         active_model_state: s.active,

@@ -135,6 +135,18 @@ fn bad_specs_say_what_to_fix() {
             "pvc://CLAIM/PATH",
         ),
         (
+            "spec: {predictor: {model: {modelFormat: {name: onnx}, storageUri: \"pvc://c/../../etc/passwd\"}}}",
+            "`..` segment",
+        ),
+        (
+            "spec: {predictor: {model: {modelFormat: {name: onnx}, storage: {path: \"a/../../b\"}}}}",
+            "`..` segment",
+        ),
+        (
+            "spec: {predictor: {model: {modelFormat: {name: onnx}, storageUri: \"file:///etc/passwd\"}}}",
+            "file:// is not served",
+        ),
+        (
             "spec: {predictor: {model: {modelFormat: {name: onnx}, storageUri: \"s3://b/m\", size: lots}}}",
             "size",
         ),

@@ -41,6 +41,9 @@ fn vmodel(active: &str, target: &str, models: Vec<Mesh>) -> VModelState {
     }
 }
 
+/// Long after any failure in these tests (1_700_000_000_000 ms), unless a test says otherwise.
+const NOW: u64 = 1_700_000_010_000;
+
 fn set_vmodel(d: &Desired) -> MeshCall {
     MeshCall::SetVModel { vmodel_id: "m".into(), owner: "isvc".into(), model: d.registration() }
 }
@@ -48,17 +51,19 @@ fn set_vmodel(d: &Desired) -> MeshCall {
 #[test]
 fn a_new_object_sets_its_vmodel() {
     let d = desired("a", None);
-    assert_eq!(plan(&d, None, &Rollout::default()), vec![set_vmodel(&d)]);
+    assert_eq!(plan(&d, None, &Rollout::default(), NOW), vec![set_vmodel(&d)]);
 }
 
 #[test]
 fn an_unchanged_object_calls_nothing() {
     let d = desired("a", None);
     let mesh = vmodel(&d.model_id, &d.model_id, vec![model(&d.model_id, State::Loaded)]);
-    assert_eq!(plan(&d, Some(&mesh), &Rollout::default()), vec![]);
-    // Nor while its model loads or after it failed: the mesh retries, the status tells.
+    assert_eq!(plan(&d, Some(&mesh), &Rollout::default(), NOW), vec![]);
+    // Nor soon after it failed everywhere; some time later it is asked to load again.
     let mesh = vmodel(&d.model_id, &d.model_id, vec![model(&d.model_id, State::FailedToLoad)]);
-    assert_eq!(plan(&d, Some(&mesh), &Rollout::default()), vec![]);
+    assert_eq!(plan(&d, Some(&mesh), &Rollout::default(), NOW), vec![]);
+    let later = 1_700_000_000_000 + RETRY_FAILED_AFTER_MS;
+    assert_eq!(plan(&d, Some(&mesh), &Rollout::default(), later), vec![set_vmodel(&d)]);
 }
 
 #[test]
@@ -66,14 +71,14 @@ fn a_spec_change_is_one_vmodel_transition() {
     let old = desired("a", None);
     let new = desired("b", None);
     let mesh = vmodel(&old.model_id, &old.model_id, vec![model(&old.model_id, State::Loaded)]);
-    assert_eq!(plan(&new, Some(&mesh), &Rollout::default()), vec![set_vmodel(&new)]);
+    assert_eq!(plan(&new, Some(&mesh), &Rollout::default(), NOW), vec![set_vmodel(&new)]);
     // Once asked, the transition is under way and nothing more is called.
     let moving = vmodel(
         &old.model_id,
         &new.model_id,
         vec![model(&old.model_id, State::Loaded), model(&new.model_id, State::Loading)],
     );
-    assert_eq!(plan(&new, Some(&moving), &Rollout::default()), vec![]);
+    assert_eq!(plan(&new, Some(&moving), &Rollout::default(), NOW), vec![]);
 }
 
 #[test]
@@ -85,7 +90,7 @@ fn a_canary_splits_against_the_rolled_out_revision_and_promotion_or_rollback_is_
     let mesh = vmodel(&stable.model_id, &stable.model_id, vec![model(&stable.model_id, State::Loaded)]);
     let split = vec![(stable.model_id.clone(), 90), (canary.model_id.clone(), 10)];
     assert_eq!(
-        plan(&canary, Some(&mesh), &rollout),
+        plan(&canary, Some(&mesh), &rollout, NOW),
         vec![
             MeshCall::RegisterModel { model: canary.registration() },
             MeshCall::SetSplit { vmodel_id: "m".into(), split: split.clone() },
@@ -94,18 +99,18 @@ fn a_canary_splits_against_the_rolled_out_revision_and_promotion_or_rollback_is_
     let mut splitting = mesh.clone();
     splitting.models.push(model(&canary.model_id, State::Loaded));
     splitting.split = split.iter().map(|(m, w)| WeightedModel { model_id: m.clone(), weight: *w }).collect();
-    assert_eq!(plan(&canary, Some(&splitting), &rollout), vec![], "in place");
+    assert_eq!(plan(&canary, Some(&splitting), &rollout, NOW), vec![], "in place");
 
     // Promotion: the field goes; the split ends and the vmodel moves to the canary.
     let promoted = desired("b", None);
     assert_eq!(
-        plan(&promoted, Some(&splitting), &rollout),
+        plan(&promoted, Some(&splitting), &rollout, NOW),
         vec![MeshCall::SetSplit { vmodel_id: "m".into(), split: vec![] }, set_vmodel(&promoted)]
     );
     // Rollback: 0% ends the split and unregisters the canary.
     let rolled_back = desired("b", Some(0));
     assert_eq!(
-        plan(&rolled_back, Some(&splitting), &rollout),
+        plan(&rolled_back, Some(&splitting), &rollout, NOW),
         vec![
             MeshCall::SetSplit { vmodel_id: "m".into(), split: vec![] },
             MeshCall::UnregisterModel { model_id: canary.model_id.clone() },
@@ -114,9 +119,36 @@ fn a_canary_splits_against_the_rolled_out_revision_and_promotion_or_rollback_is_
 }
 
 #[test]
+fn a_canary_asked_during_a_transition_returns_to_the_stable_revision_as_registered() {
+    let stable = desired("a", None);
+    let moving_to = desired("b", None);
+    let canary = desired("b", Some(20));
+    let rollout =
+        Rollout { rolled_out: Some(stable.model_id.clone()), created: Some(moving_to.model_id.clone()) };
+    let mesh = vmodel(
+        &stable.model_id,
+        &moving_to.model_id,
+        vec![model(&stable.model_id, State::Loaded), model(&moving_to.model_id, State::Loading)],
+    );
+    let calls = plan(&canary, Some(&mesh), &rollout, NOW);
+    assert_eq!(
+        calls[0],
+        MeshCall::Retarget { vmodel_id: "m".into(), owner: "isvc".into(), model_id: stable.model_id.clone() },
+        "the stable revision is not re-registered with the canary's storage"
+    );
+    assert_eq!(
+        calls.last(),
+        Some(&MeshCall::SetSplit {
+            vmodel_id: "m".into(),
+            split: vec![(stable.model_id.clone(), 80), (canary.model_id.clone(), 20)]
+        })
+    );
+}
+
+#[test]
 fn a_canary_without_a_rolled_out_revision_rolls_out_fully() {
     let canary = desired("b", Some(10));
-    assert_eq!(plan(&canary, None, &Rollout::default()), vec![set_vmodel(&canary)]);
+    assert_eq!(plan(&canary, None, &Rollout::default(), NOW), vec![set_vmodel(&canary)]);
 }
 
 #[test]
@@ -135,7 +167,7 @@ fn a_replaced_canary_is_unregistered() {
         WeightedModel { model_id: stable.model_id.clone(), weight: 90 },
         WeightedModel { model_id: first.model_id.clone(), weight: 10 },
     ];
-    let calls = plan(&second, Some(&mesh), &rollout);
+    let calls = plan(&second, Some(&mesh), &rollout, NOW);
     assert_eq!(
         calls.last(),
         Some(&MeshCall::UnregisterModel { model_id: first.model_id.clone() }),

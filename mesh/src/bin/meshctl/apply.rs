@@ -67,6 +67,9 @@ async fn vmodels(
     Err(fail("the mesh's vmodel watch ended before its first round"))
 }
 
+/// A vmodel and the revision an apply pointed it at.
+type Waited = (String, String);
+
 fn settled(v: &VModelState) -> Option<Result<(), String>> {
     let state = |id: &str| v.models.iter().find(|m| m.model_id == id);
     let active = state(&v.active_model_id)?;
@@ -76,11 +79,12 @@ fn settled(v: &VModelState) -> Option<Result<(), String>> {
             .then(|| Err(format!("{} failed to load: {}", target.model_id, target.last_failure_message)));
     }
     match active.state() {
-        State::Loaded | State::Standby => Some(Ok(())),
+        // Standby (registered, loaded nowhere) is where a new revision starts, not where it ends.
+        State::Loaded => Some(Ok(())),
         State::FailedToLoad => {
             Some(Err(format!("{} failed to load: {}", active.model_id, active.last_failure_message)))
         }
-        State::Pending | State::Loading => None,
+        State::Pending | State::Standby | State::Loading => None,
     }
 }
 
@@ -102,8 +106,8 @@ pub async fn run(channel: Channel, out: Output, path: &Path, wait: Option<Durati
     let mesh = GrpcMesh::from_channel(channel);
     let (mut states, mut stream) = vmodels(&mesh).await?;
 
-    // (object, what happened, its vmodel when it was applied)
-    let mut results: Vec<(String, String, Option<String>)> = Vec::new();
+    // (object, what happened, its vmodel and revision when applying it changed the mesh)
+    let mut results: Vec<(String, String, Option<Waited>)> = Vec::new();
     let mut failed = false;
     for doc in &docs {
         let (outcome, vmodel) = match doc.desired(Some(&offered)) {
@@ -117,7 +121,10 @@ pub async fn run(channel: Channel, out: Output, path: &Path, wait: Option<Durati
             }
             Some(Ok(desired)) => {
                 let current = states.get(&desired.vmodel_id);
-                let calls = reconcile::plan(&desired, current, &Rollout::of_mesh(current));
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let calls = reconcile::plan(&desired, current, &Rollout::of_mesh(current), now_ms);
                 let mut outcome =
                     if calls.is_empty() { "unchanged".to_owned() } else { "configured".to_owned() };
                 for call in &calls {
@@ -127,7 +134,9 @@ pub async fn run(channel: Channel, out: Output, path: &Path, wait: Option<Durati
                         break;
                     }
                 }
-                (outcome, Some(desired.vmodel_id))
+                // An unchanged object has nothing to wait for.
+                let waited = (!calls.is_empty()).then_some((desired.vmodel_id, desired.model_id));
+                (outcome, waited)
             }
         };
         results.push((doc.describe(), outcome, vmodel));
@@ -136,14 +145,17 @@ pub async fn run(channel: Channel, out: Output, path: &Path, wait: Option<Durati
     if let Some(timeout) = wait {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            for id in results.iter().filter_map(|(_, _, id)| id.as_ref()) {
-                if let Some(state) = states.get(id).and_then(settled) {
+            for (id, revision) in results.iter().filter_map(|(_, _, id)| id.as_ref()) {
+                // Only the applied revision counts: the vmodel's previous one may be loaded already.
+                let current =
+                    states.get(id).filter(|v| [&v.target_model_id, &v.active_model_id].contains(&revision));
+                if let Some(state) = current.and_then(settled) {
                     settled_states.insert(id.clone(), state);
                 }
             }
             let pending: Vec<&str> = results
                 .iter()
-                .filter(|(_, _, id)| id.as_ref().is_some_and(|id| !settled_states.contains_key(id)))
+                .filter(|(_, _, id)| id.as_ref().is_some_and(|(id, _)| !settled_states.contains_key(id)))
                 .map(|(what, _, _)| what.as_str())
                 .collect();
             if pending.is_empty() {
@@ -175,7 +187,7 @@ pub async fn run(channel: Channel, out: Output, path: &Path, wait: Option<Durati
         .iter()
         .map(|(what, outcome, id)| {
             let mut row = json!({ "object": what, "result": outcome });
-            match id.as_ref().and_then(|id| settled_states.get(id)) {
+            match id.as_ref().and_then(|(id, _)| settled_states.get(id)) {
                 Some(Ok(())) => row["state"] = Value::from("ready"),
                 Some(Err(why)) => {
                     failed = true;
