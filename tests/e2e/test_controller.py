@@ -423,3 +423,16 @@ def test_a_canary_splits_traffic_and_promotion_is_one_edit(s3, mesh, kube, contr
     obj = wait_for(promoted, 90, "the promotion")
     assert obj["status"]["components"]["predictor"]["previousRolledoutRevision"] == stable
     assert all(np.allclose(infer(mesh[1], "canary", x), expected["b"], rtol=1e-5) for _ in range(10))
+
+
+def test_min_copies_and_the_size_hint_reach_placement(s3, mesh, kube, controller, mmesh):
+    spec = isvc("pinned", "s3://models/dense/a/model.onnx", minCopies=2)
+    spec["spec"]["predictor"]["model"]["size"] = "2Mi"
+    kube.apply(RUNTIME, spec)
+    kube.kubectl("wait", "--for=condition=Ready", "isvc/pinned", "--timeout=90s", timeout=100)
+    wait_for(lambda: model_status(kube.get("isvc", "pinned"))["copies"]["totalCopies"] == 2, 60,
+             "two copies, one per pod")
+    pb2, pb2_grpc = mmesh
+    revision = kube.get("isvc", "pinned")["status"]["components"]["predictor"]["latestRolledoutRevision"]
+    status = pb2_grpc.ModelMeshStub(mesh[0].channel).getModelStatus(pb2.GetStatusRequest(modelId=revision))
+    assert {c.location for c in status.modelCopyInfos} == {"pod-a", "pod-b"}
