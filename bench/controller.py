@@ -6,7 +6,8 @@ Prints, with one JSON line of all figures:
 - seconds from the first create until every object's Ready condition is True (watched, not polled);
 - API writes per object by the controller (POST/PUT/PATCH/DELETE counted by the double, excluding the
   benchmark's own creates), by resource and subresource;
-- the controller's resident set (VmRSS, and its peak VmHWM) once all are Ready.
+- the controller's resident set (VmRSS, and its peak VmHWM) once all are Ready;
+- the CPU seconds each process used, which says where the time went on a machine they all share.
 
 The objects point at `--distinct` (100) different tiny ONNX MLPs (16→32→4), round robin: each object is
 its own model in the mesh (its own revision id, its own loaded copy), as per-customer models are.
@@ -91,6 +92,12 @@ def watch_ready(url, resource_version, total, done, ready_at):
     done.set()
 
 
+def cpu_seconds(pid):
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid):
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -173,6 +180,9 @@ def main():
                   f"{(work / 'controller.log').read_text()[-3000:]}", flush=True)
         time.sleep(2)  # let trailing status writes land before counting
         rss, hwm = rss_kib(controller.pid)
+        cpu = {name: round(cpu_seconds(pid), 1) for name, pid in
+               [("controller", controller.pid), ("apiserver_double", double.pid), ("meshd", meshd.proc.pid),
+                ("moto", moto.pid), ("benchmark", os.getpid())]}
         counts = api.request("GET", "/debug/requests")["requests"]
         writes = {}
         for c in counts:
@@ -189,11 +199,13 @@ def main():
             "writes": writes,
             "controller_rss_mib": round(rss / 1024, 1),
             "controller_peak_rss_mib": round(hwm / 1024, 1),
+            "cpu_seconds": cpu,
             "bin_dir": str(bins),
         }
         print(f"{figures['ready']}/{args.objects} Ready in {figures['all_ready_seconds']} s after the first create")
         print(f"controller API writes per InferenceService: {figures['writes_per_object']} ({writes})")
         print(f"controller RSS: {figures['controller_rss_mib']} MiB (peak {figures['controller_peak_rss_mib']} MiB)")
+        print(f"CPU seconds by process (2 cores in all): {cpu}")
         print(json.dumps(figures))
         controller.terminate()
         controller.wait(10)

@@ -468,7 +468,13 @@ async fn apply<K: MeshObject>(
     let mut moved_mesh = false;
     if let Ok(d) = &desired {
         let now_ms = u64::try_from(Timestamp::now().as_millisecond()).unwrap_or(0);
-        for call in reconcile::plan(d, mesh.as_ref(), &obj.rollout(), now_ms) {
+        // An object restored without its status (a backup, a move from modelmesh-serving) reads
+        // its rollout off the mesh, so a canary spec does not roll out fully.
+        let rollout = match obj.rollout() {
+            r if r.rolled_out.is_some() => r,
+            _ => Rollout::of_mesh(mesh.as_ref()),
+        };
+        for call in reconcile::plan(d, mesh.as_ref(), &rollout, now_ms) {
             moved_mesh = true;
             metrics::counter!("densemesh_controller_mesh_calls_total", "call" => call_name(&call))
                 .increment(1);
@@ -507,9 +513,11 @@ async fn apply<K: MeshObject>(
     }
     // The mesh's watch brings every change; the long requeue only repairs what a lost event missed.
     // A revision that failed is looked at again when a new load may be asked of it.
-    let failed = mesh.as_ref().is_some_and(|m| {
-        m.models.iter().any(|x| x.state() == densemesh_proto::admin::model_state::State::FailedToLoad)
-    });
+    // So is a spec that was invalid: the runtime it lacked may have been added since.
+    let failed = desired.is_err()
+        || mesh.as_ref().is_some_and(|m| {
+            m.models.iter().any(|x| x.state() == densemesh_proto::admin::model_state::State::FailedToLoad)
+        });
     Ok(Action::requeue(if failed {
         Duration::from_millis(reconcile::RETRY_FAILED_AFTER_MS)
     } else {

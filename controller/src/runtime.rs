@@ -15,6 +15,8 @@ use crate::mapping::offered_types;
 
 /// Names the runtime a meshd pod belongs to, as modelmesh-serving labels its pods.
 pub const RUNTIME_LABEL: &str = "serving.kserve.io/servingRuntime";
+/// Whether the pod's runtime is a ServingRuntime or a ClusterServingRuntime.
+pub const RUNTIME_KIND_LABEL: &str = "densemesh.io/runtime-kind";
 /// When the runtime was last seen unneeded, so the grace period survives controller restarts.
 pub const UNNEEDED_SINCE_ANNOTATION: &str = "densemesh.io/unneeded-since";
 /// The container of the pod template that runs meshd.
@@ -61,8 +63,12 @@ pub fn deployment(
     let labels =
         pod.metadata.get_or_insert_with(ObjectMeta::default).labels.get_or_insert_with(BTreeMap::new);
     labels.insert(RUNTIME_LABEL.to_owned(), runtime.to_owned());
+    labels.insert(RUNTIME_KIND_LABEL.to_owned(), if cluster { "cluster" } else { "namespaced" }.to_owned());
+    // The kind is in the selector too: a ServingRuntime and a ClusterServingRuntime of one name
+    // may both have pods in a namespace, and each Deployment must select only its own.
     let selector: BTreeMap<String, String> = [
         (RUNTIME_LABEL.to_owned(), runtime.to_owned()),
+        (RUNTIME_KIND_LABEL.to_owned(), if cluster { "cluster" } else { "namespaced" }.to_owned()),
         ("app.kubernetes.io/component".to_owned(), "meshd".to_owned()),
     ]
     .into();
