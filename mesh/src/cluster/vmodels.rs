@@ -3,7 +3,7 @@
 //! that fails to load leaves the active model serving; the failure is written on the vmodel and retried
 //! after a back-off. Auto-delete models that no vmodel refers to any more are unregistered.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,28 +39,28 @@ pub async fn drive_transitions(registry: Registry, placer: Placer, stop: Cancell
     };
     let mut changes = driver.view.subscribe();
     driver.scan();
-    let mut referenced = HashSet::new();
-    delete_unreferenced(&driver.registry, &driver.view, &mut referenced).await;
+    let mut references = References::default();
+    references.rebuild(&driver.view);
     loop {
         let change = tokio::select! {
             change = changes.recv() => change,
             _ = driver.stop.cancelled() => break,
         };
-        match change {
+        let dropped = match change {
             Ok(ViewChange::VModel(id)) => {
-                driver.spawn_if_transitioning(id);
-                delete_unreferenced(&driver.registry, &driver.view, &mut referenced).await;
+                let refs = driver.view.vmodel(&id).map(|v| referred(&v)).unwrap_or_default();
+                driver.spawn_if_transitioning(id.clone());
+                references.set(id.as_str(), refs)
             }
-            Ok(ViewChange::VModelRemoved(_)) => {
-                delete_unreferenced(&driver.registry, &driver.view, &mut referenced).await
-            }
-            Ok(_) => {}
+            Ok(ViewChange::VModelRemoved(id)) => references.set(id.as_str(), Vec::new()),
+            Ok(_) => continue,
             Err(RecvError::Lagged(_)) => {
                 driver.scan();
-                delete_unreferenced(&driver.registry, &driver.view, &mut referenced).await;
+                references.rebuild(&driver.view)
             }
             Err(RecvError::Closed) => break,
-        }
+        };
+        delete_unreferenced(&driver.registry, &driver.view, dropped).await;
     }
     driver.tasks.close();
     driver.tasks.wait().await;
@@ -197,20 +197,69 @@ pub fn transition_error_after(current: Option<&str>, failure: &MeshError) -> Opt
     (current != Some(reason.as_str())).then_some(reason)
 }
 
-/// Unregisters auto-delete models that a vmodel referred to (as active, target or in a split) when
-/// last looked (`seen`) and none refers to now. Only models seen referenced go: a model registered for
-/// a vmodel that is about to be written must not be deleted in between.
-pub async fn delete_unreferenced(registry: &Registry, view: &ClusterView, seen: &mut HashSet<String>) {
-    let referenced: HashSet<String> = view
-        .vmodels()
+/// The models a vmodel refers to: active, target and split members.
+fn referred(v: &VModelSpec) -> Vec<String> {
+    let mut models: Vec<String> = [v.active.clone(), v.target.clone()]
         .into_iter()
-        .flat_map(|(_, v)| {
-            let split = v.split.iter().map(|w| w.model.clone()).collect::<Vec<_>>();
-            [v.active, v.target].into_iter().chain(split)
-        })
+        .chain(v.split.iter().map(|w| w.model.clone()))
         .collect();
-    for dropped in seen.difference(&referenced) {
-        let Ok(id) = ModelId::new(dropped) else { continue };
+    models.sort();
+    models.dedup();
+    models
+}
+
+/// Which models the vmodels refer to, kept up to date one vmodel at a time: a change costs what
+/// that vmodel refers to, not a walk of every vmodel (10,000 vmodels registered at once made the
+/// walk the leader's main cost).
+#[derive(Default)]
+struct References {
+    by_vmodel: HashMap<String, Vec<String>>,
+    count: HashMap<String, usize>,
+}
+
+impl References {
+    /// Records what `vmodel` refers to now (nothing once it is gone); returns the models no vmodel
+    /// refers to any more.
+    fn set(&mut self, vmodel: &str, refs: Vec<String>) -> Vec<String> {
+        let old = if refs.is_empty() {
+            self.by_vmodel.remove(vmodel).unwrap_or_default()
+        } else {
+            self.by_vmodel.insert(vmodel.to_owned(), refs.clone()).unwrap_or_default()
+        };
+        for model in &refs {
+            *self.count.entry(model.clone()).or_default() += 1;
+        }
+        let mut dropped = Vec::new();
+        for model in old {
+            if let Some(n) = self.count.get_mut(&model) {
+                *n -= 1;
+                if *n == 0 {
+                    self.count.remove(&model);
+                    dropped.push(model);
+                }
+            }
+        }
+        dropped
+    }
+
+    /// Starts over from every vmodel in the view (at start, and after missed changes); returns the
+    /// models that were referred to before and are not now.
+    fn rebuild(&mut self, view: &ClusterView) -> Vec<String> {
+        let before: HashSet<String> = self.count.keys().cloned().collect();
+        *self = References::default();
+        for (id, v) in view.vmodels() {
+            self.set(id.as_str(), referred(&v));
+        }
+        before.into_iter().filter(|m| !self.count.contains_key(m)).collect()
+    }
+}
+
+/// Unregisters the auto-delete models among `dropped` (models a vmodel referred to and none refers
+/// to now). Only models seen referenced go: a model registered for a vmodel that is about to be
+/// written must not be deleted in between.
+async fn delete_unreferenced(registry: &Registry, view: &ClusterView, dropped: Vec<String>) {
+    for dropped in dropped {
+        let Ok(id) = ModelId::new(&dropped) else { continue };
         if !view.model(&id).is_some_and(|spec| spec.auto_delete) {
             continue;
         }
@@ -219,7 +268,6 @@ pub async fn delete_unreferenced(registry: &Registry, view: &ClusterView, seen: 
             Err(e) => tracing::warn!(model_id = %id, error = %e, "cannot auto-delete model"),
         }
     }
-    *seen = referenced;
 }
 
 #[cfg(test)]
@@ -227,6 +275,22 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_model_is_dropped_when_the_last_vmodel_referring_to_it_lets_go() {
+        let mut r = References::default();
+        assert!(r.set("v1", strings(&["a"])).is_empty());
+        assert!(r.set("v2", strings(&["a", "b"])).is_empty());
+        assert_eq!(r.set("v1", strings(&["c"])), Vec::<String>::new(), "v2 still refers to a");
+        assert_eq!(r.set("v2", strings(&["c"])), strings(&["a", "b"]));
+        assert_eq!(r.set("v1", Vec::new()), Vec::<String>::new(), "v2 refers to c");
+        assert_eq!(r.set("v2", Vec::new()), strings(&["c"]));
+        assert!(r.set("gone", Vec::new()).is_empty(), "an unknown vmodel going drops nothing");
+    }
 
     fn load_failed(reason: &str, retry_in: Duration) -> MeshError {
         let model_id = ModelId::new("v2").unwrap();
