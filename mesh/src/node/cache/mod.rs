@@ -399,6 +399,7 @@ impl ModelCache {
     pub fn refresh_gauges(&self) {
         let state = self.inner.state.lock();
         self.inner.publish(&state);
+        self.inner.publish_aging(&state);
     }
 
     /// Bytes charged now (loaded models and loads in progress).
@@ -532,12 +533,19 @@ impl Inner {
         let _ = self.copies.send(event);
     }
 
-    /// Publishes gauges that follow the state.
+    /// Publishes the gauges that follow the state, in constant time: it runs under the state lock
+    /// on every load and eviction.
     fn publish(&self, state: &State) {
         metrics::gauge!(m::USED_BYTES).set(state.used_bytes as f64);
         metrics::gauge!(m::MODELS_LOADED).set(state.resident.len() as f64);
         let bps = (state.used_bytes as f64 * 10_000.0 / self.config.capacity_bytes.max(1) as f64).round();
         metrics::gauge!(m::USED_BPS).set(bps);
+    }
+
+    /// Publishes the gauges that take a walk of the models (failures in back-off, the LRU age):
+    /// once per scrape, not per load, which with thousands of models made every load as slow as a
+    /// walk of them all.
+    fn publish_aging(&self, state: &State) {
         let now = Instant::now();
         let failing = state.failures.values().filter(|f| f.retry_at > now).count();
         metrics::gauge!(m::MODELS_WITH_FAILURE).set(failing as f64);
