@@ -124,11 +124,19 @@ impl Registry {
             if !existing.same_model(spec) {
                 return Err(RegistryError::Conflict(id.clone()));
             }
-            if existing.same_hints(spec) {
+            // A registration may ask for auto-delete (a vmodel taking over a model registered on its
+            // own, as a promoted canary is) but never clears it.
+            let auto_delete = existing.auto_delete || spec.auto_delete;
+            if existing.same_hints(spec) && auto_delete == existing.auto_delete {
                 return Ok(Registered { created: false, updated: false, revision });
             }
-            // Everything else stays as first registered (source, auto-delete, generation).
-            let next = ModelSpec { size_bytes: spec.size_bytes, min_copies: spec.min_copies, ..existing };
+            // Everything else stays as first registered (source, generation).
+            let next = ModelSpec {
+                size_bytes: spec.size_bytes,
+                min_copies: spec.min_copies,
+                auto_delete,
+                ..existing
+            };
             let put = self.store.compare_and_put(&key, revision, encode(&next), None).await?;
             if put.succeeded {
                 return Ok(Registered { created: false, updated: true, revision: put.revision });
@@ -259,6 +267,20 @@ mod tests {
         assert_eq!(registry.model(&id).await.unwrap().unwrap().0.min_copies, None);
         let moved = ModelSpec { min_copies: Some(3), ..spec("/b") };
         assert_eq!(registry.register(&id, &moved).await, Err(RegistryError::Conflict(id.clone())));
+    }
+
+    #[tokio::test]
+    async fn a_registration_may_ask_for_auto_delete_but_never_clears_it() {
+        let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
+        let id = ModelId::new("canary").unwrap();
+        registry.register(&id, &spec("/a")).await.unwrap();
+        // Promoted: a vmodel now targets it with autoDeleteTargetModel.
+        let promoted = registry.register(&id, &ModelSpec { auto_delete: true, ..spec("/a") }).await.unwrap();
+        assert!(promoted.updated);
+        assert!(registry.model(&id).await.unwrap().unwrap().0.auto_delete);
+        let plain = registry.register(&id, &spec("/a")).await.unwrap();
+        assert!(!plain.updated, "a plain registerModel leaves it as it is");
+        assert!(registry.model(&id).await.unwrap().unwrap().0.auto_delete);
     }
 
     #[tokio::test]
