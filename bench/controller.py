@@ -32,10 +32,9 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 sys.path.insert(0, str(REPO / "bench"))
-from meshd import Meshd, free_port, start_moto, wait_for  # noqa: E402
+from meshd import Meshd, free_port, moto_bucket, moto_storage_config, start_moto  # noqa: E402
 from size import mlp  # noqa: E402
 
-SECRET = "moto-secret-key-do-not-log"
 AGENT = "densemesh-bench"
 
 
@@ -117,25 +116,17 @@ def main():
     bins = Path(args.bin_dir)
     os.environ["MESHD_BIN"] = str(bins / "meshd")
 
-    import boto3
-
     work = Path(tempfile.mkdtemp(prefix="bench-controller-"))
     moto, endpoint = start_moto()
     procs = []
     try:
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                          aws_secret_access_key=SECRET, region_name="us-east-1")
-        s3.create_bucket(Bucket="models")
+        s3 = moto_bucket(endpoint)
         for i in range(args.distinct):
             path = work / "models" / str(i) / "model.onnx"
             path.parent.mkdir(parents=True)
             mlp(path, [16, 32, 4], seed=i)
             s3.upload_file(str(path), "models", f"mlp/{i}/model.onnx")
-        secrets = work / "storage-config"
-        secrets.mkdir()
-        (secrets / "moto").write_text(json.dumps({
-            "type": "s3", "access_key_id": "testing", "secret_access_key": SECRET,
-            "endpoint_url": endpoint, "region": "us-east-1", "default_bucket": "models"}))
+        secrets = moto_storage_config(work / "storage-config", endpoint)
         repo = work / "repo"
         repo.mkdir()
         meshd = Meshd(repo, "--storage-config", str(secrets), "--cache-dir", str(work / "cache"),

@@ -44,10 +44,9 @@ def start_meshd():
         s.stop()
 
 
-@pytest.fixture(scope="session")
-def mmesh(tmp_path_factory):
-    """Python stubs for mmesh.ModelMesh, generated with grpcio-tools from the project's proto, the way
-    a ModelMesh user's client is built."""
+def _stubs(tmp_path_factory, folder, proto):
+    """Python stubs generated with grpcio-tools from one of the project's protos, the way a user's
+    client is built: (messages module, service module)."""
     import importlib
     import sys
 
@@ -55,33 +54,23 @@ def mmesh(tmp_path_factory):
 
     from meshd import REPO
 
-    out = tmp_path_factory.mktemp("mmesh_stubs")
-    proto_dir = REPO / "proto" / "proto" / "modelmesh"
+    out = tmp_path_factory.mktemp(f"{folder}_stubs")
+    proto_dir = REPO / "proto" / "proto" / folder
     rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
-                      str(proto_dir / "model-mesh.proto")])
-    assert rc == 0, "grpcio-tools could not compile model-mesh.proto"
+                      str(proto_dir / proto)])
+    assert rc == 0, f"grpcio-tools could not compile {proto}"
     sys.path.insert(0, str(out))
-    pb2 = importlib.import_module("model_mesh_pb2")
-    pb2_grpc = importlib.import_module("model_mesh_pb2_grpc")
-    return pb2, pb2_grpc
+    module = proto.removesuffix(".proto").replace("-", "_")
+    return importlib.import_module(f"{module}_pb2"), importlib.import_module(f"{module}_pb2_grpc")
+
+
+@pytest.fixture(scope="session")
+def mmesh(tmp_path_factory):
+    """Python stubs for mmesh.ModelMesh."""
+    return _stubs(tmp_path_factory, "modelmesh", "model-mesh.proto")
 
 
 @pytest.fixture(scope="session")
 def admin_api(tmp_path_factory):
-    """Python stubs for densemesh.v1.Admin, generated with grpcio-tools from the project's proto."""
-    import importlib
-    import sys
-
-    from grpc_tools import protoc
-
-    from meshd import REPO
-
-    out = tmp_path_factory.mktemp("admin_stubs")
-    proto_dir = REPO / "proto" / "proto" / "densemesh"
-    rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
-                      str(proto_dir / "admin.proto")])
-    assert rc == 0, "grpcio-tools could not compile admin.proto"
-    sys.path.insert(0, str(out))
-    pb2 = importlib.import_module("admin_pb2")
-    pb2_grpc = importlib.import_module("admin_pb2_grpc")
-    return pb2, pb2_grpc
+    """Python stubs for densemesh.v1.Admin."""
+    return _stubs(tmp_path_factory, "densemesh", "admin.proto")

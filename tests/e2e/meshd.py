@@ -62,6 +62,30 @@ def start_moto():
     return proc, f"http://127.0.0.1:{port}"
 
 
+MOTO_SECRET = "moto-secret-key-do-not-log"
+
+
+def moto_bucket(endpoint, bucket="models"):
+    """A boto3 S3 client of the moto server at `endpoint`, with `bucket` created."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                          aws_secret_access_key=MOTO_SECRET, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    return client
+
+
+def moto_storage_config(directory, endpoint, key="moto"):
+    """The storage-config secret as Kubernetes mounts it (one file per storage key), with one key,
+    `key`, for the moto server at `endpoint`; returns the directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / key).write_text(json.dumps({
+        "type": "s3", "access_key_id": "testing", "secret_access_key": MOTO_SECRET,
+        "endpoint_url": endpoint, "region": "us-east-1", "default_bucket": "models",
+    }))
+    return directory
+
+
 class Meshd:
     """A meshd process on loopback ports chosen by the kernel, stopped by `stop()`."""
 

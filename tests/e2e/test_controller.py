@@ -9,14 +9,13 @@ import threading
 import time
 from pathlib import Path
 
-import boto3
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
 
-from meshd import REPO, free_port, raw_request, start_moto, wait_for
+from meshd import REPO, free_port, moto_bucket, moto_storage_config, raw_request, start_moto, wait_for
 from test_etcd import Etcd
 from test_kube_double import find_kubectl
 
@@ -25,7 +24,6 @@ from generate_models import make_dense_model  # noqa: E402
 
 CRDS = REPO / "charts" / "densemesh" / "crds" / "serving.kserve.io.yaml"
 CONTROLLER_BIN = os.environ.get("CONTROLLER_BIN", str(REPO / "target" / "debug" / "densemesh-controller"))
-SECRET = "moto-secret-key-do-not-log"
 
 
 class Kube:
@@ -87,9 +85,7 @@ def s3(tmp_path_factory):
     """moto's S3 with two models of the same shape but different weights."""
     proc, endpoint = start_moto()
     try:
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                              aws_secret_access_key=SECRET, region_name="us-east-1")
-        client.create_bucket(Bucket="models")
+        client = moto_bucket(endpoint)
         work = tmp_path_factory.mktemp("s3-models")
         x = np.random.default_rng(7).standard_normal((1, 256)).astype(np.float32)
         expected = {}
@@ -99,11 +95,7 @@ def s3(tmp_path_factory):
             make_dense_model(path, mb=1, seed=i)
             client.upload_file(str(path), "models", f"dense/{name}/model.onnx")
             expected[name] = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
-        secrets = work / "storage-config"
-        secrets.mkdir()
-        (secrets / "moto").write_text(json.dumps({
-            "type": "s3", "access_key_id": "testing", "secret_access_key": SECRET,
-            "endpoint_url": endpoint, "region": "us-east-1", "default_bucket": "models"}))
+        secrets = moto_storage_config(work / "storage-config", endpoint)
         yield secrets, x, expected
     finally:
         proc.kill()

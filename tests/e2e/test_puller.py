@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from meshd import REPO, free_port, raw_request, start_moto, wait_for, wait_listening
+from meshd import MOTO_SECRET, REPO, free_port, moto_bucket, moto_storage_config, raw_request, start_moto, wait_for, wait_listening
 
 sys.path.insert(0, str(REPO / "examples"))
 from generate_models import make_dense_model  # noqa: E402
 
-SECRET = "moto-secret-key-do-not-log"
+SECRET = MOTO_SECRET
 KEY = json.dumps({"storage_key": "moto", "bucket": "models"})
 
 
@@ -24,9 +24,7 @@ def s3(tmp_path_factory):
     """moto's S3 server with two dense models uploaded, and their inputs and expected outputs."""
     proc, endpoint = start_moto()
     try:
-        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
-                              aws_secret_access_key=SECRET, region_name="us-east-1")
-        client.create_bucket(Bucket="models")
+        client = moto_bucket(endpoint)
         work = tmp_path_factory.mktemp("s3-models")
         expected = {}
         for i, name in enumerate(["a", "b"]):
@@ -47,13 +45,7 @@ def s3(tmp_path_factory):
 def secret_dir(s3, tmp_path):
     """The storage-config secret as Kubernetes mounts it: one file per storage key."""
     endpoint, _ = s3
-    d = tmp_path / "storage-config"
-    d.mkdir()
-    (d / "moto").write_text(json.dumps({
-        "type": "s3", "access_key_id": "testing", "secret_access_key": SECRET,
-        "endpoint_url": endpoint, "region": "us-east-1", "default_bucket": "models",
-    }))
-    return d
+    return moto_storage_config(tmp_path / "storage-config", endpoint)
 
 
 def start(start_meshd, tmp_path, secret_dir, cache_dir, *args):
