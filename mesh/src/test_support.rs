@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::registry::Registry;
-use densemesh_placement::{ClusterView, InstanceRecord, MemoryStore, ModelId, ModelSpec, Source};
+use densemesh_placement::{ClusterView, InstanceRecord, MemoryStore, ModelId, ModelSpec};
 use densemesh_proto::inference::*;
 use densemesh_runtime_core::{LoadRequest, LoadedModel, Runtime};
 use futures::FutureExt;
@@ -146,16 +146,7 @@ impl TestPod {
     /// record reaches this pod's view only then; the revision it was written at.
     pub async fn register_after(&self, id: &str, delay: Duration) -> i64 {
         tokio::time::sleep(delay).await;
-        let spec = ModelSpec {
-            model_type: "onnx".into(),
-            path: format!("/models/{id}"),
-            key: None,
-            source: Source::Api,
-            auto_delete: false,
-            generation: 0,
-            size_bytes: None,
-            min_copies: None,
-        };
+        let spec = ModelSpec::api("onnx", format!("/models/{id}"));
         self.registry.register(&ModelId::new(id).unwrap(), &spec).await.unwrap().revision
     }
 }

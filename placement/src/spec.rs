@@ -61,19 +61,26 @@ impl ModelSpec {
     }
 }
 
+impl ModelSpec {
+    /// A model registered through the API: `model_type` at `path`, with nothing else set.
+    pub fn api(model_type: impl Into<String>, path: impl Into<String>) -> ModelSpec {
+        ModelSpec {
+            model_type: model_type.into(),
+            path: path.into(),
+            key: None,
+            source: Source::Api,
+            auto_delete: false,
+            generation: 0,
+            size_bytes: None,
+            min_copies: None,
+        }
+    }
+}
+
 /// An API-registered ONNX spec at `path`, for tests.
 #[cfg(test)]
 pub(crate) fn api_spec(path: &str) -> ModelSpec {
-    ModelSpec {
-        model_type: "onnx".into(),
-        path: path.into(),
-        key: None,
-        source: Source::Api,
-        auto_delete: false,
-        generation: 0,
-        size_bytes: None,
-        min_copies: None,
-    }
+    ModelSpec::api("onnx", path)
 }
 
 /// An alias whose requests go to `active`; `target` is what it is moving to.

@@ -3,7 +3,7 @@
 
 use densemesh_placement::registry::Registry;
 use densemesh_placement::route::Goal;
-use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, Source, VModelSpec};
+use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, VModelSpec};
 use densemesh_proto::mmesh::model_mesh_server::ModelMesh;
 use densemesh_proto::mmesh::model_status_info::{ModelCopyInfo, ModelStatus};
 use densemesh_proto::mmesh::v_model_status_info::VModelStatus;
@@ -166,14 +166,11 @@ fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, St
         return Err(Status::invalid_argument("modelInfo.type is required (e.g. onnx)"));
     }
     Ok(ModelSpec {
-        model_type: info.r#type,
-        path: info.path,
         key: (!info.key.is_empty()).then_some(info.key),
-        source: Source::Api,
         auto_delete,
-        generation: 0,
         size_bytes: (info.size_bytes > 0).then_some(info.size_bytes),
         min_copies: (info.min_copies > 0).then_some(info.min_copies),
+        ..ModelSpec::api(info.r#type, info.path)
     })
 }
 

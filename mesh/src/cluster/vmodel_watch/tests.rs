@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use densemesh_placement::registry::{Registry, encode};
 use densemesh_placement::status::LoadState;
-use densemesh_placement::{InstanceRecord, MemoryStore, ModelSpec, Placement, Source, Store};
+use densemesh_placement::{InstanceRecord, MemoryStore, ModelSpec, Placement, Store};
 
 use super::*;
 use crate::test_support::instance_record;
@@ -42,16 +42,7 @@ impl Mesh {
     }
 
     async fn register(&self, model: &str) {
-        let spec = ModelSpec {
-            model_type: "onnx".into(),
-            path: format!("/models/{model}"),
-            key: None,
-            source: Source::Api,
-            auto_delete: false,
-            generation: 0,
-            size_bytes: None,
-            min_copies: None,
-        };
+        let spec = ModelSpec::api("onnx", format!("/models/{model}"));
         let registered = self.registry.register(&id(model), &spec).await.unwrap();
         self.view.caught_up(registered.revision).await;
     }
