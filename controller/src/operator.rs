@@ -209,6 +209,8 @@ pub struct Context<K: MeshObject> {
     runtimes: Store<ServingRuntime>,
     cluster_runtimes: Store<ClusterServingRuntime>,
     usage: Usage,
+    /// Consecutive failed reconciles per object, for the error policy's back-off.
+    failures: parking_lot::Mutex<HashMap<String, u32>>,
     settings: Settings,
 }
 
@@ -270,6 +272,7 @@ async fn serve<K: MeshObject>(
         runtimes: runtimes.clone(),
         cluster_runtimes: cluster_runtimes.clone(),
         usage: usage.clone(),
+        failures: parking_lot::Mutex::default(),
         settings: settings.clone(),
     });
     let (triggers, trigger_rx) = mpsc::unbounded_channel();
@@ -371,6 +374,15 @@ async fn follow_mesh<K: MeshObject>(
 }
 
 async fn reconcile_object<K: MeshObject>(obj: Arc<K>, ctx: Arc<Context<K>>) -> Result<Action, Error> {
+    let key = usage_key(&*obj);
+    let result = reconcile_once(obj, ctx.clone()).await;
+    if result.is_ok() {
+        ctx.failures.lock().remove(&key);
+    }
+    result
+}
+
+async fn reconcile_once<K: MeshObject>(obj: Arc<K>, ctx: Arc<Context<K>>) -> Result<Action, Error> {
     let has_finalizer = obj.finalizers().iter().any(|f| f == FINALIZER);
     if !obj.ours() && !has_finalizer {
         return Ok(Action::await_change());
@@ -411,9 +423,15 @@ async fn reconcile_object<K: MeshObject>(obj: Arc<K>, ctx: Arc<Context<K>>) -> R
     finalizer(&api, FINALIZER, obj, |event| async {
         match event {
             Finalizer::Apply(obj) if obj.ours() => apply(&*obj, desired, &ctx, &api).await,
-            // No longer ours (its annotation changed) or being deleted: the vmodel goes, unless
-            // it is another object's.
-            Finalizer::Apply(obj) | Finalizer::Cleanup(obj) => cleanup(&*obj, sole_owner, &ctx).await,
+            // No longer ours (its annotation changed): the vmodel goes, unless it is another
+            // object's, and so does the finalizer, which only deletion would otherwise remove.
+            Finalizer::Apply(obj) => {
+                let action = cleanup(&*obj, sole_owner, &ctx).await?;
+                release(&api, &*obj).await?;
+                Ok(action)
+            }
+            // Being deleted: the vmodel goes, unless it is another object's.
+            Finalizer::Cleanup(obj) => cleanup(&*obj, sole_owner, &ctx).await,
         }
     })
     .await
@@ -555,11 +573,30 @@ fn call_name(call: &MeshCall) -> &'static str {
     }
 }
 
-fn error_policy<K: MeshObject>(obj: Arc<K>, err: &Error, _ctx: Arc<Context<K>>) -> Action {
+/// Removes this controller's finalizer from an object it no longer serves.
+async fn release<K: MeshObject>(api: &Api<K>, obj: &K) -> Result<(), Error> {
+    let Some(index) = obj.finalizers().iter().position(|f| f == FINALIZER) else { return Ok(()) };
+    let path = format!("/metadata/finalizers/{index}");
+    // The test makes a concurrent change of the list fail instead of removing someone else's entry.
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        { "op": "test", "path": path, "value": FINALIZER },
+        { "op": "remove", "path": path },
+    ]))
+    .expect("a JSON patch of a test and a remove");
+    api.patch(&obj.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
+    Ok(())
+}
+
+fn error_policy<K: MeshObject>(obj: Arc<K>, err: &Error, ctx: Arc<Context<K>>) -> Action {
     warn!(kind = K::kind(&()).as_ref(), name = obj.name_any(), error = %err, "reconcile failed; retrying");
     metrics::counter!("densemesh_controller_reconcile_errors_total", "kind" => K::kind(&()).into_owned())
         .increment(1);
-    Action::requeue(Duration::from_secs(2))
+    // Doubling per consecutive failure of this object, from 1 s to 2 min; a success resets it.
+    let key = usage_key(&*obj);
+    let mut failures = ctx.failures.lock();
+    let n = failures.entry(key).or_insert(0);
+    *n = (*n + 1).min(8);
+    Action::requeue(Duration::from_secs(1 << (*n - 1)).min(Duration::from_secs(120)))
 }
 
 /// Keeps one Deployment per ServingRuntime and ClusterServingRuntime, scaled by whether any model

@@ -264,13 +264,23 @@ def test_bad_specs_become_invalid_spec_and_the_serving_revision_keeps_serving(s3
     assert controller.proc.poll() is None, controller.logs()
 
 
-def test_objects_without_the_model_mesh_annotation_are_left_alone(s3, mesh, kube, controller):
+def test_objects_without_the_model_mesh_annotation_are_left_alone(s3, mesh, kube, controller, mmesh):
     serverless = isvc("kserve-owned", "s3://models/dense/a/model.onnx")
     del serverless["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
     kube.apply(RUNTIME, serverless, isvc("ours", "s3://models/dense/a/model.onnx"))
     kube.kubectl("wait", "--for=condition=Ready", "isvc/ours", "--timeout=90s", timeout=100)
     obj = kube.get("isvc", "kserve-owned")
     assert "status" not in obj and not obj["metadata"].get("finalizers"), obj
+
+    # Handed back to KServe: the vmodel goes, and the finalizer with it.
+    handed_back = isvc("ours", "s3://models/dense/a/model.onnx")
+    del handed_back["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+    kube.apply(handed_back)
+    wait_for(lambda: not kube.get("isvc", "ours")["metadata"].get("finalizers"), 30, "the finalizer to go")
+    pb2, pb2_grpc = mmesh
+    stub = pb2_grpc.ModelMeshStub(mesh[0].channel)
+    wait_for(lambda: pb2.VModelStatusInfo.VModelStatus.Name(
+        stub.getVModelStatus(pb2.GetVModelStatusRequest(vModelId="ours")).status) == "NOT_FOUND", 30, "the vmodel to go")
 
 
 def test_a_predictor_is_served_as_a_ksp_vmodel(s3, mesh, kube, controller):
