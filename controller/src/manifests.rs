@@ -1,12 +1,10 @@
 //! The same YAML without Kubernetes: manifests read from files and mapped to the mesh by the
 //! controller's own functions, for `meshctl apply -f`.
 
-use densemesh_proto::admin::VModelState;
 use serde::Deserialize;
 
 use crate::crd::{FailureReason, InferenceService, Predictor};
 use crate::mapping::{self, Desired, SpecError};
-use crate::reconcile::Rollout;
 
 /// One document of a manifest file.
 #[derive(Debug, Clone)]
@@ -115,20 +113,6 @@ pub fn parse(text: &str, source: &str) -> Result<Vec<Manifest>, String> {
         });
     }
     Ok(out)
-}
-
-impl Rollout {
-    /// Without an object status to remember it, the rollout is read off the mesh: a split's first
-    /// model is the stable revision (as `plan` orders splits), else the active model.
-    pub fn of_mesh(mesh: Option<&VModelState>) -> Self {
-        let Some(mesh) = mesh else { return Rollout::default() };
-        match mesh.split.as_slice() {
-            [stable, canary, ..] => {
-                Rollout { rolled_out: Some(stable.model_id.clone()), created: Some(canary.model_id.clone()) }
-            }
-            _ => Rollout { rolled_out: Some(mesh.active_model_id.clone()), created: None },
-        }
-    }
 }
 
 #[cfg(test)]

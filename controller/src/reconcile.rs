@@ -84,6 +84,18 @@ impl Rollout {
             created: predictor.and_then(|p| p.latest_created_revision.clone()),
         }
     }
+
+    /// Without an object status to remember it, the rollout is read off the mesh: a split's first
+    /// model is the stable revision (as `plan` orders splits), else the active model.
+    pub fn of_mesh(mesh: Option<&VModelState>) -> Self {
+        let Some(mesh) = mesh else { return Rollout::default() };
+        match mesh.split.as_slice() {
+            [stable, canary, ..] => {
+                Rollout { rolled_out: Some(stable.model_id.clone()), created: Some(canary.model_id.clone()) }
+            }
+            _ => Rollout { rolled_out: Some(mesh.active_model_id.clone()), created: None },
+        }
+    }
 }
 
 /// How long after a revision failed to load everywhere the controller asks the mesh to load it
