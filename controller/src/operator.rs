@@ -706,12 +706,26 @@ async fn ensure_deployment(
             info!(runtime = key.name, namespace, replicas, "created the runtime's Deployment");
         }
         Some(_) => {
-            let mut patch = serde_json::to_value(&deployment).expect("a Deployment serializes");
-            if since.is_none() {
-                patch["metadata"]["annotations"] = serde_json::json!({ UNNEEDED_SINCE_ANNOTATION: null });
+            // The pod template is the controller's whole: replaced, not merged, so a nodeSelector or
+            // toleration dropped from the runtime leaves the pods too. A patch that changes nothing
+            // is no write on the API server.
+            let spec = deployment.spec.as_ref().expect("built with a spec");
+            let mut annotations = serde_json::json!({ UNNEEDED_SINCE_ANNOTATION: null });
+            if let Some(value) =
+                deployment.metadata.annotations.as_ref().and_then(|a| a.get(UNNEEDED_SINCE_ANNOTATION))
+            {
+                annotations[UNNEEDED_SINCE_ANNOTATION] = serde_json::Value::from(value.clone());
             }
-            // A merge patch that changes nothing is no write on the API server.
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+            let merge = serde_json::json!({
+                "metadata": { "labels": deployment.metadata.labels, "annotations": annotations },
+                "spec": { "replicas": spec.replicas, "selector": spec.selector },
+            });
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(merge)).await?;
+            let replace: json_patch::Patch = serde_json::from_value(serde_json::json!([
+                { "op": "add", "path": "/spec/template", "value": spec.template }
+            ]))
+            .expect("a JSON patch of one add");
+            api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(replace)).await?;
         }
     }
     // While unneeded, look again when the grace period may have ended.

@@ -392,6 +392,10 @@ def test_a_serving_runtime_becomes_a_deployment_scaled_to_zero_when_unused_and_b
         kube.apply(isvc("arrives", "s3://models/dense/a/model.onnx"))
         wait_for(lambda: replicas() == 3, 60, "the runtime to scale back up")
         kube.kubectl("wait", "--for=condition=Ready", "isvc/arrives", "--timeout=90s", timeout=100)
+        # A nodeSelector dropped from the runtime leaves its pods too.
+        kube.apply({**RUNTIME, "spec": {**RUNTIME["spec"], "replicas": 3}})
+        wait_for(lambda: "nodeSelector" not in kube.get("deployment", "densemesh-densemesh-onnx")["spec"]["template"]["spec"],
+                 60, "the dropped nodeSelector to leave the pod template")
     finally:
         controller.stop()
         print(controller.logs())
