@@ -173,7 +173,7 @@ struct RuntimeKey {
 }
 
 /// An object that maps to a vmodel id.
-pub struct Claim<K: kube::Resource<DynamicType = ()>> {
+struct Claim<K: kube::Resource<DynamicType = ()>> {
     obj: ObjectRef<K>,
     created: Option<Timestamp>,
 }

@@ -75,6 +75,24 @@ def moto_bucket(endpoint, bucket="models"):
     return client
 
 
+def upload_dense_models(client, work, names, mb):
+    """Writes a dense ONNX model per name (seed = its position, `mb` MiB of weights) under `work` and
+    uploads each to `models/dense/<name>/model.onnx`; the local paths by name."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    from generate_models import make_dense_model
+
+    paths = {}
+    for i, name in enumerate(names):
+        path = work / name / "model.onnx"
+        path.parent.mkdir()
+        make_dense_model(path, mb=mb, seed=i)
+        client.upload_file(str(path), "models", f"dense/{name}/model.onnx")
+        paths[name] = path
+    return paths
+
+
 def moto_storage_config(directory, endpoint, key="moto"):
     """The storage-config secret as Kubernetes mounts it (one file per storage key), with one key,
     `key`, for the moto server at `endpoint`; returns the directory."""

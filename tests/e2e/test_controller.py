@@ -15,12 +15,10 @@ import onnxruntime as ort
 import pytest
 import yaml
 
-from meshd import REPO, free_port, moto_bucket, moto_storage_config, raw_request, start_moto, wait_for
+from meshd import REPO, free_port, moto_bucket, moto_storage_config, raw_request, upload_dense_models, start_moto, wait_for
 from test_etcd import Etcd
 from test_kube_double import find_kubectl
 
-sys.path.insert(0, str(REPO / "examples"))
-from generate_models import make_dense_model  # noqa: E402
 
 CRDS = REPO / "charts" / "densemesh" / "crds" / "serving.kserve.io.yaml"
 CONTROLLER_BIN = os.environ.get("CONTROLLER_BIN", str(REPO / "target" / "debug" / "densemesh-controller"))
@@ -89,11 +87,7 @@ def s3(tmp_path_factory):
         work = tmp_path_factory.mktemp("s3-models")
         x = np.random.default_rng(7).standard_normal((1, 256)).astype(np.float32)
         expected = {}
-        for i, name in enumerate(["a", "b"]):
-            path = work / name / "model.onnx"
-            path.parent.mkdir()
-            make_dense_model(path, mb=1, seed=i)
-            client.upload_file(str(path), "models", f"dense/{name}/model.onnx")
+        for name, path in upload_dense_models(client, work, ["a", "b"], mb=1).items():
             expected[name] = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
         secrets = moto_storage_config(work / "storage-config", endpoint)
         yield secrets, x, expected

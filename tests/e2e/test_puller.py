@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from meshd import MOTO_SECRET, REPO, free_port, moto_bucket, moto_storage_config, raw_request, start_moto, wait_for, wait_listening
+from meshd import MOTO_SECRET, REPO, free_port, moto_bucket, moto_storage_config, raw_request, upload_dense_models, start_moto, wait_for, wait_listening
 
 sys.path.insert(0, str(REPO / "examples"))
 from generate_models import make_dense_model  # noqa: E402
@@ -27,11 +27,7 @@ def s3(tmp_path_factory):
         client = moto_bucket(endpoint)
         work = tmp_path_factory.mktemp("s3-models")
         expected = {}
-        for i, name in enumerate(["a", "b"]):
-            path = work / name / "model.onnx"
-            path.parent.mkdir()
-            make_dense_model(path, mb=8, seed=i)
-            client.upload_file(str(path), "models", f"dense/{name}/model.onnx")
+        for i, (name, path) in enumerate(upload_dense_models(client, work, ["a", "b"], mb=8).items()):
             session = ort.InferenceSession(str(path))
             x = np.random.default_rng(i).standard_normal((1, 256)).astype(np.float32)
             expected[name] = (x, session.run(None, {"x": x})[0], path.stat().st_size)

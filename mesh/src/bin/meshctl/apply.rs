@@ -110,11 +110,15 @@ pub async fn run(channel: Channel, out: Output, path: &Path, wait: Option<Durati
     let mut results: Vec<(String, String, Option<Waited>)> = Vec::new();
     let mut failed = false;
     for doc in &docs {
-        let (outcome, vmodel) = match doc.desired(Some(&offered)) {
-            None => match doc {
-                Manifest::Ignored { why, .. } => (format!("skipped: {why}"), None),
-                _ => unreachable!("only ignored documents have no desired state"),
-            },
+        let desired = match doc {
+            Manifest::Ignored { why, .. } => {
+                results.push((doc.describe(), format!("skipped: {why}"), None));
+                continue;
+            }
+            _ => doc.desired(Some(&offered)),
+        };
+        let (outcome, vmodel) = match desired {
+            None => continue,
             Some(Err(err)) => {
                 failed = true;
                 (format!("invalid ({:?}): {}", err.reason, err.message), None)
