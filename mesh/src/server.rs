@@ -208,9 +208,14 @@ pub async fn run(
     let service =
         InferenceService::new(cache.clone(), view.clone(), worker, ready.clone()).with_forwarder(forwarder);
     let management = Management::new(registry.clone(), view.clone(), cache.clone(), placer.clone());
-    let inference = GrpcInferenceServiceServer::new(service)
+    let inference = GrpcInferenceServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
+    let inference = crate::api::front::Front::new(
+        crate::node::limits::OversizeIsInvalid::new(inference),
+        service,
+        config.max_message_size,
+    );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -223,7 +228,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(crate::node::limits::OversizeIsInvalid::new(inference))
+        .add_service(inference)
         .add_service(ModelMeshServer::new(management))
         .add_service(densemesh_proto::admin::admin_server::AdminServer::new(
             crate::api::admin_service::AdminService::new(

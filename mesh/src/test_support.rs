@@ -161,3 +161,16 @@ pub(crate) fn forwarded_metadata(from: &'static str, revision: Option<i64>) -> t
     }
     metadata
 }
+
+/// The inference service of a [`TestPod`], forwarding through its placer, one request at a time.
+pub(crate) fn inference_service(pod: &TestPod) -> crate::api::service::InferenceService {
+    let worker = crate::node::worker::Worker::new(crate::node::worker::WorkerConfig {
+        concurrency: 1,
+        max_queued: 8,
+        inline_below: Duration::ZERO,
+        inline_max_bytes: 0,
+    });
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    crate::api::service::InferenceService::new(pod.cache.clone(), pod.view.clone(), worker, ready)
+        .with_forwarder(crate::cluster::forward::Forwarder::new(pod.placer.clone(), 1 << 20))
+}

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use densemesh_placement::route::Refusal;
 use densemesh_placement::{ClusterView, ModelId};
 
-use crate::cluster::forward::{Destination, Forwarded, Forwarder};
+use crate::cluster::forward::{Destination, Forwarder};
 use crate::cluster::peers;
 use crate::error::MeshError;
 use crate::metrics as m;
@@ -97,27 +97,44 @@ impl InferenceService {
         peers::catch_up_with_sender(&self.view, metadata, id, peers::FORWARDED_VIEW_WAIT).await;
     }
 
+    /// Whether `ModelInfer` calls with these headers are routed by placement (the front does that, see
+    /// [`crate::api::front`]): not when this pod runs alone, nor for a call forwarded here.
+    pub(crate) fn routes(&self, headers: &http::HeaderMap) -> bool {
+        self.forwarder.is_some() && !headers.contains_key(peers::FORWARDED_HEADER)
+    }
+
+    /// Where a `ModelInfer` call for `model_name` runs: the model it resolves to, and the peer to pass
+    /// it to, if not here. A model loaded here is served here without asking where else it is.
+    pub(crate) fn decide(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        model_name: &str,
+    ) -> Result<Decision<'_>, MeshError> {
+        let id = self.target(metadata, model_name)?;
+        if self.cache.is_loaded(&id) {
+            return Ok(Decision { id, peer: None });
+        }
+        match self.destination(metadata, &id)? {
+            Some((forwarder, Destination::Peer(peer))) => Ok(Decision { id, peer: Some((forwarder, peer)) }),
+            _ => Ok(Decision { id, peer: None }),
+        }
+    }
+
+    /// Serves a request here: for `resolved` when the front decided so, otherwise for the model the
+    /// request names (a call forwarded here, or a pod that runs alone).
     async fn infer(
         &self,
         metadata: &tonic::metadata::MetadataMap,
+        resolved: Option<ModelId>,
         request: ModelInferRequest,
     ) -> Result<ModelInferResponse, MeshError> {
-        let id = self.target(metadata, &request.model_name)?;
-        // A local hit is served here without asking where else the model is.
+        let id = match resolved {
+            Some(id) => id,
+            None => self.target(metadata, &request.model_name)?,
+        };
         let local = self.cache.lease_if_loaded(&id);
         if local.is_none() {
             self.catch_up_with_sender(metadata, &id).await;
-        }
-        let mut request = request;
-        if local.is_none()
-            && let Some((forwarder, Destination::Peer(peer))) = self.destination(metadata, &id)?
-        {
-            match forwarder.forward(peer, &id, request).await {
-                Forwarded::Answered { answer, .. } => return Ok(answer),
-                Forwarded::Refused(status) => return Err(MeshError::Peer(status)),
-                // No pod could serve it: load it here.
-                Forwarded::ServeHere(back) => request = back,
-            }
         }
         let (model_name, requested_version, request_id) =
             (request.model_name.clone(), request.model_version.clone(), request.id.clone());
@@ -206,26 +223,60 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let started = Instant::now();
-        m::count_request();
-        let (metadata, _, request) = request.into_parts();
-        self.hot.request_size.record(prost::Message::encoded_len(&request) as f64);
-        match self.infer(&metadata, request).await {
+        let (metadata, extensions, request) = request.into_parts();
+        let resolved = extensions.get::<Resolved>();
+        let started = resolved.map_or_else(Instant::now, |r| r.started);
+        if resolved.is_none() {
+            self.received(prost::Message::encoded_len(&request));
+        }
+        match self.infer(&metadata, resolved.map(|r| r.id.clone()), request).await {
             Ok(response) => {
-                self.hot.response_size.record(prost::Message::encoded_len(&response) as f64);
-                self.hot.ok_duration.record(started.elapsed().as_secs_f64());
-                self.hot.ok_count.increment(1);
+                self.served(started, prost::Message::encoded_len(&response));
                 Ok(Response::new(response))
             }
             Err(e) => {
                 let status = Status::from(e);
-                tracing::debug!(code = ?status.code(), message = status.message(), "request failed");
-                let labels = [("method", "ModelInfer"), ("code", code_label(status.code()))];
-                metrics::histogram!(m::REQUEST_DURATION, &labels).record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::REQUESTS, &labels).increment(1);
+                self.failed(started, &status);
                 Err(status)
             }
         }
+    }
+}
+
+/// Where a `ModelInfer` call runs: on a peer, through the forwarder, or (`peer` empty) here.
+pub(crate) struct Decision<'a> {
+    pub id: ModelId,
+    pub peer: Option<(&'a Forwarder, String)>,
+}
+
+/// What the front decided for a `ModelInfer` call it hands on to be served here: the model, and when
+/// the call began (so its duration counts the front's part too).
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    pub id: ModelId,
+    pub started: Instant,
+}
+
+impl InferenceService {
+    /// Counts a `ModelInfer` call whose message arrived (its size without the frame).
+    pub(crate) fn received(&self, request_size: usize) {
+        m::count_request();
+        self.hot.request_size.record(request_size as f64);
+    }
+
+    /// Records a `ModelInfer` call answered OK (the size of the message, without its frame).
+    pub(crate) fn served(&self, started: Instant, response_size: usize) {
+        self.hot.response_size.record(response_size as f64);
+        self.hot.ok_duration.record(started.elapsed().as_secs_f64());
+        self.hot.ok_count.increment(1);
+    }
+
+    /// Records a `ModelInfer` call answered with an error.
+    pub(crate) fn failed(&self, started: Instant, status: &Status) {
+        tracing::debug!(code = ?status.code(), message = status.message(), "request failed");
+        let labels = [("method", "ModelInfer"), ("code", code_label(status.code()))];
+        metrics::histogram!(m::REQUEST_DURATION, &labels).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::REQUESTS, &labels).increment(1);
     }
 }
 
@@ -259,19 +310,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::node::worker::WorkerConfig;
-    use crate::test_support::{NO_FILES, TestPod, forwarded_metadata};
-
-    fn service(pod: &TestPod) -> InferenceService {
-        let worker = Worker::new(WorkerConfig {
-            concurrency: 1,
-            max_queued: 8,
-            inline_below: Duration::ZERO,
-            inline_max_bytes: 0,
-        });
-        InferenceService::new(pod.cache.clone(), pod.view.clone(), worker, Arc::new(AtomicBool::new(true)))
-            .with_forwarder(Forwarder::new(pod.placer.clone(), 1 << 20))
-    }
+    use crate::test_support::{NO_FILES, TestPod, forwarded_metadata, inference_service as service};
 
     fn request(model: &str, metadata: tonic::metadata::MetadataMap) -> Request<ModelInferRequest> {
         let message = ModelInferRequest { model_name: model.into(), ..Default::default() };

@@ -8,21 +8,21 @@
 //! here. A peer's own answer for the model (INVALID_ARGUMENT, NOT_FOUND, a runtime error) is final:
 //! another copy would say the same.
 //!
-//! The request is moved into an `Arc` once and every attempt encodes from it: nothing is copied on the
-//! way out, not even for a retry; only a request that ends up served here after a failure may be
-//! cloned back out of it (when the transport still holds a reference).
+//! An inference request is passed on as the bytes it came in as, and the peer's answer comes back the
+//! same way: decoding and re-encoding both was most of what a hop cost. The bytes are shared by every
+//! attempt, so a retry copies nothing.
 
 use std::future::Future;
-use std::sync::Arc;
 
+use bytes::Bytes;
 use densemesh_placement::ModelId;
 use densemesh_placement::route::{Goal, Route};
 use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use densemesh_proto::inference::{
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-};
-use prost::bytes::{Buf, BufMut};
-use prost::encoding::{DecodeContext, WireType};
+use densemesh_proto::inference::{ModelMetadataRequest, ModelMetadataResponse};
+use http::HeaderMap;
+use http_body_util::{BodyExt, Full, Limited};
+use tonic::body::Body;
+use tonic::codegen::Service;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tracing::Instrument;
@@ -33,6 +33,33 @@ use crate::error::MeshError;
 use crate::metrics as m;
 
 pub use crate::cluster::peers::{FORWARDED_HEADER, MAX_ATTEMPTS};
+
+/// The one call passed on as bytes.
+pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+/// A gRPC message's frame header: the compressed flag and the length.
+pub const FRAME_HEADER: usize = 5;
+
+/// A peer's answer to a call passed on, read whole.
+#[derive(Debug)]
+pub struct RawAnswer {
+    head: http::response::Parts,
+    /// The framed message.
+    pub body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl RawAnswer {
+    /// The answer for the client, as the peer gave it.
+    pub fn into_response(self) -> http::Response<Body> {
+        let trailers = std::future::ready(self.trailers.map(Ok));
+        http::Response::from_parts(self.head, Body::new(Full::new(self.body).with_trailers(trailers)))
+    }
+}
+
+/// Headers naming what a call is for that must not reach the peer: it serves the model this pod
+/// resolved, named in `mm-model-id`, and never resolves a vmodel a second time.
+const RESOLVED_HERE: [&str; 3] = ["mm-vmodel-id", "mm-vmodel-id-bin", "mm-model-id-bin"];
 
 /// Where a request goes, as the request path needs to know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,22 +97,43 @@ impl Forwarder {
         matches!(self.placer.route(id, Goal::HandOff, &[]), Route::Copy(_))
     }
 
-    /// A message for a peer, marked as forwarded and naming the model by id (the peer must not
-    /// resolve a vmodel a second time).
+    /// Marks a call for a peer as forwarded and names the model by id (the peer must not resolve a
+    /// vmodel a second time).
+    fn mark(&self, id: &ModelId, metadata: &mut MetadataMap) {
+        mark_forwarded(metadata, self.placer.instance_id(), self.placer.view(), id);
+        if let Ok(model) = id.as_str().parse() {
+            metadata.insert(crate::node::router::MODEL_ID_HEADER, model);
+        }
+    }
+
+    /// A message for a peer, marked.
     fn outgoing<T>(&self, id: &ModelId, message: T) -> tonic::Request<T> {
         let mut outgoing = tonic::Request::new(message);
-        mark_forwarded(outgoing.metadata_mut(), self.placer.instance_id(), self.placer.view(), id);
-        if let Ok(model) = id.as_str().parse() {
-            outgoing.metadata_mut().insert(crate::node::router::MODEL_ID_HEADER, model);
-        }
+        self.mark(id, outgoing.metadata_mut());
         outgoing
+    }
+
+    /// `ModelInfer` for a peer: the client's body and headers as they came, less the ones that named
+    /// what this pod resolved, marked.
+    fn raw_request(&self, id: &ModelId, headers: &HeaderMap, body: Bytes) -> http::Request<Body> {
+        let mut headers = headers.clone();
+        for name in RESOLVED_HERE {
+            headers.remove(name);
+        }
+        let mut metadata = MetadataMap::from_headers(headers);
+        self.mark(id, &mut metadata);
+        let mut request = http::Request::new(Body::new(Full::new(body)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = http::Uri::from_static(MODEL_INFER_PATH);
+        *request.headers_mut() = metadata.into_headers();
+        request
     }
 
     /// Calls `first`, then, while peers fail, where placement says next, up to [`MAX_ATTEMPTS`] pods.
     async fn with_failover<T, F, Fut>(&self, id: &ModelId, first: String, call: F) -> Forwarded<T>
     where
         F: Fn(Channel) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let peers = self.placer.peers();
         let mut failed: Vec<String> = Vec::new();
@@ -106,9 +154,7 @@ impl Forwarder {
                 answered => {
                     peers.answered(&endpoint);
                     return match answered {
-                        Ok(answer) => {
-                            Forwarded::Answered { answer: answer.into_inner(), retried: !failed.is_empty() }
-                        }
+                        Ok(answer) => Forwarded::Answered { answer, retried: !failed.is_empty() },
                         Err(status) => Forwarded::Refused(status),
                     };
                 }
@@ -146,7 +192,7 @@ impl Forwarder {
                 "peer could not serve; {then}"
             );
         }
-        Forwarded::ServeHere(())
+        Forwarded::ServeHere
     }
 
     /// Asks `peer` (or, if it fails, the next pod) for a model's metadata, so reading it does not load
@@ -158,44 +204,39 @@ impl Forwarder {
             .with_failover(id, peer, |channel| {
                 let outgoing = self.outgoing(id, request.clone());
                 let mut client = GrpcInferenceServiceClient::new(channel).max_decoding_message_size(max);
-                async move { client.model_metadata(outgoing).await }
+                async move { client.model_metadata(outgoing).await.map(tonic::Response::into_inner) }
             })
             .await;
         match answer {
             Forwarded::Answered { answer, .. } => Some(answer),
-            Forwarded::Refused(_) | Forwarded::ServeHere(()) => None,
+            Forwarded::Refused(_) | Forwarded::ServeHere => None,
         }
     }
 
-    /// Sends the request to `peer` for model `id`, and on while peers fail; counted in
-    /// `densemesh_forwarded_requests_total` by how it ended. [`Forwarded::ServeHere`] hands the
-    /// request back.
+    /// Passes `ModelInfer` (the client's `headers` and `body`, one gRPC message) to `peer` for model
+    /// `id`, and on while peers fail; counted in `densemesh_forwarded_requests_total` by how it ended.
+    /// On [`Forwarded::ServeHere`] the caller still has the bytes to serve it with.
     pub async fn forward(
         &self,
         peer: String,
         id: &ModelId,
-        request: ModelInferRequest,
-    ) -> Forwarded<ModelInferResponse, ModelInferRequest> {
-        let shared = SharedRequest(Arc::new(request));
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Forwarded<RawAnswer> {
         let max = self.max_message_size;
         let forwarded = self
             .with_failover(id, peer, |channel| {
-                let outgoing = self.outgoing(id, shared.clone());
-                async move { infer_shared(channel, outgoing, max).await }
+                pass_on(channel, self.raw_request(id, headers, body.clone()), max)
             })
             .await;
         let result = match &forwarded {
             Forwarded::Answered { retried: false, .. } => "ok",
             Forwarded::Answered { retried: true, .. } => "retried",
             Forwarded::Refused(_) => "error",
-            Forwarded::ServeHere(()) => "fallback",
+            Forwarded::ServeHere => "fallback",
         };
         metrics::counter!(m::FORWARDED_REQUESTS, "result" => result).increment(1);
-        match forwarded {
-            Forwarded::Answered { answer, retried } => Forwarded::Answered { answer, retried },
-            Forwarded::Refused(status) => Forwarded::Refused(status),
-            Forwarded::ServeHere(()) => Forwarded::ServeHere(shared.into_inner()),
-        }
+        forwarded
     }
 }
 
@@ -210,67 +251,63 @@ fn destination(id: &ModelId, route: Route) -> Result<Destination, MeshError> {
 
 /// How forwarding a request ended.
 #[derive(Debug)]
-pub enum Forwarded<T, R = ()> {
+pub enum Forwarded<T> {
     /// A peer answered; `retried` when an earlier one had failed.
     Answered { answer: T, retried: bool },
     /// A peer answered with an error of the request or the model (another copy would say the same),
     /// or placement had nowhere else to send it; it goes back to the client as it is.
     Refused(tonic::Status),
-    /// No peer could serve it: serve it (the request, handed back) here.
-    ServeHere(R),
+    /// No peer could serve it: serve it here.
+    ServeHere,
 }
 
-/// An inference request shared by every attempt to forward it: encoding reads it through the `Arc`,
-/// so no attempt copies it.
-#[derive(Debug, Clone, Default)]
-struct SharedRequest(Arc<ModelInferRequest>);
-
-impl SharedRequest {
-    /// The request back, copied only if a finished call's transport still holds a reference.
-    fn into_inner(self) -> ModelInferRequest {
-        Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
-    }
-}
-
-impl prost::Message for SharedRequest {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.0.encode_raw(buf)
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        Arc::make_mut(&mut self.0).merge_field(tag, wire_type, buf, ctx)
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.0.encoded_len()
-    }
-
-    fn clear(&mut self) {
-        *self = Self::default();
-    }
-}
-
-/// `ModelInfer` on a peer, encoding the shared request in place (the generated client would need an
-/// owned copy per attempt).
-async fn infer_shared(
-    channel: Channel,
-    request: tonic::Request<SharedRequest>,
+/// One call on a peer's channel, its answer read whole (at most a message of `max_message_size`): a
+/// peer that fails part way through is a failed peer, to be retried elsewhere, not half an answer for
+/// the client. Any status but OK is an error, for the failover to judge.
+async fn pass_on(
+    mut channel: Channel,
+    request: http::Request<Body>,
     max_message_size: usize,
-) -> Result<tonic::Response<ModelInferResponse>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel)
-        .max_decoding_message_size(max_message_size)
-        .max_encoding_message_size(max_message_size);
+) -> Result<RawAnswer, tonic::Status> {
+    let unavailable =
+        |what: &str, e: &dyn std::fmt::Display| tonic::Status::unavailable(format!("{what}: {e}"));
     // Not ready means the connection could not be made: the peer failed, as a transport error.
-    grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("peer not ready: {e}")))?;
-    let path = http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
-    let codec = tonic_prost::ProstCodec::<SharedRequest, ModelInferResponse>::default();
-    grpc.unary(request, path, codec).await
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.map_err(|e| unavailable("peer not ready", &e))?;
+    let response = channel.call(request).await.map_err(|e| unavailable("peer failed the call", &e))?;
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, max_message_size + FRAME_HEADER)
+        .collect()
+        .await
+        .map_err(|e| unavailable("the peer's answer broke off", &e))?;
+    if parts.status != http::StatusCode::OK {
+        return Err(tonic::Status::unavailable(format!("peer answered HTTP {}", parts.status)));
+    }
+    // A failure comes back trailers-only (in the headers); a success ends with OK in the trailers.
+    let status = match parts.headers.get(GRPC_STATUS) {
+        Some(_) => grpc_status(&parts.headers),
+        None => body.trailers().and_then(grpc_status),
+    };
+    match status {
+        Some(status) if status.code() == tonic::Code::Ok => {
+            let trailers = body.trailers().cloned();
+            Ok(RawAnswer { head: parts, body: body.to_bytes(), trailers })
+        }
+        Some(status) => Err(status),
+        None => Err(tonic::Status::unavailable("the peer's answer carried no grpc-status")),
+    }
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+
+/// The status in these headers or trailers. Details are dropped: tonic panics on details that are not
+/// base64, and this pod's peers send none.
+fn grpc_status(headers: &HeaderMap) -> Option<tonic::Status> {
+    if headers.get(GRPC_STATUS)?.as_bytes() == b"0" {
+        return Some(tonic::Status::ok(""));
+    }
+    let mut headers = headers.clone();
+    headers.remove("grpc-status-details-bin");
+    tonic::Status::from_header_map(&headers)
 }
 
 #[cfg(test)]
@@ -278,6 +315,7 @@ mod tests {
     //! The forwarder against peers that answer, refuse, say UNAVAILABLE, refuse connections, or die
     //! once the request reached them; pods and copies come from a real `ClusterView` on `MemoryStore`.
 
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
@@ -301,7 +339,7 @@ mod tests {
     use crate::test_support::{NoRuntime, instance_record};
 
     /// A peer that answers every ModelInfer the same way, counting the calls and any not marked as
-    /// forwarded.
+    /// forwarded for model "m" by id (or still naming a vmodel).
     #[derive(Clone)]
     struct FakePeer {
         name: &'static str,
@@ -352,7 +390,9 @@ mod tests {
             request: Request<ModelInferRequest>,
         ) -> Result<Response<ModelInferResponse>, Status> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            if !Forwarder::was_forwarded(request.metadata()) {
+            let metadata = request.metadata();
+            let by_id = metadata.get("mm-model-id").is_some_and(|id| id == "m");
+            if !Forwarder::was_forwarded(metadata) || !by_id || metadata.contains_key("mm-vmodel-id") {
                 self.unmarked.fetch_add(1, Ordering::SeqCst);
             }
             match self.answer {
@@ -482,15 +522,30 @@ mod tests {
         assert_eq!(forwarder.route(&model).ok(), Some(Destination::Here));
     }
 
-    async fn forward(
-        forwarder: &Forwarder,
-        request_id: &str,
-    ) -> Forwarded<ModelInferResponse, ModelInferRequest> {
+    /// Forwards a request for "m" as a client sent it (a vmodel header included, which must not reach
+    /// the peer), the peer's answer decoded.
+    async fn forward(forwarder: &Forwarder, request_id: &str) -> Forwarded<ModelInferResponse> {
         let model = ModelId::new("m").unwrap();
         let Ok(Destination::Peer(first)) = forwarder.route(&model) else { panic!("a copy to forward to") };
         let request =
             ModelInferRequest { model_name: "m".into(), id: request_id.into(), ..Default::default() };
-        forwarder.forward(first, &model, request).await
+        let message = prost::Message::encode_to_vec(&request);
+        let mut body = vec![0];
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(&message);
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/grpc".parse().unwrap());
+        headers.insert("te", "trailers".parse().unwrap());
+        headers.insert("mm-vmodel-id", "the-vmodel".parse().unwrap());
+        match forwarder.forward(first, &model, &headers, body.into()).await {
+            Forwarded::Answered { answer, retried } => {
+                let answer =
+                    prost::Message::decode(&answer.body[FRAME_HEADER..]).expect("a ModelInferResponse");
+                Forwarded::Answered { answer, retried }
+            }
+            Forwarded::Refused(status) => Forwarded::Refused(status),
+            Forwarded::ServeHere => Forwarded::ServeHere,
+        }
     }
 
     #[tokio::test]
@@ -545,7 +600,7 @@ mod tests {
         let copies: Vec<(&str, &str)> = copies.iter().map(|(n, e)| (*n, e.as_str())).collect();
         let forwarder = forwarder_with_copies(&copies).await;
         match forward(&forwarder, "r").await {
-            Forwarded::ServeHere(request) => assert_eq!(request.id, "r", "the request comes back whole"),
+            Forwarded::ServeHere => {}
             other => panic!("expected to serve it here, got {other:?}"),
         }
         let calls: Vec<usize> = peers.iter().map(FakePeer::calls).collect();

@@ -7,6 +7,7 @@
 
 mod decode;
 mod encode;
+pub mod frame;
 #[cfg(test)]
 mod tests;
 
