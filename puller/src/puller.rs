@@ -42,6 +42,10 @@ pub struct PullConfig {
     /// Larger objects are refused before any download: no such model could ever be loaded (the
     /// mesh sets its memory capacity here).
     pub max_object_bytes: Option<u64>,
+    /// A location found unchanged in the store this recently is served from the disk cache without
+    /// asking the store again: a burst of models sharing one artifact (per-customer copies of a base
+    /// model) costs the store one HEAD, not one each. Zero asks every time.
+    pub revalidate_after: Duration,
 }
 
 impl PullConfig {
@@ -55,6 +59,7 @@ impl PullConfig {
             range_bytes: 16 << 20,
             parallel: 8,
             max_object_bytes: None,
+            revalidate_after: Duration::from_secs(10),
         }
     }
 }
@@ -100,6 +105,8 @@ pub struct Puller {
     storage: RwLock<Loaded>,
     /// Built clients by (backend, storage key, bucket); cleared when the storage config changes.
     stores: Mutex<HashMap<StoreKey, Arc<dyn ObjectStore>>>,
+    /// When each location was last found in the store, and the cache entry it was found as.
+    validated: Mutex<HashMap<String, (Instant, String)>>,
     /// Downloads in progress, by entry digest: a second pull of the same object waits for the first.
     /// An entry is removed only by its download's [`Flight`], however that download ends.
     inflight: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
@@ -131,6 +138,7 @@ impl Puller {
             cache,
             storage: RwLock::new(storage),
             stores: Mutex::default(),
+            validated: Mutex::default(),
             inflight: Mutex::default(),
             downloads: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -195,6 +203,10 @@ impl Puller {
     async fn fetch_remote(self: &Arc<Self>, remote: Remote) -> Result<Fetched> {
         let started = Instant::now();
         let uri = remote.uri();
+        if let Some(pin) = self.recently_validated(&uri) {
+            metrics::counter!(m::DISK_CACHE_HITS).increment(1);
+            return self.fetched(pin, "disk-cache");
+        }
         let store = self.store_for(&remote)?;
         let objects = match fetch::list(&store, &remote, &self.policy).await {
             Ok(objects) => objects,
@@ -219,6 +231,7 @@ impl Puller {
         for _ in 0..3 {
             if let Some(pin) = self.cache.lookup(&digest) {
                 metrics::counter!(m::DISK_CACHE_HITS).increment(1);
+                self.validated(&uri, &digest);
                 return self.fetched(pin, "disk-cache");
             }
             let waiting = {
@@ -273,6 +286,7 @@ impl Puller {
             }
             if let Some(pin) = self.cache.lookup(&digest) {
                 metrics::histogram!(m::PULLER_DURATION).record(started.elapsed().as_secs_f64());
+                self.validated(&uri, &digest);
                 return self.fetched(pin, "remote");
             }
         }
@@ -341,6 +355,31 @@ impl Puller {
                 path: self.config.cache_dir.clone(),
                 source: std::io::Error::other(e),
             })?
+    }
+
+    /// The cache entry of a location found in the store within `revalidate_after`, pinned.
+    fn recently_validated(&self, uri: &str) -> Option<Pin> {
+        let window = self.config.revalidate_after;
+        let digest = {
+            let validated = self.validated.lock();
+            let (_, digest) = validated.get(uri).filter(|(at, _)| at.elapsed() < window)?;
+            digest.clone()
+        };
+        self.cache.lookup(&digest)
+    }
+
+    /// Remembers that `uri` was just found in the store as the cache entry `digest`.
+    fn validated(&self, uri: &str, digest: &str) {
+        if self.config.revalidate_after.is_zero() {
+            return;
+        }
+        let mut validated = self.validated.lock();
+        // Bounded by the locations pulled within one window, however many there were before.
+        if validated.len() >= 4096 {
+            let window = self.config.revalidate_after;
+            validated.retain(|_, (at, _)| at.elapsed() < window);
+        }
+        validated.insert(uri.to_owned(), (Instant::now(), digest.to_owned()));
     }
 
     fn fetched(&self, pin: Pin, source: &'static str) -> Result<Fetched> {

@@ -36,6 +36,7 @@ struct FaultyGets {
     fault: Fault,
     faults: AtomicUsize,
     gets: AtomicUsize,
+    heads: AtomicUsize,
     /// Signalled when a GET starts.
     get_started: Notify,
 }
@@ -47,6 +48,7 @@ impl FaultyGets {
             fault,
             faults: AtomicUsize::new(faults),
             gets: AtomicUsize::new(0),
+            heads: AtomicUsize::new(0),
             get_started: Notify::new(),
         });
         store.inner.put(&ObjectPath::from("m/model.onnx"), body.to_vec().into()).await.unwrap();
@@ -80,7 +82,9 @@ impl ObjectStore for FaultyGets {
     }
 
     async fn get_opts(&self, location: &ObjectPath, options: GetOptions) -> object_store::Result<GetResult> {
-        if !options.head {
+        if options.head {
+            self.heads.fetch_add(1, Ordering::SeqCst);
+        } else {
             self.gets.fetch_add(1, Ordering::SeqCst);
             self.get_started.notify_one();
             let faulty = self.faults.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
@@ -121,7 +125,11 @@ impl ObjectStore for FaultyGets {
 
 /// A puller whose client for `s3://models` is `store`.
 fn puller(dir: &Path, store: Arc<FaultyGets>) -> Arc<Puller> {
-    let puller = Puller::open(PullConfig::new(dir.join("cache"), 1 << 20)).unwrap();
+    puller_with(PullConfig::new(dir.join("cache"), 1 << 20), store)
+}
+
+fn puller_with(config: PullConfig, store: Arc<FaultyGets>) -> Arc<Puller> {
+    let puller = Puller::open(config).unwrap();
     puller.stores.lock().insert((Backend::S3, None, "models".to_owned()), store);
     puller
 }
@@ -176,4 +184,41 @@ async fn shutdown_cancels_a_download_in_progress_and_waits_for_its_task() {
     let (uri, why) = abandoned(&err).unwrap_or_else(|| panic!("not an abandoned download: {err}"));
     assert_eq!((uri, why), (URI, "the puller is shutting down"));
     assert!(p.inflight.lock().is_empty());
+}
+
+#[tokio::test]
+async fn a_location_found_moments_ago_is_served_without_asking_the_store_again() {
+    let store = FaultyGets::with_model(Fault::Panic, 0, b"first").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = PullConfig::new(dir.path().join("cache"), 1 << 20);
+    config.revalidate_after = Duration::from_millis(300);
+    let p = puller_with(config, store.clone());
+    let read = |f: &Fetched| std::fs::read(&f.model.path).unwrap();
+
+    assert_eq!(read(&p.fetch(URI, None).await.unwrap()), b"first");
+    let again = p.fetch(URI, None).await.unwrap();
+    assert_eq!((again.source, read(&again).as_slice()), ("disk-cache", &b"first"[..]));
+    assert_eq!(store.heads.load(Ordering::SeqCst), 1, "the second pull, within the window, asked nothing");
+
+    // Once the window is over the store is asked again, and a changed object is pulled anew.
+    store.inner.put(&ObjectPath::from("m/model.onnx"), b"second".to_vec().into()).await.unwrap();
+    assert_eq!(read(&p.fetch(URI, None).await.unwrap()), b"first", "still within the window");
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let changed = p.fetch(URI, None).await.unwrap();
+    assert_eq!((changed.source, read(&changed).as_slice()), ("remote", &b"second"[..]));
+    assert_eq!(store.heads.load(Ordering::SeqCst), 2);
+    assert_eq!(store.gets.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn with_no_window_every_pull_asks_the_store() {
+    let store = FaultyGets::with_model(Fault::Panic, 0, b"model").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = PullConfig::new(dir.path().join("cache"), 1 << 20);
+    config.revalidate_after = Duration::ZERO;
+    let p = puller_with(config, store.clone());
+    for _ in 0..3 {
+        p.fetch(URI, None).await.unwrap();
+    }
+    assert_eq!((store.heads.load(Ordering::SeqCst), store.gets.load(Ordering::SeqCst)), (3, 1));
 }
