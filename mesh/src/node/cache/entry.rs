@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use densemesh_placement::ModelId;
+use densemesh_placement::eviction::Clock;
 use densemesh_runtime_core::{LoadedModel, ModelMetadata};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -17,7 +18,11 @@ pub struct Entry {
     version: Option<u64>,
     size_bytes: u64,
     loaded_at: Instant,
+    /// How long the runtime took to load it: what evicting it would cost to undo (GDSF's reload cost).
+    load_time: Duration,
     last_used: Mutex<Instant>,
+    /// The cache's GDSF clock at its last use (an `f64`'s bits): its priority's base.
+    clock_at_use: AtomicU64,
     in_flight: AtomicUsize,
     /// Requests served since load, for the request rate that decides copies.
     requests: AtomicU64,
@@ -32,6 +37,7 @@ impl Entry {
         id: ModelId,
         model: Box<dyn LoadedModel>,
         version: Option<u64>,
+        load_time: Duration,
         room_freed: Arc<Notify>,
     ) -> Self {
         let now = Instant::now();
@@ -41,7 +47,9 @@ impl Entry {
             model,
             version,
             loaded_at: now,
+            load_time,
             last_used: Mutex::new(now),
+            clock_at_use: AtomicU64::new(0f64.to_bits()),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             typical_infer_time: Mutex::new(None),
@@ -82,6 +90,14 @@ impl Entry {
         *self.last_used.lock()
     }
 
+    pub(super) fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    pub(super) fn clock_at_use(&self) -> Clock {
+        Clock(f64::from_bits(self.clock_at_use.load(Ordering::Relaxed)))
+    }
+
     /// Requests served since the model was loaded here.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -112,9 +128,11 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub(super) fn new(entry: Arc<Entry>) -> Self {
+    /// A use of `entry` at the cache's GDSF `clock` (read under the cache's lock, like eviction).
+    pub(super) fn new(entry: Arc<Entry>, clock: Clock) -> Self {
         entry.in_flight.fetch_add(1, Ordering::AcqRel);
         entry.requests.fetch_add(1, Ordering::Relaxed);
+        entry.clock_at_use.store(clock.0.to_bits(), Ordering::Relaxed);
         *entry.last_used.lock() = Instant::now();
         Self { entry }
     }
@@ -135,7 +153,8 @@ impl Lease {
 impl Lease {
     /// A lease on a model held by no cache, for tests of what runs on leased models (the worker).
     pub(crate) fn detached(id: ModelId, model: Box<dyn LoadedModel>) -> Self {
-        Self::new(Arc::new(Entry::new(id, model, None, Arc::new(Notify::new()))))
+        let entry = Entry::new(id, model, None, Duration::ZERO, Arc::new(Notify::new()));
+        Self::new(Arc::new(entry), Clock::default())
     }
 }
 

@@ -147,6 +147,9 @@ impl Inner {
 
         let runtime = self.runtime.clone();
         let model_id = id.to_string();
+        // The runtime's part alone is what an eviction would make a later load pay again: the files
+        // stay in the disk cache, and queueing or waiting for room is not the model's cost.
+        let runtime_started = Instant::now();
         let mut loading: RuntimeLoad = tokio::task::spawn_blocking(move || {
             // Mapped here, on the blocking pool: pre-faulting reads the whole file.
             let contents = fetched.map().map_err(|e| densemesh_runtime_core::Error::Load {
@@ -172,6 +175,7 @@ impl Inner {
                 return Err(timeout_error());
             }
         };
+        let load_time = runtime_started.elapsed();
         let measured = model.size_bytes();
         self.learn_size_factor(local.file_bytes, measured);
         if measured > capacity {
@@ -197,7 +201,8 @@ impl Inner {
                 }
             }
         }
-        let entry = Arc::new(Entry::new(id.clone(), model, local.version, self.room_freed.clone()));
+        let entry =
+            Arc::new(Entry::new(id.clone(), model, local.version, load_time, self.room_freed.clone()));
         let evicted = {
             let mut state = self.state.lock();
             // The reservation becomes the model's charge; any excess goes back.

@@ -8,7 +8,9 @@
 //! is remembered, and requests get its reason at once until its back-off passes.
 //!
 //! The state lives behind one `parking_lot` mutex that is never held across an `.await`; the decision
-//! of what to evict is `densemesh_placement::eviction::victims`, a pure function.
+//! of what to evict is `densemesh_placement::eviction::victims`, a pure function, under the policy
+//! [`ModelCache::with_eviction_policy`] chose (LRU unless told otherwise; `meshctl simulate` runs the
+//! same function over traces).
 
 mod entry;
 mod load;
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::ModelId;
-use densemesh_placement::eviction::{self, Candidate, Policy, Rules};
+use densemesh_placement::eviction::{self, Candidate, Clock, Policy, Rules};
 use densemesh_puller::{Fetched, LocalRepository};
 use densemesh_runtime_core::Runtime;
 use futures::FutureExt;
@@ -174,6 +176,8 @@ struct Inner {
     runtime: Arc<dyn Runtime>,
     locate: Locate,
     load_gate: Option<LoadGate>,
+    /// What goes first when room is needed.
+    eviction: Policy,
     state: Mutex<State>,
     /// Shared so a load given up on at its deadline can keep its slot until the runtime returns.
     load_permits: Arc<Semaphore>,
@@ -197,6 +201,8 @@ struct State {
     reserved_bytes: u64,
     /// Learned ratio of measured size to file size, to predict a load's size before it runs.
     size_factor: Option<f64>,
+    /// GDSF's aging clock: every use stamps its model with it, every eviction raises it.
+    clock: Clock,
 }
 
 impl State {
@@ -232,6 +238,7 @@ impl ModelCache {
             runtime,
             locate,
             load_gate: None,
+            eviction: Policy::default(),
             state: Mutex::new(State {
                 resident: LruCache::unbounded(),
                 loading: HashMap::new(),
@@ -239,6 +246,7 @@ impl ModelCache {
                 used_bytes: 0,
                 reserved_bytes: 0,
                 size_factor: None,
+                clock: Clock::default(),
             }),
             load_permits,
             room_freed: Arc::new(Notify::new()),
@@ -260,6 +268,25 @@ impl ModelCache {
         self
     }
 
+    /// Chooses what is evicted first (`--eviction`); LRU when never called.
+    ///
+    /// A builder rather than a `CacheConfig` field for now: `CacheConfig` is built field by field
+    /// in `config.rs`, which adds the flag and moves this into the config in one change.
+    ///
+    /// # Panics
+    /// If the cache was cloned already, like [`Self::with_load_gate`].
+    pub fn with_eviction_policy(mut self, policy: Policy) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_eviction_policy is called before the cache is cloned")
+            .eviction = policy;
+        self
+    }
+
+    /// The eviction policy in force.
+    pub fn eviction_policy(&self) -> Policy {
+        self.inner.eviction
+    }
+
     pub fn config(&self) -> &CacheConfig {
         &self.inner.config
     }
@@ -269,8 +296,9 @@ impl ModelCache {
     pub async fn acquire(&self, id: &ModelId) -> Result<Lease, CacheError> {
         let mut outcome = {
             let mut state = self.inner.state.lock();
+            let clock = state.clock;
             if let Some(entry) = state.resident.get(id) {
-                return Ok(Lease::new(entry.clone()));
+                return Ok(Lease::new(entry.clone(), clock));
             }
             if self.inner.shutdown.is_cancelled() {
                 return Err(CacheError::ShuttingDown);
@@ -305,14 +333,16 @@ impl ModelCache {
         // Take the lease under the lock, so eviction (which checks leases under it too) sees it. If the
         // model was evicted in the instant since it loaded, the lease still keeps it alive for this
         // request.
-        let _state = self.inner.state.lock();
-        Ok(Lease::new(entry))
+        let state = self.inner.state.lock();
+        Ok(Lease::new(entry, state.clock))
     }
 
     /// A lease on the model if it is loaded here now; never starts a load. The request path's first
     /// question: a hit costs one lock and nothing else.
     pub fn lease_if_loaded(&self, id: &ModelId) -> Option<Lease> {
-        self.inner.state.lock().resident.get(id).map(|entry| Lease::new(entry.clone()))
+        let mut state = self.inner.state.lock();
+        let clock = state.clock;
+        state.resident.get(id).map(|entry| Lease::new(entry.clone(), clock))
     }
 
     /// Whether a model is loaded here now; never starts a load.
@@ -467,12 +497,16 @@ impl Inner {
                 in_flight: e.in_flight(),
                 resident_for: now.saturating_duration_since(e.loaded_at()),
                 idle_for: now.saturating_duration_since(e.last_used()),
+                uses: e.requests(),
+                reload_cost: eviction::reload_cost(Some(e.load_time()), e.size_bytes()),
+                clock_at_use: e.clock_at_use(),
             })
             .collect();
         let rules = Rules { min_residence: self.config.min_residence };
-        let victims = eviction::victims(&candidates, needed, Policy::LeastRecentlyUsed, rules)?;
-        let mut evicted = Vec::with_capacity(victims.len());
-        for id in victims {
+        let decided = eviction::victims(&candidates, needed, self.eviction, rules, state.clock)?;
+        state.clock = decided.clock;
+        let mut evicted = Vec::with_capacity(decided.victims.len());
+        for id in decided.victims {
             if let Some(entry) = state.resident.pop(&id) {
                 state.used_bytes -= entry.size_bytes();
                 let idle = now.saturating_duration_since(entry.last_used());

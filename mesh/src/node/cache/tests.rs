@@ -102,6 +102,10 @@ struct Fixture {
 }
 
 fn fixture(capacity: u64, tweak: impl FnOnce(&mut CacheConfig)) -> Fixture {
+    fixture_evicting(capacity, Policy::default(), tweak)
+}
+
+fn fixture_evicting(capacity: u64, policy: Policy, tweak: impl FnOnce(&mut CacheConfig)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
     let runtime = Arc::new(ScriptedRuntime::default());
@@ -114,7 +118,8 @@ fn fixture(capacity: u64, tweak: impl FnOnce(&mut CacheConfig)) -> Fixture {
         min_residence: Duration::ZERO,
     };
     tweak(&mut config);
-    let cache = ModelCache::new(config, runtime.clone(), locate_in(LocalRepository::new(&root)));
+    let cache = ModelCache::new(config, runtime.clone(), locate_in(LocalRepository::new(&root)))
+        .with_eviction_policy(policy);
     Fixture { _dir: dir, root, runtime, cache }
 }
 
@@ -217,6 +222,45 @@ async fn evicts_least_recently_used_first_and_only_enough() {
     use_once(f.sized("big", 150)).await;
     assert_eq!(f.resident(), ["a", "big", "e"]);
     assert_eq!(f.cache.used_bytes(), 350);
+}
+
+#[tokio::test(start_paused = true)]
+async fn gdsf_keeps_a_popular_model_lru_would_evict_until_the_clock_ages_it_out() {
+    let f = fixture_evicting(400, Policy::GreedyDualSizeFrequency, |_| {});
+    assert_eq!(f.cache.eviction_policy(), Policy::GreedyDualSizeFrequency);
+    let use_once = |id: ModelId| {
+        let cache = f.cache.clone();
+        async move {
+            drop(cache.acquire(&id).await.unwrap());
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+    };
+    // a is used five times, then b, c and d once each: a is the least recently used.
+    let a = f.sized("a", 100);
+    for _ in 0..5 {
+        use_once(a.clone()).await;
+    }
+    for id in ["b", "c", "d"] {
+        use_once(f.sized(id, 100)).await;
+    }
+    // Equal sizes and reload costs: the models used once go first, the longest idle of them first.
+    use_once(f.sized("e", 100)).await;
+    assert_eq!(f.resident(), ["a", "c", "d", "e"]);
+    use_once(f.sized("f", 100)).await;
+    assert_eq!(f.resident(), ["a", "d", "e", "f"]);
+    // Each eviction raises the clock, and models used since start from it: idle, a's five old uses
+    // are eventually worth less than one recent one, and it goes.
+    let mut survived = 0;
+    for n in 0..30 {
+        if !f.cache.is_loaded(&a) {
+            break;
+        }
+        survived = n;
+        use_once(f.sized(&format!("new-{n}"), 100)).await;
+    }
+    assert!(!f.cache.is_loaded(&a), "never aged out");
+    assert!(survived >= 3, "evicted after only {survived} more loads");
+    assert_eq!(f.cache.used_bytes(), 400);
 }
 
 #[tokio::test(start_paused = true)]
