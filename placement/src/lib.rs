@@ -11,6 +11,7 @@ pub mod eviction;
 mod model_id;
 pub mod registry;
 pub mod route;
+pub mod simulate;
 pub mod spec;
 pub mod status;
 pub mod store;
