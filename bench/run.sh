@@ -62,7 +62,8 @@ free_port() { python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1'
 start_meshd() {
     local addr_file="$out/meshd-addr.json"
     rm -f "$addr_file"
-    target/release/meshd serve --model-repo "$1" --grpc-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 \
+    target/release/meshd serve --model-repo "$1" --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+        --metrics-addr 127.0.0.1:0 \
         --capacity 2GiB --addr-file "$addr_file" 2>>"$out/meshd.log" &
     pids+=($!)
     local pid=$!

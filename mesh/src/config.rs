@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// Address of the gRPC server (KServe V2 inference, reflection).
     #[arg(long, env = "DENSEMESH_GRPC_ADDR", default_value = "127.0.0.1:8033")]
     pub grpc_addr: SocketAddr,
+    /// Address of the KServe V2 REST server (HTTP/JSON inference, binary-data extension); the same
+    /// routing and validation as gRPC.
+    #[arg(long, env = "DENSEMESH_HTTP_ADDR", default_value = "127.0.0.1:8008")]
+    pub http_addr: SocketAddr,
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, env = "DENSEMESH_METRICS_ADDR", default_value = "127.0.0.1:2112")]
     pub metrics_addr: SocketAddr,
@@ -65,7 +69,7 @@ pub struct ServeArgs {
     /// A model loaded more recently than this is never evicted (guards against thrashing).
     #[arg(long, env = "DENSEMESH_MIN_RESIDENCE", default_value = "0s", value_parser = parse_duration)]
     pub min_residence: Duration,
-    /// Largest gRPC message accepted or sent.
+    /// Largest gRPC message accepted or sent, and largest REST request body.
     #[arg(long, env = "DENSEMESH_MAX_MESSAGE_SIZE", default_value = "64MiB")]
     pub max_message_size: ByteSize,
     /// Inferences running at once on worker threads; 0 means one per core.
@@ -200,6 +204,7 @@ impl ServeArgs {
                 max_retry_backoff: self.max_load_retry_backoff,
                 min_residence: self.min_residence,
             },
+            http_addr: self.http_addr,
             worker: WorkerConfig {
                 concurrency: if self.infer_threads == 0 { cores } else { self.infer_threads },
                 max_queued: self.max_queued_inferences,

@@ -34,6 +34,8 @@ use crate::node::worker::{Worker, WorkerConfig};
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub grpc_addr: SocketAddr,
+    /// KServe V2 REST (`--http-addr`).
+    pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub model_repo: PathBuf,
     pub cache: CacheConfig,
@@ -87,6 +89,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("registry: {0}")]
     Registry(#[from] densemesh_placement::RegistryError),
+    #[error("rest server failed (--http-addr): {0}")]
+    Rest(std::io::Error),
     #[error("cannot reach etcd at {0} (--etcd): {1}")]
     Etcd(String, densemesh_placement::StoreError),
     #[error("cannot open the disk cache or storage config (--cache-dir, --storage-config): {0}")]
@@ -167,6 +171,14 @@ pub async fn run(
     })?;
     let admin_listener = std::net::TcpListener::bind(config.metrics_addr)
         .map_err(|source| ServeError::Bind { addr: config.metrics_addr, flag: "--metrics-addr", source })?;
+    let rest_listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.http_addr, flag: "--http-addr", source })?;
+    let http_addr = rest_listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.http_addr,
+        flag: "--http-addr",
+        source,
+    })?;
     let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
         addr: config.grpc_addr,
         flag: "--grpc-addr",
@@ -213,11 +225,13 @@ pub async fn run(
         .max_encoding_message_size(config.max_message_size);
     let inference = crate::api::front::Front::new(
         crate::node::limits::OversizeIsInvalid::new(inference),
-        service,
+        service.clone(),
         config.max_message_size,
     );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET)
+    // REST calls the very front gRPC clients reach: one routing decision for both protocols.
+    let rest = crate::api::rest::Rest::new(inference.clone(), service, config.max_message_size);
         .build_v1()
         .map_err(|e| ServeError::Metrics(format!("reflection: {e}")))?;
     let reflection_alpha = tonic_reflection::server::Builder::configure()
@@ -249,6 +263,14 @@ pub async fn run(
         );
 
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
+    let rest = rest.serve(rest_listener, stop.clone().cancelled_owned());
+    let server = async move {
+        tokio::try_join!(
+            server.map(|r| r.map_err(ServeError::from)),
+            rest.map(|r| r.map_err(ServeError::Rest))
+        )
+        .map(|_| ())
+    };
     let instance = crate::cluster::instance::InstanceConfig {
         id: config.instance_id.clone(),
         endpoint: grpc_addr.to_string(),
@@ -308,11 +330,11 @@ pub async fn run(
         crate::cluster::leader::repository_registered(&view, &config.instance_id, &synced, limit).await;
     }
     if let Some(path) = &config.addr_file {
-        write_addr_file(path, grpc_addr, metrics_addr)
+        write_addr_file(path, grpc_addr, http_addr, metrics_addr)
             .map_err(|source| ServeError::AddrFile { path: path.clone(), source })?;
     }
     ready.store(true, Ordering::Release);
-    tracing::info!(%grpc_addr, %metrics_addr, repository = %config.model_repo.display(),
+    tracing::info!(%grpc_addr, %http_addr, %metrics_addr, repository = %config.model_repo.display(),
         capacity_bytes = config.cache.capacity_bytes, model_types = %config.model_types.join(","), "meshd serving");
 
     tokio::pin!(server);
@@ -438,8 +460,17 @@ async fn unload_on_change(view: ClusterView, cache: ModelCache, stop: Cancellati
 }
 
 /// Writes the bound addresses atomically (temp file, then rename), so a reader never sees half a file.
-fn write_addr_file(path: &std::path::Path, grpc: SocketAddr, metrics: SocketAddr) -> std::io::Result<()> {
-    let body = serde_json::json!({ "grpc_addr": grpc.to_string(), "metrics_addr": metrics.to_string() });
+fn write_addr_file(
+    path: &std::path::Path,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    metrics: SocketAddr,
+) -> std::io::Result<()> {
+    let body = serde_json::json!({
+        "grpc_addr": grpc.to_string(),
+        "http_addr": http.to_string(),
+        "metrics_addr": metrics.to_string(),
+    });
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, body.to_string())?;
     std::fs::rename(&tmp, path)

@@ -119,6 +119,7 @@ class Meshd:
         cmd = [
             binary, "serve",
             "--grpc-addr", "127.0.0.1:0",
+            "--http-addr", "127.0.0.1:0",
             "--metrics-addr", "127.0.0.1:0",
             "--model-repo", str(model_repo),
             "--addr-file", str(addr_file),
@@ -139,6 +140,7 @@ class Meshd:
             self.stop()
             raise
         self.grpc_addr = addrs["grpc_addr"]
+        self.http_addr = addrs["http_addr"]  # KServe V2 REST
         self.metrics_addr = addrs["metrics_addr"]
         self.channel = grpc.insecure_channel(
             self.grpc_addr,

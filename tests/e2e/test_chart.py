@@ -38,9 +38,9 @@ CASES = ["defaults"] + sorted(p.name for p in (CHART / "ci").glob("*.yaml"))
 # Kinds kubernetes-validate has no upstream schema for. ServingRuntime is checked against the chart's CRD
 # below; ServiceMonitor (prometheus-operator's CRD) is not checked anywhere: its schema is not here.
 CUSTOM_KINDS = {"ServingRuntime", "ServiceMonitor"}
-# meshd settings the pod template sets before meshd has the flag: the design's REST address
-# (DESIGN.md, "KServe V2 REST on --http-addr"). meshd ignores an environment variable it has no flag for.
-MESHD_FLAGS_PENDING = {"DENSEMESH_HTTP_ADDR"}
+# meshd settings the pod template may set before meshd has the flag (meshd ignores an environment variable
+# it has no flag for); none now that --http-addr serves KServe V2 REST.
+MESHD_FLAGS_PENDING = set()
 
 
 def helm(*args, check=True):
