@@ -13,6 +13,8 @@ apt_packages=()
 command -v protoc >/dev/null 2>&1 || apt_packages+=(protobuf-compiler)
 # The store tests start a real etcd (Debian's etcd 3.4) on loopback ports.
 if [ "$what" = test ] && ! command -v etcd >/dev/null 2>&1; then apt_packages+=(etcd-server); fi
+# The etcd TLS tests make their CA and certificates with the openssl command.
+if [ "$what" = test ] && ! command -v openssl >/dev/null 2>&1; then apt_packages+=(openssl); fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "setup: installing ${apt_packages[*]}" >&2
     $sudo_cmd apt-get update -qq

@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// Key prefix of this mesh's records in etcd.
     #[arg(long, env = "DENSEMESH_ETCD_PREFIX", default_value = "densemesh")]
     pub etcd_prefix: String,
+    /// TLS to etcd: a directory with `ca.crt` (the CA of etcd's certificate) and, where etcd asks for
+    /// client certificates, `tls.crt` and `tls.key`; the layout of a mounted Kubernetes TLS secret.
+    #[arg(long, env = "DENSEMESH_ETCD_TLS_DIR")]
+    pub etcd_tls_dir: Option<PathBuf>,
     /// TTL of this pod's lease in the registry: after a crash, its records vanish this long after its
     /// last heartbeat (renewed every third of it).
     #[arg(long, env = "DENSEMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
@@ -147,6 +151,11 @@ pub struct ServeArgs {
     /// Limit on each storage request, and on a response that stops sending; retried with back-off.
     #[arg(long, env = "DENSEMESH_PULL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub pull_timeout: Duration,
+    /// A storage location found unchanged this recently is served from the disk cache without asking
+    /// the store again (models sharing one artifact then cost one request per window); 0s asks on
+    /// every load.
+    #[arg(long, env = "DENSEMESH_PULL_REVALIDATE_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub pull_revalidate_after: Duration,
 }
 
 /// Flags that cannot be turned into a configuration.
@@ -191,9 +200,11 @@ impl ServeArgs {
         let mut pull = densemesh_puller::PullConfig::new(cache_dir, self.disk_capacity.0);
         pull.storage_config = self.storage_config;
         pull.request_timeout = self.pull_timeout;
+        pull.revalidate_after = self.pull_revalidate_after;
         pull.max_object_bytes = Some(capacity_bytes);
         Ok(ServeConfig {
             grpc_addr: self.grpc_addr,
+            http_addr: self.http_addr,
             metrics_addr: self.metrics_addr,
             model_repo: self.model_repo,
             cache: CacheConfig {
@@ -204,7 +215,6 @@ impl ServeArgs {
                 max_retry_backoff: self.max_load_retry_backoff,
                 min_residence: self.min_residence,
             },
-            http_addr: self.http_addr,
             worker: WorkerConfig {
                 concurrency: if self.infer_threads == 0 { cores } else { self.infer_threads },
                 max_queued: self.max_queued_inferences,
@@ -223,6 +233,7 @@ impl ServeArgs {
             registry_outage_grace: self.registry_outage_grace,
             anti_churn_age: self.anti_churn_age,
             etcd: self.etcd,
+            etcd_tls: self.etcd_tls_dir.map(|dir| densemesh_placement::store::EtcdTls { dir }),
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,
             copy_add_rate: self.copy_add_rate,

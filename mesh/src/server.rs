@@ -48,6 +48,8 @@ pub struct ServeConfig {
     pub instance_id: String,
     /// etcd endpoints; empty for the embedded in-memory store.
     pub etcd: Vec<String>,
+    /// TLS to etcd (`--etcd-tls-dir`).
+    pub etcd_tls: Option<densemesh_placement::store::EtcdTls>,
     /// Key prefix of the mesh's records.
     pub store_prefix: String,
     /// TTL of this pod's lease on its instance and placement records.
@@ -87,10 +89,10 @@ pub enum ServeError {
     Admin(std::io::Error),
     #[error("grpc server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
-    #[error("registry: {0}")]
-    Registry(#[from] densemesh_placement::RegistryError),
     #[error("rest server failed (--http-addr): {0}")]
     Rest(std::io::Error),
+    #[error("registry: {0}")]
+    Registry(#[from] densemesh_placement::RegistryError),
     #[error("cannot reach etcd at {0} (--etcd): {1}")]
     Etcd(String, densemesh_placement::StoreError),
     #[error("cannot open the disk cache or storage config (--cache-dir, --storage-config): {0}")]
@@ -127,7 +129,7 @@ pub async fn run(
     let store: Arc<dyn Store> = if config.etcd.is_empty() {
         Arc::new(MemoryStore::new())
     } else {
-        let store = densemesh_placement::store::EtcdStore::connect(&config.etcd)
+        let store = densemesh_placement::store::EtcdStore::connect(&config.etcd, config.etcd_tls.as_ref())
             .await
             .map_err(|e| ServeError::Etcd(config.etcd.join(","), e))?;
         tracing::info!(endpoints = %config.etcd.join(","), prefix = %config.store_prefix, "registry on etcd");
@@ -169,8 +171,6 @@ pub async fn run(
         flag: "--grpc-addr",
         source,
     })?;
-    let admin_listener = std::net::TcpListener::bind(config.metrics_addr)
-        .map_err(|source| ServeError::Bind { addr: config.metrics_addr, flag: "--metrics-addr", source })?;
     let rest_listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .map_err(|source| ServeError::Bind { addr: config.http_addr, flag: "--http-addr", source })?;
@@ -179,6 +179,8 @@ pub async fn run(
         flag: "--http-addr",
         source,
     })?;
+    let admin_listener = std::net::TcpListener::bind(config.metrics_addr)
+        .map_err(|source| ServeError::Bind { addr: config.metrics_addr, flag: "--metrics-addr", source })?;
     let grpc_addr = grpc.local_addr().map_err(|source| ServeError::Bind {
         addr: config.grpc_addr,
         flag: "--grpc-addr",
@@ -228,10 +230,10 @@ pub async fn run(
         service.clone(),
         config.max_message_size,
     );
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET)
     // REST calls the very front gRPC clients reach: one routing decision for both protocols.
     let rest = crate::api::rest::Rest::new(inference.clone(), service, config.max_message_size);
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServeError::Metrics(format!("reflection: {e}")))?;
     let reflection_alpha = tonic_reflection::server::Builder::configure()
@@ -261,8 +263,6 @@ pub async fn run(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stop.clone().cancelled_owned(),
         );
-
-    let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     let rest = rest.serve(rest_listener, stop.clone().cancelled_owned());
     let server = async move {
         tokio::try_join!(
@@ -271,6 +271,8 @@ pub async fn run(
         )
         .map(|_| ())
     };
+
+    let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     let instance = crate::cluster::instance::InstanceConfig {
         id: config.instance_id.clone(),
         endpoint: grpc_addr.to_string(),

@@ -455,8 +455,10 @@ def test_external_etcd_with_tls():
     assert volume["secret"] == {"secretName": "densemesh-etcd-client"}
     mount = next(m for m in meshd_container(docs)["volumeMounts"] if m["name"] == "etcd-tls")
     assert mount == {"name": "etcd-tls", "mountPath": "/etc/densemesh/etcd-tls", "readOnly": True}
+    assert env["DENSEMESH_ETCD_TLS_DIR"] == "/etc/densemesh/etcd-tls", "meshd reads the mounted secret"
     plain = render("defaults")
     assert "etcd-tls" not in {v["name"] for v in pod_template(plain)["spec"]["volumes"]}
+    assert "DENSEMESH_ETCD_TLS_DIR" not in env_of(meshd_container(plain))
 
 
 def test_capacity_reaches_meshd():

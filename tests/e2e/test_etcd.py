@@ -1,5 +1,6 @@
 """meshd with its registry on a real etcd: registrations outlive the process; an etcd outage leaves
 loaded models serving and answers registry writes with UNAVAILABLE."""
+import os
 import shutil
 import time
 import socket
@@ -28,10 +29,12 @@ def free_port():
 class Etcd:
     """Debian's etcd on free loopback ports with a temporary data dir; restartable on the same dir."""
 
-    def __init__(self):
+    def __init__(self, certs=None):
+        """With `certs` (see `make_certificates`), clients must come over TLS with a certificate of its CA."""
         self.dir = tempfile.TemporaryDirectory(prefix="etcd-")
         self.client, self.peer = free_port(), free_port()
-        self.endpoint = f"http://127.0.0.1:{self.client}"
+        self.certs = certs
+        self.endpoint = f"{'https' if certs else 'http'}://127.0.0.1:{self.client}"
         self.proc = None
         self.start()
 
@@ -39,10 +42,14 @@ class Etcd:
         peer = f"http://127.0.0.1:{self.peer}"
         binary = shutil.which("etcd")
         assert binary, "etcd must be installed (Debian's etcd-server; scripts/setup.sh installs it)"
+        tls = [] if not self.certs else [
+            "--cert-file", str(self.certs / "server.crt"), "--key-file", str(self.certs / "server.key"),
+            "--trusted-ca-file", str(self.certs / "ca.crt"), "--client-cert-auth"]
         self.proc = subprocess.Popen(
             [binary, "--name", "e2e", "--data-dir", str(Path(self.dir.name) / "data"),
              "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"e2e={peer}"],
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"e2e={peer}",
+             *tls],
             stdout=subprocess.DEVNULL, stderr=open(Path(self.dir.name) / "etcd.log", "ab"))
 
         def healthy():
@@ -90,6 +97,51 @@ def test_registrations_outlive_meshd(start_meshd, etcd, mmesh, tmp_path):
     other = start_meshd(repo, "--etcd", etcd.endpoint, "--etcd-prefix", "elsewhere")
     pb2, stub = mm(other, mmesh)
     assert pb2.ModelStatusInfo.ModelStatus.Name(stub.getModelStatus(pb2.GetStatusRequest(modelId="kept")).status) == "NOT_FOUND"
+
+
+def make_certificates(dir):
+    """A CA, etcd's certificate for 127.0.0.1 and a client certificate, made with the openssl command:
+    ca.crt, server.crt/key, and tls.crt/key (a Kubernetes TLS secret's names, as meshd reads them)."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=dir, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-subj", "/CN=e2e-ca",
+            "-days", "1", "-out", "ca.crt")
+    (dir / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    (dir / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, ext in (("server", "server.ext"), ("tls", "client.ext")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-subj", f"/CN={name}",
+                "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "1", "-extfile", ext, "-out", f"{name}.crt")
+
+
+def test_meshd_reaches_an_etcd_that_requires_client_certificates(start_meshd, mmesh, tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    make_certificates(certs)
+    secret = tmp_path / "etcd-tls"  # what the chart mounts: the CA and the client's pair, nothing else
+    secret.mkdir()
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        shutil.copy(certs / name, secret / name)
+    etcd = Etcd(certs)
+    try:
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        server = start_meshd(repo, "--etcd", etcd.endpoint, "--etcd-tls-dir", str(secret))
+        pb2, stub = mm(server, mmesh)
+        info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
+        stub.registerModel(pb2.RegisterModelRequest(modelId="over-tls", modelInfo=info))
+        response = server.stub.ModelInfer(raw_request("over-tls", [("input", "FP32", X)]))
+        assert [o.name for o in response.outputs] == ["label", "probabilities"]
+        # Without the flag an https endpoint is refused at start, naming the flag.
+        binary = os.environ.get("MESHD_BIN", str(REPO / "target" / "debug" / "meshd"))
+        refused = subprocess.run([binary, "serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+                                  "--metrics-addr", "127.0.0.1:0", "--model-repo", str(repo), "--etcd", etcd.endpoint],
+                                 capture_output=True, text=True, timeout=60, env={**os.environ, "RUST_BACKTRACE": "0"})
+        assert refused.returncode != 0 and "--etcd-tls-dir" in refused.stderr, refused.stderr[-2000:]
+    finally:
+        etcd.stop()
 
 
 def test_an_etcd_outage_keeps_loaded_models_serving(start_meshd, etcd, mmesh, tmp_path):

@@ -74,6 +74,10 @@ spec:
           value: {{ include "densemesh.etcd.endpoints" . | quote }}
         - name: DENSEMESH_ETCD_PREFIX
           value: {{ .Values.etcd.prefix | quote }}
+        {{- if $tlsSecret }}
+        - name: DENSEMESH_ETCD_TLS_DIR
+          value: /etc/densemesh/etcd-tls
+        {{- end }}
         - name: DENSEMESH_CAPACITY
           value: {{ $m.capacity | toString | quote }}
         # Registrations come from the controller through the management API; the repository is empty.

@@ -3,12 +3,13 @@
 //! (never by message text, which etcd and its client may reword): those that mean "etcd is not
 //! reachable" become `StoreError::Unavailable`, so callers can tell an outage from a refusal.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    PutOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
+    Certificate, Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
+    GetOptions, Identity, PutOptions, TlsOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
 };
 use futures::stream::{self, BoxStream, StreamExt};
 use tonic::Code;
@@ -24,13 +25,63 @@ pub struct EtcdStore {
     client: Client,
 }
 
+/// The client side of TLS to etcd: a directory laid out as a Kubernetes TLS secret mounts, `ca.crt`
+/// (the CA that signed etcd's certificate) and, for etcd's `--client-cert-auth`, `tls.crt` and
+/// `tls.key` (this client's certificate and key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub dir: PathBuf,
+}
+
+impl EtcdTls {
+    /// The TLS settings the directory holds; a missing CA, or a certificate without its key, is an
+    /// error naming the file.
+    fn options(&self) -> Result<TlsOptions> {
+        let read = |name: &str| -> Result<Option<Vec<u8>>> {
+            let path = self.dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StoreError::Rejected(format!("etcd TLS: cannot read {}: {e}", path.display()))),
+            }
+        };
+        let missing = |name: &str, why: &str| {
+            StoreError::Rejected(format!("etcd TLS: {} is missing: {why}", self.dir.join(name).display()))
+        };
+        let ca = read("ca.crt")?.ok_or_else(|| missing("ca.crt", "the CA that signed etcd's certificate"))?;
+        let mut options = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+        match (read("tls.crt")?, read("tls.key")?) {
+            (Some(cert), Some(key)) => options = options.identity(Identity::from_pem(cert, key)),
+            (None, None) => {}
+            (Some(_), None) => return Err(missing("tls.key", "the key of tls.crt")),
+            (None, Some(_)) => return Err(missing("tls.crt", "the certificate of tls.key")),
+        }
+        Ok(options)
+    }
+
+    /// The directory, for messages.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
 impl EtcdStore {
-    /// Connects to etcd, e.g. `["http://127.0.0.1:2379"]`.
-    pub async fn connect(endpoints: &[String]) -> Result<Self> {
-        let options = ConnectOptions::new()
+    /// Connects to etcd, e.g. `["http://127.0.0.1:2379"]`; with `tls`, over TLS (`https://` endpoints).
+    pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Self> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        match tls {
+            Some(tls) => options = options.with_tls(tls.options()?),
+            None => {
+                if let Some(https) = endpoints.iter().find(|e| e.starts_with("https://")) {
+                    return Err(StoreError::Rejected(format!(
+                        "etcd endpoint {https} is https: give the CA (and client certificate) with --etcd-tls-dir"
+                    )));
+                }
+            }
+        }
         let client =
             Client::connect(endpoints, Some(options)).await.map_err(|e| store_error(e, About::Nothing))?;
         Ok(Self { client })
@@ -325,7 +376,7 @@ pub(crate) mod harness {
             let server = Self { child, endpoint, _dir: dir };
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&server.endpoint)).await
+                if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&server.endpoint), None).await
                     && store.range("/").await.is_ok()
                 {
                     return server;
@@ -336,7 +387,112 @@ pub(crate) mod harness {
         }
 
         pub async fn store(&self) -> EtcdStore {
-            EtcdStore::connect(std::slice::from_ref(&self.endpoint)).await.expect("connect to the test etcd")
+            EtcdStore::connect(std::slice::from_ref(&self.endpoint), None)
+                .await
+                .expect("connect to the test etcd")
+        }
+    }
+
+    /// Runs `openssl` with `args` in `dir`.
+    fn openssl(dir: &std::path::Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl must be installed (scripts/setup.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A CA, a certificate for etcd on 127.0.0.1 and a client certificate, made in `dir` as
+    /// `ca.crt`/`ca.key`, `server.crt`/`server.key` and `tls.crt`/`tls.key`.
+    pub fn make_certificates(dir: &std::path::Path) {
+        let key = |name: &str| openssl(dir, &["genrsa", "-out", name, "2048"]);
+        key("ca.key");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "ca.key",
+                "-subj",
+                "/CN=test-ca",
+                "-days",
+                "1",
+                "-out",
+                "ca.crt",
+            ],
+        );
+        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext file");
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext file");
+        for (name, subject, ext) in [("server", "/CN=etcd", "server.ext"), ("tls", "/CN=meshd", "client.ext")]
+        {
+            key(&format!("{name}.key"));
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-new",
+                    "-key",
+                    &format!("{name}.key"),
+                    "-subj",
+                    subject,
+                    "-out",
+                    &format!("{name}.csr"),
+                ],
+            );
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &format!("{name}.csr"),
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-days",
+                    "1",
+                    "-extfile",
+                    ext,
+                    "-out",
+                    &format!("{name}.crt"),
+                ],
+            );
+        }
+    }
+
+    impl EtcdServer {
+        /// An etcd that takes only TLS connections with a client certificate signed by the CA in
+        /// `certs` (see [`make_certificates`]). Waits until its port accepts connections.
+        pub async fn start_tls(certs: &std::path::Path) -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (client, peer) = (free_port(), free_port());
+            let endpoint = format!("https://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
+            let file = |name: &str| certs.join(name).display().to_string();
+            let child = Command::new("etcd")
+                .args(["--name", "test", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("test={peer_url}")])
+                .args(["--cert-file", &file("server.crt"), "--key-file", &file("server.key")])
+                .args(["--trusted-ca-file", &file("ca.crt"), "--client-cert-auth"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etcd must be installed (Debian's etcd-server; scripts/setup.sh installs it)");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+                assert!(Instant::now() < deadline, "etcd did not listen within 30 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Self { child, endpoint, _dir: dir }
         }
     }
 
@@ -357,6 +513,44 @@ mod tests {
     use super::harness::EtcdServer;
     use super::*;
     use crate::store::conformance;
+
+    /// TLS with a client certificate, as the chart's external etcd is reached: the mesh's store works
+    /// through it; a pod without the client certificate, or without the CA, gets nowhere, and says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_etcd_that_requires_client_certificates_is_reached_with_the_tls_dir() {
+        let certs = tempfile::tempdir().unwrap();
+        super::harness::make_certificates(certs.path());
+        let etcd = EtcdServer::start_tls(certs.path()).await;
+        let endpoints = std::slice::from_ref(&etcd.endpoint);
+        let tls = EtcdTls { dir: certs.path().to_owned() };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let store = loop {
+            match EtcdStore::connect(endpoints, Some(&tls)).await {
+                Ok(store) if store.range("/").await.is_ok() => break store,
+                other => {
+                    assert!(std::time::Instant::now() < deadline, "no TLS connection: {:?}", other.err());
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        store.put("/tls/a", b"1".to_vec(), None).await.unwrap();
+        assert_eq!(store.range("/tls/").await.unwrap().kvs.len(), 1);
+
+        let refused = EtcdStore::connect(endpoints, None).await.err().expect("https without a CA");
+        assert!(refused.to_string().contains("--etcd-tls-dir"), "{refused}");
+
+        // The CA alone: etcd wants a client certificate, so nothing can be read.
+        let ca_only = tempfile::tempdir().unwrap();
+        std::fs::copy(certs.path().join("ca.crt"), ca_only.path().join("ca.crt")).unwrap();
+        let no_cert = EtcdTls { dir: ca_only.path().to_owned() };
+        let read = async { EtcdStore::connect(endpoints, Some(&no_cert)).await?.range("/").await };
+        assert!(read.await.is_err(), "etcd --client-cert-auth let in a client without a certificate");
+
+        std::fs::remove_file(ca_only.path().join("ca.crt")).unwrap();
+        std::fs::copy(certs.path().join("tls.crt"), ca_only.path().join("tls.crt")).unwrap();
+        let broken = EtcdStore::connect(endpoints, Some(&no_cert)).await.err().expect("no CA");
+        assert!(broken.to_string().contains("ca.crt is missing"), "{broken}");
+    }
 
     /// The conformance suite against a real etcd (one server for all of it: etcd takes a second to start).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
