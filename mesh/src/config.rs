@@ -108,6 +108,11 @@ pub struct ServeArgs {
     /// client certificates, `tls.crt` and `tls.key`; the layout of a mounted Kubernetes TLS secret.
     #[arg(long, env = "DENSEMESH_ETCD_TLS_DIR")]
     pub etcd_tls_dir: Option<PathBuf>,
+    /// Where the other pods reach this pod's gRPC port, published as its endpoint: a host (the port is
+    /// the one --grpc-addr bound; an IPv6 address may be bare) or host:port. Default: the bound
+    /// address itself, which the other pods must then be able to reach.
+    #[arg(long, env = "DENSEMESH_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
     /// TTL of this pod's lease in the registry: after a crash, its records vanish this long after its
     /// last heartbeat (renewed every third of it).
     #[arg(long, env = "DENSEMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
@@ -234,6 +239,7 @@ impl ServeArgs {
             anti_churn_age: self.anti_churn_age,
             etcd: self.etcd,
             etcd_tls: self.etcd_tls_dir.map(|dir| densemesh_placement::store::EtcdTls { dir }),
+            advertise_addr: self.advertise_addr.filter(|a| !a.trim().is_empty()),
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,
             copy_add_rate: self.copy_add_rate,

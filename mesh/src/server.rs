@@ -1,4 +1,4 @@
-//! Start-up and shutdown of one `meshd` node: runtime, cache, gRPC and admin servers.
+//! Start-up and shutdown of one `meshd` node: runtime, cache, gRPC, REST and admin servers.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub etcd: Vec<String>,
     /// TLS to etcd (`--etcd-tls-dir`).
     pub etcd_tls: Option<densemesh_placement::store::EtcdTls>,
+    /// The endpoint published for peers, if not the bound gRPC address (`--advertise-addr`).
+    pub advertise_addr: Option<String>,
     /// Key prefix of the mesh's records.
     pub store_prefix: String,
     /// TTL of this pod's lease on its instance and placement records.
@@ -77,6 +79,8 @@ pub struct ServeConfig {
 pub enum ServeError {
     #[error("cannot listen on {addr} ({flag}): {source}")]
     Bind { addr: SocketAddr, flag: &'static str, source: std::io::Error },
+    #[error("--advertise-addr {0:?} is not a host, an IP address or host:port")]
+    Advertise(String),
     #[error("model repository {0} is not a directory (--model-repo)")]
     NoRepository(PathBuf),
     #[error(transparent)]
@@ -272,10 +276,14 @@ pub async fn run(
         .map(|_| ())
     };
 
+    let endpoint = advertised_endpoint(config.advertise_addr.as_deref(), grpc_addr)?;
+    if !config.etcd.is_empty() && config.advertise_addr.is_none() && grpc_addr.ip().is_unspecified() {
+        tracing::warn!(%grpc_addr, "listening on every address but advertising {endpoint}: other pods cannot reach that; set --advertise-addr");
+    }
     let (lease_tx, lease_rx) = tokio::sync::watch::channel(None);
     let instance = crate::cluster::instance::InstanceConfig {
         id: config.instance_id.clone(),
-        endpoint: grpc_addr.to_string(),
+        endpoint: endpoint.clone(),
         lease_ttl: config.lease_ttl,
         model_types: config.model_types.clone(),
         health,
@@ -336,7 +344,7 @@ pub async fn run(
             .map_err(|source| ServeError::AddrFile { path: path.clone(), source })?;
     }
     ready.store(true, Ordering::Release);
-    tracing::info!(%grpc_addr, %http_addr, %metrics_addr, repository = %config.model_repo.display(),
+    tracing::info!(%grpc_addr, advertised = %endpoint, %http_addr, %metrics_addr, repository = %config.model_repo.display(),
         capacity_bytes = config.cache.capacity_bytes, model_types = %config.model_types.join(","), "meshd serving");
 
     tokio::pin!(server);
@@ -485,5 +493,55 @@ trait IntoArc {
 impl IntoArc for OrtRuntime {
     fn into_arc(self) -> Arc<dyn Runtime> {
         Arc::new(self)
+    }
+}
+
+/// The endpoint published for peers: `--advertise-addr` (a host or bare IP takes the bound port, and
+/// an IPv6 address its brackets), else the bound address.
+fn advertised_endpoint(advertise: Option<&str>, bound: SocketAddr) -> Result<String, ServeError> {
+    let Some(given) = advertise.map(str::trim) else { return Ok(bound.to_string()) };
+    let invalid = || ServeError::Advertise(given.to_owned());
+    if let Ok(ip) = given.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, bound.port()).to_string());
+    }
+    if given.parse::<SocketAddr>().is_ok() {
+        return Ok(given.to_owned());
+    }
+    let host_ok = |host: &str| {
+        !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    match given.rsplit_once(':') {
+        Some((host, port)) if host_ok(host) && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(given.to_owned())
+        }
+        None if host_ok(given) => Ok(format!("{given}:{}", bound.port())),
+        _ => Err(invalid()),
+    }
+}
+
+#[cfg(test)]
+mod advertise_tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_endpoint_takes_the_bound_port_unless_it_names_one() {
+        let bound: SocketAddr = "0.0.0.0:8033".parse().unwrap();
+        let cases = [
+            (None, Some("0.0.0.0:8033")),
+            (Some("10.1.2.3"), Some("10.1.2.3:8033")),
+            (Some(" 10.1.2.3 "), Some("10.1.2.3:8033")),
+            (Some("fd00::1"), Some("[fd00::1]:8033")),
+            (Some("[fd00::1]:9000"), Some("[fd00::1]:9000")),
+            (Some("meshd-0.meshd.ns.svc"), Some("meshd-0.meshd.ns.svc:8033")),
+            (Some("meshd-0.meshd:9000"), Some("meshd-0.meshd:9000")),
+            (Some("host:0"), None),
+            (Some("host:port"), None),
+            (Some("http://host:1"), None),
+            (Some("a b"), None),
+        ];
+        for (given, want) in cases {
+            let got = advertised_endpoint(given, bound).ok();
+            assert_eq!(got.as_deref(), want, "{given:?}");
+        }
     }
 }

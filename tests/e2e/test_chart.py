@@ -353,11 +353,14 @@ def test_meshd_pod_template(case):
     assert not unknown, f"the pod template sets variables meshd has no flag for: {sorted(unknown)}"
     assert env["DENSEMESH_METRICS_ADDR"] == "0.0.0.0:2112", "probes reach the metrics port from the node"
     assert env["DENSEMESH_GRPC_ADDR"].endswith(":8033") and env["DENSEMESH_HTTP_ADDR"].endswith(":8008")
+    # Peers reach each pod at its IP, whatever address it listens on.
+    assert env["DENSEMESH_ADVERTISE_ADDR"] == "$(POD_IP)"
+    # Kubernetes expands $(POD_IP) only from a variable defined earlier in the list.
+    names = [e["name"] for e in meshd["env"]]
+    assert names.index("POD_IP") < names.index("DENSEMESH_ADVERTISE_ADDR")
     if env["DENSEMESH_GRPC_ADDR"] == "$(POD_IP):8033":
-        # Kubernetes expands $(POD_IP) only from a variable defined earlier in the list.
-        names = [e["name"] for e in meshd["env"]]
         assert names.index("POD_IP") < names.index("DENSEMESH_GRPC_ADDR")
-        assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
 
     mounts = {m["name"]: m for m in meshd["volumeMounts"]}
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}

@@ -535,3 +535,32 @@ def test_a_pod_that_failed_a_model_gets_it_again_once_its_back_off_ends(start_me
     assert metrics_a["densemesh_models_loaded"] == 0 and metrics_b["densemesh_models_loaded"] == 1
     assert metrics_a.get('densemesh_model_loads_total{result="failure"}') == 1, "pod-a kept to its own back-off"
     wait_for(lambda: copies_seen_by_a() == {("pod-a", "LOADING_FAILED"), ("pod-b", "LOADED")}, 30, "pod-b's copy")
+
+
+def test_peers_reach_a_pod_at_its_advertised_address(start_meshd, etcd, mmesh, tmp_path):
+    """--advertise-addr is what the other pods dial: pod-a publishes a host name (the bound port added),
+    and pod-b's requests for its model reach it there."""
+    import json
+
+    from test_meshctl import MESHCTL
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "30s"]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a", "--advertise-addr", "localhost")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b")
+    r = subprocess.run([MESHCTL, "--addr", b.grpc_addr, "-o", "json", "instances"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    endpoints = {i["instance_id"]: i["endpoint"] for i in json.loads(r.stdout)}
+    port = a.grpc_addr.rsplit(":", 1)[1]
+    assert endpoints == {"pod-a": f"localhost:{port}", "pod-b": b.grpc_addr}
+    pb2, stub = mm(a, mmesh)
+    stub.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=pb2.ModelInfo(
+        type="onnx", path=str(EXAMPLES / "iris-logreg"))))
+    a.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))  # loads on pod-a
+    wait_for(lambda: any(c.location == "pod-a" for c in mm(b, mmesh)[1].getModelStatus(
+        pb2.GetStatusRequest(modelId="m")).modelCopyInfos), 30, "pod-b to see pod-a's copy")
+    b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+    assert b.metrics()['densemesh_forwarded_requests_total{result="ok"}'] == 1
+    assert b.metrics()["densemesh_models_loaded"] == 0

@@ -59,11 +59,12 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.name
-        # meshd publishes the address it listens on as its endpoint for peers: listening on the pod IP
-        # is what makes that endpoint reachable from the other pods.
         - name: DENSEMESH_GRPC_ADDR
           value: {{ ternary "$(POD_IP):8033" "0.0.0.0:8033" $m.bindPodIP | quote }}
-        # KServe V2 REST, the design's --http-addr (ignored by a meshd that does not serve REST yet).
+        # The endpoint the other pods reach this one at (meshd adds the port, and an IPv6 address's brackets).
+        - name: DENSEMESH_ADVERTISE_ADDR
+          value: "$(POD_IP)"
+        # KServe V2 REST (--http-addr).
         - name: DENSEMESH_HTTP_ADDR
           value: "0.0.0.0:8008"
         - name: DENSEMESH_METRICS_ADDR
