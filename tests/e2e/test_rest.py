@@ -273,3 +273,21 @@ def test_a_rest_request_to_the_pod_without_the_model_is_forwarded(start_meshd, m
     finally:
         etcd.stop()
         etcd.dir.cleanup()
+
+
+def test_sigterm_with_a_kept_alive_rest_connection_exits_at_once(start_meshd):
+    """The REST server stops with the gRPC one: an idle kept-alive connection does not hold the exit
+    for the whole grace period."""
+    import http.client
+    import time
+
+    server = start_meshd(EXAMPLES, "--shutdown-grace", "20s")
+    host, port = server.http_addr.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]})
+    connection.request("POST", "/v2/models/iris-logreg/infer", body, {"Content-Type": "application/json"})
+    assert connection.getresponse().status == 200
+    started = time.monotonic()
+    assert server.terminate(timeout=30) == 0
+    assert time.monotonic() - started < 10, "the idle connection did not hold the shutdown"
+    connection.close()

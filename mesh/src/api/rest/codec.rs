@@ -445,7 +445,8 @@ struct BinarySize {
     binary_data_size: usize,
 }
 
-/// An output's elements as JSON: numbers (FP16 and BF16 widened), booleans, or UTF-8 strings.
+/// An output's elements as JSON: numbers (FP16 and BF16 widened; NaN and infinities, which JSON cannot
+/// carry, are written `null`: ask for binary data to keep them), booleans, or UTF-8 strings.
 enum JsonData<'a> {
     Fixed { datatype: DataType, bytes: &'a [u8] },
     Strings(Vec<&'a str>),
