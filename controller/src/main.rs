@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use densemesh_controller::lease::LeaderLease;
-use densemesh_controller::mesh::GrpcMesh;
+use densemesh_controller::mesh::{Bearer, GrpcMesh};
 use densemesh_controller::operator::{self, Settings};
 use densemesh_controller::reconcile::Urls;
 use tracing::info;
@@ -20,6 +20,10 @@ struct Cli {
     /// The mesh's gRPC endpoint (any meshd pod, or their Service).
     #[arg(long, env = "DENSEMESH_MESH_ENDPOINT", default_value = "http://127.0.0.1:8033")]
     mesh_endpoint: String,
+    /// A file holding the mesh's management API token (meshd's --admin-token-file), sent with every
+    /// call; read again when it changes.
+    #[arg(long, env = "DENSEMESH_MESH_TOKEN_FILE")]
+    mesh_token_file: Option<std::path::PathBuf>,
     /// What InferenceService status shows as the gRPC URL clients infer at.
     #[arg(long, env = "DENSEMESH_PUBLIC_GRPC_URL", default_value = "grpc://127.0.0.1:8033")]
     public_grpc_url: String,
@@ -100,7 +104,8 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes API server configured (in-cluster or KUBECONFIG)")?;
-    let mesh = GrpcMesh::new(&cli.mesh_endpoint)?;
+    let bearer = cli.mesh_token_file.as_deref().map(Bearer::from_file).unwrap_or_default();
+    let mesh = GrpcMesh::new(&cli.mesh_endpoint, bearer)?;
     let identity = match cli.identity {
         Some(id) => id,
         None => std::env::var("HOSTNAME")

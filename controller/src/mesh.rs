@@ -1,6 +1,8 @@
 //! The controller's only way into the mesh: its management API over gRPC, never etcd.
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use densemesh_proto::admin::admin_client::AdminClient;
@@ -10,6 +12,10 @@ use densemesh_proto::mmesh::{
     DeleteVModelRequest, ModelInfo, RegisterModelRequest, SetVModelRequest, UnregisterModelRequest,
 };
 use futures::Stream;
+use parking_lot::Mutex;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::reconcile::{MeshCall, ModelRegistration};
@@ -51,28 +57,88 @@ pub trait MeshApi: Send + Sync {
     async fn call(&self, call: &MeshCall) -> Result<(), MeshError>;
 }
 
+/// Adds the mesh's management API token (meshd's `--admin-token-file`) to every call, read from a
+/// file and read again when the file changes, so a rotated secret is picked up without a restart.
+/// Without a file, calls go out as they are.
+#[derive(Clone, Default)]
+pub struct Bearer {
+    file: Option<Arc<TokenFile>>,
+}
+
+struct TokenFile {
+    path: PathBuf,
+    /// The file's modification time when read, and the header value it gave.
+    current: Mutex<Option<(SystemTime, MetadataValue<Ascii>)>>,
+}
+
+impl Bearer {
+    /// Sends the token in `path` (surrounding whitespace is not part of it).
+    pub fn from_file(path: &Path) -> Self {
+        Self { file: Some(Arc::new(TokenFile { path: path.to_owned(), current: Mutex::new(None) })) }
+    }
+
+    fn value(file: &TokenFile) -> Result<MetadataValue<Ascii>, tonic::Status> {
+        let unusable = |why: String| {
+            tonic::Status::unauthenticated(format!("the mesh token file {}: {why}", file.path.display()))
+        };
+        let modified =
+            std::fs::metadata(&file.path).and_then(|m| m.modified()).map_err(|e| unusable(e.to_string()))?;
+        let mut current = file.current.lock();
+        if let Some((at, value)) = current.as_ref()
+            && *at == modified
+        {
+            return Ok(value.clone());
+        }
+        let bytes = std::fs::read(&file.path).map_err(|e| unusable(e.to_string()))?;
+        let token = std::str::from_utf8(bytes.trim_ascii()).map_err(|_| unusable("not text".into()))?;
+        if token.is_empty() {
+            return Err(unusable("empty".into()));
+        }
+        let value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| unusable("not a token a header can carry".into()))?;
+        *current = Some((modified, value.clone()));
+        Ok(value)
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(file) = &self.file {
+            request.metadata_mut().insert("authorization", Self::value(file)?);
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the token, if any.
+pub type Authorized = InterceptedService<Channel, Bearer>;
+
 /// The mesh over gRPC: ModelMesh's management API plus densemesh's Admin API.
 #[derive(Clone)]
 pub struct GrpcMesh {
-    mmesh: ModelMeshClient<Channel>,
-    admin: AdminClient<Channel>,
+    mmesh: ModelMeshClient<Authorized>,
+    admin: AdminClient<Authorized>,
 }
 
 impl GrpcMesh {
     /// Connects lazily: the controller starts (and reports the mesh unreachable in its logs and
     /// metrics) even while the mesh is not up yet.
-    pub fn new(endpoint: &str) -> Result<Self, MeshError> {
+    pub fn new(endpoint: &str, bearer: Bearer) -> Result<Self, MeshError> {
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|source| MeshError::Endpoint { endpoint: endpoint.to_owned(), source })?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .connect_lazy();
-        Ok(Self::from_channel(channel))
+        Ok(Self::from_channel(channel, bearer))
     }
 
     /// Over a channel the caller already has.
-    pub fn from_channel(channel: Channel) -> Self {
-        GrpcMesh { mmesh: ModelMeshClient::new(channel.clone()), admin: AdminClient::new(channel) }
+    pub fn from_channel(channel: Channel, bearer: Bearer) -> Self {
+        GrpcMesh {
+            mmesh: ModelMeshClient::with_interceptor(channel.clone(), bearer.clone()),
+            admin: AdminClient::with_interceptor(channel, bearer),
+        }
     }
 
     /// Every vmodel of `owner` and then each change (densemesh's Admin.WatchVModels).
@@ -186,6 +252,27 @@ impl MeshApi for GrpcMesh {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sent(bearer: &mut Bearer) -> Result<Option<String>, tonic::Code> {
+        let request = bearer.call(tonic::Request::new(())).map_err(|s| s.code())?;
+        Ok(request.metadata().get("authorization").map(|v| v.to_str().unwrap().to_owned()))
+    }
+
+    #[test]
+    fn the_token_file_is_sent_and_read_again_when_it_changes() {
+        assert_eq!(sent(&mut Bearer::default()), Ok(None), "no file, no header");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let mut bearer = Bearer::from_file(&path);
+        assert_eq!(sent(&mut bearer), Ok(Some("Bearer first".into())));
+        std::fs::write(&path, "second").unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() + Duration::from_secs(5)).unwrap();
+        assert_eq!(sent(&mut bearer), Ok(Some("Bearer second".into())), "a rotated secret is picked up");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(sent(&mut bearer), Err(tonic::Code::Unauthenticated), "no call without the token");
+    }
 
     #[test]
     fn registrations_carry_the_placement_hints() {

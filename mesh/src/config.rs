@@ -113,6 +113,11 @@ pub struct ServeArgs {
     /// address itself, which the other pods must then be able to reach.
     #[arg(long, env = "DENSEMESH_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
+    /// A file holding the management API's token: registerModel, setVModel and the Admin service then
+    /// answer only calls with `authorization: Bearer <token>` (UNAUTHENTICATED otherwise); inference
+    /// stays open. Re-read when it changes.
+    #[arg(long, env = "DENSEMESH_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// TTL of this pod's lease in the registry: after a crash, its records vanish this long after its
     /// last heartbeat (renewed every third of it).
     #[arg(long, env = "DENSEMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
@@ -240,6 +245,7 @@ impl ServeArgs {
             etcd: self.etcd,
             etcd_tls: self.etcd_tls_dir.map(|dir| densemesh_placement::store::EtcdTls { dir }),
             advertise_addr: self.advertise_addr.filter(|a| !a.trim().is_empty()),
+            admin_token_file: self.admin_token_file,
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,
             copy_add_rate: self.copy_add_rate,

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub etcd_tls: Option<densemesh_placement::store::EtcdTls>,
     /// The endpoint published for peers, if not the bound gRPC address (`--advertise-addr`).
     pub advertise_addr: Option<String>,
+    /// The management API's token file (`--admin-token-file`).
+    pub admin_token_file: Option<PathBuf>,
     /// Key prefix of the mesh's records.
     pub store_prefix: String,
     /// TTL of this pod's lease on its instance and placement records.
@@ -79,6 +81,8 @@ pub struct ServeConfig {
 pub enum ServeError {
     #[error("cannot listen on {addr} ({flag}): {source}")]
     Bind { addr: SocketAddr, flag: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    AdminToken(#[from] crate::api::auth::TokenError),
     #[error("--advertise-addr {0:?} is not a host, an IP address or host:port")]
     Advertise(String),
     #[error("model repository {0} is not a directory (--model-repo)")]
@@ -208,6 +212,7 @@ pub async fn run(
     .map_err(ServeError::Admin)?;
 
     let peers = crate::cluster::peers::Peers::new(config.cache.load_timeout + Duration::from_secs(5));
+    let token = config.admin_token_file.as_deref().map(crate::api::auth::AdminToken::open).transpose()?;
     let placer = Placer::new(
         config.instance_id.clone(),
         view.clone(),
@@ -218,6 +223,7 @@ pub async fn run(
             wait_limit: config.cache.load_timeout + Duration::from_secs(5),
             model_repo: config.model_repo.clone(),
             model_types: config.model_types.clone(),
+            admin_token: token.clone(),
         },
     );
     let forwarder = crate::cluster::forward::Forwarder::new(placer.clone(), config.max_message_size);
@@ -245,18 +251,23 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| ServeError::Metrics(format!("reflection: {e}")))?;
 
+    let authorized = move |request: tonic::Request<()>| match &token {
+        Some(token) => token.check(request.metadata()).map(|()| request),
+        None => Ok(request),
+    };
     let stop = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(inference)
-        .add_service(ModelMeshServer::new(management))
-        .add_service(densemesh_proto::admin::admin_server::AdminServer::new(
+        .add_service(ModelMeshServer::with_interceptor(management, authorized.clone()))
+        .add_service(densemesh_proto::admin::admin_server::AdminServer::with_interceptor(
             crate::api::admin_service::AdminService::new(
                 registry.clone(),
                 cache.clone(),
                 placer.clone(),
                 stop.clone(),
             ),
+            authorized,
         ))
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -131,6 +131,7 @@ impl TestPod {
             wait_limit: Duration::from_secs(5),
             model_repo: std::path::PathBuf::new(),
             model_types: densemesh_placement::spec::every_supported_type(),
+            admin_token: None,
         };
         let placer =
             Placer::new(name.into(), view.clone(), cache.clone(), Peers::new(Duration::from_secs(5)), config);

@@ -464,6 +464,23 @@ def test_external_etcd_with_tls():
     assert "DENSEMESH_ETCD_TLS_DIR" not in env_of(meshd_container(plain))
 
 
+def test_the_admin_token_reaches_meshd_and_the_controller():
+    docs = render("external-etcd-tls-values.yaml")
+    controller = one(docs, "Deployment", f"{RELEASE}-controller")["spec"]["template"]["spec"]
+    for spec, container, variable in (
+        (pod_template(docs)["spec"], meshd_container(docs), "DENSEMESH_ADMIN_TOKEN_FILE"),
+        (controller, controller["containers"][0], "DENSEMESH_MESH_TOKEN_FILE"),
+    ):
+        assert env_of(container)[variable] == "/etc/densemesh/admin-token/token"
+        volume = next(v for v in spec["volumes"] if v["name"] == "admin-token")
+        assert volume["secret"] == {"secretName": "densemesh-admin-token"}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "admin-token")
+        assert mount == {"name": "admin-token", "mountPath": "/etc/densemesh/admin-token", "readOnly": True}
+    plain = render("defaults")
+    assert "DENSEMESH_ADMIN_TOKEN_FILE" not in env_of(meshd_container(plain))
+    assert "admin-token" not in {v["name"] for v in pod_template(plain)["spec"]["volumes"]}
+
+
 def test_capacity_reaches_meshd():
     docs = render("capacity-share-values.yaml")
     meshd = meshd_container(docs)

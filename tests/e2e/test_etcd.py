@@ -564,3 +564,48 @@ def test_peers_reach_a_pod_at_its_advertised_address(start_meshd, etcd, mmesh, t
     b.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
     assert b.metrics()['densemesh_forwarded_requests_total{result="ok"}'] == 1
     assert b.metrics()["densemesh_models_loaded"] == 0
+
+
+def test_the_management_api_token_guards_changes_not_inference(start_meshd, etcd, mmesh, tmp_path):
+    """--admin-token-file: registrations and Admin calls need the token, inference does not, pods hand it
+    to each other when one asks another to load, and meshctl sends it from --token-file."""
+    import json
+
+    from test_meshctl import MESHCTL
+
+    token = tmp_path / "token"
+    token.write_text("e2e-t0ken-42\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "30s", "--admin-token-file", str(token)]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b", "--capacity", "1")  # holds nothing
+    pb2, stub_b = mm(b, mmesh)
+    info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
+    request = pb2.RegisterModelRequest(modelId="m", modelInfo=info)
+    for metadata in ([], [("authorization", "Bearer wrong")]):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub_b.registerModel(request, metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "--admin-token-file" in refused.value.details() and "e2e-t0ken" not in refused.value.details()
+    auth = [("authorization", "Bearer e2e-t0ken-42")]
+    stub_b.registerModel(request, metadata=auth)
+    # pod-b cannot hold it, so it asks pod-a to load it: that call carries the token too.
+    stub_b.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m", sync=True), metadata=auth)
+    assert a.metrics()["densemesh_models_loaded"] == 1
+    # Inference stays open, through either pod.
+    for pod in (a, b):
+        got = pod.stub.ModelInfer(raw_request("m", [("input", "FP32", X)]))
+        assert [o.name for o in got.outputs] == ["label", "probabilities"]
+
+    def meshctl(*args):
+        return subprocess.run([MESHCTL, "--addr", b.grpc_addr, "-o", "json", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    r = meshctl("instances")
+    assert r.returncode != 0 and "UNAUTHENTICATED" in (r.stderr + r.stdout).upper(), r.stderr
+    r = meshctl("--token-file", str(token), "instances")
+    assert r.returncode == 0, r.stderr
+    assert {i["instance_id"] for i in json.loads(r.stdout)} == {"pod-a", "pod-b"}
+    for line in (a.log_path.read_text() + b.log_path.read_text()).splitlines():
+        assert "e2e-t0ken" not in line, f"the token is in a log line: {line}"

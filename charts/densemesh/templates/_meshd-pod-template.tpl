@@ -79,6 +79,10 @@ spec:
         - name: DENSEMESH_ETCD_TLS_DIR
           value: /etc/densemesh/etcd-tls
         {{- end }}
+        {{- if .Values.adminToken.secretName }}
+        - name: DENSEMESH_ADMIN_TOKEN_FILE
+          value: /etc/densemesh/admin-token/token
+        {{- end }}
         - name: DENSEMESH_CAPACITY
           value: {{ $m.capacity | toString | quote }}
         # Registrations come from the controller through the management API; the repository is empty.
@@ -139,6 +143,11 @@ spec:
           mountPath: /etc/densemesh/etcd-tls
           readOnly: true
         {{- end }}
+        {{- if .Values.adminToken.secretName }}
+        - name: admin-token
+          mountPath: /etc/densemesh/admin-token
+          readOnly: true
+        {{- end }}
   volumes:
     - name: models
       emptyDir: {}
@@ -158,6 +167,11 @@ spec:
     - name: etcd-tls
       secret:
         secretName: {{ $tlsSecret }}
+    {{- end }}
+    {{- if .Values.adminToken.secretName }}
+    - name: admin-token
+      secret:
+        secretName: {{ .Values.adminToken.secretName }}
     {{- end }}
   {{- with $m.nodeSelector }}
   nodeSelector:

@@ -4,6 +4,7 @@
 //! They translate the wire into calls on the cluster and node rooms and never hold policy of their own.
 
 pub mod admin_service;
+pub mod auth;
 pub mod front;
 pub mod http;
 pub mod management;

@@ -491,6 +491,7 @@ mod tests {
             wait_limit: Duration::from_secs(10),
             model_repo: std::path::PathBuf::new(),
             model_types: densemesh_placement::spec::every_supported_type(),
+            admin_token: None,
         };
         let placer = Placer::new("me".into(), view, cache, Peers::new(Duration::from_secs(10)), config);
         Forwarder::new(placer, 1 << 20)

@@ -38,6 +38,9 @@ pub struct PlacerConfig {
     pub model_repo: PathBuf,
     /// The model types this pod offers (`--model-types`); it never holds a model of another type.
     pub model_types: Vec<String>,
+    /// The management API's token (`--admin-token-file`), sent with the loads asked of peers: every
+    /// pod of a mesh holds the same one.
+    pub admin_token: Option<crate::api::auth::AdminToken>,
 }
 
 /// Asks placement and carries out its answer; cloning shares it.
@@ -360,6 +363,9 @@ impl Placer {
             sync,
         });
         mark_forwarded(request.metadata_mut(), &self.inner.instance_id, &self.inner.view, id);
+        if let Some(bearer) = self.inner.config.admin_token.as_ref().and_then(|t| t.bearer()) {
+            request.metadata_mut().insert("authorization", bearer);
+        }
         let _counted = channel.start_request();
         let answer = ModelMeshClient::new(channel.channel).ensure_loaded(request).await;
         let status = match answer {

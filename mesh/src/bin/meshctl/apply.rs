@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use densemesh_controller::manifests::{self, Manifest};
-use densemesh_controller::mesh::{GrpcMesh, MeshApi};
+use densemesh_controller::mesh::{Bearer, GrpcMesh, MeshApi};
 use densemesh_controller::reconcile::{self, Rollout};
 use densemesh_proto::admin::admin_client::AdminClient;
 use densemesh_proto::admin::model_state::State;
@@ -88,7 +88,13 @@ fn settled(v: &VModelState) -> Option<Result<(), String>> {
     }
 }
 
-pub async fn run(channel: Channel, out: Output, path: &Path, wait: Option<Duration>) -> Result<(), Failure> {
+pub async fn run(
+    channel: Channel,
+    bearer: Bearer,
+    out: Output,
+    path: &Path,
+    wait: Option<Duration>,
+) -> Result<(), Failure> {
     let mut docs = Vec::new();
     for file in files(path)? {
         let text = std::fs::read_to_string(&file)
@@ -98,12 +104,14 @@ pub async fn run(channel: Channel, out: Output, path: &Path, wait: Option<Durati
                 .map_err(|message| Failure { code: 2, message })?,
         );
     }
-    let instances =
-        AdminClient::new(channel.clone()).list_instances(ListInstancesRequest {}).await?.into_inner();
+    let instances = AdminClient::with_interceptor(channel.clone(), bearer.clone())
+        .list_instances(ListInstancesRequest {})
+        .await?
+        .into_inner();
     let mut offered: Vec<String> = instances.instances.iter().flat_map(|i| i.model_types.clone()).collect();
     offered.sort();
     offered.dedup();
-    let mesh = GrpcMesh::from_channel(channel);
+    let mesh = GrpcMesh::from_channel(channel, bearer);
     let (mut states, mut stream) = vmodels(&mesh).await?;
 
     // (object, what happened, its vmodel and revision when applying it changed the mesh)

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use densemesh_controller::mesh::{Authorized, Bearer};
 use densemesh_loadgen::{self as loadgen, LoadSpec};
 use densemesh_mesh::config::parse_duration;
 use densemesh_proto::admin::admin_client::AdminClient;
@@ -30,6 +31,9 @@ struct Cli {
     /// meshd's gRPC address.
     #[arg(long, global = true, env = "DENSEMESH_ADDR", default_value = "127.0.0.1:8033")]
     addr: String,
+    /// A file holding the management API's token, where meshd has --admin-token-file.
+    #[arg(long, global = true, env = "DENSEMESH_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -218,7 +222,7 @@ fn show_model(output: Output, id: &str, s: &ModelStatusInfo) -> Result<(), Failu
 }
 
 /// Polls the model's status behind a spinner until it is loaded or failed.
-async fn wait_loaded(client: &mut ModelMeshClient<Channel>, id: &str) -> Result<ModelStatusInfo, Failure> {
+async fn wait_loaded(client: &mut ModelMeshClient<Authorized>, id: &str) -> Result<ModelStatusInfo, Failure> {
     let spinner = indicatif::ProgressBar::new_spinner();
     spinner.set_message(format!("loading {id}"));
     spinner.enable_steady_tick(Duration::from_millis(100));
@@ -239,8 +243,9 @@ fn vmodel_json(s: &VModelStatusInfo) -> Value {
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let channel = connect(&cli.addr).await?;
-    let mut mm = ModelMeshClient::new(channel.clone());
-    let mut admin = AdminClient::new(channel.clone());
+    let bearer = cli.token_file.as_deref().map(Bearer::from_file).unwrap_or_default();
+    let mut mm = ModelMeshClient::with_interceptor(channel.clone(), bearer.clone());
+    let mut admin = AdminClient::with_interceptor(channel.clone(), bearer.clone());
     let out = cli.output;
     match &cli.command {
         Command::Register { model_id, path, model_type, key, load } => {
@@ -326,7 +331,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Vmodel { command } => vmodel(out, &mut mm, &mut admin, command).await,
-        Command::Apply { file, wait } => apply::run(channel, out, file, *wait).await,
+        Command::Apply { file, wait } => apply::run(channel, bearer, out, file, *wait).await,
         Command::Predict { model, vmodel, input } => {
             let request = predict::read_request(input).map_err(|message| Failure { code: 2, message })?;
             let response = predict::run(channel, model, *vmodel, &request).await?;
@@ -379,8 +384,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
 
 async fn vmodel(
     out: Output,
-    mm: &mut ModelMeshClient<Channel>,
-    admin: &mut AdminClient<Channel>,
+    mm: &mut ModelMeshClient<Authorized>,
+    admin: &mut AdminClient<Authorized>,
     command: &VModelCommand,
 ) -> Result<(), Failure> {
     let show = |s: &VModelStatusInfo, id: &str| {

@@ -33,6 +33,7 @@ async fn pod(registry: &Registry, name: &str, repo: &std::path::Path) -> Pod {
         wait_limit: Duration::from_secs(5),
         model_repo: repo.to_owned(),
         model_types: densemesh_placement::spec::every_supported_type(),
+        admin_token: None,
     };
     let placer = Placer::new(name.into(), view.clone(), cache, Peers::new(Duration::from_secs(5)), config);
     let lease = registry.store().grant_lease(Duration::from_secs(60)).await.unwrap();
