@@ -76,14 +76,14 @@ fn gdsf_keeps_what_is_used_often_slow_to_load_or_small() {
         .collect();
     assert_eq!(ids(&evict(&c, 1, GDSF).unwrap()), ["plain"]);
     assert_eq!(ids(&evict(&c, 1, LRU).unwrap()), ["popular"]);
-    // The priorities, lowest first: plain 10, small 100, popular 200, slow 500 (ms per MiB).
-    assert_eq!(ids(&evict(&c, 21 * MIB, GDSF).unwrap()), ["plain", "small", "popular"]);
+    // The priorities, lowest first: plain 10, small 100, slow 500, popular 20² × 10 = 4,000 (ms per MiB).
+    assert_eq!(ids(&evict(&c, 21 * MIB, GDSF).unwrap()), ["plain", "small", "slow"]);
 }
 
 #[test]
 fn gdsf_clock_rises_to_each_victim_and_ages_out_old_favourites() {
-    // Used 50 times long ago (clock 0 then): priority 50 × 100 ms ÷ 1 MiB = 5,000.
-    let old = Candidate { uses: 50, ..model("old-favourite", MIB, 3600) };
+    // Used 5 times long ago (clock 0 then): priority 5² × 100 ms ÷ 1 MiB = 2,500.
+    let old = Candidate { uses: 5, ..model("old-favourite", MIB, 3600) };
     // Used once since the clock reached 6,000: priority 6,100.
     let new = Candidate { clock_at_use: Clock(6_000.0), ..model("new", MIB, 1) };
     let c = [new, old];

@@ -251,7 +251,7 @@ async fn gdsf_keeps_a_popular_model_lru_would_evict_until_the_clock_ages_it_out(
     // Each eviction raises the clock, and models used since start from it: idle, a's five old uses
     // are eventually worth less than one recent one, and it goes.
     let mut survived = 0;
-    for n in 0..30 {
+    for n in 0..200 {
         if !f.cache.is_loaded(&a) {
             break;
         }
