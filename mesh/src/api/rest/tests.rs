@@ -388,3 +388,139 @@ fn grpc_codes_become_the_http_statuses_v2_clients_expect() {
         assert_eq!(http_status(code).as_u16(), status, "{code:?}");
     }
 }
+
+/// The REST surface over a stand-in front: what reaches the front, and what the client gets back.
+mod surface {
+    use std::sync::Arc;
+
+    use densemesh_proto::inference::ModelInferRequest;
+    use densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+    use parking_lot::Mutex;
+    use tonic::codegen::BoxFuture;
+
+    use super::*;
+    use crate::test_support::{AnswersInfer, TestPod, inference_service};
+
+    /// A generated V2 server around [`AnswersInfer`] (it echoes the model name), or a fixed refusal,
+    /// recording the request it was handed.
+    #[derive(Clone)]
+    struct Front {
+        refuse: Option<Code>,
+        seen: Arc<Mutex<Option<(http::request::Parts, Bytes)>>>,
+    }
+
+    impl Service<http::Request<GrpcBody>> for Front {
+        type Response = http::Response<GrpcBody>;
+        type Error = Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+
+        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<GrpcBody>) -> Self::Future {
+            let this = self.clone();
+            Box::pin(async move {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                *this.seen.lock() = Some((parts.clone(), bytes.clone()));
+                if let Some(code) = this.refuse {
+                    return Ok(Status::new(code, "refused by the front").into_http());
+                }
+                let request =
+                    http::Request::from_parts(parts, GrpcBody::new(http_body_util::Full::new(bytes)));
+                let mut server = GrpcInferenceServiceServer::new(AnswersInfer);
+                server.call(request).await
+            })
+        }
+    }
+
+    async fn send(front: &Front, request: http::Request<HttpBody>) -> (StatusCode, HeaderMap, Bytes) {
+        let pod = TestPod::start("a").await;
+        let mut router = Rest::new(front.clone(), inference_service(&pod), 1 << 20).router();
+        let response = match router.call(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let (parts, body) = response.into_parts();
+        (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+    }
+
+    fn post(path: &str, body: &str, headers: &[(&str, &str)]) -> http::Request<HttpBody> {
+        let mut request = http::Request::post(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(HttpBody::from(body.to_owned())).unwrap()
+    }
+
+    const BODY: &str =
+        r#"{"id": "q", "inputs": [{"name": "x", "datatype": "INT8", "shape": [2], "data": [1, -1]}]}"#;
+
+    #[tokio::test]
+    async fn an_infer_reaches_the_front_as_a_grpc_call_with_only_the_routing_headers() {
+        let front = Front { refuse: None, seen: Arc::default() };
+        let headers = [
+            ("mm-vmodel-id", "v"),
+            ("mm-model-id-bin", "bQ=="),
+            (ROUTE_KEY_HEADER, "user-1"),
+            ("authorization", "secret"),
+            ("content-type", "application/json"),
+        ];
+        let (status, response_headers, body) =
+            send(&front, post("/v2/models/m/versions/3/infer", BODY, &headers)).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+        assert_eq!(response_headers[header::CONTENT_TYPE], "application/json");
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["model_name"], "m", "the echo of the path's model");
+
+        let (parts, bytes) = front.seen.lock().take().unwrap();
+        assert_eq!(parts.uri.path(), MODEL_INFER_PATH);
+        assert_eq!(parts.headers[header::CONTENT_TYPE], "application/grpc");
+        let mut forwarded: Vec<_> = parts.headers.keys().map(|k| k.as_str()).collect();
+        forwarded.sort_unstable();
+        assert_eq!(forwarded, ["content-type", ROUTE_KEY_HEADER, "mm-model-id-bin", "mm-vmodel-id", "te"]);
+        let message = ModelInferRequest::decode(frame::message(&bytes).unwrap()).unwrap();
+        assert_eq!(
+            (message.model_name.as_str(), message.model_version.as_str(), message.id.as_str()),
+            ("m", "3", "q")
+        );
+        assert_eq!(message.raw_input_contents[0].to_vec(), [1, 0xff]);
+    }
+
+    #[tokio::test]
+    async fn refusals_are_v2_error_bodies_and_nothing_malformed_reaches_the_front() {
+        for (code, status) in [
+            (Code::NotFound, StatusCode::NOT_FOUND),
+            (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
+            (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            (Code::InvalidArgument, StatusCode::BAD_REQUEST),
+        ] {
+            let front = Front { refuse: Some(code), seen: Arc::default() };
+            let (got, headers, body) = send(&front, post("/v2/models/m/infer", BODY, &[])).await;
+            assert_eq!(got, status, "{code:?}");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+            assert_eq!(
+                serde_json::from_slice::<Value>(&body).unwrap(),
+                json!({"error": "refused by the front"})
+            );
+        }
+        let front = Front { refuse: None, seen: Arc::default() };
+        for (body, headers, says) in [
+            ("{", &[][..], "not a V2 inference request"),
+            (BODY, &[(HEADER_LENGTH, "many")][..], "not a byte count"),
+            (BODY, &[("content-encoding", "gzip")][..], "content-encoding gzip"),
+            (
+                &*format!(r#"{{"inputs": [], "pad": "{}"}}"#, "x".repeat(1 << 20)),
+                &[][..],
+                "--max-message-size",
+            ),
+        ] {
+            let (status, _, answer) = send(&front, post("/v2/models/m/infer", body, headers)).await;
+            let answer: Value = serde_json::from_slice(&answer).unwrap();
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+            assert!(answer["error"].as_str().unwrap().contains(says), "{answer}");
+        }
+        assert!(front.seen.lock().is_none(), "refused before the front");
+    }
+}
