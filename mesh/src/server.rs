@@ -231,7 +231,8 @@ pub async fn run(
     let queue_waits = worker.queue_waits();
     let service =
         InferenceService::new(cache.clone(), view.clone(), worker, ready.clone()).with_forwarder(forwarder);
-    let management = Management::new(registry.clone(), view.clone(), cache.clone(), placer.clone());
+    let management = Management::new(registry.clone(), view.clone(), cache.clone(), placer.clone())
+        .with_puller(puller.clone());
     let inference = GrpcInferenceServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);

@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 mod backend;
+mod confine;
 mod disk;
 mod fetch;
 mod location;
@@ -58,6 +59,9 @@ pub enum Error {
     UnknownStorageKey { key: String, known: Vec<String> },
     #[error("invalid model location: {reason}")]
     InvalidLocation { reason: String },
+    /// The same whether or not the path exists, so a caller learns nothing about the file system.
+    #[error("local path {path} is outside the local model roots ({roots}); add a root with --local-model-roots")]
+    OutsideRoots { path: String, roots: String },
     #[error("no such key: {uri}")]
     NoSuchKey { uri: String },
     #[error("access denied to {uri}: {reason}")]

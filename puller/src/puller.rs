@@ -46,6 +46,9 @@ pub struct PullConfig {
     /// asking the store again: a burst of models sharing one artifact (per-customer copies of a base
     /// model) costs the store one HEAD, not one each. Zero asks every time.
     pub revalidate_after: Duration,
+    /// Local paths are served only from inside these directories (after `..` and symlinks); `None`
+    /// serves any path the process can read.
+    pub local_roots: Option<Vec<PathBuf>>,
 }
 
 impl PullConfig {
@@ -60,6 +63,7 @@ impl PullConfig {
             parallel: 8,
             max_object_bytes: None,
             revalidate_after: Duration::from_secs(10),
+            local_roots: None,
         }
     }
 }
@@ -100,6 +104,7 @@ type StoreKey = (crate::Backend, Option<String>, String);
 /// Pulls models into the disk cache. Share one per process.
 pub struct Puller {
     config: PullConfig,
+    roots: Option<crate::confine::Roots>,
     policy: Policy,
     cache: DiskCache,
     storage: RwLock<Loaded>,
@@ -132,8 +137,10 @@ impl Puller {
             range_bytes: config.range_bytes.max(1 << 20),
             parallel: config.parallel.max(1),
         };
+        let roots = config.local_roots.as_deref().map(crate::confine::Roots::new);
         Ok(Arc::new(Self {
             config,
+            roots,
             policy,
             cache,
             storage: RwLock::new(storage),
@@ -182,10 +189,29 @@ impl Puller {
         crate::location::resolve(path, key, &self.storage.read().0)
     }
 
+    /// Refuses a registration whose location is a local path outside the local roots, before it is
+    /// written (the check [`Puller::fetch`] makes again when loading). Other problems of a location
+    /// (an unknown storage key, which a secret may yet add) are left to the load to report.
+    pub fn check_local(&self, path: &str, key: Option<&str>) -> Result<()> {
+        match self.locate(path, key) {
+            Ok(Location::Local(local)) => self.confine(&local).map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where a local path really is, if that is inside the roots.
+    fn confine(&self, path: &Path) -> Result<PathBuf> {
+        let Some(roots) = &self.roots else { return Ok(path.to_owned()) };
+        roots
+            .confine(path)
+            .ok_or_else(|| Error::OutsideRoots { path: path.display().to_string(), roots: roots.shown() })
+    }
+
     /// Makes a registered model's files local: in place for local paths, else through the cache.
     pub async fn fetch(self: &Arc<Self>, path: &str, key: Option<&str>) -> Result<Fetched> {
         match self.locate(path, key)? {
             Location::Local(path) => {
+                let path = self.confine(&path)?;
                 let shown = path.display().to_string();
                 let model = tokio::task::spawn_blocking(move || resolve_path(&path))
                     .await

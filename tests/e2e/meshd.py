@@ -123,6 +123,9 @@ class Meshd:
             "--metrics-addr", "127.0.0.1:0",
             "--model-repo", str(model_repo),
             "--addr-file", str(addr_file),
+            # The tests register models from the examples and their temporary directories; tests of the
+            # confinement itself give their own roots.
+            *([] if "--local-model-roots" in args else ["--local-model-roots", f"{EXAMPLES},{tempfile.gettempdir()}"]),
             *args,
         ]
         env = {**os.environ, "NO_COLOR": "1"}

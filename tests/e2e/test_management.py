@@ -58,7 +58,7 @@ def test_register_status_predict_unregister(server, api):
     assert [o.name for o in predict(server, "m").outputs] == ["label", "probabilities"]
 
     with pytest.raises(grpc.RpcError) as e:
-        stub.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info(pb2, path="/elsewhere")))
+        stub.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info(pb2, path=str(EXAMPLES / "elsewhere"))))
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     for bad, needle in [(info(pb2, type_="tensorflow"), "tensorflow"), (info(pb2, type_=""), "type")]:
         with pytest.raises(grpc.RpcError) as e:
@@ -253,3 +253,33 @@ def test_traffic_split_follows_weights_and_sticks_to_request_keys(server, api, m
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     admin.SetVModelSplit(admin_pb2.SetVModelSplitRequest(vmodel_id="split"))
     assert all(which([]) == "a" for _ in range(50)), "an empty split returns all traffic to the active model"
+
+
+def test_local_paths_outside_the_roots_are_refused_alike_whether_or_not_they_exist(start_meshd, mmesh, tmp_path):
+    pb2, pb2_grpc = mmesh
+    repo, outside = tmp_path / "repo", tmp_path / "outside"
+    shutil.copytree(EXAMPLES / "iris-logreg", repo / "iris")
+    shutil.copytree(EXAMPLES / "iris-logreg", outside / "iris")
+    (repo / "escape").symlink_to(outside)
+    server = start_meshd(repo, "--local-model-roots", str(repo))
+    stub = pb2_grpc.ModelMeshStub(server.channel)
+    inside = stub.registerModel(pb2.RegisterModelRequest(modelId="inside", modelInfo=info(pb2, str(repo / "iris")),
+                                                         loadNow=True, sync=True))
+    assert status_name(pb2, inside) == "LOADED"
+
+    def refusal(path):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info(pb2, path)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+        assert "--local-model-roots" in refused.value.details(), refused.value.details()
+        return refused.value.details()
+
+    # The same answer, but for the path itself, whether or not something is there.
+    exists, missing = refusal(str(outside / "iris")), refusal(str(outside / "nothing"))
+    assert exists.replace(str(outside / "iris"), "P") == missing.replace(str(outside / "nothing"), "P")
+    for sneaky in (f"{repo}/../outside/iris", str(repo / "escape" / "iris"), "/etc/passwd", f"file://{outside}/iris"):
+        refusal(sneaky)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.setVModel(pb2.SetVModelRequest(vModelId="v", targetModelId="t", modelInfo=info(pb2, "/etc/passwd")))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_name(pb2, stub.getModelStatus(pb2.GetStatusRequest(modelId="m"))) == "NOT_FOUND", "nothing written"

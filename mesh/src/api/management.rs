@@ -1,6 +1,8 @@
 //! ModelMesh's management API (`mmesh.ModelMesh`) on the inference port: registration of models and
 //! vmodels in the registry, and their status from this pod's cache.
 
+use std::sync::Arc;
+
 use densemesh_placement::registry::Registry;
 use densemesh_placement::route::Goal;
 use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, VModelSpec};
@@ -28,12 +30,31 @@ pub struct Management {
     cache: ModelCache,
     placer: Placer,
     instance_id: String,
+    puller: Option<Arc<densemesh_puller::Puller>>,
 }
 
 impl Management {
     pub fn new(registry: Registry, view: ClusterView, cache: ModelCache, placer: Placer) -> Self {
         let instance_id = placer.instance_id().to_owned();
-        Self { registry, view, cache, placer, instance_id }
+        Self { registry, view, cache, placer, instance_id, puller: None }
+    }
+
+    /// Refuses, before writing it, a registration of a local path outside `--local-model-roots`
+    /// (INVALID_ARGUMENT).
+    pub fn with_puller(mut self, puller: Arc<densemesh_puller::Puller>) -> Self {
+        self.puller = Some(puller);
+        self
+    }
+
+    /// The spec of a registration, its location checked.
+    fn checked_spec(&self, info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, Status> {
+        let spec = spec_from(info, auto_delete)?;
+        if let Some(puller) = &self.puller {
+            puller
+                .check_local(&spec.path, spec.key.as_deref())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        Ok(spec)
     }
 
     /// A model's status across the cluster: this pod's copy from its cache (current to the instant),
@@ -182,7 +203,7 @@ impl ModelMesh for Management {
     ) -> Result<Response<ModelStatusInfo>, Status> {
         let (metadata, _, request) = request.into_parts();
         let id = parse_id("modelId", &request.model_id)?;
-        let spec = spec_from(request.model_info, false)?;
+        let spec = self.checked_spec(request.model_info, false)?;
         let registered = self.registry.register(&id, &spec).await.map_err(status_of)?;
         self.view.caught_up(registered.revision).await;
         tracing::info!(model_id = %id, created = registered.created, updated = registered.updated, "model registered");
@@ -244,7 +265,7 @@ impl ModelMesh for Management {
         let vid = parse_id("vModelId", &request.v_model_id)?;
         let target = parse_id("targetModelId", &request.target_model_id)?;
         if request.model_info.is_some() {
-            let spec = spec_from(request.model_info.clone(), request.auto_delete_target_model)?;
+            let spec = self.checked_spec(request.model_info.clone(), request.auto_delete_target_model)?;
             let registered = self.registry.register(&target, &spec).await.map_err(status_of)?;
             self.view.caught_up(registered.revision).await;
         }
