@@ -5,6 +5,7 @@
 
 mod apply;
 mod predict;
+mod simulate;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -99,6 +100,9 @@ enum Command {
         #[arg(long, value_parser = parse_duration)]
         wait: Option<Duration>,
     },
+    /// Plan capacity offline: replay a request trace through placement and eviction for N simulated
+    /// pods (no meshd needed), at one capacity or a sweep.
+    Simulate(simulate::SimulateArgs),
     /// Measure a model with concurrent clients (req/s, latency percentiles).
     Bench {
         model: String,
@@ -241,8 +245,16 @@ fn vmodel_json(s: &VModelStatusInfo) -> Value {
             "owner": s.owner, "errors": errors })
 }
 
+/// `meshctl simulate`: offline, nothing to connect to.
+fn simulate(args: &simulate::SimulateArgs, out: Output) -> Result<(), Failure> {
+    simulate::run(args, out).map_err(|e| fail(format!("{e:#}")))
+}
+
 async fn run(cli: &Cli) -> Result<(), Failure> {
-    let channel = connect(&cli.addr).await?;
+    let channel = match &cli.command {
+        Command::Simulate(args) => return simulate(args, cli.output),
+        _ => connect(&cli.addr).await?,
+    };
     let bearer = cli.token_file.as_deref().map(Bearer::from_file).unwrap_or_default();
     let mut mm = ModelMeshClient::with_interceptor(channel.clone(), bearer.clone());
     let mut admin = AdminClient::with_interceptor(channel.clone(), bearer.clone());
@@ -332,6 +344,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Vmodel { command } => vmodel(out, &mut mm, &mut admin, command).await,
         Command::Apply { file, wait } => apply::run(channel, bearer, out, file, *wait).await,
+        Command::Simulate(args) => simulate(args, out),
         Command::Predict { model, vmodel, input } => {
             let request = predict::read_request(input).map_err(|message| Failure { code: 2, message })?;
             let response = predict::run(channel, model, *vmodel, &request).await?;
