@@ -18,6 +18,12 @@ What it does, all on 127.0.0.1 with ports chosen by the kernel:
 Every meshd and etcd it starts is stopped by pid when it ends (also on error or Ctrl-C). Their logs are
 kept in bench/out/cluster-hit-rate/logs/. Needs target/release/meshd and meshctl
 (cargo build --release -p densemesh-mesh --bins) and the project's .venv (scripts/setup.sh test).
+
+--write-trace FILE also writes the trace as CSV for `meshctl simulate` (each model at the size the probe
+measured), and prints the simulate command with the pods' capacity; with --trace-only it writes just
+that, sized by --charged-mib, and starts nothing (numpy is all it needs):
+
+    .venv/bin/python bench/cluster_hit_rate.py --trace-only --write-trace bench/out/cluster-hit-rate.csv
 """
 import argparse
 import json
@@ -100,6 +106,31 @@ def zipf_trace(n_models: int, requests: int, exponent: float, pods: int, seed: i
     weights = 1.0 / np.arange(1, n_models + 1) ** exponent
     models = rng.choice(n_models, size=requests, p=weights / weights.sum())
     return Trace(models=models, pods=rng.integers(0, pods, size=requests))
+
+
+def write_trace(path: Path, trace: Trace, ids: list[str], size_bytes: int, rate: float) -> None:
+    """The trace as `meshctl simulate` reads it: time_ms,model_id,size_bytes, one request a line. The
+    replay has no clock of its own (closed-loop clients), so times are spread at `rate` requests/s; only
+    their order matters to the simulated LRU."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        out.write(f"# bench/cluster_hit_rate.py trace: {len(trace.models)} requests; pods drawn by meshctl's --seed\n")
+        out.write("time_ms,model_id,size_bytes\n")
+        for n, m in enumerate(trace.models.tolist()):
+            out.write(f"{int(n * 1000 / rate)},{ids[m]},{size_bytes}\n")
+
+
+def pod_capacity(args, size: float) -> int:
+    """Each pod's --capacity: room for its share of --fraction of the models, plus half a model, since
+    each load is charged its own measured size, a few percent around the probe's mean, and a capacity of
+    exactly k models would hold k or k-1 by chance."""
+    return math.ceil((max(1, round(args.models * args.fraction / args.pods)) + 0.5) * size)
+
+
+def simulate_command(args, path: Path, capacity: int) -> str:
+    meshctl = args.bin_dir / "meshctl"
+    return shlex.join([str(meshctl), "simulate", str(path), "--pods", str(args.pods), "--capacity", str(capacity),
+                       "--eviction", "lru,gdsf"])
 
 
 # ---------------------------------------------------------------- simulations
@@ -260,7 +291,10 @@ def measure_model_size(repo: Path, ids: list[str], probes: int) -> float:
     file_size = (repo / ids[-1] / "model.onnx").stat().st_size
     pods = Pods("probe")
     try:
-        pod = pods.start(repo, "--capacity", str(int(4.5 * file_size)), "--instance-id", "probe")
+        # The probe evicts on purpose, one load after another: meshd's anti-churn rule (10m by
+        # default) would refuse every load once it is full.
+        pod = pods.start(repo, "--capacity", str(int(4.5 * file_size)), "--instance-id", "probe",
+                         "--anti-churn-age", "0s")
         wait_registered([pod], len(ids))
         client = v2.InferenceServerClient(pod.grpc_addr)
         inputs = [infer_input(np.zeros((1, HIDDEN), np.float32))]
@@ -498,8 +532,27 @@ def main() -> None:
     parser.add_argument("--bin-dir", type=Path, default=REPO / "target" / "release",
                         help="where meshd and meshctl are (default target/release)")
     parser.add_argument("--skip-single", action="store_true", help="cluster run only")
+    parser.add_argument("--write-trace", type=Path,
+                        help="also write the trace as CSV for meshctl simulate (sized by the probe)")
+    parser.add_argument("--trace-only", action="store_true",
+                        help="write --write-trace (sized by --charged-mib) and the capacity, and stop")
+    parser.add_argument("--charged-mib", type=float, default=2.063,
+                        help="with --trace-only: MiB meshd charges per model (the probe's figure for 2 MiB models)")
+    parser.add_argument("--trace-rate", type=float, default=142.0,
+                        help="requests/s the written trace's times assume (the README run's req/s)")
     args = parser.parse_args()
     command = shlex.join([sys.executable, *sys.argv])
+    if args.trace_only and not args.write_trace:
+        parser.error("--trace-only needs --write-trace FILE")
+
+    if args.trace_only:
+        trace = zipf_trace(args.models, args.requests, args.exponent, args.pods, args.seed)
+        size = args.charged_mib * (1 << 20)
+        capacity = pod_capacity(args, size)
+        write_trace(args.write_trace, trace, model_ids(args.models), round(size), args.trace_rate)
+        print(f"wrote {args.requests} requests to {args.write_trace}; replay with:")
+        print(simulate_command(args, args.write_trace, capacity))
+        return
 
     binaries(args.bin_dir)
     point_at_onnxruntime()
@@ -510,9 +563,10 @@ def main() -> None:
     trace = zipf_trace(args.models, args.requests, args.exponent, args.pods, args.seed)
 
     size = measure_model_size(repo, ids, args.probes)
-    # Half a model over: each load is charged its own measured size, a few percent around the probe's
-    # mean, and a capacity of exactly k models would hold k or k-1 by chance.
-    capacity = math.ceil((max(1, round(args.models * args.fraction / args.pods)) + 0.5) * size)
+    capacity = pod_capacity(args, size)
+    if args.write_trace:
+        write_trace(args.write_trace, trace, ids, round(size), args.trace_rate)
+        print(f"trace written to {args.write_trace}; simulate it with: {simulate_command(args, args.write_trace, capacity)}")
 
     runs = [cluster_run(repo, ids, trace, args, capacity, x, expected)]
     if not args.skip_single:
