@@ -24,6 +24,9 @@ use crate::cluster::peers::{MAX_ATTEMPTS, Peers, mark_forwarded, peer_failed};
 use crate::error::{CacheError, MeshError};
 use crate::node::cache::{CopyStatus, ModelCache, PlacementState};
 
+mod decisions;
+pub use decisions::{Decision, DecisionLog};
+
 /// How long a sync load on a peer waits for the peer's placement record to reach this pod's view.
 const PEER_RECORD_WAIT: Duration = Duration::from_secs(5);
 
@@ -57,6 +60,8 @@ struct Inner {
     config: PlacerConfig,
     /// Loads started in the background (`ensureLoaded` without `sync`, copies), so none is orphaned.
     tasks: TaskTracker,
+    /// Recent decisions that placed or refused a model, for the dashboard.
+    decisions: DecisionLog,
 }
 
 /// Where a model was made to live.
@@ -107,7 +112,15 @@ impl Placer {
         peers: Peers,
         config: PlacerConfig,
     ) -> Self {
-        let inner = Inner { instance_id, view, cache, peers, config, tasks: TaskTracker::new() };
+        let inner = Inner {
+            instance_id,
+            view,
+            cache,
+            peers,
+            config,
+            tasks: TaskTracker::new(),
+            decisions: DecisionLog::default(),
+        };
         Self { inner: Arc::new(inner) }
     }
 
@@ -121,6 +134,11 @@ impl Placer {
 
     pub fn view(&self) -> &ClusterView {
         &self.inner.view
+    }
+
+    /// The recent decisions that placed or refused a model (a bounded ring shared with the dashboard).
+    pub fn decisions(&self) -> &DecisionLog {
+        &self.inner.decisions
     }
 
     /// Whether this pod offers `id`'s type (a model that is not registered has no type it could
@@ -210,17 +228,26 @@ impl Placer {
             offers_type: model_type.is_none_or(|t| self.offers_type(t)),
             retry_after_ms: own(this).and_then(Placement::retry_after_ms),
         });
-        route(&RouteInput {
+        let predicted_bytes = if placing { self.predicted_bytes(id, records.as_deref(), &local) } else { 0 };
+        let now_ms = now_ms();
+        let answer = route(&RouteInput {
             this,
             goal,
             pods: &pods,
             copies: &copies,
             exclude,
             model_type,
-            predicted_bytes: if placing { self.predicted_bytes(id, records.as_deref(), &local) } else { 0 },
-            now_ms: now_ms(),
+            predicted_bytes,
+            now_ms,
             anti_churn_age: self.inner.config.anti_churn_age,
-        })
+        });
+        let asked =
+            decisions::Asked { model_id: id.as_str(), goal, pods: &pods, predicted_bytes, at_ms: now_ms };
+        if let Some(decision) = decisions::explain(&asked, &answer, this) {
+            tracing::debug!(model_id = %id, outcome = decision.outcome, instance = ?decision.instance, reason = %decision.reason, "placement decision");
+            self.inner.decisions.record(decision);
+        }
+        answer
     }
 
     /// What `id` will take in memory, best known first: the registration's size hint; a size some pod
