@@ -203,6 +203,8 @@ struct State {
     size_factor: Option<f64>,
     /// GDSF's aging clock: every use stamps its model with it, every eviction raises it.
     clock: Clock,
+    /// Models evicted for room since start, for the dashboard (the Prometheus counter is write-only).
+    evictions: u64,
 }
 
 impl State {
@@ -247,6 +249,7 @@ impl ModelCache {
                 reserved_bytes: 0,
                 size_factor: None,
                 clock: Clock::default(),
+                evictions: 0,
             }),
             load_permits,
             room_freed: Arc::new(Notify::new()),
@@ -432,6 +435,11 @@ impl ModelCache {
         self.inner.publish_aging(&state);
     }
 
+    /// Models evicted for room since the cache started.
+    pub fn evictions_total(&self) -> u64 {
+        self.inner.state.lock().evictions
+    }
+
     /// Bytes charged now (loaded models and loads in progress).
     pub fn used_bytes(&self) -> u64 {
         self.inner.state.lock().used_bytes
@@ -512,6 +520,7 @@ impl Inner {
                 let idle = now.saturating_duration_since(entry.last_used());
                 tracing::info!(model_id = %id, size_bytes = entry.size_bytes(), idle_s = idle.as_secs(), "evicting model");
                 metrics::counter!(m::CACHE_EVICTIONS).increment(1);
+                state.evictions += 1;
                 self.emit(CopyEvent::Gone(id.clone()));
                 metrics::histogram!(m::AGE_AT_EVICTION).record(idle.as_secs_f64());
                 evicted.push(entry);
