@@ -199,18 +199,6 @@ pub async fn run(
         flag: "--metrics-addr",
         source,
     })?;
-    let (scraped, managed) = (cache.clone(), view.clone());
-    let _admin = AdminServer::start(
-        admin_listener,
-        metrics,
-        ready.clone(),
-        Arc::new(move || {
-            scraped.refresh_gauges();
-            metrics::gauge!(m::MODELS_MANAGED).set(managed.model_count() as f64);
-        }),
-    )
-    .map_err(ServeError::Admin)?;
-
     let peers = crate::cluster::peers::Peers::new(config.cache.load_timeout + Duration::from_secs(5));
     let token = config.admin_token_file.as_deref().map(crate::api::auth::AdminToken::open).transpose()?;
     let placer = Placer::new(
@@ -226,6 +214,26 @@ pub async fn run(
             admin_token: token.clone(),
         },
     );
+    // The admin server starts once the placer exists: the dashboard shows its decisions.
+    let dashboard = crate::api::dashboard::Dashboard::start(
+        config.instance_id.clone(),
+        view.clone(),
+        cache.clone(),
+        placer.decisions().clone(),
+    );
+    let (scraped, managed) = (cache.clone(), view.clone());
+    let _admin = AdminServer::start(
+        admin_listener,
+        metrics,
+        ready.clone(),
+        Arc::new(move || {
+            scraped.refresh_gauges();
+            metrics::gauge!(m::MODELS_MANAGED).set(managed.model_count() as f64);
+        }),
+        dashboard,
+    )
+    .map_err(ServeError::Admin)?;
+
     let forwarder = crate::cluster::forward::Forwarder::new(placer.clone(), config.max_message_size);
     let worker = Worker::new(config.worker.clone());
     let queue_waits = worker.queue_waits();

@@ -1,5 +1,6 @@
-//! The admin HTTP endpoints (`/metrics`, `/healthz`, `/readyz`) on their own thread and runtime, so
-//! probes and scrapes answer even while the inference executor is saturated.
+//! The admin HTTP endpoints (`/metrics`, `/healthz`, `/readyz`, and the dashboard: `/dashboard` and
+//! its JSON `/api/v1/cluster`) on their own thread and runtime, so probes and scrapes answer even while
+//! the inference executor is saturated.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -7,10 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::api::dashboard::{self, Dashboard};
 
 /// Called before each scrape, to refresh gauges that change with time alone.
 pub type OnScrape = Arc<dyn Fn() + Send + Sync>;
@@ -20,6 +24,7 @@ struct AdminState {
     metrics: PrometheusHandle,
     ready: Arc<AtomicBool>,
     on_scrape: OnScrape,
+    dashboard: Dashboard,
 }
 
 /// The running admin server; dropping it stops the server and joins its thread.
@@ -35,6 +40,7 @@ impl AdminServer {
         metrics: PrometheusHandle,
         ready: Arc<AtomicBool>,
         on_scrape: OnScrape,
+        dashboard: Dashboard,
     ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         let stop = CancellationToken::new();
@@ -46,7 +52,9 @@ impl AdminServer {
                     .route("/metrics", get(render_metrics))
                     .route("/healthz", get(|| async { "ok\n" }))
                     .route("/readyz", get(readiness))
-                    .with_state(AdminState { metrics, ready, on_scrape });
+                    .route("/dashboard", get(|| async { Html(dashboard::PAGE) }))
+                    .route("/api/v1/cluster", get(cluster_json))
+                    .with_state(AdminState { metrics, ready, on_scrape, dashboard });
                 let listener = match tokio::net::TcpListener::from_std(listener) {
                     Ok(l) => l,
                     Err(e) => {
@@ -77,6 +85,24 @@ impl Drop for AdminServer {
 async fn render_metrics(State(state): State<AdminState>) -> String {
     (state.on_scrape)();
     state.metrics.render()
+}
+
+/// The dashboard's document; never cached, since the page polls it for live figures.
+async fn cluster_json(State(state): State<AdminState>) -> impl IntoResponse {
+    (state.on_scrape)();
+    let disk = dashboard::disk_from_metrics(&state.metrics.render());
+    match serde_json::to_vec(&state.dashboard.snapshot(disk)) {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode the dashboard document");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the dashboard document\n").into_response()
+        }
+    }
 }
 
 async fn readiness(State(state): State<AdminState>) -> (StatusCode, &'static str) {

@@ -1,10 +1,11 @@
 //! The surfaces clients and operators call: KServe V2 gRPC ([`service`]), ModelMesh's management API
-//! ([`management`]), densemesh's Admin API ([`admin_service`]), the HTTP admin endpoints ([`http`]) and
-//! KServe V2 REST ([`rest`]).
+//! ([`management`]), densemesh's Admin API ([`admin_service`]), the HTTP admin endpoints ([`http`]) with
+//! the live [`dashboard`], and KServe V2 REST ([`rest`]).
 //! They translate the wire into calls on the cluster and node rooms and never hold policy of their own.
 
 pub mod admin_service;
 pub mod auth;
+pub mod dashboard;
 pub mod front;
 pub mod http;
 pub mod management;
