@@ -123,6 +123,11 @@ pub struct ServeArgs {
     /// the path exists. Default: the model repository and the disk cache.
     #[arg(long, env = "DENSEMESH_LOCAL_MODEL_ROOTS", value_delimiter = ',')]
     pub local_model_roots: Vec<PathBuf>,
+    /// Which loaded model a load evicts first: `lru` (longest idle) or `gdsf` (Greedy-Dual-Size-Frequency:
+    /// the lowest uses × reload cost ÷ size, aged, so a cheap, large, rarely used model goes before a
+    /// small, costly, busy one). `meshctl simulate --eviction lru,gdsf` compares them on a trace.
+    #[arg(long, env = "DENSEMESH_EVICTION", default_value = "lru")]
+    pub eviction: densemesh_placement::eviction::Policy,
     /// TTL of this pod's lease in the registry: after a crash, its records vanish this long after its
     /// last heartbeat (renewed every third of it).
     #[arg(long, env = "DENSEMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
@@ -259,6 +264,7 @@ impl ServeArgs {
             etcd_tls: self.etcd_tls_dir.map(|dir| densemesh_placement::store::EtcdTls { dir }),
             advertise_addr: self.advertise_addr.filter(|a| !a.trim().is_empty()),
             admin_token_file: self.admin_token_file,
+            eviction: self.eviction,
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,
             copy_add_rate: self.copy_add_rate,

@@ -54,6 +54,8 @@ pub struct ServeConfig {
     pub advertise_addr: Option<String>,
     /// The management API's token file (`--admin-token-file`).
     pub admin_token_file: Option<PathBuf>,
+    /// Which loaded model a load evicts first (`--eviction`).
+    pub eviction: densemesh_placement::eviction::Policy,
     /// Key prefix of the mesh's records.
     pub store_prefix: String,
     /// TTL of this pod's lease on its instance and placement records.
@@ -157,7 +159,8 @@ pub async fn run(
         .map_err(|e| ServeError::Metrics(format!("puller: {e}")))??;
     let health = crate::cluster::instance::RegistryHealth::new(config.registry_outage_grace);
     let locate = locate_registered(view.clone(), puller.clone(), config.model_repo.clone());
-    let mut cache = ModelCache::new(config.cache.clone(), runtime, locate);
+    let mut cache =
+        ModelCache::new(config.cache.clone(), runtime, locate).with_eviction_policy(config.eviction);
     if !config.etcd.is_empty() {
         let health = health.clone();
         cache = cache.with_load_gate(Arc::new(move || health.refusal(crate::cluster::instance::now_ms())));

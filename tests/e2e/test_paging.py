@@ -94,3 +94,23 @@ def test_anti_churn_refuses_with_the_model_it_would_evict(start_meshd, tmp_path)
     metrics = paging.metrics()
     assert metrics["densemesh_cache_evictions_total"] >= 2, metrics
     assert metrics.get('densemesh_model_loads_total{result="failure"}', 0) == 0
+
+
+@pytest.mark.parametrize("policy, evicted", [("lru", "dense-0"), ("gdsf", "dense-1")])
+def test_the_eviction_policy_picks_which_model_makes_room(start_meshd, mmesh, tmp_path, policy, evicted):
+    """Room for two: dense-0 is busy but used first, dense-1 used once, after it. A third model must
+    evict one: LRU takes the longest idle (dense-0), GDSF the one worth least per byte (dense-1)."""
+    for i in range(3):
+        make_dense_model(tmp_path / f"dense-{i}" / "model.onnx", MB, seed=i)
+    capacity = int((tmp_path / "dense-0" / "model.onnx").stat().st_size * 2.5)
+    server = start_meshd(tmp_path, "--capacity", str(capacity), "--anti-churn-age", "0", "--eviction", policy)
+    x = np.ones((1, 256), dtype=np.float32)
+    for model, times in (("dense-0", 20), ("dense-1", 1), ("dense-2", 1)):
+        for _ in range(times):
+            server.stub.ModelInfer(raw_request(model, [("x", "FP32", x)]))
+    pb2, pb2_grpc = mmesh
+    stub = pb2_grpc.ModelMeshStub(server.channel)
+    loaded = {m for m in ("dense-0", "dense-1", "dense-2")
+              if pb2.ModelStatusInfo.ModelStatus.Name(stub.getModelStatus(pb2.GetStatusRequest(modelId=m)).status)
+              == "LOADED"}
+    assert loaded == {"dense-0", "dense-1", "dense-2"} - {evicted}, f"{policy}: {loaded}"
