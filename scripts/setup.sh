@@ -15,6 +15,8 @@ command -v protoc >/dev/null 2>&1 || apt_packages+=(protobuf-compiler)
 if [ "$what" = test ] && ! command -v etcd >/dev/null 2>&1; then apt_packages+=(etcd-server); fi
 # The etcd TLS tests make their CA and certificates with the openssl command.
 if [ "$what" = test ] && ! command -v openssl >/dev/null 2>&1; then apt_packages+=(openssl); fi
+# The dashboard test renders meshd's /dashboard in a real headless browser (Debian's chromium).
+if [ "$what" = test ] && ! command -v chromium >/dev/null 2>&1; then apt_packages+=(chromium); fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "setup: installing ${apt_packages[*]}" >&2
     $sudo_cmd apt-get update -qq
