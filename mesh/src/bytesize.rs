@@ -43,6 +43,15 @@ impl FromStr for ByteSize {
     }
 }
 
+/// A size for people: `512 B`, `90 KiB`, `2.0 GiB` (one decimal below 10 of a unit, none above).
+pub fn human(bytes: u64) -> String {
+    let Some((name, size)) = UNITS[..4].iter().find(|(_, size)| bytes >= *size) else {
+        return format!("{bytes} B");
+    };
+    let value = bytes as f64 / *size as f64;
+    if value < 10.0 { format!("{value:.1} {name}") } else { format!("{value:.0} {name}") }
+}
+
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, size) in &UNITS[..4] {
@@ -101,6 +110,22 @@ impl fmt::Display for Capacity {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_for_people() {
+        let cases = [
+            (0, "0 B"),
+            (512, "512 B"),
+            (1024, "1.0 KiB"),
+            (92_160, "90 KiB"),
+            (2 << 30, "2.0 GiB"),
+            (3 * (1 << 40) / 2, "1.5 TiB"),
+            (38_650, "38 KiB"),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(human(bytes), want, "{bytes}");
+        }
+    }
 
     #[test]
     fn parses_units() {

@@ -74,3 +74,30 @@ def test_bench_and_exit_codes(server):
     assert meshctl(server, "register").returncode == 2, "clap's usage error"
     unreachable = subprocess.run([MESHCTL, "--addr", "127.0.0.1:1", "list"], capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 3 and "cannot reach meshd" in unreachable.stderr
+
+
+def test_meshctl_for_people_live_use_sizes_top_and_completions(server):
+    from meshd import raw_request
+
+    assert ok_json(server, "load", "iris-logreg")["status"] == "LOADED"
+    # The answering pod's own line is its use now, not its last published record.
+    (me,) = ok_json(server, "instances")
+    assert me["models_loaded"] == 1 and me["used_bytes"] > 0, me
+    table = meshctl(server, "instances").stdout
+    assert "KiB" in table or "MiB" in table, table
+    raw = meshctl(server, "--bytes", "instances").stdout
+    assert f"{me['used_bytes']}/{me['capacity_bytes']}" in raw, raw
+
+    x = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
+    for _ in range(5):
+        server.stub.ModelInfer(raw_request("iris-logreg", [("input", "FP32", x)]))
+    rounds = [json.loads(line) for line in meshctl(server, "-o", "json", "top", "--iterations", "2", "--interval",
+                                                     "100ms").stdout.splitlines()]
+    assert len(rounds) == 2
+    (model,) = rounds[-1]["models"]
+    assert model["model_id"] == "iris-logreg" and model["requests"] >= 5 and model["size_bytes"] > 0, model
+    assert [i["models_loaded"] for i in rounds[-1]["instances"]] == [1]
+
+    for shell in ("bash", "zsh", "fish"):
+        script = subprocess.run([MESHCTL, "completions", shell], capture_output=True, text=True, timeout=30)
+        assert script.returncode == 0 and "instances" in script.stdout and "simulate" in script.stdout, shell

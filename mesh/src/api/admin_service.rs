@@ -122,11 +122,14 @@ impl Admin for AdminService {
         &self,
         _: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
+        let resident: std::collections::HashMap<_, _> =
+            self.cache.resident().into_iter().map(|r| (r.id.clone(), r)).collect();
         let models = self
             .view
             .models()
             .into_iter()
             .map(|(id, spec)| {
+                let here = resident.get(&id);
                 let (status, size_bytes, error) = match self.cache.status(&id) {
                     CopyStatus::NotLoaded => ("NOT_LOADED", 0, String::new()),
                     CopyStatus::Loading => ("LOADING", 0, String::new()),
@@ -147,6 +150,8 @@ impl Admin for AdminService {
                     error,
                     size_hint_bytes: spec.size_bytes.unwrap_or_default(),
                     min_copies: spec.min_copies.unwrap_or_default(),
+                    requests: here.map_or(0, |r| r.requests),
+                    idle_seconds: here.map_or(0, |r| r.idle_for.as_secs()),
                 }
             })
             .collect();
@@ -165,10 +170,24 @@ impl Admin for AdminService {
         &self,
         _: Request<ListInstancesRequest>,
     ) -> Result<Response<ListInstancesResponse>, Status> {
+        // This pod's own record is published now and then; what it answers with is its use now, so a
+        // load just done shows at once.
+        let me = self.placer.instance_id().to_owned();
+        let live = self.cache.placement_state();
         let instances = self
             .view
             .instances()
             .into_iter()
+            .map(|(id, mut r)| {
+                if id == me {
+                    r.capacity_bytes = live.capacity_bytes;
+                    r.used_bytes = live.used_bytes;
+                    r.models_loaded = live.models_loaded;
+                    r.loading = live.loading;
+                    r.lru_age_seconds = live.lru_age.as_secs();
+                }
+                (id, r)
+            })
             .map(|(id, r)| InstanceSummary {
                 instance_id: id,
                 endpoint: r.endpoint,

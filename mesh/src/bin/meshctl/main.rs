@@ -38,6 +38,9 @@ struct Cli {
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Sizes in tables as raw byte counts instead of `90 KiB` (JSON always has bytes).
+    #[arg(long, global = true)]
+    bytes: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,6 +103,21 @@ enum Command {
         #[arg(long, value_parser = parse_duration)]
         wait: Option<Duration>,
     },
+    /// A live view of the mesh, refreshed: its pods, then the models serving the most requests on the
+    /// answering pod.
+    Top {
+        /// Time between refreshes.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Models shown.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// Stop after this many refreshes (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+    },
+    /// Print a shell completion script: `meshctl completions bash > /etc/bash_completion.d/meshctl`.
+    Completions { shell: clap_complete::Shell },
     /// Plan capacity offline: replay a request trace through placement and eviction for N simulated
     /// pods (no meshd needed), at one capacity or a sweep.
     Simulate(simulate::SimulateArgs),
@@ -253,8 +271,22 @@ fn simulate(args: &simulate::SimulateArgs, out: Output) -> Result<(), Failure> {
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let channel = match &cli.command {
         Command::Simulate(args) => return simulate(args, cli.output),
+        Command::Completions { shell } => {
+            // Into a buffer first: the generator panics on a closed pipe (`| head`), a write here does not.
+            let mut script = Vec::new();
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "meshctl",
+                &mut script,
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            return Ok(());
+        }
         _ => connect(&cli.addr).await?,
     };
+    let size =
+        |bytes: u64| if cli.bytes { bytes.to_string() } else { densemesh_mesh::bytesize::human(bytes) };
     let bearer = cli.token_file.as_deref().map(Bearer::from_file).unwrap_or_default();
     let mut mm = ModelMeshClient::with_interceptor(channel.clone(), bearer.clone());
     let mut admin = AdminClient::with_interceptor(channel.clone(), bearer.clone());
@@ -309,7 +341,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 for m in &models {
                     t.push_str(&format!(
                         "\n{}\t{}\t{}\t{}\t{}\t{}",
-                        m.model_id, m.r#type, m.source, m.status, m.size_bytes, m.path
+                        m.model_id,
+                        m.r#type,
+                        m.source,
+                        m.status,
+                        size(m.size_bytes),
+                        m.path
                     ));
                 }
                 t
@@ -330,8 +367,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                         "\n{}\t{}\t{}/{}\t{}\t{}\t{}s\t{}",
                         i.instance_id,
                         i.endpoint,
-                        i.used_bytes,
-                        i.capacity_bytes,
+                        size(i.used_bytes),
+                        size(i.capacity_bytes),
                         i.models_loaded,
                         i.requests_per_minute,
                         i.lru_age_seconds,
@@ -345,6 +382,10 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Vmodel { command } => vmodel(out, &mut mm, &mut admin, command).await,
         Command::Apply { file, wait } => apply::run(channel, bearer, out, file, *wait).await,
         Command::Simulate(args) => simulate(args, out),
+        Command::Completions { .. } => Ok(()),
+        Command::Top { interval, limit, iterations } => {
+            top(&mut admin, out, &size, *interval, *limit, *iterations).await
+        }
         Command::Predict { model, vmodel, input } => {
             let request = predict::read_request(input).map_err(|message| Failure { code: 2, message })?;
             let response = predict::run(channel, model, *vmodel, &request).await?;
@@ -526,5 +567,88 @@ async fn vmodel(
             });
             Ok(())
         }
+    }
+}
+
+/// `meshctl top`: pods, then the answering pod's busiest models by requests per second over the last
+/// interval, redrawn in place on a terminal (appended otherwise, and one JSON document per refresh
+/// with `-o json`).
+async fn top(
+    admin: &mut AdminClient<Authorized>,
+    out: Output,
+    size: &dyn Fn(u64) -> String,
+    interval: Duration,
+    limit: usize,
+    iterations: u64,
+) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let redraw = out == Output::Table && std::io::stdout().is_terminal();
+    let mut before: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut then = std::time::Instant::now();
+    let mut round = 0u64;
+    loop {
+        let instances = admin.list_instances(ListInstancesRequest {}).await?.into_inner().instances;
+        let models = admin.list_models(ListModelsRequest {}).await?.into_inner().models;
+        let seconds = then.elapsed().as_secs_f64().max(1e-3);
+        then = std::time::Instant::now();
+        let mut hot: Vec<(f64, &densemesh_proto::admin::ModelSummary)> = models
+            .iter()
+            .filter(|m| m.status == "LOADED")
+            .map(|m| {
+                // The first round has nothing to compare with: 0, and the order is by requests served.
+                let rate = match before.get(&m.model_id) {
+                    Some(&was) => m.requests.saturating_sub(was) as f64 / seconds,
+                    None => 0.0,
+                };
+                (rate, m)
+            })
+            .collect();
+        hot.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.requests.cmp(&a.1.requests)));
+        hot.truncate(limit);
+        if out == Output::Json {
+            let value = json!({
+                "instances": instances.iter().map(|i| json!({"instance_id": i.instance_id,
+                    "used_bytes": i.used_bytes, "capacity_bytes": i.capacity_bytes, "models_loaded": i.models_loaded,
+                    "loading": i.loading, "requests_per_minute": i.requests_per_minute})).collect::<Vec<_>>(),
+                "models": hot.iter().map(|(rate, m)| json!({"model_id": m.model_id, "requests_per_second": rate,
+                    "requests": m.requests, "idle_seconds": m.idle_seconds, "size_bytes": m.size_bytes}))
+                    .collect::<Vec<_>>(),
+            });
+            println!("{}", serde_json::to_string(&value).unwrap_or_default());
+        } else {
+            let mut t = String::new();
+            if redraw {
+                t.push_str("\x1b[H\x1b[2J");
+            }
+            t.push_str("INSTANCE\tUSED/CAPACITY\tMODELS\tLOADING\tREQ/MIN\n");
+            for i in &instances {
+                t.push_str(&format!(
+                    "{}\t{}/{}\t{}\t{}\t{}\n",
+                    i.instance_id,
+                    size(i.used_bytes),
+                    size(i.capacity_bytes),
+                    i.models_loaded,
+                    i.loading,
+                    i.requests_per_minute
+                ));
+            }
+            t.push_str("\nMODEL\tREQ/S\tREQUESTS\tIDLE\tSIZE\n");
+            for (rate, m) in &hot {
+                t.push_str(&format!(
+                    "{}\t{rate:.1}\t{}\t{}s\t{}\n",
+                    m.model_id,
+                    m.requests,
+                    m.idle_seconds,
+                    size(m.size_bytes)
+                ));
+            }
+            println!("{t}");
+        }
+        before = models.iter().map(|m| (m.model_id.clone(), m.requests)).collect();
+        round += 1;
+        if iterations > 0 && round >= iterations {
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
     }
 }
