@@ -358,14 +358,15 @@ where
 /// trailers-only, else in its trailers).
 async fn grpc_answer(response: http::Response<GrpcBody>) -> Result<ModelInferResponse, Status> {
     let (mut parts, body) = response.into_parts();
-    if let Some(status) = status_of(&mut parts.headers) {
-        return Err(status);
+    let in_headers = status_of(&mut parts.headers);
+    if let Some(status) = in_headers.as_ref().filter(|s| s.code() != Code::Ok) {
+        return Err(status.clone());
     }
     let collected =
         body.collect().await.map_err(|e| Status::unavailable(format!("the answer broke off: {e}")))?;
     let mut trailers = collected.trailers().cloned().unwrap_or_default();
     let bytes: Bytes = collected.to_bytes();
-    match status_of(&mut trailers) {
+    match status_of(&mut trailers).or(in_headers) {
         Some(status) if status.code() != Code::Ok => return Err(status),
         Some(_) => {}
         None => return Err(Status::internal("the inference answer ended without a gRPC status")),
