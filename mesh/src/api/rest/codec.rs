@@ -59,6 +59,7 @@ impl OutputForm {
 pub struct InferCall {
     /// Every input raw; `model_name` and `model_version` are left for the caller (they are in the path).
     pub request: ModelInferRequest,
+    /// How the answer's outputs go back, read from the request's `binary_data` parameters.
     pub outputs: OutputForm,
 }
 
@@ -415,6 +416,7 @@ impl<'de> Visitor<'de> for Elements<'_> {
 /// A REST inference answer: the body, and where its JSON ends when binary outputs follow it.
 #[derive(Debug)]
 pub struct Rendered {
+    /// The JSON, then any binary outputs in the order of the JSON's outputs.
     pub body: Bytes,
     /// `Some` when binary data follows the JSON: the value of the [`HEADER_LENGTH`] header.
     pub json_length: Option<usize>,
