@@ -128,6 +128,11 @@ pub struct ServeArgs {
     /// small, costly, busy one). `meshctl simulate --eviction lru,gdsf` compares them on a trace.
     #[arg(long, env = "DENSEMESH_EVICTION", default_value = "lru")]
     pub eviction: densemesh_placement::eviction::Policy,
+    /// Adds per-model request metrics (`densemesh_model_requests_total`, `…_duration_seconds`) with a
+    /// `model` label for the K models served most lately here, every other one counted as `other`, so
+    /// the series stay bounded however many models there are. 0: off.
+    #[arg(long, env = "DENSEMESH_METRICS_PER_MODEL", default_value_t = 0)]
+    pub metrics_per_model: usize,
     /// TTL of this pod's lease in the registry: after a crash, its records vanish this long after its
     /// last heartbeat (renewed every third of it).
     #[arg(long, env = "DENSEMESH_LEASE_TTL", default_value = "10s", value_parser = parse_duration)]
@@ -265,6 +270,7 @@ impl ServeArgs {
             advertise_addr: self.advertise_addr.filter(|a| !a.trim().is_empty()),
             admin_token_file: self.admin_token_file,
             eviction: self.eviction,
+            metrics_per_model: self.metrics_per_model,
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,
             copy_add_rate: self.copy_add_rate,

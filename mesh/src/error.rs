@@ -145,13 +145,12 @@ pub fn registry_status(e: RegistryError) -> Status {
     Status::from(MeshError::Registry(e))
 }
 
-impl From<MeshError> for Status {
-    fn from(e: MeshError) -> Self {
-        if let MeshError::Peer(status) = e {
-            return status;
-        }
+impl MeshError {
+    /// The gRPC code this error is answered with.
+    pub fn code(&self) -> Code {
         use densemesh_runtime_core::Error as R;
-        let code = match &e {
+        match self {
+            MeshError::Peer(status) => status.code(),
             MeshError::InvalidArgument(_) => Code::InvalidArgument,
             MeshError::NotFound(_) | MeshError::Cache(CacheError::NotFound(_)) => Code::NotFound,
             MeshError::Cache(CacheError::TooLarge { .. }) | MeshError::Overloaded(_) => {
@@ -165,9 +164,17 @@ impl From<MeshError> for Status {
             MeshError::Registry(e) => registry_code(e),
             MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,
             MeshError::Runtime { source: R::RuntimeUnavailable(_), .. } => Code::Unavailable,
-            MeshError::Runtime { .. } | MeshError::Internal(_) | MeshError::Peer(_) => Code::Internal,
-        };
-        Status::new(code, e.to_string())
+            MeshError::Runtime { .. } | MeshError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<MeshError> for Status {
+    fn from(e: MeshError) -> Self {
+        if let MeshError::Peer(status) = e {
+            return status;
+        }
+        Status::new(e.code(), e.to_string())
     }
 }
 

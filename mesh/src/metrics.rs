@@ -5,6 +5,8 @@
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
+pub mod per_model;
+
 pub const MODELS_LOADED: &str = "densemesh_models_loaded";
 pub const MODEL_LOADS: &str = "densemesh_model_loads_total";
 pub const MODEL_UNLOADS: &str = "densemesh_model_unloads_total";
@@ -110,6 +112,15 @@ pub fn describe() {
     describe_gauge!(MODELS_MANAGED, "Models registered (API and repository)");
     describe_gauge!(REGISTRY_UP, "1 while the registry (etcd) answers this pod's heartbeats, else 0");
     describe_gauge!(LEADER, "1 while this pod leads (does the cluster-wide chores), else 0");
+    describe_counter!(
+        per_model::MODEL_REQUESTS,
+        "ModelInfer requests served here, by model (the --metrics-per-model busiest, else other) and gRPC code"
+    );
+    describe_histogram!(
+        per_model::MODEL_REQUEST_DURATION,
+        Unit::Seconds,
+        "Time to answer a ModelInfer request served here, by model (the --metrics-per-model busiest, else other)"
+    );
     describe_puller();
 }
 

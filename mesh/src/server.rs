@@ -56,6 +56,8 @@ pub struct ServeConfig {
     pub admin_token_file: Option<PathBuf>,
     /// Which loaded model a load evicts first (`--eviction`).
     pub eviction: densemesh_placement::eviction::Policy,
+    /// Per-model metrics for this many models, 0 for none (`--metrics-per-model`).
+    pub metrics_per_model: usize,
     /// Key prefix of the mesh's records.
     pub store_prefix: String,
     /// TTL of this pod's lease on its instance and placement records.
@@ -240,8 +242,12 @@ pub async fn run(
     let forwarder = crate::cluster::forward::Forwarder::new(placer.clone(), config.max_message_size);
     let worker = Worker::new(config.worker.clone());
     let queue_waits = worker.queue_waits();
-    let service =
+    let mut service =
         InferenceService::new(cache.clone(), view.clone(), worker, ready.clone()).with_forwarder(forwarder);
+    if config.metrics_per_model > 0 {
+        service =
+            service.with_model_labels(crate::metrics::per_model::ModelLabels::new(config.metrics_per_model));
+    }
     let management = Management::new(registry.clone(), view.clone(), cache.clone(), placer.clone())
         .with_puller(puller.clone());
     let inference = GrpcInferenceServiceServer::new(service.clone())

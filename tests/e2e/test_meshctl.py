@@ -101,3 +101,24 @@ def test_meshctl_for_people_live_use_sizes_top_and_completions(server):
     for shell in ("bash", "zsh", "fish"):
         script = subprocess.run([MESHCTL, "completions", shell], capture_output=True, text=True, timeout=30)
         assert script.returncode == 0 and "instances" in script.stdout and "simulate" in script.stdout, shell
+
+
+def test_per_model_metrics_label_only_the_busiest_models(start_meshd):
+    """--metrics-per-model 1: the busiest model lately gets its own label, every other counts as other."""
+    import time
+
+    from meshd import raw_request
+
+    server = start_meshd(EXAMPLES, "--metrics-per-model", "1")
+    iris = [("input", "FP32", np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32))]
+    mlp = [("input", "FP32", np.zeros((1, 8), dtype=np.float32))]
+    for model, inputs, n in (("iris-logreg", iris, 20), ("mlp-regressor", mlp, 2)):
+        for _ in range(n):
+            server.stub.ModelInfer(raw_request(model, inputs))
+    time.sleep(10.5)  # the ranking is redone every 10 s
+    server.stub.ModelInfer(raw_request("iris-logreg", iris))
+    server.stub.ModelInfer(raw_request("mlp-regressor", mlp))
+    metrics = server.metrics()
+    assert metrics['densemesh_model_requests_total{model="iris-logreg",code="OK"}'] == 1
+    assert metrics['densemesh_model_requests_total{model="other",code="OK"}'] == 23
+    assert not [k for k in metrics if 'model="mlp-regressor"' in k], "only the top 1 has a label"

@@ -30,6 +30,8 @@ pub struct InferenceService {
     /// False once shutdown began, so load balancers stop sending.
     ready: Arc<AtomicBool>,
     hot: HotMetrics,
+    /// Per-model metrics (`--metrics-per-model`), when on.
+    per_model: Option<crate::metrics::per_model::ModelLabels>,
 }
 
 /// Handles registered once for what every successful request records, so the hot path skips the
@@ -52,7 +54,13 @@ impl InferenceService {
             ok_duration: metrics::histogram!(m::REQUEST_DURATION, &OK_LABELS),
             ok_count: metrics::counter!(m::REQUESTS, &OK_LABELS),
         };
-        Self { cache, view, forwarder: None, worker, ready, hot }
+        Self { cache, view, forwarder: None, worker, ready, hot, per_model: None }
+    }
+
+    /// Records requests served here per model as well, under the labels these give.
+    pub fn with_model_labels(mut self, labels: crate::metrics::per_model::ModelLabels) -> Self {
+        self.per_model = Some(labels);
+        self
     }
 
     /// Serves requests for models held (or best loaded) elsewhere on that pod.
@@ -127,6 +135,7 @@ impl InferenceService {
         metadata: &tonic::metadata::MetadataMap,
         resolved: Option<ModelId>,
         request: ModelInferRequest,
+        started: Instant,
     ) -> Result<ModelInferResponse, MeshError> {
         let id = match resolved {
             Some(id) => id,
@@ -139,7 +148,7 @@ impl InferenceService {
         let (model_name, requested_version, request_id) =
             (request.model_name.clone(), request.model_version.clone(), request.id.clone());
         let span = tracing::debug_span!("infer", model_id = %id, request_id = %request_id);
-        async move {
+        let served: Result<ModelInferResponse, MeshError> = async {
             let decoded = v2::decode(request)?;
             let lease = match local {
                 Some(lease) => lease,
@@ -152,7 +161,15 @@ impl InferenceService {
             Ok(v2::encode(name, version, request_id, outputs, decoded.raw))
         }
         .instrument(span)
-        .await
+        .await;
+        if let Some(labels) = &self.per_model {
+            let code = match &served {
+                Ok(_) => "OK",
+                Err(e) => code_label(e.code()),
+            };
+            crate::metrics::per_model::record(labels, id.as_str(), code, started.elapsed().as_secs_f64());
+        }
+        served
     }
 }
 
@@ -229,7 +246,7 @@ impl GrpcInferenceService for InferenceService {
         if resolved.is_none() {
             self.received(prost::Message::encoded_len(&request));
         }
-        match self.infer(&metadata, resolved.map(|r| r.id.clone()), request).await {
+        match self.infer(&metadata, resolved.map(|r| r.id.clone()), request, started).await {
             Ok(response) => {
                 self.served(started, prost::Message::encoded_len(&response));
                 Ok(Response::new(response))
