@@ -449,8 +449,10 @@ impl Dashboard {
                 Some((id.clone(), copies.iter().map(|(i, p)| (i.clone(), p.clone())).collect()))
             })
             .collect();
-        let totals = totals(&self.cache, &self.activity.lock());
-        let activity = self.activity.lock().ring.buckets(now_ms, totals);
+        let activity = {
+            let activity = self.activity.lock();
+            activity.ring.buckets(now_ms, totals(&self.cache, &activity))
+        };
         build(&Snapshot {
             now_ms,
             this: self.instance_id.clone(),
