@@ -60,7 +60,9 @@ pub enum Error {
     #[error("invalid model location: {reason}")]
     InvalidLocation { reason: String },
     /// The same whether or not the path exists, so a caller learns nothing about the file system.
-    #[error("local path {path} is outside the local model roots ({roots}); add a root with --local-model-roots")]
+    #[error(
+        "local path {path} is outside the local model roots ({roots}); add a root with --local-model-roots"
+    )]
     OutsideRoots { path: String, roots: String },
     #[error("no such key: {uri}")]
     NoSuchKey { uri: String },
