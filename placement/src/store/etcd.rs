@@ -358,22 +358,7 @@ pub(crate) mod harness {
 
     impl EtcdServer {
         pub async fn start() -> Self {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let (client, peer) = (free_port(), free_port());
-            let endpoint = format!("http://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
-            let child = Command::new("etcd")
-                .args(["--name", "test", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &format!("test={peer_url}")])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("etcd must be installed (Debian's etcd-server; scripts/setup.sh installs it)");
-            let server = Self { child, endpoint, _dir: dir };
+            let (_, server) = Self::spawn(None);
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&server.endpoint), None).await
@@ -469,30 +454,45 @@ pub(crate) mod harness {
         /// An etcd that takes only TLS connections with a client certificate signed by the CA in
         /// `certs` (see [`make_certificates`]). Waits until its port accepts connections.
         pub async fn start_tls(certs: &std::path::Path) -> Self {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let (client, peer) = (free_port(), free_port());
-            let endpoint = format!("https://127.0.0.1:{client}");
-            let peer_url = format!("http://127.0.0.1:{peer}");
-            let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
-            let file = |name: &str| certs.join(name).display().to_string();
-            let child = Command::new("etcd")
-                .args(["--name", "test", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &format!("test={peer_url}")])
-                .args(["--cert-file", &file("server.crt"), "--key-file", &file("server.key")])
-                .args(["--trusted-ca-file", &file("ca.crt"), "--client-cert-auth"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("etcd must be installed (Debian's etcd-server; scripts/setup.sh installs it)");
+            let (client, server) = Self::spawn(Some(certs));
             let deadline = Instant::now() + Duration::from_secs(30);
             while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
                 assert!(Instant::now() < deadline, "etcd did not listen within 30 s");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Self { child, endpoint, _dir: dir }
+            server
+        }
+
+        /// etcd on two free loopback ports, with a data dir of its own; over TLS with the
+        /// certificates in `certs` (see [`make_certificates`]). The client port, and the server.
+        fn spawn(certs: Option<&std::path::Path>) -> (u16, Self) {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (client, peer) = (free_port(), free_port());
+            let scheme = if certs.is_some() { "https" } else { "http" };
+            let endpoint = format!("{scheme}://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log file");
+            let mut command = Command::new("etcd");
+            command
+                .args(["--name", "test", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("test={peer_url}")]);
+            if let Some(certs) = certs {
+                let file = |name: &str| certs.join(name).display().to_string();
+                command.args(["--cert-file", &file("server.crt"), "--key-file", &file("server.key")]).args([
+                    "--trusted-ca-file",
+                    &file("ca.crt"),
+                    "--client-cert-auth",
+                ]);
+            }
+            let child = command
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("etcd must be installed (Debian's etcd-server; scripts/setup.sh installs it)");
+            (client, Self { child, endpoint, _dir: dir })
         }
     }
 
