@@ -118,9 +118,9 @@ pub struct ServeArgs {
     /// stays open. Re-read when it changes.
     #[arg(long, env = "DENSEMESH_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// Directories local model paths (and file:// URIs) must be inside, after `..` and symlinks are
-    /// resolved; a registration outside them is refused with INVALID_ARGUMENT, the same whether or not
-    /// the path exists. Default: the model repository and the disk cache.
+    /// Directories, besides the model repository and the disk cache, that local model paths (and
+    /// file:// URIs) may be inside, after `..` and symlinks are resolved; a registration outside all of
+    /// them is refused with INVALID_ARGUMENT, the same whether or not the path exists.
     #[arg(long, env = "DENSEMESH_LOCAL_MODEL_ROOTS", value_delimiter = ',')]
     pub local_model_roots: Vec<PathBuf>,
     /// Which loaded model a load evicts first: `lru` (longest idle) or `gdsf` (Greedy-Dual-Size-Frequency:
@@ -222,13 +222,9 @@ impl ServeArgs {
         let cache_dir = self
             .cache_dir
             .unwrap_or_else(|| std::env::temp_dir().join(format!("densemesh-cache-{instance_id}")));
-        let local_roots: Vec<PathBuf> =
-            self.local_model_roots.into_iter().filter(|r| !r.as_os_str().is_empty()).collect();
-        let local_roots = if local_roots.is_empty() {
-            vec![self.model_repo.clone(), cache_dir.clone()]
-        } else {
-            local_roots
-        };
+        // The repository and the cache always count: their models are there by definition.
+        let mut local_roots = vec![self.model_repo.clone(), cache_dir.clone()];
+        local_roots.extend(self.local_model_roots.into_iter().filter(|r| !r.as_os_str().is_empty()));
         let mut pull = densemesh_puller::PullConfig::new(cache_dir, self.disk_capacity.0);
         pull.local_roots = Some(local_roots);
         pull.storage_config = self.storage_config;
