@@ -225,6 +225,7 @@ pub async fn run(
         view.clone(),
         cache.clone(),
         placer.decisions().clone(),
+        puller.clone(),
     );
     let (scraped, managed) = (cache.clone(), view.clone());
     let _admin = AdminServer::start(

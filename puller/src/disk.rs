@@ -318,6 +318,13 @@ impl DiskCache {
         self.inner.state.lock().used
     }
 
+    /// Bytes in use (published entries and downloads in progress, as the used-bytes gauge counts
+    /// them) and the budget.
+    pub fn usage(&self) -> (u64, u64) {
+        let state = self.inner.state.lock();
+        (state.used + state.reserved, self.inner.capacity)
+    }
+
     #[cfg(test)]
     pub fn digests(&self) -> Vec<String> {
         let mut all: Vec<String> = self.inner.state.lock().entries.keys().cloned().collect();

@@ -429,6 +429,11 @@ impl Puller {
         Ok(store)
     }
 
+    /// The disk cache's bytes in use (downloads in progress included) and its budget.
+    pub fn disk_usage(&self) -> (u64, u64) {
+        self.cache.usage()
+    }
+
     /// The cache directory, for diagnostics.
     pub fn cache_dir(&self) -> &Path {
         &self.config.cache_dir

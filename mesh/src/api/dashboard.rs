@@ -381,20 +381,6 @@ fn load_state_name(state: LoadState) -> &'static str {
     }
 }
 
-/// The disk cache's budget and use, read from the puller's gauges in Prometheus text (the puller
-/// publishes them nowhere else); `None` when this pod has no disk cache.
-pub fn disk_from_metrics(text: &str) -> Option<Tier> {
-    use densemesh_puller::metric_names as p;
-    let gauge = |name: &str| {
-        text.lines().find_map(|line| {
-            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
-            value.trim().parse::<f64>().ok().map(|v| v as u64)
-        })
-    };
-    let capacity_bytes = gauge(p::DISK_CACHE_CAPACITY_BYTES)?;
-    Some(Tier { capacity_bytes, used_bytes: gauge(p::DISK_CACHE_USED_BYTES).unwrap_or(0) })
-}
-
 /// What the dashboard reads: shared handles, plus this pod's activity ring fed by a sampling task
 /// that stops when the last clone drops.
 #[derive(Clone)]
@@ -403,6 +389,7 @@ pub struct Dashboard {
     view: ClusterView,
     cache: ModelCache,
     decisions: DecisionLog,
+    puller: Arc<densemesh_puller::Puller>,
     activity: Arc<Mutex<Activity>>,
     _sampler: Arc<DropGuard>,
 }
@@ -416,7 +403,13 @@ struct Activity {
 
 impl Dashboard {
     /// Starts sampling this pod's activity; call within the node's runtime.
-    pub fn start(instance_id: String, view: ClusterView, cache: ModelCache, decisions: DecisionLog) -> Self {
+    pub fn start(
+        instance_id: String,
+        view: ClusterView,
+        cache: ModelCache,
+        decisions: DecisionLog,
+        puller: Arc<densemesh_puller::Puller>,
+    ) -> Self {
         let activity = Arc::new(Mutex::new(Activity {
             ring: ActivityRing::new(BUCKETS_KEPT),
             loads: 0,
@@ -428,6 +421,7 @@ impl Dashboard {
             view,
             cache,
             decisions,
+            puller,
             activity,
             _sampler: Arc::new(stop.clone().drop_guard()),
         };
@@ -437,8 +431,9 @@ impl Dashboard {
         dashboard
     }
 
-    /// The document as of now; `disk` as [`disk_from_metrics`] read it.
-    pub fn snapshot(&self, disk: Option<Tier>) -> ClusterJson {
+    /// The document as of now.
+    pub fn snapshot(&self) -> ClusterJson {
+        let (used_bytes, capacity_bytes) = self.puller.disk_usage();
         let now_ms = crate::cluster::instance::now_ms();
         let models: Vec<(ModelId, String)> =
             self.view.models().into_iter().map(|(id, spec)| (id, spec.model_type)).collect();
@@ -463,7 +458,7 @@ impl Dashboard {
             vmodels: self.view.vmodels(),
             local: self.cache.placement_state(),
             resident: self.cache.resident(),
-            disk,
+            disk: Some(Tier { capacity_bytes, used_bytes }),
             activity,
             decisions: self.decisions.recent(),
         })

@@ -20,7 +20,6 @@ use tonic::server::NamedService;
 
 use crate::api::service::{Decision, InferenceService, Resolved};
 use crate::cluster::forward::{FRAME_HEADER, Forwarded, MODEL_INFER_PATH};
-use crate::error::MeshError;
 use crate::node::v2::frame;
 
 /// Wraps the generated inference server (`inner`), deciding for it where `ModelInfer` calls run.
@@ -115,7 +114,7 @@ where
                 service.served(started, answer.body.len().saturating_sub(FRAME_HEADER));
                 return answer.into_response();
             }
-            Forwarded::Refused(status) => return refuse(Status::from(MeshError::Peer(status))),
+            Forwarded::Refused(status) => return refuse(status),
             // No pod could serve it: load it here.
             Forwarded::ServeHere => {}
         }

@@ -89,9 +89,7 @@ async fn render_metrics(State(state): State<AdminState>) -> String {
 
 /// The dashboard's document; never cached, since the page polls it for live figures.
 async fn cluster_json(State(state): State<AdminState>) -> impl IntoResponse {
-    (state.on_scrape)();
-    let disk = dashboard::disk_from_metrics(&state.metrics.render());
-    match serde_json::to_vec(&state.dashboard.snapshot(disk)) {
+    match serde_json::to_vec(&state.dashboard.snapshot()) {
         Ok(body) => (
             StatusCode::OK,
             [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")],

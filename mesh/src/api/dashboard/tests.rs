@@ -203,16 +203,6 @@ fn a_counter_that_went_back_counts_as_nothing() {
 }
 
 #[test]
-fn the_disk_cache_is_read_from_the_puller_gauges() {
-    let text = "# HELP densemesh_disk_cache_used_bytes x\n\
-                densemesh_disk_cache_used_bytes 2048\n\
-                densemesh_disk_cache_capacity_bytes 1e6\n\
-                densemesh_disk_cache_capacity_bytes_other 7\n";
-    assert_eq!(disk_from_metrics(text), Some(Tier { capacity_bytes: 1_000_000, used_bytes: 2048 }));
-    assert_eq!(disk_from_metrics("densemesh_used_bytes 5\n"), None);
-}
-
-#[test]
 fn the_page_is_self_contained() {
     for external in ["http://", "https://", "<link", "@import", "src=\""] {
         assert!(!PAGE.contains(external), "the page must not load {external}");
