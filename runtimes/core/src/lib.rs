@@ -21,6 +21,9 @@ pub use tensor::{DataType, Tensor, TensorData, TensorSpec};
 pub struct LoadRequest {
     /// The model id, for errors and logs.
     pub model_id: String,
+    /// The registered model format (`onnx`, `huggingface`, `sklearn`, ...); a runtime that serves
+    /// several (a remote server) configures the load by it. Empty when the caller did not say.
+    pub model_type: String,
     /// The model's main file (e.g. `model.onnx`), already on local disk.
     pub path: PathBuf,
     /// The file's bytes already in memory (a mapped disk-cache entry), for runtimes that can take
@@ -31,7 +34,13 @@ pub struct LoadRequest {
 impl LoadRequest {
     /// A request to load `path` from disk.
     pub fn from_path(model_id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        Self { model_id: model_id.into(), path: path.into(), contents: None }
+        Self { model_id: model_id.into(), model_type: String::new(), path: path.into(), contents: None }
+    }
+
+    /// The same request for a model registered as `model_type`.
+    pub fn with_model_type(mut self, model_type: impl Into<String>) -> Self {
+        self.model_type = model_type.into();
+        self
     }
 }
 

@@ -159,7 +159,7 @@ impl Inner {
             let path = fetched.model.path.clone();
             let contents = contents.map(|m| ModelBytes(Arc::new(m)));
             // `fetched` (and its pin on the disk-cache entry) lives until the runtime is done.
-            let loaded = runtime.load(&LoadRequest { model_id, path, contents });
+            let loaded = runtime.load(&LoadRequest { model_id, model_type: String::new(), path, contents });
             drop(fetched);
             loaded
         });
