@@ -28,6 +28,15 @@ pub enum Error {
     /// The model failed while running.
     #[error("inference failed: {0}")]
     Inference(#[source] Cause),
+    /// The runtime no longer holds the model (a remote runtime's process died and restarted): the mesh
+    /// drops its entry and loads the model again, so the request is retried rather than failed.
+    #[error("model {model_id} was lost by its runtime: {reason}")]
+    Lost {
+        /// The model that is gone.
+        model_id: String,
+        /// What happened, e.g. which process exited.
+        reason: String,
+    },
     /// A model file could not be read.
     #[error("io error on {path}: {source}")]
     Io {
