@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use densemesh_placement::spec::SUPPORTED_MODEL_TYPES;
 
 use crate::bytesize::{ByteSize, Capacity};
 use crate::node::cache::CacheConfig;
@@ -50,10 +49,9 @@ pub struct ServeArgs {
     pub capacity: Capacity,
     /// Model types this pod loads, comma-separated (ModelMesh's type constraints): placement sends it
     /// only models of these types, and requests for others are forwarded to a pod that loads them.
-    /// Empty: none. Default: every type this build has a runtime for.
-    #[arg(long, env = "DENSEMESH_MODEL_TYPES", value_delimiter = ',',
-        default_values = SUPPORTED_MODEL_TYPES, value_parser = parse_model_type)]
-    pub model_types: Vec<String>,
+    /// Empty: none. Default: every format a runtime here loads (built in, and --runtime-config's).
+    #[arg(long, env = "DENSEMESH_MODEL_TYPES", value_delimiter = ',', value_parser = parse_model_type)]
+    pub model_types: Option<Vec<String>>,
     /// Model loads that may run at once.
     #[arg(long, env = "DENSEMESH_MAX_CONCURRENT_LOADS", default_value_t = 2)]
     pub max_concurrent_loads: usize,
@@ -274,19 +272,19 @@ impl ServeArgs {
             copy_add_queue_wait: self.copy_add_queue_wait,
             copy_check_interval: self.copy_check_interval,
             store_prefix: self.etcd_prefix,
-            model_types: self.model_types.into_iter().filter(|t| !t.is_empty()).collect(),
+            model_types: self.model_types.map(|types| types.into_iter().filter(|t| !t.is_empty()).collect()),
         })
     }
 }
 
-/// One of `--model-types`: a type this build has a runtime for (empty values are skipped, so an empty
-/// flag offers none).
+/// One of `--model-types`: a format name (empty values are skipped, so an empty flag offers none).
+/// Whether a runtime here loads it is checked when the runtimes are up.
 fn parse_model_type(s: &str) -> Result<String, String> {
     let s = s.trim();
-    if s.is_empty() || SUPPORTED_MODEL_TYPES.contains(&s) {
+    if s.is_empty() || densemesh_placement::spec::is_format_name(s) {
         return Ok(s.to_owned());
     }
-    Err(format!("unknown model type {s:?}; this build loads: {}", SUPPORTED_MODEL_TYPES.join(", ")))
+    Err(format!("{s:?} is not a model format name (lower-case, e.g. onnx, huggingface, sklearn)"))
 }
 
 /// The host name (a pod's name in Kubernetes), else `meshd`.
@@ -365,15 +363,20 @@ mod tests {
     }
 
     #[test]
-    fn model_types_default_to_every_supported_type_and_unknown_ones_are_refused_by_name() {
+    fn model_types_default_to_what_the_runtimes_load_and_bad_names_are_refused() {
         let types = |flags: &[&str]| serve_args(flags).unwrap().into_config().unwrap().model_types;
-        assert_eq!(types(&[]), SUPPORTED_MODEL_TYPES);
-        assert_eq!(types(&["--model-types", "onnx"]), ["onnx"]);
-        assert_eq!(types(&["--model-types", "onnx, onnx"]), ["onnx", "onnx"]);
-        assert!(types(&["--model-types", ""]).is_empty(), "empty offers none");
-        let bad = serve_args(&["--model-types", "onnx,pytorch"]).unwrap_err().to_string();
-        assert!(bad.contains("--model-types") && bad.contains("\"pytorch\""), "{bad}");
-        assert!(bad.contains(&format!("this build loads: {}", SUPPORTED_MODEL_TYPES.join(", "))), "{bad}");
+        assert_eq!(types(&[]), None, "the runtimes' formats, known once they are up");
+        assert_eq!(types(&["--model-types", "onnx"]), Some(vec!["onnx".to_owned()]));
+        assert_eq!(
+            types(&["--model-types", "onnx, sklearn"]),
+            Some(vec!["onnx".to_owned(), "sklearn".to_owned()])
+        );
+        assert_eq!(types(&["--model-types", ""]), Some(vec![]), "empty offers none");
+        let bad = serve_args(&["--model-types", "onnx,Py Torch"]).unwrap_err().to_string();
+        assert!(
+            bad.contains("--model-types") && bad.contains("\"Py Torch\" is not a model format name"),
+            "{bad}"
+        );
     }
 
     #[test]

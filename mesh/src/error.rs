@@ -163,7 +163,7 @@ impl MeshError {
             MeshError::Refused { .. } => Code::ResourceExhausted,
             MeshError::Registry(e) => registry_code(e),
             MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,
-            MeshError::Runtime { source: R::RuntimeUnavailable(_), .. } => Code::Unavailable,
+            MeshError::Runtime { source: R::RuntimeUnavailable(_) | R::Lost { .. }, .. } => Code::Unavailable,
             MeshError::Runtime { .. } | MeshError::Internal(_) => Code::Internal,
         }
     }

@@ -28,6 +28,7 @@ use crate::cluster::repository::resolve_repository_path;
 use crate::error::CacheError;
 use crate::metrics as m;
 use crate::node::cache::{CacheConfig, Locate, ModelCache};
+use crate::node::runtimes::Runtimes;
 use crate::node::worker::{Worker, WorkerConfig};
 
 /// Everything a node needs to run.
@@ -76,8 +77,9 @@ pub struct ServeConfig {
     pub registry_outage_grace: Duration,
     /// A load never evicts a model used more recently than this (zero: off).
     pub anti_churn_age: Duration,
-    /// The model types this pod loads (`--model-types`); placement sends it no others.
-    pub model_types: Vec<String>,
+    /// The model types this pod loads (`--model-types`); placement sends it no others. `None`: every
+    /// format its runtimes load.
+    pub model_types: Option<Vec<String>>,
 }
 
 /// Why the node could not start or stopped with an error.
@@ -93,6 +95,8 @@ pub enum ServeError {
     NoRepository(PathBuf),
     #[error(transparent)]
     Runtime(#[from] densemesh_runtime_core::Error),
+    #[error("{0}")]
+    Runtimes(String),
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
     #[error("cannot write {path} (--addr-file): {source}")]
@@ -133,11 +137,8 @@ pub async fn run(
     if !config.model_repo.is_dir() {
         return Err(ServeError::NoRepository(config.model_repo));
     }
-    let ort_config = config.ort.clone();
-    let runtime: Arc<dyn Runtime> = tokio::task::spawn_blocking(move || OrtRuntime::new(&ort_config))
-        .await
-        .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.into()))??
-        .into_arc();
+    let (runtimes, model_types) = start_runtimes(&config).await?;
+    let runtime: Arc<dyn Runtime> = Arc::new(runtimes);
     let store: Arc<dyn Store> = if config.etcd.is_empty() {
         Arc::new(MemoryStore::new())
     } else {
@@ -215,7 +216,7 @@ pub async fn run(
             anti_churn_age: config.anti_churn_age,
             wait_limit: config.cache.load_timeout + Duration::from_secs(5),
             model_repo: config.model_repo.clone(),
-            model_types: config.model_types.clone(),
+            model_types: model_types.clone(),
             admin_token: token.clone(),
         },
     );
@@ -315,7 +316,7 @@ pub async fn run(
         id: config.instance_id.clone(),
         endpoint: endpoint.clone(),
         lease_ttl: config.lease_ttl,
-        model_types: config.model_types.clone(),
+        model_types: model_types.clone(),
         health,
         lease: Arc::new(lease_tx),
     };
@@ -375,7 +376,7 @@ pub async fn run(
     }
     ready.store(true, Ordering::Release);
     tracing::info!(%grpc_addr, advertised = %endpoint, %http_addr, %metrics_addr, repository = %config.model_repo.display(),
-        capacity_bytes = config.cache.capacity_bytes, model_types = %config.model_types.join(","), "meshd serving");
+        capacity_bytes = config.cache.capacity_bytes, model_types = %model_types.join(","), "meshd serving");
 
     tokio::pin!(server);
     tokio::select! {
@@ -437,7 +438,7 @@ fn locate_registered(view: ClusterView, puller: Arc<Puller>, model_repo: PathBuf
                     .into_owned(),
                 Source::Api => spec.path.clone(),
             };
-            puller.fetch(&path, spec.key.as_deref()).await.map_err(|e| match e {
+            let mut fetched = puller.fetch(&path, spec.key.as_deref()).await.map_err(|e| match e {
                 densemesh_puller::Error::TooLarge { bytes, limit, .. } => CacheError::TooLarge {
                     model_id: id.clone(),
                     needed_bytes: bytes,
@@ -445,7 +446,10 @@ fn locate_registered(view: ClusterView, puller: Arc<Puller>, model_repo: PathBuf
                     how: "its size in storage",
                 },
                 other => failed(other.to_string()),
-            })
+            })?;
+            // The registered type picks the runtime, whatever the file is called.
+            fetched.model.format = spec.model_type;
+            Ok(fetched)
         }
         .boxed()
     })
@@ -516,14 +520,29 @@ fn write_addr_file(
     std::fs::rename(&tmp, path)
 }
 
-trait IntoArc {
-    fn into_arc(self) -> Arc<dyn Runtime>;
-}
-
-impl IntoArc for OrtRuntime {
-    fn into_arc(self) -> Arc<dyn Runtime> {
-        Arc::new(self)
-    }
+/// The pod's runtimes, and the model types it offers: `--model-types` where given (each must be a
+/// format a runtime here loads), else every such format.
+async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>), ServeError> {
+    let ort_config = config.ort.clone();
+    let ort = tokio::task::spawn_blocking(move || OrtRuntime::new(&ort_config))
+        .await
+        .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.into()))??;
+    let mut runtimes = Runtimes::new();
+    runtimes.add(&["onnx"], Arc::new(ort)).map_err(ServeError::Runtimes)?;
+    let formats = runtimes.formats();
+    let model_types = match &config.model_types {
+        None => formats,
+        Some(wanted) => {
+            if let Some(unknown) = wanted.iter().find(|t| !formats.contains(t)) {
+                return Err(ServeError::Runtimes(format!(
+                    "--model-types names {unknown:?}, which no runtime here loads; they load {}",
+                    formats.join(", ")
+                )));
+            }
+            wanted.clone()
+        }
+    };
+    Ok((runtimes, model_types))
 }
 
 /// The endpoint published for peers: `--advertise-addr` (a host or bare IP takes the bound port, and

@@ -92,7 +92,7 @@ pub(crate) fn instance_record(endpoint: &str) -> InstanceRecord {
         requests_per_minute: 0,
         draining: false,
         started_ms: 0,
-        model_types: densemesh_placement::spec::every_supported_type(),
+        model_types: densemesh_placement::spec::legacy_model_types(),
     }
 }
 
@@ -130,7 +130,7 @@ impl TestPod {
             anti_churn_age: Duration::ZERO,
             wait_limit: Duration::from_secs(5),
             model_repo: std::path::PathBuf::new(),
-            model_types: densemesh_placement::spec::every_supported_type(),
+            model_types: densemesh_placement::spec::legacy_model_types(),
             admin_token: None,
         };
         let placer =

@@ -4,13 +4,15 @@
 use std::sync::Arc;
 
 use crate::ModelId;
-use crate::spec::{ModelSpec, SUPPORTED_MODEL_TYPES, VModelSpec};
+use crate::spec::{ModelSpec, VModelSpec, is_format_name};
 use crate::store::{Revision, Store, StoreError};
 
 /// Registry errors; each maps to one gRPC code in the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
-    #[error("model type {0:?} has no runtime here; supported: {supported}", supported = SUPPORTED_MODEL_TYPES.join(", "))]
+    #[error(
+        "model type {0:?} is not a format name (1-64 characters of a-z, 0-9, '-', '_', '.', e.g. onnx, sklearn)"
+    )]
     UnsupportedType(String),
     #[error("{0}")]
     Invalid(String),
@@ -199,7 +201,7 @@ impl Registry {
 }
 
 fn validate(spec: &ModelSpec) -> Result<()> {
-    if !SUPPORTED_MODEL_TYPES.contains(&spec.model_type.as_str()) {
+    if !is_format_name(&spec.model_type) {
         return Err(RegistryError::UnsupportedType(spec.model_type.clone()));
     }
     if spec.path.is_empty() {
@@ -233,10 +235,10 @@ mod tests {
         assert!(registry.register(&id, &spec("/a")).await.unwrap().created);
         assert!(!registry.register(&id, &spec("/a")).await.unwrap().created);
         assert_eq!(registry.register(&id, &spec("/b")).await, Err(RegistryError::Conflict(id.clone())));
-        let mut tf = spec("/a");
-        tf.model_type = "tensorflow".into();
-        let err = registry.register(&ModelId::new("t").unwrap(), &tf).await.unwrap_err();
-        assert!(err.to_string().contains("tensorflow") && err.to_string().contains("onnx"), "{err}");
+        let mut bad = spec("/a");
+        bad.model_type = "Tensor Flow".into();
+        let err = registry.register(&ModelId::new("t").unwrap(), &bad).await.unwrap_err();
+        assert!(err.to_string().contains("\"Tensor Flow\" is not a format name"), "{err}");
         assert!(registry.unregister(&id).await.unwrap().is_some());
         assert_eq!(registry.unregister(&id).await.unwrap(), None);
         assert_eq!(registry.model(&id).await.unwrap(), None);

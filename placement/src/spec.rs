@@ -2,8 +2,16 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Model formats with a runtime in this build, by modelmesh-serving's format names.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["onnx"];
+/// What a pod offered before instance records listed their model types: ONNX, then the only runtime.
+pub const LEGACY_MODEL_TYPES: &[&str] = &["onnx"];
+
+/// Whether `name` can be a model format: modelmesh-serving's format names (`onnx`, `sklearn`,
+/// `huggingface`, a custom runtime's own) are short lower-case words. Which formats are served is up
+/// to the pods (their runtimes), not to the registry.
+pub fn is_format_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
 
 /// Who registered a model: the repository watcher never unregisters what the API registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,13 +217,13 @@ mod tests {
     }
 
     #[test]
-    fn an_instance_record_without_model_types_offers_every_supported_type() {
+    fn an_instance_record_without_model_types_offers_what_pods_offered_then() {
         let old: InstanceRecord = serde_json::from_str(
             r#"{"endpoint":"e","capacity_bytes":1,"used_bytes":0,"models_loaded":0,"loading":0,"lru_age_seconds":0,"started_ms":0}"#,
         )
         .unwrap();
-        assert_eq!(old.model_types, every_supported_type());
-        assert!(SUPPORTED_MODEL_TYPES.iter().all(|t| old.offers(t)));
+        assert_eq!(old.model_types, legacy_model_types());
+        assert!(LEGACY_MODEL_TYPES.iter().all(|t| old.offers(t)));
         // One that offers nothing says so, and reads back the same: `[]` is not the absent field.
         let none = InstanceRecord { model_types: Vec::new(), ..old.clone() };
         let json = serde_json::to_string(&none).unwrap();
@@ -273,9 +281,9 @@ pub struct InstanceRecord {
     pub draining: bool,
     pub started_ms: u64,
     /// Model formats it loads (`--model-types`, ModelMesh's type constraints): placement sends it only
-    /// models of these types. A record written before the field existed offers every type this build
-    /// supports, as that pod did; an empty list offers none.
-    #[serde(default = "every_supported_type")]
+    /// models of these types. A record written before the field existed offers what that pod's build
+    /// did ([`LEGACY_MODEL_TYPES`]); an empty list offers none.
+    #[serde(default = "legacy_model_types")]
     pub model_types: Vec<String>,
 }
 
@@ -286,9 +294,9 @@ impl InstanceRecord {
     }
 }
 
-/// [`SUPPORTED_MODEL_TYPES`], owned: what an instance record without `model_types` offers.
-pub fn every_supported_type() -> Vec<String> {
-    SUPPORTED_MODEL_TYPES.iter().map(|t| (*t).to_owned()).collect()
+/// [`LEGACY_MODEL_TYPES`], owned: what an instance record without `model_types` offers.
+pub fn legacy_model_types() -> Vec<String> {
+    LEGACY_MODEL_TYPES.iter().map(|t| (*t).to_owned()).collect()
 }
 
 /// One copy of a model on one pod; written by that pod under its lease.

@@ -23,7 +23,7 @@ use std::time::Duration;
 pub use location::{Location, Remote, StorageRef, resolve as resolve_location};
 pub use map::Mapped;
 pub use puller::{Fetched, PullConfig, Puller};
-pub use repository::{LocalModel, LocalRepository, resolve_path};
+pub use repository::{LocalModel, LocalRepository, MODEL_FILES, format_of, resolve_path};
 pub use storage::{Backend, StorageConfig, StorageEntry};
 
 /// Metric names (the mesh installs the recorder and describes them).

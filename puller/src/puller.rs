@@ -410,11 +410,7 @@ impl Puller {
 
     fn fetched(&self, pin: Pin, source: &'static str) -> Result<Fetched> {
         let file_bytes = std::fs::metadata(&pin.main).map(|m| m.len()).unwrap_or(pin.bytes);
-        Ok(Fetched {
-            model: LocalModel { path: pin.main.clone(), version: None, file_bytes },
-            pin: Some(pin),
-            source,
-        })
+        Ok(Fetched { model: LocalModel::new(pin.main.clone(), None, file_bytes), pin: Some(pin), source })
     }
 
     fn store_for(&self, remote: &Remote) -> Result<Arc<dyn ObjectStore>> {
@@ -477,8 +473,9 @@ impl Drop for Flight {
     }
 }
 
-/// The model file of a pull: the object itself, or in a directory model `model.onnx` (directly or
-/// in the highest numeric version dir), else its only `.onnx` file.
+/// The model file of a pull: the object itself, or in a directory model the first of
+/// [`MODEL_FILES`](crate::repository::MODEL_FILES) there (directly, else in the highest numeric version
+/// dir), else its only `.onnx` file.
 fn main_file(remote: &Remote, objects: &[Object]) -> Result<PathBuf> {
     let no_model = || Error::NoModelFile { uri: remote.uri() };
     if let [only] = objects
@@ -487,19 +484,23 @@ fn main_file(remote: &Remote, objects: &[Object]) -> Result<PathBuf> {
         return Ok(only.relative.clone());
     }
     let names: Vec<&Path> = objects.iter().map(|o| o.relative.as_path()).collect();
-    if names.contains(&Path::new("model.onnx")) {
-        return Ok("model.onnx".into());
+    for (file, _) in crate::repository::MODEL_FILES {
+        if names.contains(&Path::new(file)) {
+            return Ok(file.into());
+        }
     }
-    let versioned = names
-        .iter()
-        .filter_map(|n| {
-            let mut parts = n.iter();
-            let version: u64 = parts.next()?.to_str()?.parse().ok()?;
-            (parts.next()? == "model.onnx" && parts.next().is_none()).then_some((version, *n))
-        })
-        .max_by_key(|(v, _)| *v);
-    if let Some((_, name)) = versioned {
-        return Ok(name.to_owned());
+    for (file, _) in crate::repository::MODEL_FILES {
+        let versioned = names
+            .iter()
+            .filter_map(|n| {
+                let mut parts = n.iter();
+                let version: u64 = parts.next()?.to_str()?.parse().ok()?;
+                (parts.next()? == *file && parts.next().is_none()).then_some((version, *n))
+            })
+            .max_by_key(|(v, _)| *v);
+        if let Some((_, name)) = versioned {
+            return Ok(name.to_owned());
+        }
     }
     let onnx: Vec<&&Path> = names.iter().filter(|n| n.extension().is_some_and(|e| e == "onnx")).collect();
     match onnx.as_slice() {

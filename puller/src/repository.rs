@@ -1,5 +1,7 @@
 //! A local model repository: `DIR/<model-id>/model.onnx`, or Triton-style
-//! `DIR/<model-id>/<version>/model.onnx` where the highest numeric version wins.
+//! `DIR/<model-id>/<version>/model.onnx` where the highest numeric version wins. Other formats are
+//! found by their main file's name (see [`MODEL_FILES`]): `model.safetensors` with its `config.json`
+//! and tokenizer beside it, `model.joblib`, `model.bst`, ...
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -8,8 +10,34 @@ use densemesh_placement::ModelId;
 
 use crate::{Error, Result};
 
-/// File names that mark a model directory, in order of preference.
-const MODEL_FILES: &[&str] = &["model.onnx"];
+/// File names that mark a model directory, in order of preference, with the model format each
+/// implies (the registered model type a repository model gets). The names are those the runtimes'
+/// own tools write: Triton's `model.onnx`, Hugging Face's `model.safetensors`, MLServer's defaults.
+/// LightGBM also writes `model.bst` elsewhere, but here it is XGBoost's: a LightGBM model is
+/// `model.txt` (LightGBM's own text format) or is registered with its type through the API.
+pub const MODEL_FILES: &[(&str, &str)] = &[
+    ("model.onnx", "onnx"),
+    ("model.safetensors", "huggingface"),
+    ("model.joblib", "sklearn"),
+    ("model.pkl", "sklearn"),
+    ("model.bst", "xgboost"),
+    ("model.ubj", "xgboost"),
+    ("model.txt", "lightgbm"),
+];
+
+/// The model format a file's name implies: a [`MODEL_FILES`] name, else by extension (`.onnx`,
+/// `.safetensors`, `.joblib`, ...); empty when nothing does.
+pub fn format_of(path: &Path) -> &'static str {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if let Some((_, format)) = MODEL_FILES.iter().find(|(file, _)| *file == name) {
+        return format;
+    }
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+    MODEL_FILES
+        .iter()
+        .find(|(file, _)| Path::new(file).extension().is_some_and(|e| e == extension))
+        .map_or("", |(_, format)| format)
+}
 
 /// A model found on local disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +48,17 @@ pub struct LocalModel {
     pub version: Option<u64>,
     /// Size of the main file, the basis of the size predicted before loading.
     pub file_bytes: u64,
+    /// The model format: what the main file's name implies ([`format_of`]), or the type the model
+    /// was registered with, which the caller sets and which wins.
+    pub format: String,
+}
+
+impl LocalModel {
+    /// The model at `path`, of the format its name implies.
+    pub fn new(path: PathBuf, version: Option<u64>, file_bytes: u64) -> Self {
+        let format = format_of(&path).to_owned();
+        Self { path, version, file_bytes, format }
+    }
 }
 
 /// A directory of models. Ids are validated [`ModelId`]s, so a lookup never leaves the directory.
@@ -64,12 +103,12 @@ impl LocalRepository {
     }
 }
 
-/// A model at a local path: the file itself, or a directory holding `model.onnx` directly or in its
-/// highest numeric version directory. `None` when nothing is there; blocking.
+/// A model at a local path: the file itself, or a directory holding a [`MODEL_FILES`] file directly or
+/// in its highest numeric version directory. `None` when nothing is there; blocking.
 pub fn resolve_path(path: &Path) -> Result<Option<LocalModel>> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => {
-            return Ok(Some(LocalModel { path: path.to_owned(), version: None, file_bytes: meta.len() }));
+            return Ok(Some(LocalModel::new(path.to_owned(), None, meta.len())));
         }
         Ok(_) => {}
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => return Ok(None),
@@ -90,11 +129,11 @@ pub fn resolve_path(path: &Path) -> Result<Option<LocalModel>> {
 }
 
 fn model_file_in(dir: &Path, version: Option<u64>) -> Result<Option<LocalModel>> {
-    for name in MODEL_FILES {
+    for (name, _) in MODEL_FILES {
         let path = dir.join(name);
         match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => {
-                return Ok(Some(LocalModel { path, version, file_bytes: meta.len() }));
+                return Ok(Some(LocalModel::new(path, version, meta.len())));
             }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {}
@@ -163,5 +202,39 @@ mod tests {
         let repo = LocalRepository::new(dir.path().join("absent"));
         assert!(repo.list().unwrap().is_empty());
         assert!(matches!(repo.candidates(), Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn other_formats_are_found_by_their_main_file_and_carry_its_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = LocalRepository::new(dir.path());
+        touch(&dir.path().join("bert/model.safetensors"), 5);
+        touch(&dir.path().join("bert/config.json"), 2);
+        touch(&dir.path().join("bert/tokenizer.json"), 2);
+        touch(&dir.path().join("iris/model.joblib"), 4);
+        touch(&dir.path().join("boost/3/model.bst"), 6);
+        touch(&dir.path().join("both/model.onnx"), 1);
+        touch(&dir.path().join("both/model.joblib"), 1);
+        let found = |id: &str| repo.resolve(&ModelId::new(id).unwrap()).unwrap();
+        let bert = found("bert");
+        assert_eq!(
+            (bert.path.file_name().unwrap().to_str(), bert.format.as_str()),
+            (Some("model.safetensors"), "huggingface")
+        );
+        assert_eq!((found("iris").format.as_str(), found("iris").file_bytes), ("sklearn", 4));
+        assert_eq!((found("boost").format.as_str(), found("boost").version), ("xgboost", Some(3)));
+        // The first of MODEL_FILES wins where a directory holds several.
+        assert_eq!(found("both").format, "onnx");
+    }
+
+    #[test]
+    fn a_file_named_directly_has_the_format_of_its_extension() {
+        assert_eq!(format_of(Path::new("/m/model.onnx")), "onnx");
+        assert_eq!(format_of(Path::new("/m/classifier.onnx")), "onnx");
+        assert_eq!(format_of(Path::new("/m/iris.joblib")), "sklearn");
+        assert_eq!(format_of(Path::new("/m/weights.safetensors")), "huggingface");
+        assert_eq!(format_of(Path::new("/m/booster.ubj")), "xgboost");
+        assert_eq!(format_of(Path::new("/m/notes.md")), "");
+        assert_eq!(format_of(Path::new("/m/noextension")), "");
     }
 }

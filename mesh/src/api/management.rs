@@ -49,6 +49,18 @@ impl Management {
     /// The spec of a registration, its location checked.
     fn checked_spec(&self, info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, Status> {
         let spec = spec_from(info, auto_delete)?;
+        let offered = self.placer.offered_types();
+        if !offered.contains(&spec.model_type) {
+            // Refused before it is written: a registration no pod can ever load would only fail later,
+            // on every request, far from the mistake.
+            let offered: Vec<&str> = offered.iter().map(String::as_str).collect();
+            return Err(Status::invalid_argument(format!(
+                "model type {:?} is offered by no pod; offered: {} (a pod offers its runtimes' formats: \
+                 --model-types, --runtime-config)",
+                spec.model_type,
+                if offered.is_empty() { "none".to_owned() } else { offered.join(", ") }
+            )));
+        }
         if let Some(puller) = &self.puller {
             puller
                 .check_local(&spec.path, spec.key.as_deref())
@@ -185,6 +197,12 @@ fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, St
     let info = info.ok_or_else(|| Status::invalid_argument("modelInfo is required (type and path)"))?;
     if info.r#type.is_empty() {
         return Err(Status::invalid_argument("modelInfo.type is required (e.g. onnx)"));
+    }
+    if !densemesh_placement::spec::is_format_name(&info.r#type) {
+        return Err(Status::invalid_argument(format!(
+            "modelInfo.type {:?} is not a format name (lower-case, e.g. onnx, huggingface, sklearn)",
+            info.r#type
+        )));
     }
     Ok(ModelSpec {
         key: (!info.key.is_empty()).then_some(info.key),

@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use densemesh_placement::route::Refusal;
 use densemesh_placement::{ClusterView, ModelId};
+use densemesh_runtime_core::Error as RuntimeError;
 
 use crate::cluster::forward::{Destination, Forwarder};
 use crate::cluster::peers;
@@ -156,7 +157,19 @@ impl InferenceService {
             };
             v2::check(id.as_str(), lease.metadata(), &decoded.request)?;
             let version = lease.version().map_or(requested_version, |v| v.to_string());
-            let outputs = self.worker.infer(lease, decoded.request).await?;
+            let copy = lease.copy();
+            // Tensors are `Bytes`: the copy kept for a retry shares their buffers.
+            let outputs = match self.worker.infer(lease, decoded.request.clone()).await {
+                Err(MeshError::Runtime { source: RuntimeError::Lost { reason, .. }, .. }) => {
+                    // The runtime's process died and came back without the model: load it again and
+                    // answer, once. A second loss is an error like any other.
+                    tracing::warn!(%reason, "model lost by its runtime; loading it again");
+                    self.cache.drop_lost(&id, &copy).await;
+                    let lease = self.cache.acquire(&id).await?;
+                    self.worker.infer(lease, decoded.request).await?
+                }
+                outputs => outputs?,
+            };
             let name = if model_name.is_empty() { id.to_string() } else { model_name };
             Ok(v2::encode(name, version, request_id, outputs, decoded.raw))
         }

@@ -490,7 +490,7 @@ mod tests {
             anti_churn_age: Duration::ZERO,
             wait_limit: Duration::from_secs(10),
             model_repo: std::path::PathBuf::new(),
-            model_types: densemesh_placement::spec::every_supported_type(),
+            model_types: densemesh_placement::spec::legacy_model_types(),
             admin_token: None,
         };
         let placer = Placer::new("me".into(), view, cache, Peers::new(Duration::from_secs(10)), config);

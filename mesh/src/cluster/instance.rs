@@ -335,7 +335,7 @@ mod tests {
             id: "pod-a".into(),
             endpoint: "127.0.0.1:1".into(),
             lease_ttl: Duration::from_secs(30),
-            model_types: densemesh_placement::spec::every_supported_type(),
+            model_types: densemesh_placement::spec::legacy_model_types(),
             health: RegistryHealth::new(Duration::from_secs(30)),
             lease: Arc::new(tokio::sync::watch::channel(None).0),
         };

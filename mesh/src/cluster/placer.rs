@@ -147,6 +147,16 @@ impl Placer {
         self.inner.view.model_type(id).is_none_or(|t| self.offers_type(&t))
     }
 
+    /// Every model type some live pod offers, this one included, sorted: what a registration may name.
+    pub fn offered_types(&self) -> std::collections::BTreeSet<String> {
+        let mut offered: std::collections::BTreeSet<String> =
+            self.inner.config.model_types.iter().cloned().collect();
+        for record in self.inner.view.instances_snapshot().values() {
+            offered.extend(record.model_types.iter().cloned());
+        }
+        offered
+    }
+
     fn offers_type(&self, model_type: &str) -> bool {
         self.inner.config.model_types.iter().any(|t| t == model_type)
     }

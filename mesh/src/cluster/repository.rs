@@ -128,8 +128,8 @@ pub async fn sync_once(
         .map_err(|e| RegistryError::Invalid(format!("repository scan failed: {e}")))?
         .map_err(|e| RegistryError::Invalid(format!("cannot read the model repository: {e}")))?;
     let mut report = SyncReport::default();
-    for (id, generation) in &found.models {
-        let spec = repository_spec(id, *generation);
+    for (id, generation, format) in &found.models {
+        let spec = repository_spec(id, *generation, format);
         match registry.model(id).await? {
             None => {
                 if registry.replace(id, &spec, 0).await? {
@@ -148,7 +148,8 @@ pub async fn sync_once(
             Some(_) => {}
         }
     }
-    let present: HashSet<&ModelId> = found.models.iter().map(|(id, _)| id).chain(&found.unreadable).collect();
+    let present: HashSet<&ModelId> =
+        found.models.iter().map(|(id, _, _)| id).chain(&found.unreadable).collect();
     let gone = view
         .models()
         .into_iter()
@@ -169,9 +170,9 @@ pub async fn sync_once(
 }
 
 /// The spec a repository model is registered with: nothing in it depends on this pod.
-fn repository_spec(id: &ModelId, generation: u64) -> ModelSpec {
+fn repository_spec(id: &ModelId, generation: u64, format: &str) -> ModelSpec {
     ModelSpec {
-        model_type: "onnx".to_owned(),
+        model_type: format.to_owned(),
         path: repository_spec_path(id),
         key: None,
         source: Source::Repository,
@@ -189,8 +190,8 @@ fn model_key(registry: &Registry, id: &ModelId) -> String {
 /// What a scan found.
 #[derive(Debug, Default)]
 struct Scan {
-    /// Models with the generation of their content.
-    models: Vec<(ModelId, u64)>,
+    /// Models with the generation of their content and the format their main file's name implies.
+    models: Vec<(ModelId, u64, String)>,
     /// Models there but unreadable this time: left as registered, neither written nor removed.
     unreadable: Vec<ModelId>,
 }
@@ -201,8 +202,8 @@ fn scan(root: &Path) -> densemesh_puller::Result<Scan> {
     let mut found = Scan::default();
     let mut hashed = HashSet::new();
     for id in repository.candidates()? {
-        let files = match repository.resolve(&id) {
-            Ok(local) => vec![local.path],
+        let (files, format) = match repository.resolve(&id) {
+            Ok(local) => (vec![local.path], local.format),
             Err(densemesh_puller::Error::NotFound { .. }) => continue,
             Err(e) => {
                 tracing::warn!(model_id = %id, error = %e, "cannot read a repository model; leaving its registration as it is");
@@ -211,7 +212,7 @@ fn scan(root: &Path) -> densemesh_puller::Result<Scan> {
             }
         };
         match content_generation(&files) {
-            Ok(generation) => found.models.push((id, generation)),
+            Ok(generation) => found.models.push((id, generation, format)),
             // Removed between the lookup and the read: gone.
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => {
@@ -465,7 +466,7 @@ mod tests {
         let api = ModelSpec {
             source: Source::Api,
             path: "/elsewhere/a".to_owned(),
-            ..repository_spec(&id("a"), 0)
+            ..repository_spec(&id("a"), 0, "onnx")
         };
         let registered = pod.registry.register(&id("a"), &api).await.unwrap();
 
@@ -483,7 +484,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let pod = pod(&store).await;
         let legacy_path = root.join("a").to_string_lossy().into_owned();
-        let legacy = ModelSpec { path: legacy_path.clone(), ..repository_spec(&id("a"), 12345) };
+        let legacy = ModelSpec { path: legacy_path.clone(), ..repository_spec(&id("a"), 12345, "onnx") };
         pod.registry.replace(&id("a"), &legacy, 0).await.unwrap();
         assert_eq!(resolve_repository_path(dir.path(), &legacy_path).unwrap(), dir.path().join("a"));
 

@@ -222,3 +222,38 @@ async fn with_no_window_every_pull_asks_the_store() {
     }
     assert_eq!((store.heads.load(Ordering::SeqCst), store.gets.load(Ordering::SeqCst)), (3, 1));
 }
+
+fn directory_of(names: &[&str]) -> (Remote, Vec<crate::fetch::Object>) {
+    let remote = Remote {
+        backend: Backend::S3,
+        storage_key: None,
+        bucket: "models".into(),
+        path: ObjectPath::from("dir"),
+    };
+    let objects = names
+        .iter()
+        .map(|n| crate::fetch::Object {
+            location: ObjectPath::from(format!("dir/{n}")),
+            relative: n.into(),
+            size: 1,
+            e_tag: None,
+            version: None,
+        })
+        .collect();
+    (remote, objects)
+}
+
+#[test]
+fn a_directory_model_of_any_known_format_has_its_main_file_found() {
+    let main = |names: &[&str]| {
+        let (remote, objects) = directory_of(names);
+        main_file(&remote, &objects).map(|p| p.to_string_lossy().into_owned())
+    };
+    let hugging_face = ["config.json", "model.safetensors", "tokenizer.json", "1_Pooling/config.json"];
+    assert_eq!(main(&hugging_face).unwrap(), "model.safetensors");
+    assert_eq!(main(&["model-settings.json", "model.joblib"]).unwrap(), "model.joblib");
+    assert_eq!(main(&["1/model.bst", "4/model.bst", "12/model.bst"]).unwrap(), "12/model.bst");
+    assert_eq!(main(&["model.joblib", "model.onnx"]).unwrap(), "model.onnx");
+    assert_eq!(main(&["README.md", "classifier.onnx"]).unwrap(), "classifier.onnx");
+    assert!(matches!(main(&["README.md", "weights.bin"]), Err(Error::NoModelFile { .. })));
+}

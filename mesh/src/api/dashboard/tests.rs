@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use densemesh_placement::spec::every_supported_type;
+use densemesh_placement::spec::legacy_model_types;
 
 use super::*;
 
@@ -20,7 +20,7 @@ fn record(endpoint: &str, capacity: u64, used: u64) -> InstanceRecord {
         requests_per_minute: 42,
         draining: false,
         started_ms: 5,
-        model_types: every_supported_type(),
+        model_types: legacy_model_types(),
     }
 }
 

@@ -32,7 +32,7 @@ async fn pod(registry: &Registry, name: &str, repo: &std::path::Path) -> Pod {
         anti_churn_age: Duration::ZERO,
         wait_limit: Duration::from_secs(5),
         model_repo: repo.to_owned(),
-        model_types: densemesh_placement::spec::every_supported_type(),
+        model_types: densemesh_placement::spec::legacy_model_types(),
         admin_token: None,
     };
     let placer = Placer::new(name.into(), view.clone(), cache, Peers::new(Duration::from_secs(5)), config);

@@ -127,7 +127,23 @@ pub struct Lease {
     entry: Arc<Entry>,
 }
 
+/// Which copy a lease was on, without keeping it alive: a caller that finds the copy broken drops
+/// that copy, not a newer one loaded meanwhile.
+#[derive(Debug, Clone)]
+pub struct HeldCopy(std::sync::Weak<Entry>);
+
+impl HeldCopy {
+    pub(super) fn is(&self, entry: &Arc<Entry>) -> bool {
+        std::ptr::eq(self.0.as_ptr(), Arc::as_ptr(entry))
+    }
+}
+
 impl Lease {
+    /// The copy this lease is on.
+    pub fn copy(&self) -> HeldCopy {
+        HeldCopy(Arc::downgrade(&self.entry))
+    }
+
     /// A use of `entry` at the cache's GDSF `clock` (read under the cache's lock, like eviction).
     pub(super) fn new(entry: Arc<Entry>, clock: Clock) -> Self {
         entry.in_flight.fetch_add(1, Ordering::AcqRel);

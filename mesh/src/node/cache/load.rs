@@ -157,9 +157,10 @@ impl Inner {
                 source: e.into(),
             })?;
             let path = fetched.model.path.clone();
+            let model_type = fetched.model.format.clone();
             let contents = contents.map(|m| ModelBytes(Arc::new(m)));
             // `fetched` (and its pin on the disk-cache entry) lives until the runtime is done.
-            let loaded = runtime.load(&LoadRequest { model_id, model_type: String::new(), path, contents });
+            let loaded = runtime.load(&LoadRequest { model_id, model_type, path, contents });
             drop(fetched);
             loaded
         });

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use entry::{Entry, Lease};
+pub use entry::{Entry, HeldCopy, Lease};
 
 use crate::error::CacheError;
 use crate::metrics as m;
@@ -371,8 +371,25 @@ impl ModelCache {
     /// Drops a model from the cache (unregistered, or its files changed); requests holding a lease
     /// finish on it first. Also forgets a remembered failure, so a fixed model loads at once.
     pub async fn unload(&self, id: &ModelId) {
+        self.remove(id, None).await;
+    }
+
+    /// Drops `copy` of a model because its runtime lost it ([`Error::Lost`]: a remote runtime's process
+    /// restarted), unless a newer copy has replaced it already; the next acquire loads it again.
+    ///
+    /// [`Error::Lost`]: densemesh_runtime_core::Error::Lost
+    pub async fn drop_lost(&self, id: &ModelId, copy: &HeldCopy) {
+        self.remove(id, Some(copy)).await;
+    }
+
+    async fn remove(&self, id: &ModelId, only: Option<&HeldCopy>) {
         let evicted = {
             let mut state = self.inner.state.lock();
+            if let Some(copy) = only
+                && !state.resident.peek(id).is_some_and(|entry| copy.is(entry))
+            {
+                return;
+            }
             state.failures.remove(id);
             let evicted = state.resident.pop(id);
             if let Some(entry) = &evicted {

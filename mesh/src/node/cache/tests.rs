@@ -505,3 +505,22 @@ async fn a_load_past_its_timeout_keeps_its_slot_and_bytes_until_the_runtime_retu
     assert_eq!(f.free_load_slots(), 1);
     assert_eq!(f.resident(), ["other"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_copy_is_dropped_once_and_a_newer_copy_is_left_alone() {
+    let f = fixture(1000, |_| {});
+    let a = f.sized("a", 100);
+    let lease = f.cache.acquire(&a).await.unwrap();
+    let lost = lease.copy();
+    drop(lease);
+    f.cache.drop_lost(&a, &lost).await;
+    assert!(!f.cache.is_loaded(&a));
+    assert_eq!(f.cache.used_bytes(), 0, "its bytes are given back");
+
+    // A second request that saw the same loss after the model was loaded again drops nothing.
+    drop(f.cache.acquire(&a).await.unwrap());
+    assert_eq!(f.loads(), 2);
+    f.cache.drop_lost(&a, &lost).await;
+    assert!(f.cache.is_loaded(&a));
+    assert_eq!(f.cache.used_bytes(), 100);
+}

@@ -36,6 +36,11 @@ fn describe(specs: &[TensorSpec]) -> String {
 
 /// Checks decoded inputs and requested outputs against the model's declared interface.
 pub fn check(model_id: &str, metadata: &ModelMetadata, request: &InferRequest) -> Result<(), MeshError> {
+    // A model that declares no inputs (a remote runtime's scikit-learn model often does not) is checked
+    // by its runtime alone; likewise for outputs.
+    if metadata.inputs.is_empty() {
+        return check_outputs(model_id, metadata, request);
+    }
     for tensor in &request.inputs {
         let Some(spec) = metadata.inputs.iter().find(|s| s.name == tensor.name) else {
             return Err(invalid(format!(
@@ -67,6 +72,13 @@ pub fn check(model_id: &str, metadata: &ModelMetadata, request: &InferRequest) -
             missing.shape,
             describe(&metadata.inputs)
         )));
+    }
+    check_outputs(model_id, metadata, request)
+}
+
+fn check_outputs(model_id: &str, metadata: &ModelMetadata, request: &InferRequest) -> Result<(), MeshError> {
+    if metadata.outputs.is_empty() {
+        return Ok(());
     }
     for name in &request.outputs {
         if !metadata.outputs.iter().any(|s| &s.name == name) {

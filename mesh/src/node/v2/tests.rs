@@ -254,3 +254,15 @@ fn responses_round_trip_raw_and_typed() {
     let forced = encode("m".into(), String::new(), String::new(), half, false);
     assert_eq!(forced.raw_output_contents.len(), 1, "FP16 has no typed field, so the response is raw");
 }
+
+#[test]
+fn a_model_that_declares_no_interface_leaves_the_checks_to_its_runtime() {
+    let undeclared = ModelMetadata { platform: "mlserver".into(), inputs: vec![], outputs: vec![] };
+    let mut request = decode(valid()).unwrap().request;
+    request.outputs = vec!["anything".into()];
+    assert!(check("m", &undeclared, &request).is_ok());
+    // Declared outputs are still checked when the inputs are not declared.
+    let outputs_only = ModelMetadata { outputs: metadata().outputs, ..undeclared };
+    let err = check("m", &outputs_only, &request).unwrap_err().to_string();
+    assert!(err.contains("no output named \"anything\""), "{err}");
+}
