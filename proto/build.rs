@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/kserve/grpc_predict_v2.proto",
         "proto/modelmesh/model-mesh.proto",
+        "proto/modelmesh/model-runtime.proto",
         "proto/densemesh/admin.proto",
     ];
     for proto in &protos {

@@ -115,6 +115,15 @@ pub enum ServeError {
     Puller(#[from] densemesh_puller::Error),
 }
 
+/// The gRPC services meshd serves, as reflection lists them.
+const SERVED_SERVICES: &[&str] = &[
+    "inference.GRPCInferenceService",
+    "mmesh.ModelMesh",
+    "densemesh.v1.Admin",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 /// Installs the process-wide Prometheus recorder; call once.
 pub fn install_metrics() -> Result<PrometheusHandle, ServeError> {
     let handle = PrometheusBuilder::new()
@@ -262,12 +271,18 @@ pub async fn run(
     );
     // REST calls the very front gRPC clients reach: one routing decision for both protocols.
     let rest = crate::api::rest::Rest::new(inference.clone(), service, config.max_message_size);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET)
+    // Reflection lists the services served here; the descriptor set also holds the runtime SPI, which
+    // meshd calls on runtimes and never serves.
+    let served = |builder: tonic_reflection::server::Builder<'static>| {
+        SERVED_SERVICES.iter().fold(
+            builder.register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(*name),
+        )
+    };
+    let reflection = served(tonic_reflection::server::Builder::configure())
         .build_v1()
         .map_err(|e| ServeError::Metrics(format!("reflection: {e}")))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(densemesh_proto::FILE_DESCRIPTOR_SET)
+    let reflection_alpha = served(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .map_err(|e| ServeError::Metrics(format!("reflection: {e}")))?;
 

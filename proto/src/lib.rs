@@ -10,7 +10,8 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
-/// ModelMesh's management API (`mmesh.ModelMesh`): model and vmodel registration.
+/// ModelMesh's management API (`mmesh.ModelMesh`): model and vmodel registration; and its model-runtime
+/// SPI (`mmesh.ModelRuntime`), which the mesh calls on a runtime beside it.
 pub mod mmesh {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("mmesh");

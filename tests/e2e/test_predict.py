@@ -165,13 +165,15 @@ def test_typed_contents_get_typed_contents_back(examples_server):
     np.testing.assert_allclose(np.array(out.contents.fp32_contents).reshape(2, 3), want, rtol=1e-5)
 
 
-def test_reflection_lists_the_inference_service(examples_server):
+def test_reflection_lists_the_services_served(examples_server):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(examples_server.channel)
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     services = {s.name for r in responses for s in r.list_services_response.service}
-    assert "inference.GRPCInferenceService" in services
+    # What meshd serves, and not the runtime SPI (mmesh.ModelRuntime) it only calls.
+    assert services == {"inference.GRPCInferenceService", "mmesh.ModelMesh", "densemesh.v1.Admin",
+                        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}, services
 
 
 def test_the_kserve_sdk_client(examples_server):

@@ -106,4 +106,56 @@ pub trait LoadedModel: Send + Sync + 'static {
 
     /// Runs one inference; blocking. Inputs have been validated against [`metadata`](Self::metadata).
     fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>>;
+
+    /// Where the model's runtime serves gRPC itself, for calls the mesh passes through as they came
+    /// (ModelMesh's protocol-agnostic inference: any method, routed by the `mm-model-id` header).
+    /// `None`, the default, for a model run in this process.
+    fn passthrough(&self) -> Option<&Passthrough> {
+        None
+    }
+}
+
+/// A runtime in another process that takes inference calls of its own methods (see
+/// [`LoadedModel::passthrough`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passthrough {
+    /// The runtime's gRPC endpoint: `http://host:port`, or `unix:///path/to.sock`.
+    pub endpoint: String,
+    /// The methods it serves (`/package.Service/Method`), each with the path of protobuf field numbers
+    /// to a string field of the request that is overwritten with the model id (empty: none). An empty
+    /// list with `allow_any_method` unset allows any method, as in ModelMesh.
+    pub methods: Vec<(String, Vec<u32>)>,
+    /// Any method may pass, whatever `methods` lists.
+    pub allow_any_method: bool,
+}
+
+impl Passthrough {
+    /// Whether a call of `path` (`/package.Service/Method`) may pass, and the id-injection path for it.
+    pub fn method(&self, path: &str) -> Option<&[u32]> {
+        match self.methods.iter().find(|(m, _)| m == path) {
+            Some((_, injection)) => Some(injection),
+            None if self.allow_any_method || self.methods.is_empty() => Some(&[]),
+            None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passthrough_allows_its_listed_methods_or_any_when_it_lists_none() {
+        let listed = Passthrough {
+            endpoint: "http://127.0.0.1:1".into(),
+            methods: vec![("/p.S/Predict".into(), vec![1, 2])],
+            allow_any_method: false,
+        };
+        assert_eq!(listed.method("/p.S/Predict"), Some(&[1, 2][..]));
+        assert_eq!(listed.method("/p.S/Other"), None);
+        let any = Passthrough { allow_any_method: true, ..listed.clone() };
+        assert_eq!(any.method("/p.S/Other"), Some(&[][..]));
+        let unlisted = Passthrough { methods: vec![], ..listed };
+        assert_eq!(unlisted.method("/x.Y/Z"), Some(&[][..]));
+    }
 }
