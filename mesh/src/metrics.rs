@@ -24,6 +24,8 @@ pub const REQUEST_DURATION: &str = "densemesh_request_duration_seconds";
 pub const REQUESTS: &str = "densemesh_requests_total";
 pub const QUEUE_WAIT: &str = "densemesh_queue_wait_seconds";
 pub const FORWARDED_REQUESTS: &str = "densemesh_forwarded_requests_total";
+pub const PASSTHROUGH_REQUESTS: &str = "densemesh_passthrough_requests_total";
+pub const PASSTHROUGH_DURATION: &str = "densemesh_passthrough_duration_seconds";
 pub const REQUEST_SIZE: &str = "densemesh_request_size_bytes";
 pub const RESPONSE_SIZE: &str = "densemesh_response_size_bytes";
 pub const LOAD_QUEUE_WAIT: &str = "densemesh_load_queue_wait_seconds";
@@ -90,6 +92,15 @@ pub fn describe() {
     describe_counter!(
         FORWARDED_REQUESTS,
         "Requests forwarded to another pod, by result (ok, retried, error, fallback)"
+    );
+    describe_counter!(
+        PASSTHROUGH_REQUESTS,
+        "Calls of a runtime's own gRPC methods passed to it by mm-model-id, by result (ok, error)"
+    );
+    describe_histogram!(
+        PASSTHROUGH_DURATION,
+        Unit::Seconds,
+        "Time to answer one call passed to a runtime, the runtime's time included"
     );
     describe_histogram!(REQUEST_SIZE, Unit::Bytes, "Size of each ModelInfer request message");
     describe_histogram!(RESPONSE_SIZE, Unit::Bytes, "Size of each ModelInfer response message");

@@ -270,7 +270,9 @@ pub async fn run(
         config.max_message_size,
     );
     // REST calls the very front gRPC clients reach: one routing decision for both protocols.
-    let rest = crate::api::rest::Rest::new(inference.clone(), service, config.max_message_size);
+    let rest = crate::api::rest::Rest::new(inference.clone(), service.clone(), config.max_message_size);
+    let passthrough =
+        crate::api::passthrough::PassthroughLayer::new(service, SERVED_SERVICES, config.max_message_size);
     // Reflection lists the services served here; the descriptor set also holds the runtime SPI, which
     // meshd calls on runtimes and never serves.
     let served = |builder: tonic_reflection::server::Builder<'static>| {
@@ -293,6 +295,7 @@ pub async fn run(
     let stop = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(passthrough)
         .add_service(inference)
         .add_service(ModelMeshServer::with_interceptor(management, authorized.clone()))
         .add_service(densemesh_proto::admin::admin_server::AdminServer::with_interceptor(

@@ -1,6 +1,7 @@
 //! The surfaces clients and operators call: KServe V2 gRPC ([`service`]), ModelMesh's management API
 //! ([`management`]), densemesh's Admin API ([`admin_service`]), the HTTP admin endpoints ([`http`]) with
-//! the live [`dashboard`], and KServe V2 REST ([`rest`]).
+//! the live [`dashboard`], KServe V2 REST ([`rest`]), and runtimes' own methods passed through by model id
+//! ([`passthrough`]).
 //! They translate the wire into calls on the cluster and node rooms and never hold policy of their own.
 
 pub mod admin_service;
@@ -8,6 +9,8 @@ pub mod auth;
 pub mod dashboard;
 pub mod front;
 pub mod http;
+pub(crate) mod inject;
 pub mod management;
+pub mod passthrough;
 pub mod rest;
 pub mod service;

@@ -106,6 +106,20 @@ impl InferenceService {
         peers::catch_up_with_sender(&self.view, metadata, id, peers::FORWARDED_VIEW_WAIT).await;
     }
 
+    /// A lease on `id` here, loading it if need be: for a call the front or the passthrough decided to
+    /// serve here.
+    pub(crate) async fn lease(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        id: &ModelId,
+    ) -> Result<crate::node::cache::Lease, MeshError> {
+        if let Some(lease) = self.cache.lease_if_loaded(id) {
+            return Ok(lease);
+        }
+        self.catch_up_with_sender(metadata, id).await;
+        Ok(self.cache.acquire(id).await?)
+    }
+
     /// Whether `ModelInfer` calls with these headers are routed by placement (the front does that, see
     /// [`crate::api::front`]): not when this pod runs alone, nor for a call forwarded here.
     pub(crate) fn routes(&self, headers: &http::HeaderMap) -> bool {

@@ -115,7 +115,7 @@ impl Forwarder {
 
     /// `ModelInfer` for a peer: the client's body and headers as they came, less the ones that named
     /// what this pod resolved, marked.
-    fn raw_request(&self, id: &ModelId, headers: &HeaderMap, body: Bytes) -> http::Request<Body> {
+    fn raw_request(&self, id: &ModelId, path: &str, headers: &HeaderMap, body: Bytes) -> http::Request<Body> {
         let mut headers = headers.clone();
         for name in RESOLVED_HERE {
             headers.remove(name);
@@ -124,7 +124,8 @@ impl Forwarder {
         self.mark(id, &mut metadata);
         let mut request = http::Request::new(Body::new(Full::new(body)));
         *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = http::Uri::from_static(MODEL_INFER_PATH);
+        *request.uri_mut() =
+            http::Uri::try_from(path).unwrap_or_else(|_| http::Uri::from_static(MODEL_INFER_PATH));
         *request.headers_mut() = metadata.into_headers();
         request
     }
@@ -223,10 +224,23 @@ impl Forwarder {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Forwarded<RawAnswer> {
+        self.forward_call(peer, id, MODEL_INFER_PATH, headers, body).await
+    }
+
+    /// [`Forwarder::forward`] for a call of any method (`path`, a valid `/package.Service/Method`): a
+    /// runtime's own method passed through by model id.
+    pub async fn forward_call(
+        &self,
+        peer: String,
+        id: &ModelId,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Forwarded<RawAnswer> {
         let max = self.max_message_size;
         let forwarded = self
             .with_failover(id, peer, |channel| {
-                pass_on(channel, self.raw_request(id, headers, body.clone()), max)
+                pass_on(channel, self.raw_request(id, path, headers, body.clone()), max)
             })
             .await;
         let result = match &forwarded {
@@ -264,7 +278,7 @@ pub enum Forwarded<T> {
 /// One call on a peer's channel, its answer read whole (at most a message of `max_message_size`): a
 /// peer that fails part way through is a failed peer, to be retried elsewhere, not half an answer for
 /// the client. Any status but OK is an error, for the failover to judge.
-async fn pass_on(
+pub(crate) async fn pass_on(
     mut channel: Channel,
     request: http::Request<Body>,
     max_message_size: usize,

@@ -1,0 +1,202 @@
+//! ModelMesh's protocol-agnostic inference: a call of any gRPC method meshd does not serve itself,
+//! naming its model in the `mm-model-id` (or `mm-vmodel-id`) header, goes to the runtime that holds
+//! that model, as the bytes it came in as. Placement routes it like `ModelInfer`: to the pod holding
+//! the model, or here after loading it. Only a runtime in another process that takes its own methods
+//! ([`Passthrough`]) can answer such a call; an in-process model answers KServe V2 alone.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use densemesh_runtime_core::Passthrough;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use parking_lot::Mutex;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service};
+use tonic::metadata::MetadataMap;
+use tonic::transport::{Channel, Endpoint};
+use tower_layer::Layer;
+
+use crate::api::inject::inject;
+use crate::api::service::{Decision, InferenceService};
+use crate::cluster::forward::{FRAME_HEADER, Forwarded};
+use crate::metrics as m;
+use crate::node::router::{MODEL_ID_HEADER, VMODEL_ID_HEADER};
+
+/// Wraps every service of the gRPC server: a call for a service listed in `served` goes on as it came.
+#[derive(Clone)]
+pub struct PassthroughLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    service: InferenceService,
+    /// The `package.Service` names meshd serves itself.
+    served: &'static [&'static str],
+    max_message_size: usize,
+    /// One channel per runtime endpoint, made on first use.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl PassthroughLayer {
+    pub fn new(service: InferenceService, served: &'static [&'static str], max_message_size: usize) -> Self {
+        let channels = Mutex::new(HashMap::new());
+        Self { shared: Arc::new(Shared { service, served, max_message_size, channels }) }
+    }
+}
+
+impl<S> Layer<S> for PassthroughLayer {
+    type Service = PassthroughService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        PassthroughService { inner, shared: self.shared.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct PassthroughService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Service<Request<Body>> for PassthroughService<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let service_name = request.uri().path().trim_start_matches('/').split('/').next().unwrap_or_default();
+        if self.shared.served.contains(&service_name) {
+            return Box::pin(self.inner.call(request));
+        }
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(shared.pass(request).await.unwrap_or_else(Status::into_http)) })
+    }
+}
+
+impl Shared {
+    async fn pass(&self, request: Request<Body>) -> Result<Response<Body>, Status> {
+        let started = Instant::now();
+        let path = request.uri().path().to_owned();
+        let (mut parts, body) = request.into_parts();
+        if !parts.headers.contains_key(MODEL_ID_HEADER) && !parts.headers.contains_key(VMODEL_ID_HEADER) {
+            return Err(Status::unimplemented(format!(
+                "meshd does not serve {path}; a runtime's own method reaches the runtime holding the model \
+                 named in the {MODEL_ID_HEADER} (or {VMODEL_ID_HEADER}) header, and this call names none"
+            )));
+        }
+        let max = self.max_message_size;
+        let bytes = match Limited::new(body, max + FRAME_HEADER).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => {
+                return Err(Status::invalid_argument(format!(
+                    "request message is too large: over the limit of {max} bytes (raise --max-message-size)"
+                )));
+            }
+            Err(e) => return Err(Status::cancelled(format!("the request broke off: {e}"))),
+        };
+        let metadata = MetadataMap::from_headers(std::mem::take(&mut parts.headers));
+        let Decision { id, peer } = self.service.decide(&metadata, "").map_err(Status::from)?;
+        parts.headers = metadata.into_headers();
+        if let Some((forwarder, peer)) = peer {
+            match forwarder.forward_call(peer, &id, &path, &parts.headers, bytes.clone()).await {
+                Forwarded::Answered { answer, .. } => return Ok(answer.into_response()),
+                Forwarded::Refused(status) => return Err(status),
+                Forwarded::ServeHere => {}
+            }
+        }
+        let metadata = MetadataMap::from_headers(std::mem::take(&mut parts.headers));
+        let lease = self.service.lease(&metadata, &id).await.map_err(Status::from)?;
+        let Some(runtime) = lease.model().passthrough() else {
+            return Err(Status::unimplemented(format!(
+                "model {id} runs in meshd's own runtime ({}), which answers KServe V2 inference only, not {path}",
+                lease.model().metadata().platform
+            )));
+        };
+        let Some(injection) = runtime.method(&path) else {
+            let served: Vec<&str> = runtime.methods.iter().map(|(m, _)| m.as_str()).collect();
+            return Err(Status::unimplemented(format!(
+                "the runtime of model {id} does not serve {path}; it serves {}",
+                served.join(", ")
+            )));
+        };
+        let bytes = if injection.is_empty() { bytes } else { with_id(&bytes, injection, id.as_str())? };
+        let mut headers = metadata.into_headers();
+        headers.remove(VMODEL_ID_HEADER);
+        headers.remove(crate::cluster::peers::FORWARDED_HEADER);
+        if let Ok(value) = id.as_str().parse() {
+            headers.insert(MODEL_ID_HEADER, value);
+        }
+        let mut outgoing = Request::new(Body::new(Full::new(bytes)));
+        *outgoing.method_mut() = http::Method::POST;
+        *outgoing.uri_mut() =
+            path.parse().map_err(|_| Status::invalid_argument(format!("bad path {path}")))?;
+        *outgoing.headers_mut() = headers;
+        let channel = self.channel(runtime)?;
+        let answered = crate::cluster::forward::pass_on(channel, outgoing, max).await;
+        drop(lease);
+        let result = if answered.is_ok() { "ok" } else { "error" };
+        metrics::counter!(m::PASSTHROUGH_REQUESTS, "result" => result).increment(1);
+        metrics::histogram!(m::PASSTHROUGH_DURATION).record(started.elapsed().as_secs_f64());
+        answered.map(|answer| answer.into_response())
+    }
+
+    /// The channel to a runtime, made once per endpoint (connecting lazily).
+    fn channel(&self, runtime: &Passthrough) -> Result<Channel, Status> {
+        if let Some(channel) = self.channels.lock().get(&runtime.endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = connect(&runtime.endpoint)
+            .map_err(|e| Status::unavailable(format!("runtime endpoint {}: {e}", runtime.endpoint)))?;
+        self.channels.lock().insert(runtime.endpoint.clone(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// A lazily connecting channel to `endpoint`: `http://host:port`, `host:port`, or `unix:///path`.
+fn connect(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+    if let Some(path) = endpoint.strip_prefix("unix://") {
+        let path = std::path::PathBuf::from(path);
+        // The URI is a placeholder: the connector below ignores it and dials the socket.
+        return Ok(Endpoint::from_static("http://runtime.invalid").connect_with_connector_lazy(
+            tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }),
+        ));
+    }
+    let uri = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    Ok(Endpoint::from_shared(uri)?.tcp_nodelay(true).connect_lazy())
+}
+
+/// The framed message with the model id written at `injection`.
+fn with_id(framed: &Bytes, injection: &[u32], id: &str) -> Result<Bytes, Status> {
+    let message = crate::node::v2::frame::message(framed).ok_or_else(|| {
+        Status::invalid_argument(
+            "a call passed to a runtime with an idInjectionPath takes one uncompressed message",
+        )
+    })?;
+    let edited = inject(message, injection, id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let mut out = Vec::with_capacity(FRAME_HEADER + edited.len());
+    out.push(0);
+    out.extend_from_slice(&u32::try_from(edited.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&edited);
+    Ok(Bytes::from(out))
+}
