@@ -262,6 +262,23 @@ fn a_stalled_runtime_fails_infer_at_its_deadline() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_model_gets_no_more_concurrent_calls_than_the_runtime_allows() -> anyhow::Result<()> {
+    let server = SpiServer::start("127.0.0.1:0", &["--limit-model-concurrency"])?;
+    let runtime = SpiRuntime::connect(server.config())?;
+    let dir = tempfile::tempdir()?;
+    let spec = json!({"factor": 1.0, "max_concurrency": 1, "infer_delay_s": 0.2});
+    let model = load(&runtime, "one", &model_file(dir.path(), "one", spec));
+    std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..3).map(|_| scope.spawn(|| model.infer(x(&[1.0])).map(|_| ()))).collect();
+        calls.into_iter().try_for_each(|call| call.join().expect("no panic"))
+    })?;
+    let infers = server.events("infer");
+    assert_eq!(infers.len(), 3);
+    assert!(infers.iter().all(|e| e["in_flight"] == 1), "{infers:?}");
+    Ok(())
+}
+
+#[test]
 fn a_runtime_on_a_unix_socket_loads_and_infers() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("runtime.sock");

@@ -10,10 +10,12 @@ It serves, on one gRPC endpoint (TCP or a unix socket):
 
 A model file is JSON (a directory holds it as model.json):
   {"factor": 2.0, "load_size": 0, "model_size": 0, "predict_size": 0,
-   "typed_output": false, "refuse": null, "load_delay_s": 0}
+   "typed_output": false, "refuse": null, "load_delay_s": 0, "infer_delay_s": 0, "max_concurrency": 0}
 load_size is what loadModel answers as sizeInBytes, model_size what modelSize answers; refuse makes
 loadModel fail with FAILED_PRECONDITION and that message; typed_output answers in typed contents
-instead of raw_output_contents.
+instead of raw_output_contents; max_concurrency is loadModel's maxConcurrency (enforced by the client
+when the runtime runs with --limit-model-concurrency); each infer event reports how many calls for
+the model were in flight.
 
 Stubs are generated at start into a temporary directory with grpc_tools.protoc from the repository's
 protos. Every event is one JSON line on stdout, flushed: first
@@ -65,6 +67,7 @@ class Model:
         self.load_size = int(spec.get("load_size", 0))
         self.model_size = int(spec.get("model_size", 0))
         self.typed_output = bool(spec.get("typed_output", False))
+        self.infer_delay_s = float(spec.get("infer_delay_s", 0))
 
 
 def read_spec(path):
@@ -86,6 +89,7 @@ def serve(args):
 
     models = {}
     lock = threading.Lock()
+    in_flight = {}
     started = time.monotonic()
 
     def header_model_id(context):
@@ -176,7 +180,18 @@ def serve(args):
 
         def ModelInfer(self, request, context):
             model = routed_model(context)
-            emit("infer", model_id=model.model_id, model_name=request.model_name)
+            with lock:
+                in_flight[model.model_id] = in_flight.get(model.model_id, 0) + 1
+                concurrent = in_flight[model.model_id]
+            emit("infer", model_id=model.model_id, model_name=request.model_name, in_flight=concurrent)
+            try:
+                time.sleep(model.infer_delay_s)
+                return self.answer(model, request, context)
+            finally:
+                with lock:
+                    in_flight[model.model_id] -= 1
+
+        def answer(self, model, request, context):
             index = next((i for i, t in enumerate(request.inputs) if t.name == "x"), None)
             if index is None or request.inputs[index].datatype != "FP32":
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected an FP32 input named x")
