@@ -86,6 +86,9 @@ pub struct ServeArgs {
     /// Threads in ONNX Runtime's shared intra-op pool; 0 means one per core.
     #[arg(long, env = "DENSEMESH_ORT_THREADS", default_value_t = 0)]
     pub ort_threads: usize,
+    /// Threads candle's sentence-embedding models (format `huggingface`) share; 0 means one per core.
+    #[arg(long, env = "DENSEMESH_CANDLE_THREADS", default_value_t = 0)]
+    pub candle_threads: usize,
     /// Path of libonnxruntime.so; by default ORT_DYLIB_PATH, then the pip onnxruntime package.
     #[arg(long, env = "DENSEMESH_ORT_LIBRARY")]
     pub ort_library: Option<PathBuf>,
@@ -254,6 +257,7 @@ impl ServeArgs {
                 library_path: self.ort_library,
                 intra_threads: self.ort_threads,
             },
+            candle: densemesh_runtime_candle::CandleConfig { threads: self.candle_threads },
             shutdown_grace: self.shutdown_grace,
             addr_file: self.addr_file,
             instance_id,

@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub worker: WorkerConfig,
     pub max_message_size: usize,
     pub ort: OrtConfig,
+    /// The candle runtime (Hugging Face sentence-embedding models).
+    pub candle: densemesh_runtime_candle::CandleConfig,
     pub shutdown_grace: Duration,
     pub addr_file: Option<PathBuf>,
     /// This node's name in status answers (and, in cluster mode, in placement records).
@@ -547,6 +549,8 @@ async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>),
         .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.into()))??;
     let mut runtimes = Runtimes::new();
     runtimes.add(&["onnx"], Arc::new(ort)).map_err(ServeError::Runtimes)?;
+    let candle = densemesh_runtime_candle::CandleRuntime::new(&config.candle)?;
+    runtimes.add(&["huggingface"], Arc::new(candle)).map_err(ServeError::Runtimes)?;
     let formats = runtimes.formats();
     let model_types = match &config.model_types {
         None => formats,

@@ -1,0 +1,73 @@
+"""Runtimes other than ONNX Runtime, through meshd as a client sees them: a Hugging Face sentence-embedding
+model on candle (found in a repository by its model.safetensors), scikit-learn and XGBoost models on a
+pool of real MLServer processes, and a runtime written for ModelMesh's model-runtime SPI."""
+import shutil
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from meshd import REPO
+
+MINILM = REPO / ".models" / "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def minilm_repo(tmp_path_factory):
+    assert (MINILM / "model.safetensors").is_file(), f"{MINILM} is missing: run scripts/setup.sh"
+    repo = tmp_path_factory.mktemp("hf-repo")
+    # The repository layout: DIR/<model-id>/model.safetensors with its siblings; linked, not copied.
+    (repo / "minilm").symlink_to(MINILM, target_is_directory=True)
+    return repo
+
+
+def embed(server, sentences, model="minilm"):
+    client = grpcclient.InferenceServerClient(server.grpc_addr)
+    try:
+        text = grpcclient.InferInput("text", [len(sentences)], "BYTES")
+        text.set_data_from_numpy(np.array([s.encode() for s in sentences], dtype=np.object_))
+        return client.infer(model, [text]).as_numpy("embedding")
+    finally:
+        client.close()
+
+
+def test_a_sentence_transformer_in_the_repository_is_served_by_candle(start_meshd, minilm_repo):
+    server = start_meshd(minilm_repo, "--local-model-roots", f"{minilm_repo},{MINILM}")
+    sentences = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+    vectors = embed(server, sentences)
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5), "normalized, as modules.json says"
+    similarity = vectors @ vectors.T
+    # The figures sentence-transformers publishes for this model and these sentences.
+    assert abs(similarity[0, 1] - 0.6660) < 1e-4 and abs(similarity[0, 2] - 0.1046) < 1e-4
+    assert abs(similarity[1, 2] - 0.1411) < 1e-4, similarity
+    # Batches give each sentence the embedding it has alone: padding never leaks into the pooling.
+    alone = embed(server, [sentences[2]])
+    assert np.allclose(alone[0], vectors[2], atol=1e-5)
+
+    client = grpcclient.InferenceServerClient(server.grpc_addr)
+    metadata = client.get_model_metadata("minilm")
+    assert metadata.platform == "huggingface_candle"
+    assert [(i.name, i.datatype) for i in metadata.inputs] == [("text", "BYTES")]
+    # A tensor that is not text is refused naming the input.
+    wrong = grpcclient.InferInput("text", [1], "FP32")
+    wrong.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+    with pytest.raises(Exception) as e:
+        client.infer("minilm", [wrong])
+    assert "text" in str(e.value) and "BYTES" in str(e.value), e.value
+    client.close()
+
+
+def test_the_repository_registers_a_safetensors_model_as_huggingface(start_meshd, minilm_repo, mmesh):
+    pb2, pb2_grpc = mmesh
+    server = start_meshd(minilm_repo, "--local-model-roots", f"{minilm_repo},{MINILM}")
+    stub = pb2_grpc.ModelMeshStub(server.channel)
+    status = stub.getModelStatus(pb2.GetStatusRequest(modelId="minilm"), timeout=10)
+    assert pb2.ModelStatusInfo.ModelStatus.Name(status.status) == "NOT_LOADED"
+    # And one registered through the API by its directory, with its type.
+    info = pb2.ModelInfo(type="huggingface", path=str(MINILM))
+    stub.registerModel(pb2.RegisterModelRequest(modelId="minilm-api", modelInfo=info, loadNow=True, sync=True),
+                       timeout=120)
+    assert embed(server, ["hello"], model="minilm-api").shape == (1, 384)
