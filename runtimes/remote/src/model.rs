@@ -198,9 +198,12 @@ impl RemoteModel {
         request.set_timeout(deadline.saturating_duration_since(Instant::now()));
         let answer = match tokio::time::timeout_at(deadline, client.model_infer(request)).await {
             Ok(Ok(answer)) => answer.into_inner(),
-            Ok(Err(status)) => return Err(inner.classify_failure(status).await),
-            Err(_) => {
-                if inner.died_meanwhile().await {
+            // tonic enforces the same deadline and may notice first (CANCELLED, "Timeout expired").
+            Ok(Err(status)) if Instant::now() < deadline => return Err(inner.classify_failure(status).await),
+            Ok(Err(_)) | Err(_) => {
+                // A dead process fails calls at once (the connection resets) rather than at their
+                // deadline, so a call that ran out of time needs no grace to tell.
+                if process.up_in(inner.generation).is_none() {
                     return Err(inner.lost());
                 }
                 return Err(deadline_error(pool, process, "ModelInfer", timeout).into_infer_error());

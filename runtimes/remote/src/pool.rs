@@ -44,7 +44,7 @@ pub(crate) struct Pool {
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
     /// Removed on shutdown: the repository directory this runtime made for itself.
-    pub(crate) owned_root: Option<PathBuf>,
+    pub(crate) owned_root: Mutex<Option<tempfile::TempDir>>,
 }
 
 /// One server of the pool.

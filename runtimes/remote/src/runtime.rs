@@ -71,12 +71,22 @@ impl RemoteRuntime {
                     source,
                 })
             })?;
-        let (root, owned_root) = match (&config.repository, &config.endpoint) {
-            (Some(repository), _) => (repository.clone(), None),
-            (None, _) => {
-                let root =
-                    std::env::temp_dir().join(format!("densemesh-{}-{}", config.name, std::process::id()));
-                (root.clone(), Some(root))
+        let (root, owned_root) = match &config.repository {
+            Some(repository) => (repository.clone(), None),
+            None => {
+                // Unique per runtime, so two runtimes of one name in a process never share processes'
+                // directories.
+                let owned = tempfile::Builder::new()
+                    .prefix(&format!("densemesh-{}-", config.name))
+                    .tempdir()
+                    .map_err(|source| {
+                        unavailable(RemoteError::Repository {
+                            what: "cannot create a repository in",
+                            path: std::env::temp_dir(),
+                            source,
+                        })
+                    })?;
+                (owned.path().to_owned(), Some(owned))
             }
         };
         let processes = (0..config.processes)
@@ -104,7 +114,7 @@ impl RemoteRuntime {
             changed: Notify::new(),
             cancel: CancellationToken::new(),
             tasks: tasks.clone(),
-            owned_root,
+            owned_root: Mutex::new(owned_root),
         });
         let bridge = Bridge { handle: tokio.handle().clone(), runtime: name.to_owned(), tasks };
         let runtime = Self { name, pool: pool.clone(), bridge, tokio: Some(tokio) };
@@ -149,11 +159,15 @@ impl RemoteRuntime {
                 tracing::warn!("remote runtime tasks still running after {SHUTDOWN_GRACE:?}; leaving them");
             }
         });
-        if let Some(root) = &self.pool.owned_root
-            && let Err(error) = std::fs::remove_dir_all(root)
-            && error.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(%error, root = %root.display(), "cannot remove the remote runtime's repository");
+        // An endpoint is not ours to stop, but this runtime no longer serves through it either.
+        for process in &self.pool.processes {
+            process.state.send_modify(|s| s.up = None);
+        }
+        if let Some(root) = self.pool.owned_root.lock().take() {
+            let path = root.path().to_owned();
+            if let Err(error) = root.close() {
+                tracing::warn!(%error, root = %path.display(), "cannot remove the remote runtime's repository");
+            }
         }
     }
 

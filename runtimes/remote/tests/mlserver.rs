@@ -68,6 +68,13 @@ fn init_tracing() {
 /// A pool of MLServer processes with generous deadlines (tests run side by side on small machines) and
 /// a short restart back-off.
 fn start(processes: usize) -> (RemoteRuntime, tempfile::TempDir) {
+    start_with(processes, |_| {})
+}
+
+fn start_with(
+    processes: usize,
+    adjust: impl FnOnce(&mut RemoteRuntimeConfig),
+) -> (RemoteRuntime, tempfile::TempDir) {
     init_tracing();
     let repository = tempfile::tempdir().expect("tempdir");
     let mut config = RemoteRuntimeConfig::mlserver(venv_bin().join("mlserver").to_string_lossy(), processes);
@@ -75,8 +82,51 @@ fn start(processes: usize) -> (RemoteRuntime, tempfile::TempDir) {
     config.ready_timeout = Duration::from_secs(180);
     config.load_timeout = Duration::from_secs(120);
     config.restart_backoff = Duration::from_millis(100);
+    adjust(&mut config);
     let runtime = RemoteRuntime::start(config).expect("MLServer pool starts");
     (runtime, repository)
+}
+
+/// Sends `signal` to a process with the `kill` command.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status().expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// An MLServer the test starts itself, killed when dropped.
+struct External {
+    child: std::process::Child,
+    grpc_port: u16,
+    repository: tempfile::TempDir,
+}
+
+impl External {
+    fn start() -> Self {
+        let port =
+            || std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let (grpc_port, http_port, metrics_port) = (port(), port(), port());
+        let repository = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new(venv_bin().join("mlserver"))
+            .arg("start")
+            .arg(repository.path())
+            .env("MLSERVER_HOST", "127.0.0.1")
+            .env("MLSERVER_GRPC_PORT", grpc_port.to_string())
+            .env("MLSERVER_HTTP_PORT", http_port.to_string())
+            .env("MLSERVER_METRICS_PORT", metrics_port.to_string())
+            .env("MLSERVER_PARALLEL_WORKERS", "0")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start mlserver");
+        Self { child, grpc_port, repository }
+    }
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn load(runtime: &RemoteRuntime, model_id: &str, model_type: &str, file: &str) -> Box<dyn LoadedModel> {
@@ -224,8 +274,7 @@ fn a_killed_server_loses_its_models_and_a_fresh_load_succeeds_after_the_restart(
     let model = load(&runtime, "victim", "sklearn", "sklearn.joblib");
     assert_eq!(sklearn_predictions(model.as_ref()).expect("infer"), models().expected.sklearn_predict);
     let pid = runtime.processes()[0].pid.expect("a pid");
-    let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().expect("kill");
-    assert!(killed.success());
+    signal(pid, "-KILL");
 
     let asked = Instant::now();
     match sklearn_predictions(model.as_ref()) {
@@ -273,4 +322,55 @@ fn a_model_the_server_cannot_load_fails_with_its_reason() {
     // The process is fine: a good model loads next.
     let model = load(&runtime, "good", "sklearn", "sklearn.joblib");
     assert_eq!(sklearn_predictions(model.as_ref()).expect("infer"), models().expected.sklearn_predict);
+}
+
+#[test]
+fn a_hung_server_fails_requests_at_their_deadline() {
+    let (runtime, _repository) = start_with(1, |config| config.infer_timeout = Duration::from_secs(2));
+    let model = load(&runtime, "stalled", "sklearn", "sklearn.joblib");
+    let pid = runtime.processes()[0].pid.expect("a pid");
+    signal(pid, "-STOP");
+    let asked = Instant::now();
+    let result = sklearn_predictions(model.as_ref());
+    let waited = asked.elapsed();
+    signal(pid, "-CONT");
+    match result {
+        Err(Error::Inference(cause)) => {
+            assert!(cause.to_string().contains("did not answer within 2s"), "{cause}")
+        }
+        other => panic!("expected a deadline error, got {other:?}"),
+    }
+    assert!(waited < Duration::from_secs(5), "answered after {waited:?}, not at the 2 s deadline");
+    // Resumed, it serves again.
+    assert_eq!(sklearn_predictions(model.as_ref()).expect("infer"), models().expected.sklearn_predict);
+}
+
+#[test]
+fn an_endpoint_is_used_as_it_is_and_never_restarted() {
+    init_tracing();
+    let external = External::start();
+    let mut config = RemoteRuntimeConfig::mlserver("unused", 1);
+    config.command = None;
+    config.endpoint = Some(format!("http://127.0.0.1:{}", external.grpc_port));
+    config.repository = Some(external.repository.path().to_owned());
+    config.ready_timeout = Duration::from_secs(180);
+    config.load_timeout = Duration::from_secs(120);
+    let runtime = RemoteRuntime::start(config).expect("connects to the running MLServer");
+    let process = &runtime.processes()[0];
+    assert_eq!(process.pid, None, "not ours");
+    assert_eq!(process.repository, external.repository.path(), "the server's own repository");
+
+    let model = load(&runtime, "external", "sklearn", "sklearn.joblib");
+    assert!(
+        external.repository.path().join("external").join(densemesh_runtime_remote::SETTINGS_FILE).is_file()
+    );
+    assert_eq!(sklearn_predictions(model.as_ref()).expect("infer"), models().expected.sklearn_predict);
+
+    // Shutting the runtime down leaves the server running.
+    drop(model);
+    drop(runtime);
+    let endpoint = format!("http://127.0.0.1:{}", external.grpc_port);
+    eventually("the unload reaches the server", Duration::from_secs(10), || {
+        !index(&endpoint).iter().any(|(name, state)| name == "external" && state.ends_with("READY"))
+    });
 }
