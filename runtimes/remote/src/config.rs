@@ -20,6 +20,35 @@ pub const PLACEHOLDERS: [&str; 4] = ["{grpc_port}", "{http_port}", "{metrics_por
 /// One remote runtime: a KServe V2 server with the model-repository extension (MLServer, Triton), either
 /// already running at [`endpoint`](Self::endpoint) or started as a pool of [`processes`](Self::processes)
 /// from [`command`](Self::command).
+///
+/// The pool [`RemoteRuntimeConfig::mlserver`] builds, as it reads in a config file:
+///
+/// ```
+/// let config: densemesh_runtime_remote::RemoteRuntimeConfig = serde_json::from_str(
+///     r#"{
+///         "name": "mlserver",
+///         "formats": ["sklearn", "xgboost", "lightgbm"],
+///         "command": ["/opt/mlserver/bin/mlserver", "start", "{repository}"],
+///         "env": {
+///             "MLSERVER_HOST": "127.0.0.1",
+///             "MLSERVER_GRPC_PORT": "{grpc_port}",
+///             "MLSERVER_HTTP_PORT": "{http_port}",
+///             "MLSERVER_METRICS_PORT": "{metrics_port}",
+///             "MLSERVER_PARALLEL_WORKERS": "0",
+///             "MLSERVER_LOAD_MODELS_AT_STARTUP": "false"
+///         },
+///         "processes": 2,
+///         "concurrency": 16,
+///         "multiplier": 1.25,
+///         "min_model_bytes": 1000000,
+///         "load_timeout": "30s",
+///         "infer_timeout": "30s"
+///     }"#,
+/// )
+/// .expect("a valid config");
+/// config.validate().expect("consistent");
+/// assert_eq!(config.implementations["sklearn"], "mlserver_sklearn.SKLearnModel");
+/// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteRuntimeConfig {

@@ -9,6 +9,11 @@
 //!
 //! The [`Runtime`](densemesh_runtime_core::Runtime) seam is synchronous; [`RemoteRuntime`] owns a small
 //! tokio runtime of its own and bridges into it, so callers need no async context.
+//!
+//! The mesh calls [`RemoteRuntime::start`] once per configured runtime at start-up (it blocks until the
+//! servers are ready, so from a blocking thread or before the executor runs), offers the runtime's
+//! [`formats`](RemoteRuntimeConfig::formats), and calls [`RemoteRuntime::shutdown`] (or drops it) when
+//! it drains, which kills the processes it started.
 #![forbid(unsafe_code)]
 
 mod bridge;

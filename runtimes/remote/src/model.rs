@@ -92,7 +92,7 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, request: LoadRequest) 
             let _ = client.unload(&model_id).await;
             let _ = std::fs::remove_dir_all(&model_dir);
             if process.up_in(generation).is_none() {
-                return Err(Error::Lost { model_id, reason: process.lost_reason(&config.name, generation) });
+                return Err(died_while_loading(&pool, &process, model_id));
             }
             return Err(load_error(error));
         }
@@ -102,7 +102,7 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, request: LoadRequest) 
         let mut ledger = process.ledger.lock();
         if process.up_in(generation).is_none() {
             // The process died after the load answered; the supervisor has already cleared its ledger.
-            return Err(Error::Lost { model_id, reason: process.lost_reason(&config.name, generation) });
+            return Err(died_while_loading(&pool, &process, model_id));
         }
         ledger.models.insert(model_id.clone(), (token, size_bytes));
     }
@@ -117,6 +117,18 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, request: LoadRequest) 
         size_bytes,
     };
     Ok(RemoteModel { inner: Arc::new(inner), bridge })
+}
+
+/// A load whose process died under it fails rather than retrying elsewhere: the model itself may have
+/// killed the server (out of memory, a crashing native library), and the mesh's failure back-off is the
+/// right brake for that, not a second process lost to the same model.
+fn died_while_loading(pool: &Pool, process: &Process, model_id: String) -> Error {
+    let exit = process.state.borrow().last_exit.clone().unwrap_or_else(|| "stopped".into());
+    let why = format!(
+        "{} process {} went down while loading it ({exit}); the model may have crashed it",
+        pool.config.name, process.index
+    );
+    Error::Load { model_id, source: why.into() }
 }
 
 /// The least loaded up process, waiting until the deadline for one to come up.
