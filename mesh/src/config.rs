@@ -1,6 +1,7 @@
 //! `meshd` command line: every flag also reads `DENSEMESH_<FLAG>` from the environment.
 
 mod memory;
+pub mod runtime_file;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,6 +87,10 @@ pub struct ServeArgs {
     /// Threads in ONNX Runtime's shared intra-op pool; 0 means one per core.
     #[arg(long, env = "DENSEMESH_ORT_THREADS", default_value_t = 0)]
     pub ort_threads: usize,
+    /// Runtimes besides the built-in ones, in a YAML or JSON file: remote KServe V2 servers (MLServer,
+    /// Triton) and runtimes speaking ModelMesh's model-runtime SPI, each with the formats it loads.
+    #[arg(long, env = "DENSEMESH_RUNTIME_CONFIG")]
+    pub runtime_config: Option<PathBuf>,
     /// Threads candle's sentence-embedding models (format `huggingface`) share; 0 means one per core.
     #[arg(long, env = "DENSEMESH_CANDLE_THREADS", default_value_t = 0)]
     pub candle_threads: usize,
@@ -258,6 +263,7 @@ impl ServeArgs {
                 intra_threads: self.ort_threads,
             },
             candle: densemesh_runtime_candle::CandleConfig { threads: self.candle_threads },
+            runtime_config: self.runtime_config,
             shutdown_grace: self.shutdown_grace,
             addr_file: self.addr_file,
             instance_id,

@@ -25,6 +25,7 @@ use crate::api::management::Management;
 use crate::api::service::InferenceService;
 use crate::cluster::placer::{Placer, PlacerConfig};
 use crate::cluster::repository::resolve_repository_path;
+use crate::config::runtime_file::RuntimeEntry;
 use crate::error::CacheError;
 use crate::metrics as m;
 use crate::node::cache::{CacheConfig, Locate, ModelCache};
@@ -45,6 +46,8 @@ pub struct ServeConfig {
     pub ort: OrtConfig,
     /// The candle runtime (Hugging Face sentence-embedding models).
     pub candle: densemesh_runtime_candle::CandleConfig,
+    /// `--runtime-config`: the runtimes besides the built-in ones.
+    pub runtime_config: Option<PathBuf>,
     pub shutdown_grace: Duration,
     pub addr_file: Option<PathBuf>,
     /// This node's name in status answers (and, in cluster mode, in placement records).
@@ -551,6 +554,25 @@ async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>),
     runtimes.add(&["onnx"], Arc::new(ort)).map_err(ServeError::Runtimes)?;
     let candle = densemesh_runtime_candle::CandleRuntime::new(&config.candle)?;
     runtimes.add(&["huggingface"], Arc::new(candle)).map_err(ServeError::Runtimes)?;
+    if let Some(path) = &config.runtime_config {
+        let file = crate::config::runtime_file::read(path).map_err(ServeError::Runtimes)?;
+        for entry in file.runtimes {
+            let formats = entry.formats();
+            let formats: Vec<&str> = formats.iter().map(String::as_str).collect();
+            let name = entry.name().to_owned();
+            let runtime: Arc<dyn Runtime> = match entry {
+                RuntimeEntry::Spi(spi) => {
+                    let started =
+                        tokio::task::spawn_blocking(move || densemesh_runtime_spi::SpiRuntime::connect(spi))
+                            .await
+                            .map_err(|e| ServeError::Runtimes(format!("runtime {name:?}: {e}")))?;
+                    Arc::new(started.map_err(|e| ServeError::Runtimes(format!("runtime {name:?}: {e}")))?)
+                }
+            };
+            tracing::info!(runtime = %name, formats = %formats.join(","), "runtime ready");
+            runtimes.add(&formats, runtime).map_err(ServeError::Runtimes)?;
+        }
+    }
     let formats = runtimes.formats();
     let model_types = match &config.model_types {
         None => formats,

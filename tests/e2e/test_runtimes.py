@@ -71,3 +71,81 @@ def test_the_repository_registers_a_safetensors_model_as_huggingface(start_meshd
     stub.registerModel(pb2.RegisterModelRequest(modelId="minilm-api", modelInfo=info, loadNow=True, sync=True),
                        timeout=120)
     assert embed(server, ["hello"], model="minilm-api").shape == (1, 384)
+
+
+@pytest.fixture
+def spi_runtime(tmp_path):
+    """The test SPI runtime of runtimes/spi on a unix socket: (endpoint, process)."""
+    import json
+    import subprocess
+    import sys
+
+    socket = tmp_path / "runtime.sock"
+    script = REPO / "runtimes" / "spi" / "tests" / "spi_runtime.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--listen", f"unix://{socket}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        assert first["event"] == "listening", first
+        yield first["endpoint"], proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def echo_stubs(tmp_path_factory):
+    import importlib
+    import sys
+
+    from grpc_tools import protoc
+
+    out = tmp_path_factory.mktemp("echo_stubs")
+    folder = REPO / "runtimes" / "spi" / "tests"
+    assert protoc.main(["protoc", f"-I{folder}", f"--python_out={out}", f"--grpc_python_out={out}",
+                        str(folder / "echo.proto")]) == 0
+    sys.path.insert(0, str(out))
+    return importlib.import_module("echo_pb2"), importlib.import_module("echo_pb2_grpc")
+
+
+def test_a_modelmesh_spi_runtime_serves_v2_and_its_own_methods_through_meshd(
+        start_meshd, tmp_path, spi_runtime, mmesh, echo_stubs):
+    endpoint, _ = spi_runtime
+    config = tmp_path / "runtimes.yaml"
+    config.write_text(f"runtimes:\n  - kind: spi\n    name: test-spi\n    supportedModelFormats: [custom]\n"
+                      f"    endpoint: {endpoint}\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = start_meshd(repo, "--runtime-config", str(config))
+    model = tmp_path / "doubler" / "model.json"
+    model.parent.mkdir()
+    model.write_text('{"factor": 2.0, "load_size": 300000}')
+
+    pb2, pb2_grpc = mmesh
+    stub = pb2_grpc.ModelMeshStub(server.channel)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.registerModel(pb2.RegisterModelRequest(modelId="x", modelInfo=pb2.ModelInfo(type="tensorflow", path=str(model))))
+    assert "offered: custom, huggingface, onnx" in e.value.details(), e.value.details()
+    stub.registerModel(pb2.RegisterModelRequest(modelId="doubler", modelInfo=pb2.ModelInfo(type="custom", path=str(model))))
+
+    # KServe V2 through the runtime trait: the mesh validates nothing it was not told, the runtime answers.
+    client = grpcclient.InferenceServerClient(server.grpc_addr)
+    x = grpcclient.InferInput("x", [3], "FP32")
+    x.set_data_from_numpy(np.array([1.0, 2.5, -4.0], dtype=np.float32))
+    answer = client.infer("doubler", [x])
+    assert answer.as_numpy("y").tolist() == [2.0, 5.0, -8.0]
+    status = stub.getModelStatus(pb2.GetStatusRequest(modelId="doubler"))
+    assert pb2.ModelStatusInfo.ModelStatus.Name(status.status) == "LOADED"
+    client.close()
+
+    # The runtime's own method, passed through by mm-model-id, with the id written where it asked.
+    echo_pb2, echo_grpc = echo_stubs
+    say = echo_grpc.EchoStub(server.channel).Say
+    request = echo_pb2.SayRequest(text="hi", target=echo_pb2.Target(model_id="what the client wrote"))
+    reply = say(request, metadata=[("mm-model-id", "doubler")], timeout=30)
+    assert (reply.model_id, reply.text, reply.header_model_id) == ("doubler", "hi", "doubler")
+    # A vmodel name resolves to its model first.
+    stub.setVModel(pb2.SetVModelRequest(vModelId="doubling", targetModelId="doubler"))
+    reply = say(request, metadata=[("mm-vmodel-id", "doubling")], timeout=30)
+    assert reply.model_id == "doubler"
+    assert server.metrics().get('densemesh_passthrough_requests_total{result="ok"}') == 2
