@@ -27,7 +27,7 @@ pub const PLACEHOLDERS: [&str; 4] = ["{grpc_port}", "{http_port}", "{metrics_por
 /// let config: densemesh_runtime_remote::RemoteRuntimeConfig = serde_json::from_str(
 ///     r#"{
 ///         "name": "mlserver",
-///         "formats": ["sklearn", "xgboost", "lightgbm"],
+///         "supportedModelFormats": ["sklearn", {"name": "xgboost", "autoSelect": true}, "lightgbm"],
 ///         "command": ["/opt/mlserver/bin/mlserver", "start", "{repository}"],
 ///         "env": {
 ///             "MLSERVER_HOST": "127.0.0.1",
@@ -40,26 +40,28 @@ pub const PLACEHOLDERS: [&str; 4] = ["{grpc_port}", "{http_port}", "{metrics_por
 ///         "processes": 2,
 ///         "concurrency": 16,
 ///         "multiplier": 1.25,
-///         "min_model_bytes": 1000000,
-///         "load_timeout": "30s",
-///         "infer_timeout": "30s"
+///         "minModelBytes": 1000000,
+///         "timeouts": {"startup": "60s", "load": "30s", "infer": "30s", "unload": "10s"},
+///         "restartBackoff": "1s",
+///         "maxRestartBackoff": "30s"
 ///     }"#,
 /// )
 /// .expect("a valid config");
 /// config.validate().expect("consistent");
+/// assert!(config.serves("xgboost"));
 /// assert_eq!(config.implementations["sklearn"], "mlserver_sklearn.SKLearnModel");
 /// ```
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RemoteRuntimeConfig {
     /// The runtime's name, for logs, metrics and errors (e.g. `mlserver`).
     pub name: String,
-    /// Model formats this runtime serves (`sklearn`, `xgboost`, ...), matched against a model's
-    /// registered type, case-insensitively and ignoring a `:version` suffix (as ModelMesh does).
-    pub formats: Vec<String>,
+    /// Model formats this runtime serves, matched against a model's registered type (see
+    /// [`serves`](Self::serves)). Each is a name or a ServingRuntime `{name, version, autoSelect}`.
+    pub supported_model_formats: Vec<ModelFormat>,
     /// The gRPC address of a server densemesh does not start or supervise (`http://127.0.0.1:8001`).
     /// Exactly one of `endpoint` and `command` is set.
-    #[serde(default)]
+    #[serde(default, alias = "grpcEndpoint")]
     pub endpoint: Option<String>,
     /// The argv that starts one server process; [`PLACEHOLDERS`] are replaced by that process's ports
     /// (free loopback ports picked at each start) and its own model-repository directory.
@@ -69,9 +71,9 @@ pub struct RemoteRuntimeConfig {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// The model repository: for `command`, the directory under which each process gets its own
-    /// (`<repository>/<name>-<index>`), by default a directory in the system temp dir that is removed on
-    /// shutdown; for `endpoint`, the server's own repository as this pod sees it (a shared volume),
-    /// required there.
+    /// (`<repository>/<name>-<index>`, emptied at each start, so no two runtimes may share one), by
+    /// default a fresh directory in the system temp dir that is removed on shutdown; for `endpoint`,
+    /// the server's own repository as this pod sees it (a shared volume), required there.
     #[serde(default)]
     pub repository: Option<PathBuf>,
     /// How many server processes to start (with `command`); a model loads into the least loaded one.
@@ -80,36 +82,100 @@ pub struct RemoteRuntimeConfig {
     /// Inference requests in flight per process; more wait for a slot until their deadline.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// A model is charged its size on disk times this (ModelMesh's adapters default, 1.25).
+    /// A model is charged its size on disk times this (ModelMesh's adapters' MODELSIZE_MULTIPLIER,
+    /// 1.25).
     #[serde(default = "default_multiplier")]
     pub multiplier: f64,
-    /// The least a model is charged, whatever its size on disk (ModelMesh's adapters' default model
-    /// size, 1 MB), since a server holds more than the file for even the smallest model.
+    /// The least a model is charged, whatever its size on disk (ModelMesh's adapters' DEFAULT_MODELSIZE,
+    /// 1 MB), since a server holds more than the file for even the smallest model.
     #[serde(default = "default_min_model_bytes")]
     pub min_model_bytes: u64,
     /// The MLServer `implementation` written into `model-settings.json` for each format; formats absent
     /// here get no `implementation` (the server infers it, or the model directory brings its own).
     #[serde(default = "default_implementations")]
     pub implementations: BTreeMap<String, String>,
-    /// How long a process may take to answer ServerReady after it starts.
-    #[serde(default = "default_ready_timeout", with = "humantime_serde")]
-    pub ready_timeout: Duration,
-    /// Deadline of one RepositoryModelLoad (ModelMesh's adapters' LOADTIME_TIMEOUT, 30 s) plus the
-    /// ModelMetadata that follows it.
-    #[serde(default = "default_load_timeout", with = "humantime_serde")]
-    pub load_timeout: Duration,
-    /// Deadline of one inference, waiting for a concurrency slot included.
-    #[serde(default = "default_infer_timeout", with = "humantime_serde")]
-    pub infer_timeout: Duration,
-    /// Deadline of one RepositoryModelUnload.
-    #[serde(default = "default_unload_timeout", with = "humantime_serde")]
-    pub unload_timeout: Duration,
+    /// Deadlines; every call to a server has one, so a hung server fails calls instead of hanging them.
+    #[serde(default)]
+    pub timeouts: Timeouts,
     /// The first wait before restarting a process that exited; doubled after each failed start.
     #[serde(default = "default_restart_backoff", with = "humantime_serde")]
     pub restart_backoff: Duration,
     /// The longest wait between restarts.
     #[serde(default = "default_max_restart_backoff", with = "humantime_serde")]
     pub max_restart_backoff: Duration,
+}
+
+/// A model format a runtime serves: a name, optionally a version.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "FormatEntry")]
+pub struct ModelFormat {
+    /// The format's name (`sklearn`, `xgboost`, ...).
+    pub name: String,
+    /// The format's version, when the runtime serves only that one.
+    pub version: Option<String>,
+}
+
+impl ModelFormat {
+    /// A format of any version.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self { name: name.into(), version: None }
+    }
+}
+
+/// A format as written: a bare name, or a ServingRuntime `supportedModelFormats` entry.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FormatEntry {
+    Name(String),
+    #[serde(rename_all = "camelCase")]
+    Spec {
+        name: String,
+        #[serde(default)]
+        version: Option<String>,
+        // Read so ServingRuntime entries paste in unchanged; the mesh picks runtimes by format alone.
+        #[serde(default)]
+        #[allow(dead_code)]
+        auto_select: Option<bool>,
+    },
+}
+
+impl From<FormatEntry> for ModelFormat {
+    fn from(entry: FormatEntry) -> Self {
+        match entry {
+            FormatEntry::Name(name) => Self { name, version: None },
+            FormatEntry::Spec { name, version, .. } => Self { name, version },
+        }
+    }
+}
+
+/// Deadlines of the calls to a server, written as `"30s"`, `"500ms"`, `"2m"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// How long a process may take to answer ServerReady after it starts.
+    #[serde(with = "humantime_serde")]
+    pub startup: Duration,
+    /// Deadline of one RepositoryModelLoad plus the ModelMetadata that follows it (ModelMesh's
+    /// adapters' LOADTIME_TIMEOUT, 30 s).
+    #[serde(with = "humantime_serde")]
+    pub load: Duration,
+    /// Deadline of one inference, waiting for a concurrency slot included.
+    #[serde(with = "humantime_serde")]
+    pub infer: Duration,
+    /// Deadline of one RepositoryModelUnload.
+    #[serde(with = "humantime_serde")]
+    pub unload: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            startup: Duration::from_secs(60),
+            load: Duration::from_secs(30),
+            infer: Duration::from_secs(30),
+            unload: Duration::from_secs(10),
+        }
+    }
 }
 
 fn default_processes() -> usize {
@@ -123,18 +189,6 @@ fn default_multiplier() -> f64 {
 }
 fn default_min_model_bytes() -> u64 {
     1_000_000
-}
-fn default_ready_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_load_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_infer_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_unload_timeout() -> Duration {
-    Duration::from_secs(10)
 }
 fn default_restart_backoff() -> Duration {
     Duration::from_secs(1)
@@ -171,7 +225,7 @@ impl RemoteRuntimeConfig {
         ];
         Self {
             name: "mlserver".into(),
-            formats: vec!["sklearn".into(), "xgboost".into(), "lightgbm".into()],
+            supported_model_formats: ["sklearn", "xgboost", "lightgbm"].map(ModelFormat::named).to_vec(),
             endpoint: None,
             command: Some(vec![mlserver.into(), "start".into(), "{repository}".into()]),
             env: env.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
@@ -181,10 +235,7 @@ impl RemoteRuntimeConfig {
             multiplier: default_multiplier(),
             min_model_bytes: default_min_model_bytes(),
             implementations: default_implementations(),
-            ready_timeout: default_ready_timeout(),
-            load_timeout: default_load_timeout(),
-            infer_timeout: default_infer_timeout(),
-            unload_timeout: default_unload_timeout(),
+            timeouts: Timeouts::default(),
             restart_backoff: default_restart_backoff(),
             max_restart_backoff: default_max_restart_backoff(),
         }
@@ -197,8 +248,8 @@ impl RemoteRuntimeConfig {
         if self.name.is_empty() {
             return Err(invalid("name", "must not be empty".into()));
         }
-        if self.formats.is_empty() {
-            return Err(invalid("formats", "must name at least one model format".into()));
+        if self.supported_model_formats.iter().all(|f| f.name.trim().is_empty()) {
+            return Err(invalid("supportedModelFormats", "must name at least one model format".into()));
         }
         match (&self.endpoint, &self.command) {
             (Some(_), Some(_)) => {
@@ -233,16 +284,27 @@ impl RemoteRuntimeConfig {
         Ok(())
     }
 
-    /// Whether this runtime serves `model_type` (`sklearn`, `SKLearn`, `sklearn:1.3` all match `sklearn`).
+    /// Whether this runtime serves models registered as `model_type`: case-insensitive, and a
+    /// `name:version` type matches a format of that name whose version is unset or equal (ModelMesh's
+    /// type constraints read types the same way).
     pub fn serves(&self, model_type: &str) -> bool {
-        let format = normalize_format(model_type);
-        self.formats.iter().any(|f| normalize_format(f) == format)
+        let (name, version) = split_type(model_type);
+        self.supported_model_formats.iter().any(|f| {
+            f.name.trim().eq_ignore_ascii_case(name)
+                && match (&f.version, version) {
+                    (Some(have), Some(want)) => have == want,
+                    _ => true,
+                }
+        })
     }
 
-    /// The `implementation` for `model_type`, if the config names one.
+    /// The `implementation` for `model_type` (by its name, any version), if the config names one.
     pub(crate) fn implementation(&self, model_type: &str) -> Option<&str> {
-        let format = normalize_format(model_type);
-        self.implementations.iter().find(|(f, _)| normalize_format(f) == format).map(|(_, i)| i.as_str())
+        let (name, _) = split_type(model_type);
+        self.implementations
+            .iter()
+            .find(|(f, _)| f.trim().eq_ignore_ascii_case(name))
+            .map(|(_, i)| i.as_str())
     }
 
     /// What a model of `disk_bytes` on disk is charged: ModelMesh's adapters' disk size × multiplier,
@@ -254,9 +316,12 @@ impl RemoteRuntimeConfig {
     }
 }
 
-/// ModelMesh's rule: lower case, anything after a `:` (a version) dropped.
-fn normalize_format(format: &str) -> String {
-    format.split(':').next().unwrap_or_default().trim().to_ascii_lowercase()
+/// A model type's format name and version (`sklearn:1.3` → `sklearn`, `1.3`).
+fn split_type(model_type: &str) -> (&str, Option<&str>) {
+    match model_type.trim().split_once(':') {
+        Some((name, version)) => (name, Some(version)),
+        None => (model_type.trim(), None),
+    }
 }
 
 /// The values placeholders stand for in one process's command and environment.
@@ -303,12 +368,13 @@ mod tests {
     #[test]
     fn a_minimal_pool_gets_the_defaults() {
         let config =
-            parse(r#"{"name": "mlserver", "formats": ["sklearn"], "command": ["mlserver", "start", "{repository}"]}"#)
+            parse(r#"{"name": "mlserver", "supportedModelFormats": ["sklearn"], "command": ["mlserver", "start", "{repository}"]}"#)
                 .expect("valid");
         assert_eq!(config.processes, 1);
         assert_eq!(config.multiplier, 1.25);
         assert_eq!(config.min_model_bytes, 1_000_000);
-        assert_eq!(config.load_timeout, Duration::from_secs(30));
+        assert_eq!(config.timeouts.load, Duration::from_secs(30));
+        assert_eq!(config.timeouts.startup, Duration::from_secs(60));
         assert_eq!(config.implementation("sklearn"), Some("mlserver_sklearn.SKLearnModel"));
         assert_eq!(config.implementation("XGBoost:1"), Some("mlserver_xgboost.XGBoostModel"));
         assert_eq!(config.implementation("lightgbm"), Some("mlserver_lightgbm.LightGBMModel"));
@@ -318,32 +384,47 @@ mod tests {
     #[test]
     fn durations_read_as_humantime_and_unknown_fields_are_refused() {
         let config = parse(
-            r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "ready_timeout": "2m", "infer_timeout": "250ms"}"#,
+            r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "timeouts": {"startup": "2m", "infer": "250ms"}, "restartBackoff": "100ms"}"#,
         )
         .expect("valid");
-        assert_eq!(config.ready_timeout, Duration::from_secs(120));
-        assert_eq!(config.infer_timeout, Duration::from_millis(250));
+        assert_eq!(config.timeouts.startup, Duration::from_secs(120));
+        assert_eq!(config.timeouts.infer, Duration::from_millis(250));
+        assert_eq!(config.timeouts.load, Duration::from_secs(30), "unset deadlines keep their defaults");
+        assert_eq!(config.restart_backoff, Duration::from_millis(100));
         let err =
-            parse(r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "procesess": 2}"#).unwrap_err();
+            parse(r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "procesess": 2}"#)
+                .unwrap_err();
         assert!(err.contains("unknown field `procesess`"), "{err}");
     }
 
     #[test]
     fn invalid_combinations_name_the_field_to_change() {
         let cases = [
-            (r#"{"name": "m", "formats": ["sklearn"]}"#, "command"),
+            (r#"{"name": "m", "supportedModelFormats": ["sklearn"]}"#, "command"),
             (
-                r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "endpoint": "http://x:1"}"#,
+                r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "endpoint": "http://x:1"}"#,
                 "endpoint",
             ),
-            (r#"{"name": "m", "formats": ["sklearn"], "endpoint": "http://x:1"}"#, "repository"),
-            (r#"{"name": "m", "formats": ["sklearn"], "command": []}"#, "command"),
-            (r#"{"name": "m", "formats": [], "command": ["m"]}"#, "formats"),
-            (r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "processes": 0}"#, "processes"),
-            (r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "concurrency": 0}"#, "concurrency"),
-            (r#"{"name": "m", "formats": ["sklearn"], "command": ["m"], "multiplier": 0}"#, "multiplier"),
             (
-                r#"{"name": "m", "formats": ["sklearn"], "endpoint": "http://x:1", "repository": "/r", "processes": 2}"#,
+                r#"{"name": "m", "supportedModelFormats": ["sklearn"], "endpoint": "http://x:1"}"#,
+                "repository",
+            ),
+            (r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": []}"#, "command"),
+            (r#"{"name": "m", "supportedModelFormats": [], "command": ["m"]}"#, "supportedModelFormats"),
+            (
+                r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "processes": 0}"#,
+                "processes",
+            ),
+            (
+                r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "concurrency": 0}"#,
+                "concurrency",
+            ),
+            (
+                r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "multiplier": 0}"#,
+                "multiplier",
+            ),
+            (
+                r#"{"name": "m", "supportedModelFormats": ["sklearn"], "endpoint": "http://x:1", "repository": "/r", "processes": 2}"#,
                 "processes",
             ),
         ];
@@ -360,6 +441,12 @@ mod tests {
         assert!(config.serves("SKLearn:0.23"));
         assert!(!config.serves("onnx"));
         assert!(!config.serves(""));
+        let pinned: RemoteRuntimeConfig = serde_json::from_str(
+            r#"{"name": "m", "supportedModelFormats": [{"name": "XGBoost", "version": "1"}], "command": ["m"]}"#,
+        )
+        .expect("valid");
+        assert!(pinned.serves("xgboost") && pinned.serves("xgboost:1"));
+        assert!(!pinned.serves("xgboost:2"), "a pinned version serves that version alone");
     }
 
     #[test]

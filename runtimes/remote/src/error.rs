@@ -45,13 +45,13 @@ pub enum RemoteError {
         log: String,
     },
     /// A server did not answer ServerReady in time.
-    #[error("runtime {runtime} process {process} was not ready after {timeout:?} (raise `ready_timeout`)")]
+    #[error("runtime {runtime} process {process} was not ready after {timeout:?} (raise `timeouts.startup`)")]
     NotReady {
         /// The runtime's configured name.
         runtime: String,
         /// The pool index of the process.
         process: usize,
-        /// The configured `ready_timeout`.
+        /// The configured `timeouts.startup`.
         timeout: Duration,
     },
     /// The gRPC endpoint is not a valid URI.

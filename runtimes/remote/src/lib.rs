@@ -12,7 +12,7 @@
 //!
 //! The mesh calls [`RemoteRuntime::start`] once per configured runtime at start-up (it blocks until the
 //! servers are ready, so from a blocking thread or before the executor runs), offers the runtime's
-//! [`formats`](RemoteRuntimeConfig::formats), and calls [`RemoteRuntime::shutdown`] (or drops it) when
+//! [`supported_model_formats`](RemoteRuntimeConfig::supported_model_formats), and calls [`RemoteRuntime::shutdown`] (or drops it) when
 //! it drains, which kills the processes it started.
 #![forbid(unsafe_code)]
 
@@ -25,7 +25,7 @@ mod pool;
 mod repository;
 mod runtime;
 
-pub use config::{PLACEHOLDERS, RemoteRuntimeConfig, default_implementations};
+pub use config::{ModelFormat, PLACEHOLDERS, RemoteRuntimeConfig, Timeouts, default_implementations};
 pub use error::RemoteError;
 pub use repository::SETTINGS_FILE;
 pub use runtime::{ProcessInfo, RemoteRuntime};

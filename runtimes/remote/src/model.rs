@@ -49,12 +49,13 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, request: LoadRequest) 
     let config = &pool.config;
     let model_id = request.model_id.clone();
     let load_error = |e: RemoteError| e.into_load_error(&model_id);
-    let format = match request.model_type.as_str() {
-        "" if config.formats.len() == 1 => config.formats[0].clone(),
-        other => other.to_owned(),
+    let format = match (request.model_type.as_str(), config.supported_model_formats.as_slice()) {
+        ("", [only]) => only.name.clone(),
+        (model_type, _) => model_type.to_owned(),
     };
     if !config.serves(&format) {
-        let why = format!("runtime {} serves {:?}, not {format:?}", config.name, config.formats);
+        let served: Vec<&str> = config.supported_model_formats.iter().map(|f| f.name.as_str()).collect();
+        let why = format!("runtime {} serves {served:?}, not {format:?}", config.name);
         return Err(Error::Load { model_id, source: why.into() });
     }
     repository::check_model_id(&model_id)
@@ -64,7 +65,7 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, request: LoadRequest) 
     let size_bytes =
         config.charge(disk_size(&path).map_err(|source| Error::Io { path: path.clone(), source })?);
 
-    let deadline = Instant::now() + config.load_timeout;
+    let deadline = Instant::now() + config.timeouts.load;
     let (process, generation, up, _reservation) =
         wait_for_process(&pool, size_bytes, deadline).await.map_err(load_error)?;
     let span = tracing::Span::current();
@@ -72,7 +73,7 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, request: LoadRequest) 
     let _serial = tokio::time::timeout_at(deadline, process.repository_lock.lock())
         .await
         .map_err(|_| {
-            deadline_error(&pool, &process, "waiting for the process's previous load", config.load_timeout)
+            deadline_error(&pool, &process, "waiting for the process's previous load", config.timeouts.load)
         })
         .map_err(load_error)?;
     let implementation = config.implementation(&format);
@@ -151,7 +152,7 @@ async fn wait_for_process(
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
             return Err(RemoteError::NoProcess {
                 runtime: pool.config.name.clone(),
-                timeout: pool.config.load_timeout,
+                timeout: pool.config.timeouts.load,
             });
         }
     }
@@ -168,7 +169,7 @@ async fn read_metadata(
     let request = ModelMetadataRequest { name: model_id.to_owned(), version: String::new() };
     let answer = tokio::time::timeout_at(deadline, client.model_metadata(request))
         .await
-        .map_err(|_| deadline_error(pool, process, "ModelMetadata", pool.config.load_timeout))?
+        .map_err(|_| deadline_error(pool, process, "ModelMetadata", pool.config.timeouts.load))?
         .map_err(|status| server_error(pool, process, "ModelMetadata", status))?
         .into_inner();
     // An interface the server does not declare (MLServer's sklearn models often have none) or that
@@ -197,7 +198,7 @@ impl RemoteModel {
         let request = convert::to_request(&inner.model_id, request).map_err(|why| {
             RemoteError::Request(format!("model {}: {why}", inner.model_id)).into_infer_error()
         })?;
-        let timeout = pool.config.infer_timeout;
+        let timeout = pool.config.timeouts.infer;
         let deadline = Instant::now() + timeout;
         let _slot = tokio::time::timeout_at(deadline, process.slots.acquire())
             .await

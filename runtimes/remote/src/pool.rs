@@ -187,13 +187,13 @@ async fn watch_endpoint(
 ) {
     let result = async {
         let channel = channel(&pool.config, &endpoint)?;
-        let deadline = Instant::now() + pool.config.ready_timeout;
+        let deadline = Instant::now() + pool.config.timeouts.startup;
         while !probe_ready(&channel).await {
             if Instant::now() >= deadline {
                 return Err(RemoteError::NotReady {
                     runtime: pool.config.name.clone(),
                     process: process.index,
-                    timeout: pool.config.ready_timeout,
+                    timeout: pool.config.timeouts.startup,
                 });
             }
             tokio::time::sleep(READY_PROBE_INTERVAL).await;
@@ -300,9 +300,9 @@ async fn run_once(
             let log = log.lock().iter().cloned().collect::<Vec<_>>().join("\n");
             return Err(RemoteError::ExitedEarly { runtime: runtime.clone(), process: process.index, status, log });
         }
-        () = tokio::time::sleep(config.ready_timeout) => {
+        () = tokio::time::sleep(config.timeouts.startup) => {
             stop(&mut child).await;
-            return Err(RemoteError::NotReady { runtime: runtime.clone(), process: process.index, timeout: config.ready_timeout });
+            return Err(RemoteError::NotReady { runtime: runtime.clone(), process: process.index, timeout: config.timeouts.startup });
         }
         () = pool.cancel.cancelled() => {
             stop(&mut child).await;

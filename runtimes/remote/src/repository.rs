@@ -122,7 +122,7 @@ impl RepositoryClient<'_> {
         tokio::time::timeout_at(deadline, client.repository_model_load(request))
             .await
             .map_err(|_| {
-                deadline_error(self.pool, self.process, "RepositoryModelLoad", self.pool.config.load_timeout)
+                deadline_error(self.pool, self.process, "RepositoryModelLoad", self.pool.config.timeouts.load)
             })?
             .map_err(|status| server_error(self.pool, self.process, "RepositoryModelLoad", status))?;
         Ok(())
@@ -132,7 +132,7 @@ impl RepositoryClient<'_> {
     /// INVALID_ARGUMENT for it, others NOT_FOUND).
     pub(crate) async fn unload(&self, model_id: &str) -> Result<(), RemoteError> {
         let mut client = RepositoryServiceClient::new(self.channel.clone());
-        let timeout = self.pool.config.unload_timeout;
+        let timeout = self.pool.config.timeouts.unload;
         let mut request = tonic::Request::new(RepositoryModelUnloadRequest {
             model_name: model_id.to_owned(),
             ..Default::default()

@@ -52,7 +52,7 @@ pub struct ProcessInfo {
 
 impl RemoteRuntime {
     /// Starts every process of the pool (or connects to the `endpoint`) and returns once all of them
-    /// answer ServerReady; fails if one cannot start or is not ready within `ready_timeout`, since a
+    /// answer ServerReady; fails if one cannot start or is not ready within `timeouts.startup`, since a
     /// runtime that cannot start is an operator's problem to see at once. Blocks the calling thread
     /// (call it before the mesh's executor starts, or from a blocking thread).
     pub fn start(config: RemoteRuntimeConfig) -> Result<Self> {

@@ -79,8 +79,8 @@ fn start_with(
     let repository = tempfile::tempdir().expect("tempdir");
     let mut config = RemoteRuntimeConfig::mlserver(venv_bin().join("mlserver").to_string_lossy(), processes);
     config.repository = Some(repository.path().to_owned());
-    config.ready_timeout = Duration::from_secs(180);
-    config.load_timeout = Duration::from_secs(120);
+    config.timeouts.startup = Duration::from_secs(180);
+    config.timeouts.load = Duration::from_secs(120);
     config.restart_backoff = Duration::from_millis(100);
     adjust(&mut config);
     let runtime = RemoteRuntime::start(config).expect("MLServer pool starts");
@@ -326,7 +326,7 @@ fn a_model_the_server_cannot_load_fails_with_its_reason() {
 
 #[test]
 fn a_hung_server_fails_requests_at_their_deadline() {
-    let (runtime, _repository) = start_with(1, |config| config.infer_timeout = Duration::from_secs(2));
+    let (runtime, _repository) = start_with(1, |config| config.timeouts.infer = Duration::from_secs(2));
     let model = load(&runtime, "stalled", "sklearn", "sklearn.joblib");
     let pid = runtime.processes()[0].pid.expect("a pid");
     signal(pid, "-STOP");
@@ -353,8 +353,8 @@ fn an_endpoint_is_used_as_it_is_and_never_restarted() {
     config.command = None;
     config.endpoint = Some(format!("http://127.0.0.1:{}", external.grpc_port));
     config.repository = Some(external.repository.path().to_owned());
-    config.ready_timeout = Duration::from_secs(180);
-    config.load_timeout = Duration::from_secs(120);
+    config.timeouts.startup = Duration::from_secs(180);
+    config.timeouts.load = Duration::from_secs(120);
     let runtime = RemoteRuntime::start(config).expect("connects to the running MLServer");
     let process = &runtime.processes()[0];
     assert_eq!(process.pid, None, "not ours");

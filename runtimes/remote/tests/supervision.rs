@@ -9,7 +9,7 @@ use densemesh_runtime_remote::{RemoteRuntime, RemoteRuntimeConfig};
 fn config(command: &[&str]) -> RemoteRuntimeConfig {
     let mut config = RemoteRuntimeConfig::mlserver("unused", 1);
     config.command = Some(command.iter().map(|s| s.to_string()).collect());
-    config.ready_timeout = Duration::from_secs(5);
+    config.timeouts.startup = Duration::from_secs(5);
     config
 }
 
@@ -37,10 +37,10 @@ fn a_server_that_exits_before_it_is_ready_reports_its_last_output() {
 #[test]
 fn a_server_that_never_answers_times_out() {
     let mut config = config(&["sleep", "60"]);
-    config.ready_timeout = Duration::from_millis(500);
+    config.timeouts.startup = Duration::from_millis(500);
     let started = std::time::Instant::now();
     let Err(error) = RemoteRuntime::start(config) else { panic!("sleep answered ServerReady") };
-    assert!(error.to_string().contains("was not ready after 500ms (raise `ready_timeout`)"), "{error}");
+    assert!(error.to_string().contains("was not ready after 500ms (raise `timeouts.startup`)"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(10), "gave up after {:?}", started.elapsed());
 }
 
