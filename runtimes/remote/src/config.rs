@@ -435,6 +435,23 @@ mod tests {
     }
 
     #[test]
+    fn it_embeds_in_a_file_of_runtimes_tagged_by_kind() {
+        // The shape of meshd's --runtime-config entries: an internally tagged enum, which buffers the
+        // fields before this struct reads them (durations and unknown-field checks included).
+        #[derive(Deserialize)]
+        #[serde(tag = "kind", rename_all = "lowercase")]
+        enum Entry {
+            V2(RemoteRuntimeConfig),
+        }
+        let json = r#"{"kind": "v2", "name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"],
+                       "timeouts": {"load": "45s"}}"#;
+        let Ok(Entry::V2(config)) = serde_json::from_str::<Entry>(json) else { panic!("embeds") };
+        assert_eq!(config.timeouts.load, Duration::from_secs(45));
+        let typo = r#"{"kind": "v2", "name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "proceses": 1}"#;
+        assert!(serde_json::from_str::<Entry>(typo).is_err(), "unknown fields are still refused");
+    }
+
+    #[test]
     fn formats_match_like_modelmesh_does() {
         let config = RemoteRuntimeConfig::mlserver("mlserver", 1);
         assert!(config.serves("sklearn"));
