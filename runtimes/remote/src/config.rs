@@ -15,7 +15,8 @@ use crate::RemoteError;
 
 /// Placeholders substituted in [`RemoteRuntimeConfig::command`] and [`RemoteRuntimeConfig::env`] values
 /// for each process the pool starts.
-pub const PLACEHOLDERS: [&str; 4] = ["{grpc_port}", "{http_port}", "{metrics_port}", "{repository}"];
+pub const PLACEHOLDERS: [&str; 5] =
+    ["{grpc_port}", "{http_port}", "{metrics_port}", "{repository}", "{max_message_bytes}"];
 
 /// One remote runtime: a KServe V2 server with the model-repository extension (MLServer, Triton), either
 /// already running at [`endpoint`](Self::endpoint) or started as a pool of [`processes`](Self::processes)
@@ -94,6 +95,10 @@ pub struct RemoteRuntimeConfig {
     /// here get no `implementation` (the server infers it, or the model directory brings its own).
     #[serde(default = "default_implementations")]
     pub implementations: BTreeMap<String, String>,
+    /// The largest gRPC message sent to or taken from a server (an inference request or answer), in
+    /// bytes; ModelMesh's default is 16 MiB (tonic's own, 4 MiB, is too small for batched answers).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// Deadlines; every call to a server has one, so a hung server fails calls instead of hanging them.
     #[serde(default)]
     pub timeouts: Timeouts,
@@ -190,6 +195,9 @@ fn default_multiplier() -> f64 {
 fn default_min_model_bytes() -> u64 {
     1_000_000
 }
+fn default_max_message_bytes() -> usize {
+    16 * 1024 * 1024
+}
 fn default_restart_backoff() -> Duration {
     Duration::from_secs(1)
 }
@@ -222,6 +230,8 @@ impl RemoteRuntimeConfig {
             ("MLSERVER_METRICS_PORT", "{metrics_port}"),
             ("MLSERVER_PARALLEL_WORKERS", "0"),
             ("MLSERVER_LOAD_MODELS_AT_STARTUP", "false"),
+            // gRPC's own default, 4 MiB, would refuse what this side is configured to send.
+            ("MLSERVER_GRPC_MAX_MESSAGE_LENGTH", "{max_message_bytes}"),
         ];
         Self {
             name: "mlserver".into(),
@@ -235,6 +245,7 @@ impl RemoteRuntimeConfig {
             multiplier: default_multiplier(),
             min_model_bytes: default_min_model_bytes(),
             implementations: default_implementations(),
+            max_message_bytes: default_max_message_bytes(),
             timeouts: Timeouts::default(),
             restart_backoff: default_restart_backoff(),
             max_restart_backoff: default_max_restart_backoff(),
@@ -331,6 +342,7 @@ pub(crate) struct Substitutions {
     pub http_port: u16,
     pub metrics_port: u16,
     pub repository: PathBuf,
+    pub max_message_bytes: usize,
 }
 
 impl Substitutions {
@@ -340,6 +352,7 @@ impl Substitutions {
             .replace("{http_port}", &self.http_port.to_string())
             .replace("{metrics_port}", &self.metrics_port.to_string())
             .replace("{repository}", &self.repository.to_string_lossy())
+            .replace("{max_message_bytes}", &self.max_message_bytes.to_string())
     }
 }
 
@@ -482,8 +495,12 @@ mod tests {
             http_port: 2,
             metrics_port: 3,
             repository: PathBuf::from("/repo/a"),
+            max_message_bytes: 4,
         };
-        assert_eq!(subs.apply("{grpc_port}:{http_port}:{metrics_port}:{repository}"), "1:2:3:/repo/a");
+        assert_eq!(
+            subs.apply("{grpc_port}:{http_port}:{metrics_port}:{repository}:{max_message_bytes}"),
+            "1:2:3:/repo/a:4"
+        );
         assert_eq!(subs.apply("--port={grpc_port} --also={grpc_port}"), "--port=1 --also=1");
         for placeholder in PLACEHOLDERS {
             assert!(!subs.apply(placeholder).contains('{'), "{placeholder} is substituted");

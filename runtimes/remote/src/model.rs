@@ -10,17 +10,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use densemesh_proto::inference::ModelMetadataRequest;
-use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use densemesh_runtime_core::{Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Tensor};
 use tokio::time::Instant;
 use tonic::Code;
 use tracing::Instrument;
 
-use crate::RemoteError;
 use crate::bridge::Bridge;
 use crate::convert;
 use crate::pool::{Pool, Process, Up};
 use crate::repository::{self, RepositoryClient};
+use crate::{RemoteError, RemoteRuntimeConfig};
 
 /// Tells loads apart, so an unload that runs after the same model was loaded again leaves it alone.
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
@@ -44,11 +43,22 @@ struct Inner {
     size_bytes: u64,
 }
 
-/// Loads `request` into the least loaded process.
-pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, request: LoadRequest) -> Result<RemoteModel> {
-    let config = &pool.config;
+/// A load checked and measured before any process is involved.
+pub(crate) struct Prepared {
+    model_id: String,
+    /// The model's format, the one the runtime serves when the request names none.
+    format: String,
+    /// The model's file or directory, absolute.
+    path: PathBuf,
+    /// What the model is charged.
+    size_bytes: u64,
+}
+
+/// Checks `request` against the config and measures the model. Runs on the caller's blocking thread:
+/// a model directory can hold many files, and the crate's runtime has one worker that every call's
+/// network I/O shares.
+pub(crate) fn prepare(config: &RemoteRuntimeConfig, request: &LoadRequest) -> Result<Prepared> {
     let model_id = request.model_id.clone();
-    let load_error = |e: RemoteError| e.into_load_error(&model_id);
     let format = match (request.model_type.as_str(), config.supported_model_formats.as_slice()) {
         ("", [only]) => only.name.clone(),
         (model_type, _) => model_type.to_owned(),
@@ -64,7 +74,14 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, request: LoadRequest) 
         .map_err(|source| Error::Io { path: request.path.clone(), source })?;
     let size_bytes =
         config.charge(disk_size(&path).map_err(|source| Error::Io { path: path.clone(), source })?);
+    Ok(Prepared { model_id, format, path, size_bytes })
+}
 
+/// Loads a prepared model into the least loaded process.
+pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, prepared: Prepared) -> Result<RemoteModel> {
+    let config = &pool.config;
+    let Prepared { model_id, format, path, size_bytes } = prepared;
+    let load_error = |e: RemoteError| e.into_load_error(&model_id);
     let deadline = Instant::now() + config.timeouts.load;
     let (process, generation, up, _reservation) =
         wait_for_process(&pool, size_bytes, deadline).await.map_err(load_error)?;
@@ -165,7 +182,7 @@ async fn read_metadata(
     model_id: &str,
     deadline: Instant,
 ) -> Result<ModelMetadata, RemoteError> {
-    let mut client = GrpcInferenceServiceClient::new(up.channel.clone());
+    let mut client = pool.inference_client(up.channel.clone());
     let request = ModelMetadataRequest { name: model_id.to_owned(), version: String::new() };
     let answer = tokio::time::timeout_at(deadline, client.model_metadata(request))
         .await
@@ -206,7 +223,7 @@ impl RemoteModel {
                 deadline_error(pool, process, "waiting for a concurrency slot", timeout).into_infer_error()
             })?
             .map_err(|_| RemoteError::ShutDown { runtime: pool.config.name.clone() }.into_infer_error())?;
-        let mut client = GrpcInferenceServiceClient::new(up.channel);
+        let mut client = pool.inference_client(up.channel);
         let mut request = tonic::Request::new(request);
         request.set_timeout(deadline.saturating_duration_since(Instant::now()));
         let answer = match tokio::time::timeout_at(deadline, client.model_infer(request)).await {

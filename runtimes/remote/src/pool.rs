@@ -141,6 +141,15 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// A V2 inference client on `channel` that takes messages up to `maxMessageBytes`.
+    pub(crate) fn inference_client(&self, channel: Channel) -> GrpcInferenceServiceClient<Channel> {
+        GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(self.config.max_message_bytes)
+            .max_encoding_message_size(self.config.max_message_bytes)
+    }
+}
+
 /// Bytes promised to a load in progress on a process, given back when the load ends either way.
 pub(crate) struct Reservation {
     process: Arc<Process>,
@@ -270,7 +279,13 @@ async fn run_once(
     // scans its repository.
     reset_dir(&process.repository)?;
     let [grpc_port, http_port, metrics_port] = free_ports()?;
-    let subs = Substitutions { grpc_port, http_port, metrics_port, repository: process.repository.clone() };
+    let subs = Substitutions {
+        grpc_port,
+        http_port,
+        metrics_port,
+        repository: process.repository.clone(),
+        max_message_bytes: config.max_message_bytes,
+    };
     let mut child = spawn(config, &subs)?;
     let pid = child.id();
     tracing::info!(generation, pid, grpc_port, "started remote process");

@@ -113,7 +113,9 @@ pub(crate) struct RepositoryClient<'a> {
 impl RepositoryClient<'_> {
     /// RepositoryModelLoad: the server reads the model's settings and loads it, or says why not.
     pub(crate) async fn load(&self, model_id: &str, deadline: Instant) -> Result<(), RemoteError> {
-        let mut client = RepositoryServiceClient::new(self.channel.clone());
+        let mut client = RepositoryServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(self.pool.config.max_message_bytes)
+            .max_encoding_message_size(self.pool.config.max_message_bytes);
         let mut request = tonic::Request::new(RepositoryModelLoadRequest {
             model_name: model_id.to_owned(),
             ..Default::default()
@@ -131,7 +133,9 @@ impl RepositoryClient<'_> {
     /// RepositoryModelUnload; a model the server does not have counts as unloaded (MLServer answers
     /// INVALID_ARGUMENT for it, others NOT_FOUND).
     pub(crate) async fn unload(&self, model_id: &str) -> Result<(), RemoteError> {
-        let mut client = RepositoryServiceClient::new(self.channel.clone());
+        let mut client = RepositoryServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(self.pool.config.max_message_bytes)
+            .max_encoding_message_size(self.pool.config.max_message_bytes);
         let timeout = self.pool.config.timeouts.unload;
         let mut request = tonic::Request::new(RepositoryModelUnloadRequest {
             model_name: model_id.to_owned(),

@@ -217,7 +217,8 @@ impl Runtime for RemoteRuntime {
             model_type = %request.model_type,
             process = tracing::field::Empty,
         );
-        let work = model::load(self.pool.clone(), self.bridge.clone(), request.clone()).instrument(span);
+        let prepared = span.in_scope(|| model::prepare(&self.pool.config, request))?;
+        let work = model::load(self.pool.clone(), self.bridge.clone(), prepared).instrument(span);
         match self.bridge.run(work) {
             Ok(loaded) => Ok(Box::new(loaded?)),
             Err(error) => Err(error.into_load_error(&request.model_id)),

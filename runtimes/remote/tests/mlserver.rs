@@ -228,6 +228,15 @@ fn answers_equal_the_python_models() {
         assert!((got - want).abs() < 1e-9, "predict_proba {got} vs {want}");
     }
 
+    // A batch larger than gRPC's default 4 MiB message, which maxMessageBytes (16 MiB) lets through
+    // both ways.
+    let rows = 150_000;
+    let big: Vec<u8> = (0..rows * 4).flat_map(|i| ((i % 97) as f64 / 97.0).to_le_bytes()).collect();
+    let big = Tensor { shape: vec![rows as i64, 4], data: TensorData::Raw(Bytes::from(big)), ..input_fp64() };
+    let outputs =
+        sklearn.infer(InferRequest { inputs: vec![big], outputs: vec![] }).expect("a 4.8 MB request");
+    assert_eq!(outputs[0].shape, [rows as i64, 1]);
+
     // From a blocking thread of another tokio runtime, as the mesh calls it.
     let caller =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio");
