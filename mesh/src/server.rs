@@ -151,7 +151,7 @@ pub async fn run(
     if !config.model_repo.is_dir() {
         return Err(ServeError::NoRepository(config.model_repo));
     }
-    let (runtimes, model_types) = start_runtimes(&config).await?;
+    let (runtimes, model_types, pools) = start_runtimes(&config).await?;
     let runtime: Arc<dyn Runtime> = Arc::new(runtimes);
     let store: Arc<dyn Store> = if config.etcd.is_empty() {
         Arc::new(MemoryStore::new())
@@ -434,6 +434,7 @@ pub async fn run(
     tasks.wait().await;
     placer.close().await;
     cache.shutdown().await;
+    pools.shutdown().await;
     puller.shutdown().await;
     tracing::info!("meshd stopped");
     Ok(())
@@ -543,9 +544,23 @@ fn write_addr_file(
     std::fs::rename(&tmp, path)
 }
 
+/// The runtime process pools this pod started: stopped (their processes killed and reaped) when it
+/// stops, after the cache has unloaded every model, and also when dropped, as on a failed start.
+struct RuntimePools(Vec<Arc<densemesh_runtime_remote::RemoteRuntime>>);
+
+impl RuntimePools {
+    async fn shutdown(&self) {
+        let pools = self.0.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || pools.iter().for_each(|p| p.shutdown())).await {
+            tracing::error!(error = %e, "stopping the runtime processes failed");
+        }
+    }
+}
+
 /// The pod's runtimes, and the model types it offers: `--model-types` where given (each must be a
 /// format a runtime here loads), else every such format.
-async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>), ServeError> {
+async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>, RuntimePools), ServeError> {
+    let mut pools = Vec::new();
     let ort_config = config.ort.clone();
     let ort = tokio::task::spawn_blocking(move || OrtRuntime::new(&ort_config))
         .await
@@ -561,6 +576,16 @@ async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>),
             let formats: Vec<&str> = formats.iter().map(String::as_str).collect();
             let name = entry.name().to_owned();
             let runtime: Arc<dyn Runtime> = match entry {
+                RuntimeEntry::V2(v2) => {
+                    let started = tokio::task::spawn_blocking(move || {
+                        densemesh_runtime_remote::RemoteRuntime::start(v2)
+                    })
+                    .await
+                    .map_err(|e| ServeError::Runtimes(format!("runtime {name:?}: {e}")))??;
+                    let started = Arc::new(started);
+                    pools.push(started.clone());
+                    started
+                }
                 RuntimeEntry::Spi(spi) => {
                     let started =
                         tokio::task::spawn_blocking(move || densemesh_runtime_spi::SpiRuntime::connect(spi))
@@ -586,7 +611,7 @@ async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>),
             wanted.clone()
         }
     };
-    Ok((runtimes, model_types))
+    Ok((runtimes, model_types, RuntimePools(pools)))
 }
 
 /// The endpoint published for peers: `--advertise-addr` (a host or bare IP takes the bound port, and

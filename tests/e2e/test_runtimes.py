@@ -149,3 +149,103 @@ def test_a_modelmesh_spi_runtime_serves_v2_and_its_own_methods_through_meshd(
     reply = say(request, metadata=[("mm-vmodel-id", "doubling")], timeout=30)
     assert reply.model_id == "doubler"
     assert server.metrics().get('densemesh_passthrough_requests_total{result="ok"}') == 2
+
+
+MLSERVER = REPO / ".venv-mlserver" / "bin"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A scikit-learn and an XGBoost model trained in MLServer's venv, with their Python answers."""
+    import json
+    import subprocess
+
+    assert (MLSERVER / "mlserver").is_file(), f"{MLSERVER / 'mlserver'} is missing: run scripts/setup.sh"
+    out = tmp_path_factory.mktemp("trained")
+    subprocess.run([str(MLSERVER / "python"), str(REPO / "runtimes" / "remote" / "tests" / "make_models.py"), str(out)],
+                   check=True, timeout=300)
+    return out, json.loads((out / "expected.json").read_text())
+
+
+def mlserver_config(path, processes=1):
+    import json
+
+    env = {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_GRPC_PORT": "{grpc_port}", "MLSERVER_HTTP_PORT": "{http_port}",
+           "MLSERVER_METRICS_PORT": "{metrics_port}", "MLSERVER_PARALLEL_WORKERS": "0",
+           "MLSERVER_LOAD_MODELS_AT_STARTUP": "false"}
+    entry = {"kind": "v2", "name": "mlserver", "supportedModelFormats": ["sklearn", "xgboost"],
+             "command": [str(MLSERVER / "mlserver"), "start", "{repository}"], "env": env, "processes": processes}
+    path.write_text(json.dumps({"runtimes": [entry]}))  # JSON is YAML
+    return path
+
+
+def infer_fp(server, model, rows, datatype="FP64", output=None):
+    client = grpcclient.InferenceServerClient(server.grpc_addr)
+    try:
+        x = grpcclient.InferInput("input-0", list(rows.shape), datatype)
+        x.set_data_from_numpy(rows)
+        outputs = [grpcclient.InferRequestedOutput(output)] if output else None
+        answer = client.infer(model, [x], outputs=outputs)
+        return answer.as_numpy(output or answer.get_response().outputs[0].name)
+    finally:
+        client.close()
+
+
+def test_mlserver_serves_scikit_learn_and_xgboost_models_registered_through_the_api(
+        start_meshd, tmp_path, trained, mmesh):
+    models, expected = trained
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    # Room for one remote model at a time (each is charged at least 1 MB): the second load evicts the
+    # first, which is unloaded from MLServer, and loading it again answers the same.
+    server = start_meshd(repo, "--runtime-config", str(mlserver_config(tmp_path / "runtimes.json")),
+                         "--capacity", "1500KB", "--local-model-roots", str(models))
+    pb2, pb2_grpc = mmesh
+    stub = pb2_grpc.ModelMeshStub(server.channel)
+    for model_id, kind, file in [("iris-sk", "sklearn", "sklearn.joblib"), ("boost", "xgboost", "xgboost.json")]:
+        stub.registerModel(pb2.RegisterModelRequest(modelId=model_id, modelInfo=pb2.ModelInfo(type=kind, path=str(models / file))))
+
+    query = np.array(expected["input"], dtype=np.float64)
+    for _ in range(2):
+        assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]
+        proba = infer_fp(server, "iris-sk", query, output="predict_proba")
+        assert np.allclose(proba, expected["sklearn_predict_proba"], atol=1e-9)
+        boosted = infer_fp(server, "boost", query.astype(np.float32), datatype="FP32")
+        assert np.allclose(boosted.reshape(-1), expected["xgboost_predict"], atol=1e-5)
+    assert server.metrics().get("densemesh_cache_evictions_total", 0) >= 3, "each switch evicted the other"
+
+    # A file MLServer cannot load fails with MLServer's own reason.
+    broken = models / "broken.joblib"
+    broken.write_bytes(b"this is not a pickle")
+    stub.registerModel(pb2.RegisterModelRequest(modelId="broken", modelInfo=pb2.ModelInfo(type="sklearn", path=str(broken))))
+    with pytest.raises(Exception) as e:
+        infer_fp(server, "broken", query)
+    assert "broken" in str(e.value), e.value
+    status = stub.getModelStatus(pb2.GetStatusRequest(modelId="broken"))
+    assert pb2.ModelStatusInfo.ModelStatus.Name(status.status) == "LOADING_FAILED"
+    assert any("pickle" in err.lower() or "load" in err.lower() for err in status.errors), status.errors
+
+
+def test_a_killed_mlserver_is_restarted_and_its_models_reload_on_the_next_request(
+        start_meshd, tmp_path, trained, mmesh):
+    import os
+    import signal
+    import subprocess
+
+    models, expected = trained
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = start_meshd(repo, "--runtime-config", str(mlserver_config(tmp_path / "runtimes.json")),
+                         "--local-model-roots", str(models))
+    pb2, pb2_grpc = mmesh
+    stub = pb2_grpc.ModelMeshStub(server.channel)
+    stub.registerModel(pb2.RegisterModelRequest(modelId="iris-sk", modelInfo=pb2.ModelInfo(type="sklearn", path=str(models / "sklearn.joblib"))))
+    query = np.array(expected["input"], dtype=np.float64)
+    assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]
+
+    children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "meshd started no MLServer process"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    # The next request hears the model was lost, waits for the restarted server, and is answered.
+    assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]

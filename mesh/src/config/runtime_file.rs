@@ -32,6 +32,9 @@ pub struct RuntimeFile {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum RuntimeEntry {
+    /// A KServe V2 server with the model-repository extension, started and supervised as a pool of
+    /// processes (or one already running at an endpoint).
+    V2(densemesh_runtime_remote::RemoteRuntimeConfig),
     /// ModelMesh's model-runtime SPI (`mmesh.ModelRuntime`).
     Spi(densemesh_runtime_spi::SpiRuntimeConfig),
 }
@@ -40,17 +43,18 @@ impl RuntimeEntry {
     /// The runtime's name, for errors.
     pub fn name(&self) -> &str {
         match self {
+            RuntimeEntry::V2(v2) => &v2.name,
             RuntimeEntry::Spi(spi) => &spi.name,
         }
     }
 
     /// The model formats it loads, lower-case, as the mesh's model types name them.
     pub fn formats(&self) -> Vec<String> {
-        match self {
-            RuntimeEntry::Spi(spi) => {
-                spi.supported_model_formats.iter().map(|f| f.name.to_ascii_lowercase()).collect()
-            }
-        }
+        let names: Vec<&str> = match self {
+            RuntimeEntry::V2(v2) => v2.supported_model_formats.iter().map(|f| f.name.as_str()).collect(),
+            RuntimeEntry::Spi(spi) => spi.supported_model_formats.iter().map(|f| f.name.as_str()).collect(),
+        };
+        names.into_iter().map(str::to_ascii_lowercase).collect()
     }
 }
 
@@ -63,6 +67,7 @@ pub fn read(path: &Path) -> Result<RuntimeFile, String> {
         let invalid =
             |why: String| format!("{} (--runtime-config), runtime {:?}: {why}", path.display(), entry.name());
         match entry {
+            RuntimeEntry::V2(v2) => v2.validate().map_err(|e| invalid(e.to_string()))?,
             RuntimeEntry::Spi(spi) => spi.validate().map_err(|e| invalid(e.to_string()))?,
         }
         if let Some(bad) = entry.formats().iter().find(|f| !densemesh_placement::spec::is_format_name(f)) {
@@ -95,6 +100,19 @@ mod tests {
         assert_eq!(file.runtimes.len(), 1);
         assert_eq!(file.runtimes[0].name(), "custom");
         assert_eq!(file.runtimes[0].formats(), ["custom", "other"]);
+    }
+
+    #[test]
+    fn a_v2_runtime_pool_is_read_with_its_command_and_formats() {
+        let file = parse(
+            "runtimes:\n  - kind: v2\n    name: mlserver\n    supportedModelFormats: [sklearn, xgboost]\n    command: [mlserver, start, '{repository}']\n    processes: 2\n",
+        )
+        .unwrap();
+        let RuntimeEntry::V2(v2) = &file.runtimes[0] else { panic!("{:?}", file.runtimes[0]) };
+        assert_eq!((v2.processes, v2.command.as_deref().map(<[String]>::len)), (2, Some(3)));
+        assert_eq!(file.runtimes[0].formats(), ["sklearn", "xgboost"]);
+        let both = parse("runtimes:\n  - kind: v2\n    name: m\n    supportedModelFormats: [sklearn]\n    command: [m]\n    endpoint: 127.0.0.1:1\n").unwrap_err();
+        assert!(both.contains("runtime \"m\""), "{both}");
     }
 
     #[test]
