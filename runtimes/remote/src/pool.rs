@@ -387,7 +387,9 @@ fn channel(config: &RemoteRuntimeConfig, endpoint: &str) -> Result<Channel, Remo
         endpoint: endpoint.to_owned(),
         source,
     };
-    let endpoint = Endpoint::from_shared(endpoint.to_owned()).map_err(invalid)?;
+    // `host:port` as a ServingRuntime or an operator writes it means plain gRPC over TCP.
+    let uri = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    let endpoint = Endpoint::from_shared(uri).map_err(invalid)?;
     Ok(endpoint.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true).connect_lazy())
 }
 

@@ -360,7 +360,8 @@ fn an_endpoint_is_used_as_it_is_and_never_restarted() {
     let external = External::start();
     let mut config = RemoteRuntimeConfig::mlserver("unused", 1);
     config.command = None;
-    config.endpoint = Some(format!("http://127.0.0.1:{}", external.grpc_port));
+    // host:port without a scheme, as a ServingRuntime or an operator writes it.
+    config.endpoint = Some(format!("127.0.0.1:{}", external.grpc_port));
     config.repository = Some(external.repository.path().to_owned());
     config.timeouts.startup = Duration::from_secs(180);
     config.timeouts.load = Duration::from_secs(120);
