@@ -1,0 +1,193 @@
+"""Runtimes beyond ONNX Runtime, through meshd: what the mesh adds in front of a remote MLServer, and what a
+Hugging Face sentence-embedding model on candle serves.
+
+    .venv/bin/python bench/runtimes.py                       # release build, ~2 minutes
+    .venv/bin/python bench/runtimes.py --bin-dir target/debug --requests 300
+
+1. scikit-learn through densemesh -> MLServer against MLServer directly. One MLServer process is started
+   here on loopback ports; meshd is given it as a `kind: v2` runtime at that endpoint (its repository
+   shared), and loads the model into it on the first request. Both paths then call the very same model in
+   the very same MLServer process, with the same prebuilt V2 request from one gRPC client, one request at
+   a time, in alternating rounds so drift hits both alike. The difference of the p50s is what the mesh
+   adds (the issue's goal: <= 150 us).
+2. all-MiniLM-L6-v2 (format huggingface) through meshd at batch 1 and 32, one client: req/s and p50; and
+   its cold load (the first request's time less a warm one's) against reading its safetensors file.
+   The in-process figures to set beside these come from
+   `cargo bench -p densemesh-runtime-candle --bench embed`.
+
+Needs target/release/meshd (cargo build --release -p densemesh-mesh --bins), the .venv and .venv-mlserver
+that scripts/setup.sh makes, and .models/all-minilm-l6-v2 (also from scripts/setup.sh).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "e2e"))  # the e2e tests' launchers
+
+from meshd import Meshd, free_port, wait_for  # noqa: E402
+from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
+
+MLSERVER = REPO / ".venv-mlserver" / "bin"
+MINILM = REPO / ".models" / "all-minilm-l6-v2"
+
+
+def timed_calls(call, request, n):
+    """Latencies in microseconds of n sequential calls."""
+    out = []
+    for _ in range(n):
+        started = time.perf_counter_ns()
+        call(request, timeout=30)
+        out.append((time.perf_counter_ns() - started) / 1000)
+    return out
+
+
+def summary(latencies):
+    latencies = sorted(latencies)
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return {"n": len(latencies), "p50_us": round(p(0.5), 1), "p90_us": round(p(0.9), 1), "p99_us": round(p(0.99), 1),
+            "req_per_s": round(len(latencies) / (sum(latencies) / 1e6), 1)}
+
+
+def start_mlserver(work):
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    repository = work / "mlserver-repo"
+    repository.mkdir()
+    env = {**os.environ, "MLSERVER_HOST": "127.0.0.1", "MLSERVER_GRPC_PORT": str(grpc_port),
+           "MLSERVER_HTTP_PORT": str(http_port), "MLSERVER_METRICS_PORT": str(metrics_port),
+           "MLSERVER_PARALLEL_WORKERS": "0", "MLSERVER_LOAD_MODELS_AT_STARTUP": "false"}
+    log = open(work / "mlserver.log", "wb")
+    proc = subprocess.Popen([str(MLSERVER / "mlserver"), "start", str(repository)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+    def ready():
+        try:
+            return stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready
+        except grpc.RpcError:
+            return False
+
+    wait_for(ready, 120, "MLServer to be ready")
+    return proc, grpc_port, repository, stub
+
+
+def mmesh_stubs():
+    import importlib
+
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp(prefix="mmesh-stubs-")
+    proto_dir = REPO / "proto" / "proto" / "modelmesh"
+    assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
+                        str(proto_dir / "model-mesh.proto")]) == 0
+    sys.path.insert(0, out)
+    return importlib.import_module("model_mesh_pb2"), importlib.import_module("model_mesh_pb2_grpc")
+
+
+def sklearn_request(model, rows):
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input-0", datatype="FP64", shape=list(rows.shape))
+    request.raw_input_contents.append(rows.astype(np.float64).tobytes())
+    return request
+
+
+def bench_mlserver(args, work, results):
+    models = work / "trained"
+    models.mkdir()
+    subprocess.run([str(MLSERVER / "python"), str(REPO / "runtimes" / "remote" / "tests" / "make_models.py"),
+                    str(models)], check=True, timeout=300)
+    expected = json.loads((models / "expected.json").read_text())
+    proc, grpc_port, repository, direct = start_mlserver(work)
+    try:
+        config = work / "runtimes.json"
+        config.write_text(json.dumps({"runtimes": [{
+            "kind": "v2", "name": "mlserver", "supportedModelFormats": ["sklearn"],
+            "endpoint": f"127.0.0.1:{grpc_port}", "repository": str(repository)}]}))
+        repo = work / "repo"
+        repo.mkdir()
+        os.environ["MESHD_BIN"] = str(Path(args.bin_dir) / "meshd")
+        server = Meshd(repo, "--runtime-config", str(config), "--local-model-roots", str(models))
+        try:
+            pb2, pb2_grpc = mmesh_stubs()
+            pb2_grpc.ModelMeshStub(server.channel).registerModel(pb2.RegisterModelRequest(
+                modelId="iris-sk", modelInfo=pb2.ModelInfo(type="sklearn", path=str(models / "sklearn.joblib")),
+                loadNow=True, sync=True), timeout=120)
+            request = sklearn_request("iris-sk", np.array(expected["input"][:1]))
+            via_mesh = server.stub.ModelInfer
+            # meshd loaded it into this MLServer under its id: the direct path calls the same model.
+            answer = direct.ModelInfer(request, timeout=30)
+            assert answer.outputs, answer
+            for call in (via_mesh, direct.ModelInfer):
+                timed_calls(call, request, args.warmup)
+            mesh, plain = [], []
+            for _ in range(args.rounds):
+                mesh += timed_calls(via_mesh, request, args.requests // args.rounds)
+                plain += timed_calls(direct.ModelInfer, request, args.requests // args.rounds)
+            results["sklearn_via_meshd"] = summary(mesh)
+            results["sklearn_mlserver_direct"] = summary(plain)
+            results["sklearn_added_p50_us"] = round(statistics.median(mesh) - statistics.median(plain), 1)
+        finally:
+            server.stop()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def embed_request(sentences):
+    request = service_pb2.ModelInferRequest(model_name="minilm")
+    request.inputs.add(name="text", datatype="BYTES", shape=[len(sentences)])
+    request.raw_input_contents.append(b"".join(len(s).to_bytes(4, "little") + s for s in sentences))
+    return request
+
+
+def bench_minilm(args, work, results):
+    repo = work / "hf-repo"
+    repo.mkdir()
+    (repo / "minilm").symlink_to(MINILM, target_is_directory=True)
+    os.environ["MESHD_BIN"] = str(Path(args.bin_dir) / "meshd")
+    server = Meshd(repo, "--local-model-roots", f"{repo},{MINILM}")
+    try:
+        sentence = b"A man is playing a guitar on a quiet street corner in the evening."
+        one, batch = embed_request([sentence]), embed_request([sentence] * 32)
+        started = time.perf_counter()
+        server.stub.ModelInfer(one, timeout=120)
+        first_ms = (time.perf_counter() - started) * 1000
+        warm = timed_calls(server.stub.ModelInfer, one, 5)
+        started = time.perf_counter()
+        (MINILM / "model.safetensors").read_bytes()
+        read_ms = (time.perf_counter() - started) * 1000
+        results["minilm_cold_load_ms"] = round(first_ms - statistics.median(warm) / 1000, 1)
+        results["minilm_read_safetensors_ms"] = round(read_ms, 1)
+        results["minilm_batch1_via_meshd"] = summary(timed_calls(server.stub.ModelInfer, one, args.embed_requests))
+        results["minilm_batch32_via_meshd"] = summary(timed_calls(server.stub.ModelInfer, batch, max(10, args.embed_requests // 8)))
+    finally:
+        server.stop()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
+    parser.add_argument("--requests", type=int, default=4000, help="timed sklearn requests per path")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds the requests are split into")
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--embed-requests", type=int, default=200, help="timed batch-1 MiniLM requests")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
+        bench_mlserver(args, Path(work), results)
+        bench_minilm(args, Path(work), results)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
