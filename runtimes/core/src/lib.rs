@@ -8,12 +8,14 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod format;
 mod tensor;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use error::{Cause, Context, Error, Result};
+pub use format::ModelFormat;
 pub use tensor::{DataType, Tensor, TensorData, TensorSpec};
 
 /// Everything a runtime needs to load one model.

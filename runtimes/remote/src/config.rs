@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use densemesh_runtime_core::ModelFormat;
 use serde::Deserialize;
 
 use crate::RemoteError;
@@ -108,49 +109,6 @@ pub struct RemoteRuntimeConfig {
     /// The longest wait between restarts.
     #[serde(default = "default_max_restart_backoff", with = "humantime_serde")]
     pub max_restart_backoff: Duration,
-}
-
-/// A model format a runtime serves: a name, optionally a version.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(from = "FormatEntry")]
-pub struct ModelFormat {
-    /// The format's name (`sklearn`, `xgboost`, ...).
-    pub name: String,
-    /// The format's version, when the runtime serves only that one.
-    pub version: Option<String>,
-}
-
-impl ModelFormat {
-    /// A format of any version.
-    pub fn named(name: impl Into<String>) -> Self {
-        Self { name: name.into(), version: None }
-    }
-}
-
-/// A format as written: a bare name, or a ServingRuntime `supportedModelFormats` entry.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum FormatEntry {
-    Name(String),
-    #[serde(rename_all = "camelCase")]
-    Spec {
-        name: String,
-        #[serde(default)]
-        version: Option<String>,
-        // Read so ServingRuntime entries paste in unchanged; the mesh picks runtimes by format alone.
-        #[serde(default)]
-        #[allow(dead_code)]
-        auto_select: Option<bool>,
-    },
-}
-
-impl From<FormatEntry> for ModelFormat {
-    fn from(entry: FormatEntry) -> Self {
-        match entry {
-            FormatEntry::Name(name) => Self { name, version: None },
-            FormatEntry::Spec { name, version, .. } => Self { name, version },
-        }
-    }
 }
 
 /// Deadlines of the calls to a server, written as `"30s"`, `"500ms"`, `"2m"`.
@@ -299,14 +257,7 @@ impl RemoteRuntimeConfig {
     /// `name:version` type matches a format of that name whose version is unset or equal (ModelMesh's
     /// type constraints read types the same way).
     pub fn serves(&self, model_type: &str) -> bool {
-        let (name, version) = split_type(model_type);
-        self.supported_model_formats.iter().any(|f| {
-            f.name.trim().eq_ignore_ascii_case(name)
-                && match (&f.version, version) {
-                    (Some(have), Some(want)) => have == want,
-                    _ => true,
-                }
-        })
+        ModelFormat::any_serves(&self.supported_model_formats, model_type.trim())
     }
 
     /// The `implementation` for `model_type` (by its name, any version), if the config names one.

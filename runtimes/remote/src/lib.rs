@@ -25,7 +25,8 @@ mod pool;
 mod repository;
 mod runtime;
 
-pub use config::{ModelFormat, PLACEHOLDERS, RemoteRuntimeConfig, Timeouts, default_implementations};
+pub use config::{PLACEHOLDERS, RemoteRuntimeConfig, Timeouts, default_implementations};
+pub use densemesh_runtime_core::ModelFormat;
 pub use error::RemoteError;
 pub use repository::SETTINGS_FILE;
 pub use runtime::{ProcessInfo, RemoteRuntime};

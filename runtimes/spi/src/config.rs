@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use densemesh_runtime_core::ModelFormat;
 use serde::Deserialize;
 
 use crate::SpiError;
@@ -69,17 +70,7 @@ impl SpiRuntimeConfig {
     /// `name:version` type matches a format of that name whose version is unset or equal (ModelMesh's
     /// type constraints read types the same way).
     pub fn serves(&self, model_type: &str) -> bool {
-        let (name, version) = match model_type.split_once(':') {
-            Some((name, version)) => (name, Some(version)),
-            None => (model_type, None),
-        };
-        self.supported_model_formats.iter().any(|f| {
-            f.name.eq_ignore_ascii_case(name)
-                && match (&f.version, version) {
-                    (Some(have), Some(want)) => have == want,
-                    _ => true,
-                }
-        })
+        ModelFormat::any_serves(&self.supported_model_formats, model_type)
     }
 
     /// The SPI endpoint, parsed.
@@ -137,49 +128,6 @@ impl SpiRuntimeConfig {
             return Err(invalid("maxMessageBytes", "must be above zero"));
         }
         Ok(())
-    }
-}
-
-/// A model format a runtime serves: a name, optionally a version.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(from = "FormatEntry")]
-pub struct ModelFormat {
-    /// The format's name (`onnx`, `sklearn`, ...).
-    pub name: String,
-    /// The format's version, when the runtime serves only that one.
-    pub version: Option<String>,
-}
-
-impl ModelFormat {
-    /// A format of any version.
-    pub fn named(name: impl Into<String>) -> Self {
-        Self { name: name.into(), version: None }
-    }
-}
-
-/// A format as written: a bare name, or a ServingRuntime `supportedModelFormats` entry.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum FormatEntry {
-    Name(String),
-    #[serde(rename_all = "camelCase")]
-    Spec {
-        name: String,
-        #[serde(default)]
-        version: Option<String>,
-        // Read so ServingRuntime entries paste in unchanged; the mesh picks runtimes by format alone.
-        #[serde(default)]
-        #[allow(dead_code)]
-        auto_select: Option<bool>,
-    },
-}
-
-impl From<FormatEntry> for ModelFormat {
-    fn from(entry: FormatEntry) -> Self {
-        match entry {
-            FormatEntry::Name(name) => Self { name, version: None },
-            FormatEntry::Spec { name, version, .. } => Self { name, version },
-        }
     }
 }
 

@@ -24,7 +24,8 @@ mod model;
 mod runtime;
 
 pub use call::MODEL_ID_HEADER;
-pub use config::{ModelFormat, SpiRuntimeConfig, Timeouts};
+pub use config::{SpiRuntimeConfig, Timeouts};
+pub use densemesh_runtime_core::ModelFormat;
 pub use endpoint::RuntimeEndpoint;
 pub use error::SpiError;
 pub use runtime::{MIN_MODEL_SIZE_BYTES, RuntimeInfo, SpiRuntime};
