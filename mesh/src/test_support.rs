@@ -89,6 +89,7 @@ pub(crate) fn instance_record(endpoint: &str) -> InstanceRecord {
         loading: 0,
         lru_age_seconds: 0,
         coldest_model: String::new(),
+        cheapest_victims: None,
         requests_per_minute: 0,
         draining: false,
         started_ms: 0,

@@ -5,14 +5,18 @@
 //! capacity for the predicted
 //! size, least-used fraction first (this pod on ties, to save a hop); if none has room, the pod whose
 //! least recently used model is the coldest in the cluster (cluster-wide LRU), as long as that model
-//! was not used within the anti-churn age. In both orders, pods that failed the model before (their
-//! back-off over) come after pods that never did, and pods already loading many models are penalised.
+//! was not used within the anti-churn age. When every such pod evicts by GDSF (each publishes its
+//! cheapest victims), the pod where freeing the bytes costs least instead: the lowest priority its
+//! clock would rise to ([`crate::eviction::priority_to_free`]), so the cluster evicts as one GDSF
+//! cache would. In both orders, pods that failed the model before (their back-off over) come after
+//! pods that never did, and pods already loading many models are penalised.
 //!
 //! Where to send a request for a model other pods hold: [`choose_copy`], the least busy copy that has
 //! not already failed this request.
 
 use std::time::Duration;
 
+use crate::eviction::{Victim, priority_to_free};
 use crate::{InstanceRecord, Placement};
 
 /// A pod as placement sees it.
@@ -25,8 +29,11 @@ pub struct LoadCandidate {
     pub loading: u64,
     /// Seconds since its least recently used model was used.
     pub lru_age_seconds: u64,
-    /// That least recently used model: the first a load there would evict.
+    /// That least recently used model: the first a load there would evict under LRU.
     pub coldest_model: Option<String>,
+    /// Under GDSF eviction, its cheapest models to evict, in order
+    /// ([`crate::eviction::cheapest`]); `None` under LRU, or from a pod too old to publish them.
+    pub cheapest_victims: Option<Vec<Victim>>,
     pub draining: bool,
     /// Whether it offers the model's type (its instance record lists it; ModelMesh's type
     /// constraints): a pod that does not is never chosen to load, hold or serve the model.
@@ -54,6 +61,7 @@ impl LoadCandidate {
             loading: record.loading,
             lru_age_seconds: record.lru_age_seconds,
             coldest_model: (!record.coldest_model.is_empty()).then(|| record.coldest_model.clone()),
+            cheapest_victims: record.cheapest_victims.clone(),
             draining: record.draining,
             offers_type: model_type.is_none_or(|t| record.offers(t)),
             retry_after_ms: own.and_then(Placement::retry_after_ms),
@@ -119,7 +127,28 @@ pub fn choose_load_target<'a>(
         return Ok(&c.instance);
     }
     let churn_floor = anti_churn_age.as_secs();
-    let coldest = eligible.clone().filter(|c| c.lru_age_seconds >= churn_floor).max_by(|a, b| {
+    let full = eligible.clone().filter(|c| c.lru_age_seconds >= churn_floor);
+    if full.clone().all(|c| c.cheapest_victims.is_some()) {
+        // A pod whose published victims cannot free enough goes last: its cache may still, from
+        // models beyond those it publishes.
+        let cost = |c: &LoadCandidate| {
+            let needed = (c.used_bytes + predicted_bytes).saturating_sub(c.capacity_bytes);
+            c.cheapest_victims.as_deref().and_then(|v| priority_to_free(v, needed)).unwrap_or(f64::INFINITY)
+        };
+        let cheapest = full.clone().min_by(|a, b| {
+            a.failed_before()
+                .cmp(&b.failed_before())
+                .then_with(|| cost(a).total_cmp(&cost(b)))
+                .then_with(|| b.lru_age_seconds.cmp(&a.lru_age_seconds))
+                .then_with(|| a.loading.cmp(&b.loading))
+                .then_with(|| (b.instance == this).cmp(&(a.instance == this)))
+                .then_with(|| a.instance.cmp(&b.instance))
+        });
+        if let Some(c) = cheapest {
+            return Ok(&c.instance);
+        }
+    }
+    let coldest = full.max_by(|a, b| {
         b.failed_before()
             .cmp(&a.failed_before())
             .then_with(|| a.lru_age_seconds.cmp(&b.lru_age_seconds))
@@ -180,6 +209,7 @@ pub(crate) fn test_pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCa
         loading: 0,
         lru_age_seconds: lru,
         coldest_model: Some(format!("{name}-coldest")),
+        cheapest_victims: None,
         draining: false,
         offers_type: true,
         retry_after_ms: None,
@@ -218,6 +248,27 @@ mod tests {
     fn without_room_the_coldest_lru_in_the_cluster_goes() {
         let pods = [pod("a", 100, 100, 30), pod("b", 100, 95, 600), pod("c", 100, 90, 5)];
         assert_eq!(pick(&pods, "a", 20, NOW), Some("b"));
+    }
+
+    /// A GDSF pod whose cheapest victims have these (priority, size) pairs.
+    fn gdsf(pod: LoadCandidate, victims: &[(f64, u64)]) -> LoadCandidate {
+        let victims = victims.iter().map(|&(priority, size_bytes)| Victim { priority, size_bytes }).collect();
+        LoadCandidate { cheapest_victims: Some(victims), ..pod }
+    }
+
+    #[test]
+    fn without_room_gdsf_pods_go_by_what_freeing_the_bytes_costs() {
+        // a frees 10 bytes cheaply (priority 1) but needs 20: its second victim costs 50; b's 30.
+        let a = gdsf(pod("a", 100, 100, 999), &[(1.0, 10), (50.0, 90)]);
+        let b = gdsf(pod("b", 100, 100, 5), &[(30.0, 100)]);
+        assert_eq!(pick(&[a.clone(), b.clone()], "x", 10, NOW), Some("a"), "10 bytes: a's first victim");
+        assert_eq!(pick(&[a.clone(), b.clone()], "x", 20, NOW), Some("b"), "20 bytes: b, despite LRU age");
+        // Victims that cannot free enough rank the pod last, not never.
+        let short = gdsf(pod("short", 100, 100, 999), &[(1.0, 5)]);
+        assert_eq!(pick(&[short.clone(), b.clone()], "x", 20, NOW), Some("b"));
+        assert_eq!(pick(std::slice::from_ref(&short), "x", 20, NOW), Some("short"));
+        // A pod that publishes none (LRU, or older than the field) puts the choice back on LRU age.
+        assert_eq!(pick(&[a, b, pod("lru", 100, 100, 600)], "x", 20, NOW), Some("a"));
     }
 
     #[test]
@@ -308,6 +359,7 @@ mod tests {
             lru_age_seconds: 30,
             requests_per_minute: 0,
             coldest_model: String::new(),
+            cheapest_victims: None,
             draining: false,
             started_ms: 0,
             model_types: vec!["onnx".into()],
@@ -368,18 +420,29 @@ mod tests {
             any::<bool>(),
             proptest::option::of(0u64..20_000),
             proptest::bool::weighted(0.8),
+            proptest::option::weighted(0.5, proptest::collection::vec((0.0f64..100.0, 1u64..500), 0..4)),
         )
             .prop_map(
-                |(name, capacity, used, loading, lru, draining, retry_after_ms, offers_type)| LoadCandidate {
-                    instance: name,
-                    capacity_bytes: capacity,
-                    used_bytes: used.min(capacity),
-                    loading,
-                    lru_age_seconds: lru,
-                    coldest_model: None,
-                    draining,
-                    offers_type,
-                    retry_after_ms,
+                |(name, capacity, used, loading, lru, draining, retry_after_ms, offers_type, victims)| {
+                    LoadCandidate {
+                        instance: name,
+                        capacity_bytes: capacity,
+                        used_bytes: used.min(capacity),
+                        loading,
+                        lru_age_seconds: lru,
+                        coldest_model: None,
+                        cheapest_victims: victims.map(|v| {
+                            let mut v: Vec<Victim> = v
+                                .into_iter()
+                                .map(|(priority, size_bytes)| Victim { priority, size_bytes })
+                                .collect();
+                            v.sort_by(|a, b| a.priority.total_cmp(&b.priority));
+                            v
+                        }),
+                        draining,
+                        offers_type,
+                        retry_after_ms,
+                    }
                 },
             )
     }
@@ -462,6 +525,31 @@ mod tests {
             }
         }
 
+        /// With no room anywhere and every pod on GDSF, no pod the choice passed over would have
+        /// freed the bytes more cheaply (among pods that never failed the model, when it did not).
+        #[test]
+        fn without_room_gdsf_picks_the_cheapest_bytes_to_free(
+            pods in arb_pods(8), size in 1u64..1000, now in 0u64..20_000,
+        ) {
+            let eligible = |p: &LoadCandidate| {
+                p.offers_type && !p.draining && !p.backing_off(now) && p.capacity_bytes >= size
+            };
+            let room = |p: &LoadCandidate| eligible(p) && p.capacity_bytes - p.used_bytes >= size;
+            prop_assume!(!pods.iter().any(room));
+            prop_assume!(pods.iter().filter(|p| eligible(p)).all(|p| p.cheapest_victims.is_some()));
+            let cost = |p: &LoadCandidate| {
+                let needed = p.used_bytes + size - p.capacity_bytes;
+                priority_to_free(p.cheapest_victims.as_deref().unwrap(), needed).unwrap_or(f64::INFINITY)
+            };
+            if let Some(name) = pick(&pods, "a0", size, now) {
+                let chosen = pods.iter().find(|p| p.instance == name).unwrap();
+                let peers = pods.iter().filter(|p| eligible(p) && p.failed_before() == chosen.failed_before());
+                for p in peers {
+                    prop_assert!(cost(chosen) <= cost(p), "{} frees it for {} < {}", p.instance, cost(p), cost(chosen));
+                }
+            }
+        }
+
         /// A pod whose back-off runs is as good as absent; once it has ended, exactly when no longer
         /// matters and the pod can be chosen again (and is, when it is the only one that can load it).
         #[test]
@@ -481,6 +569,7 @@ mod tests {
                 loading: 0,
                 lru_age_seconds: 0,
                 coldest_model: None,
+                cheapest_victims: None,
                 draining: false,
                 offers_type: true,
                 retry_after_ms: Some(retry_after_ms),

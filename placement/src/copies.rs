@@ -112,6 +112,7 @@ mod min_copies_tests {
             loading: 0,
             lru_age_seconds: 0,
             coldest_model: String::new(),
+            cheapest_victims: None,
             requests_per_minute: 0,
             draining,
             started_ms: 0,

@@ -4,7 +4,8 @@
 //!
 //! Each request arrives at a pod drawn at random (seeded; as a Service spreads clients), which asks
 //! `route` with every pod's state as of that instant, exactly as meshd's placer does (meshd reads
-//! peers from instance records a few seconds old: the simulator is the ideal of that). Then:
+//! peers from instance records a few seconds old: the simulator is the ideal of that), under GDSF
+//! each pod's cheapest victims included, listed as the real cache lists them. Then:
 //! - a copy here or on a peer serves it: a hit (forwarded when on a peer);
 //! - a load here or on a peer: a miss; the pod makes room with `victims` under the chosen policy
 //!   (evicting, raising its GDSF clock) and loads the model at once, charged the trace's size;
@@ -27,7 +28,7 @@ use serde::Serialize;
 pub use trace::{Request, SplitMix64, Synthetic, Trace, TraceError};
 
 use crate::choose::LoadCandidate;
-use crate::eviction::{self, Candidate, Clock, Policy, Rules};
+use crate::eviction::{self, Candidate, Clock, Policy, Rules, Victim};
 use crate::route::{Copy, CopyOn, Goal, Refusal, Route, RouteInput, route};
 
 /// The cluster to simulate.
@@ -118,6 +119,17 @@ struct Resident {
     clock_at_use: Clock,
 }
 
+impl Resident {
+    fn priority(&self) -> f64 {
+        eviction::gdsf_priority(self.clock_at_use, self.uses, self.reload_cost, self.size_bytes)
+    }
+
+    /// Its place in [`Pod::by_priority`]: GDSF's order, ties to the longer idle.
+    fn priority_key(&self) -> (u64, u64, u32) {
+        (eviction::ordered_bits(self.priority()), self.last_used_ms, self.model)
+    }
+}
+
 struct Pod {
     used: u64,
     residents: Vec<Resident>,
@@ -125,6 +137,10 @@ struct Pod {
     slot: Vec<Option<u32>>,
     /// (last use, model): the first is the pod's least recently used model, the LRU age it publishes.
     by_last_use: BTreeSet<(u64, u32)>,
+    /// Under GDSF, residents in eviction order (see [`Resident::priority_key`]), for the victims
+    /// the pod publishes; empty under LRU.
+    by_priority: BTreeSet<(u64, u64, u32)>,
+    gdsf: bool,
     clock: Clock,
     peak: u64,
     /// Byte-milliseconds charged so far, for the time-weighted mean.
@@ -133,12 +149,14 @@ struct Pod {
 }
 
 impl Pod {
-    fn new(models: usize, start_ms: u64) -> Self {
+    fn new(models: usize, start_ms: u64, policy: Policy) -> Self {
         Self {
             used: 0,
             residents: Vec::new(),
             slot: vec![None; models],
             by_last_use: BTreeSet::new(),
+            by_priority: BTreeSet::new(),
+            gdsf: policy == Policy::GreedyDualSizeFrequency,
             clock: Clock::default(),
             peak: 0,
             area: 0,
@@ -160,10 +178,40 @@ impl Pod {
         let Some(i) = self.slot[model as usize] else { return };
         let r = &mut self.residents[i as usize];
         self.by_last_use.remove(&(r.last_used_ms, model));
+        if self.gdsf {
+            self.by_priority.remove(&r.priority_key());
+        }
         r.last_used_ms = now_ms;
         r.uses += 1;
         r.clock_at_use = self.clock;
         self.by_last_use.insert((now_ms, model));
+        if self.gdsf {
+            self.by_priority.insert(r.priority_key());
+        }
+    }
+
+    fn add(&mut self, resident: Resident) {
+        self.slot[resident.model as usize] = Some(self.residents.len() as u32);
+        self.by_last_use.insert((resident.last_used_ms, resident.model));
+        if self.gdsf {
+            self.by_priority.insert(resident.priority_key());
+        }
+        self.used += resident.size_bytes;
+        self.peak = self.peak.max(self.used);
+        self.residents.push(resident);
+    }
+
+    /// What the pod publishes under GDSF: its first [`eviction::PUBLISHED_VICTIMS`] victims, as
+    /// [`eviction::cheapest`] lists them for the real cache (here read off the kept order).
+    fn cheapest_victims(&self, now_ms: u64, rules: Rules, into: &mut Vec<Victim>) {
+        into.clear();
+        let evictable = self
+            .by_priority
+            .iter()
+            .filter_map(|&(_, _, model)| self.slot[model as usize].map(|i| &self.residents[i as usize]))
+            .filter(|r| Duration::from_millis(now_ms - r.loaded_ms) >= rules.min_residence)
+            .take(eviction::PUBLISHED_VICTIMS);
+        into.extend(evictable.map(|r| Victim { priority: r.priority(), size_bytes: r.size_bytes }));
     }
 
     fn remove(&mut self, model: u32) -> Option<u64> {
@@ -173,6 +221,9 @@ impl Pod {
             self.slot[moved.model as usize] = Some(i as u32);
         }
         self.by_last_use.remove(&(gone.last_used_ms, model));
+        if self.gdsf {
+            self.by_priority.remove(&gone.priority_key());
+        }
         self.used -= gone.size_bytes;
         Some(gone.size_bytes)
     }
@@ -191,7 +242,7 @@ pub fn run(trace: &Trace, cluster: &Cluster) -> Result<Report, ClusterError> {
     let end_ms = requests.last().map_or(0, |r| r.time_ms);
     let models = trace.models().len();
     let names: Vec<String> = (0..cluster.pods).map(|i| format!("pod-{i}")).collect();
-    let mut pods: Vec<Pod> = (0..cluster.pods).map(|_| Pod::new(models, start_ms)).collect();
+    let mut pods: Vec<Pod> = (0..cluster.pods).map(|_| Pod::new(models, start_ms, cluster.policy)).collect();
     let mut view: Vec<LoadCandidate> = names
         .iter()
         .map(|name| LoadCandidate {
@@ -201,6 +252,7 @@ pub fn run(trace: &Trace, cluster: &Cluster) -> Result<Report, ClusterError> {
             loading: 0,
             lru_age_seconds: 0,
             coldest_model: None,
+            cheapest_victims: None,
             draining: false,
             offers_type: true,
             retry_after_ms: None,
@@ -244,9 +296,14 @@ pub fn run(trace: &Trace, cluster: &Cluster) -> Result<Report, ClusterError> {
         let model = request.model;
         let arrival = rng.below(cluster.pods);
         bytes_asked += u128::from(request.size_bytes);
+        // Victims matter only to a load, so they are listed only for a model no pod holds.
+        let may_load = holders[model as usize].is_empty();
         for (candidate, pod) in view.iter_mut().zip(&pods) {
             candidate.used_bytes = pod.used;
             candidate.lru_age_seconds = pod.lru_age_seconds(now);
+            if pod.gdsf && may_load {
+                pod.cheapest_victims(now, rules, candidate.cheapest_victims.get_or_insert_with(Vec::new));
+            }
         }
         copies.clear();
         copies.extend(holders[model as usize].iter().map(|&p| CopyOn {
@@ -326,19 +383,16 @@ pub fn run(trace: &Trace, cluster: &Cluster) -> Result<Report, ClusterError> {
         }
         pod.settle(now);
         let load_time = request.load_time();
-        pod.slot[model as usize] = Some(pod.residents.len() as u32);
-        pod.residents.push(Resident {
+        let clock = pod.clock;
+        pod.add(Resident {
             model,
             size_bytes: request.size_bytes,
             loaded_ms: now,
             last_used_ms: now,
             uses: 1,
             reload_cost: load_time,
-            clock_at_use: pod.clock,
+            clock_at_use: clock,
         });
-        pod.by_last_use.insert((now, model));
-        pod.used += request.size_bytes;
-        pod.peak = pod.peak.max(pod.used);
         holders[model as usize].push(target as u32);
         report.loads += 1;
         report.etcd_writes += 2;

@@ -234,6 +234,20 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_record_carries_its_cheapest_victims_and_old_ones_have_none() {
+        let old: InstanceRecord = serde_json::from_str(
+            r#"{"endpoint":"e","capacity_bytes":1,"used_bytes":0,"models_loaded":0,"loading":0,"lru_age_seconds":0,"started_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.cheapest_victims, None);
+        assert!(!serde_json::to_string(&old).unwrap().contains("cheapest_victims"), "absent under LRU");
+        let victims = vec![crate::eviction::Victim { priority: 12.5, size_bytes: 7 }];
+        let gdsf = InstanceRecord { cheapest_victims: Some(victims), ..old };
+        let read: InstanceRecord = serde_json::from_str(&serde_json::to_string(&gdsf).unwrap()).unwrap();
+        assert_eq!(read, gdsf);
+    }
+
+    #[test]
     fn a_failed_record_carries_its_back_off_and_old_records_still_read() {
         let failed = Placement::Failed { since_ms: 10, reason: "bad".into(), retry_after_ms: 2_010 };
         let json = serde_json::to_string(&failed).unwrap();
@@ -273,6 +287,11 @@ pub struct InstanceRecord {
     /// so a refusal under the anti-churn rule can name it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub coldest_model: String,
+    /// Under GDSF eviction, its cheapest models to evict ([`crate::eviction::cheapest`]), so
+    /// placement can load where room costs least; absent under LRU and from older pods, which
+    /// placement then ranks by LRU age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cheapest_victims: Option<Vec<crate::eviction::Victim>>,
     /// Requests it served per minute, over the last heartbeat period.
     #[serde(default)]
     pub requests_per_minute: u64,

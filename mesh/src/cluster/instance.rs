@@ -173,6 +173,7 @@ impl Publisher {
             loading: state.loading,
             lru_age_seconds: state.lru_age.as_secs(),
             coldest_model: state.coldest_model.map(|id| id.to_string()).unwrap_or_default(),
+            cheapest_victims: state.cheapest_victims,
             requests_per_minute: self.rate_per_minute,
             draining: self.draining,
             started_ms: self.started_ms,

@@ -234,6 +234,7 @@ impl Placer {
             loading: local.loading,
             lru_age_seconds: local.lru_age.as_secs(),
             coldest_model: local.coldest_model.as_ref().map(ModelId::to_string),
+            cheapest_victims: local.cheapest_victims.clone(),
             draining: instances.get(this).is_some_and(|r| r.draining),
             offers_type: model_type.is_none_or(|t| self.offers_type(t)),
             retry_after_ms: own(this).and_then(Placement::retry_after_ms),

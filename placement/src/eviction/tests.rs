@@ -101,6 +101,30 @@ fn gdsf_clock_rises_to_each_victim_and_ages_out_old_favourites() {
 }
 
 #[test]
+fn a_pod_publishes_its_cheapest_victims_and_what_freeing_bytes_costs() {
+    // Priorities (ms per MiB): plain 10, small 100, slow 500; the pinned one would be cheapest.
+    let pinned = Candidate { in_flight: 1, size_bytes: 10 * MIB, ..model("pinned", 10 * MIB, 99) };
+    let slow = Candidate { reload_cost: Duration::from_secs(5), ..model("slow", 10 * MIB, 1) };
+    let c = [slow, model("small", MIB, 1), pinned, model("plain", 10 * MIB, 1)];
+    let published = cheapest(&c, RULES, 8);
+    let prices: Vec<(f64, u64)> = published.iter().map(|v| (v.priority, v.size_bytes)).collect();
+    assert_eq!(prices, [(10.0, 10 * MIB), (100.0, MIB), (500.0, 10 * MIB)], "in order, none pinned");
+    assert_eq!(cheapest(&c, RULES, 2).len(), 2, "only the first `limit`");
+    for (needed, cost) in [
+        (1, Some(10.0)),
+        (10 * MIB, Some(10.0)),
+        (10 * MIB + 1, Some(100.0)),
+        (11 * MIB + 1, Some(500.0)),
+        (21 * MIB, Some(500.0)),
+        (21 * MIB + 1, None),
+    ] {
+        assert_eq!(priority_to_free(&published, needed), cost, "needing {needed}");
+    }
+    assert_eq!(priority_to_free(&[], 1), None);
+    assert_eq!(priority_to_free(&[], 0), Some(f64::NEG_INFINITY), "nothing needed costs nothing");
+}
+
+#[test]
 fn reload_cost_is_measured_else_estimated_from_size() {
     assert_eq!(reload_cost(Some(Duration::from_millis(7)), 1 << 40), Duration::from_millis(7));
     assert_eq!(reload_cost(None, 0), ESTIMATED_LOAD_OVERHEAD);
@@ -204,6 +228,29 @@ proptest! {
                     }
                 }
             }
+        }
+    }
+
+    /// What a pod publishes is the front of GDSF's own order, and freeing bytes costs the priority
+    /// that evicting them raises the clock to.
+    #[test]
+    fn published_victims_are_what_gdsf_would_evict(
+        c in arb_cache(), needed in 1u64..5000, limit in 0usize..25,
+    ) {
+        let published = cheapest(&c, RULES, limit);
+        let evictable: Vec<&Candidate<usize>> =
+            c.iter().filter(|m| m.in_flight == 0 && m.resident_for >= RULES.min_residence).collect();
+        prop_assert_eq!(published.len(), evictable.len().min(limit));
+        let free: u64 = evictable.iter().map(|m| m.size_bytes).sum();
+        if free > 0 {
+            // Freeing everything evictable lists GDSF's whole order.
+            let all = victims(&c, free, GDSF, RULES, Clock(0.0)).unwrap();
+            let order: Vec<f64> = all.victims.iter().map(|i| c[*i].priority()).collect();
+            let front: Vec<f64> = published.iter().map(|v| v.priority).collect();
+            prop_assert_eq!(&order[..front.len()], &front[..]);
+        }
+        if let Some(cost) = priority_to_free(&published, needed) {
+            prop_assert_eq!(Clock(cost), victims(&c, needed, GDSF, RULES, Clock(0.0)).unwrap().clock);
         }
     }
 

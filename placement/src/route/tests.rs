@@ -188,6 +188,7 @@ fn arb_pods() -> impl Strategy<Value = Vec<LoadCandidate>> {
                 loading,
                 lru_age_seconds: lru,
                 coldest_model: None,
+                cheapest_victims: None,
                 draining,
                 offers_type,
                 retry_after_ms,

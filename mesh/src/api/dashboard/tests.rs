@@ -17,6 +17,7 @@ fn record(endpoint: &str, capacity: u64, used: u64) -> InstanceRecord {
         loading: 0,
         lru_age_seconds: 90,
         coldest_model: "b1".into(),
+        cheapest_victims: None,
         requests_per_minute: 42,
         draining: false,
         started_ms: 5,

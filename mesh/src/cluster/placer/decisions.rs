@@ -175,6 +175,7 @@ mod tests {
             loading: 0,
             lru_age_seconds: lru,
             coldest_model: coldest.map(str::to_owned),
+            cheapest_victims: None,
             draining: false,
             offers_type: true,
             retry_after_ms: None,

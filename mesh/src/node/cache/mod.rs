@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::ModelId;
-use densemesh_placement::eviction::{self, Candidate, Clock, Policy, Rules};
+use densemesh_placement::eviction::{self, Candidate, Clock, Policy, Rules, Victim};
 use densemesh_puller::{Fetched, LocalRepository};
 use densemesh_runtime_core::Runtime;
 use futures::FutureExt;
@@ -90,6 +90,9 @@ pub struct PlacementState {
     pub models_loaded: u64,
     pub lru_age: Duration,
     pub coldest_model: Option<ModelId>,
+    /// Under GDSF, the models a load here would evict first ([`eviction::cheapest`]); `None` under
+    /// LRU, where placement goes by `lru_age`.
+    pub cheapest_victims: Option<Vec<Victim>>,
     /// Loaded size over file size, learned from past loads.
     pub size_factor: Option<f64>,
     /// The mean loaded model's size: a prior for a model nothing is known about.
@@ -219,6 +222,23 @@ impl State {
             .iter()
             .map(|(id, e)| (now.saturating_duration_since(e.last_used()), id))
             .max_by_key(|(idle, _)| *idle)
+    }
+
+    /// Every resident model as eviction sees it at `now`.
+    fn candidates(&self, now: Instant) -> Vec<Candidate> {
+        self.resident
+            .iter()
+            .map(|(id, e)| Candidate {
+                id: id.clone(),
+                size_bytes: e.size_bytes(),
+                in_flight: e.in_flight(),
+                resident_for: now.saturating_duration_since(e.loaded_at()),
+                idle_for: now.saturating_duration_since(e.last_used()),
+                uses: e.requests(),
+                reload_cost: eviction::reload_cost(Some(e.load_time()), e.size_bytes()),
+                clock_at_use: e.clock_at_use(),
+            })
+            .collect()
     }
 }
 
@@ -434,6 +454,10 @@ impl ModelCache {
             models_loaded: resident,
             lru_age: coldest.map(|(idle, _)| idle).unwrap_or_default(),
             coldest_model: coldest.map(|(_, id)| id.clone()),
+            cheapest_victims: (self.inner.eviction == Policy::GreedyDualSizeFrequency).then(|| {
+                let candidates = state.candidates(Instant::now());
+                eviction::cheapest(&candidates, self.inner.rules(), eviction::PUBLISHED_VICTIMS)
+            }),
             size_factor: state.size_factor,
             mean_model_bytes: (resident > 0)
                 .then(|| state.resident.iter().map(|(_, e)| e.size_bytes()).sum::<u64>() / resident),
@@ -500,6 +524,10 @@ impl ModelCache {
 }
 
 impl Inner {
+    fn rules(&self) -> Rules {
+        Rules { min_residence: self.config.min_residence }
+    }
+
     /// Frees at least `extra` bytes of headroom by evicting, treating the capacity as `allowance` bytes
     /// larger; the evicted entries are returned so the caller drops them outside the lock.
     fn make_room(
@@ -513,22 +541,8 @@ impl Inner {
             return Ok(Vec::new());
         }
         let now = Instant::now();
-        let candidates: Vec<Candidate> = state
-            .resident
-            .iter()
-            .map(|(id, e)| Candidate {
-                id: id.clone(),
-                size_bytes: e.size_bytes(),
-                in_flight: e.in_flight(),
-                resident_for: now.saturating_duration_since(e.loaded_at()),
-                idle_for: now.saturating_duration_since(e.last_used()),
-                uses: e.requests(),
-                reload_cost: eviction::reload_cost(Some(e.load_time()), e.size_bytes()),
-                clock_at_use: e.clock_at_use(),
-            })
-            .collect();
-        let rules = Rules { min_residence: self.config.min_residence };
-        let decided = eviction::victims(&candidates, needed, self.eviction, rules, state.clock)?;
+        let candidates = state.candidates(now);
+        let decided = eviction::victims(&candidates, needed, self.eviction, self.rules(), state.clock)?;
         state.clock = decided.clock;
         let mut evicted = Vec::with_capacity(decided.victims.len());
         for id in decided.victims {
