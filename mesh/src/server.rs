@@ -269,15 +269,21 @@ pub async fn run(
     let inference = GrpcInferenceServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
+    let runtime_calls = crate::api::passthrough::RuntimeCalls::new(config.max_message_size);
     let inference = crate::api::front::Front::new(
         crate::node::limits::OversizeIsInvalid::new(inference),
         service.clone(),
         config.max_message_size,
-    );
+    )
+    .with_runtime_calls(runtime_calls.clone());
     // REST calls the very front gRPC clients reach: one routing decision for both protocols.
     let rest = crate::api::rest::Rest::new(inference.clone(), service.clone(), config.max_message_size);
-    let passthrough =
-        crate::api::passthrough::PassthroughLayer::new(service, SERVED_SERVICES, config.max_message_size);
+    let passthrough = crate::api::passthrough::PassthroughLayer::new(
+        service,
+        SERVED_SERVICES,
+        config.max_message_size,
+        runtime_calls,
+    );
     // Reflection lists the services served here; the descriptor set also holds the runtime SPI, which
     // meshd calls on runtimes and never serves.
     let served = |builder: tonic_reflection::server::Builder<'static>| {

@@ -6,18 +6,20 @@
 //! what a forwarded hop cost; here a hop is two copies of the bytes through HTTP/2 and nothing more.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
+use tonic::{Code, Status};
 
+use crate::api::passthrough::RuntimeCalls;
 use crate::api::service::{Decision, InferenceService, Resolved};
 use crate::cluster::forward::{FRAME_HEADER, Forwarded, MODEL_INFER_PATH};
 use crate::node::v2::frame;
@@ -28,11 +30,22 @@ pub struct Front<S> {
     inner: S,
     service: InferenceService,
     max_message_size: usize,
+    /// Set when models may run in another process: `ModelInfer` for one of those passes to it as bytes.
+    runtimes: Option<Arc<RuntimeCalls>>,
 }
 
 impl<S> Front<S> {
     pub fn new(inner: S, service: InferenceService, max_message_size: usize) -> Self {
-        Self { inner, service, max_message_size }
+        Self { inner, service, max_message_size, runtimes: None }
+    }
+
+    /// Passes `ModelInfer` for a model held here by a runtime in another process (one whose
+    /// [`Passthrough`](densemesh_runtime_core::Passthrough) lists the call) to that runtime as the bytes
+    /// it came in as, as ModelMesh does: decoding it only to encode it again for the runtime was most of
+    /// what the mesh added in front of it.
+    pub fn with_runtime_calls(mut self, runtimes: Arc<RuntimeCalls>) -> Self {
+        self.runtimes = Some(runtimes);
+        self
     }
 }
 
@@ -60,8 +73,8 @@ where
         // The inner service was made ready for this call; the clone left behind readies itself.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let (service, max) = (self.service.clone(), self.max_message_size);
-        Box::pin(async move { Ok(route(inner, service, request, max).await) })
+        let (service, max, runtimes) = (self.service.clone(), self.max_message_size, self.runtimes.clone());
+        Box::pin(async move { Ok(route(inner, service, runtimes, request, max).await) })
     }
 }
 
@@ -69,6 +82,7 @@ where
 async fn route<S>(
     mut inner: S,
     service: InferenceService,
+    runtimes: Option<Arc<RuntimeCalls>>,
     request: Request<Body>,
     max: usize,
 ) -> Response<Body>
@@ -117,6 +131,27 @@ where
             Forwarded::Refused(status) => return refuse(status),
             // No pod could serve it: load it here.
             Forwarded::ServeHere => {}
+        }
+    }
+    if let Some(runtimes) = &runtimes
+        && let Some(lease) = service.cache().lease_if_loaded(&id)
+        && let Some(runtime) = lease.model().passthrough()
+        && let Some(injection) = runtime.method(MODEL_INFER_PATH)
+    {
+        match runtimes
+            .call(runtime, &id, MODEL_INFER_PATH, parts.headers.clone(), bytes.clone(), injection)
+            .await
+        {
+            Ok(answer) => {
+                service.served(started, answer.body.len().saturating_sub(FRAME_HEADER));
+                return answer.into_response();
+            }
+            // The runtime lost the model (its process restarted) or is down: the decoded path below
+            // tells a lost model from a failed one and loads it again.
+            Err(status) if matches!(status.code(), Code::NotFound | Code::Unavailable) => {
+                tracing::debug!(model_id = %id, %status, "runtime did not take the call; serving it the long way");
+            }
+            Err(status) => return refuse(status),
         }
     }
     parts.extensions.insert(Resolved { id, started });

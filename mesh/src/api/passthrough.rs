@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use densemesh_placement::ModelId;
 use densemesh_runtime_core::Passthrough;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -24,7 +25,7 @@ use tower_layer::Layer;
 
 use crate::api::inject::inject;
 use crate::api::service::{Decision, InferenceService};
-use crate::cluster::forward::{FRAME_HEADER, Forwarded};
+use crate::cluster::forward::{FRAME_HEADER, Forwarded, RawAnswer};
 use crate::metrics as m;
 use crate::node::router::{MODEL_ID_HEADER, VMODEL_ID_HEADER};
 
@@ -39,14 +40,72 @@ struct Shared {
     /// The `package.Service` names meshd serves itself.
     served: &'static [&'static str],
     max_message_size: usize,
-    /// One channel per runtime endpoint, made on first use.
-    channels: Mutex<HashMap<String, Channel>>,
+    runtimes: Arc<RuntimeCalls>,
 }
 
 impl PassthroughLayer {
-    pub fn new(service: InferenceService, served: &'static [&'static str], max_message_size: usize) -> Self {
-        let channels = Mutex::new(HashMap::new());
-        Self { shared: Arc::new(Shared { service, served, max_message_size, channels }) }
+    pub fn new(
+        service: InferenceService,
+        served: &'static [&'static str],
+        max_message_size: usize,
+        runtimes: Arc<RuntimeCalls>,
+    ) -> Self {
+        Self { shared: Arc::new(Shared { service, served, max_message_size, runtimes }) }
+    }
+}
+
+/// Calls passed to runtimes in other processes, over one channel per runtime endpoint (made on first
+/// use); shared by the passthrough and the front, which passes `ModelInfer` for such models the same way.
+pub struct RuntimeCalls {
+    max_message_size: usize,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl RuntimeCalls {
+    pub fn new(max_message_size: usize) -> Arc<Self> {
+        Arc::new(Self { max_message_size, channels: Mutex::new(HashMap::new()) })
+    }
+
+    /// Passes one call (`path`, the client's `headers` and framed `bytes`) for model `id` to its
+    /// runtime, the id written where `injection` points and named in `mm-model-id`. The caller holds
+    /// the model's lease until this returns, so the model is not unloaded under the call.
+    pub async fn call(
+        &self,
+        runtime: &Passthrough,
+        id: &ModelId,
+        path: &str,
+        mut headers: http::HeaderMap,
+        bytes: Bytes,
+        injection: &[u32],
+    ) -> Result<RawAnswer, Status> {
+        let started = Instant::now();
+        let bytes = if injection.is_empty() { bytes } else { with_id(&bytes, injection, id.as_str())? };
+        headers.remove(VMODEL_ID_HEADER);
+        headers.remove(crate::cluster::peers::FORWARDED_HEADER);
+        if let Ok(value) = id.as_str().parse() {
+            headers.insert(MODEL_ID_HEADER, value);
+        }
+        let mut outgoing = Request::new(Body::new(Full::new(bytes)));
+        *outgoing.method_mut() = http::Method::POST;
+        *outgoing.uri_mut() =
+            path.parse().map_err(|_| Status::invalid_argument(format!("bad path {path}")))?;
+        *outgoing.headers_mut() = headers;
+        let channel = self.channel(runtime)?;
+        let answered = crate::cluster::forward::pass_on(channel, outgoing, self.max_message_size).await;
+        let result = if answered.is_ok() { "ok" } else { "error" };
+        metrics::counter!(m::PASSTHROUGH_REQUESTS, "result" => result).increment(1);
+        metrics::histogram!(m::PASSTHROUGH_DURATION).record(started.elapsed().as_secs_f64());
+        answered
+    }
+
+    fn channel(&self, runtime: &Passthrough) -> Result<Channel, Status> {
+        if let Some(channel) = self.channels.lock().get(&runtime.endpoint) {
+            return Ok(channel.clone());
+        }
+        let channel = connect(&runtime.endpoint)
+            .map_err(|e| Status::unavailable(format!("runtime endpoint {}: {e}", runtime.endpoint)))?;
+        self.channels.lock().insert(runtime.endpoint.clone(), channel.clone());
+        Ok(channel)
     }
 }
 
@@ -89,7 +148,6 @@ where
 
 impl Shared {
     async fn pass(&self, request: Request<Body>) -> Result<Response<Body>, Status> {
-        let started = Instant::now();
         let path = request.uri().path().to_owned();
         let (mut parts, body) = request.into_parts();
         if !parts.headers.contains_key(MODEL_ID_HEADER) && !parts.headers.contains_key(VMODEL_ID_HEADER) {
@@ -133,36 +191,10 @@ impl Shared {
                 served.join(", ")
             )));
         };
-        let bytes = if injection.is_empty() { bytes } else { with_id(&bytes, injection, id.as_str())? };
-        let mut headers = metadata.into_headers();
-        headers.remove(VMODEL_ID_HEADER);
-        headers.remove(crate::cluster::peers::FORWARDED_HEADER);
-        if let Ok(value) = id.as_str().parse() {
-            headers.insert(MODEL_ID_HEADER, value);
-        }
-        let mut outgoing = Request::new(Body::new(Full::new(bytes)));
-        *outgoing.method_mut() = http::Method::POST;
-        *outgoing.uri_mut() =
-            path.parse().map_err(|_| Status::invalid_argument(format!("bad path {path}")))?;
-        *outgoing.headers_mut() = headers;
-        let channel = self.channel(runtime)?;
-        let answered = crate::cluster::forward::pass_on(channel, outgoing, max).await;
+        let answered =
+            self.runtimes.call(runtime, &id, &path, metadata.into_headers(), bytes, injection).await;
         drop(lease);
-        let result = if answered.is_ok() { "ok" } else { "error" };
-        metrics::counter!(m::PASSTHROUGH_REQUESTS, "result" => result).increment(1);
-        metrics::histogram!(m::PASSTHROUGH_DURATION).record(started.elapsed().as_secs_f64());
-        answered.map(|answer| answer.into_response())
-    }
-
-    /// The channel to a runtime, made once per endpoint (connecting lazily).
-    fn channel(&self, runtime: &Passthrough) -> Result<Channel, Status> {
-        if let Some(channel) = self.channels.lock().get(&runtime.endpoint) {
-            return Ok(channel.clone());
-        }
-        let channel = connect(&runtime.endpoint)
-            .map_err(|e| Status::unavailable(format!("runtime endpoint {}: {e}", runtime.endpoint)))?;
-        self.channels.lock().insert(runtime.endpoint.clone(), channel.clone());
-        Ok(channel)
+        answered.map(RawAnswer::into_response)
     }
 }
 

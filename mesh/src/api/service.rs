@@ -106,6 +106,11 @@ impl InferenceService {
         peers::catch_up_with_sender(&self.view, metadata, id, peers::FORWARDED_VIEW_WAIT).await;
     }
 
+    /// The pod's model cache.
+    pub(crate) fn cache(&self) -> &ModelCache {
+        &self.cache
+    }
+
     /// A lease on `id` here, loading it if need be: for a call the front or the passthrough decided to
     /// serve here.
     pub(crate) async fn lease(

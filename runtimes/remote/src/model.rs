@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use densemesh_proto::inference::ModelMetadataRequest;
-use densemesh_runtime_core::{Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Tensor};
+use densemesh_runtime_core::{
+    Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Passthrough, Result, Tensor,
+};
 use tokio::time::Instant;
 use tonic::Code;
 use tracing::Instrument;
@@ -31,6 +33,9 @@ const DEATH_NOTICE: Duration = Duration::from_secs(2);
 pub(crate) struct RemoteModel {
     inner: Arc<Inner>,
     bridge: Bridge,
+    /// Where the server takes this model's `ModelInfer` as the client sent it (the model id written into
+    /// `model_name`, field 1), so the mesh can pass the call's bytes through instead of decoding them.
+    passthrough: Passthrough,
 }
 
 struct Inner {
@@ -125,6 +130,11 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, prepared: Prepared) ->
         ledger.models.insert(model_id.clone(), (token, size_bytes));
     }
     tracing::info!(size_bytes, implementation, "loaded model into remote server");
+    let passthrough = Passthrough {
+        endpoint: up.endpoint.clone(),
+        methods: vec![(MODEL_INFER_PATH.to_owned(), vec![1])],
+        allow_any_method: false,
+    };
     let inner = Inner {
         pool: pool.clone(),
         process: process.clone(),
@@ -134,7 +144,7 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, prepared: Prepared) ->
         metadata,
         size_bytes,
     };
-    Ok(RemoteModel { inner: Arc::new(inner), bridge })
+    Ok(RemoteModel { inner: Arc::new(inner), bridge, passthrough })
 }
 
 /// A load whose process died under it fails rather than retrying elsewhere: the model itself may have
@@ -304,7 +314,14 @@ impl LoadedModel for RemoteModel {
             .run(Self::infer_async(inner, request).instrument(span))
             .unwrap_or_else(|e| Err(e.into_infer_error()))
     }
+
+    fn passthrough(&self) -> Option<&Passthrough> {
+        Some(&self.passthrough)
+    }
 }
+
+/// The V2 inference call a passthrough carries.
+const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 impl Drop for RemoteModel {
     /// Hands the unload to the runtime's own threads and returns at once: eviction runs on the mesh's
