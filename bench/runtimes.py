@@ -136,6 +136,9 @@ def bench_mlserver(args, work, results):
             results["sklearn_via_meshd"] = summary(mesh)
             results["sklearn_mlserver_direct"] = summary(plain)
             results["sklearn_added_p50_us"] = round(statistics.median(mesh) - statistics.median(plain), 1)
+            # How meshd served them: passed through as bytes (densemesh_passthrough_requests_total) or not.
+            metrics = server.metrics()
+            results["sklearn_passed_through"] = metrics.get('densemesh_passthrough_requests_total{result="ok"}', 0)
         finally:
             server.stop()
     finally:
