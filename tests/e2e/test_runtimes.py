@@ -191,17 +191,22 @@ def infer_fp(server, model, rows, datatype="FP64", output=None):
         client.close()
 
 
+def mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, *args):
+    """meshd on an empty repository with a pool of one MLServer: (the server, a ModelMesh stub)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = start_meshd(repo, "--runtime-config", str(mlserver_config(tmp_path / "runtimes.json")),
+                         "--local-model-roots", str(models), *args)
+    return server, mmesh[1].ModelMeshStub(server.channel)
+
+
 def test_mlserver_serves_scikit_learn_and_xgboost_models_registered_through_the_api(
         start_meshd, tmp_path, trained, mmesh):
     models, expected = trained
-    repo = tmp_path / "repo"
-    repo.mkdir()
     # Room for one remote model at a time (each is charged at least 1 MB): the second load evicts the
     # first, which is unloaded from MLServer, and loading it again answers the same.
-    server = start_meshd(repo, "--runtime-config", str(mlserver_config(tmp_path / "runtimes.json")),
-                         "--capacity", "1500KB", "--local-model-roots", str(models))
-    pb2, pb2_grpc = mmesh
-    stub = pb2_grpc.ModelMeshStub(server.channel)
+    server, stub = mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, "--capacity", "1500KB")
+    pb2, _ = mmesh
     for model_id, kind, file in [("iris-sk", "sklearn", "sklearn.joblib"), ("boost", "xgboost", "xgboost.json")]:
         stub.registerModel(pb2.RegisterModelRequest(modelId=model_id, modelInfo=pb2.ModelInfo(type=kind, path=str(models / file))))
 
@@ -233,12 +238,8 @@ def test_a_killed_mlserver_is_restarted_and_its_models_reload_on_the_next_reques
     import subprocess
 
     models, expected = trained
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    server = start_meshd(repo, "--runtime-config", str(mlserver_config(tmp_path / "runtimes.json")),
-                         "--local-model-roots", str(models))
-    pb2, pb2_grpc = mmesh
-    stub = pb2_grpc.ModelMeshStub(server.channel)
+    server, stub = mesh_with_mlserver(start_meshd, tmp_path, models, mmesh)
+    pb2, _ = mmesh
     stub.registerModel(pb2.RegisterModelRequest(modelId="iris-sk", modelInfo=pb2.ModelInfo(type="sklearn", path=str(models / "sklearn.joblib"))))
     query = np.array(expected["input"], dtype=np.float64)
     assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]
