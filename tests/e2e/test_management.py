@@ -60,7 +60,7 @@ def test_register_status_predict_unregister(server, api):
     with pytest.raises(grpc.RpcError) as e:
         stub.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info(pb2, path=str(EXAMPLES / "elsewhere"))))
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    for bad, needle in [(info(pb2, type_="tensorflow"), '"tensorflow" is offered by no pod; offered: onnx'),
+    for bad, needle in [(info(pb2, type_="tensorflow"), '"tensorflow" is offered by no pod; offered: huggingface, onnx'),
                         (info(pb2, type_="Tensor Flow"), "not a format name"), (info(pb2, type_=""), "type")]:
         with pytest.raises(grpc.RpcError) as e:
             stub.registerModel(pb2.RegisterModelRequest(modelId="other", modelInfo=bad))
