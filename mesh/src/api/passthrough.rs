@@ -91,7 +91,9 @@ impl RuntimeCalls {
             path.parse().map_err(|_| Status::invalid_argument(format!("bad path {path}")))?;
         *outgoing.headers_mut() = headers;
         let channel = self.channel(runtime)?;
-        let answered = crate::cluster::forward::pass_on(channel, outgoing, self.max_message_size).await;
+        let answered =
+            crate::cluster::forward::pass_on(channel, outgoing, self.max_message_size, "the model's runtime")
+                .await;
         let result = if answered.is_ok() { "ok" } else { "error" };
         metrics::counter!(m::PASSTHROUGH_REQUESTS, "result" => result).increment(1);
         metrics::histogram!(m::PASSTHROUGH_DURATION).record(started.elapsed().as_secs_f64());

@@ -240,7 +240,7 @@ impl Forwarder {
         let max = self.max_message_size;
         let forwarded = self
             .with_failover(id, peer, |channel| {
-                pass_on(channel, self.raw_request(id, path, headers, body.clone()), max)
+                pass_on(channel, self.raw_request(id, path, headers, body.clone()), max, "peer")
             })
             .await;
         let result = match &forwarded {
@@ -275,26 +275,28 @@ pub enum Forwarded<T> {
     ServeHere,
 }
 
-/// One call on a peer's channel, its answer read whole (at most a message of `max_message_size`): a
-/// peer that fails part way through is a failed peer, to be retried elsewhere, not half an answer for
-/// the client. Any status but OK is an error, for the failover to judge.
+/// One call on a peer's channel (or a runtime's: `who` names which, for the errors), its answer read
+/// whole (at most a message of `max_message_size`): a peer that fails part way through is a failed
+/// peer, to be retried elsewhere, not half an answer for the client. Any status but OK is an error, for
+/// the failover to judge.
 pub(crate) async fn pass_on(
     mut channel: Channel,
     request: http::Request<Body>,
     max_message_size: usize,
+    who: &str,
 ) -> Result<RawAnswer, tonic::Status> {
     let unavailable =
-        |what: &str, e: &dyn std::fmt::Display| tonic::Status::unavailable(format!("{what}: {e}"));
+        |what: &str, e: &dyn std::fmt::Display| tonic::Status::unavailable(format!("{who} {what}: {e}"));
     // Not ready means the connection could not be made: the peer failed, as a transport error.
-    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.map_err(|e| unavailable("peer not ready", &e))?;
-    let response = channel.call(request).await.map_err(|e| unavailable("peer failed the call", &e))?;
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.map_err(|e| unavailable("not ready", &e))?;
+    let response = channel.call(request).await.map_err(|e| unavailable("failed the call", &e))?;
     let (parts, body) = response.into_parts();
     let body = Limited::new(body, max_message_size + FRAME_HEADER)
         .collect()
         .await
-        .map_err(|e| unavailable("the peer's answer broke off", &e))?;
+        .map_err(|e| unavailable("broke off its answer", &e))?;
     if parts.status != http::StatusCode::OK {
-        return Err(tonic::Status::unavailable(format!("peer answered HTTP {}", parts.status)));
+        return Err(tonic::Status::unavailable(format!("{who} answered HTTP {}", parts.status)));
     }
     // A failure comes back trailers-only (in the headers); a success ends with OK in the trailers.
     let status = match parts.headers.get(GRPC_STATUS) {
@@ -307,7 +309,7 @@ pub(crate) async fn pass_on(
             Ok(RawAnswer { head: parts, body: body.to_bytes(), trailers })
         }
         Some(status) => Err(status),
-        None => Err(tonic::Status::unavailable("the peer's answer carried no grpc-status")),
+        None => Err(tonic::Status::unavailable(format!("{who} answered with no grpc-status"))),
     }
 }
 
