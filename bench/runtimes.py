@@ -58,6 +58,12 @@ def summary(latencies):
             "req_per_s": round(len(latencies) / (sum(latencies) / 1e6), 1)}
 
 
+def cpu_seconds(pid):
+    """User plus system CPU seconds a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_mlserver(work):
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     repository = work / "mlserver-repo"
@@ -130,9 +136,19 @@ def bench_mlserver(args, work, results):
             for call in (via_mesh, direct.ModelInfer):
                 timed_calls(call, request, args.warmup)
             mesh, plain = [], []
+            # CPU per request of each process on each path: where the added time goes.
+            cpu = {"mesh_path_meshd": 0.0, "mesh_path_mlserver": 0.0, "direct_path_mlserver": 0.0}
             for _ in range(args.rounds):
+                before = cpu_seconds(server.proc.pid), cpu_seconds(proc.pid)
                 mesh += timed_calls(via_mesh, request, args.requests // args.rounds)
+                after = cpu_seconds(server.proc.pid), cpu_seconds(proc.pid)
+                cpu["mesh_path_meshd"] += after[0] - before[0]
+                cpu["mesh_path_mlserver"] += after[1] - before[1]
+                before = cpu_seconds(proc.pid)
                 plain += timed_calls(direct.ModelInfer, request, args.requests // args.rounds)
+                cpu["direct_path_mlserver"] += cpu_seconds(proc.pid) - before
+            for key, seconds in cpu.items():
+                results[f"cpu_us_per_request_{key}"] = round(seconds * 1e6 / len(mesh), 1)
             results["sklearn_via_meshd"] = summary(mesh)
             results["sklearn_mlserver_direct"] = summary(plain)
             results["sklearn_added_p50_us"] = round(statistics.median(mesh) - statistics.median(plain), 1)
