@@ -10,6 +10,8 @@
 mod error;
 mod format;
 mod tensor;
+#[cfg(feature = "v2")]
+pub mod v2;
 
 use std::path::PathBuf;
 use std::sync::Arc;

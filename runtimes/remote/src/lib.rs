@@ -18,7 +18,6 @@
 
 mod bridge;
 mod config;
-mod convert;
 mod error;
 mod model;
 mod pool;

@@ -18,10 +18,10 @@ use tonic::Code;
 use tracing::Instrument;
 
 use crate::bridge::Bridge;
-use crate::convert;
 use crate::pool::{Pool, Process, Up};
 use crate::repository::{self, RepositoryClient};
 use crate::{RemoteError, RemoteRuntimeConfig};
+use densemesh_runtime_core::v2;
 
 /// Tells loads apart, so an unload that runs after the same model was loaded again leaves it alone.
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
@@ -201,8 +201,8 @@ async fn read_metadata(
         .into_inner();
     // An interface the server does not declare (MLServer's sklearn models often have none) or that
     // this side cannot represent is reported as none; the mesh then passes requests through.
-    let inputs = convert::tensor_specs(answer.inputs);
-    let outputs = convert::tensor_specs(answer.outputs);
+    let inputs = v2::tensor_specs(answer.inputs);
+    let outputs = v2::tensor_specs(answer.outputs);
     let (inputs, outputs) = match (inputs, outputs) {
         (Some(inputs), Some(outputs)) => (inputs, outputs),
         _ => {
@@ -222,7 +222,7 @@ impl RemoteModel {
         let Some(up) = process.up_in(inner.generation) else {
             return Err(inner.lost());
         };
-        let request = convert::to_request(&inner.model_id, request).map_err(|why| {
+        let request = v2::to_request(&inner.model_id, request).map_err(|why| {
             RemoteError::Request(format!("model {}: {why}", inner.model_id)).into_infer_error()
         })?;
         let timeout = pool.config.timeouts.infer;
@@ -249,7 +249,7 @@ impl RemoteModel {
                 return Err(deadline_error(pool, process, "ModelInfer", timeout).into_infer_error());
             }
         };
-        convert::from_response(answer).map_err(|why| {
+        v2::from_response(answer).map_err(|why| {
             let answer = RemoteError::Answer {
                 runtime: pool.config.name.clone(),
                 model_id: inner.model_id.clone(),

@@ -17,7 +17,6 @@
 mod bridge;
 mod call;
 mod config;
-mod convert;
 mod endpoint;
 mod error;
 mod model;

@@ -13,8 +13,8 @@ use tonic::Code;
 
 use crate::bridge::Cancelled;
 use crate::call::{Failure, outgoing, within};
-use crate::convert;
 use crate::runtime::Shared;
+use densemesh_runtime_core::v2;
 
 /// One loaded model; dropping it sends `unloadModel` in the background.
 pub(crate) struct SpiModel {
@@ -54,7 +54,8 @@ impl LoadedModel for SpiModel {
             tracing::debug_span!("spi_infer", model_id = %self.model_id, runtime = %shared.config.name);
         let _entered = span.enter();
         let timeout = shared.config.timeouts.infer;
-        let message = convert::infer_request(&self.model_id, infer);
+        let message = v2::to_request(&self.model_id, infer)
+            .map_err(|e| Error::InvalidInput(format!("model {}: {e}", self.model_id).into()))?;
         let mut client = shared.inference.clone();
         let slots = self.slots.clone();
         let id = self.model_id.clone();
@@ -70,7 +71,7 @@ impl LoadedModel for SpiModel {
             .run(within(timeout, call))
             .map_err(|Cancelled| Error::Inference(shared.cancelled("ModelInfer", &self.model_id).into()))?;
         match answer {
-            Ok(answer) => convert::infer_response(answer).map_err(|e| {
+            Ok(answer) => v2::from_response(answer).map_err(|e| {
                 Error::Inference(
                     format!("model {}: the runtime's answer is malformed: {e}", self.model_id).into(),
                 )

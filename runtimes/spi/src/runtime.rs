@@ -26,7 +26,8 @@ use tonic::{Code, Status};
 use crate::bridge::{Bridge, Cancelled};
 use crate::call::{Failure, outgoing, within};
 use crate::model::SpiModel;
-use crate::{RuntimeEndpoint, SpiError, SpiRuntimeConfig, convert};
+use crate::{RuntimeEndpoint, SpiError, SpiRuntimeConfig};
+use densemesh_runtime_core::v2;
 
 /// The least a model is charged, in bytes, whatever the runtime and the disk say: a model held by
 /// another process costs at least its bookkeeping there, and capacity accounting must never see 0.
@@ -325,8 +326,8 @@ impl SpiRuntime {
             }
             Err(Cancelled) => return undeclared,
         };
-        let inputs: Option<Vec<_>> = answer.inputs.into_iter().map(convert::tensor_spec).collect();
-        let outputs: Option<Vec<_>> = answer.outputs.into_iter().map(convert::tensor_spec).collect();
+        let inputs = v2::tensor_specs(answer.inputs);
+        let outputs = v2::tensor_specs(answer.outputs);
         match (inputs, outputs) {
             (Some(inputs), Some(outputs)) => ModelMetadata { platform: answer.platform, inputs, outputs },
             _ => {
