@@ -91,15 +91,9 @@ where
 {
     let started = Instant::now();
     let (mut parts, body) = request.into_parts();
-    let bytes = match Limited::new(body, max + FRAME_HEADER).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<LengthLimitError>() => {
-            return Status::invalid_argument(format!(
-                "request message is too large: over the limit of {max} bytes (raise --max-message-size or send less)"
-            ))
-            .into_http();
-        }
-        Err(e) => return Status::cancelled(format!("the request broke off: {e}")).into_http(),
+    let bytes = match read_message(body, max).await {
+        Ok(bytes) => bytes,
+        Err(status) => return status.into_http(),
     };
     let Some(message) = frame::message(&bytes) else {
         // The generated server answers a compressed message (this server takes none) as gRPC says.
@@ -156,6 +150,17 @@ where
     }
     parts.extensions.insert(Resolved { id, started });
     serve_here(&mut inner, parts, bytes).await
+}
+
+/// A call's body read whole: one gRPC message of at most `max` bytes (`--max-message-size`), framed.
+pub(crate) async fn read_message(body: Body, max: usize) -> Result<Bytes, Status> {
+    match Limited::new(body, max + FRAME_HEADER).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(Status::invalid_argument(format!(
+            "request message is too large: over the limit of {max} bytes (raise --max-message-size or send less)"
+        ))),
+        Err(e) => Err(Status::cancelled(format!("the request broke off: {e}"))),
+    }
 }
 
 /// Hands the call, rebuilt from its bytes, to the generated server.

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use densemesh_placement::ModelId;
 use densemesh_runtime_core::Passthrough;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use parking_lot::Mutex;
 use tonic::Status;
 use tonic::body::Body;
@@ -39,7 +39,6 @@ struct Shared {
     service: InferenceService,
     /// The `package.Service` names meshd serves itself.
     served: &'static [&'static str],
-    max_message_size: usize,
     runtimes: Arc<RuntimeCalls>,
 }
 
@@ -47,10 +46,9 @@ impl PassthroughLayer {
     pub fn new(
         service: InferenceService,
         served: &'static [&'static str],
-        max_message_size: usize,
         runtimes: Arc<RuntimeCalls>,
     ) -> Self {
-        Self { shared: Arc::new(Shared { service, served, max_message_size, runtimes }) }
+        Self { shared: Arc::new(Shared { service, served, runtimes }) }
     }
 }
 
@@ -158,16 +156,7 @@ impl Shared {
                  named in the {MODEL_ID_HEADER} (or {VMODEL_ID_HEADER}) header, and this call names none"
             )));
         }
-        let max = self.max_message_size;
-        let bytes = match Limited::new(body, max + FRAME_HEADER).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => {
-                return Err(Status::invalid_argument(format!(
-                    "request message is too large: over the limit of {max} bytes (raise --max-message-size)"
-                )));
-            }
-            Err(e) => return Err(Status::cancelled(format!("the request broke off: {e}"))),
-        };
+        let bytes = crate::api::front::read_message(body, self.runtimes.max_message_size).await?;
         let metadata = MetadataMap::from_headers(std::mem::take(&mut parts.headers));
         let Decision { id, peer } = self.service.decide(&metadata, "").map_err(Status::from)?;
         parts.headers = metadata.into_headers();

@@ -177,15 +177,19 @@ impl InferenceService {
             v2::check(id.as_str(), lease.metadata(), &decoded.request)?;
             let version = lease.version().map_or(requested_version, |v| v.to_string());
             let copy = lease.copy();
-            // Tensors are `Bytes`: the copy kept for a retry shares their buffers.
-            let outputs = match self.worker.infer(lease, decoded.request.clone()).await {
-                Err(MeshError::Runtime { source: RuntimeError::Lost { reason, .. }, .. }) => {
+            // Only a model in another process can be lost under a call (its process restarted); a copy
+            // of the request is kept for the one retry then, its tensors sharing their `Bytes`.
+            let retry = lease.model().passthrough().is_some().then(|| decoded.request.clone());
+            let outputs = match self.worker.infer(lease, decoded.request).await {
+                Err(MeshError::Runtime { source: RuntimeError::Lost { reason, .. }, .. })
+                    if let Some(request) = retry =>
+                {
                     // The runtime's process died and came back without the model: load it again and
                     // answer, once. A second loss is an error like any other.
                     tracing::warn!(%reason, "model lost by its runtime; loading it again");
                     self.cache.drop_lost(&id, &copy).await;
                     let lease = self.cache.acquire(&id).await?;
-                    self.worker.infer(lease, decoded.request).await?
+                    self.worker.infer(lease, request).await?
                 }
                 outputs => outputs?,
             };
