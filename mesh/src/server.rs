@@ -574,7 +574,6 @@ async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>, 
         let file = crate::config::runtime_file::read(path).map_err(ServeError::Runtimes)?;
         for entry in file.runtimes {
             let formats = entry.formats();
-            let formats: Vec<&str> = formats.iter().map(String::as_str).collect();
             let name = entry.name().to_owned();
             let runtime: Arc<dyn Runtime> = match entry {
                 RuntimeEntry::V2(v2) => {

@@ -22,8 +22,9 @@ impl Runtimes {
 
     /// `runtime` loads `formats`; a format given twice is an error naming both runtimes, since which
     /// one would load it is a configuration mistake, not a choice to make silently.
-    pub fn add(&mut self, formats: &[&str], runtime: Arc<dyn Runtime>) -> Result<(), String> {
-        if let Some((format, other)) = formats.iter().find_map(|f| self.by_format.get(*f).map(|o| (f, o))) {
+    pub fn add(&mut self, formats: &[impl AsRef<str>], runtime: Arc<dyn Runtime>) -> Result<(), String> {
+        let formats = formats.iter().map(AsRef::as_ref);
+        if let Some((format, other)) = formats.clone().find_map(|f| self.by_format.get(f).map(|o| (f, o))) {
             return Err(format!(
                 "model format {format:?} is offered by two runtimes, {} and {}",
                 other.name(),
@@ -31,7 +32,7 @@ impl Runtimes {
             ));
         }
         for format in formats {
-            self.by_format.insert((*format).to_owned(), runtime.clone());
+            self.by_format.insert(format.to_owned(), runtime.clone());
         }
         Ok(())
     }
