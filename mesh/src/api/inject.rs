@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use prost::encoding::{MAX_TAG, MIN_TAG, WireType, decode_varint, encode_key, encode_varint};
+
 /// Why an id could not be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectError(String);
@@ -15,18 +17,15 @@ impl fmt::Display for InjectError {
     }
 }
 
-const VARINT: u64 = 0;
-const FIXED64: u64 = 1;
-const LENGTH_DELIMITED: u64 = 2;
-const FIXED32: u64 = 5;
-
 /// `message` with the string field at `path` set to `value`. Embedded messages on the way are edited
 /// where present (the last occurrence, which is the one a decoder keeps for a singular field) and
 /// created where absent. An empty path leaves the message as it is.
 pub fn inject(message: &[u8], path: &[u32], value: &str) -> Result<Vec<u8>, InjectError> {
     let Some((&field, rest)) = path.split_first() else { return Ok(message.to_vec()) };
-    if field == 0 {
-        return Err(InjectError("field number 0 in idInjectionPath".into()));
+    if !(MIN_TAG..=MAX_TAG).contains(&field) {
+        return Err(InjectError(format!(
+            "field number {field} in idInjectionPath is not a protobuf field number"
+        )));
     }
     let fields = scan(message)?;
     let mut out = Vec::with_capacity(message.len() + value.len() + 8);
@@ -40,7 +39,7 @@ pub fn inject(message: &[u8], path: &[u32], value: &str) -> Result<Vec<u8>, Inje
     }
     let last = fields.iter().rposition(|f| f.number == field);
     if let Some(i) = last
-        && fields[i].wire_type != LENGTH_DELIMITED
+        && fields[i].wire_type != WireType::LengthDelimited
     {
         return Err(InjectError(format!("field {field} on the idInjectionPath is not an embedded message")));
     }
@@ -61,7 +60,7 @@ pub fn inject(message: &[u8], path: &[u32], value: &str) -> Result<Vec<u8>, Inje
 /// One field as it lies in the message.
 struct Field {
     number: u32,
-    wire_type: u64,
+    wire_type: WireType,
     /// The whole field, tag included.
     start: usize,
     end: usize,
@@ -73,59 +72,39 @@ fn scan(message: &[u8]) -> Result<Vec<Field>, InjectError> {
     let malformed =
         |what: &str| InjectError(format!("the request is not a well-formed protobuf message: {what}"));
     let mut fields = Vec::new();
-    let mut at = 0;
-    while at < message.len() {
-        let start = at;
-        let tag = varint(message, &mut at).ok_or_else(|| malformed("a truncated tag"))?;
+    let mut rest = message;
+    while !rest.is_empty() {
+        let start = message.len() - rest.len();
+        let tag = decode_varint(&mut rest).map_err(|_| malformed("a truncated tag"))?;
         let number = u32::try_from(tag >> 3).map_err(|_| malformed("a field number out of range"))?;
-        let wire_type = tag & 7;
-        let mut payload = (at, at);
-        match wire_type {
-            VARINT => {
-                varint(message, &mut at).ok_or_else(|| malformed("a truncated varint"))?;
+        let wire_type = WireType::try_from(tag & 7).map_err(|_| malformed("an unknown wire type"))?;
+        let skip = match wire_type {
+            WireType::Varint => {
+                decode_varint(&mut rest).map_err(|_| malformed("a truncated varint"))?;
+                0
             }
-            FIXED64 => at += 8,
-            FIXED32 => at += 4,
-            LENGTH_DELIMITED => {
-                let len = varint(message, &mut at).ok_or_else(|| malformed("a truncated length"))?;
-                let len = usize::try_from(len).map_err(|_| malformed("a length out of range"))?;
-                payload = (at, at.saturating_add(len));
-                at = payload.1;
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => {
+                let len = decode_varint(&mut rest).map_err(|_| malformed("a truncated length"))?;
+                usize::try_from(len).map_err(|_| malformed("a length out of range"))?
             }
-            _ => return Err(malformed("a group or an unknown wire type")),
+            WireType::StartGroup | WireType::EndGroup => return Err(malformed("a group")),
+        };
+        let payload_start = message.len() - rest.len();
+        rest = rest.get(skip..).ok_or_else(|| malformed("a field that runs past the end"))?;
+        if number == 0 {
+            return Err(malformed("field number 0"));
         }
-        if at > message.len() || number == 0 {
-            return Err(malformed("a field that runs past the end"));
-        }
-        fields.push(Field { number, wire_type, start, end: at, payload });
+        let end = message.len() - rest.len();
+        fields.push(Field { number, wire_type, start, end, payload: (payload_start, end) });
     }
     Ok(fields)
 }
 
-fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *bytes.get(*at)?;
-        *at += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
 fn put_length_delimited(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
-    put_varint(out, (u64::from(field) << 3) | LENGTH_DELIMITED);
-    put_varint(out, bytes.len() as u64);
+    encode_key(field, WireType::LengthDelimited, out);
+    encode_varint(bytes.len() as u64, out);
     out.extend_from_slice(bytes);
 }
 
