@@ -45,7 +45,8 @@ pub const PLACEHOLDERS: [&str; 5] =
 ///         "minModelBytes": 1000000,
 ///         "timeouts": {"startup": "60s", "load": "30s", "infer": "30s", "unload": "10s"},
 ///         "restartBackoff": "1s",
-///         "maxRestartBackoff": "30s"
+///         "maxRestartBackoff": "30s",
+///         "liveness": {"interval": "5s", "timeout": "2s", "failures": 3}
 ///     }"#,
 /// )
 /// .expect("a valid config");
@@ -109,6 +110,40 @@ pub struct RemoteRuntimeConfig {
     /// The longest wait between restarts.
     #[serde(default = "default_max_restart_backoff", with = "humantime_serde")]
     pub max_restart_backoff: Duration,
+    /// How a process that lives but no longer answers is found and restarted (pools only: an
+    /// `endpoint` is not ours to restart).
+    #[serde(default)]
+    pub liveness: Liveness,
+}
+
+/// The liveness probe of each started process: a V2 ServerLive call every `interval`; after `failures`
+/// in a row (no answer within `timeout`, or an error) the process is killed and restarted with the
+/// usual back-off, and its models are lost as when it dies. Without it a hung server (deadlocked,
+/// stopped, swapping) keeps its models and fails every call at its deadline, forever.
+///
+/// A server that runs inference on its own event loop (MLServer with no parallel workers) does not
+/// answer while one inference runs, so `interval × failures` must exceed the longest inference. Probes
+/// that fail while a model loads or unloads are not counted (it does not answer then either, and loads
+/// have their own deadline).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Liveness {
+    /// Between two probes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long one probe waits for its answer.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Failed probes in a row that mean the process is hung.
+    pub failures: u32,
+}
+
+impl Default for Liveness {
+    /// 3 probes 5 s apart with 2 s each: a hung server is restarted within about 20 s, well before an
+    /// inference's default 30 s deadline would fail a second round of calls.
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(5), timeout: Duration::from_secs(2), failures: 3 }
+    }
 }
 
 /// Deadlines of the calls to a server, written as `"30s"`, `"500ms"`, `"2m"`.
@@ -207,6 +242,7 @@ impl RemoteRuntimeConfig {
             timeouts: Timeouts::default(),
             restart_backoff: default_restart_backoff(),
             max_restart_backoff: default_max_restart_backoff(),
+            liveness: Liveness::default(),
         }
     }
 
@@ -249,6 +285,10 @@ impl RemoteRuntimeConfig {
         }
         if !(self.multiplier.is_finite() && self.multiplier > 0.0) {
             return Err(invalid("multiplier", format!("must be a positive number, not {}", self.multiplier)));
+        }
+        let liveness = &self.liveness;
+        if liveness.interval.is_zero() || liveness.timeout.is_zero() || liveness.failures == 0 {
+            return Err(invalid("liveness", "interval, timeout and failures must all be above zero".into()));
         }
         Ok(())
     }
@@ -339,6 +379,7 @@ mod tests {
         assert_eq!(config.min_model_bytes, 1_000_000);
         assert_eq!(config.timeouts.load, Duration::from_secs(30));
         assert_eq!(config.timeouts.startup, Duration::from_secs(60));
+        assert_eq!(config.liveness, Liveness::default());
         assert_eq!(config.implementation("sklearn"), Some("mlserver_sklearn.SKLearnModel"));
         assert_eq!(config.implementation("XGBoost:1"), Some("mlserver_xgboost.XGBoostModel"));
         assert_eq!(config.implementation("lightgbm"), Some("mlserver_lightgbm.LightGBMModel"));
@@ -348,9 +389,10 @@ mod tests {
     #[test]
     fn durations_read_as_humantime_and_unknown_fields_are_refused() {
         let config = parse(
-            r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "timeouts": {"startup": "2m", "infer": "250ms"}, "restartBackoff": "100ms"}"#,
+            r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "timeouts": {"startup": "2m", "infer": "250ms"}, "restartBackoff": "100ms", "liveness": {"interval": "1s"}}"#,
         )
         .expect("valid");
+        assert_eq!(config.liveness, Liveness { interval: Duration::from_secs(1), ..Liveness::default() });
         assert_eq!(config.timeouts.startup, Duration::from_secs(120));
         assert_eq!(config.timeouts.infer, Duration::from_millis(250));
         assert_eq!(config.timeouts.load, Duration::from_secs(30), "unset deadlines keep their defaults");
@@ -390,6 +432,14 @@ mod tests {
             (
                 r#"{"name": "m", "supportedModelFormats": ["sklearn"], "endpoint": "http://x:1", "repository": "/r", "processes": 2}"#,
                 "processes",
+            ),
+            (
+                r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "liveness": {"failures": 0}}"#,
+                "liveness",
+            ),
+            (
+                r#"{"name": "m", "supportedModelFormats": ["sklearn"], "command": ["m"], "liveness": {"timeout": "0s"}}"#,
+                "liveness",
             ),
         ];
         for (json, field) in cases {

@@ -13,8 +13,10 @@
 //! The mesh calls [`RemoteRuntime::start`] once per configured runtime at start-up (it blocks until the
 //! servers are ready, so from a blocking thread or before the executor runs), offers the runtime's
 //! [`supported_model_formats`](RemoteRuntimeConfig::supported_model_formats), and calls [`RemoteRuntime::shutdown`] (or drops it) when
-//! it drains, which kills the processes it started.
-#![forbid(unsafe_code)]
+//! it drains, which kills the processes it started. Those processes also die with the mesh when it is
+//! killed outright (see `spawner`, the crate's one unsafe module), and one that stops answering its
+//! liveness probe is restarted like one that exited.
+#![deny(unsafe_code)]
 
 mod bridge;
 mod config;
@@ -23,12 +25,26 @@ mod model;
 mod pool;
 mod repository;
 mod runtime;
+mod spawner;
 
-pub use config::{PLACEHOLDERS, RemoteRuntimeConfig, Timeouts, default_implementations};
+pub use config::{Liveness, PLACEHOLDERS, RemoteRuntimeConfig, Timeouts, default_implementations};
 pub use densemesh_runtime_core::ModelFormat;
 pub use error::RemoteError;
 pub use repository::SETTINGS_FILE;
 pub use runtime::{ProcessInfo, RemoteRuntime};
+
+/// Metric names, each labelled by `runtime` (the configured name, so bounded by the config); the mesh
+/// installs the recorder and describes them.
+pub mod metric_names {
+    /// Counter: processes started again after one exited, failed to start, or was killed as hung.
+    pub const RESTARTS: &str = "densemesh_runtime_restarts_total";
+    /// Counter: liveness probes a process failed (no answer in time, or an error).
+    pub const PROBE_FAILURES: &str = "densemesh_runtime_probe_failures_total";
+    /// Histogram: time of a successful load into a server, settings, RepositoryModelLoad and metadata.
+    pub const LOAD_DURATION: &str = "densemesh_runtime_load_duration_seconds";
+    /// Histogram: time of a RepositoryModelUnload.
+    pub const UNLOAD_DURATION: &str = "densemesh_runtime_unload_duration_seconds";
+}
 
 /// The generated client of the V2 model-repository extension (`RepositoryIndex`,
 /// `RepositoryModelLoad`, `RepositoryModelUnload`), for tools and tests that inspect a server.

@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::bridge::Bridge;
 use crate::pool::{Pool, Process, Up};
 use crate::repository::{self, RepositoryClient};
-use crate::{RemoteError, RemoteRuntimeConfig};
+use crate::{RemoteError, RemoteRuntimeConfig, metric_names};
 use densemesh_runtime_core::v2;
 
 /// Tells loads apart, so an unload that runs after the same model was loaded again leaves it alone.
@@ -98,6 +98,8 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, prepared: Prepared) ->
             deadline_error(&pool, &process, "waiting for the process's previous load", config.timeouts.load)
         })
         .map_err(load_error)?;
+    // The server's part of the load, without the wait for the process's previous one.
+    let loading = Instant::now();
     let implementation = config.implementation(&format);
     let model_dir = repository::write_settings(&process.repository, &model_id, implementation, &path)
         .map_err(load_error)?;
@@ -129,7 +131,9 @@ pub(crate) async fn load(pool: Arc<Pool>, bridge: Bridge, prepared: Prepared) ->
         }
         ledger.models.insert(model_id.clone(), (token, size_bytes));
     }
-    tracing::info!(size_bytes, implementation, "loaded model into remote server");
+    let took = loading.elapsed();
+    metrics::histogram!(metric_names::LOAD_DURATION, "runtime" => config.name.clone()).record(took);
+    tracing::info!(size_bytes, implementation, ?took, "loaded model into remote server");
     let passthrough = Passthrough {
         endpoint: up.endpoint.clone(),
         methods: vec![(MODEL_INFER_PATH.to_owned(), vec![1])],
@@ -352,8 +356,14 @@ impl Drop for RemoteModel {
                 let Some(up) = inner.process.up_in(inner.generation) else { return };
                 let client =
                     RepositoryClient { pool: &inner.pool, process: &inner.process, channel: up.channel };
+                let unloading = Instant::now();
                 match client.unload(&inner.model_id).await {
-                    Ok(()) => tracing::info!("unloaded model from remote server"),
+                    Ok(()) => {
+                        let took = unloading.elapsed();
+                        let runtime = inner.pool.config.name.clone();
+                        metrics::histogram!(metric_names::UNLOAD_DURATION, "runtime" => runtime).record(took);
+                        tracing::info!(?took, "unloaded model from remote server")
+                    }
                     Err(error) => tracing::warn!(%error, "remote server failed to unload the model"),
                 }
                 repository::remove_model_dir(&inner.process.repository, &inner.model_id);

@@ -8,12 +8,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use densemesh_proto::inference::ServerReadyRequest;
 use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use densemesh_proto::inference::{ServerLiveRequest, ServerReadyRequest};
 use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -24,8 +23,9 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-use crate::RemoteError;
 use crate::config::{RemoteRuntimeConfig, Substitutions};
+use crate::spawner::{self, Spawner};
+use crate::{RemoteError, metric_names};
 
 /// Lines of a process's output kept to explain why it failed to start.
 const LOG_TAIL_LINES: usize = 40;
@@ -45,6 +45,8 @@ pub(crate) struct Pool {
     pub(crate) tasks: TaskTracker,
     /// Removed on shutdown: the repository directory this runtime made for itself.
     pub(crate) owned_root: Mutex<Option<tempfile::TempDir>>,
+    /// Starts the processes, from a thread that lives as long as the pool (see `spawner`).
+    pub(crate) spawner: Spawner,
 }
 
 /// One server of the pool.
@@ -254,6 +256,7 @@ async fn supervise(pool: Arc<Pool>, process: Arc<Process>, first: oneshot::Sende
             () = tokio::time::sleep(backoff) => {}
             () = pool.cancel.cancelled() => break,
         }
+        metrics::counter!(metric_names::RESTARTS, "runtime" => config.name.clone()).increment(1);
         backoff = (backoff * 2).min(config.max_restart_backoff);
     }
     process.state.send_modify(|s| s.up = None);
@@ -286,7 +289,7 @@ async fn run_once(
         repository: process.repository.clone(),
         max_message_bytes: config.max_message_bytes,
     };
-    let mut child = spawn(config, &subs)?;
+    let mut child = spawn(pool, &subs).await?;
     let pid = child.id();
     tracing::info!(generation, pid, grpc_port, "started remote process");
     let log = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL_LINES)));
@@ -308,6 +311,9 @@ async fn run_once(
     tokio::select! {
         () = ready => {}
         status = child.wait() => {
+            if let Some(pid) = pid {
+                spawner::kill_group(pid);
+            }
             let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
             // Its last words may still be in the pipes; they close when the process (and any child
             // holding them) is gone.
@@ -325,7 +331,7 @@ async fn run_once(
         }
     }
     process.state.send_modify(|s| {
-        s.up = Some(Up { pid, endpoint: endpoint.clone(), channel });
+        s.up = Some(Up { pid, endpoint: endpoint.clone(), channel: channel.clone() });
         s.last_exit = None;
     });
     pool.changed.notify_waiters();
@@ -336,12 +342,22 @@ async fn run_once(
 
     tokio::select! {
         status = child.wait() => {
+            // Workers it forked may outlive it; they go with its group.
+            if let Some(pid) = pid {
+                spawner::kill_group(pid);
+            }
             let exit = match status {
                 Ok(status) => format!("(pid {}) exited: {status}", pid.unwrap_or_default()),
                 Err(e) => format!("(pid {}) could not be waited for: {e}", pid.unwrap_or_default()),
             };
             let tail: Vec<String> = log.lock().iter().rev().take(5).rev().cloned().collect();
             tracing::warn!(generation, %exit, last_output = %tail.join("\n"), "remote process exited");
+            Ok(Some(exit))
+        }
+        hung = hung(pool, process, &channel) => {
+            let exit = format!("(pid {}) {hung}; killed it", pid.unwrap_or_default());
+            tracing::warn!(generation, %exit, "remote process hung");
+            stop(&mut child).await;
             Ok(Some(exit))
         }
         () = pool.cancel.cancelled() => {
@@ -351,25 +367,73 @@ async fn run_once(
     }
 }
 
-fn spawn(config: &RemoteRuntimeConfig, subs: &Substitutions) -> Result<Child, RemoteError> {
+/// Probes a ready process's liveness until it fails `liveness.failures` probes in a row, then says
+/// how. Never returns while the process answers.
+///
+/// A probe that fails while the process loads or unloads a model is not counted: MLServer with no
+/// parallel workers answers nothing while it imports a framework and reads a model, and a load has a
+/// deadline of its own (`timeouts.load`) that catches a server hung in it.
+async fn hung(pool: &Pool, process: &Process, channel: &Channel) -> String {
+    let liveness = &pool.config.liveness;
+    let mut ticks = tokio::time::interval_at(Instant::now() + liveness.interval, liveness.interval);
+    // A probe that ran late (the runtime's one thread was busy) is not followed by a burst of them.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = 0;
+    loop {
+        ticks.tick().await;
+        let Err(why) = probe_live(channel, liveness.timeout).await else {
+            failed = 0;
+            continue;
+        };
+        if process.repository_lock.try_lock().is_err() {
+            tracing::debug!(%why, "liveness probe failed during a load; not counted");
+            continue;
+        }
+        failed += 1;
+        metrics::counter!(metric_names::PROBE_FAILURES, "runtime" => pool.config.name.clone()).increment(1);
+        tracing::warn!(failed, of = liveness.failures, %why, "remote process failed its liveness probe");
+        if failed >= liveness.failures {
+            return format!("failed {failed} liveness probes in a row ({why})");
+        }
+    }
+}
+
+/// One V2 ServerLive call with a deadline: `Err` says why it failed.
+async fn probe_live(channel: &Channel, timeout: Duration) -> Result<(), String> {
+    let mut client = GrpcInferenceServiceClient::new(channel.clone());
+    let mut request = tonic::Request::new(ServerLiveRequest {});
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.server_live(request)).await {
+        Err(_) => Err(format!("ServerLive did not answer within {timeout:?}")),
+        Ok(Err(status)) => Err(format!("ServerLive failed: {} ({:?})", status.message(), status.code())),
+        Ok(Ok(answer)) if !answer.get_ref().live => Err("ServerLive answered live: false".to_owned()),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+async fn spawn(pool: &Pool, subs: &Substitutions) -> Result<Child, RemoteError> {
+    let config = &pool.config;
     // `validate` refused an empty command, and `start` validates before anything spawns.
     let argv = config.command.as_deref().unwrap_or_default();
     let program = argv.first().map(|p| subs.apply(p)).unwrap_or_default();
     let mut command = Command::new(&program);
     command
         .args(argv.iter().skip(1).map(|a| subs.apply(a)))
-        .envs(config.env.iter().map(|(k, v)| (k, subs.apply(v))))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // The pool owns its processes: if the supervisor goes away, so do they.
-        .kill_on_drop(true);
-    command.spawn().map_err(|source| RemoteError::Spawn { runtime: config.name.clone(), program, source })
+        .envs(config.env.iter().map(|(k, v)| (k, subs.apply(v))));
+    pool.spawner.spawn(command).await.map_err(|source| RemoteError::Spawn {
+        runtime: config.name.clone(),
+        program,
+        source,
+    })
 }
 
 /// Kills a process and reaps it. SIGKILL rather than a polite SIGTERM: the server holds nothing that
 /// is not reloaded from disk, and the pool never waits on a process that ignores signals.
 async fn stop(child: &mut Child) {
+    // The whole group, while the server is not reaped yet and its group id cannot name another's.
+    if let Some(pid) = child.id() {
+        spawner::kill_group(pid);
+    }
     let _ = child.start_kill();
     let _ = child.wait().await;
 }

@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::bridge::Bridge;
 use crate::pool::{self, Ledger, Pool, Process};
+use crate::spawner::Spawner;
 use crate::{RemoteError, RemoteRuntimeConfig, model};
 
 /// How long shutdown waits for the processes to be killed and reaped.
@@ -106,6 +107,13 @@ impl RemoteRuntime {
                 })
             })
             .collect();
+        let spawner = Spawner::start(&config.name, tokio.handle().clone()).map_err(|source| {
+            unavailable(RemoteError::Repository {
+                what: "cannot start the spawning thread for",
+                path: config.name.clone().into(),
+                source,
+            })
+        })?;
         let name: &'static str = Box::leak(config.name.clone().into_boxed_str());
         let tasks = TaskTracker::new();
         let pool = Arc::new(Pool {
@@ -115,6 +123,7 @@ impl RemoteRuntime {
             cancel: CancellationToken::new(),
             tasks: tasks.clone(),
             owned_root: Mutex::new(owned_root),
+            spawner,
         });
         let bridge = Bridge { handle: tokio.handle().clone(), runtime: name.to_owned(), tasks };
         let runtime = Self { name, pool: pool.clone(), bridge, tokio: Some(tokio) };

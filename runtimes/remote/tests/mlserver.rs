@@ -12,7 +12,7 @@ use densemesh_runtime_core::{
 };
 use densemesh_runtime_remote::proto::RepositoryIndexRequest;
 use densemesh_runtime_remote::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
-use densemesh_runtime_remote::{RemoteRuntime, RemoteRuntimeConfig};
+use densemesh_runtime_remote::{Liveness, RemoteRuntime, RemoteRuntimeConfig};
 use serde::Deserialize;
 
 /// What the Python models answered (`make_models.py`).
@@ -352,6 +352,58 @@ fn a_hung_server_fails_requests_at_their_deadline() {
     assert!(waited < Duration::from_secs(5), "answered after {waited:?}, not at the 2 s deadline");
     // Resumed, it serves again.
     assert_eq!(sklearn_predictions(model.as_ref()).expect("infer"), models().expected.sklearn_predict);
+}
+
+#[test]
+fn a_hung_server_is_killed_by_its_liveness_probe_and_restarted() {
+    // Started from a thread that ends at once: the server must not die with the thread that asked for
+    // it (the kernel's parent-death signal follows the forking thread).
+    let (runtime, _repository) = std::thread::spawn(|| {
+        start_with(1, |config| {
+            config.liveness = Liveness {
+                interval: Duration::from_millis(300),
+                timeout: Duration::from_millis(300),
+                failures: 3,
+            }
+        })
+    })
+    .join()
+    .expect("the starting thread");
+    let model = load(&runtime, "stuck", "sklearn", "sklearn.joblib");
+    assert_eq!(sklearn_predictions(model.as_ref()).expect("infer"), models().expected.sklearn_predict);
+    // Longer than the probe needs to condemn it: a live server is left alone.
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = runtime.processes()[0].pid.expect("a pid");
+    assert_eq!(runtime.processes()[0].generation, 1, "a healthy server is not restarted");
+
+    signal(pid, "-STOP");
+    // A call in flight on the stopped server ends when the probe kills it, well before its 30 s
+    // deadline, and reports the model lost so the mesh loads it again.
+    let asked = Instant::now();
+    match sklearn_predictions(model.as_ref()) {
+        Err(Error::Lost { model_id, reason }) => {
+            assert_eq!(model_id, "stuck");
+            assert!(reason.contains("failed 3 liveness probes in a row"), "{reason}");
+        }
+        other => panic!("expected Error::Lost, got {other:?}"),
+    }
+    assert!(asked.elapsed() < Duration::from_secs(10), "lost after {:?}", asked.elapsed());
+    drop(model);
+
+    let again = load(&runtime, "stuck", "sklearn", "sklearn.joblib");
+    assert_eq!(
+        sklearn_predictions(again.as_ref()).expect("infer after the restart"),
+        models().expected.sklearn_predict
+    );
+    let process = &runtime.processes()[0];
+    assert_eq!(process.generation, 2, "restarted once");
+    assert_ne!(process.pid, Some(pid));
+    let stopped = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        stopped.is_empty()
+            || stopped.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        "the hung server {pid} was killed: {stopped}"
+    );
 }
 
 #[test]
