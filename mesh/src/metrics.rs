@@ -133,6 +133,24 @@ pub fn describe() {
         "Time to answer a ModelInfer request served here, by model (the --metrics-per-model busiest, else other)"
     );
     describe_puller();
+    describe_remote_runtimes();
+}
+
+/// The remote runtimes' metrics (named in `densemesh_runtime_remote::metric_names`, recorded there).
+fn describe_remote_runtimes() {
+    use densemesh_runtime_remote::metric_names as r;
+    describe_counter!(r::RESTARTS, "Remote runtime processes restarted (exited, failed to start, or hung)");
+    describe_counter!(r::PROBE_FAILURES, "Liveness probes a remote runtime process failed");
+    describe_histogram!(
+        r::LOAD_DURATION,
+        Unit::Seconds,
+        "Time a remote runtime's server took to load a model"
+    );
+    describe_histogram!(
+        r::UNLOAD_DURATION,
+        Unit::Seconds,
+        "Time a remote runtime's server took to unload a model"
+    );
 }
 
 /// The puller's metrics (named in `densemesh_puller::metric_names`, recorded there).
