@@ -1,6 +1,7 @@
 """Runtimes other than ONNX Runtime, through meshd as a client sees them: a Hugging Face sentence-embedding
-model on candle (found in a repository by its model.safetensors), scikit-learn and XGBoost models on a
-pool of real MLServer processes, and a runtime written for ModelMesh's model-runtime SPI."""
+model on candle (found in a repository by its model.safetensors), scikit-learn, XGBoost and LightGBM
+models on a pool of real MLServer processes (restarted when they die or hang, and gone when meshd is
+killed), and a runtime written for ModelMesh's model-runtime SPI."""
 import shutil
 from pathlib import Path
 
@@ -167,14 +168,16 @@ def trained(tmp_path_factory):
     return out, json.loads((out / "expected.json").read_text())
 
 
-def mlserver_config(path, processes=1):
+def mlserver_config(path, processes=1, **fields):
+    """A runtime file with one MLServer pool; `fields` are more fields of its entry (e.g. liveness)."""
     import json
 
     env = {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_GRPC_PORT": "{grpc_port}", "MLSERVER_HTTP_PORT": "{http_port}",
            "MLSERVER_METRICS_PORT": "{metrics_port}", "MLSERVER_PARALLEL_WORKERS": "0",
            "MLSERVER_LOAD_MODELS_AT_STARTUP": "false"}
-    entry = {"kind": "v2", "name": "mlserver", "supportedModelFormats": ["sklearn", "xgboost"],
-             "command": [str(MLSERVER / "mlserver"), "start", "{repository}"], "env": env, "processes": processes}
+    entry = {"kind": "v2", "name": "mlserver", "supportedModelFormats": ["sklearn", "xgboost", "lightgbm"],
+             "command": [str(MLSERVER / "mlserver"), "start", "{repository}"], "env": env, "processes": processes,
+             **fields}
     path.write_text(json.dumps({"runtimes": [entry]}))  # JSON is YAML
     return path
 
@@ -191,12 +194,13 @@ def infer_fp(server, model, rows, datatype="FP64", output=None):
         client.close()
 
 
-def mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, *args):
-    """meshd on an empty repository with a pool of one MLServer: (the server, a ModelMesh stub)."""
+def mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, *args, **fields):
+    """meshd on an empty repository with a pool of one MLServer (`fields` added to its runtime entry):
+    (the server, a ModelMesh stub)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    server = start_meshd(repo, "--runtime-config", str(mlserver_config(tmp_path / "runtimes.json")),
-                         "--local-model-roots", str(models), *args)
+    config = mlserver_config(tmp_path / "runtimes.json", **fields)
+    server = start_meshd(repo, "--runtime-config", str(config), "--local-model-roots", str(models), *args)
     return server, mmesh[1].ModelMeshStub(server.channel)
 
 
@@ -250,3 +254,81 @@ def test_a_killed_mlserver_is_restarted_and_its_models_reload_on_the_next_reques
         os.kill(int(pid), signal.SIGKILL)
     # The next request hears the model was lost, waits for the restarted server, and is answered.
     assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]
+
+
+def mlserver_pids(server):
+    """The pids of the MLServer processes meshd started (its children)."""
+    import subprocess
+
+    children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "meshd started no MLServer process"
+    return [int(pid) for pid in children]
+
+
+def alive(pid):
+    """Whether `pid` runs: a zombie (killed, waiting for whoever adopted it to reap it) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def test_a_lightgbm_model_answers_as_the_python_model_does(start_meshd, tmp_path, trained, mmesh):
+    models, expected = trained
+    server, stub = mesh_with_mlserver(start_meshd, tmp_path, models, mmesh)
+    pb2, _ = mmesh
+    # LightGBM's own text format, as Booster.save_model writes it.
+    path = models / "lightgbm" / "model.txt"
+    stub.registerModel(pb2.RegisterModelRequest(modelId="gbm", modelInfo=pb2.ModelInfo(type="lightgbm", path=str(path))))
+    query = np.array(expected["input"], dtype=np.float64)
+    answer = infer_fp(server, "gbm", query)
+    assert np.allclose(answer.reshape(-1), expected["lightgbm_predict"], rtol=0, atol=1e-12), answer
+    assert 0 < min(expected["lightgbm_predict"]) < 0.5 < max(expected["lightgbm_predict"]) < 1, \
+        "the queries fall on both sides of the boundary, so the comparison means something"
+
+
+def test_a_sigkilled_meshd_takes_its_mlserver_processes_along(start_meshd, tmp_path, trained, mmesh):
+    import signal
+
+    from meshd import wait_for
+
+    models, _ = trained
+    server, _ = mesh_with_mlserver(start_meshd, tmp_path, models, mmesh)
+    children = mlserver_pids(server)
+    assert all(alive(pid) for pid in children)
+    # SIGKILL: meshd runs no shutdown, no destructor; the kernel's parent-death signal must do it.
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=10)
+    wait_for(lambda: not any(alive(pid) for pid in children), 10, f"MLServer {children} to die with meshd")
+
+
+def test_a_hung_mlserver_is_restarted_and_its_model_answers_again(start_meshd, tmp_path, trained, mmesh):
+    import os
+    import signal
+    import time
+
+    models, expected = trained
+    liveness = {"interval": "500ms", "timeout": "500ms", "failures": 3}
+    server, stub = mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, liveness=liveness)
+    pb2, _ = mmesh
+    stub.registerModel(pb2.RegisterModelRequest(modelId="iris-sk", modelInfo=pb2.ModelInfo(type="sklearn", path=str(models / "sklearn.joblib"))))
+    query = np.array(expected["input"], dtype=np.float64)
+    assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]
+    restarts = 'densemesh_runtime_restarts_total{runtime="mlserver"}'
+    assert server.metrics().get(restarts, 0) == 0, "a healthy server is not restarted"
+
+    [hung] = mlserver_pids(server)
+    # Alive but unresponsive: stopped, it holds its port and its connections and answers nothing.
+    os.kill(hung, signal.SIGSTOP)
+    asked = time.monotonic()
+    # The request in flight ends when the probe kills the server; the model is lost, loaded again into
+    # the restarted server, and the request is answered, well before the 30 s inference deadline.
+    assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]
+    assert time.monotonic() - asked < 25
+    assert not alive(hung), f"the hung server {hung} was killed"
+    metrics = server.metrics()
+    assert metrics.get(restarts) == 1, {k: v for k, v in metrics.items() if "runtime" in k}
+    assert metrics.get('densemesh_runtime_probe_failures_total{runtime="mlserver"}', 0) >= 3
+    assert metrics.get('densemesh_runtime_load_duration_seconds_count{runtime="mlserver"}') == 2, \
+        "one load before the hang, one after"
