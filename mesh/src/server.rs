@@ -18,6 +18,7 @@ use densemesh_runtime_ort::{OrtConfig, OrtRuntime};
 use futures::FutureExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::api::http::AdminServer;
@@ -183,7 +184,7 @@ pub async fn run(
         cache = cache.with_load_gate(Arc::new(move || health.refusal(crate::cluster::instance::now_ms())));
     }
     let background = CancellationToken::new();
-    let tasks = tokio_util::task::TaskTracker::new();
+    let tasks = TaskTracker::new();
     tasks.spawn(
         reload_storage_config(puller.clone(), background.clone())
             .instrument(tracing::info_span!("storage config reload")),
@@ -219,7 +220,10 @@ pub async fn run(
         flag: "--metrics-addr",
         source,
     })?;
-    let peers = crate::cluster::peers::Peers::new(config.cache.load_timeout + Duration::from_secs(5));
+    let peers = crate::cluster::peers::Peers::new(
+        config.cache.load_timeout + Duration::from_secs(5),
+        config.max_message_size,
+    );
     let token = config.admin_token_file.as_deref().map(crate::api::auth::AdminToken::open).transpose()?;
     let placer = Placer::new(
         config.instance_id.clone(),
@@ -299,6 +303,14 @@ pub async fn run(
         None => Ok(request),
     };
     let stop = CancellationToken::new();
+    // Forwarded ModelInfer calls from peers that speak the pod wire reach the same front as gRPC's.
+    let (stop_wire, wire_tasks) = (stop.clone(), TaskTracker::new());
+    let wire = crate::cluster::wire::WireServer::new(
+        inference.clone(),
+        config.max_message_size,
+        stop.clone(),
+        wire_tasks.clone(),
+    );
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .layer(passthrough)
@@ -315,18 +327,25 @@ pub async fn run(
         ))
         .add_service(reflection)
         .add_service(reflection_alpha)
-        // Our own listener (bound before anything starts, so port 0 works): tonic's tcp_nodelay setting
-        // applies only to listeners it binds, so set it here, or small responses wait on Nagle's
-        // algorithm and the peer's delayed ACK (tens of milliseconds per call).
+        // Our own listener (bound before anything starts, so port 0 works), shared with the pod wire:
+        // `wire::incoming` sets TCP_NODELAY on every connection (or small responses wait on Nagle's
+        // algorithm and the peer's delayed ACK, tens of milliseconds per call) and keeps the pod
+        // wire's connections for itself.
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            crate::cluster::wire::incoming(grpc, wire),
             stop.clone().cancelled_owned(),
         );
     let rest = rest.serve(rest_listener, stop.clone().cancelled_owned());
+    let wire_drained = async move {
+        stop_wire.cancelled().await;
+        wire_tasks.close();
+        wire_tasks.wait().await;
+    };
     let server = async move {
         tokio::try_join!(
             server.map(|r| r.map_err(ServeError::from)),
-            rest.map(|r| r.map_err(ServeError::Rest))
+            rest.map(|r| r.map_err(ServeError::Rest)),
+            wire_drained.map(Ok::<(), ServeError>)
         )
         .map(|_| ())
     };

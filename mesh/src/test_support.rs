@@ -94,6 +94,7 @@ pub(crate) fn instance_record(endpoint: &str) -> InstanceRecord {
         draining: false,
         started_ms: 0,
         model_types: densemesh_placement::spec::legacy_model_types(),
+        peer_wire: 0,
     }
 }
 
@@ -135,7 +136,7 @@ impl TestPod {
             admin_token: None,
         };
         let placer =
-            Placer::new(name.into(), view.clone(), cache.clone(), Peers::new(Duration::from_secs(5)), config);
+            Placer::new(name.into(), view.clone(), cache.clone(), Peers::new(Duration::from_secs(5), 1 << 20), config);
         Self { registry, view, cache, placer }
     }
 

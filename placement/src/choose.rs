@@ -363,6 +363,7 @@ mod tests {
             draining: false,
             started_ms: 0,
             model_types: vec!["onnx".into()],
+            peer_wire: 0,
         };
         let copies = [
             ("a".to_owned(), Placement::Failed { since_ms: 1, reason: "bad".into(), retry_after_ms: 500 }),

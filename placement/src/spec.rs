@@ -234,6 +234,23 @@ mod tests {
     }
 
     #[test]
+    fn an_instance_record_says_which_pod_wire_it_speaks_and_old_ones_speak_none() {
+        let old: InstanceRecord = serde_json::from_str(
+            r#"{"endpoint":"e","capacity_bytes":1,"used_bytes":0,"models_loaded":0,"loading":0,"lru_age_seconds":0,"started_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.peer_wire, 0);
+        assert!(
+            !serde_json::to_string(&old).unwrap().contains("peer_wire"),
+            "old pods' readers see nothing new"
+        );
+        let new = InstanceRecord { peer_wire: 1, ..old };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(r#""peer_wire":1"#), "{json}");
+        assert_eq!(serde_json::from_str::<InstanceRecord>(&json).unwrap(), new);
+    }
+
+    #[test]
     fn an_instance_record_carries_its_cheapest_victims_and_old_ones_have_none() {
         let old: InstanceRecord = serde_json::from_str(
             r#"{"endpoint":"e","capacity_bytes":1,"used_bytes":0,"models_loaded":0,"loading":0,"lru_age_seconds":0,"started_ms":0}"#,
@@ -304,6 +321,14 @@ pub struct InstanceRecord {
     /// did ([`LEGACY_MODEL_TYPES`]); an empty list offers none.
     #[serde(default = "legacy_model_types")]
     pub model_types: Vec<String>,
+    /// The version of densemesh's pod-to-pod wire it accepts on its gRPC port, for forwarded
+    /// requests; 0 (pods from before it, which leave it out): HTTP/2 only.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub peer_wire: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl InstanceRecord {

@@ -145,6 +145,8 @@ def run_scenario(start_meshd, mmesh, tmp_path, etcd):
     print(f"cluster scenario: {stats['ok']} answers, {stats['retried']} after one retry, {forwarded:.0f} forwarded, "
           f"models loaded at the end {loaded}")
     assert forwarded > 0, "no request was forwarded to the pod holding (or picked for) its model"
+    # Pods of one build forward over the pod wire, not HTTP/2.
+    assert any("pod wire connected" in pod.log_path.read_text(errors="replace") for pod in live.values())
     # Placement spreads the models: each pod still running holds a fair part of what is loaded.
     total = sum(loaded.values())
     assert total > 0, loaded

@@ -312,6 +312,7 @@ fn empty_record() -> InstanceRecord {
         draining: false,
         started_ms: 0,
         model_types: Vec::new(),
+        peer_wire: 0,
     }
 }
 

@@ -27,7 +27,7 @@ use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::cluster::peers::{mark_forwarded, peer_failed};
+use crate::cluster::peers::{PeerChannel, mark_forwarded, peer_failed};
 use crate::cluster::placer::Placer;
 use crate::error::MeshError;
 use crate::metrics as m;
@@ -113,27 +113,32 @@ impl Forwarder {
         outgoing
     }
 
-    /// `ModelInfer` for a peer: the client's body and headers as they came, less the ones that named
-    /// what this pod resolved, marked.
-    fn raw_request(&self, id: &ModelId, path: &str, headers: &HeaderMap, body: Bytes) -> http::Request<Body> {
+    /// The client's headers for a peer: as they came, less the ones that named what this pod
+    /// resolved, marked.
+    fn peer_headers(&self, id: &ModelId, headers: &HeaderMap) -> HeaderMap {
         let mut headers = headers.clone();
         for name in RESOLVED_HERE {
             headers.remove(name);
         }
         let mut metadata = MetadataMap::from_headers(headers);
         self.mark(id, &mut metadata);
+        metadata.into_headers()
+    }
+
+    /// A call for a peer over HTTP/2: the client's body, with [`Forwarder::peer_headers`].
+    fn raw_request(&self, id: &ModelId, path: &str, headers: &HeaderMap, body: Bytes) -> http::Request<Body> {
         let mut request = http::Request::new(Body::new(Full::new(body)));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() =
             http::Uri::try_from(path).unwrap_or_else(|_| http::Uri::from_static(MODEL_INFER_PATH));
-        *request.headers_mut() = metadata.into_headers();
+        *request.headers_mut() = self.peer_headers(id, headers);
         request
     }
 
     /// Calls `first`, then, while peers fail, where placement says next, up to [`MAX_ATTEMPTS`] pods.
     async fn with_failover<T, F, Fut>(&self, id: &ModelId, first: String, call: F) -> Forwarded<T>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(PeerChannel) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
         let peers = self.placer.peers();
@@ -142,11 +147,11 @@ impl Forwarder {
         while let Some(peer) = next.take() {
             let attempt = failed.len() + 1;
             let span = tracing::debug_span!("forward", peer = %peer, model_id = %id, attempt);
-            let endpoint = self.placer.endpoint(&peer).unwrap_or_default();
-            let result = match peers.channel(&endpoint) {
+            let (endpoint, wire) = self.placer.peer_address(&peer).unwrap_or_default();
+            let result = match peers.channel(&endpoint, wire) {
                 Some(channel) => {
                     let _counted = channel.start_request();
-                    call(channel.channel).instrument(span).await
+                    call(channel).instrument(span).await
                 }
                 None => Err(tonic::Status::unavailable(format!("no usable endpoint for peer {peer}"))),
             };
@@ -204,7 +209,8 @@ impl Forwarder {
         let answer = self
             .with_failover(id, peer, |channel| {
                 let outgoing = self.outgoing(id, request.clone());
-                let mut client = GrpcInferenceServiceClient::new(channel).max_decoding_message_size(max);
+                let mut client =
+                    GrpcInferenceServiceClient::new(channel.channel).max_decoding_message_size(max);
                 async move { client.model_metadata(outgoing).await.map(tonic::Response::into_inner) }
             })
             .await;
@@ -240,7 +246,24 @@ impl Forwarder {
         let max = self.max_message_size;
         let forwarded = self
             .with_failover(id, peer, |channel| {
-                pass_on(channel, self.raw_request(id, path, headers, body.clone()), max, "peer")
+                let body = body.clone();
+                async move {
+                    match channel.wire {
+                        // The pod wire carries ModelInfer, the call that must be cheap; the rest go over HTTP/2.
+                        Some(wire) if path == MODEL_INFER_PATH => {
+                            let answer = wire.call(path, &self.peer_headers(id, headers), body).await?;
+                            let (mut head, ()) = http::Response::new(()).into_parts();
+                            head.status = answer.status;
+                            head.headers = answer.headers;
+                            head.version = http::Version::HTTP_2;
+                            judge(head, answer.body, answer.trailers, "peer")
+                        }
+                        _ => {
+                            pass_on(channel.channel, self.raw_request(id, path, headers, body), max, "peer")
+                                .await
+                        }
+                    }
+                }
             })
             .await;
         let result = match &forwarded {
@@ -295,19 +318,28 @@ pub(crate) async fn pass_on(
         .collect()
         .await
         .map_err(|e| unavailable("broke off its answer", &e))?;
-    if parts.status != http::StatusCode::OK {
-        return Err(tonic::Status::unavailable(format!("{who} answered HTTP {}", parts.status)));
+    let trailers = body.trailers().cloned();
+    judge(parts, body.to_bytes(), trailers, who)
+}
+
+/// An answer read whole, judged by its gRPC status: OK is the answer, any other status an error for
+/// the failover to judge.
+fn judge(
+    head: http::response::Parts,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+    who: &str,
+) -> Result<RawAnswer, tonic::Status> {
+    if head.status != http::StatusCode::OK {
+        return Err(tonic::Status::unavailable(format!("{who} answered HTTP {}", head.status)));
     }
     // A failure comes back trailers-only (in the headers); a success ends with OK in the trailers.
-    let status = match parts.headers.get(GRPC_STATUS) {
-        Some(_) => grpc_status(&parts.headers),
-        None => body.trailers().and_then(grpc_status),
+    let status = match head.headers.get(GRPC_STATUS) {
+        Some(_) => grpc_status(&head.headers),
+        None => trailers.as_ref().and_then(grpc_status),
     };
     match status {
-        Some(status) if status.code() == tonic::Code::Ok => {
-            let trailers = body.trailers().cloned();
-            Ok(RawAnswer { head: parts, body: body.to_bytes(), trailers })
-        }
+        Some(status) if status.code() == tonic::Code::Ok => Ok(RawAnswer { head, body, trailers }),
         Some(status) => Err(status),
         None => Err(tonic::Status::unavailable(format!("{who} answered with no grpc-status"))),
     }
@@ -426,12 +458,20 @@ mod tests {
             Self { name, answer, calls: Arc::default(), unmarked: Arc::default() }
         }
 
+        /// Serves gRPC and the pod wire on one port, as meshd does.
         async fn serve(&self) -> String {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let endpoint = listener.local_addr().unwrap().to_string();
+            let service = GrpcInferenceServiceServer::new(self.clone());
+            let wire = crate::cluster::wire::WireServer::new(
+                service.clone(),
+                1 << 20,
+                tokio_util::sync::CancellationToken::new(),
+                tokio_util::task::TaskTracker::new(),
+            );
             let server = tonic::transport::Server::builder()
-                .add_service(GrpcInferenceServiceServer::new(self.clone()))
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+                .add_service(service)
+                .serve_with_incoming(crate::cluster::wire::incoming(listener, wire));
             tokio::spawn(server);
             endpoint
         }
@@ -456,8 +496,17 @@ mod tests {
         let flag = reached.clone();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
-                // An empty SETTINGS frame: the server's half of the HTTP/2 handshake.
-                let _ = socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                let mut first = [0u8; 1];
+                let _ = socket.peek(&mut first).await;
+                if first[0] == crate::cluster::wire::MAGIC[0] {
+                    // The pod wire's handshake.
+                    let mut magic = [0u8; 8];
+                    let _ = socket.read_exact(&mut magic).await;
+                    let _ = socket.write_all(&magic).await;
+                } else {
+                    // An empty SETTINGS frame: the server's half of the HTTP/2 handshake.
+                    let _ = socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                }
                 let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
                 while let Ok(n @ 1..) = socket.read(&mut buf).await {
                     seen.extend_from_slice(&buf[..n]);
@@ -472,8 +521,9 @@ mod tests {
     }
 
     /// A forwarder on pod "me" whose view has `copies` (instance, endpoint) each holding a loaded copy
-    /// of model "m", the first listed being the most recently loaded (so tried first on a tie).
-    async fn forwarder_with_copies(copies: &[(&str, &str)]) -> Forwarder {
+    /// of model "m", the first listed being the most recently loaded (so tried first on a tie); the
+    /// peers speak the pod wire when `wire`, and are reached over HTTP/2 otherwise.
+    async fn forwarder_with_copies(copies: &[(&str, &str)], wire: bool) -> Forwarder {
         let records: Vec<(&str, Option<&str>, Placement)> = copies
             .iter()
             .enumerate()
@@ -481,18 +531,19 @@ mod tests {
                 (*instance, Some(*endpoint), Placement::Loaded { since_ms: 1000 - i as u64, size_bytes: 1 })
             })
             .collect();
-        forwarder_with_records(&records).await
+        forwarder_with_records(&records, wire).await
     }
 
     /// A forwarder on pod "me" whose view has, for model "m", a placement record per
     /// (instance, endpoint, record), and an instance record for each one with an endpoint.
-    async fn forwarder_with_records(records: &[(&str, Option<&str>, Placement)]) -> Forwarder {
+    async fn forwarder_with_records(records: &[(&str, Option<&str>, Placement)], wire: bool) -> Forwarder {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let registry = Registry::new(store.clone(), "t");
         let model = ModelId::new("m").unwrap();
         for (instance, endpoint, copy) in records {
             if let Some(endpoint) = endpoint {
-                let record = instance_record(endpoint);
+                let mut record = instance_record(endpoint);
+                record.peer_wire = if wire { crate::cluster::wire::VERSION } else { 0 };
                 store.put(&registry.instance_key(instance), encode(&record), None).await.unwrap();
             }
             store.put(&registry.placement_key(&model, instance), encode(copy), None).await.unwrap();
@@ -509,7 +560,8 @@ mod tests {
             model_types: densemesh_placement::spec::legacy_model_types(),
             admin_token: None,
         };
-        let placer = Placer::new("me".into(), view, cache, Peers::new(Duration::from_secs(10)), config);
+        let placer =
+            Placer::new("me".into(), view, cache, Peers::new(Duration::from_secs(10), 1 << 20), config);
         Forwarder::new(placer, 1 << 20)
     }
 
@@ -525,17 +577,21 @@ mod tests {
         let hour = 3_600_000;
         // This pod is backing off too, so only the peer's back-off decides.
         let route = |peer_retry_after_ms: u64| async move {
-            let forwarder = forwarder_with_records(&[
-                ("me", None, failed(now + hour)),
-                ("peer", Some("127.0.0.1:1"), failed(peer_retry_after_ms)),
-            ])
+            let forwarder = forwarder_with_records(
+                &[
+                    ("me", None, failed(now + hour)),
+                    ("peer", Some("127.0.0.1:1"), failed(peer_retry_after_ms)),
+                ],
+                false,
+            )
             .await;
             forwarder.route(&ModelId::new("m").unwrap()).map_err(|e| Status::from(e).code())
         };
         assert_eq!(route(now + hour).await, Err(Code::Unavailable), "nobody may load it now");
         assert_eq!(route(now - 1).await, Ok(Destination::Peer("peer".into())), "the peer's back-off is over");
         // A peer whose back-off is over still comes after this pod when this pod never failed it.
-        let forwarder = forwarder_with_records(&[("peer", Some("127.0.0.1:1"), failed(now - 1))]).await;
+        let forwarder =
+            forwarder_with_records(&[("peer", Some("127.0.0.1:1"), failed(now - 1))], false).await;
         assert_eq!(forwarder.route(&model).ok(), Some(Destination::Here));
     }
 
@@ -567,14 +623,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_peer_hands_the_request_to_the_next_copy() {
+        for wire in [false, true] {
+            a_failed_peer_hands_the_request_to_the_next_copy_over(wire).await;
+        }
+    }
+
+    async fn a_failed_peer_hands_the_request_to_the_next_copy_over(wire: bool) {
         let (dying, reached) = dies_mid_request(b"request-7f3a").await;
         let good = FakePeer::new("good", Ok(()));
         let good_endpoint = good.serve().await;
-        let forwarder = forwarder_with_copies(&[
-            ("dying", &dying),
-            ("dead", &refusing_endpoint()),
-            ("good", &good_endpoint),
-        ])
+        let forwarder = forwarder_with_copies(
+            &[("dying", &dying), ("dead", &refusing_endpoint()), ("good", &good_endpoint)],
+            wire,
+        )
         .await;
         match forward(&forwarder, "request-7f3a").await {
             Forwarded::Answered { answer, retried } => {
@@ -587,6 +648,12 @@ mod tests {
         assert_eq!(good.calls(), 1);
         assert_eq!(good.unmarked.load(Ordering::SeqCst), 0, "a retry is still marked as forwarded");
         assert_eq!(forwarder.placer.peers().in_flight(&good_endpoint), 0);
+        let reached_by = forwarder.placer.peers().channel(&good_endpoint, wire).unwrap();
+        assert_eq!(
+            reached_by.wire.is_some_and(|w| w.connected()),
+            wire,
+            "over the pod wire when the peer speaks it"
+        );
         // The pods that just failed are tried after the copy that answered, not first again.
         assert!(matches!(forward(&forwarder, "next").await, Forwarded::Answered { retried: false, .. }));
         assert_eq!(good.calls(), 2);
@@ -594,11 +661,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_peers_own_error_is_the_answer_and_no_other_copy_is_asked() {
+        for wire in [false, true] {
+            a_peers_own_error_is_the_answer_over(wire).await;
+        }
+    }
+
+    async fn a_peers_own_error_is_the_answer_over(wire: bool) {
         let refuses = FakePeer::new("refuses", Err(Code::InvalidArgument));
         let good = FakePeer::new("good", Ok(()));
-        let forwarder =
-            forwarder_with_copies(&[("refuses", &refuses.serve().await), ("good", &good.serve().await)])
-                .await;
+        let forwarder = forwarder_with_copies(
+            &[("refuses", &refuses.serve().await), ("good", &good.serve().await)],
+            wire,
+        )
+        .await;
         match forward(&forwarder, "r").await {
             Forwarded::Refused(status) => assert_eq!(status.code(), Code::InvalidArgument),
             other => panic!("expected the peer's INVALID_ARGUMENT, got {other:?}"),
@@ -608,6 +683,12 @@ mod tests {
 
     #[tokio::test]
     async fn unavailable_peers_are_each_tried_once_up_to_the_limit_then_it_is_served_here() {
+        for wire in [false, true] {
+            unavailable_peers_are_each_tried_once_over(wire).await;
+        }
+    }
+
+    async fn unavailable_peers_are_each_tried_once_over(wire: bool) {
         let peers: Vec<FakePeer> =
             ["u1", "u2", "u3", "u4"].into_iter().map(|n| FakePeer::new(n, Err(Code::Unavailable))).collect();
         let mut copies = Vec::new();
@@ -615,7 +696,7 @@ mod tests {
             copies.push((peer.name, peer.serve().await));
         }
         let copies: Vec<(&str, &str)> = copies.iter().map(|(n, e)| (*n, e.as_str())).collect();
-        let forwarder = forwarder_with_copies(&copies).await;
+        let forwarder = forwarder_with_copies(&copies, wire).await;
         match forward(&forwarder, "r").await {
             Forwarded::ServeHere => {}
             other => panic!("expected to serve it here, got {other:?}"),

@@ -178,6 +178,7 @@ impl Publisher {
             draining: self.draining,
             started_ms: self.started_ms,
             model_types: self.config.model_types.clone(),
+            peer_wire: crate::cluster::wire::VERSION,
         }
     }
 

@@ -15,3 +15,4 @@ pub mod placer;
 pub mod repository;
 pub mod vmodel_watch;
 pub mod vmodels;
+pub mod wire;

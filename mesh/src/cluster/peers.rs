@@ -1,8 +1,9 @@
 //! Calls to other pods: what marks a call as forwarded, when a failed call means the peer failed (so
-//! another may serve), and the connections: one lazily connected HTTP/2 channel per peer endpoint, shared by
-//! forwarded inferences and management calls, with the requests in flight to each peer and when each
-//! last failed one (so the next requests try other copies first). Channels to pods that left the
-//! cluster are dropped as soon as the view no longer lists them.
+//! another may serve), and the connections: per peer endpoint, one lazily connected HTTP/2 channel,
+//! shared by management calls and by forwarded inferences to pods that do not speak the pod wire, and
+//! the pod wire ([`crate::cluster::wire`]) to pods that do; with the requests in flight to each peer
+//! and when each last failed one (so the next requests try other copies first). Connections to pods
+//! that left the cluster are dropped as soon as the view no longer lists them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use densemesh_placement::{ClusterView, InstanceRecord, ModelId};
 use parking_lot::Mutex;
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::cluster::wire::WirePeer;
 
 /// Marks a call that was already forwarded once: the pod receiving it serves it itself.
 pub const FORWARDED_HEADER: &str = "densemesh-forwarded";
@@ -82,10 +85,12 @@ pub fn peer_failed(status: &tonic::Status) -> bool {
 /// dead pod's records are gone anyway.
 const FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
-/// One peer's channel and the requests in flight to it.
+/// One peer's connections and the requests in flight to it.
 #[derive(Clone)]
 pub struct PeerChannel {
     pub channel: Channel,
+    /// The pod wire, when the peer's instance record says it speaks it.
+    pub wire: Option<Arc<WirePeer>>,
     in_flight: Arc<AtomicUsize>,
 }
 
@@ -119,18 +124,21 @@ struct State {
 pub struct Peers {
     state: Arc<Mutex<State>>,
     timeout: Duration,
+    max_message_size: usize,
 }
 
 impl Peers {
-    /// A pool whose calls give up after `timeout`.
-    pub fn new(timeout: Duration) -> Self {
-        Self { state: Arc::default(), timeout }
+    /// A pool whose calls give up after `timeout`, for messages of at most `max_message_size`.
+    pub fn new(timeout: Duration, max_message_size: usize) -> Self {
+        Self { state: Arc::default(), timeout, max_message_size }
     }
 
-    /// The channel to `endpoint`, connected on first use; `None` when the endpoint is not an address.
-    pub fn channel(&self, endpoint: &str) -> Option<PeerChannel> {
+    /// The connections to `endpoint`, made on first use, with the pod wire when `wire` (the peer's
+    /// record says it speaks it); `None` when the endpoint is not an address.
+    pub fn channel(&self, endpoint: &str, wire: bool) -> Option<PeerChannel> {
         let mut state = self.state.lock();
-        if let Some(peer) = state.channels.get(endpoint) {
+        // A pod restarted on the same address may speak the wire now, or no longer.
+        if let Some(peer) = state.channels.get(endpoint).filter(|p| p.wire.is_some() == wire) {
             return Some(peer.clone());
         }
         let channel = Endpoint::from_shared(format!("http://{endpoint}"))
@@ -139,7 +147,8 @@ impl Peers {
             .connect_timeout(Duration::from_secs(2))
             .timeout(self.timeout)
             .connect_lazy();
-        let peer = PeerChannel { channel, in_flight: Arc::default() };
+        let wire = wire.then(|| Arc::new(WirePeer::new(endpoint, self.max_message_size, self.timeout)));
+        let peer = PeerChannel { channel, wire, in_flight: Arc::default() };
         state.channels.insert(endpoint.to_owned(), peer.clone());
         Some(peer)
     }
@@ -200,21 +209,21 @@ mod tests {
 
     #[tokio::test]
     async fn channels_to_pods_that_left_are_dropped() {
-        let peers = Peers::new(Duration::from_secs(1));
-        assert!(peers.channel("127.0.0.1:1").is_some());
-        assert!(peers.channel("127.0.0.1:2").is_some());
+        let peers = Peers::new(Duration::from_secs(1), 1 << 20);
+        assert!(peers.channel("127.0.0.1:1", false).is_some());
+        assert!(peers.channel("127.0.0.1:2", true).is_some());
         let live = Arc::new(HashMap::from([("b".to_owned(), instance_record("127.0.0.1:2"))]));
         peers.prune(&live);
         assert_eq!(peers.connected(), ["127.0.0.1:2"]);
-        assert!(peers.channel("not an address\n").is_none());
+        assert!(peers.channel("not an address\n", false).is_none());
     }
 
     #[test]
     fn in_flight_counts_until_the_guard_drops_and_failures_are_remembered_briefly() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _guard = rt.enter();
-        let peers = Peers::new(Duration::from_secs(1));
-        let peer = peers.channel("127.0.0.1:3").unwrap();
+        let peers = Peers::new(Duration::from_secs(1), 1 << 20);
+        let peer = peers.channel("127.0.0.1:3", false).unwrap();
         let counted = peer.start_request();
         assert_eq!(peers.in_flight("127.0.0.1:3"), 1);
         drop(counted);

@@ -166,6 +166,13 @@ impl Placer {
         self.inner.view.instances_snapshot().get(instance).map(|r| r.endpoint.clone())
     }
 
+    /// A live pod's gRPC endpoint, and whether it speaks the pod wire there.
+    pub fn peer_address(&self, instance: &str) -> Option<(String, bool)> {
+        let instances = self.inner.view.instances_snapshot();
+        let record = instances.get(instance)?;
+        Some((record.endpoint.clone(), record.peer_wire >= crate::cluster::wire::VERSION))
+    }
+
     /// Where `id` goes for `goal`, never to a pod in `exclude`: `placement::route` over the cluster as
     /// this pod sees it now.
     pub fn route(&self, id: &ModelId, goal: Goal, exclude: &[&str]) -> Route {
@@ -388,12 +395,12 @@ impl Placer {
         sync: bool,
         last_used: LastUsed,
     ) -> Result<(), PeerLoad> {
-        let endpoint =
-            self.endpoint(peer).ok_or_else(|| PeerLoad::Unreachable("it left the cluster".into()))?;
+        let (endpoint, wire) =
+            self.peer_address(peer).ok_or_else(|| PeerLoad::Unreachable("it left the cluster".into()))?;
         let channel = self
             .inner
             .peers
-            .channel(&endpoint)
+            .channel(&endpoint, wire)
             .ok_or_else(|| PeerLoad::Unreachable(format!("bad endpoint {endpoint:?}")))?;
         let mut request = tonic::Request::new(EnsureLoadedRequest {
             model_id: id.to_string(),

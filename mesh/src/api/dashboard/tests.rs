@@ -22,6 +22,7 @@ fn record(endpoint: &str, capacity: u64, used: u64) -> InstanceRecord {
         draining: false,
         started_ms: 5,
         model_types: legacy_model_types(),
+        peer_wire: 0,
     }
 }
 

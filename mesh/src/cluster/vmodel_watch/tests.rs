@@ -36,6 +36,7 @@ impl Mesh {
     async fn pod(&self, instance: &str, types: &[&str]) {
         let record = InstanceRecord {
             model_types: types.iter().map(|t| (*t).to_owned()).collect(),
+            peer_wire: 0,
             ..instance_record("127.0.0.1:1")
         };
         self.put(self.registry.instance_key(instance), encode(&record)).await;
