@@ -22,6 +22,7 @@ use ort::environment::{Environment, GlobalThreadPoolOptions};
 
 pub use library::find_library;
 pub use memory::release_free_heap;
+pub use session::SessionPolicy;
 
 /// A one-node model (see `warmup/generate.py`).
 const WARMUP_MODEL: &[u8] = include_bytes!("warmup.onnx");
@@ -39,13 +40,22 @@ pub struct OrtConfig {
 pub struct OrtRuntime {
     env: Environment,
     library_path: PathBuf,
+    /// Which models get lean session options.
+    policy: SessionPolicy,
     /// How loads are measured and what they are charged (see `memory.rs`).
     sizing: session::Sizing,
 }
 
 impl OrtRuntime {
-    /// Loads the library and creates the environment and its shared thread pool.
+    /// Loads the library and creates the environment and its shared thread pool, with the default
+    /// [`SessionPolicy`].
     pub fn new(config: &OrtConfig) -> Result<Self> {
+        Self::with_policy(config, SessionPolicy::default())
+    }
+
+    /// [`OrtRuntime::new`] with the rule for lean sessions given (a separate constructor rather than
+    /// an `OrtConfig` field, so callers that build `OrtConfig` field by field keep compiling).
+    pub fn with_policy(config: &OrtConfig, policy: SessionPolicy) -> Result<Self> {
         let library_path = match &config.library_path {
             Some(path) => path.clone(),
             None => find_library()?,
@@ -84,15 +94,21 @@ impl OrtRuntime {
             lean_node_bytes = lean.per_node,
             full_session_bytes = full.per_session,
             full_node_bytes = full.per_node,
+            lean_below_bytes = policy.lean_below_bytes,
             "onnxruntime ready"
         );
-        Ok(Self { env, library_path, sizing })
+        Ok(Self { env, library_path, policy, sizing })
     }
 
     /// Loads a model from bytes already in memory, skipping the file read.
     pub fn load_from_memory(&self, model_id: &str, model: Vec<u8>) -> Result<Box<dyn LoadedModel>> {
-        let model = session::OrtModel::from_bytes(&self.env, &self.sizing, model_id, model)?;
+        let model = session::OrtModel::from_bytes(&self.env, &self.sizing, self.policy, model_id, model)?;
         Ok(Box::new(model))
+    }
+
+    /// The rule for lean sessions in use.
+    pub fn policy(&self) -> SessionPolicy {
+        self.policy
     }
 
     /// The library in use, for logs and diagnostics.
@@ -107,7 +123,7 @@ impl Runtime for OrtRuntime {
     }
 
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
-        let model = session::OrtModel::load(&self.env, &self.sizing, request)?;
+        let model = session::OrtModel::load(&self.env, &self.sizing, self.policy, request)?;
         Ok(Box::new(model))
     }
 

@@ -13,9 +13,27 @@ use parking_lot::Mutex;
 use crate::convert;
 use crate::memory::{self, GraphSummary, SessionCost};
 
-/// Models below this file size whose operators are all simple get [`Profile::Lean`]: there the fixed
-/// cost of a session (~90 KiB with default options, ~50 KiB lean) is a sizable share of the model.
-const LEAN_BELOW_BYTES: u64 = 1 << 20;
+/// Which models get [`Profile::Lean`] session options.
+///
+/// The rule: a model file smaller than `lean_below_bytes` whose operators are all simple (no
+/// convolution, pooling, normalisation or attention patterns that ONNX Runtime's extended and layout
+/// optimisations rewrite for speed; see `memory::SIMPLE_OPS`) is built lean; every other model gets
+/// ONNX Runtime's defaults. Below ~1 MiB a session's fixed cost (~90–130 KiB with default options,
+/// ~50 KiB lean) is a sizable share of the model and lean sessions run as fast; above it the weights
+/// dominate, and the CPU arena saves allocations on the larger intermediates. Measured with
+/// `cargo bench -p densemesh-runtime-ort --bench profiles` (figures in bench/README.md, "Tiny models").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionPolicy {
+    /// Model files below this many bytes (and of simple operators) get lean sessions; 0 turns lean
+    /// sessions off, `u64::MAX` makes every simple model lean.
+    pub lean_below_bytes: u64,
+}
+
+impl Default for SessionPolicy {
+    fn default() -> Self {
+        Self { lean_below_bytes: 1 << 20 }
+    }
+}
 
 /// The session options a model is built with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +52,9 @@ pub(crate) enum Profile {
 }
 
 impl Profile {
-    pub(crate) fn for_model(file_bytes: u64, graph: Option<&GraphSummary>) -> Self {
+    pub(crate) fn for_model(policy: SessionPolicy, file_bytes: u64, graph: Option<&GraphSummary>) -> Self {
         match graph {
-            Some(graph) if graph.only_simple_ops && file_bytes < LEAN_BELOW_BYTES => Profile::Lean,
+            Some(graph) if graph.only_simple_ops && file_bytes < policy.lean_below_bytes => Profile::Lean,
             _ => Profile::Full,
         }
     }
@@ -100,16 +118,23 @@ pub(crate) struct OrtModel {
 }
 
 impl OrtModel {
-    pub(crate) fn load(env: &Environment, sizing: &Sizing, request: &LoadRequest) -> Result<Self> {
+    pub(crate) fn load(
+        env: &Environment,
+        sizing: &Sizing,
+        policy: SessionPolicy,
+        request: &LoadRequest,
+    ) -> Result<Self> {
         // Read under the measuring lock too: another load's file buffer would count against this one.
         let _measuring = sizing.lock.lock();
         match &request.contents {
             // Already resident (mapped and pre-faulted): file-backed, so outside the measured set.
-            Some(contents) => Self::build_measured(env, sizing, &request.model_id, contents.as_slice()),
+            Some(contents) => {
+                Self::build_measured(env, sizing, policy, &request.model_id, contents.as_slice())
+            }
             None => {
                 let bytes = std::fs::read(&request.path)
                     .map_err(|source| Error::Io { path: request.path.clone(), source })?;
-                Self::build_measured(env, sizing, &request.model_id, &bytes)
+                Self::build_measured(env, sizing, policy, &request.model_id, &bytes)
             }
         }
     }
@@ -118,21 +143,28 @@ impl OrtModel {
     pub(crate) fn from_bytes(
         env: &Environment,
         sizing: &Sizing,
+        policy: SessionPolicy,
         model_id: &str,
         bytes: Vec<u8>,
     ) -> Result<Self> {
         let _measuring = sizing.lock.lock();
-        Self::build_measured(env, sizing, model_id, &bytes)
+        Self::build_measured(env, sizing, policy, model_id, &bytes)
     }
 
     /// Builds a session and charges it (see [`memory`]); the caller holds the measuring lock, so no
     /// other load's allocations count, and frees `bytes` only after this returns, so they are in
     /// both readings and cancel out.
-    fn build_measured(env: &Environment, sizing: &Sizing, model_id: &str, bytes: &[u8]) -> Result<Self> {
+    fn build_measured(
+        env: &Environment,
+        sizing: &Sizing,
+        policy: SessionPolicy,
+        model_id: &str,
+        bytes: &[u8],
+    ) -> Result<Self> {
         let load_error = |source: Cause| Error::Load { model_id: model_id.to_owned(), source };
         let file_bytes = bytes.len() as u64;
         let graph = memory::summarize(bytes);
-        let profile = Profile::for_model(file_bytes, graph.as_ref());
+        let profile = Profile::for_model(policy, file_bytes, graph.as_ref());
 
         let before = memory::settled_anonymous_bytes();
         let session = build_session(env, bytes, profile).map_err(|e| load_error(e.into()))?;
@@ -243,5 +275,35 @@ impl LoadedModel for OrtModel {
                 convert::from_value(name, &value)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_models_of_simple_operators_get_lean_sessions_below_the_threshold() {
+        let simple = GraphSummary { nodes: 5, only_simple_ops: true };
+        let conv = GraphSummary { nodes: 5, only_simple_ops: false };
+        let default = SessionPolicy::default();
+        let off = SessionPolicy { lean_below_bytes: 0 };
+        let all = SessionPolicy { lean_below_bytes: u64::MAX };
+        // (policy, file bytes, graph, profile)
+        for (policy, bytes, graph, profile) in [
+            (default, 3_000, Some(&simple), Profile::Lean),
+            (default, (1 << 20) - 1, Some(&simple), Profile::Lean),
+            (default, 1 << 20, Some(&simple), Profile::Full),
+            (default, 3_000, Some(&conv), Profile::Full),
+            (default, 3_000, None, Profile::Full),
+            (off, 3_000, Some(&simple), Profile::Full),
+            (all, 1 << 30, Some(&simple), Profile::Lean),
+        ] {
+            assert_eq!(
+                Profile::for_model(policy, bytes, graph),
+                profile,
+                "{policy:?}, {bytes} bytes, {graph:?}"
+            );
+        }
     }
 }
