@@ -379,9 +379,35 @@ pub struct ServingRuntimeSpec {
     pub node_selector: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
-    /// Resources of the meshd container (densemesh; when absent, those of the first container).
+    /// Resources of the meshd container (densemesh; when absent, those of the first container without an
+    /// image: containers with one are the runtime's servers, run beside meshd with their own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Where the runtime's containers serve ModelMesh's model-runtime SPI (`port:8085`), as in
+    /// modelmesh-serving; meshd reaches it on the pod's loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_endpoint: Option<String>,
+    /// Where they serve inference (`port:8001`), when not at `grpcEndpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_data_endpoint: Option<String>,
+    /// modelmesh-serving's built-in adapter: the server type (`mlserver`) meshd talks to directly,
+    /// through the V2 model-repository extension, instead of through an adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_in_adapter: Option<BuiltInAdapter>,
+}
+
+/// The part of modelmesh-serving's `builtInAdapter` densemesh reads; other fields (the adapter's own
+/// ports, memory buffer, env) are for an adapter densemesh does not run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct BuiltInAdapter {
+    /// `mlserver` (or `triton`, `ovms`, `torchserve`, which densemesh does not drive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_type: Option<String>,
+    /// How long one model's load may take (the remote runtime's `timeouts.load`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_loading_timeout_millis: Option<i64>,
 }
 
 /// ClusterServingRuntime: a ServingRuntime every namespace may use.

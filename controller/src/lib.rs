@@ -9,3 +9,4 @@ pub mod mesh;
 pub mod operator;
 pub mod reconcile;
 pub mod runtime;
+pub mod runtime_config;

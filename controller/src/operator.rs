@@ -10,6 +10,7 @@ use densemesh_proto::admin::{VModelState, v_model_event};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -33,6 +34,7 @@ use crate::mapping::{
 use crate::mesh::{GrpcMesh, MeshApi, MeshError};
 use crate::reconcile::{self, MeshCall, Rollout, Urls};
 use crate::runtime::{self, UNNEEDED_SINCE_ANNOTATION};
+use crate::runtime_config;
 
 /// The finalizer that keeps an object until its vmodel is gone from the mesh.
 pub const FINALIZER: &str = "serving.kserve.io/densemesh";
@@ -684,6 +686,14 @@ async fn ensure_deployment(
     let needed = ctx.usage.read().values().any(|k| k == key);
     let (replicas, since) =
         runtime::replicas(spec.replicas, needed, since, Timestamp::now(), ctx.settings.scale_to_zero_grace);
+    // The runtime file first: the Deployment's pods mount it and cannot start without it.
+    match runtime_config::render(&key.name, spec) {
+        Ok(file) => ensure_runtime_config(&name, &namespace, file.as_deref(), owner.clone(), ctx).await?,
+        Err(why) => {
+            warn!(runtime = key.name, "cannot render the runtime's --runtime-config: {why}");
+            return Ok(Action::await_change());
+        }
+    }
     let deployment = match runtime::deployment(
         &key.name,
         key.cluster,
@@ -732,6 +742,44 @@ async fn ensure_deployment(
     Ok(Action::requeue(
         ctx.settings.scale_to_zero_grace.min(Duration::from_secs(30)).max(Duration::from_secs(1)),
     ))
+}
+
+/// Keeps the ConfigMap holding the runtime file of the Deployment `deployment` equal to `file`, and
+/// removes it once the runtime needs none.
+async fn ensure_runtime_config(
+    deployment: &str,
+    namespace: &str,
+    file: Option<&str>,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    ctx: &RuntimeContext,
+) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = runtime_config::config_map_name(deployment);
+    let existing = api.get_opt(&name).await?;
+    match (file, existing) {
+        (Some(file), None) => {
+            api.create(
+                &PostParams::default(),
+                &runtime_config::config_map(deployment, namespace, file, owner),
+            )
+            .await?;
+            info!(namespace, config_map = name, "created the runtime's --runtime-config");
+        }
+        (Some(file), Some(existing)) => {
+            let current = existing.data.as_ref().and_then(|d| d.get(runtime_config::RUNTIME_FILE_KEY));
+            if current.map(String::as_str) != Some(file) {
+                let patch = serde_json::json!({ "data": { runtime_config::RUNTIME_FILE_KEY: file } });
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+                info!(namespace, config_map = name, "updated the runtime's --runtime-config");
+            }
+        }
+        (None, Some(_)) => {
+            api.delete(&name, &Default::default()).await?;
+            info!(namespace, config_map = name, "removed the runtime's --runtime-config: it needs none now");
+        }
+        (None, None) => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

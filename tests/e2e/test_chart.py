@@ -292,8 +292,12 @@ def expected_controller_grants(watch_scope):
     # release namespace (controller/src/operator.rs).
     deployment_verbs = ["get", "list", "watch", "create", "patch", "update", "delete"]
     add(watch_scope, "apps", ["deployments"], deployment_verbs)
+    # Beside each, the ConfigMap of its meshd runtime file (controller/src/runtime_config.rs).
+    config_map_verbs = ["get", "create", "patch", "delete"]
+    add(watch_scope, "", ["configmaps"], config_map_verbs)
     if watch_scope not in ("cluster", NAMESPACE):
         add(NAMESPACE, "apps", ["deployments"], deployment_verbs)
+        add(NAMESPACE, "", ["configmaps"], config_map_verbs)
     add(NAMESPACE, "coordination.k8s.io", ["leases"], ["create"])
     add(NAMESPACE, "coordination.k8s.io", ["leases"], ["get", "update"], LEASE)
     return grants

@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
 
 from meshd import REPO, free_port, moto_bucket, moto_storage_config, raw_request, upload_dense_models, start_moto, wait_for
@@ -436,3 +437,93 @@ def test_min_copies_and_the_size_hint_reach_placement(s3, mesh, kube, controller
     revision = kube.get("isvc", "pinned")["status"]["components"]["predictor"]["latestRolledoutRevision"]
     status = pb2_grpc.ModelMeshStub(mesh[0].channel).getModelStatus(pb2.GetStatusRequest(modelId=revision))
     assert {c.location for c in status.modelCopyInfos} == {"pod-a", "pod-b"}
+
+
+def test_a_runtime_with_its_own_server_gets_a_runtime_file_meshd_serves_it_by(kube, tmp_path, start_meshd, mmesh):
+    """A ServingRuntime bringing a server container that speaks ModelMesh's SPI becomes a Deployment whose
+    meshd mounts a rendered --runtime-config; a real meshd given that very file reaches the real runtime at
+    the grpcEndpoint the ServingRuntime names (port:N, the pod's loopback) and serves its model."""
+    spi = subprocess.Popen([sys.executable, str(REPO / "runtimes" / "spi" / "tests" / "spi_runtime.py"), "--listen",
+                            "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    controller = None
+    try:
+        first = json.loads(spi.stdout.readline())
+        assert first["event"] == "listening", first
+        port = int(first["endpoint"].rpartition(":")[2])
+        template = tmp_path / "pod-template.yaml"
+        template.write_text(yaml.safe_dump({
+            "metadata": {"labels": {"app.kubernetes.io/name": "densemesh", "app.kubernetes.io/component": "meshd"}},
+            "spec": {"containers": [{"name": "meshd", "image": "densemesh/meshd:test", "args": ["serve"],
+                                     "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/densemesh"}]}],
+                     "volumes": [{"name": "cache", "emptyDir": {}}]},
+        }))
+        runtime = {
+            "apiVersion": "serving.kserve.io/v1alpha1", "kind": "ServingRuntime",
+            "metadata": {"name": "custom-rt", "namespace": "default"},
+            "spec": {"supportedModelFormats": [{"name": "custom", "autoSelect": True}], "multiModel": True,
+                     "grpcEndpoint": f"port:{port}",
+                     "containers": [{"name": "runtime", "image": "example/spi-runtime:1",
+                                     "ports": [{"containerPort": port}]}]},
+        }
+        kube.apply(runtime)
+        # The runtime's Deployment needs no mesh; a mesh endpoint nobody listens at will do.
+        controller = Controller(kube, f"127.0.0.1:{free_port()}", tmp_path, "--meshd-pod-template", str(template))
+        config_map = wait_for(lambda: kube.get("configmap", "densemesh-custom-rt-runtime-config"), 30,
+                              "the runtime's --runtime-config")
+        assert config_map["metadata"]["ownerReferences"][0]["kind"] == "ServingRuntime"
+        file = config_map["data"]["runtimes.yaml"]
+        assert yaml.safe_load(file) == {"runtimes": [{
+            "kind": "spi", "name": "custom-rt", "supportedModelFormats": [{"name": "custom", "autoSelect": True}],
+            "endpoint": f"port:{port}"}]}
+
+        deployment = wait_for(lambda: kube.get("deployment", "densemesh-custom-rt"), 30, "the runtime's Deployment")
+        pod = deployment["spec"]["template"]
+        assert [c["name"] for c in pod["spec"]["containers"]] == ["meshd", "runtime"]
+        meshd, server = pod["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in meshd["env"]}
+        assert env["DENSEMESH_RUNTIME_CONFIG"] == "/etc/densemesh/runtime-config/runtimes.yaml"
+        assert env["DENSEMESH_MODEL_TYPES"] == "custom"
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        assert volumes["densemesh-runtime-config"]["configMap"]["name"] == "densemesh-custom-rt-runtime-config"
+        mounted = {m["mountPath"]: m["name"] for m in meshd["volumeMounts"]}
+        assert mounted["/etc/densemesh/runtime-config"] == "densemesh-runtime-config"
+        assert {m["mountPath"] for m in server["volumeMounts"]} == {"/var/cache/densemesh", "/models"}, \
+            "the server sees meshd's model cache at the same path"
+        digest = pod["metadata"]["annotations"]["densemesh.io/runtime-config-sha256"]
+
+        # meshd as the pod would run it: with exactly the rendered file.
+        (tmp_path / "runtimes.yaml").write_text(file)
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        server = start_meshd(repo, "--runtime-config", str(tmp_path / "runtimes.yaml"))
+        model = tmp_path / "doubler" / "model.json"
+        model.parent.mkdir()
+        model.write_text('{"factor": 3.0, "load_size": 300000}')
+        pb2, pb2_grpc = mmesh
+        pb2_grpc.ModelMeshStub(server.channel).registerModel(
+            pb2.RegisterModelRequest(modelId="tripler", modelInfo=pb2.ModelInfo(type="custom", path=str(model))))
+        client = grpcclient.InferenceServerClient(server.grpc_addr)
+        x = grpcclient.InferInput("x", [2], "FP32")
+        x.set_data_from_numpy(np.array([1.0, -2.0], dtype=np.float32))
+        assert client.infer("tripler", [x]).as_numpy("y").tolist() == [3.0, -6.0]
+        client.close()
+
+        # A changed runtime rewrites the file and rolls the pods, which read it once at start.
+        runtime["spec"]["grpcDataEndpoint"] = f"port:{port}"
+        kube.apply(runtime)
+        wait_for(lambda: "dataEndpoint" in kube.get("configmap", "densemesh-custom-rt-runtime-config")["data"]["runtimes.yaml"],
+                 30, "the file to follow the runtime")
+        wait_for(lambda: kube.get("deployment", "densemesh-custom-rt")["spec"]["template"]["metadata"]["annotations"]
+                 ["densemesh.io/runtime-config-sha256"] != digest, 30, "the pods to roll with the new file")
+        # A runtime that drops its containers is meshd's own again: no file.
+        kube.apply({**runtime, "spec": {"supportedModelFormats": [{"name": "custom"}], "multiModel": True}})
+        wait_for(lambda: kube.get("configmap", "densemesh-custom-rt-runtime-config") is None, 30,
+                 "the unneeded file to go")
+        pod = kube.get("deployment", "densemesh-custom-rt")["spec"]["template"]
+        assert [c["name"] for c in pod["spec"]["containers"]] == ["meshd"]
+    finally:
+        if controller:
+            controller.stop()
+            print(controller.logs())
+        spi.terminate()
+        spi.wait(timeout=10)
