@@ -37,6 +37,8 @@ fn with_runtime_containers(
 ) -> Result<(), String> {
     const CONFIG_VOLUME: &str = "densemesh-runtime-config";
     const MODELS_VOLUME: &str = "densemesh-models";
+    const REPOSITORY_VOLUME: &str = "densemesh-repository";
+    let repository = runtime_config::repository_outside_shared_dir(spec);
     let digest = Sha256::digest(file.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>();
     pod.metadata
         .get_or_insert_with(ObjectMeta::default)
@@ -45,7 +47,8 @@ fn with_runtime_containers(
         .insert(runtime_config::RUNTIME_FILE_DIGEST_ANNOTATION.to_owned(), digest);
     let pod_spec = pod.spec.as_mut().ok_or("the meshd pod template has no spec")?;
     let volumes = pod_spec.volumes.get_or_insert_with(Vec::new);
-    if let Some(taken) = volumes.iter().find(|v| v.name == CONFIG_VOLUME || v.name == MODELS_VOLUME) {
+    let ours = [CONFIG_VOLUME, MODELS_VOLUME, REPOSITORY_VOLUME];
+    if let Some(taken) = volumes.iter().find(|v| ours.contains(&v.name.as_str())) {
         return Err(format!("the meshd pod template already has a volume named {}", taken.name));
     }
     volumes.push(Volume {
@@ -61,6 +64,13 @@ fn with_runtime_containers(
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     });
+    if repository.is_some() {
+        volumes.push(Volume {
+            name: REPOSITORY_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+    }
     let meshd = pod_spec
         .containers
         .iter_mut()
@@ -68,12 +78,20 @@ fn with_runtime_containers(
         .ok_or("the meshd pod template has no container named meshd")?;
     // The runtime's containers see meshd's files (its model cache) at the same paths, so the path meshd
     // asks a server to load is one the server can open.
-    let mut shared = meshd.volume_mounts.clone().unwrap_or_default();
-    shared.push(VolumeMount {
+    let mut added = vec![VolumeMount {
         name: MODELS_VOLUME.into(),
         mount_path: runtime_config::SHARED_MODELS_DIR.into(),
         ..Default::default()
-    });
+    }];
+    if let Some(repository) = repository {
+        added.push(VolumeMount {
+            name: REPOSITORY_VOLUME.into(),
+            mount_path: repository,
+            ..Default::default()
+        });
+    }
+    let mut shared = meshd.volume_mounts.clone().unwrap_or_default();
+    shared.extend(added.iter().cloned());
     let mounts = meshd.volume_mounts.get_or_insert_with(Vec::new);
     mounts.push(VolumeMount {
         name: CONFIG_VOLUME.into(),
@@ -81,11 +99,7 @@ fn with_runtime_containers(
         read_only: Some(true),
         ..Default::default()
     });
-    mounts.push(VolumeMount {
-        name: MODELS_VOLUME.into(),
-        mount_path: runtime_config::SHARED_MODELS_DIR.into(),
-        ..Default::default()
-    });
+    mounts.extend(added);
     let env = meshd.env.get_or_insert_with(Vec::new);
     env.retain(|e| e.name != "DENSEMESH_RUNTIME_CONFIG");
     env.push(EnvVar {
@@ -354,6 +368,24 @@ containers:
             runtime_config::config_map_name("densemesh-ml")
         );
         assert!(volumes[1].empty_dir.is_some());
+
+        // A repository outside /models gets a volume of its own, at its path in both containers.
+        let mut elsewhere = spec.clone();
+        elsewhere.containers[0].env.as_mut().unwrap()[0].value = Some("/srv/repo".into());
+        let d = deployment("ml", false, "ns", &elsewhere, &template(), 1, None, OwnerReference::default())
+            .unwrap();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        for container in &pod.containers {
+            assert!(
+                mounts(container).contains(&("densemesh-repository".into(), "/srv/repo".into())),
+                "{}: {:?}",
+                container.name,
+                mounts(container)
+            );
+        }
+        assert!(
+            pod.volumes.unwrap().iter().any(|v| v.name == "densemesh-repository" && v.empty_dir.is_some())
+        );
 
         // A runtime container named like a template container is refused, not merged.
         let mut clash = spec.clone();

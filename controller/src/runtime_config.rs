@@ -6,7 +6,8 @@
 //! - `builtInAdapter.serverType: mlserver` is a KServe V2 server meshd drives itself through the
 //!   model-repository extension (`kind: v2`): at `grpcDataEndpoint` (MLServer's 8001 by default), with
 //!   its repository in a directory both containers mount (MLSERVER_MODELS_DIR, as modelmesh-serving sets
-//!   it, else modelmesh-serving's `/models/_mlserver_models`).
+//!   it, else modelmesh-serving's `/models/_mlserver_models`; one outside `/models` gets a volume of its
+//!   own).
 //! - No built-in adapter and a `grpcEndpoint`: a runtime speaking ModelMesh's model-runtime SPI
 //!   (`kind: spi`), inference at `grpcDataEndpoint` when it is set.
 //! - Neither, and no container but meshd: the runtime is meshd's own in-process runtimes; no file.
@@ -84,22 +85,13 @@ pub fn render(name: &str, spec: &ServingRuntimeSpec) -> Result<Option<String>, S
                 Some(endpoint) => tcp_endpoint("grpcDataEndpoint", endpoint)?,
                 None => format!("127.0.0.1:{MLSERVER_DEFAULT_GRPC_PORT}"),
             };
-            let repository = runtime_containers(spec)
-                .flat_map(|c| c.env.iter().flatten())
-                .find(|e| e.name == "MLSERVER_MODELS_DIR")
-                .and_then(|e| e.value.clone())
-                .unwrap_or_else(|| MLSERVER_DEFAULT_MODELS_DIR.to_owned());
-            if !repository.starts_with(SHARED_MODELS_DIR) {
-                return Err(format!(
-                    "MLSERVER_MODELS_DIR {repository:?} is outside {SHARED_MODELS_DIR}, the directory meshd shares with the server"
-                ));
-            }
+            let repository = mlserver_repository(spec)?;
             let mut entry = json!({
                 "kind": "v2",
                 "name": name,
                 "supportedModelFormats": formats,
                 "endpoint": endpoint,
-                "repository": repository.trim_end_matches('/'),
+                "repository": repository,
             });
             let millis = spec.built_in_adapter.as_ref().and_then(|a| a.model_loading_timeout_millis);
             if let Some(millis) = millis {
@@ -136,6 +128,33 @@ pub fn render(name: &str, spec: &ServingRuntimeSpec) -> Result<Option<String>, S
     Ok(Some(format!(
         "# Rendered by densemesh-controller from ServingRuntime {name}; edit the ServingRuntime instead.\n{yaml}"
     )))
+}
+
+/// The repository meshd writes model settings into and the MLServer of a `serverType: mlserver`
+/// runtime reads: its containers' MLSERVER_MODELS_DIR, as modelmesh-serving sets it, else
+/// modelmesh-serving's own; `Err` when it is not an absolute path.
+pub fn mlserver_repository(spec: &ServingRuntimeSpec) -> Result<String, String> {
+    let repository = runtime_containers(spec)
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == "MLSERVER_MODELS_DIR")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| MLSERVER_DEFAULT_MODELS_DIR.to_owned());
+    let trimmed = repository.trim_end_matches('/');
+    if !trimmed.starts_with('/') || trimmed.split('/').any(|part| part == "..") {
+        return Err(format!("MLSERVER_MODELS_DIR {repository:?} is not an absolute path"));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// The repository of an mlserver runtime when it lies outside [`SHARED_MODELS_DIR`]: the pod then
+/// shares a volume of its own at that path between meshd and the server.
+pub fn repository_outside_shared_dir(spec: &ServingRuntimeSpec) -> Option<String> {
+    let server_type = spec.built_in_adapter.as_ref().and_then(|a| a.server_type.as_deref())?;
+    if !server_type.eq_ignore_ascii_case("mlserver") {
+        return None;
+    }
+    let repository = mlserver_repository(spec).ok()?;
+    (!std::path::Path::new(&repository).starts_with(SHARED_MODELS_DIR)).then_some(repository)
 }
 
 /// A TCP endpoint as the remote runtime takes it: `port:N` (modelmesh-serving's way of naming the pod's

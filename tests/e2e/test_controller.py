@@ -19,6 +19,7 @@ import yaml
 from meshd import REPO, free_port, moto_bucket, moto_storage_config, raw_request, upload_dense_models, start_moto, wait_for
 from test_etcd import Etcd
 from test_kube_double import find_kubectl
+from test_runtimes import MLSERVER, infer_fp, trained  # noqa: F401 (trained is a fixture)
 
 
 CRDS = REPO / "charts" / "densemesh" / "crds" / "serving.kserve.io.yaml"
@@ -527,3 +528,66 @@ def test_a_runtime_with_its_own_server_gets_a_runtime_file_meshd_serves_it_by(ku
             print(controller.logs())
         spi.terminate()
         spi.wait(timeout=10)
+
+
+def test_an_mlserver_runtime_gets_a_runtime_file_meshd_drives_mlserver_by(kube, tmp_path, start_meshd, mmesh, trained):
+    """modelmesh-serving's MLServer ServingRuntime shape (builtInAdapter.serverType mlserver): the rendered
+    file points meshd at MLServer's data port and at the repository both containers share, and a real
+    meshd given that file loads a scikit-learn model into a real MLServer there."""
+    models, expected = trained
+    repository = tmp_path / "mlserver-models"
+    repository.mkdir()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    env = {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_GRPC_PORT": str(grpc_port), "MLSERVER_HTTP_PORT": str(http_port),
+           "MLSERVER_METRICS_PORT": str(metrics_port), "MLSERVER_PARALLEL_WORKERS": "0",
+           "MLSERVER_LOAD_MODELS_AT_STARTUP": "false", "MLSERVER_MODELS_DIR": f"{repository}/"}
+    # The container the ServingRuntime declares, run here as the pod would run it.
+    mlserver = subprocess.Popen([str(MLSERVER / "mlserver"), "start", str(repository)], env={**os.environ, **env},
+                                stdout=open(tmp_path / "mlserver.log", "wb"), stderr=subprocess.STDOUT)
+    controller = None
+    try:
+        template = tmp_path / "pod-template.yaml"
+        template.write_text(yaml.safe_dump({
+            "metadata": {"labels": {"app.kubernetes.io/name": "densemesh", "app.kubernetes.io/component": "meshd"}},
+            "spec": {"containers": [{"name": "meshd", "image": "densemesh/meshd:test", "args": ["serve"]}]},
+        }))
+        kube.apply({
+            "apiVersion": "serving.kserve.io/v1alpha1", "kind": "ServingRuntime",
+            "metadata": {"name": "mlserver-1.x", "namespace": "default"},
+            "spec": {"supportedModelFormats": [{"name": "sklearn", "version": "1", "autoSelect": True}],
+                     "multiModel": True, "grpcEndpoint": "port:8085", "grpcDataEndpoint": f"port:{grpc_port}",
+                     "containers": [{"name": "mlserver", "image": "seldonio/mlserver:1.7.1",
+                                     "env": [{"name": k, "value": v} for k, v in env.items()]}],
+                     "builtInAdapter": {"serverType": "mlserver", "runtimeManagementPort": 8001,
+                                        "modelLoadingTimeoutMillis": 120000}},
+        })
+        controller = Controller(kube, f"127.0.0.1:{free_port()}", tmp_path, "--meshd-pod-template", str(template))
+        config_map = wait_for(lambda: kube.get("configmap", "densemesh-mlserver-1.x-runtime-config"), 30,
+                              "the runtime's --runtime-config")
+        file = config_map["data"]["runtimes.yaml"]
+        assert yaml.safe_load(file) == {"runtimes": [{
+            "kind": "v2", "name": "mlserver-1.x",
+            "supportedModelFormats": [{"name": "sklearn", "version": "1", "autoSelect": True}],
+            "endpoint": f"127.0.0.1:{grpc_port}", "repository": str(repository), "timeouts": {"load": "120000ms"}}]}
+        pod = wait_for(lambda: kube.get("deployment", "densemesh-mlserver-1.x"), 30, "the Deployment")["spec"]["template"]
+        for container in pod["spec"]["containers"]:
+            assert {"name": "densemesh-repository", "mountPath": str(repository)} in container["volumeMounts"], \
+                "meshd and MLServer share the repository"
+
+        (tmp_path / "runtimes.yaml").write_text(file)
+        empty = tmp_path / "repo"
+        empty.mkdir()
+        server = start_meshd(empty, "--runtime-config", str(tmp_path / "runtimes.yaml"), "--local-model-roots",
+                             str(models))
+        pb2, pb2_grpc = mmesh
+        pb2_grpc.ModelMeshStub(server.channel).registerModel(pb2.RegisterModelRequest(
+            modelId="iris-sk", modelInfo=pb2.ModelInfo(type="sklearn", path=str(models / "sklearn.joblib"))))
+        query = np.array(expected["input"], dtype=np.float64)
+        assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]
+        assert (repository / "iris-sk" / "model-settings.json").is_file(), "meshd wrote where MLServer reads"
+    finally:
+        if controller:
+            controller.stop()
+            print(controller.logs())
+        mlserver.kill()
+        mlserver.wait(timeout=10)

@@ -62,6 +62,12 @@ fn an_mlserver_runtime_is_a_v2_server_meshd_drives_at_its_data_port() {
     assert_eq!(bare["runtimes"][0]["endpoint"], "127.0.0.1:8001");
     assert_eq!(bare["runtimes"][0]["repository"], "/models/_mlserver_models");
     assert!(bare["runtimes"][0].get("timeouts").is_none());
+    assert_eq!(repository_outside_shared_dir(&spec(MLSERVER)), None, "/models is shared already");
+    let elsewhere = MLSERVER.replace("/models/_mlserver_models/", "/srv/repo");
+    assert_eq!(rendered("m", &elsewhere)["runtimes"][0]["repository"], "/srv/repo");
+    assert_eq!(repository_outside_shared_dir(&spec(&elsewhere)).as_deref(), Some("/srv/repo"));
+    let sibling = MLSERVER.replace("/models/_mlserver_models/", "/models-x/repo");
+    assert_eq!(repository_outside_shared_dir(&spec(&sibling)).as_deref(), Some("/models-x/repo"));
 }
 
 #[test]
@@ -120,8 +126,8 @@ fn what_meshd_cannot_use_is_named() {
             "not a unix socket",
         ),
         (
-            "supportedModelFormats: [{name: x}]\nbuiltInAdapter: {serverType: mlserver}\ncontainers: [{name: m, image: i, env: [{name: MLSERVER_MODELS_DIR, value: /tmp/m}]}]\n",
-            "outside /models",
+            "supportedModelFormats: [{name: x}]\nbuiltInAdapter: {serverType: mlserver}\ncontainers: [{name: m, image: i, env: [{name: MLSERVER_MODELS_DIR, value: models}]}]\n",
+            "not an absolute path",
         ),
         (
             "supportedModelFormats: [{name: x}]\nbuiltInAdapter: {serverType: mlserver, modelLoadingTimeoutMillis: 0}\n",
