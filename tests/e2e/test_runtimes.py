@@ -168,12 +168,13 @@ def trained(tmp_path_factory):
     return out, json.loads((out / "expected.json").read_text())
 
 
-def mlserver_config(path, processes=1, **fields):
-    """A runtime file with one MLServer pool; `fields` are more fields of its entry (e.g. liveness)."""
+def mlserver_config(path, processes=1, workers=0, **fields):
+    """A runtime file with one MLServer pool of `workers` parallel inference workers per process; `fields`
+    are more fields of its entry (e.g. liveness)."""
     import json
 
     env = {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_GRPC_PORT": "{grpc_port}", "MLSERVER_HTTP_PORT": "{http_port}",
-           "MLSERVER_METRICS_PORT": "{metrics_port}", "MLSERVER_PARALLEL_WORKERS": "0",
+           "MLSERVER_METRICS_PORT": "{metrics_port}", "MLSERVER_PARALLEL_WORKERS": str(workers),
            "MLSERVER_LOAD_MODELS_AT_STARTUP": "false"}
     entry = {"kind": "v2", "name": "mlserver", "supportedModelFormats": ["sklearn", "xgboost", "lightgbm"],
              "command": [str(MLSERVER / "mlserver"), "start", "{repository}"], "env": env, "processes": processes,
@@ -194,12 +195,12 @@ def infer_fp(server, model, rows, datatype="FP64", output=None):
         client.close()
 
 
-def mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, *args, **fields):
+def mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, *args, workers=0, **fields):
     """meshd on an empty repository with a pool of one MLServer (`fields` added to its runtime entry):
     (the server, a ModelMesh stub)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    config = mlserver_config(tmp_path / "runtimes.json", **fields)
+    config = mlserver_config(tmp_path / "runtimes.json", workers=workers, **fields)
     server = start_meshd(repo, "--runtime-config", str(config), "--local-model-roots", str(models), *args)
     return server, mmesh[1].ModelMeshStub(server.channel)
 
@@ -290,17 +291,27 @@ def test_a_lightgbm_model_answers_as_the_python_model_does(start_meshd, tmp_path
 
 def test_a_sigkilled_meshd_takes_its_mlserver_processes_along(start_meshd, tmp_path, trained, mmesh):
     import signal
+    import subprocess
 
     from meshd import wait_for
 
     models, _ = trained
-    server, _ = mesh_with_mlserver(start_meshd, tmp_path, models, mmesh)
-    children = mlserver_pids(server)
-    assert all(alive(pid) for pid in children)
+    # With a parallel inference worker, so MLServer has processes of its own (the worker and
+    # multiprocessing's resource tracker) in its process group.
+    server, _ = mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, workers=1)
+    [mlserver] = mlserver_pids(server)
+
+    def group():
+        # It leads a process group of its own, so the group's id is its pid.
+        listed = subprocess.run(["pgrep", "-g", str(mlserver)], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in listed]
+
+    members = wait_for(lambda: len(group()) >= 3 and group(), 30, "MLServer's worker and resource tracker")
+    assert mlserver in members and all(alive(pid) for pid in members), members
     # SIGKILL: meshd runs no shutdown, no destructor; the kernel's parent-death signal must do it.
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(timeout=10)
-    wait_for(lambda: not any(alive(pid) for pid in children), 10, f"MLServer {children} to die with meshd")
+    wait_for(lambda: not any(alive(pid) for pid in members), 10, f"MLServer's processes {members} to die with meshd")
 
 
 def test_a_hung_mlserver_is_restarted_and_its_model_answers_again(start_meshd, tmp_path, trained, mmesh):

@@ -7,9 +7,10 @@
 //! tokio worker or a caller's thread could end while the server should run on.
 //!
 //! Each server also leads a process group of its own, so stopping it stops the workers it forked too
-//! (MLServer's parallel inference workers). The death signal reaches the server alone: a worker that
-//! ignores its parent's death outlives a SIGKILLed owner, which is why the pool runs MLServer with no
-//! workers by default.
+//! (MLServer's parallel inference workers). The death signal reaches the server alone: MLServer's
+//! workers and multiprocessing's resource tracker exit when it dies (tests/e2e/test_runtimes.py checks
+//! it with a SIGKILLed meshd), but a server whose workers ignore their parent's death would leave them
+//! behind when its owner is SIGKILLed.
 //!
 //! This is the crate's only unsafe code: the `pre_exec` hook and the two system calls it needs.
 #![allow(unsafe_code)]
