@@ -175,7 +175,9 @@ def mlserver_config(path, processes=1, workers=0, **fields):
 
     env = {"MLSERVER_HOST": "127.0.0.1", "MLSERVER_GRPC_PORT": "{grpc_port}", "MLSERVER_HTTP_PORT": "{http_port}",
            "MLSERVER_METRICS_PORT": "{metrics_port}", "MLSERVER_PARALLEL_WORKERS": str(workers),
-           "MLSERVER_LOAD_MODELS_AT_STARTUP": "false"}
+           "MLSERVER_LOAD_MODELS_AT_STARTUP": "false",
+           # Where its workers share metrics; by default `.metrics` in the working directory, the repository.
+           "MLSERVER_METRICS_DIR": str(path.parent / "mlserver-metrics")}
     entry = {"kind": "v2", "name": "mlserver", "supportedModelFormats": ["sklearn", "xgboost", "lightgbm"],
              "command": [str(MLSERVER / "mlserver"), "start", "{repository}"], "env": env, "processes": processes,
              **fields}
