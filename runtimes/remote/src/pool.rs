@@ -354,7 +354,7 @@ async fn run_once(
             tracing::warn!(generation, %exit, last_output = %tail.join("\n"), "remote process exited");
             Ok(Some(exit))
         }
-        hung = hung(pool, process, &channel) => {
+        hung = until_hung(pool, process, &channel) => {
             let exit = format!("(pid {}) {hung}; killed it", pid.unwrap_or_default());
             tracing::warn!(generation, %exit, "remote process hung");
             stop(&mut child).await;
@@ -373,7 +373,7 @@ async fn run_once(
 /// A probe that fails while the process loads or unloads a model is not counted: MLServer with no
 /// parallel workers answers nothing while it imports a framework and reads a model, and a load has a
 /// deadline of its own (`timeouts.load`) that catches a server hung in it.
-async fn hung(pool: &Pool, process: &Process, channel: &Channel) -> String {
+async fn until_hung(pool: &Pool, process: &Process, channel: &Channel) -> String {
     let liveness = &pool.config.liveness;
     let mut ticks = tokio::time::interval_at(Instant::now() + liveness.interval, liveness.interval);
     // A probe that ran late (the runtime's one thread was busy) is not followed by a burst of them.
@@ -411,6 +411,7 @@ async fn probe_live(channel: &Channel, timeout: Duration) -> Result<(), String> 
     }
 }
 
+/// Starts one server process from the config's command with this generation's substitutions.
 async fn spawn(pool: &Pool, subs: &Substitutions) -> Result<Child, RemoteError> {
     let config = &pool.config;
     // `validate` refused an empty command, and `start` validates before anything spawns.
