@@ -2,10 +2,12 @@
 # Installs what building and testing densemesh needs on a fresh Debian machine with Rust and Python 3:
 # protoc (Debian's protobuf-compiler) and a Python virtualenv in .venv with onnxruntime (whose
 # libonnxruntime.so meshd loads) and the test clients. Idempotent and quiet when all is in place.
-# Usage: scripts/setup.sh [run|test]   (run: only what serving needs; test: everything)
+# Usage: scripts/setup.sh [build|run|test]
+#   build: only what compiling needs (protoc); run: what serving needs; test: everything
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"
+case "$what" in build|run|test) ;; *) echo "usage: scripts/setup.sh [build|run|test]" >&2; exit 2;; esac
 
 sudo_cmd=""
 if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
@@ -22,6 +24,7 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
     $sudo_cmd apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
+if [ "$what" = build ]; then exit 0; fi
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2
