@@ -69,9 +69,11 @@ pub struct SimulateArgs {
     /// With --generate: mean requests per second.
     #[arg(long, default_value_t = 100.0, requires = "generate")]
     rate: f64,
-    /// With --generate: the generator's seed.
-    #[arg(long, default_value_t = 1, requires = "generate")]
-    trace_seed: u64,
+    /// With --generate: the generator's seed, or a range of seeds (1..20): each seed's trace is
+    /// replayed, then the mean and spread of each (capacity, policy) over them, since the sizes drawn
+    /// for the few most popular models move the byte-miss ratio by several points from seed to seed.
+    #[arg(long, default_value = "1", requires = "generate", value_parser = parse_seeds)]
+    trace_seed: Seeds,
     /// Also write the trace replayed to this file, as CSV (to keep a generated one).
     #[arg(long)]
     write_trace: Option<PathBuf>,
@@ -112,6 +114,38 @@ fn parse_capacity(s: &str) -> Result<CapacitySpec, String> {
             "{s:?}: a range goes from low to high, both sizes or both shares (1GiB..16GiB, 5%..20%)"
         )),
     }
+}
+
+/// `--trace-seed`: one seed or an inclusive range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seeds {
+    first: u64,
+    last: u64,
+}
+
+/// Seeds one `--trace-seed` range may name: each is a whole replay.
+const MAX_SEEDS: u64 = 1_000;
+
+fn parse_seeds(s: &str) -> Result<Seeds, String> {
+    let number = |n: &str| {
+        n.trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{s:?}: a seed is a whole number, or a range such as 1..20"))
+    };
+    let (first, last) = match s.split_once("..") {
+        Some((a, b)) => (number(a)?, number(b)?),
+        None => {
+            let n = number(s)?;
+            (n, n)
+        }
+    };
+    if first > last {
+        return Err(format!("{s:?}: a range of seeds goes from low to high"));
+    }
+    if last - first >= MAX_SEEDS {
+        return Err(format!("{s:?}: at most {MAX_SEEDS} seeds at once"));
+    }
+    Ok(Seeds { first, last })
 }
 
 /// Default number of capacities in a sweep given neither --step nor --points.
@@ -160,7 +194,7 @@ fn per_pod_bytes(amount: Amount, model_bytes: u64, pods: usize) -> u64 {
     }
 }
 
-fn read_trace(args: &SimulateArgs) -> anyhow::Result<Trace> {
+fn read_trace(args: &SimulateArgs, trace_seed: u64) -> anyhow::Result<Trace> {
     if args.generate {
         let spec = Synthetic {
             models: args.models,
@@ -169,7 +203,7 @@ fn read_trace(args: &SimulateArgs) -> anyhow::Result<Trace> {
             sigma: args.sigma,
             zipf: args.zipf,
             rate: args.rate,
-            seed: args.trace_seed,
+            seed: trace_seed,
         };
         return Ok(spec.generate());
     }
@@ -202,8 +236,12 @@ fn run_all(trace: &Trace, clusters: &[Cluster]) -> anyhow::Result<Vec<Report>> {
 
 /// `meshctl simulate`.
 pub fn run(args: &SimulateArgs, out: Output) -> anyhow::Result<()> {
+    let seeds = args.trace_seed;
+    if seeds.first != seeds.last {
+        return run_seeds(args, seeds, out);
+    }
     let started = Instant::now();
-    let trace = read_trace(args)?;
+    let trace = read_trace(args, seeds.first)?;
     let read_took = started.elapsed();
     if let Some(path) = &args.write_trace {
         let file =
@@ -215,19 +253,7 @@ pub fn run(args: &SimulateArgs, out: Output) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the trace to {}", path.display()))?;
     }
     let model_bytes = trace.model_bytes();
-    let mut clusters = Vec::new();
-    for amount in amounts(args.capacity, args.step, args.points)? {
-        for &policy in &args.eviction {
-            clusters.push(Cluster {
-                pods: args.pods,
-                capacity_bytes: per_pod_bytes(amount, model_bytes, args.pods),
-                policy,
-                min_residence: args.min_residence,
-                anti_churn_age: args.anti_churn_age,
-                seed: args.seed,
-            });
-        }
-    }
+    let clusters = clusters(args, model_bytes)?;
     let simulated = Instant::now();
     let reports = run_all(&trace, &clusters)?;
     let simulate_took = simulated.elapsed();
@@ -242,6 +268,128 @@ pub fn run(args: &SimulateArgs, out: Output) -> anyhow::Result<()> {
     });
     print(out, &json!({ "trace": summary, "runs": reports }), || {
         table(&trace, model_bytes, &reports, simulate_took)
+    });
+    Ok(())
+}
+
+/// Every (capacity, policy) pair `args` asks for, for a trace of `model_bytes`.
+fn clusters(args: &SimulateArgs, model_bytes: u64) -> anyhow::Result<Vec<Cluster>> {
+    let mut clusters = Vec::new();
+    for amount in amounts(args.capacity, args.step, args.points)? {
+        for &policy in &args.eviction {
+            clusters.push(Cluster {
+                pods: args.pods,
+                capacity_bytes: per_pod_bytes(amount, model_bytes, args.pods),
+                policy,
+                min_residence: args.min_residence,
+                anti_churn_age: args.anti_churn_age,
+                seed: args.seed,
+            });
+        }
+    }
+    Ok(clusters)
+}
+
+/// One (capacity, policy) pair over every seed of a range.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+struct OverSeeds {
+    /// The share of each trace's model bytes the cluster holds, in percent.
+    cluster_percent: f64,
+    policy: String,
+    seeds: usize,
+    hit_rate_mean: f64,
+    hit_rate_min: f64,
+    hit_rate_max: f64,
+    byte_miss_mean: f64,
+    byte_miss_min: f64,
+    byte_miss_max: f64,
+}
+
+/// The mean and spread of each run of `runs` (one list per seed, the same pairs in the same order).
+fn over_seeds(runs: &[(u64, u64, Vec<Report>)]) -> Vec<OverSeeds> {
+    let Some((_, _, first)) = runs.first() else { return Vec::new() };
+    (0..first.len())
+        .map(|i| {
+            let reports: Vec<(&Report, u64)> = runs.iter().map(|(_, bytes, r)| (&r[i], *bytes)).collect();
+            let spread = |f: fn(&Report) -> f64| {
+                let values: Vec<f64> = reports.iter().map(|(r, _)| f(r)).collect();
+                let mean = values.iter().sum::<f64>() / values.len() as f64;
+                (
+                    mean,
+                    values.iter().copied().fold(f64::INFINITY, f64::min),
+                    values.iter().copied().fold(0.0, f64::max),
+                )
+            };
+            let (hit_rate_mean, hit_rate_min, hit_rate_max) = spread(|r| r.hit_rate);
+            let (byte_miss_mean, byte_miss_min, byte_miss_max) = spread(|r| r.byte_miss_ratio);
+            let (report, bytes) = reports[0];
+            OverSeeds {
+                cluster_percent: 100.0 * (report.capacity_bytes as f64 * report.pods as f64)
+                    / bytes.max(1) as f64,
+                policy: report.policy.clone(),
+                seeds: reports.len(),
+                hit_rate_mean,
+                hit_rate_min,
+                hit_rate_max,
+                byte_miss_mean,
+                byte_miss_min,
+                byte_miss_max,
+            }
+        })
+        .collect()
+}
+
+/// `meshctl simulate --generate --trace-seed A..B`: each seed's trace replayed, then the mean and
+/// spread over the seeds.
+fn run_seeds(args: &SimulateArgs, seeds: Seeds, out: Output) -> anyhow::Result<()> {
+    anyhow::ensure!(args.write_trace.is_none(), "--write-trace takes one --trace-seed, not a range");
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for seed in seeds.first..=seeds.last {
+        let trace = read_trace(args, seed)?;
+        let model_bytes = trace.model_bytes();
+        let reports = run_all(&trace, &clusters(args, model_bytes)?)?;
+        runs.push((seed, model_bytes, reports));
+    }
+    let took = started.elapsed();
+    let summary = over_seeds(&runs);
+    let per_seed: Vec<_> = runs
+        .iter()
+        .map(|(seed, bytes, reports)| json!({ "trace_seed": seed, "model_bytes": bytes, "runs": reports }))
+        .collect();
+    print(out, &json!({ "seeds": per_seed, "over_seeds": summary }), || {
+        let mut t = format!(
+            "{} traces (--trace-seed {}..{}) in {:.2} s\nSEED\tPODS\tCLUSTER %\tEVICTION\tHIT RATE\tBYTE MISS",
+            runs.len(),
+            seeds.first,
+            seeds.last,
+            took.as_secs_f64()
+        );
+        for (seed, bytes, reports) in &runs {
+            for r in reports {
+                let percent = 100.0 * (r.capacity_bytes as f64 * r.pods as f64) / (*bytes).max(1) as f64;
+                t.push_str(&format!(
+                    "\n{seed}\t{}\t{percent:.1}%\t{}\t{:.3}\t{:.3}",
+                    r.pods, r.policy, r.hit_rate, r.byte_miss_ratio
+                ));
+            }
+        }
+        t.push_str("\nOVER SEEDS\tCLUSTER %\tEVICTION\tHIT RATE MEAN [MIN-MAX]\tBYTE MISS MEAN [MIN-MAX]");
+        for o in &summary {
+            t.push_str(&format!(
+                "\n{} seeds\t{:.1}%\t{}\t{:.3} [{:.3}-{:.3}]\t{:.3} [{:.3}-{:.3}]",
+                o.seeds,
+                o.cluster_percent,
+                o.policy,
+                o.hit_rate_mean,
+                o.hit_rate_min,
+                o.hit_rate_max,
+                o.byte_miss_mean,
+                o.byte_miss_min,
+                o.byte_miss_max
+            ));
+        }
+        t
     });
     Ok(())
 }

@@ -22,6 +22,52 @@ fn capacities_sizes_shares_and_ranges() {
 }
 
 #[test]
+fn trace_seeds_one_or_a_range() {
+    assert_eq!(parse_seeds("7"), Ok(Seeds { first: 7, last: 7 }));
+    assert_eq!(parse_seeds("1..20"), Ok(Seeds { first: 1, last: 20 }));
+    for bad in ["20..1", "x", "1..", "-1", "0..5000"] {
+        assert!(parse_seeds(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn seeds_of_a_range_give_the_mean_and_spread_of_each_run() {
+    let spec = |seed| Synthetic { models: 50, requests: 2_000, seed, ..Synthetic::default() };
+    let mut runs = Vec::new();
+    for seed in 1..=3 {
+        let trace = spec(seed).generate();
+        let clusters: Vec<Cluster> = Policy::ALL
+            .into_iter()
+            .map(|policy| Cluster {
+                pods: 1,
+                capacity_bytes: trace.model_bytes() / 10,
+                policy,
+                min_residence: Duration::ZERO,
+                anti_churn_age: Duration::ZERO,
+                seed: 0,
+            })
+            .collect();
+        let bytes = trace.model_bytes();
+        runs.push((seed, bytes, run_all(&trace, &clusters).unwrap()));
+    }
+    let summary = over_seeds(&runs);
+    assert_eq!(summary.len(), Policy::ALL.len());
+    for (i, o) in summary.iter().enumerate() {
+        let hits: Vec<f64> = runs.iter().map(|(_, _, r)| r[i].hit_rate).collect();
+        let misses: Vec<f64> = runs.iter().map(|(_, _, r)| r[i].byte_miss_ratio).collect();
+        assert_eq!(o.seeds, 3);
+        assert_eq!(o.policy, runs[0].2[i].policy);
+        assert!((o.hit_rate_mean - hits.iter().sum::<f64>() / 3.0).abs() < 1e-12);
+        assert!((o.byte_miss_mean - misses.iter().sum::<f64>() / 3.0).abs() < 1e-12);
+        assert_eq!(o.hit_rate_min, hits.iter().copied().fold(f64::INFINITY, f64::min));
+        assert_eq!(o.byte_miss_max, misses.iter().copied().fold(0.0, f64::max));
+        assert!((o.cluster_percent - 10.0).abs() < 0.1, "{}", o.cluster_percent);
+        assert!(o.hit_rate_min <= o.hit_rate_mean && o.hit_rate_mean <= o.hit_rate_max);
+    }
+    assert!(over_seeds(&[]).is_empty());
+}
+
+#[test]
 fn sweeps_by_step_or_points() {
     let range = parse_capacity("1GiB..4GiB").unwrap();
     let gib = |n: &[u64]| n.iter().map(|n| Amount::Bytes(n * GIB)).collect::<Vec<_>>();
