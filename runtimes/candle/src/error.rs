@@ -35,6 +35,27 @@ pub enum LoadError {
         #[source]
         source: Cause,
     },
+    /// The weights file lacks a tensor the encoder needs.
+    #[error("{} has no tensor {tensor}", path.display())]
+    MissingTensor {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's full name, prefix included.
+        tensor: String,
+    },
+    /// A tensor's shape is not the one `config.json` implies: the file and the configuration belong
+    /// to different models.
+    #[error("{} holds tensor {tensor} of shape {got:?} where config.json needs {expected:?}", path.display())]
+    TensorShape {
+        /// The weights file.
+        path: PathBuf,
+        /// The tensor's full name, prefix included.
+        tensor: String,
+        /// The shape the configuration implies.
+        expected: Vec<usize>,
+        /// The shape the file holds.
+        got: Vec<usize>,
+    },
     /// A file is well formed but asks for something this runtime does not run; serving the model
     /// anyway would return wrong embeddings, so the load is refused.
     #[error("{} asks for {what}, which this runtime does not support", path.display())]

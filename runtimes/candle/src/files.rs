@@ -10,10 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::bert::{BertConfig, BertConfigFile};
 use crate::error::LoadError;
 use crate::pooling::{Pooling, PoolingMode};
 
@@ -60,7 +60,7 @@ pub struct EmbedderConfig {
     pub normalize: bool,
 }
 
-/// `config.json` fields this runtime checks beyond what candle's BERT reads.
+/// `config.json` fields this runtime checks beyond the encoder's shape.
 #[derive(Deserialize)]
 struct ModelKind {
     #[serde(default)]
@@ -106,7 +106,7 @@ impl EmbedderConfig {
     /// Reads and checks the configuration files of `files`.
     pub fn read(files: &ModelFiles) -> Result<Self, LoadError> {
         let config_path = files.file("config.json");
-        let bert: BertConfig = read_json(&config_path)?;
+        let bert: BertConfigFile = read_json(&config_path)?;
         let kind: ModelKind = read_json(&config_path)?;
         // RoBERTa-style checkpoints load into BERT's shapes but offset their positions by the
         // padding id: they would run and return wrong vectors.
@@ -116,6 +116,8 @@ impl EmbedderConfig {
                 what: format!("model_type {model_type}"),
             });
         }
+        let bert = BertConfig::try_from(bert)
+            .map_err(|what| LoadError::Unsupported { path: config_path.clone(), what })?;
 
         let st_path = files.file("sentence_bert_config.json");
         let st: SentenceBertConfig = if st_path.exists() {

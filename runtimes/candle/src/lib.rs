@@ -18,6 +18,7 @@
 //! pool of its own, for the same reason the ONNX runtime shares one intra-op pool.
 #![forbid(unsafe_code)]
 
+mod bert;
 mod error;
 mod files;
 mod memory;

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor as CandleTensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::BertModel;
 use densemesh_runtime_core::{
     Context, DataType, Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Tensor,
     TensorData, TensorSpec,
 };
 use tokenizers::{Encoding, PaddingParams, PostProcessor, Tokenizer, TruncationParams};
 
+use crate::bert::Bert;
 use crate::error::{InputError, LoadError};
 use crate::files::{EmbedderConfig, ModelFiles, WEIGHTS_FILE, read_file};
 use crate::memory::{CountingBackend, tokenizer_bytes};
@@ -35,7 +35,7 @@ pub struct CandleModel {
     model_id: String,
     config: EmbedderConfig,
     tokenizer: Tokenizer,
-    bert: BertModel,
+    bert: Bert,
     metadata: ModelMetadata,
     size_bytes: u64,
     /// The runtime's thread pool, which every inference runs in.
@@ -143,7 +143,7 @@ impl CandleModel {
         let ids = CandleTensor::from_vec(ids, shape, &Device::Cpu)?;
         let type_ids = CandleTensor::from_vec(type_ids, shape, &Device::Cpu)?;
         let mask = CandleTensor::from_vec(mask, shape, &Device::Cpu)?;
-        let hidden = self.bert.forward(&ids, &type_ids, Some(&mask))?;
+        let hidden = self.bert.forward(&ids, &type_ids, &mask)?;
         let mut pooled = self.config.pooling.apply(&hidden, &mask)?;
         if self.config.normalize {
             pooled = normalize(&pooled)?;
@@ -245,12 +245,11 @@ fn load_tokenizer(path: &Path, config: &EmbedderConfig) -> Result<(Tokenizer, u6
 }
 
 /// Builds the encoder from safetensors bytes, returning it and the bytes of the tensors it holds.
-fn load_weights(bytes: &[u8], path: &Path, config: &EmbedderConfig) -> Result<(BertModel, u64), LoadError> {
-    let malformed =
-        |e: candle_core::Error| LoadError::Malformed { path: path.to_path_buf(), source: e.into() };
-    let tensors = candle_core::safetensors::SliceSafetensors::new(bytes).map_err(malformed)?;
+fn load_weights(bytes: &[u8], path: &Path, config: &EmbedderConfig) -> Result<(Bert, u64), LoadError> {
+    let tensors = candle_core::safetensors::SliceSafetensors::new(bytes)
+        .map_err(|e| LoadError::Malformed { path: path.to_path_buf(), source: e.into() })?;
     let counting = CountingBackend::new(tensors);
     let vb = VarBuilder::from_backend(Box::new(&counting), DType::F32, Device::Cpu);
-    let bert = BertModel::load(vb, &config.bert).map_err(malformed)?;
+    let bert = Bert::load(vb, path, &config.bert)?;
     Ok((bert, counting.bytes()))
 }
