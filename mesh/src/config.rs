@@ -124,6 +124,21 @@ pub struct ServeArgs {
     /// stays open. Re-read when it changes.
     #[arg(long, env = "DENSEMESH_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// TLS on the gRPC and REST ports and on calls to other pods: this pod's certificate (PEM, the
+    /// chain after it). Re-read when it changes; open connections are kept.
+    #[arg(long, env = "DENSEMESH_TLS_CERT", requires = "tls_key", conflicts_with = "tls_dir")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "DENSEMESH_TLS_KEY", requires = "tls_cert", conflicts_with = "tls_dir")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by this CA (PEM). Pods also verify each
+    /// other against it, so a cluster (--etcd) with TLS needs it.
+    #[arg(long, env = "DENSEMESH_TLS_CLIENT_CA", requires = "tls_cert", conflicts_with = "tls_dir")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// TLS from a directory laid out as a Kubernetes TLS secret (as modelmesh-serving mounts it):
+    /// `tls.crt`, `tls.key`, and `ca.crt`, which turns mutual TLS on when present at start-up.
+    #[arg(long, env = "DENSEMESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Directories, besides the model repository and the disk cache, that local model paths (and
     /// file:// URIs) may be inside, after `..` and symlinks are resolved; a registration outside all of
     /// them is refused with INVALID_ARGUMENT, the same whether or not the path exists.
@@ -274,6 +289,13 @@ impl ServeArgs {
             etcd_tls: self.etcd_tls_dir.map(|dir| densemesh_placement::store::EtcdTls { dir }),
             advertise_addr: self.advertise_addr.filter(|a| !a.trim().is_empty()),
             admin_token_file: self.admin_token_file,
+            tls: match (self.tls_dir, self.tls_cert, self.tls_key) {
+                (Some(dir), _, _) => Some(crate::tls::TlsFiles::from_dir(&dir)),
+                (None, Some(cert), Some(key)) => {
+                    Some(crate::tls::TlsFiles::from_flags(cert, key, self.tls_client_ca))
+                }
+                _ => None,
+            },
             eviction: self.eviction,
             metrics_per_model: self.metrics_per_model,
             lease_ttl: self.lease_ttl,

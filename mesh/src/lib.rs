@@ -6,7 +6,8 @@
 //! - [`cluster`]: what involves other pods (forwarding, instance records, copies, drain, leader chores);
 //! - [`node`]: one pod's machinery (cache and loader, V2 codec, router, worker, limits).
 //!
-//! [`server`] wires them together with graceful shutdown; [`config`] is `meshd serve`'s flags.
+//! [`server`] wires them together with graceful shutdown; [`config`] is `meshd serve`'s flags; [`tls`]
+//! is TLS on every listener and every call to a peer.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -19,6 +20,7 @@ pub mod node;
 pub mod server;
 #[cfg(test)]
 mod test_support;
+pub mod tls;
 
 pub use error::{CacheError, MeshError};
 pub use node::cache::{CacheConfig, Lease, ModelCache};

@@ -61,6 +61,9 @@ pub struct ServeConfig {
     pub advertise_addr: Option<String>,
     /// The management API's token file (`--admin-token-file`).
     pub admin_token_file: Option<PathBuf>,
+    /// TLS on the gRPC and REST ports and to peers (`--tls-cert`/`--tls-key`/`--tls-client-ca` or
+    /// `--tls-dir`); `None`: plaintext.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Which loaded model a load evicts first (`--eviction`).
     pub eviction: densemesh_placement::eviction::Policy,
     /// Per-model metrics for this many models, 0 for none (`--metrics-per-model`).
@@ -95,6 +98,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, flag: &'static str, source: std::io::Error },
     #[error(transparent)]
     AdminToken(#[from] crate::api::auth::TokenError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("--advertise-addr {0:?} is not a host, an IP address or host:port")]
     Advertise(String),
     #[error("model repository {0} is not a directory (--model-repo)")]
@@ -151,6 +156,18 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     if !config.model_repo.is_dir() {
         return Err(ServeError::NoRepository(config.model_repo));
+    }
+    // Read before anything starts, so a bad certificate stops start-up with the file and flag named.
+    let tls = config.tls.clone().map(crate::tls::Tls::open).transpose()?;
+    if let Some(tls) = &tls
+        && !config.etcd.is_empty()
+        && !tls.files().mutual()
+    {
+        return Err(crate::tls::TlsError::Config(
+            "in a cluster (--etcd) TLS needs a CA (--tls-client-ca, or ca.crt in --tls-dir): pods verify each other's certificates against it and present their own"
+                .to_owned(),
+        )
+        .into());
     }
     let (runtimes, model_types, pools) = start_runtimes(&config).await?;
     let runtime: Arc<dyn Runtime> = Arc::new(runtimes);
@@ -223,7 +240,8 @@ pub async fn run(
     let peers = crate::cluster::peers::Peers::new(
         config.cache.load_timeout + Duration::from_secs(5),
         config.max_message_size,
-    );
+    )
+    .with_tls(tls.as_ref().map(crate::tls::Tls::peer_client).transpose()?.flatten());
     let token = config.admin_token_file.as_deref().map(crate::api::auth::AdminToken::open).transpose()?;
     let placer = Placer::new(
         config.instance_id.clone(),
@@ -305,12 +323,19 @@ pub async fn run(
     let stop = CancellationToken::new();
     // Forwarded ModelInfer calls from peers that speak the pod wire reach the same front as gRPC's.
     let (stop_wire, wire_tasks) = (stop.clone(), TaskTracker::new());
+    let grpc_tls = tls.as_ref().map(|t| t.server_config(&[crate::tls::ALPN_H2])).transpose()?;
+    let rest_tls = tls.as_ref().map(|t| t.server_config(&[crate::tls::ALPN_HTTP1])).transpose()?;
+    if let Some(tls) = &tls {
+        tasks
+            .spawn(reload_tls(tls.clone(), background.clone()).instrument(tracing::info_span!("tls reload")));
+    }
     let wire = crate::cluster::wire::WireServer::new(
         inference.clone(),
         config.max_message_size,
         stop.clone(),
         wire_tasks.clone(),
-    );
+    )
+    .with_tls(grpc_tls);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .layer(passthrough)
@@ -335,7 +360,7 @@ pub async fn run(
             crate::cluster::wire::incoming(grpc, wire),
             stop.clone().cancelled_owned(),
         );
-    let rest = rest.serve(rest_listener, stop.clone().cancelled_owned());
+    let rest = rest.serve(rest_listener, rest_tls, stop.clone().cancelled_owned());
     let wire_drained = async move {
         stop_wire.cancelled().await;
         wire_tasks.close();
@@ -511,6 +536,27 @@ async fn reload_storage_config(puller: Arc<Puller>, stop: CancellationToken) {
         let reloading = puller.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || reloading.reload_storage_config()).await {
             tracing::error!(error = %e, "storage config not reloaded; keeping the previous one");
+        }
+    }
+}
+
+/// Re-reads the TLS files when they change (a Kubernetes secret update swaps a symlink, which
+/// polling sees reliably): new connections get the new certificate, open ones keep theirs. A broken
+/// new version (a key that does not match yet, half a rotation) is reported and the old one kept.
+async fn reload_tls(tls: crate::tls::Tls, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let reloading = tls.clone();
+        match tokio::task::spawn_blocking(move || reloading.reload()).await {
+            Ok(Ok(true)) => tracing::info!("tls certificate reloaded"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "tls certificate not reloaded; keeping the previous one")
+            }
+            _ => {}
         }
     }
 }

@@ -125,12 +125,21 @@ pub struct Peers {
     state: Arc<Mutex<State>>,
     timeout: Duration,
     max_message_size: usize,
+    /// TLS to peers (`--tls-*` with a CA): channels and the wire both verify the peer and present
+    /// this pod's certificate.
+    tls: Option<crate::tls::PeerTls>,
 }
 
 impl Peers {
     /// A pool whose calls give up after `timeout`, for messages of at most `max_message_size`.
     pub fn new(timeout: Duration, max_message_size: usize) -> Self {
-        Self { state: Arc::default(), timeout, max_message_size }
+        Self { state: Arc::default(), timeout, max_message_size, tls: None }
+    }
+
+    /// Calls peers over TLS with `tls`.
+    pub fn with_tls(mut self, tls: Option<crate::tls::PeerTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The connections to `endpoint`, made on first use, with the pod wire when `wire` (the peer's
@@ -145,9 +154,19 @@ impl Peers {
             .ok()?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(2))
-            .timeout(self.timeout)
-            .connect_lazy();
-        let wire = wire.then(|| Arc::new(WirePeer::new(endpoint, self.max_message_size, self.timeout)));
+            .timeout(self.timeout);
+        let channel = match &self.tls {
+            None => channel.connect_lazy(),
+            Some(tls) => channel.connect_with_connector_lazy(tls_connector(
+                endpoint,
+                crate::tls::peer_server_name(endpoint)?,
+                tls.h2.clone(),
+            )),
+        };
+        let wire = wire.then(|| {
+            let peer = WirePeer::new(endpoint, self.max_message_size, self.timeout);
+            Arc::new(peer.with_tls(self.tls.as_ref().map(|t| t.wire.clone())))
+        });
         let peer = PeerChannel { channel, wire, in_flight: Arc::default() };
         state.channels.insert(endpoint.to_owned(), peer.clone());
         Some(peer)
@@ -200,6 +219,29 @@ impl Peers {
         all.sort();
         all
     }
+}
+
+/// Connects a channel to `endpoint` over TLS, checking its certificate names `name`.
+fn tls_connector(
+    endpoint: &str,
+    name: rustls::pki_types::ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Send
++ 'static {
+    let (endpoint, connector) = (endpoint.to_owned(), tokio_rustls::TlsConnector::from(config));
+    tower::service_fn(move |_: http::Uri| {
+        let (endpoint, name, connector) = (endpoint.clone(), name.clone(), connector.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&endpoint).await?;
+            tcp.set_nodelay(true)?;
+            Ok(hyper_util::rt::TokioIo::new(connector.connect(name, tcp).await?))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,10 @@
 //! A frame over the limit (`--max-message-size` plus [`HEAD_ALLOWANCE`]) is skipped, not read, and
 //! that call alone fails; a frame that cannot be decoded ends the connection, and its calls fail as a
 //! failed peer's do (UNAVAILABLE), to be retried on another pod.
+//!
+//! With TLS (`--tls-*`) the TLS handshake comes first and the first decrypted byte is sniffed. A TLS
+//! stream encrypts into its own buffers and cannot be written without waiting, so there every frame
+//! goes through the connection's flush task; on plain TCP the sending task writes as above.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -30,7 +34,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +47,7 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::cluster::forward::{FRAME_HEADER, MODEL_INFER_PATH};
+use crate::tls::stream::{GrpcIo, Replayed};
 
 /// The first bytes of a wire connection, each way. The first byte is neither HTTP/2's preface (`P`)
 /// nor a TLS handshake (0x16), so one byte tells a wire connection from a gRPC one.
@@ -63,6 +68,68 @@ const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Chunks written in one system call at most.
 const MAX_SLICES: usize = 64;
+
+/// A TLS stream the wire runs on, client or server side.
+pub trait TlsIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> TlsIo for T {}
+
+/// The connection a wire runs on: plain TCP, whose halves are written without waiting, or TLS.
+enum WireStream {
+    Tcp(TcpStream),
+    Tls(Box<dyn TlsIo>),
+}
+
+impl WireStream {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.write_all(bytes).await,
+            Self::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    async fn read_exact(&mut self, bytes: &mut [u8]) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.read_exact(bytes).await.map(drop),
+            Self::Tls(s) => s.read_exact(bytes).await.map(drop),
+        }
+    }
+
+    fn split(self) -> (ReadSide, WriteSide) {
+        match self {
+            Self::Tcp(s) => {
+                let (read, write) = s.into_split();
+                (ReadSide::Tcp(read), WriteSide::Tcp(write))
+            }
+            Self::Tls(s) => {
+                let (read, write) = tokio::io::split(s);
+                (ReadSide::Tls(read), WriteSide::Tls(tokio::sync::Mutex::new(write)))
+            }
+        }
+    }
+}
+
+enum ReadSide {
+    Tcp(OwnedReadHalf),
+    Tls(ReadHalf<Box<dyn TlsIo>>),
+}
+
+impl ReadSide {
+    async fn read_buf(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Self::Tcp(half) => half.read_buf(buffer).await,
+            Self::Tls(half) => half.read_buf(buffer).await,
+        }
+    }
+}
+
+enum WriteSide {
+    Tcp(OwnedWriteHalf),
+    /// Written only by the flush task; the lock is never contended.
+    Tls(tokio::sync::Mutex<WriteHalf<Box<dyn TlsIo>>>),
+}
 
 /// Why a frame could not be read or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -218,13 +285,13 @@ enum Frame {
 
 /// Reads frames off one connection.
 struct FrameReader {
-    half: OwnedReadHalf,
+    half: ReadSide,
     buffer: BytesMut,
     limit: usize,
 }
 
 impl FrameReader {
-    fn new(half: OwnedReadHalf, limit: usize) -> Self {
+    fn new(half: ReadSide, limit: usize) -> Self {
         Self { half, buffer: BytesMut::with_capacity(16 * 1024), limit }
     }
 
@@ -278,7 +345,7 @@ impl FrameReader {
 /// at once is queued, in order, for a flush task. Writing never waits while a frame is half
 /// written, so a caller that gives up cannot leave half a frame on the connection.
 struct Writer {
-    half: OwnedWriteHalf,
+    half: WriteSide,
     queue: Mutex<Queue>,
 }
 
@@ -292,7 +359,7 @@ struct Queue {
 }
 
 impl Writer {
-    fn new(half: OwnedWriteHalf) -> Arc<Self> {
+    fn new(half: WriteSide) -> Arc<Self> {
         Arc::new(Self { half, queue: Mutex::default() })
     }
 
@@ -306,7 +373,13 @@ impl Writer {
         if queue.flushing {
             return Ok(());
         }
-        match write_some(&self.half, &mut queue.chunks) {
+        let WriteSide::Tcp(half) = &self.half else {
+            queue.flushing = true;
+            let writer = self.clone();
+            tokio::spawn(async move { writer.flush().await }.in_current_span());
+            return Ok(());
+        };
+        match write_some(half, &mut queue.chunks) {
             Ok(()) if queue.chunks.is_empty() => Ok(()),
             Ok(()) => {
                 queue.flushing = true;
@@ -325,13 +398,17 @@ impl Writer {
 
     /// Writes the queue out as the socket takes it, then gives the queue back to senders.
     async fn flush(self: Arc<Self>) {
+        let half = match &self.half {
+            WriteSide::Tcp(half) => half,
+            WriteSide::Tls(half) => return self.flush_tls(half).await,
+        };
         loop {
-            if let Err(e) = self.half.writable().await {
+            if let Err(e) = half.writable().await {
                 self.break_off(format!("writing failed: {e}"));
                 return;
             }
             let mut queue = self.queue.lock();
-            match write_some(&self.half, &mut queue.chunks) {
+            match write_some(half, &mut queue.chunks) {
                 Ok(()) if queue.chunks.is_empty() => {
                     queue.flushing = false;
                     return;
@@ -342,6 +419,37 @@ impl Writer {
                     queue.broken = Some(format!("writing failed: {e}"));
                     return;
                 }
+            }
+        }
+    }
+
+    /// Writes what is queued through TLS, waiting as it must, until the queue is empty.
+    async fn flush_tls(&self, half: &tokio::sync::Mutex<WriteHalf<Box<dyn TlsIo>>>) {
+        let mut half = half.lock().await;
+        loop {
+            let mut chunks = {
+                let mut queue = self.queue.lock();
+                if queue.chunks.is_empty() || queue.broken.is_some() {
+                    queue.flushing = false;
+                    return;
+                }
+                std::mem::take(&mut queue.chunks)
+            };
+            let written = async {
+                while !chunks.is_empty() {
+                    let slices: Vec<IoSlice<'_>> =
+                        chunks.iter().take(MAX_SLICES).map(|c| IoSlice::new(c)).collect();
+                    let written = half.write_vectored(&slices).await?;
+                    if written == 0 {
+                        return Err(io::Error::from(io::ErrorKind::WriteZero));
+                    }
+                    consume(&mut chunks, written);
+                }
+                half.flush().await
+            };
+            if let Err(e) = written.await {
+                self.break_off(format!("writing failed: {e}"));
+                return;
             }
         }
     }
@@ -361,25 +469,30 @@ impl Writer {
 fn write_some(half: &OwnedWriteHalf, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
     while !chunks.is_empty() {
         let slices: Vec<IoSlice<'_>> = chunks.iter().take(MAX_SLICES).map(|c| IoSlice::new(c)).collect();
-        let mut written = match half.try_write_vectored(&slices) {
+        let written = match half.try_write_vectored(&slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        while written > 0 {
-            let Some(first) = chunks.front_mut() else { break };
-            if written >= first.len() {
-                written -= first.len();
-                chunks.pop_front();
-            } else {
-                first.advance(written);
-                written = 0;
-            }
-        }
+        consume(chunks, written);
     }
     Ok(())
+}
+
+/// Drops the first `written` bytes from `chunks`.
+fn consume(chunks: &mut VecDeque<Bytes>, mut written: usize) {
+    while written > 0 {
+        let Some(first) = chunks.front_mut() else { break };
+        if written >= first.len() {
+            written -= first.len();
+            chunks.pop_front();
+        } else {
+            first.advance(written);
+            written = 0;
+        }
+    }
 }
 
 /// Calls waiting for their answers on one connection.
@@ -400,10 +513,20 @@ struct Connection {
 }
 
 impl Connection {
-    async fn open(endpoint: &str, limit: usize) -> io::Result<Self> {
+    async fn open(endpoint: &str, limit: usize, tls: Option<&Arc<rustls::ClientConfig>>) -> io::Result<Self> {
         let handshake = async {
-            let mut stream = TcpStream::connect(endpoint).await?;
-            stream.set_nodelay(true)?;
+            let tcp = TcpStream::connect(endpoint).await?;
+            tcp.set_nodelay(true)?;
+            let mut stream = match tls {
+                None => WireStream::Tcp(tcp),
+                Some(config) => {
+                    let name = crate::tls::peer_server_name(endpoint).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "the endpoint names no host to verify")
+                    })?;
+                    let connector = tokio_rustls::TlsConnector::from(config.clone());
+                    WireStream::Tls(Box::new(connector.connect(name, tcp).await?))
+                }
+            };
             stream.write_all(&MAGIC).await?;
             let mut ack = [0u8; MAGIC.len()];
             stream.read_exact(&mut ack).await?;
@@ -418,7 +541,7 @@ impl Connection {
         let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the handshake timed out"))??;
-        let (read, write) = stream.into_split();
+        let (read, write) = stream.split();
         let pending = Arc::new(Mutex::new(Pending::default()));
         let stop = CancellationToken::new();
         let reader =
@@ -512,6 +635,8 @@ pub struct WirePeer {
     endpoint: String,
     limit: usize,
     timeout: Duration,
+    /// TLS to the peer (`--tls-*`), verified against the mesh's CA.
+    tls: Option<Arc<rustls::ClientConfig>>,
     current: Mutex<Option<Arc<Connection>>>,
     connecting: tokio::sync::Mutex<()>,
 }
@@ -524,9 +649,16 @@ impl WirePeer {
             endpoint: endpoint.to_owned(),
             limit: max_message_size,
             timeout,
+            tls: None,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Connects over TLS with `config` (no ALPN: the first byte says it is the wire).
+    pub fn with_tls(mut self, config: Option<Arc<rustls::ClientConfig>>) -> Self {
+        self.tls = config;
+        self
     }
 
     fn open_connection(&self) -> Option<Arc<Connection>> {
@@ -548,7 +680,9 @@ impl WirePeer {
             return Ok(open);
         }
         let connection = Arc::new(
-            Connection::open(&self.endpoint, self.limit).await.map_err(|e| format!("cannot connect: {e}"))?,
+            Connection::open(&self.endpoint, self.limit, self.tls.as_ref())
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?,
         );
         tracing::info!(peer = %self.endpoint, "pod wire connected");
         *self.current.lock() = Some(connection.clone());
@@ -583,6 +717,8 @@ pub struct WireServer<S> {
     limit: usize,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// TLS on the port (`--tls-*`): every connection, gRPC's and the wire's, does the handshake first.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl<S> WireServer<S>
@@ -592,13 +728,19 @@ where
 {
     /// Serves until `stop`; `tasks` owns every task it starts, so shutdown can wait for them.
     pub fn new(service: S, max_message_size: usize, stop: CancellationToken, tasks: TaskTracker) -> Self {
-        Self { service, limit: max_message_size, stop, tasks }
+        Self { service, limit: max_message_size, stop, tasks, tls: None }
+    }
+
+    /// Takes only TLS connections, with `config` (ALPN h2 for gRPC clients).
+    pub fn with_tls(mut self, config: Option<Arc<rustls::ServerConfig>>) -> Self {
+        self.tls = config.map(tokio_rustls::TlsAcceptor::from);
+        self
     }
 
     /// Serves one connection whose first byte was [`MAGIC`]'s: reads calls until the peer closes it
     /// or the server stops, each served in a task of its own; the connection closes once the last
     /// answer is written.
-    async fn serve(self, mut stream: TcpStream) {
+    async fn serve(self, mut stream: WireStream) {
         let mut magic = [0u8; MAGIC.len()];
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut magic)).await {
             Ok(Ok(_)) if magic == MAGIC => {}
@@ -610,7 +752,7 @@ where
         if stream.write_all(&MAGIC).await.is_err() {
             return;
         }
-        let (read, write) = stream.into_split();
+        let (read, write) = stream.split();
         let writer = Writer::new(write);
         let mut reader = FrameReader::new(read, self.limit + FRAME_HEADER + HEAD_ALLOWANCE);
         loop {
@@ -697,9 +839,10 @@ where
     }
 }
 
-/// The gRPC server's connections from `listener`: each accepted connection's first byte says
-/// whether it is the pod wire, served by `wire`, or gRPC, passed on in the stream returned.
-pub fn incoming<S>(listener: TcpListener, wire: WireServer<S>) -> ReceiverStream<io::Result<TcpStream>>
+/// The gRPC server's connections from `listener`: each accepted connection's first byte (after the
+/// TLS handshake, with TLS) says whether it is the pod wire, served by `wire`, or gRPC, passed on in
+/// the stream returned.
+pub fn incoming<S>(listener: TcpListener, wire: WireServer<S>) -> ReceiverStream<io::Result<GrpcIo>>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -727,12 +870,15 @@ where
                 }
                 let (tx, wire) = (tx.clone(), wire.clone());
                 wire.tasks.clone().spawn(async move {
+                    if let Some(acceptor) = wire.tls.clone() {
+                        return sniff_tls(stream, acceptor, wire, tx).await;
+                    }
                     let mut first = [0u8; 1];
                     let peeked = tokio::time::timeout(SNIFF_TIMEOUT, stream.peek(&mut first)).await;
                     if matches!(peeked, Ok(Ok(1))) && first[0] == MAGIC[0] {
-                        wire.serve(stream).await;
+                        wire.serve(WireStream::Tcp(stream)).await;
                     } else {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(Ok(GrpcIo::Plain(stream))).await;
                     }
                 });
             }
@@ -740,6 +886,46 @@ where
         .instrument(tracing::info_span!("accept")),
     );
     ReceiverStream::new(rx)
+}
+
+/// One TLS connection: the handshake, then its first decrypted byte (read, and put back for whoever
+/// serves it) says whether it is the pod wire or gRPC. A failed handshake (no client certificate, an
+/// unknown CA, not TLS at all) closes the connection.
+async fn sniff_tls<S>(
+    stream: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    wire: WireServer<S>,
+    tx: mpsc::Sender<io::Result<GrpcIo>>,
+) where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let peer = stream.peer_addr().ok();
+    let mut tls =
+        match tokio::time::timeout(crate::tls::stream::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(?peer, error = %e, "grpc: tls handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(?peer, "grpc: tls handshake timed out");
+                return;
+            }
+        };
+    let mut first = [0u8; 1];
+    let head = match tokio::time::timeout(SNIFF_TIMEOUT, tls.read(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(_)) => Some(first[0]),
+        // Silent so far: gRPC's server has its own rules for idle clients.
+        Err(_) => None,
+    };
+    let stream = Replayed::new(head, tls);
+    if head == Some(MAGIC[0]) {
+        wire.serve(WireStream::Tls(Box::new(stream))).await;
+    } else {
+        let _ = tx.send(Ok(GrpcIo::Tls(Box::new(stream)))).await;
+    }
 }
 
 #[cfg(test)]

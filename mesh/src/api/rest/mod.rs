@@ -80,14 +80,19 @@ where
             .with_state(self)
     }
 
-    /// Serves on an already bound listener (so port 0 works) until `shutdown` resolves, then lets
-    /// requests in flight finish.
+    /// Serves on an already bound listener (so port 0 works), over TLS with `tls` (the handshakes
+    /// beside accepting), until `shutdown` resolves, then lets requests in flight finish.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         use axum::serve::ListenerExt;
+        if let Some(tls) = tls {
+            let listener = crate::tls::stream::TlsListener::new(listener, tls);
+            return axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await;
+        }
         // Small answers otherwise wait on Nagle's algorithm and the client's delayed ACK.
         let listener = listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {

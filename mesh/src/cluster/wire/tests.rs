@@ -51,14 +51,19 @@ fn echo(
 
 /// A listener whose wire connections an echo serves and whose other connections come out of the
 /// returned stream; the calls the echo got, and the token that stops it.
-async fn serve_echo(
-    limit: usize,
-) -> (String, ReceiverStream<io::Result<TcpStream>>, Arc<AtomicUsize>, CancellationToken, TaskTracker) {
+async fn serve_echo(limit: usize) -> Served {
+    serve_echo_tls(limit, None).await
+}
+
+type Served = (String, ReceiverStream<io::Result<GrpcIo>>, Arc<AtomicUsize>, CancellationToken, TaskTracker);
+
+/// [`serve_echo`], over TLS with `tls`.
+async fn serve_echo_tls(limit: usize, tls: Option<Arc<rustls::ServerConfig>>) -> Served {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = listener.local_addr().unwrap().to_string();
     let calls = Arc::new(AtomicUsize::new(0));
     let (stop, tasks) = (CancellationToken::new(), TaskTracker::new());
-    let server = WireServer::new(echo(calls.clone()), limit, stop.clone(), tasks.clone());
+    let server = WireServer::new(echo(calls.clone()), limit, stop.clone(), tasks.clone()).with_tls(tls);
     (endpoint, incoming(listener, server), calls, stop, tasks)
 }
 
@@ -293,4 +298,152 @@ async fn a_stopping_server_answers_the_calls_it_has_and_closes() {
     tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.expect("every task ends");
     let status = peer.call(MODEL_INFER_PATH, &headers(&[]), Bytes::new()).await.unwrap_err();
     assert!(peer_failed(&status), "{status:?}");
+}
+
+mod tls {
+    //! The wire and gRPC over mutual TLS on one port, as meshd serves them with `--tls-*`.
+
+    use super::*;
+    use crate::tls::test_certs::TestCerts;
+    use crate::tls::{ALPN_H2, PeerTls, Tls};
+
+    fn pod(certs: &TestCerts, name: &str, ca: &str) -> Tls {
+        Tls::open(certs.files(name, Some(ca))).unwrap()
+    }
+
+    fn peer_client(tls: &Tls) -> PeerTls {
+        tls.peer_client().unwrap().unwrap()
+    }
+
+    fn certs() -> TestCerts {
+        let certs = TestCerts::new();
+        certs.ca("ca").issue("a", "ca").issue("b", "ca").ca("other").issue("stranger", "other");
+        certs
+    }
+
+    #[tokio::test]
+    async fn wire_calls_over_mutual_tls_are_answered_and_plaintext_or_strangers_are_refused() {
+        let certs = certs();
+        let config = pod(&certs, "a", "ca").server_config(&[ALPN_H2]).unwrap();
+        let (endpoint, _grpc, calls, _stop, _tasks) = serve_echo_tls(LIMIT, Some(config)).await;
+        let client = peer_client(&pod(&certs, "b", "ca"));
+        let peer =
+            Arc::new(WirePeer::new(&endpoint, LIMIT, Duration::from_secs(10)).with_tls(Some(client.wire)));
+        let mut running = Vec::new();
+        for i in 0..50u32 {
+            let peer = peer.clone();
+            running.push(tokio::spawn(async move {
+                // Some bodies bigger than a TLS record and the socket's buffer.
+                let size = if i % 10 == 0 { 3 << 20 } else { 64 };
+                let mut body = vec![i as u8; size];
+                body[..4].copy_from_slice(&i.to_be_bytes());
+                let body = Bytes::from(body);
+                let answer = peer.call(MODEL_INFER_PATH, &headers(&[]), body.clone()).await.unwrap();
+                assert_eq!(grpc_status(&answer), Some("0"));
+                assert!(answer.body == body, "call {i} got another call's answer");
+            }));
+        }
+        for call in running {
+            call.await.unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 50);
+
+        let refused = |peer: WirePeer| async move {
+            let status = peer.call(MODEL_INFER_PATH, &headers(&[]), Bytes::new()).await.unwrap_err();
+            assert!(peer_failed(&status), "{status:?}");
+        };
+        // Plaintext to a TLS port: no answer, the handshake times out or the connection closes.
+        refused(WirePeer::new(&endpoint, LIMIT, Duration::from_secs(3))).await;
+        // A client certificate of another CA, and (the client's side) a server outside its CA.
+        let stranger = Tls::open(TlsFilesFor::stranger_trusting_ca(&certs)).unwrap();
+        refused(
+            WirePeer::new(&endpoint, LIMIT, Duration::from_secs(3))
+                .with_tls(Some(peer_client(&stranger).wire)),
+        )
+        .await;
+        let outsider = peer_client(&pod(&certs, "stranger", "other"));
+        refused(WirePeer::new(&endpoint, LIMIT, Duration::from_secs(3)).with_tls(Some(outsider.wire))).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 50, "nothing refused reached the service");
+    }
+
+    /// Files whose certificate is another CA's while the CA trusted for servers is the mesh's.
+    struct TlsFilesFor;
+
+    impl TlsFilesFor {
+        fn stranger_trusting_ca(certs: &TestCerts) -> crate::tls::TlsFiles {
+            crate::tls::TlsFiles::from_flags(
+                certs.path("stranger.crt"),
+                certs.path("stranger.key"),
+                Some(certs.path("ca.crt")),
+            )
+        }
+    }
+
+    /// The echo, named so tonic's server routes to it.
+    #[derive(Clone)]
+    struct Named<S>(S);
+
+    impl<S> tonic::server::NamedService for Named<S> {
+        const NAME: &'static str = "test.Echo";
+    }
+
+    impl<S: Service<Request<Body>>> Service<Request<Body>> for Named<S> {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: Request<Body>) -> S::Future {
+            self.0.call(request)
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_over_tls_reaches_tonic_through_the_sniff_and_peer_channels_verify_the_ip() {
+        let certs = certs();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let config = pod(&certs, "a", "ca").server_config(&[ALPN_H2]).unwrap();
+        let wire = WireServer::new(echo(calls.clone()), LIMIT, CancellationToken::new(), TaskTracker::new())
+            .with_tls(Some(config));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(Named(echo(calls.clone())))
+                .serve_with_incoming(incoming(listener, wire)),
+        );
+        let call = |peers: crate::cluster::peers::Peers| {
+            let endpoint = endpoint.clone();
+            async move {
+                let mut channel = peers.channel(&endpoint, false).unwrap().channel;
+                let mut request =
+                    Request::new(Body::new(Full::new(Bytes::from_static(b"\0\0\0\0\x05hello"))));
+                *request.method_mut() = http::Method::POST;
+                *request.uri_mut() = format!("http://{endpoint}/test.Echo/Call").parse().unwrap();
+                request.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+                request.headers_mut().insert("te", HeaderValue::from_static("trailers"));
+                let response = channel.ready().await.map_err(|e| e.to_string())?.call(request).await;
+                let collected = response.map_err(|e| e.to_string())?.into_body().collect().await;
+                let collected = collected.map_err(|e| e.to_string())?;
+                let status = collected.trailers().and_then(|t| t.get("grpc-status")).cloned();
+                Ok::<_, String>((collected.to_bytes(), status))
+            }
+        };
+        let peers = |tls: Option<PeerTls>| {
+            crate::cluster::peers::Peers::new(Duration::from_secs(5), LIMIT).with_tls(tls)
+        };
+        let (body, status) = call(peers(Some(peer_client(&pod(&certs, "b", "ca"))))).await.unwrap();
+        assert_eq!(
+            (&body[..], status.as_ref().map(|s| s.as_bytes())),
+            (&b"\0\0\0\0\x05hello"[..], Some(&b"0"[..]))
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // A pod of another CA, and plaintext, get nothing through.
+        assert!(call(peers(Some(peer_client(&pod(&certs, "stranger", "other"))))).await.is_err());
+        assert!(call(peers(None)).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 }
