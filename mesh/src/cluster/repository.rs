@@ -129,15 +129,25 @@ pub async fn sync_once(
         .map_err(|e| RegistryError::Invalid(format!("cannot read the model repository: {e}")))?;
     let mut report = SyncReport::default();
     for (id, generation, format) in &found.models {
-        let spec = repository_spec(id, *generation, format);
+        let spec = &repository_spec(id, *generation, format);
+        // One model the registry refuses is that model's problem, not the repository's: the rest sync.
+        let replace = |revision| async move {
+            match registry.replace(id, spec, revision).await {
+                Err(e @ (RegistryError::Invalid(_) | RegistryError::UnsupportedType(_))) => {
+                    tracing::warn!(model_id = %id, error = %e, "cannot register a repository model; skipping it");
+                    Ok(false)
+                }
+                other => other,
+            }
+        };
         match registry.model(id).await? {
             None => {
-                if registry.replace(id, &spec, 0).await? {
+                if replace(0).await? {
                     report.registered.push(id.clone());
                 }
             }
-            Some((existing, revision)) if existing.source == Source::Repository && existing != spec => {
-                if registry.replace(id, &spec, revision).await? {
+            Some((existing, revision)) if existing.source == Source::Repository && existing != *spec => {
+                if replace(revision).await? {
                     if existing.path.starts_with(REPOSITORY_PATH_PREFIX) {
                         report.updated.push(id.clone());
                     } else {
@@ -203,6 +213,14 @@ fn scan(root: &Path) -> densemesh_puller::Result<Scan> {
     let mut hashed = HashSet::new();
     for id in repository.candidates()? {
         let (files, format) = match repository.resolve(&id) {
+            // A file whose name implies no format (a stamp, a README, an editor's swap file) is not a
+            // model: registering it would only fail, and a failed registration must not stop the sync.
+            Ok(local) if local.format.is_empty() => {
+                if !id.as_str().starts_with('.') {
+                    tracing::debug!(entry = %id, "skipping a repository entry whose name implies no model format");
+                }
+                continue;
+            }
             Ok(local) => (vec![local.path], local.format),
             Err(densemesh_puller::Error::NotFound { .. }) => continue,
             Err(e) => {
@@ -390,6 +408,21 @@ mod tests {
         write(&root.join("a/model.onnx"), b"model a", age);
         write(&root.join("b/1/model.onnx"), b"model b, old version", age);
         write(&root.join("b/3/model.onnx"), b"model b", age);
+    }
+
+    #[tokio::test]
+    async fn stray_files_in_the_repository_are_skipped_and_the_models_still_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        repository(root, Duration::ZERO);
+        // A benchmark's stamp, a README, an editor's swap file: none implies a model format.
+        for stray in [".complete", "README", "notes.md", ".a.swp"] {
+            write(&root.join(stray), b"not a model", Duration::ZERO);
+        }
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let pod = pod(&store).await;
+        assert_eq!(pod.sync(root).await.registered, ids(&["a", "b"]));
+        assert_eq!(pod.sync(root).await, SyncReport::default());
     }
 
     #[tokio::test]
