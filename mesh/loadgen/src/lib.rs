@@ -30,6 +30,9 @@ pub struct LoadSpec {
     pub server_live_only: bool,
     /// A request still unanswered after this counts as an error (and its client moves on).
     pub timeout: Duration,
+    /// TLS to meshd (its `--tls-*`): the CA its certificate chains to and, for mutual TLS, a client
+    /// certificate. `None`: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// What the clients saw: latencies after the warm-up, and the errors.
@@ -154,14 +157,15 @@ pub enum LoadError {
     Client(String),
 }
 
-async fn connect(addr: &str) -> Result<Channel, LoadError> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    Endpoint::from_shared(uri)
-        .map_err(|source| LoadError::Connect { addr: addr.to_owned(), source })?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|source| LoadError::Connect { addr: addr.to_owned(), source })
+async fn connect(addr: &str, tls: Option<&tonic::transport::ClientTlsConfig>) -> Result<Channel, LoadError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let uri = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
+    let failed = |source| LoadError::Connect { addr: addr.to_owned(), source };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(failed)?.tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone()).map_err(failed)?;
+    }
+    endpoint.connect().await.map_err(failed)
 }
 
 /// Runs the load and reports the latencies seen after the warm-up.
@@ -205,7 +209,7 @@ async fn template(channel: Channel, spec: &LoadSpec) -> Result<ModelInferRequest
 
 /// Runs the load: `concurrency` closed-loop clients for the warm-up plus `duration`.
 pub async fn measure(spec: &LoadSpec) -> Result<Outcome, LoadError> {
-    let shared = connect(&spec.addr).await?;
+    let shared = connect(&spec.addr, spec.tls.as_ref()).await?;
     let template = if spec.server_live_only { None } else { Some(template(shared.clone(), spec).await?) };
 
     let start = Instant::now();
@@ -213,7 +217,11 @@ pub async fn measure(spec: &LoadSpec) -> Result<Outcome, LoadError> {
     let stop = measure_from + spec.duration;
     let mut clients = tokio::task::JoinSet::new();
     for _ in 0..spec.concurrency.max(1) {
-        let channel = if spec.connection_per_client { connect(&spec.addr).await? } else { shared.clone() };
+        let channel = if spec.connection_per_client {
+            connect(&spec.addr, spec.tls.as_ref()).await?
+        } else {
+            shared.clone()
+        };
         let template = template.clone();
         let timeout = spec.timeout;
         clients.spawn(async move {

@@ -54,6 +54,7 @@ pub async fn run(load: &GrpcLoad) -> anyhow::Result<(Histogram<u64>, Errors)> {
         connection_per_client: load.connections == Connections::PerClient,
         server_live_only: load.call == Call::ServerLive,
         timeout: load.timeout,
+        tls: None,
     };
     let outcome = loadgen::measure(&spec).await?;
     let errors =

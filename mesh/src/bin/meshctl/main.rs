@@ -23,7 +23,7 @@ use densemesh_proto::mmesh::model_status_info::ModelStatus;
 use densemesh_proto::mmesh::v_model_status_info::VModelStatus;
 use densemesh_proto::mmesh::*;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Operate densemesh: register models and vmodels, see what is loaded, try a model, measure it.
 #[derive(Parser)]
@@ -35,6 +35,15 @@ struct Cli {
     /// A file holding the management API's token, where meshd has --admin-token-file.
     #[arg(long, global = true, env = "DENSEMESH_TOKEN_FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// TLS to meshd (where it has --tls-cert or --tls-dir): the CA (PEM) its certificate chains to.
+    #[arg(long, global = true, env = "DENSEMESH_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The client certificate (PEM) to present, where meshd asks for one (--tls-client-ca).
+    #[arg(long, global = true, env = "DENSEMESH_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, global = true, env = "DENSEMESH_TLS_KEY", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -200,10 +209,30 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, Failure> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let endpoint =
-        Channel::from_shared(uri).map_err(|e| Failure { code: 2, message: format!("--addr {addr}: {e}") })?;
+/// The TLS client config of `--tls-ca`, `--tls-cert` and `--tls-key`; `None` without `--tls-ca`.
+fn tls_config(cli: &Cli) -> Result<Option<ClientTlsConfig>, Failure> {
+    let Some(ca) = &cli.tls_ca else { return Ok(None) };
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path).map_err(|e| Failure {
+            code: 2,
+            message: format!("cannot read {} ({flag}): {e}", path.display()),
+        })
+    };
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "--tls-ca")?));
+    if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+        config = config.identity(Identity::from_pem(read(cert, "--tls-cert")?, read(key, "--tls-key")?));
+    }
+    Ok(Some(config))
+}
+
+async fn connect(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, Failure> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let uri = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
+    let usage = |e: &dyn std::fmt::Display| Failure { code: 2, message: format!("--addr {addr}: {e}") };
+    let mut endpoint = Channel::from_shared(uri).map_err(|e| usage(&e))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| usage(&e))?;
+    }
     endpoint.connect().await.map_err(|e| Failure {
         code: 3,
         message: format!("cannot reach meshd at {addr}: {e}; is it running? (--addr or DENSEMESH_ADDR)"),
@@ -283,7 +312,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
             return Ok(());
         }
-        _ => connect(&cli.addr).await?,
+        _ => connect(&cli.addr, tls_config(cli)?).await?,
     };
     let size =
         |bytes: u64| if cli.bytes { bytes.to_string() } else { densemesh_mesh::bytesize::human(bytes) };
@@ -403,6 +432,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 connection_per_client: false,
                 server_live_only: false,
                 timeout: Duration::from_secs(30),
+                tls: tls_config(cli)?,
             };
             let spinner = indicatif::ProgressBar::new_spinner();
             spinner.set_message(format!(
