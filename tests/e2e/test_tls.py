@@ -1,0 +1,259 @@
+"""meshd over TLS (--tls-cert/--tls-key, or --tls-dir laid out as a Kubernetes TLS secret): tritonclient
+and REST over TLS; with mutual TLS, clients without a certificate or with one of another CA refused;
+two pods forwarding to each other over mutual TLS on an etcd that requires client certificates; and a
+certificate rotated under load with no request failing. Certificates are made with the openssl command
+(scripts/setup.sh installs it), for 127.0.0.1 as an IP SAN."""
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from meshd import EXAMPLES, REPO, wait_for
+from test_etcd import Etcd
+
+X = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
+FORWARDED_OK = 'densemesh_forwarded_requests_total{result="ok"}'
+
+
+def openssl(directory, *args):
+    subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+
+def make_ca(directory, name):
+    """A self-signed CA: `<name>.crt`, `<name>.key`."""
+    openssl(directory, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-subj", f"/CN={name}", "-days", "1", "-out", f"{name}.crt")
+
+
+def issue(directory, name, ca):
+    """`<name>.crt`/`<name>.key` signed by `ca`, for 127.0.0.1 and localhost, server and client alike."""
+    (directory / f"{name}.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+    openssl(directory, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-subj", f"/CN={name}", "-out", f"{name}.csr")
+    openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """The mesh's CA `ca` with `server`, `client` and `server2` (a rotation's) certificates; `other`, a
+    CA nobody trusts, with `stranger`."""
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    make_ca(directory, "ca")
+    make_ca(directory, "other")
+    for name in ("server", "client", "server2"):
+        issue(directory, name, "ca")
+    issue(directory, "stranger", "other")
+    return directory
+
+
+def secret(certs, target, name, with_ca=True):
+    """A directory as Kubernetes mounts a TLS secret: files that are symlinks into `..data`, itself a
+    symlink to a versioned directory, so an update swaps `..data` at once. Holds `name`'s pair as
+    tls.crt/tls.key and the CA as ca.crt."""
+    target.mkdir()
+    write_secret_version(certs, target, name, with_ca)
+    for file in ("tls.crt", "tls.key", *(("ca.crt",) if with_ca else ())):
+        os.symlink(f"..data/{file}", target / file)
+    return target
+
+
+def write_secret_version(certs, target, name, with_ca=True):
+    """Writes `name`'s pair as a new version of the secret at `target` and swaps `..data` to it."""
+    version = target / f"..{name}-{time.monotonic_ns()}"
+    version.mkdir()
+    shutil.copy(certs / f"{name}.crt", version / "tls.crt")
+    shutil.copy(certs / f"{name}.key", version / "tls.key")
+    if with_ca:
+        shutil.copy(certs / "ca.crt", version / "ca.crt")
+    link = target / "..data_tmp"
+    os.symlink(version.name, link)
+    os.replace(link, target / "..data")
+
+
+def triton(server, certs, identity="client", ca="ca"):
+    """A tritonclient over TLS trusting `ca`, presenting `identity`'s certificate (None: none)."""
+    pair = {} if identity is None else {
+        "private_key": str(certs / f"{identity}.key"), "certificate_chain": str(certs / f"{identity}.crt")}
+    return grpcclient.InferenceServerClient(server.grpc_addr, ssl=True, root_certificates=str(certs / f"{ca}.crt"),
+                                            **pair)
+
+
+def infer_iris(client, model="iris-logreg"):
+    i = grpcclient.InferInput("input", list(X.shape), "FP32")
+    i.set_data_from_numpy(X)
+    return client.infer(model, [i]).as_numpy("label")
+
+
+def https(server, certs, path, identity="client"):
+    """GET on meshd's REST port over TLS: the status code, or the exception the handshake raised."""
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    if identity:
+        context.load_cert_chain(str(certs / f"{identity}.crt"), str(certs / f"{identity}.key"))
+    try:
+        with urllib.request.urlopen(f"https://{server.http_addr}{path}", context=context, timeout=10) as r:
+            return r.status
+    except (ssl.SSLError, ConnectionError, urllib.error.URLError) as e:
+        return e
+
+
+def served_certificate(server, certs):
+    """The DER certificate a fresh TLS connection to meshd's gRPC port is served (mutual TLS: with the
+    client's certificate)."""
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    context.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
+    context.set_alpn_protocols(["h2"])
+    host, port = server.grpc_addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def der(certs, name):
+    return ssl.PEM_cert_to_DER_cert((certs / f"{name}.crt").read_text())
+
+
+def test_tritonclient_and_rest_over_tls(start_meshd, certs):
+    server = start_meshd(EXAMPLES, "--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key"))
+    client = triton(server, certs, identity=None)
+    assert client.is_server_live() and client.is_server_ready()
+    assert infer_iris(client).tolist() == [0]
+    client.close()
+    assert https(server, certs, "/v2/health/ready", identity=None) == 200
+    # Plaintext to the TLS port gets nowhere.
+    with grpc.insecure_channel(server.grpc_addr) as channel:
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+        with pytest.raises(grpc.RpcError) as refused:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(service_pb2.ServerLiveRequest(), timeout=5)
+    assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_or_from_another_ca(start_meshd, certs, tmp_path):
+    server = start_meshd(EXAMPLES, "--tls-dir", str(secret(certs, tmp_path / "tls", "server")))
+    client = triton(server, certs)
+    assert infer_iris(client).tolist() == [0]
+    client.close()
+    for identity in (None, "stranger"):
+        refused = triton(server, certs, identity=identity)
+        with pytest.raises(InferenceServerException):
+            refused.is_server_live()
+        refused.close()
+    assert https(server, certs, "/v2/health/ready") == 200
+    assert isinstance(https(server, certs, "/v2/health/ready", identity=None), Exception)
+    assert isinstance(https(server, certs, "/v2/health/ready", identity="stranger"), Exception)
+    # A client that does not trust the server's CA refuses it in turn.
+    distrustful = triton(server, certs, identity="stranger", ca="other")
+    with pytest.raises(InferenceServerException):
+        distrustful.is_server_live()
+    distrustful.close()
+
+    # meshctl: --tls-ca and a client certificate; without the certificate it cannot reach meshd (exit 3).
+    meshctl = os.environ.get("MESHCTL_BIN", str(REPO / "target" / "debug" / "meshctl"))
+    tls_ca = ("--addr", server.grpc_addr, "--tls-ca", str(certs / "ca.crt"))
+    pair = ("--tls-cert", str(certs / "client.crt"), "--tls-key", str(certs / "client.key"))
+    listed = subprocess.run([meshctl, *tls_ca, *pair, "-o", "json", "list"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "iris-logreg" in listed.stdout, listed.stderr
+    bare = subprocess.run([meshctl, *tls_ca, "list"], capture_output=True, text=True, timeout=60)
+    assert bare.returncode != 0, bare.stdout
+
+
+def test_bad_certificate_files_stop_start_up_naming_the_file_and_flag(certs, tmp_path):
+    binary = os.environ.get("MESHD_BIN", str(REPO / "target" / "debug" / "meshd"))
+
+    def start(*args):
+        return subprocess.run([binary, "serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0",
+                               "--metrics-addr", "127.0.0.1:0", "--model-repo", str(EXAMPLES), *args],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "RUST_BACKTRACE": "0"})
+
+    missing = tmp_path / "missing.key"
+    failed = start("--tls-cert", str(certs / "server.crt"), "--tls-key", str(missing))
+    assert failed.returncode != 0 and str(missing) in failed.stderr and "--tls-key" in failed.stderr, failed.stderr
+    failed = start("--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "client.key"))
+    assert failed.returncode != 0 and "does not go with" in failed.stderr, failed.stderr
+    failed = start("--tls-dir", str(tmp_path))
+    assert failed.returncode != 0 and "tls.crt" in failed.stderr and "--tls-dir" in failed.stderr, failed.stderr
+    assert "panicked" not in failed.stderr
+
+
+def test_two_pods_forward_over_mutual_tls_on_an_etcd_with_client_certificates(start_meshd, certs, tmp_path):
+    # etcd's own certificate from the same CA (Etcd reads server.crt/key and ca.crt from one directory).
+    etcd = Etcd(certs)
+    try:
+        repo = tmp_path / "repo"
+        shutil.copytree(EXAMPLES / "iris-logreg", repo / "iris")
+        tls = secret(certs, tmp_path / "tls", "server")
+        common = ("--etcd", etcd.endpoint, "--etcd-tls-dir", str(tls), "--tls-dir", str(tls), "--lease-ttl", "3s")
+        # pod-b offers no model type: every request it gets is forwarded to pod-a.
+        b = start_meshd(repo, "--instance-id", "pod-b", "--model-types", "", *common)
+        a = start_meshd(repo, "--instance-id", "pod-a", "--model-types", "onnx", *common)
+        client = triton(b, certs)
+
+        def answered():
+            try:
+                return infer_iris(client, "iris").tolist() == [0]
+            except InferenceServerException:
+                return False
+
+        wait_for(answered, 60, "pod-b to answer through pod-a")
+        for _ in range(20):
+            assert infer_iris(client, "iris").tolist() == [0]
+        client.close()
+        assert b.metrics().get(FORWARDED_OK, 0) >= 20, "pod-b forwarded the requests"
+        assert a.metrics().get(FORWARDED_OK, 0) == 0
+    finally:
+        etcd.stop()
+        etcd.dir.cleanup()
+
+
+def test_a_certificate_rotated_under_load_fails_no_request(start_meshd, certs, tmp_path):
+    tls = secret(certs, tmp_path / "tls", "server")
+    server = start_meshd(EXAMPLES, "--tls-dir", str(tls), "--capacity", "256MiB")
+    assert served_certificate(server, certs) == der(certs, "server")
+    stop = threading.Event()
+    stats = {"ok": 0, "failed": []}
+    lock = threading.Lock()
+
+    def load(fresh_connections):
+        client = triton(server, certs)
+        while not stop.is_set():
+            if fresh_connections:  # a new handshake per request: some land mid-rotation
+                client.close()
+                client = triton(server, certs)
+            try:
+                assert infer_iris(client).tolist() == [0]
+                with lock:
+                    stats["ok"] += 1
+            except Exception as e:  # noqa: BLE001  (every failure counts)
+                with lock:
+                    stats["failed"].append(repr(e))
+        client.close()
+
+    threads = [threading.Thread(target=load, args=(n % 2 == 1,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        write_secret_version(certs, tls, "server2")
+        wait_for(lambda: served_certificate(server, certs) == der(certs, "server2"), 20,
+                 "the rotated certificate to be served")
+        before = stats["ok"]
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert stats["failed"] == [], stats["failed"][:5]
+    assert stats["ok"] > before > 0, stats
+    assert "tls certificate reloaded" in server.logs()
