@@ -238,14 +238,23 @@ impl Graph {
                 values[*slot as usize - base] = Some(value);
             }
         }
-        wanted
-            .iter()
-            .map(|i| {
-                let port = &self.outputs[*i];
-                get(&self.initializers, &values, port.slot)
-                    .cloned()
-                    .ok_or_else(|| crate::error::eval(format!("output {} was not computed", port.spec.name)))
-            })
-            .collect()
+        let mut taken = Vec::with_capacity(wanted.len());
+        for (n, i) in wanted.iter().enumerate() {
+            let port = &self.outputs[*i];
+            let slot = port.slot as usize;
+            // A computed output asked for once moves out; an initializer, an input passed through
+            // or an output asked for twice is copied.
+            let once = wanted[n + 1..].iter().all(|j| self.outputs[*j].slot != port.slot);
+            let value = match slot.checked_sub(base) {
+                Some(computed) if once => values.get_mut(computed).and_then(Option::take),
+                _ => get(&self.initializers, &values, port.slot).cloned(),
+            };
+            taken.push(
+                value.ok_or_else(|| {
+                    crate::error::eval(format!("output {} was not computed", port.spec.name))
+                })?,
+            );
+        }
+        Ok(taken)
     }
 }

@@ -44,7 +44,8 @@ impl TinyRuntime {
     /// Loads a model from its `ModelProto` bytes.
     pub fn load_bytes(&self, bytes: &[u8]) -> Result<TinyModel, TinyError> {
         self.check_size(bytes.len() as u64)?;
-        let graph = Graph::decode(bytes)?;
+        // A file crafted to trip an unforeseen panic in decoding fails its load, not the loader.
+        let graph = guarded(|| Graph::decode(bytes))?;
         let metadata = ModelMetadata {
             platform: "onnxruntime_onnx".to_owned(),
             inputs: graph.inputs.iter().map(|p| p.spec.clone()).collect(),

@@ -79,7 +79,10 @@ pub(crate) fn tensor_value(t: &TensorProto) -> Result<Value, TinyError> {
         .iter()
         .map(|d| usize::try_from(*d).map_err(|_| invalid(format!("tensor {} has dimension {d}", t.name()))))
         .collect::<Result<Vec<_>, _>>()?;
-    let count: usize = shape.iter().product();
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, d| n.checked_mul(*d))
+        .ok_or_else(|| invalid(format!("tensor {} has dims {:?}, too many elements", t.name(), t.dims)))?;
     let raw = t.raw_data.as_deref().filter(|r| !r.is_empty());
     let elem = Elem::from_onnx(t.data_type())
         .ok_or_else(|| unsupported(format!("tensor {} has element type {}", t.name(), t.data_type())))?;
@@ -140,4 +143,33 @@ pub(crate) fn declared(info: &ValueInfoProto) -> Result<(Elem, Vec<i64>), TinyEr
         None => Vec::new(),
     };
     Ok((elem, dims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initializers_are_checked_against_their_dims() {
+        let huge = TensorProto {
+            dims: vec![1 << 40, 1 << 40],
+            data_type: Some(1),
+            name: Some("w".into()),
+            ..Default::default()
+        };
+        assert!(matches!(tensor_value(&huge), Err(TinyError::InvalidModel(_))));
+        let short = TensorProto {
+            dims: vec![2, 2],
+            float_data: vec![1.0; 3],
+            data_type: Some(1),
+            ..Default::default()
+        };
+        assert!(matches!(tensor_value(&short), Err(TinyError::InvalidModel(_))));
+        let external =
+            TensorProto { dims: vec![1], data_type: Some(1), data_location: Some(1), ..Default::default() };
+        assert!(matches!(tensor_value(&external), Err(TinyError::Unsupported(_))));
+        let ok =
+            TensorProto { dims: vec![2], int64_data: vec![3, 4], data_type: Some(7), ..Default::default() };
+        assert_eq!(tensor_value(&ok).ok(), Some(Value::new(vec![2], Data::I64(vec![3, 4]))));
+    }
 }

@@ -29,7 +29,7 @@ pub(crate) fn reshape(x: &Value, target: &[i64], allow_zero: bool) -> Result<Val
         }
         shape[i] = total / known;
     }
-    if count(&shape) != total {
+    if shape.iter().try_fold(1usize, |n, d| n.checked_mul(*d)) != Some(total) {
         return Err(eval(format!("Reshape of {:?} ({total} elements) to {target:?}", x.shape)));
     }
     Ok(Value::new(shape, x.data.clone()))
