@@ -24,6 +24,10 @@ struct Cli {
     /// call; read again when it changes.
     #[arg(long, env = "DENSEMESH_MESH_TOKEN_FILE")]
     mesh_token_file: Option<std::path::PathBuf>,
+    /// TLS to meshd (its --tls-*), with an https:// --mesh-endpoint: a directory with `ca.crt` and,
+    /// where meshd asks for client certificates, `tls.crt` and `tls.key` (a mounted TLS secret).
+    #[arg(long, env = "DENSEMESH_MESH_TLS_DIR")]
+    mesh_tls_dir: Option<std::path::PathBuf>,
     /// What InferenceService status shows as the gRPC URL clients infer at.
     #[arg(long, env = "DENSEMESH_PUBLIC_GRPC_URL", default_value = "grpc://127.0.0.1:8033")]
     public_grpc_url: String,
@@ -105,7 +109,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("no Kubernetes API server configured (in-cluster or KUBECONFIG)")?;
     let bearer = cli.mesh_token_file.as_deref().map(Bearer::from_file).unwrap_or_default();
-    let mesh = GrpcMesh::new(&cli.mesh_endpoint, bearer)?;
+    let tls = cli.mesh_tls_dir.map(|dir| densemesh_controller::mesh::MeshTls { dir });
+    let mesh = GrpcMesh::new(&cli.mesh_endpoint, bearer, tls.as_ref())?;
     let identity = match cli.identity {
         Some(id) => id,
         None => std::env::var("HOSTNAME")

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::reconcile::{MeshCall, ModelRegistration};
 
@@ -26,6 +26,43 @@ pub enum MeshError {
     Endpoint { endpoint: String, source: tonic::transport::Error },
     #[error("{call} failed: {status}")]
     Call { call: &'static str, status: Box<tonic::Status> },
+    #[error("cannot read {path} (--mesh-tls-dir): {source}")]
+    TlsFile { path: PathBuf, source: std::io::Error },
+    #[error(
+        "--mesh-tls-dir {dir} has tls.crt without tls.key or the other way round; give both for mutual TLS, or neither"
+    )]
+    TlsPair { dir: PathBuf },
+    #[error("--mesh-tls-dir needs an https:// --mesh-endpoint, not {endpoint:?}")]
+    TlsEndpoint { endpoint: String },
+}
+
+/// TLS to meshd (its `--tls-*`): a directory laid out as a Kubernetes TLS secret, `ca.crt` (the CA
+/// meshd's certificate chains to) and, where meshd asks for client certificates, `tls.crt` and
+/// `tls.key`. Read once at start; a rotated client certificate takes a restart.
+#[derive(Debug, Clone)]
+pub struct MeshTls {
+    pub dir: PathBuf,
+}
+
+impl MeshTls {
+    /// The client config, every file checked readable here rather than at the first call.
+    pub fn config(&self) -> Result<ClientTlsConfig, MeshError> {
+        let read = |name: &str| {
+            let path = self.dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && name != "ca.crt" => Ok(None),
+                Err(source) => Err(MeshError::TlsFile { path, source }),
+            }
+        };
+        let ca = read("ca.crt")?.unwrap_or_default();
+        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        match (read("tls.crt")?, read("tls.key")?) {
+            (Some(cert), Some(key)) => Ok(config.identity(Identity::from_pem(cert, key))),
+            (None, None) => Ok(config),
+            _ => Err(MeshError::TlsPair { dir: self.dir.clone() }),
+        }
+    }
 }
 
 impl MeshError {
@@ -33,7 +70,10 @@ impl MeshError {
     /// the mesh refusing the request as written.
     pub fn is_transient(&self) -> bool {
         match self {
-            MeshError::Endpoint { .. } => false,
+            MeshError::Endpoint { .. }
+            | MeshError::TlsFile { .. }
+            | MeshError::TlsPair { .. }
+            | MeshError::TlsEndpoint { .. } => false,
             MeshError::Call { status, .. } => matches!(
                 status.code(),
                 tonic::Code::Unavailable
@@ -123,14 +163,21 @@ pub struct GrpcMesh {
 
 impl GrpcMesh {
     /// Connects lazily: the controller starts (and reports the mesh unreachable in its logs and
-    /// metrics) even while the mesh is not up yet.
-    pub fn new(endpoint: &str, bearer: Bearer) -> Result<Self, MeshError> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|source| MeshError::Endpoint { endpoint: endpoint.to_owned(), source })?
+    /// metrics) even while the mesh is not up yet. Over TLS with `tls`, which needs an https URL
+    /// (tonic would silently speak plaintext to an http one).
+    pub fn new(endpoint: &str, bearer: Bearer, tls: Option<&MeshTls>) -> Result<Self, MeshError> {
+        let invalid = |source| MeshError::Endpoint { endpoint: endpoint.to_owned(), source };
+        let mut channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(invalid)?
             .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_lazy();
-        Ok(Self::from_channel(channel, bearer))
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        if let Some(tls) = tls {
+            if !endpoint.starts_with("https://") {
+                return Err(MeshError::TlsEndpoint { endpoint: endpoint.to_owned() });
+            }
+            channel = channel.tls_config(tls.config()?).map_err(invalid)?;
+        }
+        Ok(Self::from_channel(channel.connect_lazy(), bearer))
     }
 
     /// Over a channel the caller already has.
@@ -252,6 +299,30 @@ impl MeshApi for GrpcMesh {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_mesh_tls_dir_is_checked_at_start_and_needs_an_https_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = MeshTls { dir: dir.path().to_owned() };
+        let new = |endpoint: &str| {
+            GrpcMesh::new(endpoint, Bearer::default(), Some(&tls)).err().map(|e| e.to_string())
+        };
+        let missing = new("https://meshd:8033").unwrap();
+        assert!(missing.contains("ca.crt") && missing.contains("--mesh-tls-dir"), "{missing}");
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+            .args(["-keyout", "tls.key", "-subj", "/CN=ca", "-days", "1", "-out", "ca.crt"])
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl runs (scripts/setup.sh installs it)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let half = new("https://meshd:8033").unwrap();
+        assert!(half.contains("tls.crt without tls.key"), "{half}");
+        std::fs::copy(dir.path().join("ca.crt"), dir.path().join("tls.crt")).unwrap();
+        assert_eq!(new("https://meshd:8033"), None, "CA and client pair");
+        let plain = new("http://meshd:8033").unwrap();
+        assert!(plain.contains("https://"), "{plain}");
+    }
 
     fn sent(bearer: &mut Bearer) -> Result<Option<String>, tonic::Code> {
         let request = bearer.call(tonic::Request::new(())).map_err(|s| s.code())?;
