@@ -22,6 +22,7 @@ pub(crate) fn build(
     entry: Option<&StorageEntry>,
     request_timeout: Duration,
 ) -> Result<Arc<dyn ObjectStore>> {
+    install_crypto_provider();
     let field = |name: &str| entry.and_then(|e| e.get(name));
     let flag = |name: &str| field(name).is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let invalid = |reason: String| Error::StorageConfig {
@@ -155,6 +156,18 @@ pub(crate) fn build(
         }
     };
     Ok(store)
+}
+
+/// Makes ring rustls's process-wide crypto provider unless one is already installed. object_store's
+/// HTTP client is reqwest built with rustls but no provider (the `aws`/`gcp`/`azure`/`http` features
+/// would compile aws-lc-rs, a second crypto library beside the workspace's ring), and reqwest takes
+/// the process default when it builds a client, even for plain `http://`, panicking if there is none.
+/// An already installed provider (meshd's own TLS may have set one) is kept: both are ring.
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another thread's install leaves that provider in place, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 /// `AccountName=...;AccountKey=...;BlobEndpoint=...` into its parts.

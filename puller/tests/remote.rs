@@ -41,6 +41,9 @@ fn puller(
 async fn upload(server: &support::Server, key: &str, body: &[u8]) {
     let status = http(server.addr, "PUT", "/models", b"");
     assert!(status == 200 || status == 409, "create bucket: {status}");
+    // This client is built outside the puller, so the provider the puller would install may not be
+    // there yet: object_store's reqwest has rustls without one of its own (see backend.rs).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = object_store::aws::AmazonS3Builder::new()
         .with_endpoint(format!("http://{}", server.addr))
         .with_allow_http(true)
@@ -219,6 +222,43 @@ async fn http_servers_and_local_files() {
     let fetched = p.fetch(&format!("file://{}", local.display()), None).await.unwrap();
     assert_eq!(fetched.source, "local");
     assert!(fetched.map().unwrap().is_none(), "local files are read, not mapped");
+}
+
+/// TLS through object_store's rustls on the ring provider the puller installs: a server whose CA the
+/// storage key names is pulled from, the same server under a key without it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_servers_are_verified_against_the_storage_keys_certificate() {
+    let site = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(site.path().join("models/a")).unwrap();
+    std::fs::write(site.path().join("models/a/model.onnx"), pattern(200_000, 11)).unwrap();
+    // Another object for the untrusted key, so the disk cache cannot answer for it.
+    std::fs::create_dir_all(site.path().join("models/b")).unwrap();
+    std::fs::write(site.path().join("models/b/model.onnx"), pattern(1000, 12)).unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = support::TestCa::new(certs.path());
+    let web = support::https_server(site.path(), &ca);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("storage-config");
+    std::fs::create_dir_all(&secret).unwrap();
+    let url = format!("https://{}/", web.addr);
+    let trusted = serde_json::json!({"type": "http", "url": url, "certificate": ca.ca_pem});
+    std::fs::write(secret.join("trusted"), trusted.to_string()).unwrap();
+    std::fs::write(secret.join("untrusted"), serde_json::json!({"type": "http", "url": url}).to_string())
+        .unwrap();
+    let mut config = PullConfig::new(dir.path().join("cache"), 10 << 20);
+    config.storage_config = Some(secret);
+    config.request_timeout = Duration::from_secs(5);
+    config.attempts = 1;
+    let p = Puller::open(config).unwrap();
+
+    let fetched = p.fetch("models/a/model.onnx", Some(r#"{"storage_key": "trusted"}"#)).await.unwrap();
+    assert_eq!(
+        (fetched.source, std::fs::read(&fetched.model.path).unwrap()),
+        ("remote", pattern(200_000, 11))
+    );
+    let refused = p.fetch("models/b/model.onnx", Some(r#"{"storage_key": "untrusted"}"#)).await.err();
+    let refused = refused.expect("a server signed by an unknown CA is refused");
+    assert!(matches!(root(&refused), Error::Remote { .. }), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,6 +76,90 @@ pub fn http_server(dir: &Path) -> Server {
     Server { child, addr }
 }
 
+/// A certificate authority and a server certificate it signed for `127.0.0.1`, made by the `openssl`
+/// command in `dir`. A CA rather than one self-signed certificate, because webpki refuses a CA
+/// certificate presented as the server's own.
+pub struct TestCa {
+    /// The CA certificate, PEM, as a storage key's `certificate` carries it.
+    pub ca_pem: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path) -> Self {
+        let openssl = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl must be installed");
+            assert!(status.success(), "openssl {args:?} failed: {status}");
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=densemesh test CA"],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[&["req"], &ec[..], &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]]
+                .concat(),
+        );
+        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+            .expect("write server.ext");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).expect("read ca.pem");
+        Self { ca_pem, cert: dir.join("server.pem"), key: dir.join("server.key") }
+    }
+}
+
+/// Python's http.server serving `dir` over TLS with `ca`'s server certificate.
+pub fn https_server(dir: &Path, ca: &TestCa) -> Server {
+    const SERVE: &str = "import functools, http.server, ssl, sys
+directory, port, cert, key = sys.argv[1:]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+server = http.server.ThreadingHTTPServer(('127.0.0.1', int(port)), handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()";
+    let port = free_port();
+    let child = Command::new(venv_bin("python"))
+        .args(["-c", SERVE])
+        .arg(dir)
+        .arg(port.to_string())
+        .args([&ca.cert, &ca.key])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 must be installed");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_listening(addr, "https server");
+    Server { child, addr }
+}
+
 /// One blocking HTTP/1.1 request; moto accepts unsigned requests, so this creates buckets and objects.
 pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> u16 {
     let mut stream = TcpStream::connect(addr).expect("connect");
