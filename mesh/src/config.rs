@@ -87,6 +87,12 @@ pub struct ServeArgs {
     /// Threads in ONNX Runtime's shared intra-op pool; 0 means one per core.
     #[arg(long, env = "DENSEMESH_ORT_THREADS", default_value_t = 0)]
     pub ort_threads: usize,
+    /// ONNX models up to this file size whose operators the tiny evaluator implements (MLPs and
+    /// scikit-learn's linear, scaler and tree models as skl2onnx writes them) are held by it, in about
+    /// their weights' size, instead of an ONNX Runtime session (50-130 KiB each); anything else loads
+    /// in ONNX Runtime. 0 (the default for now): ONNX Runtime loads every ONNX model.
+    #[arg(long, env = "DENSEMESH_TINY_MAX_BYTES", default_value = "0")]
+    pub tiny_max_bytes: ByteSize,
     /// Runtimes besides the built-in ones, in a YAML or JSON file: remote KServe V2 servers (MLServer,
     /// Triton) and runtimes speaking ModelMesh's model-runtime SPI, each with the formats it loads.
     #[arg(long, env = "DENSEMESH_RUNTIME_CONFIG")]
@@ -278,6 +284,8 @@ impl ServeArgs {
                 intra_threads: self.ort_threads,
             },
             candle: densemesh_runtime_candle::CandleConfig { threads: self.candle_threads },
+            tiny: (self.tiny_max_bytes.0 > 0)
+                .then_some(densemesh_runtime_tiny::TinyConfig { max_file_bytes: self.tiny_max_bytes.0 }),
             runtime_config: self.runtime_config,
             shutdown_grace: self.shutdown_grace,
             addr_file: self.addr_file,

@@ -47,6 +47,8 @@ pub struct ServeConfig {
     pub ort: OrtConfig,
     /// The candle runtime (Hugging Face sentence-embedding models).
     pub candle: densemesh_runtime_candle::CandleConfig,
+    /// The tiny evaluator for small ONNX models (`--tiny-max-bytes`); `None`: ONNX Runtime for all.
+    pub tiny: Option<densemesh_runtime_tiny::TinyConfig>,
     /// `--runtime-config`: the runtimes besides the built-in ones.
     pub runtime_config: Option<PathBuf>,
     pub shutdown_grace: Duration,
@@ -632,7 +634,9 @@ async fn start_runtimes(config: &ServeConfig) -> Result<(Runtimes, Vec<String>, 
         .await
         .map_err(|e| densemesh_runtime_core::Error::RuntimeUnavailable(e.into()))??;
     let mut runtimes = Runtimes::new();
-    runtimes.add(&["onnx"], Arc::new(ort)).map_err(ServeError::Runtimes)?;
+    let tiny = config.tiny.map(densemesh_runtime_tiny::TinyRuntime::new);
+    let onnx = crate::node::onnx::OnnxRuntimes::new(tiny, Arc::new(ort));
+    runtimes.add(&["onnx"], Arc::new(onnx)).map_err(ServeError::Runtimes)?;
     let candle = densemesh_runtime_candle::CandleRuntime::new(&config.candle)?;
     runtimes.add(&["huggingface"], Arc::new(candle)).map_err(ServeError::Runtimes)?;
     if let Some(path) = &config.runtime_config {
