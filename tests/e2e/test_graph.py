@@ -58,7 +58,9 @@ def client(server):
 
 def test_a_three_step_sequence_answers_what_its_three_models_answer_by_hand(server, client, admin_api):
     set_graph(server, admin_api, "chain", CHAIN)
+    assert not client.is_model_ready("chain"), "ready once every model it names is loaded"
     got = infer(client, "chain")
+    assert client.is_model_ready("chain")
     # The three models called one by one, as a client without graphs would.
     scaled = infer(client, "scale").as_numpy("scaled")
     logits_in = grpcclient.InferInput("input", list(scaled.shape), "FP32")

@@ -155,6 +155,11 @@ impl InferenceService {
         Ok(self.infer(metadata, Some(id), request, started).await?)
     }
 
+    /// Ready when a request would be answered without a load: a copy here or on a live peer.
+    fn ready_without_load(&self, id: &ModelId) -> bool {
+        self.cache.is_loaded(id) || self.forwarder.as_ref().is_some_and(|f| f.loaded_elsewhere(id))
+    }
+
     /// The pod's model cache.
     pub(crate) fn cache(&self) -> &ModelCache {
         &self.cache
@@ -278,10 +283,16 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        let id = self.target(request.metadata(), &request.get_ref().name)?;
-        // Ready when a request would be answered without a load: a copy here or on a live peer.
-        let elsewhere = self.forwarder.as_ref().is_some_and(|f| f.loaded_elsewhere(&id));
-        Ok(Response::new(ModelReadyResponse { ready: self.cache.is_loaded(&id) || elsewhere }))
+        let metadata = request.metadata();
+        // A graph is ready when every model it names is.
+        if let Some((_, graph)) = self.graph_named(|h| metadata.contains_key(h), &request.get_ref().name) {
+            let ready = densemesh_placement::graph::service_names(&graph)
+                .into_iter()
+                .all(|name| self.target(metadata, name).is_ok_and(|id| self.ready_without_load(&id)));
+            return Ok(Response::new(ModelReadyResponse { ready }));
+        }
+        let id = self.target(metadata, &request.get_ref().name)?;
+        Ok(Response::new(ModelReadyResponse { ready: self.ready_without_load(&id) }))
     }
 
     async fn server_metadata(
