@@ -36,6 +36,8 @@ pub const USED_BPS: &str = "densemesh_used_bps";
 pub const MODELS_MANAGED: &str = "densemesh_models_managed";
 pub const REGISTRY_UP: &str = "densemesh_registry_up";
 pub const LEADER: &str = "densemesh_leader";
+pub const GRAPH_STEP_DURATION: &str = "densemesh_graph_step_duration_seconds";
+pub const GRAPH_STEP_ERRORS: &str = "densemesh_graph_step_errors_total";
 
 /// Buckets for latencies from tens of microseconds (tiny models) to minutes (large loads).
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -123,6 +125,12 @@ pub fn describe() {
     describe_gauge!(MODELS_MANAGED, "Models registered (API and repository)");
     describe_gauge!(REGISTRY_UP, "1 while the registry (etcd) answers this pod's heartbeats, else 0");
     describe_gauge!(LEADER, "1 while this pod leads (does the cluster-wide chores), else 0");
+    describe_histogram!(
+        GRAPH_STEP_DURATION,
+        Unit::Seconds,
+        "Time one step of an inference graph took, by graph and step (failed steps included)"
+    );
+    describe_counter!(GRAPH_STEP_ERRORS, "Inference graph steps that failed, by graph, step and gRPC code");
     describe_counter!(
         per_model::MODEL_REQUESTS,
         "ModelInfer requests served here, by model (the --metrics-per-model busiest, else other) and gRPC code"

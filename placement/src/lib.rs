@@ -8,6 +8,7 @@ pub mod choose;
 pub mod copies;
 pub mod election;
 pub mod eviction;
+pub mod graph;
 mod model_id;
 pub mod registry;
 pub mod route;

@@ -1,9 +1,11 @@
-//! Registration on a [`Store`]: model specs and vmodels under `/<prefix>/models/` and
-//! `/<prefix>/vmodels/`, every conditional write a compare-and-swap on the key's revision.
+//! Registration on a [`Store`]: model specs, vmodels and inference graphs under `/<prefix>/models/`,
+//! `/<prefix>/vmodels/` and `/<prefix>/graphs/`, every conditional write a compare-and-swap on the
+//! key's revision.
 
 use std::sync::Arc;
 
 use crate::ModelId;
+use crate::graph::GraphSpec;
 use crate::spec::{ModelSpec, VModelSpec, is_format_name};
 use crate::store::{Revision, Store, StoreError};
 
@@ -67,6 +69,10 @@ impl Registry {
         format!("{}vmodels/", self.prefix)
     }
 
+    pub fn graphs_prefix(&self) -> String {
+        format!("{}graphs/", self.prefix)
+    }
+
     pub fn instances_prefix(&self) -> String {
         format!("{}instances/", self.prefix)
     }
@@ -108,6 +114,10 @@ impl Registry {
 
     fn vmodel_key(&self, id: &ModelId) -> String {
         format!("{}{id}", self.vmodels_prefix())
+    }
+
+    fn graph_key(&self, id: &ModelId) -> String {
+        format!("{}{id}", self.graphs_prefix())
     }
 
     /// Registers a model. The same model again (type, path and key) is a no-op, except that its
@@ -197,6 +207,32 @@ impl Registry {
     /// Deletes a vmodel only if it is still at `expected`.
     pub async fn delete_vmodel(&self, id: &ModelId, expected: Revision) -> Result<bool> {
         Ok(self.store.compare_and_delete(&self.vmodel_key(id), expected).await?.succeeded)
+    }
+
+    /// An inference graph and its revision.
+    pub async fn graph(&self, id: &ModelId) -> Result<Option<(GraphSpec, Revision)>> {
+        let key = self.graph_key(id);
+        match self.store.get(&key).await? {
+            Some(kv) => Ok(Some((decode(&key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a graph only if it is still at `expected` (0: absent); the caller validated it
+    /// ([`crate::graph::validate`]) against what it read.
+    pub async fn put_graph(
+        &self,
+        id: &ModelId,
+        graph: &GraphSpec,
+        expected: Revision,
+    ) -> Result<Option<Revision>> {
+        let result = self.store.compare_and_put(&self.graph_key(id), expected, encode(graph), None).await?;
+        Ok(result.succeeded.then_some(result.revision))
+    }
+
+    /// Deletes a graph only if it is still at `expected`.
+    pub async fn delete_graph(&self, id: &ModelId, expected: Revision) -> Result<bool> {
+        Ok(self.store.compare_and_delete(&self.graph_key(id), expected).await?.succeeded)
     }
 }
 
@@ -299,6 +335,26 @@ mod tests {
         assert!(!registry.register(&m, &spec("/a")).await.unwrap().created, "the same model, not a conflict");
         let (read, _) = registry.vmodel(&v).await.unwrap().unwrap();
         assert_eq!((read.active.as_str(), read.split.len()), ("m", 1));
+    }
+
+    #[tokio::test]
+    async fn graphs_are_stored_compare_and_swap_and_read_with_fields_a_newer_binary_added() {
+        let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
+        let g = ModelId::new("g").unwrap();
+        let spec: GraphSpec = serde_json::from_str(
+            r#"{"nodes":{"root":{"routerType":"Sequence","steps":[{"serviceName":"m"}]}}}"#,
+        )
+        .unwrap();
+        let r1 = registry.put_graph(&g, &spec, 0).await.unwrap().unwrap();
+        assert_eq!(registry.put_graph(&g, &spec, 0).await.unwrap(), None, "create only once");
+        assert_eq!(registry.graph(&g).await.unwrap(), Some((spec.clone(), r1)));
+        assert!(!registry.delete_graph(&g, r1 - 1).await.unwrap(), "a stale deleter loses");
+        let newer = br#"{"nodes":{"root":{"routerType":"Ensemble","later":1,"steps":[{"serviceName":"m","x":2}]}},"y":3}"#;
+        registry.store().put("/dm/graphs/g", newer.to_vec(), None).await.unwrap();
+        let (read, r2) = registry.graph(&g).await.unwrap().unwrap();
+        assert_eq!(read.nodes["root"].steps[0].service_name.as_deref(), Some("m"));
+        assert!(registry.delete_graph(&g, r2).await.unwrap());
+        assert_eq!(registry.graph(&g).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::ModelId;
 use crate::election::leader_of;
+use crate::graph::GraphSpec;
 use crate::registry::{Registry, RegistryError, decode};
 use crate::spec::{InstanceRecord, ModelSpec, Placement, VModelSpec};
 use crate::store::{KeyValue, Revision, StoreError, WatchEvent};
@@ -37,6 +38,8 @@ pub enum ViewChange {
 struct Mirror {
     models: HashMap<ModelId, (ModelSpec, Revision)>,
     vmodels: HashMap<ModelId, (VModelSpec, Revision)>,
+    /// Inference graphs; shared, since every request for one reads it.
+    graphs: HashMap<ModelId, Arc<GraphSpec>>,
     /// Replaced (copy on write), never mutated in place: readers hold a snapshot without a lock.
     instances: Arc<HashMap<String, InstanceRecord>>,
     /// Each model's copies by instance, copy on write like `instances`.
@@ -93,6 +96,24 @@ impl ClusterView {
 
     pub fn vmodel_with_revision(&self, id: &ModelId) -> Option<(VModelSpec, Revision)> {
         self.mirror.read().vmodels.get(id).cloned()
+    }
+
+    /// An inference graph, shared with the mirror (replaced on change, never copied per request).
+    pub fn graph(&self, id: &ModelId) -> Option<Arc<GraphSpec>> {
+        self.mirror.read().graphs.get(id).cloned()
+    }
+
+    /// Whether a graph of this name exists, without cloning it.
+    pub fn has_graph(&self, id: &ModelId) -> bool {
+        self.mirror.read().graphs.contains_key(id)
+    }
+
+    /// Every inference graph, sorted by name.
+    pub fn graphs(&self) -> Vec<(ModelId, Arc<GraphSpec>)> {
+        let mut all: Vec<_> =
+            self.mirror.read().graphs.iter().map(|(id, g)| (id.clone(), g.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 
     /// Live pods by instance id.
@@ -235,6 +256,7 @@ impl Follower {
 enum Record {
     Model(ModelId),
     VModel(ModelId),
+    Graph(ModelId),
     Instance(String),
     Placement(ModelId, String),
     Leader,
@@ -251,6 +273,9 @@ fn classify(registry: &Registry, key: &str) -> Option<Record> {
     }
     if let Some(id) = key.strip_prefix(&registry.vmodels_prefix()) {
         return ModelId::new(id).ok().map(Record::VModel);
+    }
+    if let Some(id) = key.strip_prefix(&registry.graphs_prefix()) {
+        return ModelId::new(id).ok().map(Record::Graph);
     }
     if let Some(instance) = key.strip_prefix(&registry.instances_prefix()) {
         return Some(Record::Instance(instance.to_owned()));
@@ -269,6 +294,11 @@ fn put(registry: &Registry, mirror: &mut Mirror, kv: &KeyValue) -> Option<ViewCh
         Record::VModel(id) => decode::<VModelSpec>(&kv.key, &kv.value).map(|v| {
             mirror.vmodels.insert(id.clone(), (v, kv.mod_revision));
             Some(ViewChange::VModel(id))
+        }),
+        // Nothing reacts to a graph changing: each request reads the graph it runs.
+        Record::Graph(id) => decode::<GraphSpec>(&kv.key, &kv.value).map(|g| {
+            mirror.graphs.insert(id, Arc::new(g));
+            None
         }),
         Record::Instance(instance) => decode::<InstanceRecord>(&kv.key, &kv.value).map(|r| {
             Arc::make_mut(&mut mirror.instances).insert(instance.clone(), r);
@@ -292,6 +322,10 @@ fn remove(registry: &Registry, mirror: &mut Mirror, key: &str) -> Option<ViewCha
     match classify(registry, key)? {
         Record::Model(id) => mirror.models.remove(&id).map(|_| ViewChange::ModelRemoved(id)),
         Record::VModel(id) => mirror.vmodels.remove(&id).map(|_| ViewChange::VModelRemoved(id)),
+        Record::Graph(id) => {
+            mirror.graphs.remove(&id);
+            None
+        }
         Record::Instance(instance) => {
             if !mirror.instances.contains_key(&instance) {
                 return None;

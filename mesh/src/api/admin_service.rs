@@ -1,6 +1,6 @@
 //! `densemesh.v1.Admin`: what ModelMesh's API lacks — listings for operators and `meshctl`, traffic
 //! splits across several models behind one vmodel, and a watch of every vmodel's status for the
-//! Kubernetes controller.
+//! Kubernetes controller; and inference graphs' registration ([`crate::api::graph::registration`]).
 
 use std::pin::Pin;
 
@@ -14,6 +14,7 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::api::graph;
 use crate::cluster::placer::{LastUsed, Placer};
 use crate::cluster::vmodel_watch::{StatusEvent, VModelWatch};
 use crate::error::registry_status;
@@ -116,6 +117,29 @@ impl Admin for AdminService {
         // The stream ends when the client goes (tonic drops it) or the server stops.
         let watch = VModelWatch::new(self.view.clone(), owner, self.shutdown.clone());
         Ok(Response::new(Box::pin(watch.into_stream().map(|event| Ok(vmodel_event(event))))))
+    }
+
+    async fn set_graph(&self, request: Request<SetGraphRequest>) -> Result<Response<GraphInfo>, Status> {
+        let info = graph::registration::set(&self.registry, &self.view, request.into_inner()).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn get_graph(&self, request: Request<GetGraphRequest>) -> Result<Response<GraphInfo>, Status> {
+        Ok(Response::new(graph::registration::get(&self.registry, &request.get_ref().name).await?))
+    }
+
+    async fn delete_graph(
+        &self,
+        request: Request<DeleteGraphRequest>,
+    ) -> Result<Response<DeleteGraphResponse>, Status> {
+        Ok(Response::new(graph::registration::delete(&self.registry, &request.get_ref().name).await?))
+    }
+
+    async fn list_graphs(
+        &self,
+        _: Request<ListGraphsRequest>,
+    ) -> Result<Response<ListGraphsResponse>, Status> {
+        Ok(Response::new(graph::registration::list(&self.view)))
     }
 
     async fn list_models(

@@ -105,6 +105,11 @@ where
     let Some(name) = frame::model_name(message) else {
         return Status::invalid_argument("the request is not a well-formed ModelInferRequest").into_http();
     };
+    if service.graph_named(|h| parts.headers.contains_key(h), name).is_some() {
+        // A graph runs here, on the generated server's path (see `crate::api::graph`); each of its
+        // steps is routed there as a call of its own would be.
+        return serve_here(&mut inner, parts, bytes).await;
+    }
     service.received(message.len());
     let metadata = MetadataMap::from_headers(std::mem::take(&mut parts.headers));
     let refuse = |status: Status| {

@@ -1,13 +1,14 @@
 //! The surfaces clients and operators call: KServe V2 gRPC ([`service`]), ModelMesh's management API
 //! ([`management`]), densemesh's Admin API ([`admin_service`]), the HTTP admin endpoints ([`http`]) with
 //! the live [`dashboard`], KServe V2 REST ([`rest`]), and runtimes' own methods passed through by model id
-//! ([`passthrough`]).
+//! ([`passthrough`]), and inference graphs run on the V2 service's path ([`graph`]).
 //! They translate the wire into calls on the cluster and node rooms and never hold policy of their own.
 
 pub mod admin_service;
 pub mod auth;
 pub mod dashboard;
 pub mod front;
+pub mod graph;
 pub mod http;
 pub(crate) mod inject;
 pub mod management;

@@ -13,13 +13,16 @@ use densemesh_placement::route::Refusal;
 use densemesh_placement::{ClusterView, ModelId};
 use densemesh_runtime_core::Error as RuntimeError;
 
-use crate::cluster::forward::{Destination, Forwarder};
+use crate::cluster::forward::{Destination, Forwarded, Forwarder};
 use crate::cluster::peers;
 use crate::error::MeshError;
 use crate::metrics as m;
 use crate::node::cache::{CopyStatus, ModelCache};
+use crate::node::v2::frame;
 use crate::node::worker::Worker;
 use crate::node::{router, v2};
+use densemesh_placement::graph::GraphSpec;
+use prost::Message;
 
 /// State shared by every request.
 #[derive(Clone)]
@@ -104,6 +107,57 @@ impl InferenceService {
     /// forwarding pod acted on: this pod's view may not have that registration yet.
     async fn catch_up_with_sender(&self, metadata: &tonic::metadata::MetadataMap, id: &ModelId) {
         peers::catch_up_with_sender(&self.view, metadata, id, peers::FORWARDED_VIEW_WAIT).await;
+    }
+
+    /// The inference graph a `ModelInfer` call runs: the graph `model_name` names, unless the call's
+    /// headers name the model or vmodel (`has_header` answers whether one is present).
+    pub(crate) fn graph_named(
+        &self,
+        has_header: impl Fn(&str) -> bool,
+        model_name: &str,
+    ) -> Option<(ModelId, Arc<GraphSpec>)> {
+        if router::names_target(has_header) {
+            return None;
+        }
+        let id = ModelId::new(model_name).ok()?;
+        let graph = self.view.graph(&id)?;
+        Some((id, graph))
+    }
+
+    /// One step of a graph: a `ModelInfer` for the model (or vmodel) `request` names, taking the path a
+    /// client's call for it takes through the front: served here when placement says so (loading the
+    /// model if it must), else passed to the peer as bytes, one hop.
+    pub(crate) async fn infer_step(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        request: ModelInferRequest,
+    ) -> Result<ModelInferResponse, Status> {
+        let started = Instant::now();
+        let Decision { id, peer } = self.decide(metadata, &request.model_name)?;
+        if let Some((forwarder, peer)) = peer {
+            let body = frame::encode(&request)?;
+            let mut headers = metadata.clone().into_headers();
+            headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+            headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            match forwarder.forward(peer, &id, &headers, body).await {
+                Forwarded::Answered { answer, .. } => {
+                    let message = frame::message(&answer.body).ok_or_else(|| {
+                        Status::internal("a peer's answer is not one uncompressed gRPC message")
+                    })?;
+                    return ModelInferResponse::decode(message).map_err(|e| {
+                        Status::internal(format!("a peer's answer is not a ModelInferResponse: {e}"))
+                    });
+                }
+                Forwarded::Refused(status) => return Err(status),
+                Forwarded::ServeHere => {}
+            }
+        }
+        Ok(self.infer(metadata, Some(id), request, started).await?)
+    }
+
+    /// Ready when a request would be answered without a load: a copy here or on a live peer.
+    fn ready_without_load(&self, id: &ModelId) -> bool {
+        self.cache.is_loaded(id) || self.forwarder.as_ref().is_some_and(|f| f.loaded_elsewhere(id))
     }
 
     /// The pod's model cache.
@@ -229,10 +283,16 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        let id = self.target(request.metadata(), &request.get_ref().name)?;
-        // Ready when a request would be answered without a load: a copy here or on a live peer.
-        let elsewhere = self.forwarder.as_ref().is_some_and(|f| f.loaded_elsewhere(&id));
-        Ok(Response::new(ModelReadyResponse { ready: self.cache.is_loaded(&id) || elsewhere }))
+        let metadata = request.metadata();
+        // A graph is ready when every model it names is.
+        if let Some((_, graph)) = self.graph_named(|h| metadata.contains_key(h), &request.get_ref().name) {
+            let ready = densemesh_placement::graph::service_names(&graph)
+                .into_iter()
+                .all(|name| self.target(metadata, name).is_ok_and(|id| self.ready_without_load(&id)));
+            return Ok(Response::new(ModelReadyResponse { ready }));
+        }
+        let id = self.target(metadata, &request.get_ref().name)?;
+        Ok(Response::new(ModelReadyResponse { ready: self.ready_without_load(&id) }))
     }
 
     async fn server_metadata(
@@ -282,13 +342,25 @@ impl GrpcInferenceService for InferenceService {
         if resolved.is_none() {
             self.received(prost::Message::encoded_len(&request));
         }
-        match self.infer(&metadata, resolved.map(|r| r.id.clone()), request, started).await {
+        let graph = match resolved {
+            None => self.graph_named(|h| metadata.contains_key(h), &request.model_name),
+            Some(_) => None,
+        };
+        let answered = match graph {
+            Some((name, spec)) => crate::api::graph::run(self, &name, &spec, &metadata, request)
+                .await
+                .map_err(|e| e.into_status()),
+            None => self
+                .infer(&metadata, resolved.map(|r| r.id.clone()), request, started)
+                .await
+                .map_err(Status::from),
+        };
+        match answered {
             Ok(response) => {
                 self.served(started, prost::Message::encoded_len(&response));
                 Ok(Response::new(response))
             }
-            Err(e) => {
-                let status = Status::from(e);
+            Err(status) => {
                 self.failed(started, &status);
                 Err(status)
             }
@@ -334,7 +406,7 @@ impl InferenceService {
 }
 
 /// gRPC's canonical code names, as metric labels without a per-request allocation.
-fn code_label(code: Code) -> &'static str {
+pub(crate) fn code_label(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",

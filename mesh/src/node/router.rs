@@ -55,6 +55,22 @@ pub fn resolve(
     Ok(Target { model: id, vmodel: None })
 }
 
+/// Whether a call's headers (`has` answers whether one is present) name the model or vmodel it is for;
+/// then `model_name` is not read.
+pub fn names_target(has: impl Fn(&str) -> bool) -> bool {
+    [VMODEL_ID_HEADER, VMODEL_ID_BIN_HEADER, MODEL_ID_HEADER, MODEL_ID_BIN_HEADER].into_iter().any(has)
+}
+
+/// `metadata` without the headers that name a call's target: a graph's steps are named by their own
+/// ids, not the graph's call.
+pub fn without_target_headers(metadata: &MetadataMap) -> MetadataMap {
+    let mut headers = metadata.clone().into_headers();
+    for name in [VMODEL_ID_HEADER, VMODEL_ID_BIN_HEADER, MODEL_ID_HEADER, MODEL_ID_BIN_HEADER] {
+        headers.remove(name);
+    }
+    MetadataMap::from_headers(headers)
+}
+
 /// Where a request falls in a vmodel's traffic split: the fixed hash of its route key
 /// ([`split_point_of_key`], FNV-1a 64), so a key lands on the same model on every pod, after restarts
 /// and across toolchains; else a fresh pseudo-random number.

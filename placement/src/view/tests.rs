@@ -31,6 +31,28 @@ async fn the_view_follows_registrations_and_reads_its_writes() {
     assert_eq!(view.leader(), None, "only the leader key itself names the leader");
 }
 
+#[tokio::test]
+async fn the_view_mirrors_graphs_shared_not_copied() {
+    let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
+    let view = ClusterView::start(registry.clone()).await.unwrap();
+    let g = ModelId::new("g").unwrap();
+    let spec: GraphSpec =
+        serde_json::from_str(r#"{"nodes":{"root":{"routerType":"Sequence","steps":[{"serviceName":"m"}]}}}"#)
+            .unwrap();
+    let written = registry.put_graph(&g, &spec, 0).await.unwrap().unwrap();
+    view.caught_up(written).await;
+    assert!(view.has_graph(&g));
+    let (one, two) = (view.graph(&g).unwrap(), view.graph(&g).unwrap());
+    assert!(Arc::ptr_eq(&one, &two), "every request shares the mirror's copy");
+    assert_eq!(*one, spec);
+    assert_eq!(view.graphs().len(), 1);
+    assert!(view.model(&g).is_none() && view.vmodel(&g).is_none(), "graphs have their own id space");
+    assert!(registry.delete_graph(&g, written).await.unwrap());
+    let after = registry.store().put("/dm/other", Vec::new(), None).await.unwrap();
+    view.caught_up(after).await;
+    assert!(!view.has_graph(&g));
+}
+
 #[cfg(feature = "etcd")]
 mod after_compaction {
     use std::time::Duration;

@@ -1,6 +1,7 @@
 //! `meshctl apply -f FILE_OR_DIR`: InferenceServices and Predictors reconciled straight against a
 //! mesh, through the controller's own mapping and plan, so a single box registers models from the
-//! same manifests a Kubernetes cluster takes.
+//! same manifests a Kubernetes cluster takes; InferenceGraphs registered after them (see
+//! [`crate::graph`]), since a graph may only name models that exist.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -96,9 +97,14 @@ pub async fn run(
     wait: Option<Duration>,
 ) -> Result<(), Failure> {
     let mut docs = Vec::new();
+    let mut graphs = Vec::new();
     for file in files(path)? {
         let text = std::fs::read_to_string(&file)
             .map_err(|e| Failure { code: 2, message: format!("{}: {e}", file.display()) })?;
+        graphs.extend(
+            crate::graph::manifests(&text, &file.display().to_string())
+                .map_err(|message| Failure { code: 2, message })?,
+        );
         docs.extend(
             manifests::parse(&text, &file.display().to_string())
                 .map_err(|message| Failure { code: 2, message })?,
@@ -111,6 +117,7 @@ pub async fn run(
     let mut offered: Vec<String> = instances.instances.iter().flat_map(|i| i.model_types.clone()).collect();
     offered.sort();
     offered.dedup();
+    let (channel_for_graphs, bearer_for_graphs) = (channel.clone(), bearer.clone());
     let mesh = GrpcMesh::from_channel(channel, bearer);
     let (mut states, mut stream) = vmodels(&mesh).await?;
 
@@ -119,6 +126,8 @@ pub async fn run(
     let mut failed = false;
     for doc in &docs {
         let desired = match doc {
+            // Registered below, once the models they name are.
+            Manifest::Ignored { kind, .. } if kind == "InferenceGraph" => continue,
             Manifest::Ignored { why, .. } => {
                 results.push((doc.describe(), format!("skipped: {why}"), None));
                 continue;
@@ -152,6 +161,17 @@ pub async fn run(
             }
         };
         results.push((doc.describe(), outcome, vmodel));
+    }
+    let mut admin = AdminClient::with_interceptor(channel_for_graphs, bearer_for_graphs);
+    for graph in &graphs {
+        let outcome = match crate::graph::set(&mut admin, &graph.name, &graph.spec).await {
+            Ok(_) => "configured".to_owned(),
+            Err(err) => {
+                failed = true;
+                format!("refused: {}", err.message)
+            }
+        };
+        results.push((format!("inferencegraph/{}", graph.name), outcome, None));
     }
     let mut settled_states: HashMap<String, Result<(), String>> = HashMap::new();
     if let Some(timeout) = wait {

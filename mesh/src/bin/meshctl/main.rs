@@ -4,6 +4,7 @@
 //! usage; 3 the server could not be reached.
 
 mod apply;
+mod graph;
 mod predict;
 mod simulate;
 
@@ -93,6 +94,12 @@ enum Command {
         #[command(subcommand)]
         command: VModelCommand,
     },
+    /// Manage inference graphs (KServe InferenceGraph: Sequence, Switch, Ensemble, Splitter), called by
+    /// model_name like a model.
+    Graph {
+        #[command(subcommand)]
+        command: graph::GraphCommand,
+    },
     /// Run one inference: V2 JSON in (`{"inputs": [{"name", "datatype", "shape", "data"}]}`), JSON out.
     Predict {
         /// Model id (or vmodel id, with --vmodel).
@@ -103,8 +110,9 @@ enum Command {
         #[arg(long, short, default_value = "-")]
         input: String,
     },
-    /// Register the InferenceServices and Predictors of Kubernetes manifests (modelmesh-serving's
-    /// YAML, unchanged) straight with the mesh, as the controller would: FILE or a folder of them.
+    /// Register the InferenceServices, Predictors and InferenceGraphs of Kubernetes manifests
+    /// (modelmesh-serving's and KServe's YAML, unchanged) straight with the mesh, as the controller
+    /// would: FILE or a folder of them.
     Apply {
         #[arg(long, short = 'f')]
         file: std::path::PathBuf,
@@ -409,6 +417,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Vmodel { command } => vmodel(out, &mut mm, &mut admin, command).await,
+        Command::Graph { command } => graph::run(out, &mut admin, command).await,
         Command::Apply { file, wait } => apply::run(channel, bearer, out, file, *wait).await,
         Command::Simulate(args) => simulate(args, out),
         Command::Completions { .. } => Ok(()),

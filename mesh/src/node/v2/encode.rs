@@ -51,7 +51,9 @@ pub fn tensor_metadata(spec: &TensorSpec) -> TensorMetadata {
     }
 }
 
-fn raw_bytes(data: TensorData) -> Bytes {
+/// A tensor's elements as V2 raw contents (BYTES elements each behind a 4-byte length); fixed-size
+/// elements are the buffer they already are.
+pub fn raw_bytes(data: TensorData) -> Bytes {
     match data {
         TensorData::Raw(bytes) => bytes,
         TensorData::Strings(items) => {

@@ -16,6 +16,22 @@ pub fn message(body: &[u8]) -> Option<&[u8]> {
     (compressed == 0 && message.len() == length).then_some(message)
 }
 
+/// `message` as the body of a gRPC call: uncompressed, its length, its bytes (a graph's step for a
+/// peer, which has no client's bytes to pass on).
+pub fn encode(message: &impl prost::Message) -> Result<bytes::Bytes, crate::error::MeshError> {
+    use bytes::BufMut;
+    let length = u32::try_from(message.encoded_len()).map_err(|_| {
+        crate::error::MeshError::InvalidArgument("a message over 4 GiB cannot be one gRPC message".to_owned())
+    })?;
+    let mut body = bytes::BytesMut::with_capacity(5 + length as usize);
+    body.put_u8(0);
+    body.put_u32(length);
+    message
+        .encode(&mut body)
+        .map_err(|e| crate::error::MeshError::Internal(format!("cannot encode a message: {e}")))?;
+    Ok(body.freeze())
+}
+
 /// The `model_name` of an encoded `ModelInferRequest` (empty when it is not set: proto3's default);
 /// `None` when the bytes are not a well-formed message. Reads the field tags only: skipping the tensors
 /// costs nothing, however large they are.

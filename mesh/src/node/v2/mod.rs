@@ -14,7 +14,7 @@ mod tests;
 use densemesh_runtime_core::{InferRequest, ModelMetadata, TensorSpec};
 
 pub use decode::decode;
-pub use encode::{encode, tensor_metadata};
+pub use encode::{encode, raw_bytes, tensor_metadata};
 
 use crate::error::MeshError;
 
