@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from meshd import EXAMPLES, REPO, wait_for
 from test_etcd import Etcd
+from test_controller import s3  # noqa: F401  (moto's S3 with two models: a fixture)
 
 X = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
 FORWARDED_OK = 'densemesh_forwarded_requests_total{result="ok"}'
@@ -257,3 +258,44 @@ def test_a_certificate_rotated_under_load_fails_no_request(start_meshd, certs, t
     assert stats["failed"] == [], stats["failed"][:5]
     assert stats["ok"] > before > 0, stats
     assert "tls certificate reloaded" in server.logs()
+
+
+def test_the_controller_drives_a_meshd_that_requires_client_certificates(start_meshd, certs, tmp_path, s3):
+    """densemesh-controller with --mesh-tls-dir against the API-server double (see test_controller.py):
+    an InferenceService on moto's S3 becomes Ready through a meshd that takes only mutual TLS."""
+    from test_controller import CONTROLLER_BIN, RUNTIME, Kube, isvc
+
+    secrets, x, expected = s3
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    tls = secret(certs, tmp_path / "tls", "server")
+    server = start_meshd(repo, "--tls-dir", str(tls), "--storage-config", str(secrets), "--capacity", "64MiB")
+    kube = Kube(tmp_path)
+    log = tmp_path / "controller.log"
+    port = server.grpc_addr.rsplit(":", 1)[1]
+    controller = subprocess.Popen(
+        [CONTROLLER_BIN, "--mesh-endpoint", f"https://127.0.0.1:{port}", "--mesh-tls-dir", str(tls),
+         "--public-grpc-url", f"grpc://{server.grpc_addr}", "--metrics-addr", "127.0.0.1:0", "--lease-duration", "3s"],
+        env={**os.environ, "KUBECONFIG": str(kube.kubeconfig), "RUST_LOG": "info,kube=warn", "NO_COLOR": "1"},
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        kube.apply(RUNTIME, isvc("dense", "s3://models/dense/a/model.onnx"))
+
+        def ready():
+            status = (kube.get("inferenceservice", "dense") or {}).get("status", {})
+            return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
+
+        try:
+            wait_for(ready, 90, "the InferenceService to be Ready through the TLS mesh")
+        except TimeoutError:
+            raise AssertionError(log.read_text(errors="replace")[-4000:])
+        client = triton(server, certs)
+        i = grpcclient.InferInput("x", list(x.shape), "FP32")
+        i.set_data_from_numpy(x)
+        np.testing.assert_allclose(client.infer("dense", [i]).as_numpy(client.get_model_metadata("dense").outputs[0].name),
+                                   expected["a"], rtol=1e-5)
+        client.close()
+    finally:
+        controller.terminate()
+        controller.wait(10)
+        kube.stop()
