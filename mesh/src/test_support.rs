@@ -135,8 +135,13 @@ impl TestPod {
             model_types: densemesh_placement::spec::legacy_model_types(),
             admin_token: None,
         };
-        let placer =
-            Placer::new(name.into(), view.clone(), cache.clone(), Peers::new(Duration::from_secs(5), 1 << 20), config);
+        let placer = Placer::new(
+            name.into(),
+            view.clone(),
+            cache.clone(),
+            Peers::new(Duration::from_secs(5), 1 << 20),
+            config,
+        );
         Self { registry, view, cache, placer }
     }
 

@@ -35,7 +35,8 @@ async fn pod(registry: &Registry, name: &str, repo: &std::path::Path) -> Pod {
         model_types: densemesh_placement::spec::legacy_model_types(),
         admin_token: None,
     };
-    let placer = Placer::new(name.into(), view.clone(), cache, Peers::new(Duration::from_secs(5), 1 << 20), config);
+    let placer =
+        Placer::new(name.into(), view.clone(), cache, Peers::new(Duration::from_secs(5), 1 << 20), config);
     let lease = registry.store().grant_lease(Duration::from_secs(60)).await.unwrap();
     let (shared, leases) = watch::channel(Some(lease));
     let stop = CancellationToken::new();
