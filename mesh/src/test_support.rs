@@ -28,6 +28,27 @@ impl Runtime for NoRuntime {
     }
 }
 
+/// A loaded model that answers nothing: for tests of what routes loads, its metadata saying who
+/// loaded it. It is charged one byte.
+pub(crate) struct StubModel(pub densemesh_runtime_core::ModelMetadata);
+
+impl LoadedModel for StubModel {
+    fn metadata(&self) -> &densemesh_runtime_core::ModelMetadata {
+        &self.0
+    }
+
+    fn size_bytes(&self) -> u64 {
+        1
+    }
+
+    fn infer(
+        &self,
+        _: densemesh_runtime_core::InferRequest,
+    ) -> densemesh_runtime_core::Result<Vec<densemesh_runtime_core::Tensor>> {
+        Ok(Vec::new())
+    }
+}
+
 /// A KServe V2 server that answers every ModelInfer with an empty response naming the model asked
 /// for, and nothing else: for tests of what wraps the generated service.
 #[derive(Clone, Default)]

@@ -60,27 +60,14 @@ impl Runtime for OnnxRuntimes {
 mod tests {
     use std::path::Path;
 
-    use densemesh_runtime_core::{InferRequest, ModelMetadata, Tensor};
+    use densemesh_runtime_core::ModelMetadata;
     use densemesh_runtime_tiny::TinyConfig;
 
     use super::*;
+    use crate::test_support::StubModel;
 
     /// Stands in for ONNX Runtime: says it loaded, with its name as the platform.
     struct Fallback;
-
-    struct Loaded(ModelMetadata);
-
-    impl LoadedModel for Loaded {
-        fn metadata(&self) -> &ModelMetadata {
-            &self.0
-        }
-        fn size_bytes(&self) -> u64 {
-            1
-        }
-        fn infer(&self, _: InferRequest) -> Result<Vec<Tensor>> {
-            Ok(Vec::new())
-        }
-    }
 
     impl Runtime for Fallback {
         fn name(&self) -> &'static str {
@@ -88,7 +75,7 @@ mod tests {
         }
         fn load(&self, _: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
             let metadata = ModelMetadata { platform: "fallback".into(), inputs: vec![], outputs: vec![] };
-            Ok(Box::new(Loaded(metadata)))
+            Ok(Box::new(StubModel(metadata)))
         }
     }
 

@@ -91,27 +91,14 @@ impl Runtime for Runtimes {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use densemesh_runtime_core::{InferRequest, ModelMetadata, Tensor};
+    use densemesh_runtime_core::ModelMetadata;
 
     use super::*;
+    use crate::test_support::StubModel;
 
     struct Named {
         name: &'static str,
         reclaimed: AtomicUsize,
-    }
-
-    struct Loaded(ModelMetadata);
-
-    impl LoadedModel for Loaded {
-        fn metadata(&self) -> &ModelMetadata {
-            &self.0
-        }
-        fn size_bytes(&self) -> u64 {
-            1
-        }
-        fn infer(&self, _: InferRequest) -> Result<Vec<Tensor>> {
-            Ok(Vec::new())
-        }
     }
 
     impl Runtime for Named {
@@ -120,7 +107,7 @@ mod tests {
         }
         fn load(&self, _: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
             let metadata = ModelMetadata { platform: self.name.into(), inputs: vec![], outputs: vec![] };
-            Ok(Box::new(Loaded(metadata)))
+            Ok(Box::new(StubModel(metadata)))
         }
         fn reclaim_memory(&self) {
             self.reclaimed.fetch_add(1, Ordering::Relaxed);

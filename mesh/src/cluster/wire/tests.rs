@@ -121,16 +121,14 @@ fn calls_and_answers_read_back_as_written_and_every_truncation_is_an_error() {
     assert!(matches!(decode_call(Bytes::from(bad_name)), Err(FrameError::Malformed(_))));
 }
 
-#[tokio::test]
-async fn concurrent_calls_on_one_connection_each_get_their_own_answer() {
-    let (endpoint, _grpc, calls, _stop, _tasks) = serve_echo(LIMIT).await;
-    let peer = Arc::new(WirePeer::new(&endpoint, LIMIT, Duration::from_secs(10)));
+/// `calls` concurrent calls on `peer`, every `big_every`-th of 3 MiB, each body distinct: each must
+/// come back as its own call's answer.
+async fn each_gets_its_own_answer(peer: Arc<WirePeer>, calls: u32, big_every: u32) {
     let mut running = Vec::new();
-    for i in 0..200u32 {
+    for i in 0..calls {
         let peer = peer.clone();
         running.push(tokio::spawn(async move {
-            // Some bodies big enough that the socket cannot take them at once: the flush task's path.
-            let size = if i % 20 == 0 { 3 << 20 } else { 64 };
+            let size = if i % big_every == 0 { 3 << 20 } else { 64 };
             let mut body = vec![i as u8; size];
             body[..4].copy_from_slice(&i.to_be_bytes());
             let body = Bytes::from(body);
@@ -142,6 +140,14 @@ async fn concurrent_calls_on_one_connection_each_get_their_own_answer() {
     for call in running {
         call.await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn concurrent_calls_on_one_connection_each_get_their_own_answer() {
+    let (endpoint, _grpc, calls, _stop, _tasks) = serve_echo(LIMIT).await;
+    let peer = Arc::new(WirePeer::new(&endpoint, LIMIT, Duration::from_secs(10)));
+    // Some bodies big enough that the socket cannot take them at once: the flush task's path.
+    each_gets_its_own_answer(peer, 200, 20).await;
     assert_eq!(calls.load(Ordering::SeqCst), 200);
 }
 
@@ -329,23 +335,8 @@ mod tls {
         let client = peer_client(&pod(&certs, "b", "ca"));
         let peer =
             Arc::new(WirePeer::new(&endpoint, LIMIT, Duration::from_secs(10)).with_tls(Some(client.wire)));
-        let mut running = Vec::new();
-        for i in 0..50u32 {
-            let peer = peer.clone();
-            running.push(tokio::spawn(async move {
-                // Some bodies bigger than a TLS record and the socket's buffer.
-                let size = if i % 10 == 0 { 3 << 20 } else { 64 };
-                let mut body = vec![i as u8; size];
-                body[..4].copy_from_slice(&i.to_be_bytes());
-                let body = Bytes::from(body);
-                let answer = peer.call(MODEL_INFER_PATH, &headers(&[]), body.clone()).await.unwrap();
-                assert_eq!(grpc_status(&answer), Some("0"));
-                assert!(answer.body == body, "call {i} got another call's answer");
-            }));
-        }
-        for call in running {
-            call.await.unwrap();
-        }
+        // Some bodies bigger than a TLS record and the socket's buffer.
+        each_gets_its_own_answer(peer.clone(), 50, 10).await;
         assert_eq!(calls.load(Ordering::SeqCst), 50);
 
         let refused = |peer: WirePeer| async move {
