@@ -125,6 +125,11 @@ pub struct ServeArgs {
     /// address itself, which the other pods must then be able to reach.
     #[arg(long, env = "DENSEMESH_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
+    /// Forwarded requests between pods ride the pod wire, a lean framing on the gRPC port, where both
+    /// pods speak it. false: HTTP/2 only, both ways (this pod neither publishes nor uses the wire),
+    /// for a network path that parses the gRPC port as HTTP/2, such as a service-mesh sidecar.
+    #[arg(long, env = "DENSEMESH_PEER_WIRE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub peer_wire: bool,
     /// A file holding the management API's token: registerModel, setVModel and the Admin service then
     /// answer only calls with `authorization: Bearer <token>` (UNAUTHENTICATED otherwise); inference
     /// stays open. Re-read when it changes.
@@ -296,6 +301,7 @@ impl ServeArgs {
             etcd: self.etcd,
             etcd_tls: self.etcd_tls_dir.map(|dir| densemesh_placement::store::EtcdTls { dir }),
             advertise_addr: self.advertise_addr.filter(|a| !a.trim().is_empty()),
+            peer_wire: self.peer_wire,
             admin_token_file: self.admin_token_file,
             tls: match (self.tls_dir, self.tls_cert, self.tls_key) {
                 (Some(dir), _, _) => Some(crate::tls::TlsFiles::from_dir(&dir)),

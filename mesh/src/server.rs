@@ -61,6 +61,8 @@ pub struct ServeConfig {
     pub etcd_tls: Option<densemesh_placement::store::EtcdTls>,
     /// The endpoint published for peers, if not the bound gRPC address (`--advertise-addr`).
     pub advertise_addr: Option<String>,
+    /// Whether this pod publishes and uses the pod wire (`--peer-wire`).
+    pub peer_wire: bool,
     /// The management API's token file (`--admin-token-file`).
     pub admin_token_file: Option<PathBuf>,
     /// TLS on the gRPC and REST ports and to peers (`--tls-cert`/`--tls-key`/`--tls-client-ca` or
@@ -243,7 +245,8 @@ pub async fn run(
         config.cache.load_timeout + Duration::from_secs(5),
         config.max_message_size,
     )
-    .with_tls(tls.as_ref().map(crate::tls::Tls::peer_client).transpose()?.flatten());
+    .with_tls(tls.as_ref().map(crate::tls::Tls::peer_client).transpose()?.flatten())
+    .with_wire(config.peer_wire);
     let token = config.admin_token_file.as_deref().map(crate::api::auth::AdminToken::open).transpose()?;
     let placer = Placer::new(
         config.instance_id.clone(),
@@ -387,6 +390,7 @@ pub async fn run(
         endpoint: endpoint.clone(),
         lease_ttl: config.lease_ttl,
         model_types: model_types.clone(),
+        peer_wire: if config.peer_wire { crate::cluster::wire::VERSION } else { 0 },
         health,
         lease: Arc::new(lease_tx),
     };

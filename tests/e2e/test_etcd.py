@@ -239,12 +239,14 @@ def test_every_pod_sees_every_copy_and_a_dead_pods_copies_vanish(start_meshd, et
     wait_for(lambda: ("pod-c", "LOADED") not in copies_seen_by_b(), 10, "pod-c's copy to go with its revoked lease")
 
 
-def test_requests_reach_the_pod_that_holds_the_model_and_survive_its_death(start_meshd, etcd, mmesh, tmp_path):
+@pytest.mark.parametrize("wire", ["true", "false"])
+def test_requests_reach_the_pod_that_holds_the_model_and_survive_its_death(start_meshd, etcd, mmesh, tmp_path, wire):
+    """Over the pod wire, and over HTTP/2 when the forwarding pod has it off (--peer-wire false)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     common = ["--etcd", etcd.endpoint, "--lease-ttl", "30s"]
     a = start_meshd(repo, *common, "--instance-id", "pod-a")
-    b = start_meshd(repo, *common, "--instance-id", "pod-b")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b", "--peer-wire", wire)
     pb2, stub = mm(a, mmesh)
     info = pb2.ModelInfo(type="onnx", path=str(EXAMPLES / "iris-logreg"))
     stub.registerModel(pb2.RegisterModelRequest(modelId="m", modelInfo=info))
@@ -262,6 +264,7 @@ def test_requests_reach_the_pod_that_holds_the_model_and_survive_its_death(start
     assert metrics_b["densemesh_models_loaded"] == 0, "pod-b forwarded instead of loading a second copy"
     assert metrics_b['densemesh_forwarded_requests_total{result="ok"}'] == 10
     assert metrics_a['densemesh_requests_total{method="ModelInfer",code="OK"}'] == 11, "one hop: pod-a served them"
+    assert ("pod wire connected" in b.log_path.read_text(errors="replace")) == (wire == "true")
 
     # pod-a dies without a goodbye; its placement lingers until the lease runs out, yet pod-b answers
     # at once by loading the model itself.

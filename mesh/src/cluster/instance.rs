@@ -29,6 +29,8 @@ pub struct InstanceConfig {
     pub lease_ttl: Duration,
     /// The model types this pod offers, published in its record for placement.
     pub model_types: Vec<String>,
+    /// The pod wire version it publishes ([`crate::cluster::wire::VERSION`]; 0: HTTP/2 only).
+    pub peer_wire: u32,
     /// Told when the registry stops answering the heartbeat, and when it answers again.
     pub health: RegistryHealth,
     /// Where this pod's current lease is shared (the leader election binds its key to it).
@@ -178,7 +180,7 @@ impl Publisher {
             draining: self.draining,
             started_ms: self.started_ms,
             model_types: self.config.model_types.clone(),
-            peer_wire: crate::cluster::wire::VERSION,
+            peer_wire: self.config.peer_wire,
         }
     }
 
@@ -338,6 +340,7 @@ mod tests {
             endpoint: "127.0.0.1:1".into(),
             lease_ttl: Duration::from_secs(30),
             model_types: densemesh_placement::spec::legacy_model_types(),
+            peer_wire: crate::cluster::wire::VERSION,
             health: RegistryHealth::new(Duration::from_secs(30)),
             lease: Arc::new(tokio::sync::watch::channel(None).0),
         };

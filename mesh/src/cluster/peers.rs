@@ -128,12 +128,20 @@ pub struct Peers {
     /// TLS to peers (`--tls-*` with a CA): channels and the wire both verify the peer and present
     /// this pod's certificate.
     tls: Option<crate::tls::PeerTls>,
+    /// Whether forwarded calls may use the pod wire (`--peer-wire`).
+    wire: bool,
 }
 
 impl Peers {
     /// A pool whose calls give up after `timeout`, for messages of at most `max_message_size`.
     pub fn new(timeout: Duration, max_message_size: usize) -> Self {
-        Self { state: Arc::default(), timeout, max_message_size, tls: None }
+        Self { state: Arc::default(), timeout, max_message_size, tls: None, wire: true }
+    }
+
+    /// Whether to use the pod wire with peers that speak it (`--peer-wire`); HTTP/2 only when not.
+    pub fn with_wire(mut self, wire: bool) -> Self {
+        self.wire = wire;
+        self
     }
 
     /// Calls peers over TLS with `tls`.
@@ -145,6 +153,7 @@ impl Peers {
     /// The connections to `endpoint`, made on first use, with the pod wire when `wire` (the peer's
     /// record says it speaks it); `None` when the endpoint is not an address.
     pub fn channel(&self, endpoint: &str, wire: bool) -> Option<PeerChannel> {
+        let wire = wire && self.wire;
         let mut state = self.state.lock();
         // A pod restarted on the same address may speak the wire now, or no longer.
         if let Some(peer) = state.channels.get(endpoint).filter(|p| p.wire.is_some() == wire) {
@@ -258,6 +267,9 @@ mod tests {
         peers.prune(&live);
         assert_eq!(peers.connected(), ["127.0.0.1:2"]);
         assert!(peers.channel("not an address\n", false).is_none());
+        // With the wire off, a peer that speaks it is still reached over HTTP/2 only.
+        let off = Peers::new(Duration::from_secs(1), 1 << 20).with_wire(false);
+        assert!(off.channel("127.0.0.1:2", true).is_some_and(|p| p.wire.is_none()));
     }
 
     #[test]
