@@ -163,7 +163,7 @@ def test_a_hard_step_failure_fails_the_graph_with_its_code_and_a_soft_one_is_ski
     assert "step classify" in missing.value.message() and "input" in missing.value.message(), missing.value
 
 
-def test_registration_refuses_graphs_that_cannot_run_and_meshctl_manages_them(server, admin_api, tmp_path):
+def test_registration_refuses_graphs_that_cannot_run_and_meshctl_manages_them(server, admin_api, mmesh, tmp_path):
     def refused(name, spec):
         with pytest.raises(grpc.RpcError) as e:
             set_graph(server, admin_api, name, spec)
@@ -176,6 +176,16 @@ def test_registration_refuses_graphs_that_cannot_run_and_meshctl_manages_them(se
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "cycle: root -> root" in message
     code, message = refused("scale", sequence({"serviceName": "triple"}))
     assert code == grpc.StatusCode.ALREADY_EXISTS and "taken by a model" in message
+    # The other way round: a model or vmodel may not take a graph's name.
+    set_graph(server, admin_api, "taken", sequence({"serviceName": "scale"}))
+    pb2, stub = mm(server, mmesh)
+    info = pb2.ModelInfo(type="onnx", path=str(server.model_repo / "scale"))
+    for call in (lambda: stub.registerModel(pb2.RegisterModelRequest(modelId="taken", modelInfo=info)),
+                 lambda: stub.setVModel(pb2.SetVModelRequest(vModelId="taken", targetModelId="scale"))):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and "taken by an inference graph" in e.value.details()
+    assert "deleted" in meshctl(server, "graph", "delete", "taken").stdout
     switch = {"nodes": {"root": {"routerType": "Switch", "steps": [
         {"serviceName": "scale", "condition": 'instances.#(intent=="Open")#'}]}}}
     code, message = refused("g", switch)

@@ -34,6 +34,17 @@ pub struct Management {
 }
 
 impl Management {
+    /// A model or vmodel may not take an inference graph's name: `ModelInfer` by that name would run
+    /// the graph. The graph side refuses the other way round when the graph is registered.
+    async fn refuse_graph_name(&self, kind: &str, id: &ModelId) -> Result<(), Status> {
+        if self.registry.graph(id).await.map_err(status_of)?.is_some() {
+            return Err(Status::already_exists(format!(
+                "{kind} {id}: the name is taken by an inference graph; a {kind} needs a name of its own"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn new(registry: Registry, view: ClusterView, cache: ModelCache, placer: Placer) -> Self {
         let instance_id = placer.instance_id().to_owned();
         Self { registry, view, cache, placer, instance_id, puller: None }
@@ -222,6 +233,7 @@ impl ModelMesh for Management {
         let (metadata, _, request) = request.into_parts();
         let id = parse_id("modelId", &request.model_id)?;
         let spec = self.checked_spec(request.model_info, false)?;
+        self.refuse_graph_name("model", &id).await?;
         let registered = self.registry.register(&id, &spec).await.map_err(status_of)?;
         self.view.caught_up(registered.revision).await;
         tracing::info!(model_id = %id, created = registered.created, updated = registered.updated, "model registered");
@@ -282,6 +294,8 @@ impl ModelMesh for Management {
         let request = request.into_inner();
         let vid = parse_id("vModelId", &request.v_model_id)?;
         let target = parse_id("targetModelId", &request.target_model_id)?;
+        self.refuse_graph_name("vmodel", &vid).await?;
+        self.refuse_graph_name("model", &target).await?;
         if request.model_info.is_some() {
             let spec = self.checked_spec(request.model_info.clone(), request.auto_delete_target_model)?;
             let registered = self.registry.register(&target, &spec).await.map_err(status_of)?;
