@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from certs import issue, make_ca
 from meshd import EXAMPLES, REPO, raw_request, wait_for
 
 import numpy as np
@@ -100,20 +101,11 @@ def test_registrations_outlive_meshd(start_meshd, etcd, mmesh, tmp_path):
 
 
 def make_certificates(dir):
-    """A CA, etcd's certificate for 127.0.0.1 and a client certificate, made with the openssl command:
-    ca.crt, server.crt/key, and tls.crt/key (a Kubernetes TLS secret's names, as meshd reads them)."""
-    def openssl(*args):
-        subprocess.run(["openssl", *args], cwd=dir, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-subj", "/CN=e2e-ca",
-            "-days", "1", "-out", "ca.crt")
-    (dir / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    (dir / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name, ext in (("server", "server.ext"), ("tls", "client.ext")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-subj", f"/CN={name}",
-                "-out", f"{name}.csr")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "1", "-extfile", ext, "-out", f"{name}.crt")
+    """A CA, etcd's certificate for 127.0.0.1 and a client certificate: ca.crt, server.crt/key, and
+    tls.crt/key (a Kubernetes TLS secret's names, as meshd reads them)."""
+    make_ca(dir, "ca")
+    for name in ("server", "tls"):
+        issue(dir, name, "ca")
 
 
 def test_meshd_reaches_an_etcd_that_requires_client_certificates(start_meshd, mmesh, tmp_path):

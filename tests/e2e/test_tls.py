@@ -18,32 +18,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from certs import issue, make_ca
 from meshd import EXAMPLES, REPO, wait_for
 from test_etcd import Etcd
 from test_controller import s3  # noqa: F401  (moto's S3 with two models: a fixture)
 
 X = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
 FORWARDED_OK = 'densemesh_forwarded_requests_total{result="ok"}'
-
-
-def openssl(directory, *args):
-    subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-
-def make_ca(directory, name):
-    """A self-signed CA: `<name>.crt`, `<name>.key`."""
-    openssl(directory, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-subj", f"/CN={name}", "-days", "1", "-out", f"{name}.crt")
-
-
-def issue(directory, name, ca):
-    """`<name>.crt`/`<name>.key` signed by `ca`, for 127.0.0.1 and localhost, server and client alike."""
-    (directory / f"{name}.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
-    openssl(directory, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{name}.key", "-subj", f"/CN={name}", "-out", f"{name}.csr")
-    openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-            "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
 
 
 @pytest.fixture
