@@ -12,6 +12,7 @@ pub mod condition;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +94,20 @@ pub struct Step {
     /// output names. Tensors it does not name pass on under their own names.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub input_map: BTreeMap<String, String>,
+    /// `condition`, parsed the first time it is evaluated ([`Step::parsed_condition`]).
+    #[serde(skip)]
+    parsed_condition: ParsedCondition,
+}
+
+/// A step's condition parsed once, so a Switch does not parse its conditions on every request: state
+/// derived from `condition`, never stored and no part of a step's equality.
+#[derive(Debug, Clone, Default)]
+struct ParsedCondition(OnceLock<Result<Condition, UnsupportedCondition>>);
+
+impl PartialEq for ParsedCondition {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Which tensors a step receives.
@@ -105,6 +120,12 @@ pub enum Data {
 }
 
 impl Step {
+    /// Its condition, parsed the first time it is asked for; `None` when it has none.
+    pub fn parsed_condition(&self) -> Option<&Result<Condition, UnsupportedCondition>> {
+        let text = self.condition.as_deref()?;
+        Some(self.parsed_condition.0.get_or_init(|| Condition::parse(text)))
+    }
+
     /// The name metrics, errors and ensemble outputs use.
     pub fn label(&self) -> &str {
         if !self.name.is_empty() {

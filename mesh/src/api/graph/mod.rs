@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use densemesh_placement::ModelId;
-use densemesh_placement::graph::{Condition, Data, Dependency, GraphSpec, ROOT, RouterType, Step};
+use densemesh_placement::graph::{Data, Dependency, GraphSpec, ROOT, RouterType, Step};
 use densemesh_placement::spec::{Weighted, choose};
 use densemesh_proto::inference::{InferParameter, ModelInferRequest, ModelInferResponse};
 use densemesh_runtime_core::Tensor;
@@ -225,8 +225,8 @@ impl Run<'_> {
     }
 
     fn condition_holds(&self, step: &Step) -> bool {
-        let Some(text) = &step.condition else { return true };
-        match Condition::parse(text) {
+        let Some(parsed) = step.parsed_condition() else { return true };
+        match parsed {
             Ok(condition) => {
                 condition.holds(self.view.get_or_init(|| {
                     flow::json_view(&self.id, &self.parameters, &self.metadata, &self.request)
