@@ -13,10 +13,16 @@ trap 'kill "$setup_pid" 2>/dev/null || true; rm -f "$setup_log"' EXIT
 export CARGO_TERM_COLOR=never
 
 cargo fmt --all --check
-# clippy.toml's bans (std::env::set_var, std::sync::Mutex in async code) hold only if clippy runs.
-cargo clippy --workspace --all-targets -- -D warnings
-cargo build -p densemesh-mesh -p densemesh-controller --bins
-cargo test --workspace --no-run
+# One compilation lints, builds and serves the tests. clippy-driver wraps rustc for the workspace's own
+# crates, as `cargo clippy --workspace --all-targets -- -D warnings` does (same lints, same clippy.toml
+# bans on std::env::set_var and std::sync::Mutex in async code), but keeps code generation, so the
+# dependencies compile once instead of once for clippy's check pass and again for the build. Building
+# the binaries with the test targets, in one command, also keeps one feature set (tokio's test-util
+# comes with the dev-dependencies): a separate `cargo build --bins` compiled tokio and all that sits on it
+# twice. `cargo test` below keeps the wrapper, so it finds everything built.
+export RUSTC_WORKSPACE_WRAPPER=clippy-driver
+export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
+cargo build --workspace --all-targets
 if ! wait "$setup_pid"; then
     cat "$setup_log" >&2
     echo "scripts/setup.sh test failed" >&2
