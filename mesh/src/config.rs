@@ -150,6 +150,15 @@ pub struct ServeArgs {
     /// `tls.crt`, `tls.key`, and `ca.crt`, which turns mutual TLS on when present at start-up.
     #[arg(long, env = "DENSEMESH_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// The name (DNS or IP) every peer's certificate must hold, wherever the peer is dialled. Without
+    /// it a peer's certificate must name the address the peer advertises: on Kubernetes that is a
+    /// pod IP, which changes, so the chart sets this to the name its certificate is issued for.
+    #[arg(long, env = "DENSEMESH_TLS_PEER_NAME", value_parser = crate::tls::parse_peer_name)]
+    pub tls_peer_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// Serve the metrics port (metrics, health, dashboard) over TLS too, with the same certificate.
+    /// It never asks for a client certificate: the kubelet's HTTPS probes present none.
+    #[arg(long, env = "DENSEMESH_METRICS_TLS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub metrics_tls: bool,
     /// Directories, besides the model repository and the disk cache, that local model paths (and
     /// file:// URIs) may be inside, after `..` and symlinks are resolved; a registration outside all of
     /// them is refused with INVALID_ARGUMENT, the same whether or not the path exists.
@@ -219,6 +228,8 @@ pub struct ServeArgs {
 /// Flags that cannot be turned into a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("{flag} needs TLS: give --tls-cert and --tls-key, or --tls-dir")]
+    NeedsTls { flag: &'static str },
     #[error(
         "cannot tell how much memory --capacity {share} is a share of: {source}; give a size instead (e.g. 2GiB)"
     )]
@@ -250,6 +261,22 @@ impl ServeArgs {
                 bytes
             }
         };
+        let tls = match (self.tls_dir, self.tls_cert, self.tls_key) {
+            (Some(dir), _, _) => Some(crate::tls::TlsFiles::from_dir(&dir)),
+            (None, Some(cert), Some(key)) => {
+                Some(crate::tls::TlsFiles::from_flags(cert, key, self.tls_client_ca))
+            }
+            _ => None,
+        };
+        if tls.is_none() {
+            if self.tls_peer_name.is_some() {
+                return Err(ConfigError::NeedsTls { flag: "--tls-peer-name" });
+            }
+            if self.metrics_tls {
+                return Err(ConfigError::NeedsTls { flag: "--metrics-tls" });
+            }
+        }
+        let tls = tls.map(|files| files.with_peer_name(self.tls_peer_name));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let instance_id = self.instance_id.unwrap_or_else(default_instance_id);
         let cache_dir = self
@@ -303,13 +330,8 @@ impl ServeArgs {
             advertise_addr: self.advertise_addr.filter(|a| !a.trim().is_empty()),
             peer_wire: self.peer_wire,
             admin_token_file: self.admin_token_file,
-            tls: match (self.tls_dir, self.tls_cert, self.tls_key) {
-                (Some(dir), _, _) => Some(crate::tls::TlsFiles::from_dir(&dir)),
-                (None, Some(cert), Some(key)) => {
-                    Some(crate::tls::TlsFiles::from_flags(cert, key, self.tls_client_ca))
-                }
-                _ => None,
-            },
+            tls,
+            metrics_tls: self.metrics_tls,
             eviction: self.eviction,
             metrics_per_model: self.metrics_per_model,
             lease_ttl: self.lease_ttl,
@@ -423,6 +445,29 @@ mod tests {
             bad.contains("--model-types") && bad.contains("\"Py Torch\" is not a model format name"),
             "{bad}"
         );
+    }
+
+    #[test]
+    fn tls_peer_name_and_metrics_tls_need_tls_and_bad_names_are_refused() {
+        for flags in [&["--tls-peer-name", "meshd.ns.svc"][..], &["--metrics-tls", "true"]] {
+            let e = serve_args(flags).unwrap().into_config().unwrap_err().to_string();
+            assert!(e.contains(flags[0]) && e.contains("--tls-dir"), "{e}");
+        }
+        let config =
+            serve_args(&["--tls-dir", "/tls", "--tls-peer-name", "meshd.ns.svc", "--metrics-tls", "true"])
+                .unwrap()
+                .into_config()
+                .unwrap();
+        assert!(config.metrics_tls);
+        let tls = config.tls.expect("--tls-dir");
+        assert_eq!(
+            tls,
+            crate::tls::TlsFiles::from_dir(std::path::Path::new("/tls"))
+                .with_peer_name(Some(crate::tls::parse_peer_name("meshd.ns.svc").unwrap()))
+        );
+        let bad =
+            serve_args(&["--tls-dir", "/tls", "--tls-peer-name", "no such name!"]).unwrap_err().to_string();
+        assert!(bad.contains("--tls-peer-name") && bad.contains("DNS name"), "{bad}");
     }
 
     #[test]

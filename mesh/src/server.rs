@@ -68,6 +68,8 @@ pub struct ServeConfig {
     /// TLS on the gRPC and REST ports and to peers (`--tls-cert`/`--tls-key`/`--tls-client-ca` or
     /// `--tls-dir`); `None`: plaintext.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// The metrics port over TLS too (`--metrics-tls`), with `tls`'s certificate.
+    pub metrics_tls: bool,
     /// Which loaded model a load evicts first (`--eviction`).
     pub eviction: densemesh_placement::eviction::Policy,
     /// Per-model metrics for this many models, 0 for none (`--metrics-per-model`).
@@ -270,8 +272,13 @@ pub async fn run(
         puller.clone(),
     );
     let (scraped, managed) = (cache.clone(), view.clone());
+    let metrics_tls = match &tls {
+        Some(tls) if config.metrics_tls => Some(tls.metrics_config()?),
+        _ => None,
+    };
     let _admin = AdminServer::start(
         admin_listener,
+        metrics_tls,
         metrics,
         ready.clone(),
         Arc::new(move || {

@@ -13,10 +13,11 @@ def make_ca(directory, name):
             "-keyout", f"{name}.key", "-subj", f"/CN={name}", "-days", "1", "-out", f"{name}.crt")
 
 
-def issue(directory, name, ca):
-    """`<name>.crt`/`<name>.key` signed by `ca`, for 127.0.0.1 and localhost, server and client alike."""
+def issue(directory, name, ca, sans="IP:127.0.0.1,DNS:localhost"):
+    """`<name>.crt`/`<name>.key` signed by `ca`, for `sans` (openssl's form; 127.0.0.1 and localhost by
+    default), server and client alike."""
     (directory / f"{name}.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+        f"subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\n")
     openssl(directory, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
             "-keyout", f"{name}.key", "-subj", f"/CN={name}", "-out", f"{name}.csr")
     openssl(directory, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",

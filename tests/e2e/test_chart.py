@@ -349,8 +349,9 @@ def test_meshd_pod_template(case):
     meshd = meshd_container(docs)
     assert meshd["args"] == ["serve"]
     assert {p["name"]: p["containerPort"] for p in meshd["ports"]} == {"grpc": 8033, "http": 8008, "metrics": 2112}
-    assert meshd["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    assert meshd["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    scheme = {"scheme": "HTTPS"} if env_of(meshd).get("DENSEMESH_METRICS_TLS") == "true" else {}
+    assert meshd["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics", **scheme}
+    assert meshd["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics", **scheme}
 
     env = env_of(meshd)
     unknown = {n for n in env if n.startswith("DENSEMESH_")} - meshd_flags() - MESHD_FLAGS_PENDING
@@ -485,6 +486,41 @@ def test_the_admin_token_reaches_meshd_and_the_controller():
     assert "admin-token" not in {v["name"] for v in pod_template(plain)["spec"]["volumes"]}
 
 
+def test_tls_reaches_meshd_the_controller_and_the_service_monitor():
+    docs = render("tls-values.yaml")
+    meshd = meshd_container(docs)
+    env = env_of(meshd)
+    assert env["DENSEMESH_TLS_DIR"] == "/etc/densemesh/tls"
+    # Pods are dialled at their IPs, which no certificate holds: they verify each other by the Service's name.
+    assert env["DENSEMESH_TLS_PEER_NAME"] == f"{RELEASE}-meshd.{NAMESPACE}"
+    assert env["DENSEMESH_METRICS_TLS"] == "true"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert meshd[probe]["httpGet"]["scheme"] == "HTTPS", probe
+    controller = one(docs, "Deployment", f"{RELEASE}-controller")["spec"]["template"]["spec"]
+    controller_env = env_of(controller["containers"][0])
+    assert controller_env["DENSEMESH_MESH_ENDPOINT"] == f"https://{RELEASE}-meshd.{NAMESPACE}:8033"
+    assert controller_env["DENSEMESH_MESH_TLS_DIR"] == "/etc/densemesh/tls"
+    for spec, container in ((pod_template(docs)["spec"], meshd), (controller, controller["containers"][0])):
+        assert next(v for v in spec["volumes"] if v["name"] == "tls")["secret"] == {"secretName": "densemesh-tls"}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+        assert mount == {"name": "tls", "mountPath": "/etc/densemesh/tls", "readOnly": True}
+    monitors = {d["metadata"]["name"]: d["spec"]["endpoints"][0] for d in find(docs, "ServiceMonitor")}
+    assert monitors[f"{RELEASE}-meshd"]["scheme"] == "https"
+    assert monitors[f"{RELEASE}-meshd"]["tlsConfig"] == {
+        "ca": {"secret": {"name": "densemesh-tls", "key": "ca.crt"}}, "serverName": f"{RELEASE}-meshd.{NAMESPACE}"}
+    assert "scheme" not in monitors[f"{RELEASE}-controller"], "the controller's metrics stay plain"
+
+    named = env_of(meshd_container(render("tls-values.yaml", ("tls.peerName=meshd-peers.example",))))
+    assert named["DENSEMESH_TLS_PEER_NAME"] == "meshd-peers.example"
+    without_metrics = meshd_container(render("tls-values.yaml", ("tls.metrics=false",)))
+    assert "DENSEMESH_METRICS_TLS" not in env_of(without_metrics)
+    assert "scheme" not in without_metrics["readinessProbe"]["httpGet"]
+    plain = render("defaults")
+    assert not {"DENSEMESH_TLS_DIR", "DENSEMESH_TLS_PEER_NAME", "DENSEMESH_METRICS_TLS"} & set(env_of(meshd_container(plain)))
+    plain_controller = one(plain, "Deployment", f"{RELEASE}-controller")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(plain_controller)["DENSEMESH_MESH_ENDPOINT"] == f"http://{RELEASE}-meshd.{NAMESPACE}:8033"
+
+
 def test_capacity_reaches_meshd():
     docs = render("capacity-share-values.yaml")
     meshd = meshd_container(docs)
@@ -541,6 +577,7 @@ def test_monitoring_and_network_policies():
     (("controller.replicas=two",), "controller.replicas: Invalid type"),
     (("meshd.shutdownGrace=soon",), "meshd.shutdownGrace: Does not match pattern"),
     (("meshd.capacty=2GiB",), "Additional property capacty is not allowed"),
+    (("tls.peerName=not a name",), "tls.peerName: Does not match pattern"),
 ])
 def test_bad_values_fail_with_a_clear_message(sets, message):
     proc = helm("template", RELEASE, str(CHART), "-n", NAMESPACE, *values_args("defaults", sets), check=False)

@@ -3,6 +3,7 @@ and REST over TLS; with mutual TLS, clients without a certificate or with one of
 two pods forwarding to each other over mutual TLS on an etcd that requires client certificates; and a
 certificate rotated under load with no request failing. Certificates are made with the openssl command
 (scripts/setup.sh installs it), for 127.0.0.1 as an IP SAN."""
+import http.client
 import os
 import shutil
 import socket
@@ -194,6 +195,54 @@ def test_two_pods_forward_over_mutual_tls_on_an_etcd_with_client_certificates(st
         client.close()
         assert b.metrics().get(FORWARDED_OK, 0) >= 20, "pod-b forwarded the requests"
         assert a.metrics().get(FORWARDED_OK, 0) == 0
+    finally:
+        etcd.stop()
+        etcd.dir.cleanup()
+
+
+def test_pods_whose_certificates_name_a_service_forward_with_a_peer_name_and_serve_metrics_over_tls(
+        start_meshd, certs, tmp_path):
+    """As on Kubernetes: the pods' certificate names the service, not the pod IPs they are dialled at.
+    --tls-peer-name verifies peers by that name; --metrics-tls serves the metrics port over TLS without
+    asking a client certificate (the kubelet's probes present none)."""
+    issue(certs, "pod", "ca", "DNS:meshd.test.svc")
+    etcd = Etcd(certs)
+    try:
+        repo = tmp_path / "repo"
+        shutil.copytree(EXAMPLES / "iris-logreg", repo / "iris")
+        tls = secret(certs, tmp_path / "tls", "pod")
+        common = ("--etcd", etcd.endpoint, "--etcd-tls-dir", str(tls), "--tls-dir", str(tls), "--lease-ttl", "3s",
+                  "--tls-peer-name", "meshd.test.svc", "--metrics-tls", "true")
+        b = start_meshd(repo, "--instance-id", "pod-b", "--model-types", "", *common)
+        a = start_meshd(repo, "--instance-id", "pod-a", "--model-types", "onnx", *common)
+        pair = {"private_key": str(certs / "client.key"), "certificate_chain": str(certs / "client.crt")}
+        client = grpcclient.InferenceServerClient(
+            b.grpc_addr, ssl=True, root_certificates=str(certs / "ca.crt"),
+            channel_args=[("grpc.ssl_target_name_override", "meshd.test.svc")], **pair)
+
+        def answered():
+            try:
+                return infer_iris(client, "iris").tolist() == [0]
+            except InferenceServerException:
+                return False
+
+        wait_for(answered, 60, "pod-b to answer through pod-a, verified as meshd.test.svc")
+        for _ in range(10):
+            assert infer_iris(client, "iris").tolist() == [0]
+        client.close()
+
+        # The metrics port: TLS with the pod's certificate, no client certificate needed; plain HTTP is
+        # no longer answered.
+        context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        context.check_hostname = False  # dialled by IP, as Prometheus and the kubelet dial pods
+        with urllib.request.urlopen(f"https://{b.metrics_addr}/metrics", context=context, timeout=10) as r:
+            text = r.read().decode()
+        forwarded = [line for line in text.splitlines() if line.startswith(FORWARDED_OK)]
+        assert forwarded and float(forwarded[0].rsplit(" ", 1)[1]) >= 10, forwarded
+        with urllib.request.urlopen(f"https://{a.metrics_addr}/readyz", context=context, timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://{a.metrics_addr}/metrics", timeout=10).read()
     finally:
         etcd.stop()
         etcd.dir.cleanup()

@@ -9,6 +9,7 @@ meshd reads every flag from DENSEMESH_<FLAG> (mesh/src/config.rs); only flags me
 {{- define "densemesh.meshd.podTemplate" -}}
 {{- $m := .Values.meshd -}}
 {{- $tlsSecret := include "densemesh.etcd.tlsSecret" . -}}
+{{- $metricsTls := and .Values.tls.secretName .Values.tls.metrics -}}
 metadata:
   labels:
     {{- include "densemesh.selectorLabels" (dict "root" . "component" "meshd") | nindent 4 }}
@@ -83,6 +84,17 @@ spec:
         - name: DENSEMESH_ADMIN_TOKEN_FILE
           value: /etc/densemesh/admin-token/token
         {{- end }}
+        {{- if .Values.tls.secretName }}
+        - name: DENSEMESH_TLS_DIR
+          value: /etc/densemesh/tls
+        # Pod IPs are in no certificate: peers are verified by the name the certificate holds.
+        - name: DENSEMESH_TLS_PEER_NAME
+          value: {{ default (include "densemesh.meshd.serviceHost" .) .Values.tls.peerName | quote }}
+        {{- if .Values.tls.metrics }}
+        - name: DENSEMESH_METRICS_TLS
+          value: "true"
+        {{- end }}
+        {{- end }}
         - name: DENSEMESH_CAPACITY
           value: {{ $m.capacity | toString | quote }}
         # Registrations come from the controller through the management API; the repository is empty.
@@ -109,12 +121,18 @@ spec:
         httpGet:
           path: /readyz
           port: metrics
+          {{- if $metricsTls }}
+          scheme: HTTPS
+          {{- end }}
         periodSeconds: 5
         failureThreshold: 2
       livenessProbe:
         httpGet:
           path: /healthz
           port: metrics
+          {{- if $metricsTls }}
+          scheme: HTTPS
+          {{- end }}
         initialDelaySeconds: 10
         periodSeconds: 10
         failureThreshold: 3
@@ -148,6 +166,11 @@ spec:
           mountPath: /etc/densemesh/admin-token
           readOnly: true
         {{- end }}
+        {{- if .Values.tls.secretName }}
+        - name: tls
+          mountPath: /etc/densemesh/tls
+          readOnly: true
+        {{- end }}
   volumes:
     - name: models
       emptyDir: {}
@@ -172,6 +195,11 @@ spec:
     - name: admin-token
       secret:
         secretName: {{ .Values.adminToken.secretName }}
+    {{- end }}
+    {{- if .Values.tls.secretName }}
+    - name: tls
+      secret:
+        secretName: {{ .Values.tls.secretName }}
     {{- end }}
   {{- with $m.nodeSelector }}
   nodeSelector:

@@ -37,6 +37,7 @@ impl AdminServer {
     /// Serves on an already bound listener, so the caller knows the address before anything runs.
     pub fn start(
         listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
         metrics: PrometheusHandle,
         ready: Arc<AtomicBool>,
         on_scrape: OnScrape,
@@ -62,8 +63,15 @@ impl AdminServer {
                         return;
                     }
                 };
-                let served =
-                    axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await;
+                let served = match tls {
+                    None => {
+                        axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await
+                    }
+                    Some(tls) => {
+                        let listener = crate::tls::stream::TlsListener::new(listener, tls);
+                        axum::serve(listener, app).with_graceful_shutdown(stopped.cancelled_owned()).await
+                    }
+                };
                 if let Err(e) = served {
                     tracing::error!(error = %e, "admin server failed");
                 }

@@ -8,7 +8,8 @@
 //!
 //! Peers present this pod's own certificate as their client certificate and verify each other's
 //! server certificate against the same CA, by the host of the endpoint they dial (an IP address is
-//! checked against the certificate's IP SANs).
+//! checked against the certificate's IP SANs), or by one name for every peer (`--tls-peer-name`):
+//! on Kubernetes pod IPs change with every restart, and certificates name services, not pods.
 
 pub mod stream;
 #[cfg(test)]
@@ -65,12 +66,22 @@ pub struct TlsFiles {
     /// `--tls-dir` or `--tls-cert/--tls-key`, as the errors say.
     flag: &'static str,
     ca_flag: &'static str,
+    /// The name every peer's certificate must hold (`--tls-peer-name`); `None`: the host each peer
+    /// is dialled at.
+    peer_name: Option<ServerName<'static>>,
 }
 
 impl TlsFiles {
     /// From `--tls-cert`, `--tls-key` and `--tls-client-ca`.
     pub fn from_flags(cert: PathBuf, key: PathBuf, client_ca: Option<PathBuf>) -> Self {
-        Self { cert, key, client_ca, flag: "--tls-cert/--tls-key", ca_flag: "--tls-client-ca" }
+        Self {
+            cert,
+            key,
+            client_ca,
+            flag: "--tls-cert/--tls-key",
+            ca_flag: "--tls-client-ca",
+            peer_name: None,
+        }
     }
 
     /// From a directory laid out as a Kubernetes TLS secret (modelmesh-serving's): `tls.crt`,
@@ -83,7 +94,14 @@ impl TlsFiles {
             client_ca: ca.exists().then_some(ca),
             flag: "--tls-dir",
             ca_flag: "--tls-dir",
+            peer_name: None,
         }
+    }
+
+    /// Peers' certificates must hold `name` (a DNS name or an IP address) wherever they are dialled.
+    pub fn with_peer_name(mut self, name: Option<ServerName<'static>>) -> Self {
+        self.peer_name = name;
+        self
     }
 
     /// Whether clients must present a certificate signed by the client CA.
@@ -213,10 +231,20 @@ impl Tls {
     /// A server config for a listener speaking `alpn` ([`ALPN_H2`] for gRPC and the pod wire,
     /// [`ALPN_HTTP1`] for REST), asking clients for a certificate when mutual TLS is on.
     pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+        self.listener_config(alpn, self.current.files.mutual())
+    }
+
+    /// The metrics port's config (`--metrics-tls`): this pod's certificate, HTTP/1.1, and never a
+    /// client certificate asked for, since the kubelet's HTTPS probes present none.
+    pub fn metrics_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.listener_config(&[ALPN_HTTP1], false)
+    }
+
+    fn listener_config(&self, alpn: &[&[u8]], mutual: bool) -> Result<Arc<ServerConfig>, TlsError> {
         let builder = ServerConfig::builder_with_provider(self.current.provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(format!("tls: {e}")))?;
-        let builder = if self.current.files.mutual() {
+        let builder = if mutual {
             builder.with_client_cert_verifier(Arc::new(ClientCa(self.current.clone())))
         } else {
             builder.with_no_client_auth()
@@ -253,8 +281,9 @@ pub struct PeerTls {
     pub wire: Arc<ClientConfig>,
 }
 
-/// The name a peer's certificate must hold: the host of its `host:port` endpoint, an IP address
-/// or a DNS name. `None` when the endpoint has neither.
+/// The name a peer is dialled by (SNI): the host of its `host:port` endpoint, an IP address or a
+/// DNS name. Its certificate must hold it, unless `--tls-peer-name` names another. `None` when the
+/// endpoint has neither.
 pub fn peer_server_name(endpoint: &str) -> Option<ServerName<'static>> {
     let (host, _port) = endpoint.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -359,7 +388,8 @@ impl ServerCertVerifier for PeerCa {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.verifier()?.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        let name = self.0.files.peer_name.as_ref().unwrap_or(server_name);
+        self.verifier()?.verify_server_cert(end_entity, intermediates, name, ocsp, now)
     }
 
     fn verify_tls12_signature(
@@ -383,6 +413,12 @@ impl ServerCertVerifier for PeerCa {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.provider.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// Parses `--tls-peer-name`: a DNS name or an IP address a certificate can hold.
+pub fn parse_peer_name(name: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(name.trim().to_owned())
+        .map_err(|_| format!("{name:?} is neither a DNS name nor an IP address a certificate can name"))
 }
 
 #[cfg(test)]

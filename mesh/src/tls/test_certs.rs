@@ -60,11 +60,18 @@ impl TestCerts {
     /// `<name>.crt` and `<name>.key`, signed by the CA `ca`, for 127.0.0.1 and localhost, for
     /// servers and clients alike.
     pub fn issue(&self, name: &str, ca: &str) -> &Self {
+        self.issue_for(name, ca, "IP:127.0.0.1,DNS:localhost")
+    }
+
+    /// [`Self::issue`] for the subject alternative names `sans` (openssl's form: `DNS:a,IP:1.2.3.4`).
+    pub fn issue_for(&self, name: &str, ca: &str, sans: &str) -> &Self {
         let (crt, key, csr, ext) =
             (format!("{name}.crt"), format!("{name}.key"), format!("{name}.csr"), format!("{name}.ext"));
         std::fs::write(
             self.path(&ext),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n",
+            format!(
+                "subjectAltName={sans}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
+            ),
         )
         .expect("ext file");
         let subject = format!("/CN={name}");

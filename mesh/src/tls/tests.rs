@@ -1,6 +1,7 @@
 //! TLS against real handshakes: bad files refused at start-up with the file and flag named, mutual
-//! TLS refusing clients without a certificate or from another CA, peers verified by IP address, and
-//! a rotated certificate served to new connections while open ones carry on.
+//! TLS refusing clients without a certificate or from another CA, peers verified by IP address or by
+//! `--tls-peer-name`, the metrics port asking no client certificate, and a rotated certificate served
+//! to new connections while open ones carry on.
 
 use std::sync::Arc;
 
@@ -184,4 +185,57 @@ async fn a_rotated_certificate_is_served_to_new_connections_while_open_ones_carr
     let fresh = round_trip(&addr, config.clone()).await.unwrap();
     assert_eq!(served_certificate(&fresh), chain(&certs, "new")[0].to_vec());
     echo(&mut open).await.expect("the connection opened before the rotation still works");
+}
+
+/// One TLS round trip from a peer's side: `peer`'s client config, dialling `addr` by its IP.
+async fn peer_round_trip(addr: &str, peer: &Tls) -> Result<Client, String> {
+    let config = peer.peer_client().unwrap().expect("mutual TLS").wire;
+    round_trip(addr, config).await
+}
+
+#[tokio::test]
+async fn with_a_peer_name_peers_are_verified_by_it_wherever_they_are_dialled() {
+    let certs = TestCerts::new();
+    // Certificates as a Kubernetes issuer makes them: for the service's name, no pod IP in them.
+    certs.ca("ca").issue_for("pod", "ca", "DNS:meshd-peers.ns.svc").issue_for(
+        "other",
+        "ca",
+        "DNS:elsewhere.ns.svc",
+    );
+    let server = Tls::open(certs.files("pod", Some("ca"))).unwrap();
+    let addr = echo_server(server.server_config(&[]).unwrap()).await;
+
+    // By the dialled IP (the default), the certificate does not hold the name: refused.
+    let by_ip = Tls::open(certs.files("pod", Some("ca"))).unwrap();
+    let refused = peer_round_trip(&addr, &by_ip).await.unwrap_err();
+    assert!(refused.contains("certificate") || refused.contains("Certificate"), "{refused}");
+
+    let named = |name: &str| {
+        let files = certs.files("pod", Some("ca")).with_peer_name(Some(parse_peer_name(name).unwrap()));
+        Tls::open(files).unwrap()
+    };
+    peer_round_trip(&addr, &named("meshd-peers.ns.svc")).await.expect("the certificate holds the peer name");
+    assert!(peer_round_trip(&addr, &named("elsewhere.ns.svc")).await.is_err(), "another name");
+
+    // A certificate of the same CA for another name is refused by a pod expecting the peer name.
+    let other = Tls::open(certs.files("other", Some("ca"))).unwrap();
+    let other_addr = echo_server(other.server_config(&[]).unwrap()).await;
+    assert!(peer_round_trip(&other_addr, &named("meshd-peers.ns.svc")).await.is_err());
+}
+
+#[test]
+fn peer_names_are_dns_names_or_ip_addresses() {
+    assert_eq!(parse_peer_name("meshd.ns.svc").unwrap().to_str(), "meshd.ns.svc");
+    assert_eq!(parse_peer_name("10.0.0.7").unwrap().to_str(), "10.0.0.7");
+    let bad = parse_peer_name("not a name").unwrap_err();
+    assert!(bad.contains("not a name") && bad.contains("DNS name"), "{bad}");
+}
+
+#[tokio::test]
+async fn the_metrics_port_asks_no_client_certificate_even_with_mutual_tls() {
+    let certs = TestCerts::new();
+    certs.ca("ca").issue("server", "ca");
+    let tls = Tls::open(certs.files("server", Some("ca"))).unwrap();
+    let addr = echo_server(tls.metrics_config().unwrap()).await;
+    round_trip(&addr, client(&certs, "ca", None)).await.expect("a probe without a certificate is served");
 }
