@@ -34,6 +34,7 @@ pub const MODELS_WITH_FAILURE: &str = "densemesh_models_with_failure";
 pub const LRU_LAST_USED: &str = "densemesh_lru_last_used_timestamp_seconds";
 pub const USED_BPS: &str = "densemesh_used_bps";
 pub const MODELS_MANAGED: &str = "densemesh_models_managed";
+pub const TASKS_ALIVE: &str = "densemesh_tasks_alive";
 pub const REGISTRY_UP: &str = "densemesh_registry_up";
 pub const LEADER: &str = "densemesh_leader";
 pub const GRAPH_STEP_DURATION: &str = "densemesh_graph_step_duration_seconds";
@@ -123,6 +124,10 @@ pub fn describe() {
     );
     describe_gauge!(USED_BPS, "Capacity in use, in basis points (100ths of a percent)");
     describe_gauge!(MODELS_MANAGED, "Models registered (API and repository)");
+    describe_gauge!(
+        TASKS_ALIVE,
+        "Tasks alive on meshd's async runtime: flat under steady load, so growth is a leaked task"
+    );
     describe_gauge!(REGISTRY_UP, "1 while the registry (etcd) answers this pod's heartbeats, else 0");
     describe_gauge!(LEADER, "1 while this pod leads (does the cluster-wide chores), else 0");
     describe_histogram!(

@@ -271,7 +271,7 @@ pub async fn run(
         placer.decisions().clone(),
         puller.clone(),
     );
-    let (scraped, managed) = (cache.clone(), view.clone());
+    let (scraped, managed, runtime) = (cache.clone(), view.clone(), tokio::runtime::Handle::current());
     let metrics_tls = match &tls {
         Some(tls) if config.metrics_tls => Some(tls.metrics_config()?),
         _ => None,
@@ -284,6 +284,7 @@ pub async fn run(
         Arc::new(move || {
             scraped.refresh_gauges();
             metrics::gauge!(m::MODELS_MANAGED).set(managed.model_count() as f64);
+            metrics::gauge!(m::TASKS_ALIVE).set(runtime.metrics().num_alive_tasks() as f64);
         }),
         dashboard,
     )
