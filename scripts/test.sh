@@ -11,6 +11,9 @@ scripts/setup.sh test >"$setup_log" 2>&1 &
 setup_pid=$!
 trap 'kill "$setup_pid" 2>/dev/null || true; rm -f "$setup_log"' EXIT
 export CARGO_TERM_COLOR=never
+# A fresh machine compiles everything once: incremental compilation's bookkeeping only slows that down
+# (and fills the disk); cargo and rustc called directly keep it for edit-compile loops.
+export CARGO_INCREMENTAL=0
 
 cargo fmt --all --check
 # One compilation lints, builds and serves the tests. clippy-driver wraps rustc for the workspace's own
