@@ -69,8 +69,9 @@ def parse():
     p.add_argument("--flip-every", type=duration, default=20)
     p.add_argument("--sample-every", type=duration, default=15)
     p.add_argument("--capacity", default="6MiB", help="each pod's --capacity")
-    p.add_argument("--anti-churn-age", default="5s",
-                   help="each pod's --anti-churn-age: ModelMesh's 10m would refuse most loads here (by design)")
+    p.add_argument("--anti-churn-age", default="0s",
+                   help="each pod's --anti-churn-age: 0s lets every load evict; with ModelMesh's 10m (or even 5s)"
+                        " a full mesh whose models are all in use refuses loads (RESOURCE_EXHAUSTED, by design)")
     p.add_argument("--bin-dir", default=str(REPO / "target" / "release"))
     return p.parse_args()
 
