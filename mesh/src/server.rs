@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use densemesh_placement::registry::Registry;
 use densemesh_placement::view::ViewChange;
-use densemesh_placement::{ClusterView, MemoryStore, ModelId, Source, Store};
+use densemesh_placement::{ClusterView, MemoryStore, Source, Store};
 use densemesh_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use densemesh_proto::mmesh::model_mesh_server::ModelMeshServer;
 use densemesh_puller::Puller;
@@ -577,30 +577,23 @@ async fn reload_tls(tls: crate::tls::Tls, stop: CancellationToken) {
 
 /// Unloads a model when it is unregistered or its spec changes what is loaded (another path, new
 /// files), so the next request loads the new one. A change of placement hints alone (size, minimum
-/// copies) leaves the copies serving.
+/// copies) leaves the copies serving. The view tells the two apart ([`ViewChange::ModelReplaced`]),
+/// so this task keeps nothing per registered model.
 async fn unload_on_change(view: ClusterView, cache: ModelCache, stop: CancellationToken) {
     let mut changes = view.subscribe();
-    let mut seen: std::collections::HashMap<ModelId, densemesh_placement::ModelSpec> =
-        view.models().into_iter().collect();
     loop {
         let change = tokio::select! {
             change = changes.recv() => change,
             _ = stop.cancelled() => return,
         };
         match change {
-            Ok(ViewChange::Model(id)) => {
-                let Some(spec) = view.model(&id) else { continue };
-                if seen.insert(id.clone(), spec.clone()).is_some_and(|old| spec.reloads(&old)) {
-                    cache.unload(&id).await;
-                }
-            }
-            Ok(ViewChange::ModelRemoved(id)) => {
-                seen.remove(&id);
-                cache.unload(&id).await;
-            }
+            Ok(ViewChange::ModelReplaced(id) | ViewChange::ModelRemoved(id)) => cache.unload(&id).await,
             Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                seen = view.models().into_iter().collect();
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "model changes came faster than they were followed; some loaded copies may be older than their spec until unloaded"
+                );
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }

@@ -175,6 +175,12 @@ impl Registry {
         Err(RegistryError::Precondition(format!("model {id} kept changing while being unregistered; retry")))
     }
 
+    /// The store's present revision, read without listing anything: a range over a prefix no record
+    /// has (model ids never start with `/`), where listing the registry would copy every record.
+    pub async fn revision(&self) -> Result<Revision> {
+        Ok(self.store.range(&format!("{}/", self.models_prefix())).await?.revision)
+    }
+
     /// A model's spec and its revision.
     pub async fn model(&self, id: &ModelId) -> Result<Option<(ModelSpec, Revision)>> {
         let key = self.model_key(id);
@@ -263,6 +269,18 @@ mod tests {
     use super::*;
     use crate::spec::api_spec as spec;
     use crate::store::MemoryStore;
+
+    #[tokio::test]
+    async fn the_revision_is_the_stores_whatever_is_registered() {
+        let store = Arc::new(MemoryStore::new());
+        let registry = Registry::new(store.clone(), "dm");
+        assert_eq!(registry.revision().await.unwrap(), 0);
+        let id = ModelId::new("m").unwrap();
+        let registered = registry.register(&id, &spec("/a")).await.unwrap().revision;
+        let other = store.put("/elsewhere/x", b"1".to_vec(), None).await.unwrap();
+        assert!(other > registered);
+        assert_eq!(registry.revision().await.unwrap(), other);
+    }
 
     #[tokio::test]
     async fn registration_is_idempotent_and_conflicts_are_refused() {

@@ -20,8 +20,12 @@ use crate::store::{KeyValue, Revision, StoreError, WatchEvent};
 /// What changed in the view, for components that react (unloading, vmodel transitions).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ViewChange {
-    /// Registered, or its spec changed.
+    /// Registered, or its spec changed in what places it (size, minimum copies, who registered it).
     Model(ModelId),
+    /// Its spec changed what is loaded: another model, or the same one whose files changed
+    /// ([`ModelSpec::reloads`]). Loaded copies must be replaced. Told by the view, which holds the
+    /// previous spec anyway, so no follower keeps a second copy of every spec to compare.
+    ModelReplaced(ModelId),
     ModelRemoved(ModelId),
     VModel(ModelId),
     VModelRemoved(ModelId),
@@ -167,6 +171,21 @@ impl ClusterView {
         all
     }
 
+    /// The ids of the models `keep` selects, sorted, without copying any spec: what a pass over a
+    /// million registered models needs, where [`Self::models`] would copy every spec.
+    pub fn model_ids_where(&self, mut keep: impl FnMut(&ModelId, &ModelSpec) -> bool) -> Vec<ModelId> {
+        let mut ids: Vec<ModelId> = self
+            .mirror
+            .read()
+            .models
+            .iter()
+            .filter(|(id, (s, _))| keep(id, s))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Every vmodel, sorted by id.
     pub fn vmodels(&self) -> Vec<(ModelId, VModelSpec)> {
         let mut all: Vec<_> =
@@ -288,8 +307,9 @@ fn put(registry: &Registry, mirror: &mut Mirror, kv: &KeyValue) -> Option<ViewCh
     let record = classify(registry, &kv.key)?;
     let decoded = match record {
         Record::Model(id) => decode::<ModelSpec>(&kv.key, &kv.value).map(|s| {
+            let replaced = mirror.models.get(&id).is_some_and(|(old, _)| s.reloads(old));
             mirror.models.insert(id.clone(), (s, kv.mod_revision));
-            Some(ViewChange::Model(id))
+            Some(if replaced { ViewChange::ModelReplaced(id) } else { ViewChange::Model(id) })
         }),
         Record::VModel(id) => decode::<VModelSpec>(&kv.key, &kv.value).map(|v| {
             mirror.vmodels.insert(id.clone(), (v, kv.mod_revision));
@@ -368,6 +388,16 @@ async fn relist(
     }
     let old = std::mem::replace(&mut *mirror.write(), fresh);
     let current = mirror.read();
+    // A spec that changed what is loaded while the watch was behind is told as replaced, as the
+    // watch would have told it.
+    for change in &mut announce {
+        if let ViewChange::Model(id) = change
+            && let (Some((old_spec, _)), Some((new_spec, _))) = (old.models.get(id), current.models.get(id))
+            && new_spec.reloads(old_spec)
+        {
+            *change = ViewChange::ModelReplaced(id.clone());
+        }
+    }
     if old.leader != current.leader {
         announce.push(ViewChange::Leader(current.leader.clone()));
     }

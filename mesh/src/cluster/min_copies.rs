@@ -51,7 +51,7 @@ pub async fn keep_min_copies(placer: Placer, stop: CancellationToken) {
             _ = keeper.stop.cancelled() => break,
         };
         match change {
-            Ok(ViewChange::Model(id)) => {
+            Ok(ViewChange::Model(id) | ViewChange::ModelReplaced(id)) => {
                 if view.model(&id).is_some_and(|spec| spec.min_copies.is_some()) {
                     minimums.insert(id.clone());
                     keeper.check(id);
@@ -78,7 +78,7 @@ pub async fn keep_min_copies(placer: Placer, stop: CancellationToken) {
 
 /// The registered models that have a minimum number of copies.
 fn with_minimum(view: &ClusterView) -> HashSet<ModelId> {
-    view.models().into_iter().filter(|(_, spec)| spec.min_copies.is_some()).map(|(id, _)| id).collect()
+    view.model_ids_where(|_, spec| spec.min_copies.is_some()).into_iter().collect()
 }
 
 /// How many copies `id` lacks now, as the view shows the cluster.

@@ -19,7 +19,7 @@
 //! be read this time keeps its registration as it is. Only a model whose directory is really gone is
 //! unregistered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read};
 use std::path::{Component, Path, PathBuf};
 use std::sync::LazyLock;
@@ -121,12 +121,27 @@ pub async fn sync_once(
     view: &ClusterView,
     root: &Path,
 ) -> Result<SyncReport, RegistryError> {
+    Ok(sync_pass(registry, view, root).await?.0)
+}
+
+/// [`sync_once`], also returning how many entries the repository's root holds (models or not), which
+/// decides how [`watch`] watches it.
+async fn sync_pass(
+    registry: &Registry,
+    view: &ClusterView,
+    root: &Path,
+) -> Result<(SyncReport, usize), RegistryError> {
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
     let scan_root = root.clone();
     let found = tokio::task::spawn_blocking(move || scan(&scan_root))
         .await
         .map_err(|e| RegistryError::Invalid(format!("repository scan failed: {e}")))?
         .map_err(|e| RegistryError::Invalid(format!("cannot read the model repository: {e}")))?;
+    // Specs are compared with the view, not read from the store one by one: a million reads would
+    // each copy and decode a record. The view is first brought up to the store's present, and every
+    // write is a compare-and-swap at the revision the view showed, so a stale view loses a race (the
+    // model is left for the next pass) and never overwrites anything.
+    view.caught_up(registry.revision().await?).await;
     let mut report = SyncReport::default();
     for (id, generation, format) in &found.models {
         let spec = &repository_spec(id, *generation, format);
@@ -140,7 +155,7 @@ pub async fn sync_once(
                 other => other,
             }
         };
-        match registry.model(id).await? {
+        match view.model_with_revision(id) {
             None => {
                 if replace(0).await? {
                     report.registered.push(id.clone());
@@ -158,13 +173,13 @@ pub async fn sync_once(
             Some(_) => {}
         }
     }
-    let present: HashSet<&ModelId> =
-        found.models.iter().map(|(id, _, _)| id).chain(&found.unreadable).collect();
-    let gone = view
-        .models()
-        .into_iter()
-        .filter(|(id, spec)| spec.source == Source::Repository && !present.contains(id));
-    for (id, _) in gone {
+    // Both lists are sorted by id (see [`scan`]).
+    let present = |id: &ModelId| {
+        found.models.binary_search_by(|(m, _, _)| m.cmp(id)).is_ok()
+            || found.unreadable.binary_search(id).is_ok()
+    };
+    let gone = view.model_ids_where(|id, spec| spec.source == Source::Repository && !present(id));
+    for id in gone {
         let Some((current, revision)) = registry.model(&id).await? else { continue };
         // Re-checked at its revision: the API may have taken the id over meanwhile.
         if current.source == Source::Repository
@@ -173,10 +188,10 @@ pub async fn sync_once(
             report.unregistered.push(id);
         }
     }
-    if let Ok(range) = registry.store().range(registry.prefix()).await {
-        view.caught_up(range.revision).await;
+    if let Ok(revision) = registry.revision().await {
+        view.caught_up(revision).await;
     }
-    Ok(report)
+    Ok((report, found.entries))
 }
 
 /// The spec a repository model is registered with: nothing in it depends on this pod.
@@ -200,19 +215,55 @@ fn model_key(registry: &Registry, id: &ModelId) -> String {
 /// What a scan found.
 #[derive(Debug, Default)]
 struct Scan {
-    /// Models with the generation of their content and the format their main file's name implies.
+    /// Models with the generation of their content and the format their main file's name implies,
+    /// sorted by id.
     models: Vec<(ModelId, u64, String)>,
-    /// Models there but unreadable this time: left as registered, neither written nor removed.
+    /// Models there but unreadable this time, sorted: left as registered, neither written nor removed.
     unreadable: Vec<ModelId>,
+    /// Entries in the root, models or not.
+    entries: usize,
 }
 
 /// Models in the directory, each with a generation of its content; blocking.
+///
+/// The entries are looked at on a few threads at once: each costs a few system calls, which wait on
+/// the disk when its metadata is not cached, and a million of them one after another take minutes.
 fn scan(root: &Path) -> densemesh_puller::Result<Scan> {
     let repository = LocalRepository::new(root);
+    let candidates = repository.candidates()?;
+    // This root's digests of the last pass; what this pass keeps replaces them, so the files no
+    // longer here are forgotten. Other repositories' are left alone.
+    let remembered = DIGESTS.lock().remove(root).unwrap_or_default();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get() * 2).clamp(2, 8);
+    let chunk = candidates.len().div_ceil(threads).max(1);
+    let parts: Vec<(Scan, Vec<Digested>)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = candidates
+            .chunks(chunk)
+            .map(|ids| scope.spawn(|| scan_part(&repository, ids, &remembered)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
+    // Chunks of the sorted candidates, in order: the lists stay sorted.
+    let mut found = Scan { entries: candidates.len(), ..Scan::default() };
+    let mut kept = Vec::new();
+    for (part, digests) in parts {
+        found.models.extend(part.models);
+        found.unreadable.extend(part.unreadable);
+        kept.extend(digests);
+    }
+    DIGESTS.lock().insert(root.to_owned(), Digests::from(kept));
+    Ok(found)
+}
+
+/// [`scan`] over some of the candidates; also the digests to remember.
+fn scan_part(repository: &LocalRepository, ids: &[ModelId], remembered: &Digests) -> (Scan, Vec<Digested>) {
     let mut found = Scan::default();
-    let mut hashed = HashSet::new();
-    for id in repository.candidates()? {
-        let (files, format) = match repository.resolve(&id) {
+    let mut digests = FileDigests::new(remembered);
+    for id in ids {
+        let (files, format) = match repository.resolve(id) {
             // A file whose name implies no format (a stamp, a README, an editor's swap file) is not a
             // model: registering it would only fail, and a failed registration must not stop the sync.
             Ok(local) if local.format.is_empty() => {
@@ -225,122 +276,289 @@ fn scan(root: &Path) -> densemesh_puller::Result<Scan> {
             Err(densemesh_puller::Error::NotFound { .. }) => continue,
             Err(e) => {
                 tracing::warn!(model_id = %id, error = %e, "cannot read a repository model; leaving its registration as it is");
-                found.unreadable.push(id);
+                found.unreadable.push(id.clone());
                 continue;
             }
         };
-        match content_generation(&files) {
-            Ok(generation) => found.models.push((id, generation, format)),
+        match digests.generation(&files) {
+            Ok(generation) => found.models.push((id.clone(), generation, format)),
             // Removed between the lookup and the read: gone.
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(model_id = %id, error = %e, "cannot read a repository model; leaving its registration as it is");
-                found.unreadable.push(id);
+                found.unreadable.push(id.clone());
             }
         }
-        hashed.extend(files);
     }
-    // Digests of files no longer here are dropped; other repositories' are left alone.
-    DIGESTS.lock().retain(|path, _| !path.starts_with(root) || hashed.contains(path));
-    Ok(found)
+    (found, digests.kept)
 }
 
-/// A model's generation: a digest of its files' sizes and contents, in order; blocking.
-fn content_generation(files: &[PathBuf]) -> std::io::Result<u64> {
-    let mut hasher = Sha256::new();
-    for file in files {
-        let (bytes, digest) = file_digest(file)?;
-        hasher.update(bytes.to_le_bytes());
-        hasher.update(digest);
-    }
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&hasher.finalize()[..8]);
-    Ok(u64::from_be_bytes(first))
-}
-
-/// A file's digest as last read, valid while its size and mtime are unchanged.
+/// A file's digest as last read, valid while its size and mtime are unchanged. 72 bytes: one is
+/// kept per model file, and a repository may hold a million.
 #[derive(Debug, Clone, Copy)]
 struct Digested {
+    /// [`path_key`] of the file.
+    path: PathKey,
     bytes: u64,
     modified: SystemTime,
     digest: [u8; 32],
 }
 
-/// Digests by file path, so a pass reads only files that changed since the last one.
-static DIGESTS: LazyLock<Mutex<HashMap<PathBuf, Digested>>> = LazyLock::new(Default::default);
+/// A file path as the first 16 bytes of its SHA-256: a quarter of what a `PathBuf` and its
+/// allocation take, and no two paths of a repository share one.
+type PathKey = [u8; 16];
+
+fn path_key(path: &Path) -> PathKey {
+    let mut key = PathKey::default();
+    key.copy_from_slice(&Sha256::digest(path.as_os_str().as_encoded_bytes())[..16]);
+    key
+}
+
+/// One repository's remembered digests, sorted by path key: a sorted vector takes a third of what
+/// a hash map of the same entries takes.
+#[derive(Debug, Default)]
+struct Digests(Vec<Digested>);
+
+impl From<Vec<Digested>> for Digests {
+    fn from(mut all: Vec<Digested>) -> Self {
+        all.sort_unstable_by_key(|d| d.path);
+        all.shrink_to_fit();
+        Self(all)
+    }
+}
+
+impl Digests {
+    fn get(&self, path: &PathKey) -> Option<&Digested> {
+        self.0.binary_search_by_key(path, |d| d.path).ok().map(|i| &self.0[i])
+    }
+}
+
+/// Digests by repository root, so a pass reads only files that changed since the last one.
+static DIGESTS: LazyLock<Mutex<HashMap<PathBuf, Digests>>> = LazyLock::new(Default::default);
 
 /// A file modified this shortly before it was read may be written again within the same mtime tick
 /// (coarse on some filesystems) without its stamp changing, so its digest is not remembered.
 const RACY: Duration = Duration::from_secs(2);
 
-/// A file's size and SHA-256, from [`DIGESTS`] when its size and mtime are those last seen; blocking.
-fn file_digest(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
-    let before = std::fs::metadata(path)?;
-    let modified = before.modified()?;
-    let remembered = DIGESTS.lock().get(path).copied();
-    if let Some(known) = remembered.filter(|d| d.bytes == before.len() && d.modified == modified) {
-        return Ok((known.bytes, known.digest));
+/// Reads files' digests for one pass: from the last pass's when a file's size and mtime are those
+/// seen then, else from the file.
+struct FileDigests<'a> {
+    remembered: &'a Digests,
+    /// Digests to remember for the next pass: those of the files this pass looked at.
+    kept: Vec<Digested>,
+    /// One read buffer for the pass, not one per file.
+    buffer: Vec<u8>,
+}
+
+impl<'a> FileDigests<'a> {
+    fn new(remembered: &'a Digests) -> Self {
+        Self { remembered, kept: Vec::new(), buffer: Vec::new() }
     }
-    let started = SystemTime::now();
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let n = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buffer[..n]);
-        bytes += n as u64;
+
+    /// A model's generation: a digest of its files' sizes and contents, in order; blocking.
+    fn generation(&mut self, files: &[PathBuf]) -> std::io::Result<u64> {
+        let mut hasher = Sha256::new();
+        for file in files {
+            let (bytes, digest) = self.file_digest(file)?;
+            hasher.update(bytes.to_le_bytes());
+            hasher.update(digest);
+        }
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hasher.finalize()[..8]);
+        Ok(u64::from_be_bytes(first))
     }
-    let digest: [u8; 32] = hasher.finalize().into();
-    let after = file.metadata()?;
-    // Remembered only if nothing moved while it was read and it has been still for a while.
-    let settled = bytes == before.len()
-        && after.len() == before.len()
-        && after.modified().ok() == Some(modified)
-        && started.duration_since(modified).is_ok_and(|still| still >= RACY);
-    if settled {
-        DIGESTS.lock().insert(path.to_owned(), Digested { bytes, modified, digest });
+
+    /// A file's size and SHA-256, remembered when its size and mtime are those last seen; blocking.
+    fn file_digest(&mut self, path: &Path) -> std::io::Result<(u64, [u8; 32])> {
+        let before = std::fs::metadata(path)?;
+        let modified = before.modified()?;
+        let key = path_key(path);
+        if let Some(known) =
+            self.remembered.get(&key).filter(|d| d.bytes == before.len() && d.modified == modified)
+        {
+            self.kept.push(*known);
+            return Ok((known.bytes, known.digest));
+        }
+        let started = SystemTime::now();
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = Sha256::new();
+        if self.buffer.is_empty() {
+            self.buffer = vec![0u8; 256 << 10];
+        }
+        let mut bytes = 0u64;
+        loop {
+            let n = match file.read(&mut self.buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&self.buffer[..n]);
+            bytes += n as u64;
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        let after = file.metadata()?;
+        // Remembered only if nothing moved while it was read and it has been still for a while.
+        let settled = bytes == before.len()
+            && after.len() == before.len()
+            && after.modified().ok() == Some(modified)
+            && started.duration_since(modified).is_ok_and(|still| still >= RACY);
+        if settled {
+            self.kept.push(Digested { path: key, bytes, modified, digest });
+        }
+        Ok((bytes, digest))
     }
-    Ok((bytes, digest))
+}
+
+/// How [`watch`] watches a repository, by its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchLimits {
+    /// Above this many entries in its root, the repository is watched at the root alone. A
+    /// recursive watch takes one inotify watch per directory, and the kernel allows a user a few
+    /// hundred thousand (`fs.inotify.max_user_watches`, 8,192 on older kernels) for all their
+    /// processes together: a million model directories cannot each have one.
+    pub recursive_max_entries: usize,
+    /// Watched at the root alone, the repository is also passed over this often: a change inside a
+    /// model's directory (a new version, a file rewritten in place) raises no event at the root.
+    pub rescan_every: Duration,
+    /// And once this soon after a pass that an event at the root started, to catch the files of a
+    /// directory that was still being copied into then.
+    pub follow_up: Duration,
+}
+
+impl Default for WatchLimits {
+    fn default() -> Self {
+        Self {
+            recursive_max_entries: 10_000,
+            rescan_every: Duration::from_secs(60),
+            follow_up: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How the repository is being watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchMode {
+    /// Every directory in it, one kernel watch each: any change raises an event.
+    Recursive,
+    /// Its root only, one kernel watch, plus a pass every [`WatchLimits::rescan_every`].
+    RootAndRescan,
+}
+
+/// The mode for a root of `entries` entries, watched in mode `now`. A repository watched at its root
+/// goes back to a recursive watch only below half the limit, so one near the limit does not switch
+/// on every pass.
+fn watch_mode(limits: &WatchLimits, entries: usize, now: WatchMode) -> WatchMode {
+    let limit = match now {
+        WatchMode::Recursive => limits.recursive_max_entries,
+        WatchMode::RootAndRescan => limits.recursive_max_entries / 2,
+    };
+    if entries > limit { WatchMode::RootAndRescan } else { WatchMode::Recursive }
+}
+
+/// A watcher on `root` in `mode`, sending a unit per event; a recursive watch the kernel refuses (too
+/// many watches) falls back to the root alone, with the mode it got.
+fn start_watcher(
+    root: &Path,
+    mode: WatchMode,
+    events: &mpsc::UnboundedSender<()>,
+) -> notify::Result<(notify::RecommendedWatcher, WatchMode)> {
+    let open = |recursive| {
+        let tx = events.clone();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = tx.send(());
+            }
+        })?;
+        watcher.watch(root, recursive)?;
+        Ok::<_, notify::Error>(watcher)
+    };
+    if mode == WatchMode::Recursive {
+        match open(RecursiveMode::Recursive) {
+            Ok(watcher) => return Ok((watcher, WatchMode::Recursive)),
+            Err(e) => {
+                tracing::warn!(repository = %root.display(), error = %e, "cannot watch every directory of the model repository; watching its root and passing over it periodically");
+            }
+        }
+    }
+    // The failed watcher is dropped: its descriptor, with every watch it had added, is closed.
+    Ok((open(RecursiveMode::NonRecursive)?, WatchMode::RootAndRescan))
 }
 
 /// Keeps the registry in step with the directory until `stop`.
 pub async fn watch(registry: Registry, view: ClusterView, root: PathBuf, stop: CancellationToken) {
+    watch_with(registry, view, root, WatchLimits::default(), stop).await
+}
+
+/// [`watch`] with other limits.
+pub async fn watch_with(
+    registry: Registry,
+    view: ClusterView,
+    root: PathBuf,
+    limits: WatchLimits,
+    stop: CancellationToken,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
+    let counted = root.clone();
+    let entries =
+        tokio::task::spawn_blocking(move || LocalRepository::new(counted).candidates().map(|c| c.len()))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+    let mut mode = watch_mode(&limits, entries, WatchMode::Recursive);
+    let mut watcher = match start_watcher(&root, mode, &tx) {
+        Ok((watcher, got)) => {
+            mode = got;
+            watcher
         }
-    })
-    .and_then(|mut w| w.watch(&root, RecursiveMode::Recursive).map(|()| w));
-    let _watcher = match watcher {
-        Ok(w) => w,
         Err(e) => {
             tracing::warn!(repository = %root.display(), error = %e, "cannot watch the model repository; changes need a restart");
             return;
         }
     };
+    tracing::info!(repository = %root.display(), entries, ?mode, "watching the model repository");
+    let mut follow_up = false;
     loop {
-        tokio::select! {
-            event = rx.recv() => if event.is_none() { return },
+        let next_pass = async {
+            match (mode, follow_up) {
+                (WatchMode::Recursive, _) => std::future::pending().await,
+                (WatchMode::RootAndRescan, true) => tokio::time::sleep(limits.follow_up).await,
+                (WatchMode::RootAndRescan, false) => tokio::time::sleep(limits.rescan_every).await,
+            }
+        };
+        let event = tokio::select! {
+            event = rx.recv() => if event.is_none() { return } else { true },
+            _ = next_pass => false,
             _ = stop.cancelled() => return,
-        }
-        // Let the burst settle, then drain what queued meanwhile.
-        tokio::select! {
-            _ = tokio::time::sleep(SETTLE) => {}
-            _ = stop.cancelled() => return,
+        };
+        if event {
+            // Let the burst settle, then drain what queued meanwhile.
+            tokio::select! {
+                _ = tokio::time::sleep(SETTLE) => {}
+                _ = stop.cancelled() => return,
+            }
         }
         while rx.try_recv().is_ok() {}
-        match sync_once(&registry, &view, &root).await {
-            Ok(report) if report != SyncReport::default() => {
-                tracing::info!(?report, "model repository changed")
+        follow_up = event && mode == WatchMode::RootAndRescan;
+        match sync_pass(&registry, &view, &root).await {
+            Ok((report, entries)) => {
+                if report != SyncReport::default() {
+                    tracing::info!(?report, "model repository changed");
+                }
+                let next = watch_mode(&limits, entries, mode);
+                if next != mode {
+                    drop(watcher);
+                    match start_watcher(&root, next, &tx) {
+                        Ok((started, got)) => (watcher, mode) = (started, got),
+                        Err(e) => {
+                            tracing::warn!(repository = %root.display(), error = %e, "cannot watch the model repository; changes need a restart");
+                            return;
+                        }
+                    }
+                    tracing::info!(repository = %root.display(), entries, ?mode, "watching the model repository another way");
+                }
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot sync the model repository"),
         }
     }
@@ -576,31 +794,132 @@ mod tests {
         assert_eq!(resolved, link.join("a"));
     }
 
+    /// A pass over `files` alone with what `remembered` holds, then what the next pass remembers
+    /// (these files' digests added to the others').
+    fn digest_pass(remembered: &mut Digests, files: &[PathBuf]) -> u64 {
+        let mut digests = FileDigests::new(remembered);
+        let generation = digests.generation(files).unwrap();
+        let keys: Vec<PathKey> = digests.kept.iter().map(|d| d.path).collect();
+        let mut all = std::mem::take(&mut digests.kept);
+        all.extend(remembered.0.iter().filter(|d| !keys.contains(&d.path)));
+        *remembered = Digests::from(all);
+        generation
+    }
+
     #[test]
     fn generation_follows_content_and_skips_unchanged_files() {
         let dir = tempfile::tempdir().unwrap();
         let (one, two) = (dir.path().join("one/model.onnx"), dir.path().join("two/model.onnx"));
         write(&one, b"weights", Duration::from_secs(3600));
         write(&two, b"weights", Duration::from_secs(7200));
-        let generation = content_generation(std::slice::from_ref(&one)).unwrap();
-        assert_eq!(content_generation(std::slice::from_ref(&two)).unwrap(), generation);
+        let remembered = &mut Digests::default();
+        let generation = digest_pass(remembered, std::slice::from_ref(&one));
+        assert_eq!(digest_pass(remembered, std::slice::from_ref(&two)), generation);
 
         // Same size and mtime: remembered, not read again (proved by changing the bytes underneath).
         let stamp = std::fs::metadata(&one).unwrap().modified().unwrap();
         std::fs::write(&one, b"WEIGHTS").unwrap();
         std::fs::File::options().write(true).open(&one).unwrap().set_modified(stamp).unwrap();
-        assert_eq!(content_generation(std::slice::from_ref(&one)).unwrap(), generation);
+        assert_eq!(digest_pass(remembered, std::slice::from_ref(&one)), generation);
         // A new mtime: read again.
         set_age(&one, Duration::from_secs(60));
-        assert_ne!(content_generation(std::slice::from_ref(&one)).unwrap(), generation);
+        assert_ne!(digest_pass(remembered, std::slice::from_ref(&one)), generation);
 
         // A file modified just now is not remembered: a rewrite within its mtime tick is still seen.
         let fresh = dir.path().join("fresh/model.onnx");
         write(&fresh, b"weights", Duration::ZERO);
-        assert_eq!(content_generation(std::slice::from_ref(&fresh)).unwrap(), generation);
+        assert_eq!(digest_pass(remembered, std::slice::from_ref(&fresh)), generation);
         let stamp = std::fs::metadata(&fresh).unwrap().modified().unwrap();
         std::fs::write(&fresh, b"WEIGHTS").unwrap();
         std::fs::File::options().write(true).open(&fresh).unwrap().set_modified(stamp).unwrap();
-        assert_ne!(content_generation(std::slice::from_ref(&fresh)).unwrap(), generation);
+        assert_ne!(digest_pass(remembered, std::slice::from_ref(&fresh)), generation);
+    }
+
+    #[test]
+    fn a_pass_remembers_only_the_files_still_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        for name in ["a", "b", "c"] {
+            write(&root.join(name).join("model.onnx"), name.as_bytes(), Duration::from_secs(60));
+        }
+        scan(&root).unwrap();
+        assert_eq!(DIGESTS.lock().get(&root).map(|d| d.0.len()), Some(3));
+        std::fs::remove_dir_all(root.join("b")).unwrap();
+        let found = scan(&root).unwrap();
+        assert_eq!(found.models.iter().map(|(id, _, _)| id.clone()).collect::<Vec<_>>(), ids(&["a", "c"]));
+        assert_eq!(found.entries, 2);
+        let kept = DIGESTS.lock().get(&root).map(|d| d.0.iter().map(|d| d.path).collect::<Vec<_>>());
+        let mut expected = vec![path_key(&root.join("a/model.onnx")), path_key(&root.join("c/model.onnx"))];
+        expected.sort();
+        assert_eq!(kept, Some(expected));
+    }
+
+    #[test]
+    fn a_large_repository_is_watched_at_its_root() {
+        let limits = WatchLimits { recursive_max_entries: 100, ..WatchLimits::default() };
+        for (entries, now, expected) in [
+            (0, WatchMode::Recursive, WatchMode::Recursive),
+            (100, WatchMode::Recursive, WatchMode::Recursive),
+            (101, WatchMode::Recursive, WatchMode::RootAndRescan),
+            (1_000_000, WatchMode::Recursive, WatchMode::RootAndRescan),
+            // Back to recursive only well below the limit.
+            (100, WatchMode::RootAndRescan, WatchMode::RootAndRescan),
+            (51, WatchMode::RootAndRescan, WatchMode::RootAndRescan),
+            (50, WatchMode::RootAndRescan, WatchMode::Recursive),
+        ] {
+            assert_eq!(watch_mode(&limits, entries, now), expected, "{entries} entries, watched {now:?}");
+        }
+    }
+
+    /// Waits up to 20 s for `done`, checking every 50 ms.
+    async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !done().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_repository_watched_at_its_root_still_follows_every_kind_of_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        repository(&root, Duration::from_secs(60));
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let pod = pod(&store).await;
+        pod.sync(&root).await;
+        // Two entries are over this limit: only the root is watched.
+        let limits = WatchLimits {
+            recursive_max_entries: 1,
+            rescan_every: Duration::from_millis(500),
+            follow_up: Duration::from_millis(200),
+        };
+        let stop = CancellationToken::new();
+        let watching = tokio::spawn(watch_with(
+            pod.registry.clone(),
+            pod.view.clone(),
+            root.clone(),
+            limits,
+            stop.clone(),
+        ));
+
+        // A new directory, filled after the event at the root: the follow-up pass finds its file.
+        std::fs::create_dir(root.join("c")).unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        write(&root.join("c/model.onnx"), b"model c", Duration::from_secs(60));
+        eventually("c to be registered", async || pod.view.model(&id("c")).is_some()).await;
+
+        // A file rewritten in place deep in a version directory: no event at the root, the rescan sees it.
+        let before = pod.view.model(&id("b")).unwrap().generation;
+        write(&root.join("b/3/model.onnx"), b"model b, rewritten", Duration::from_secs(30));
+        eventually("b's new files to be seen", async || {
+            pod.view.model(&id("b")).is_some_and(|s| s.generation != before)
+        })
+        .await;
+
+        std::fs::remove_dir_all(root.join("a")).unwrap();
+        eventually("a to be unregistered", async || pod.view.model(&id("a")).is_none()).await;
+        stop.cancel();
+        watching.await.unwrap();
     }
 }

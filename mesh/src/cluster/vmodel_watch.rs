@@ -140,7 +140,10 @@ impl VModelWatch {
             ViewChange::VModel(id) | ViewChange::VModelRemoved(id) => {
                 self.dirty.insert(id);
             }
-            ViewChange::Model(model) | ViewChange::ModelRemoved(model) | ViewChange::Placement(model) => {
+            ViewChange::Model(model)
+            | ViewChange::ModelReplaced(model)
+            | ViewChange::ModelRemoved(model)
+            | ViewChange::Placement(model) => {
                 if let Some(vmodels) = self.referrers.get(model.as_str()) {
                     self.dirty.extend(vmodels.iter().cloned());
                 }

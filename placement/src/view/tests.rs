@@ -32,6 +32,32 @@ async fn the_view_follows_registrations_and_reads_its_writes() {
 }
 
 #[tokio::test]
+async fn a_spec_change_that_reloads_is_told_apart_from_one_that_places() {
+    let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
+    let view = ClusterView::start(registry.clone()).await.unwrap();
+    let mut changes = view.subscribe();
+    let m = ModelId::new("m").unwrap();
+    let r = registry.register(&m, &spec("/m")).await.unwrap().revision;
+    assert_eq!(changes.recv().await.unwrap(), ViewChange::Model(m.clone()), "registered");
+
+    let hinted = ModelSpec { min_copies: Some(2), size_bytes: Some(10), ..spec("/m") };
+    assert!(registry.replace(&m, &hinted, r).await.unwrap());
+    assert_eq!(changes.recv().await.unwrap(), ViewChange::Model(m.clone()), "placement hints only");
+
+    let (_, r) = registry.model(&m).await.unwrap().unwrap();
+    let new_files = ModelSpec { generation: 7, ..hinted.clone() };
+    assert!(registry.replace(&m, &new_files, r).await.unwrap());
+    assert_eq!(changes.recv().await.unwrap(), ViewChange::ModelReplaced(m.clone()), "new files");
+
+    let (_, r) = registry.model(&m).await.unwrap().unwrap();
+    assert!(registry.replace(&m, &ModelSpec { path: "/elsewhere".into(), ..new_files }, r).await.unwrap());
+    assert_eq!(changes.recv().await.unwrap(), ViewChange::ModelReplaced(m.clone()), "another path");
+
+    assert_eq!(view.model_ids_where(|_, s| s.path == "/elsewhere"), vec![m.clone()]);
+    assert_eq!(view.model_ids_where(|_, s| s.path == "/m"), Vec::<ModelId>::new());
+}
+
+#[tokio::test]
 async fn the_view_mirrors_graphs_shared_not_copied() {
     let registry = Registry::new(Arc::new(MemoryStore::new()), "dm");
     let view = ClusterView::start(registry.clone()).await.unwrap();
