@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use parking_lot::RwLock;
@@ -58,6 +58,11 @@ pub struct ClusterView {
     mirror: Arc<RwLock<Mirror>>,
     applied: watch::Receiver<Revision>,
     changes: broadcast::Sender<ViewChange>,
+    /// For [`Self::catch_up_with_store`].
+    registry: Registry,
+    /// When the last strong read started and the revision it found: callers that arrived before it
+    /// started share it instead of each reading the store.
+    strong_read: Arc<tokio::sync::Mutex<Option<(Instant, Revision)>>>,
     _watcher: Arc<DropGuard>,
 }
 
@@ -69,10 +74,45 @@ impl ClusterView {
         let revision = relist(&registry, &mirror, &changes).await?;
         let (applied_tx, applied) = watch::channel(revision);
         let stop = CancellationToken::new();
-        let follower =
-            Follower { registry, mirror: mirror.clone(), changes: changes.clone(), applied: applied_tx };
+        let follower = Follower {
+            registry: registry.clone(),
+            mirror: mirror.clone(),
+            changes: changes.clone(),
+            applied: applied_tx,
+        };
         tokio::spawn(follower.run(revision, stop.clone()));
-        Ok(Self { mirror, applied, changes, _watcher: Arc::new(stop.drop_guard()) })
+        Ok(Self {
+            mirror,
+            applied,
+            changes,
+            registry,
+            strong_read: Arc::default(),
+            _watcher: Arc::new(stop.drop_guard()),
+        })
+    }
+
+    /// Brings the mirror up to the store's present, waiting at most `limit` for each of the read
+    /// and the catching up: a strong read for a name this pod does not know, as ModelMesh's registry
+    /// does on a miss (`getOrStrongIfAbsent`), since a registration made through another pod reaches
+    /// this one's watch a moment later. Concurrent callers share one read of the store. `false` when
+    /// the store did not answer or the mirror did not catch up in time.
+    pub async fn catch_up_with_store(&self, limit: Duration) -> bool {
+        let arrived = Instant::now();
+        let read = async {
+            let mut last = self.strong_read.lock().await;
+            match *last {
+                // Started after this call arrived: it saw every write made before.
+                Some((at, revision)) if at >= arrived => Ok(revision),
+                _ => {
+                    let at = Instant::now();
+                    let revision = self.registry.revision().await?;
+                    *last = Some((at, revision));
+                    Ok::<_, RegistryError>(revision)
+                }
+            }
+        };
+        let Ok(Ok(revision)) = tokio::time::timeout(limit, read).await else { return false };
+        tokio::time::timeout(limit, self.caught_up(revision)).await.is_ok()
     }
 
     pub fn model(&self, id: &ModelId) -> Option<ModelSpec> {

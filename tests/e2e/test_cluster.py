@@ -12,6 +12,7 @@ import time
 import grpc
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from meshd import EXAMPLES, REPO, raw_request, wait_for
 from test_etcd import Etcd, etcd, mm  # noqa: F401  (etcd: the fixture, for the tests below)
@@ -334,3 +335,26 @@ def test_two_pods_with_different_repository_paths_keep_each_others_registrations
     assert b.stub.ModelInfer(raw_request("mlp-regressor", [("input", "FP32", np.ones((1, 8), dtype=np.float32))])).outputs
     m = b.metrics()
     assert (m.get(LOADS_OK, 0), m.get(UNLOADS, 0)) == (1, 0), "pod-b unloaded or reloaded mlp-regressor when it took over the sync"
+
+
+def test_a_model_registered_through_one_pod_is_served_at_once_by_another(start_meshd, etcd, mmesh, tmp_path):
+    """Another pod's watch brings a registration a moment later; a request for a name a pod does not know
+    reads the registry first (as ModelMesh does on a miss), so it is never NOT_FOUND for a model the
+    registration call already answered for. Each round races the call against the watch."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3s"]
+    a = start_meshd(repo, *common, "--instance-id", "pod-a")
+    b = start_meshd(repo, *common, "--instance-id", "pod-b")
+    pb2, stub = mm(a, mmesh)
+    make_dense_model(tmp_path / "m" / "model.onnx", 0.05, seed=3, hidden=16, out=4)
+    x = np.ones((1, 16), dtype=np.float32)
+    for i in range(30):
+        stub.registerModel(pb2.RegisterModelRequest(modelId=f"fresh-{i}", modelInfo=pb2.ModelInfo(
+            type="onnx", path=str(tmp_path / "m"))))
+        answer = b.stub.ModelInfer(raw_request(f"fresh-{i}", [("x", "FP32", x)]))
+        assert answer.outputs[0].name == "y"
+    # A name registered nowhere is still NOT_FOUND, after the one read.
+    with pytest.raises(grpc.RpcError) as e:
+        b.stub.ModelInfer(raw_request("never-registered", [("x", "FP32", x)]))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value

@@ -118,6 +118,18 @@ where
     };
     let Decision { id, peer } = match service.decide(&metadata, name) {
         Ok(decided) => decided,
+        // Unknown here may be registered through another pod a moment ago: once this pod's view has
+        // caught up with the store, the name is looked up again, as a graph too.
+        Err(e) if e.code() == Code::NotFound && service.caught_up_with_store().await => {
+            if service.graph_named(|h| metadata.contains_key(h), name).is_some() {
+                parts.headers = metadata.into_headers();
+                return serve_here(&mut inner, parts, bytes).await;
+            }
+            match service.decide(&metadata, name) {
+                Ok(decided) => decided,
+                Err(e) => return refuse(Status::from(e)),
+            }
+        }
         Err(e) => return refuse(Status::from(e)),
     };
     parts.headers = metadata.into_headers();

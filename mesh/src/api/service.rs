@@ -50,6 +50,10 @@ struct HotMetrics {
 
 const OK_LABELS: [(&str, &str); 2] = [("method", "ModelInfer"), ("code", "OK")];
 
+/// How long a request for a name this pod does not know waits, twice at most, for a strong read of
+/// the registry and for the view to reach it, before it is answered NOT_FOUND.
+const STRONG_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl InferenceService {
     pub fn new(cache: ModelCache, view: ClusterView, worker: Worker, ready: Arc<AtomicBool>) -> Self {
         let hot = HotMetrics {
@@ -101,6 +105,13 @@ impl InferenceService {
             }
             Err(refused) => Err(refused),
         }
+    }
+
+    /// Brings this pod's view up to the store's present: for a name it does not know, which may have
+    /// been registered through another pod a moment ago (ModelMesh reads its registry strongly on a
+    /// miss too). `false` when that could not be done within [`STRONG_READ_LIMIT`].
+    pub(crate) async fn caught_up_with_store(&self) -> bool {
+        self.view.catch_up_with_store(STRONG_READ_LIMIT).await
     }
 
     /// A request forwarded here for a model this pod does not hold is served from the spec the

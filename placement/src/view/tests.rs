@@ -229,3 +229,116 @@ mod after_compaction {
         store.revoke_lease(pod2).await.unwrap();
     }
 }
+
+/// A memory store whose watches deliver nothing while `held` is true (a pod whose watch lags), which
+/// counts the range reads it answers and can make each take 100 ms (`slow`).
+#[derive(Clone)]
+struct LaggingWatches {
+    store: Arc<MemoryStore>,
+    held: Arc<watch::Sender<bool>>,
+    ranges: Arc<std::sync::atomic::AtomicUsize>,
+    slow: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LaggingWatches {
+    fn new() -> Self {
+        Self {
+            store: Arc::new(MemoryStore::new()),
+            held: Arc::new(watch::channel(false).0),
+            ranges: Arc::default(),
+            slow: Arc::default(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for LaggingWatches {
+    async fn range(&self, prefix: &str) -> crate::store::Result<crate::store::RangeResult> {
+        self.ranges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.slow.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.store.range(prefix).await
+    }
+
+    async fn txn(&self, txn: crate::store::Txn) -> crate::store::Result<crate::store::TxnResult> {
+        self.store.txn(txn).await
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> crate::store::Result<crate::store::LeaseId> {
+        self.store.grant_lease(ttl).await
+    }
+
+    async fn keep_alive(&self, lease: crate::store::LeaseId) -> crate::store::Result<()> {
+        self.store.keep_alive(lease).await
+    }
+
+    async fn revoke_lease(&self, lease: crate::store::LeaseId) -> crate::store::Result<()> {
+        self.store.revoke_lease(lease).await
+    }
+
+    fn watch(
+        &self,
+        prefix: &str,
+        after: Revision,
+    ) -> futures::stream::BoxStream<'static, crate::store::Result<WatchEvent>> {
+        let held = self.held.subscribe();
+        let events = self.store.watch(prefix, after);
+        events
+            .then(move |event| {
+                let mut held = held.clone();
+                async move {
+                    let _ = held.wait_for(|held| !held).await;
+                    event
+                }
+            })
+            .boxed()
+    }
+}
+
+#[tokio::test]
+async fn a_strong_read_finds_a_registration_the_watch_has_not_brought_yet() {
+    let store = LaggingWatches::new();
+    let registry = Registry::new(Arc::new(store.clone()), "dm");
+    let view = ClusterView::start(registry.clone()).await.unwrap();
+    // Registered through another pod while this pod's watch lags behind.
+    store.held.send_replace(true);
+    let late = ModelId::new("late").unwrap();
+    registry.register(&late, &spec("/late")).await.unwrap();
+    tokio::task::yield_now().await;
+    assert!(view.model(&late).is_none(), "the watch has not brought it");
+
+    // A watch that stays behind past the limit: the strong read gives up, and says so.
+    assert!(!view.catch_up_with_store(Duration::from_millis(100)).await);
+    assert!(view.model(&late).is_none());
+
+    // A watch a moment behind: the strong read waits for it to reach the store's present.
+    let held = store.held.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held.send_replace(false);
+    });
+    assert!(view.catch_up_with_store(Duration::from_secs(5)).await);
+    assert_eq!(view.model(&late).unwrap().path, "/late");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_strong_reads_share_a_read_of_the_store() {
+    let store = LaggingWatches::new();
+    let view = ClusterView::start(Registry::new(Arc::new(store.clone()), "dm")).await.unwrap();
+    store.slow.store(true, std::sync::atomic::Ordering::Relaxed);
+    let before = store.ranges.load(std::sync::atomic::Ordering::Relaxed);
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let view = view.clone();
+            tokio::spawn(async move { view.catch_up_with_store(Duration::from_secs(5)).await })
+        })
+        .collect();
+    for call in calls {
+        assert!(call.await.unwrap(), "nothing lags: every call catches up");
+    }
+    let reads = store.ranges.load(std::sync::atomic::Ordering::Relaxed) - before;
+    // Each read serves every call that arrived before it started: the first read, then one for all
+    // that arrived during its 100 ms.
+    assert!((1..=3).contains(&reads), "{reads} reads for 64 concurrent calls");
+}
