@@ -437,10 +437,108 @@ pub struct SupportedModelFormat {
     pub priority: Option<i32>,
 }
 
+/// KServe's inference graph: models chained, ensembled, switched or split, run by meshd where the
+/// models are (docs/graphs.md). The spec is passed to the mesh as written; the mesh checks it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "serving.kserve.io",
+    version = "v1alpha1",
+    kind = "InferenceGraph",
+    plural = "inferencegraphs",
+    shortname = "ig",
+    category = "kserve",
+    namespaced,
+    status = "InferenceGraphStatus",
+    printcolumn = r#"{"name":"URL","type":"string","jsonPath":".status.url"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct InferenceGraphSpec {
+    /// The graph's nodes by name; it starts at `root`.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, InferenceRouter>,
+    /// KServe's other fields (`resources`, `affinity`, `timeout`, replicas), kept as written: the
+    /// graph runs in meshd, not in a router pod they would size.
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// One node of a graph: how its steps run.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct InferenceRouter {
+    /// `Sequence`, `Switch`, `Ensemble` or `Splitter`; the mesh refuses any other.
+    #[serde(default)]
+    pub router_type: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<InferenceStep>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// One step: a model (`serviceName`, an InferenceService) or another node (`nodeName`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct InferenceStep {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// KServe's call-any-URL step; the mesh refuses it (a step runs on a model of the mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_url: Option<String>,
+    /// `$request` (the default) or `$response`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// Switch steps: a GJSON condition on the request (the subset docs/graphs.md lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// Splitter steps: the step's share of 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub weight: Option<i64>,
+    /// `Soft` (the default: a failure skips the step) or `Hard` (a failure fails the graph).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependency: Option<String>,
+    /// densemesh's extension: the model's inputs named from the tensors the step receives,
+    /// `{input: tensor}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_map: BTreeMap<String, String>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// What `kubectl get ig` shows: where to call the graph and whether it answers.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceGraphStatus {
+    /// The graph's KServe V2 REST inference URL (the graph's name is the model's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
 /// Every CRD as one multi-document YAML stream: what the Helm chart ships in `crds/`.
 pub fn crds_yaml() -> String {
-    let crds =
-        [InferenceService::crd(), Predictor::crd(), ServingRuntime::crd(), ClusterServingRuntime::crd()];
+    let crds = [
+        InferenceService::crd(),
+        Predictor::crd(),
+        ServingRuntime::crd(),
+        ClusterServingRuntime::crd(),
+        InferenceGraph::crd(),
+    ];
     let mut out =
         String::from("# Generated by `densemesh-controller crds` from controller/src/crd.rs; do not edit.\n");
     for crd in crds {
@@ -510,6 +608,36 @@ spec:
         assert_eq!(status.transition_status, TransitionStatus::Unknown);
         assert_eq!(status.states.target_model_state, Some(ModelState::Unknown));
         assert_eq!(status.last_failure_info.unwrap().reason, FailureReason::RuntimeDisabled);
+    }
+
+    #[test]
+    fn a_kserve_inference_graph_keeps_every_field_it_was_written_with() {
+        let yaml = r#"
+apiVersion: serving.kserve.io/v1alpha1
+kind: InferenceGraph
+metadata: {name: chain, namespace: ml}
+spec:
+  resources: {requests: {cpu: 100m}}
+  nodes:
+    root:
+      routerType: Sequence
+      steps:
+        - {serviceName: scale}
+        - {name: cls, serviceName: classify, data: $response, dependency: Hard, inputMap: {input: scaled}}
+        - {nodeName: pick, data: $response, someNewField: 3}
+    pick:
+      routerType: Switch
+      steps: [{serviceName: argmax, condition: 'parameters.tier', weight: 100}]
+"#;
+        let graph: InferenceGraph = serde_yaml::from_str(yaml).unwrap();
+        let written: serde_json::Value =
+            serde_yaml::from_str::<serde_json::Value>(yaml).unwrap()["spec"].clone();
+        assert_eq!(
+            serde_json::to_value(&graph.spec).unwrap(),
+            written,
+            "the spec goes to the mesh as written"
+        );
+        assert_eq!(graph.spec.nodes["root"].steps[1].input_map["input"], "scaled");
     }
 
     #[test]

@@ -6,10 +6,15 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use densemesh_proto::admin::admin_client::AdminClient;
-use densemesh_proto::admin::{SetVModelSplitRequest, VModelEvent, WatchVModelsRequest, WeightedModel};
+use densemesh_proto::admin::{
+    DeleteGraphRequest, SetGraphRequest, SetVModelSplitRequest, VModelEvent, WatchVModelsRequest,
+    WeightedModel,
+};
 use densemesh_proto::mmesh::model_mesh_client::ModelMeshClient;
+use densemesh_proto::mmesh::model_status_info::ModelStatus;
 use densemesh_proto::mmesh::{
-    DeleteVModelRequest, ModelInfo, RegisterModelRequest, SetVModelRequest, UnregisterModelRequest,
+    DeleteVModelRequest, GetStatusRequest, ModelInfo, RegisterModelRequest, SetVModelRequest,
+    UnregisterModelRequest,
 };
 use futures::Stream;
 use parking_lot::Mutex;
@@ -200,6 +205,17 @@ impl GrpcMesh {
             .map_err(|status| MeshError::Call { call: "WatchVModels", status: Box::new(status) })?;
         Ok(response.into_inner())
     }
+
+    /// A model's load state across the mesh (ModelMesh's getModelStatus), for a graph step naming a
+    /// model that is no vmodel, whose state the vmodel watch does not carry.
+    pub async fn model_status(&self, model_id: &str) -> Result<ModelStatus, MeshError> {
+        let mut mmesh = self.mmesh.clone();
+        let info = mmesh
+            .get_model_status(GetStatusRequest { model_id: model_id.to_owned() })
+            .await
+            .map_err(|status| MeshError::Call { call: "getModelStatus", status: Box::new(status) })?;
+        Ok(info.into_inner().status())
+    }
 }
 
 fn info(model: &ModelRegistration) -> ModelInfo {
@@ -289,6 +305,21 @@ impl MeshApi for GrpcMesh {
                     Ok(_) => {}
                     Err(status) if status.code() == tonic::Code::NotFound => {}
                     Err(status) => return Err(fail("deleteVModel")(status)),
+                }
+            }
+            MeshCall::SetGraph { name, spec_json } => {
+                let mut admin = self.admin.clone();
+                admin
+                    .set_graph(SetGraphRequest { name: name.clone(), spec_json: spec_json.clone() })
+                    .await
+                    .map_err(fail("SetGraph"))?;
+            }
+            MeshCall::DeleteGraph { name } => {
+                let mut admin = self.admin.clone();
+                match admin.delete_graph(DeleteGraphRequest { name: name.clone() }).await {
+                    Ok(_) => {}
+                    Err(status) if status.code() == tonic::Code::NotFound => {}
+                    Err(status) => return Err(fail("DeleteGraph")(status)),
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! The running controller: kube-rs Controllers for InferenceServices and Predictors that apply
-//! `reconcile`'s decisions, fed by the API server's watches and by the mesh's own vmodel watch.
+//! `reconcile`'s decisions (InferenceGraphs: [`crate::graph_operator`]), fed by the API server's
+//! watches and by the mesh's own vmodel watch.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -51,9 +52,9 @@ pub enum Error {
 
 /// What the mesh last reported of each vmodel of one owner, and whether its first round is in.
 #[derive(Default)]
-struct Reported {
-    vmodels: HashMap<String, VModelState>,
-    synced: bool,
+pub(crate) struct Reported {
+    pub(crate) vmodels: HashMap<String, VModelState>,
+    pub(crate) synced: bool,
 }
 
 /// One kind the controller serves: how it maps to the mesh and how its status reads.
@@ -183,7 +184,7 @@ struct Claim<K: kube::Resource<DynamicType = ()>> {
 /// Of the objects that map to one vmodel id (one name in several namespaces), the one that owns it:
 /// the oldest, then the first namespace by name. The mesh has one vmodel per name, and two objects
 /// driving it would undo each other forever.
-fn claimant<'a>(
+pub(crate) fn claimant<'a>(
     claims: impl IntoIterator<Item = (Option<Timestamp>, &'a str)>,
 ) -> Option<(Option<Timestamp>, &'a str)> {
     claims.into_iter().min_by(|a, b| {
@@ -246,13 +247,14 @@ pub async fn run(client: kube::Client, mesh: GrpcMesh, settings: Settings) -> an
     let usage = Usage::default();
     let isvcs = serve::<InferenceService>(&client, &mesh, &runtimes, &cluster_runtimes, &usage, &settings);
     let predictors = serve::<Predictor>(&client, &mesh, &runtimes, &cluster_runtimes, &usage, &settings);
+    let graphs = crate::graph_operator::serve(client.clone(), mesh.clone(), settings.clone());
     match settings.pod_template.clone() {
         Some(template) => {
             let deployments = run_runtimes(client.clone(), usage.clone(), template, settings.clone());
-            tokio::join!(isvcs, predictors, deployments);
+            tokio::join!(isvcs, predictors, graphs, deployments);
         }
         None => {
-            tokio::join!(isvcs, predictors);
+            tokio::join!(isvcs, predictors, graphs);
         }
     }
     Ok(())
@@ -278,7 +280,13 @@ async fn serve<K: MeshObject>(
         settings: settings.clone(),
     });
     let (triggers, trigger_rx) = mpsc::unbounded_channel();
-    tokio::spawn(follow_mesh(mesh.clone(), K::OWNER, ctx.reported.clone(), ctx.by_vmodel.clone(), triggers));
+    let by_vmodel = ctx.by_vmodel.clone();
+    let trigger = move |id: &str| {
+        for claim in by_vmodel.read().get(id).into_iter().flatten() {
+            let _ = triggers.send(claim.obj.clone());
+        }
+    };
+    tokio::spawn(follow_mesh(mesh.clone(), K::OWNER, ctx.reported.clone(), trigger));
     let api: Api<K> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -302,18 +310,13 @@ async fn serve<K: MeshObject>(
 
 /// Follows the mesh's vmodel watch for one owner for as long as the controller runs, reconnecting
 /// after a failure, and triggers a reconcile of every object whose vmodel changed.
-async fn follow_mesh<K: MeshObject>(
+/// `trigger` is called with the id of every vmodel that changed.
+pub(crate) async fn follow_mesh(
     mesh: Arc<GrpcMesh>,
     owner: &'static str,
     reported: Arc<RwLock<Reported>>,
-    by_vmodel: Arc<RwLock<HashMap<String, Vec<Claim<K>>>>>,
-    triggers: mpsc::UnboundedSender<ObjectRef<K>>,
+    trigger: impl Fn(&str),
 ) {
-    let trigger = |id: &str| {
-        for claim in by_vmodel.read().get(id).into_iter().flatten() {
-            let _ = triggers.send(claim.obj.clone());
-        }
-    };
     let mut backoff = Duration::from_millis(200);
     loop {
         match mesh.watch(owner).await {
@@ -565,18 +568,23 @@ async fn cleanup<K: MeshObject>(obj: &K, sole_owner: bool, ctx: &Context<K>) -> 
     Ok(Action::await_change())
 }
 
-fn call_name(call: &MeshCall) -> &'static str {
+pub(crate) fn call_name(call: &MeshCall) -> &'static str {
     match call {
         MeshCall::SetVModel { .. } | MeshCall::Retarget { .. } => "setVModel",
         MeshCall::RegisterModel { .. } => "registerModel",
         MeshCall::UnregisterModel { .. } => "unregisterModel",
         MeshCall::SetSplit { .. } => "SetVModelSplit",
         MeshCall::DeleteVModel { .. } => "deleteVModel",
+        MeshCall::SetGraph { .. } => "SetGraph",
+        MeshCall::DeleteGraph { .. } => "DeleteGraph",
     }
 }
 
 /// Removes this controller's finalizer from an object it no longer serves.
-async fn release<K: MeshObject>(api: &Api<K>, obj: &K) -> Result<(), Error> {
+pub(crate) async fn release<K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned>(
+    api: &Api<K>,
+    obj: &K,
+) -> Result<(), Error> {
     let Some(index) = obj.finalizers().iter().position(|f| f == FINALIZER) else { return Ok(()) };
     let path = format!("/metadata/finalizers/{index}");
     // The test makes a concurrent change of the list fail instead of removing someone else's entry.

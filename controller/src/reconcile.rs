@@ -53,6 +53,15 @@ pub enum MeshCall {
         vmodel_id: String,
         owner: String,
     },
+    /// Registers or replaces an inference graph (Admin.SetGraph); `spec_json` is its spec.
+    SetGraph {
+        name: String,
+        spec_json: String,
+    },
+    /// Removes an inference graph; one already gone is no error.
+    DeleteGraph {
+        name: String,
+    },
 }
 
 impl Desired {
@@ -303,7 +312,7 @@ fn time_of_ms(ms: u64) -> Option<Time> {
 
 /// A condition, keeping its transition time when its status has not changed (so an unchanged
 /// status is an unchanged object and no write).
-fn condition(
+pub(crate) fn condition(
     previous: &[Condition],
     type_: &str,
     ready: bool,

@@ -240,7 +240,7 @@ def test_samples_cover_the_modelmesh_serving_shapes():
 CONTROLLER_SA = f"{RELEASE}-controller"
 LEASE = f"{RELEASE}-controller"
 KSERVE = "serving.kserve.io"
-CR_NAMESPACED = ["inferenceservices", "predictors", "servingruntimes"]
+CR_NAMESPACED = ["inferenceservices", "predictors", "servingruntimes", "inferencegraphs"]
 
 
 def expand(rules, scope):

@@ -591,3 +591,77 @@ def test_an_mlserver_runtime_gets_a_runtime_file_meshd_drives_mlserver_by(kube, 
             print(controller.logs())
         mlserver.kill()
         mlserver.wait(timeout=10)
+
+
+def inference_graph(name, nodes):
+    return {"apiVersion": "serving.kserve.io/v1alpha1", "kind": "InferenceGraph",
+            "metadata": {"name": name, "namespace": "default"}, "spec": {"nodes": nodes}}
+
+
+def ready_condition(obj):
+    return next((c for c in (obj or {}).get("status", {}).get("conditions", []) if c["type"] == "Ready"), None)
+
+
+def test_an_inference_graph_waits_for_its_services_then_serves_and_a_bad_one_says_why(
+        s3, mesh, kube, controller, admin_api):
+    _, x, expected = s3
+    pod_a, pod_b = mesh
+    # The graph first: its InferenceServices are not registered yet, so it waits, saying so.
+    pair = inference_graph("pair", {"root": {"routerType": "Ensemble", "steps": [
+        {"name": "first", "serviceName": "ga"}, {"name": "second", "serviceName": "gb"}]}})
+    kube.apply(pair)
+
+    def waiting():
+        c = ready_condition(kube.get("ig", "pair"))
+        return c and c["status"] == "False" and c["reason"] == "ServiceNotRegistered" and c
+    c = wait_for(waiting, 30, "the graph to wait for its services")
+    assert "is not a registered model or vmodel" in c["message"], c
+
+    kube.apply(RUNTIME, isvc("ga", "s3://models/dense/a/model.onnx"), isvc("gb", "s3://models/dense/b/model.onnx"))
+    kube.kubectl("wait", "--for=condition=Ready", "ig/pair", "--timeout=90s", timeout=100)
+    obj = kube.get("ig", "pair")
+    assert obj["status"]["url"] == "http://127.0.0.1:8008/v2/models/pair/infer", obj["status"]
+    assert "serving.kserve.io/densemesh" in obj["metadata"]["finalizers"]
+    table = kube.kubectl("get", "ig").stdout.splitlines()
+    assert table[0].split() == ["NAME", "URL", "READY", "AGE"], table
+    assert table[1].split()[2] == "True", table
+    # Both InferenceServices are loaded now: ready means loaded, as ModelReady on the graph says.
+    for name in ("ga", "gb"):
+        assert [c["status"] for c in kube.get("isvc", name)["status"]["conditions"] if c["type"] == "Ready"] == ["True"]
+
+    # Called through the other pod by the graph's name, like a model.
+    response = pod_b.stub.ModelInfer(raw_request("pair", [("x", "FP32", x)]), timeout=30)
+    outputs = {o.name: np.frombuffer(raw, dtype=np.float32).reshape(x.shape[0], -1)
+               for o, raw in zip(response.outputs, response.raw_output_contents)}
+    assert set(outputs) == {"first.y", "second.y"}, list(outputs)
+    np.testing.assert_allclose(outputs["first.y"], expected["a"], rtol=1e-5)
+    np.testing.assert_allclose(outputs["second.y"], expected["b"], rtol=1e-5)
+
+    # A graph the mesh refuses: Ready=False with the mesh's message; fixed, it serves.
+    bad = inference_graph("picky", {"root": {"routerType": "Switch", "steps": [
+        {"serviceName": "ga", "condition": "inputs.*.data"}]}})
+    kube.apply(bad)
+
+    def refused():
+        c = ready_condition(kube.get("ig", "picky"))
+        return c and c["status"] == "False" and c["reason"] == "InvalidSpec" and c
+    c = wait_for(refused, 30, "the bad graph to be refused")
+    assert "inputs.*.data" in c["message"], c
+    assert "url" not in kube.get("ig", "picky")["status"]
+    bad["spec"]["nodes"]["root"]["steps"][0]["condition"] = 'inputs.#(name=="x").data.#(>-1000)'
+    kube.apply(bad)
+    kube.kubectl("wait", "--for=condition=Ready", "ig/picky", "--timeout=60s", timeout=70)
+
+    # Deleted: the finalizer deletes the graph from the mesh before the object goes.
+    pb2, pb2_grpc = admin_api
+    stub = pb2_grpc.AdminStub(pod_a.channel)
+    assert stub.GetGraph(pb2.GetGraphRequest(name="pair")).name == "pair"
+    kube.kubectl("delete", "ig", "pair", "--timeout=60s", timeout=70)
+    with pytest.raises(grpc.RpcError) as gone:
+        stub.GetGraph(pb2.GetGraphRequest(name="pair"))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as unknown:
+        pod_b.stub.ModelInfer(raw_request("pair", [("x", "FP32", x)]), timeout=30)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [g.name for g in stub.ListGraphs(pb2.ListGraphsRequest()).graphs] == ["picky"]
+    assert controller.proc.poll() is None, controller.logs()

@@ -276,3 +276,69 @@ def test_a_graph_spans_two_pods_each_step_one_hop(start_meshd, mmesh, tmp_path, 
     finally:
         etcd.stop()
         etcd.dir.cleanup()
+
+
+def rest_infer(server, model, x, headers=None):
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+    request = urllib.request.Request(f"http://{server.http_addr}/v2/models/{model}/infer", data=body,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return {o["name"]: np.array(o["data"], dtype=np.float32).reshape(o["shape"]) for o in json.loads(r.read())["outputs"]}
+
+
+def test_switch_conditions_read_rest_headers_as_they_read_grpc_metadata(server, admin_api):
+    set_graph(server, admin_api, "tiered", {"nodes": {"root": {"routerType": "Switch", "steps": [
+        {"name": "gold", "serviceName": "scale", "condition": '[@this].#(headers.x-tier=="gold")'},
+        {"name": "secret", "serviceName": "triple", "condition": "headers.authorization"},
+        {"name": "noted", "serviceName": "triple", "condition": "headers.x-note"},
+    ]}}})
+    small = np.array([[1, 2, 3, 4]], dtype=np.float32)
+    gold = rest_infer(server, "tiered", small, {"X-Tier": "gold"})
+    assert list(gold) == ["scaled"] and np.allclose(gold["scaled"], small * 2 + 1)
+    noted = rest_infer(server, "tiered", small, {"X-Note": "n" * 500})
+    assert list(noted) == ["scaled"] and np.allclose(noted["scaled"], small * 3)
+    # None holds: the input passes through. Credentials never reach a graph, so the second
+    # condition cannot hold over REST; nor does the third for a header past the size bound.
+    for headers in ({"X-Tier": "silver"}, {"Authorization": "Bearer t"}, {"X-Note": "n" * 2000}):
+        passed = rest_infer(server, "tiered", small, headers)
+        assert list(passed) == ["x"] and np.array_equal(passed["x"], small), headers
+
+
+def test_model_metadata_on_a_graph_names_what_its_request_needs_and_what_it_answers(server, client, admin_api):
+    set_graph(server, admin_api, "chain", CHAIN)
+    set_graph(server, admin_api, "both", {"nodes": {"root": {"routerType": "Ensemble", "steps": [
+        {"name": "a", "serviceName": "scale"}, {"name": "b", "serviceName": "triple"}]}}})
+    set_graph(server, admin_api, "renamed", {"nodes": {"root": {"routerType": "Sequence", "steps": [
+        {"serviceName": "classify", "inputMap": {"input": "features"}},
+        {"nodeName": "pick", "data": "$response"}]},
+        "pick": {"routerType": "Switch", "steps": [
+            {"name": "top", "serviceName": "argmax", "condition": "parameters.top"},
+            {"name": "any", "serviceName": "argmax"}]}}})
+
+    def tensors(ts):
+        return [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in ts]
+
+    chain = client.get_model_metadata("chain", as_json=True)
+    assert chain["name"] == "chain" and chain["platform"] == "densemesh_graph"
+    # Only the first step reads the request; the answer is the last step's.
+    assert tensors(chain["inputs"]) == [("x", "FP32", [-1, 4])]
+    assert tensors(chain["outputs"]) == [("class", "INT64", [-1, 1])]
+    both = client.get_model_metadata("both", as_json=True)
+    assert tensors(both["inputs"]) == [("x", "FP32", [-1, 4])]
+    assert tensors(both["outputs"]) == [("a.scaled", "FP32", [-1, 4]), ("b.scaled", "FP32", [-1, 4])]
+    # inputMap read backwards: the request carries `features`; a node's outputs are the graph's.
+    with urllib.request.urlopen(f"http://{server.http_addr}/v2/models/renamed", timeout=30) as r:
+        renamed = json.loads(r.read())
+    assert tensors(renamed["inputs"]) == [("features", "FP32", [-1, 4])]
+    assert tensors(renamed["outputs"]) == [("class", "INT64", [-1, 1])]
+    assert renamed["platform"] == "densemesh_graph"
+    # Headers naming a model still reach the model.
+    scale = server.stub.ModelMetadata(service_pb2().ModelMetadataRequest(name="chain"),
+                                      metadata=[("mm-model-id", "scale")])
+    assert [o.name for o in scale.outputs] == ["scaled"]
+
+
+def service_pb2():
+    from tritonclient.grpc import service_pb2 as pb2
+    return pb2

@@ -317,11 +317,18 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    /// Loads the model if needed: its interface is only known once a runtime has opened it.
+    /// Loads the model if needed: its interface is only known once a runtime has opened it. A graph's
+    /// name answers the graph's interface, read off its models ([`crate::api::graph::metadata`]).
     async fn model_metadata(
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let metadata = request.metadata();
+        if let Some((name, graph)) = self.graph_named(|h| metadata.contains_key(h), &request.get_ref().name) {
+            return crate::api::graph::metadata::describe(self, name.as_str(), &graph)
+                .await
+                .map(Response::new);
+        }
         let id = self.target(request.metadata(), &request.get_ref().name)?;
         if !self.cache.is_loaded(&id) {
             self.catch_up_with_sender(request.metadata(), &id).await;

@@ -21,6 +21,7 @@
 //!   whose inputs are named differently from the previous step's outputs.
 
 pub(crate) mod flow;
+pub(crate) mod metadata;
 pub(crate) mod registration;
 
 use std::collections::HashMap;

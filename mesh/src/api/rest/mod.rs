@@ -3,7 +3,8 @@
 //!
 //! Nothing here decides anything. Each call becomes the gRPC request the V2 service takes, routing
 //! headers (`mm-vmodel-id`, `mm-model-id`, their `-bin` forms, the route key) carried over as gRPC
-//! metadata. Metadata and readiness call the service's handlers; an inference goes, framed as gRPC
+//! metadata; a call of an inference graph carries the request's other headers too, bounded, for its
+//! Switch conditions ([`graph_metadata`]). Metadata and readiness call the service's handlers; an inference goes, framed as gRPC
 //! bytes, through the same front that gRPC clients reach ([`crate::api::front`]), so one routing
 //! decision, one forwarding path, one validation and one set of metrics serve both protocols. The
 //! extra protobuf encode and decode this costs is small beside the JSON (see `bench/rest.py`).
@@ -140,6 +141,63 @@ fn routing_metadata(headers: &HeaderMap) -> MetadataMap {
         }
     }
     MetadataMap::from_headers(routing)
+}
+
+/// At most this many of a REST request's other headers reach a graph's Switch conditions.
+const MAX_CONDITION_HEADERS: usize = 32;
+/// A header longer than this (name and value) is left out of what a graph's conditions read.
+const MAX_CONDITION_HEADER_BYTES: usize = 1024;
+/// Headers that describe the HTTP exchange rather than the request (hop-by-hop, RFC 9110 §7.6.1; the
+/// body's framing and encoding) or carry credentials: never passed to a graph, whose steps may be
+/// forwarded to other pods with the headers the graph was called with.
+const NOT_FOR_GRAPHS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "accept-encoding",
+    "expect",
+    "authorization",
+    "cookie",
+    HEADER_LENGTH,
+];
+
+/// For a call of a graph: the routing headers and, bounded, the request's other headers, so Switch
+/// conditions on `headers.<name>` hold over REST as over gRPC. Left out: [`NOT_FOR_GRAPHS`], `grpc-*`
+/// (gRPC's own: `grpc-timeout` would set a deadline), `*-bin` (binary in gRPC), values that are not
+/// visible ASCII, any header over [`MAX_CONDITION_HEADER_BYTES`], and all beyond the first
+/// [`MAX_CONDITION_HEADERS`].
+fn graph_metadata(headers: &HeaderMap) -> MetadataMap {
+    let mut carried = routing_metadata(headers).into_headers();
+    let mut extra = 0;
+    for (name, value) in headers {
+        let n = name.as_str();
+        let routing = n.starts_with("mm-") || n == ROUTE_KEY_HEADER;
+        if routing
+            || NOT_FOR_GRAPHS.contains(&n)
+            || n.starts_with("grpc-")
+            || n.ends_with("-bin")
+            || n.len() + value.len() > MAX_CONDITION_HEADER_BYTES
+            || !value.as_bytes().iter().all(|b| (0x20..0x7f).contains(b))
+        {
+            continue;
+        }
+        if extra == MAX_CONDITION_HEADERS {
+            break;
+        }
+        carried.append(name.clone(), value.clone());
+        extra += 1;
+    }
+    MetadataMap::from_headers(carried)
 }
 
 fn grpc_request<T>(headers: &HeaderMap, message: T) -> tonic::Request<T> {
@@ -305,10 +363,16 @@ where
             }
         })?;
         let call = codec::parse_infer(body, json_length).map_err(Status::from)?;
+        // A graph's Switch conditions may read the request's headers; a model's call needs only the
+        // routing ones.
+        let metadata = match self.service.graph_named(|h| parts.headers.contains_key(h), &path.model) {
+            Some(_) => graph_metadata(&parts.headers),
+            None => routing_metadata(&parts.headers),
+        };
         let mut message = call.request;
         message.model_name = path.model;
         message.model_version = path.version;
-        let answer = self.model_infer(&parts.headers, &message).await?;
+        let answer = self.model_infer(metadata, &message).await?;
         let rendered = codec::render_infer(&answer, &call.outputs).map_err(Status::from)?;
         let mut response = Response::new(axum::body::Body::from(rendered.body));
         let headers = response.headers_mut();
@@ -324,10 +388,10 @@ where
         Ok(response)
     }
 
-    /// `ModelInfer` through the front, as a gRPC client's call arrives there.
+    /// `ModelInfer` through the front, as a gRPC client's call arrives there, with `metadata`.
     async fn model_infer(
         &self,
-        headers: &HeaderMap,
+        metadata: MetadataMap,
         message: &ModelInferRequest,
     ) -> Result<ModelInferResponse, Status> {
         let mut body = BytesMut::with_capacity(FRAME_HEADER + message.encoded_len());
@@ -343,7 +407,7 @@ where
         let mut request = http::Request::new(GrpcBody::new(http_body_util::Full::new(body.freeze())));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = http::Uri::from_static(MODEL_INFER_PATH);
-        *request.headers_mut() = routing_metadata(headers).into_headers();
+        *request.headers_mut() = metadata.into_headers();
         request.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         request.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
         let mut front = self.front.clone();

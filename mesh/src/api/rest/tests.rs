@@ -524,3 +524,38 @@ mod surface {
         assert!(front.seen.lock().is_none(), "refused before the front");
     }
 }
+
+#[test]
+fn a_graph_call_carries_the_request_headers_its_conditions_may_read_bounded() {
+    let mut headers = HeaderMap::new();
+    for (name, value) in [
+        ("x-tier", "gold"),
+        ("mm-vmodel-id", "v"),
+        ("densemesh-route-key", "k"),
+        ("connection", "keep-alive"),
+        ("content-type", "application/json"),
+        ("authorization", "Bearer secret"),
+        ("cookie", "session=1"),
+        ("grpc-timeout", "1S"),
+        ("x-trace-bin", "AAAA"),
+        ("inference-header-content-length", "12"),
+    ] {
+        headers.insert(http::HeaderName::from_static(name), HeaderValue::from_static(value));
+    }
+    headers.insert("x-huge", HeaderValue::from_str(&"a".repeat(MAX_CONDITION_HEADER_BYTES)).unwrap());
+    headers.insert("x-latin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+    let carried = graph_metadata(&headers).into_headers();
+    let mut names: Vec<&str> = carried.keys().map(|n| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["densemesh-route-key", "mm-vmodel-id", "x-tier"]);
+    assert_eq!(carried["x-tier"], "gold");
+    // A model's call carries the routing headers only.
+    let routing = routing_metadata(&headers).into_headers();
+    assert!(routing.get("x-tier").is_none() && routing.get("mm-vmodel-id").is_some());
+
+    let mut many = HeaderMap::new();
+    for i in 0..MAX_CONDITION_HEADERS + 10 {
+        many.insert(http::HeaderName::try_from(format!("x-h{i}")).unwrap(), HeaderValue::from_static("1"));
+    }
+    assert_eq!(graph_metadata(&many).into_headers().len(), MAX_CONDITION_HEADERS);
+}
