@@ -346,6 +346,9 @@ pub async fn watch(registry: Registry, view: ClusterView, root: PathBuf, stop: C
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

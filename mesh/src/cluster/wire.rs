@@ -932,5 +932,7 @@ async fn sniff_tls<S>(
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 #[cfg(test)]
 mod tests;
