@@ -15,6 +15,8 @@ pub mod bytesize;
 pub mod cluster;
 pub mod config;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -8,6 +8,8 @@ pub mod choose;
 pub mod copies;
 pub mod election;
 pub mod eviction;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod graph;
 mod model_id;
 pub mod registry;

@@ -11,6 +11,8 @@ mod backend;
 mod confine;
 mod disk;
 mod fetch;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod location;
 mod map;
 mod puller;

@@ -564,6 +564,9 @@ pub async fn watch_with(
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

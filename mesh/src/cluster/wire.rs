@@ -202,7 +202,9 @@ fn get_u64(frame: &mut Bytes) -> Result<u64, FrameError> {
 
 fn get_headers(frame: &mut Bytes) -> Result<HeaderMap, FrameError> {
     let count = get_u16(frame)? as usize;
-    let mut headers = HeaderMap::with_capacity(count);
+    // The count is the peer's word: a map holds at most 32768 names, and `with_capacity` or `append`
+    // past that panics, so the count only sizes a small first allocation and every append is checked.
+    let mut headers = HeaderMap::with_capacity(count.min(64));
     for _ in 0..count {
         let len = get_u16(frame)? as usize;
         let name = HeaderName::from_bytes(&take(frame, len)?)
@@ -210,7 +212,9 @@ fn get_headers(frame: &mut Bytes) -> Result<HeaderMap, FrameError> {
         let len = get_u32(frame)? as usize;
         let value = HeaderValue::from_maybe_shared(take(frame, len)?)
             .map_err(|_| FrameError::Malformed("a header value that is not one"))?;
-        headers.append(name, value);
+        headers
+            .try_append(name, value)
+            .map_err(|_| FrameError::Malformed("more headers than a map holds"))?;
     }
     Ok(headers)
 }
@@ -928,5 +932,7 @@ async fn sniff_tls<S>(
     }
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 #[cfg(test)]
 mod tests;

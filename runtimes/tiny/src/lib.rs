@@ -11,6 +11,8 @@
 #![forbid(unsafe_code)]
 
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 mod graph;
 mod heap;
 mod model;

@@ -121,6 +121,28 @@ fn calls_and_answers_read_back_as_written_and_every_truncation_is_an_error() {
     assert!(matches!(decode_call(Bytes::from(bad_name)), Err(FrameError::Malformed(_))));
 }
 
+/// Found by fuzzing (fuzz/corpus/wire_frame/crash-*): a header count is the peer's word, and a map
+/// asked for more room than it holds, or given more names than it holds, panicked the connection's
+/// reader. Both are a malformed frame now.
+#[test]
+fn header_counts_past_what_a_map_holds_are_malformed_frames_not_panics() {
+    // 65535 headers announced, none there: refused for being cut short, without allocating for them.
+    let announced = [&1u64.to_be_bytes()[..], &[0, 1, b'/'], &[0xff, 0xff]].concat();
+    assert!(matches!(decode_call(Bytes::from(announced)), Err(FrameError::Malformed("cut short"))));
+    let announced = [&1u64.to_be_bytes()[..], &200u16.to_be_bytes(), &[0xff, 0xff]].concat();
+    assert!(matches!(decode_answer(Bytes::from(announced)), Err(FrameError::Malformed("cut short"))));
+    // 40000 distinct names, each there: more than a map holds.
+    let mut frame = [&1u64.to_be_bytes()[..], &[0, 1, b'/'], &40_000u16.to_be_bytes()].concat();
+    for i in 0..40_000u32 {
+        let name = format!("h{i}");
+        frame.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        frame.extend_from_slice(name.as_bytes());
+        frame.extend_from_slice(&0u32.to_be_bytes());
+    }
+    let refused = decode_call(Bytes::from(frame));
+    assert!(matches!(refused, Err(FrameError::Malformed("more headers than a map holds"))), "{refused:?}");
+}
+
 /// `calls` concurrent calls on `peer`, every `big_every`-th of 3 MiB, each body distinct: each must
 /// come back as its own call's answer.
 async fn each_gets_its_own_answer(peer: Arc<WirePeer>, calls: u32, big_every: u32) {

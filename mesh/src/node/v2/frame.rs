@@ -2,10 +2,10 @@
 //! straight from the gRPC frame, so a request served on another pod is passed on as the bytes it came
 //! in as and never decoded here.
 
-use prost::encoding::{WireType, decode_varint};
+use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
 
 /// `ModelInferRequest.model_name`.
-const MODEL_NAME_FIELD: u64 = 1;
+const MODEL_NAME_FIELD: u32 = 1;
 
 /// The protobuf message of a body holding exactly one uncompressed gRPC message; `None` for anything
 /// else (compressed, cut short, several messages), which the generated server then answers as it does.
@@ -38,26 +38,17 @@ pub fn encode(message: &impl prost::Message) -> Result<bytes::Bytes, crate::erro
 pub fn model_name(mut message: &[u8]) -> Option<&str> {
     let mut name: &[u8] = &[];
     while !message.is_empty() {
-        let key = decode_varint(&mut message).ok()?;
-        let wire_type = WireType::try_from(key & 7).ok()?;
-        let skip = match wire_type {
-            WireType::Varint => {
-                decode_varint(&mut message).ok()?;
-                0
-            }
-            WireType::SixtyFourBit => 8,
-            WireType::ThirtyTwoBit => 4,
-            WireType::LengthDelimited => {
-                let length = usize::try_from(decode_varint(&mut message).ok()?).ok()?;
-                if key >> 3 == MODEL_NAME_FIELD {
-                    // The last occurrence wins, as protobuf decoders merge.
-                    name = message.get(..length)?;
-                }
-                length
-            }
-            WireType::StartGroup | WireType::EndGroup => return None,
-        };
-        message = message.get(skip..)?;
+        let (tag, wire_type) = decode_key(&mut message).ok()?;
+        if tag == MODEL_NAME_FIELD && wire_type == WireType::LengthDelimited {
+            let length = usize::try_from(decode_varint(&mut message).ok()?).ok()?;
+            // The last occurrence wins, as protobuf decoders merge.
+            name = message.get(..length)?;
+            message = &message[length..];
+        } else {
+            // Every other field is skipped as the generated decoder skips it, groups included (no
+            // proto3 writer emits one, but the decoder accepts them), so both take the same messages.
+            skip_field(wire_type, tag, &mut message, DecodeContext::default()).ok()?;
+        }
     }
     std::str::from_utf8(name).ok()
 }
@@ -104,6 +95,25 @@ mod tests {
             .extend(ModelInferRequest { model_name: "second".into(), ..Default::default() }.encode_to_vec());
         assert_eq!(model_name(&reordered), Some("second"));
         assert_eq!(ModelInferRequest::decode(reordered.as_slice()).unwrap().model_name, "second");
+    }
+
+    /// Found by fuzzing (fuzz/corpus/v2_request/crash-group): a group of an unknown field, which the
+    /// generated decoder skips, made the frame reader call the message malformed, so the front
+    /// refused a request the generated server takes.
+    #[test]
+    fn groups_are_skipped_as_the_generated_decoder_skips_them() {
+        let named = ModelInferRequest { model_name: "m".into(), ..Default::default() }.encode_to_vec();
+        // Field 13 as an empty group, and as a group holding a varint and a nested group.
+        for group in [&[0x6b, 0x6c][..], &[0x6b, 0x08, 0x01, 0x73, 0x74, 0x6c][..]] {
+            let message = [group, &named].concat();
+            assert_eq!(ModelInferRequest::decode(message.as_slice()).unwrap().model_name, "m");
+            assert_eq!(model_name(&message), Some("m"), "{group:?}");
+        }
+        // A group that never ends, or ends as another field's, is malformed for both.
+        for bad in [&[0x6b, 0x08, 0x01][..], &[0x6b, 0x74][..]] {
+            assert!(ModelInferRequest::decode(bad).is_err());
+            assert_eq!(model_name(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
