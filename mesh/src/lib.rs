@@ -15,6 +15,8 @@ pub mod bytesize;
 pub mod cluster;
 pub mod config;
 pub mod error;
+#[cfg(all(test, feature = "failpoints"))]
+mod fault_tests;
 pub mod metrics;
 pub mod node;
 pub mod server;

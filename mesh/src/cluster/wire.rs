@@ -610,6 +610,11 @@ impl Drop for Forget<'_> {
 async fn read_answers(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
     let reason = loop {
         match reader.next().await {
+            // docs/faults.md: the peer resets the connection while this answer is on its way.
+            #[cfg(feature = "failpoints")]
+            Ok(Some(Frame::Whole(_))) if fail::eval("wire.answer_reset", |_| ()).is_some() => {
+                break "reading failed: connection reset by peer (fail point wire.answer_reset)".to_owned();
+            }
             Ok(Some(Frame::Whole(frame))) => match decode_answer(frame) {
                 Ok(answer) => {
                     if let Some(tx) = pending.lock().waiting.remove(&answer.id) {
