@@ -17,6 +17,8 @@ pub mod config;
 pub mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+#[cfg(all(test, feature = "failpoints"))]
+mod fault_tests;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -204,7 +204,8 @@ pub async fn run(
         ModelCache::new(config.cache.clone(), runtime, locate).with_eviction_policy(config.eviction);
     if !config.etcd.is_empty() {
         let health = health.clone();
-        cache = cache.with_load_gate(Arc::new(move || health.refusal(crate::cluster::instance::now_ms())));
+        cache =
+            cache.with_load_gate(Arc::new(move || health.refusal(crate::cluster::instance::monotonic_ms())));
     }
     let background = CancellationToken::new();
     let tasks = TaskTracker::new();

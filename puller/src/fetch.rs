@@ -418,6 +418,12 @@ impl Write {
         let len = batch.len() as u64;
         let file = at.file.clone();
         let task = tokio::task::spawn_blocking(move || {
+            // docs/faults.md: the disk under --cache-dir fills up mid-pull.
+            #[cfg(feature = "failpoints")]
+            if fail::eval("puller.write", |_| ()).is_some() {
+                let full = std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device");
+                return (Err(full), hashing);
+            }
             if let Some(h) = hashing.as_mut() {
                 h.update(&batch);
             }

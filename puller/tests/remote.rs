@@ -321,3 +321,35 @@ fn root(e: &Error) -> &Error {
         other => other,
     }
 }
+
+/// docs/faults.md, `puller.write`: the disk under the cache fills up mid-pull. The pull fails at once
+/// (no retry can help) with the file and the cause named, leaves neither an entry nor a temporary file,
+/// and charges nothing to the cache; once there is room the same pull succeeds.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_up_mid_pull_fails_that_pull_cleanly_and_the_next_succeeds() {
+    let scenario = fail::FailScenario::setup();
+    let s3 = moto();
+    let body = pattern(3 << 20, 9);
+    upload(&s3, "full/model.onnx", &body).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Ranges of 1 MiB: the disk fills after the first range is written, mid-object.
+    let p = puller(dir.path(), s3.addr, 16 << 20, |c| {
+        c.range_bytes = 1 << 20;
+        c.attempts = 3;
+    });
+    fail::cfg("puller.write", "1*off->return").unwrap();
+    let error = p.fetch("full/model.onnx", Some(KEY)).await.err().expect("the disk is full");
+    let message = error.to_string();
+    assert!(matches!(root(&error), Error::Io { .. }), "{message}");
+    assert!(message.contains("no space left on device") && message.contains("model.onnx"), "{message}");
+    assert_eq!(entries(dir.path()), 0, "no entry for a pull the disk could not hold");
+    assert_eq!(std::fs::read_dir(dir.path().join("cache/tmp")).unwrap().count(), 0, "nor a temporary file");
+    assert_eq!(p.disk_usage().0, 0, "and nothing charged to the cache");
+
+    fail::remove("puller.write");
+    let pulled = p.fetch("full/model.onnx", Some(KEY)).await.expect("room again: the pull succeeds");
+    assert_eq!(pulled.source, "remote");
+    assert_eq!(std::fs::read(&pulled.model.path).unwrap(), body, "the whole object, not what came before");
+    scenario.teardown();
+}

@@ -43,7 +43,8 @@ pub struct InstanceConfig {
 /// stale (models unregistered or placed elsewhere), and loads cannot be published.
 #[derive(Debug, Clone)]
 pub struct RegistryHealth {
-    /// Epoch milliseconds of the first failed heartbeat of the current outage; 0 while healthy.
+    /// [`monotonic_ms`] of the first failed heartbeat of the current outage; 0 while healthy. Not the
+    /// wall clock: a clock stepped forward mid-outage must not make a blip look long (docs/faults.md).
     failing_since_ms: Arc<AtomicU64>,
     grace: Duration,
 }
@@ -65,7 +66,7 @@ impl RegistryHealth {
         }
     }
 
-    /// Why a new load must be refused now, if it must.
+    /// Why a new load must be refused at `now_ms` ([`monotonic_ms`]), if it must.
     pub fn refusal(&self, now_ms: u64) -> Option<String> {
         let since = self.failing_since_ms.load(Ordering::Acquire);
         let down_for = Duration::from_millis(now_ms.saturating_sub(since));
@@ -81,7 +82,22 @@ impl RegistryHealth {
 
 /// Wall-clock milliseconds since the epoch: the clock placement records' times are on.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    let now = SystemTime::now();
+    // docs/faults.md: `clock.jump` `return(SECONDS)` steps this pod's wall clock (negative: back).
+    #[cfg(feature = "failpoints")]
+    let now = match fail::eval("clock.jump", |s| s.and_then(|s| s.parse::<i64>().ok())).flatten() {
+        Some(s) if s >= 0 => now + Duration::from_secs(s.unsigned_abs()),
+        Some(s) => now - Duration::from_secs(s.unsigned_abs()),
+        None => now,
+    };
+    now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Milliseconds on this process's monotonic clock (never 0): for durations measured within this pod,
+/// which the wall clock's steps (NTP, a suspended VM) must not stretch or shrink.
+pub(crate) fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// `t` in milliseconds since the epoch, rounded up: other pods must not see a back-off end before
@@ -200,6 +216,9 @@ impl Publisher {
 
     async fn heartbeat(&mut self) {
         let store = self.registry.store().clone();
+        // An outage counts from the heartbeat that found it, not from when that heartbeat gave up:
+        // across a silent partition a call hangs until the etcd client's timeout (10 s).
+        let began_ms = monotonic_ms();
         if let Some(lease) = self.lease {
             match store.keep_alive(lease).await {
                 Ok(()) => self.config.health.answered(),
@@ -209,7 +228,7 @@ impl Publisher {
                     self.lease = None;
                 }
                 Err(e) => {
-                    self.config.health.failed(now_ms());
+                    self.config.health.failed(began_ms);
                     tracing::warn!(error = %e, "cannot renew this pod's lease");
                     return;
                 }
@@ -225,7 +244,7 @@ impl Publisher {
                     tracing::info!(instance_id = %self.config.id, endpoint = %self.config.endpoint, "joined the registry");
                 }
                 Err(e) => {
-                    self.config.health.failed(now_ms());
+                    self.config.health.failed(began_ms);
                     tracing::warn!(error = %e, "cannot join the registry; retrying");
                     return;
                 }

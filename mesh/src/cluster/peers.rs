@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::cluster::wire::WirePeer;
+use crate::cluster::wire::{PEER_ACK_TIMEOUT, WirePeer};
 
 /// Marks a call that was already forwarded once: the pod receiving it serves it itself.
 pub const FORWARDED_HEADER: &str = "densemesh-forwarded";
@@ -163,6 +163,10 @@ impl Peers {
             .ok()?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(2))
+            // While calls are in flight, a peer that stops answering pings is dropped, failing them
+            // over, instead of each waiting out its timeout (see `wire::PEER_ACK_TIMEOUT`).
+            .http2_keep_alive_interval(PEER_ACK_TIMEOUT / 2)
+            .keep_alive_timeout(PEER_ACK_TIMEOUT / 2)
             .timeout(self.timeout);
         let channel = match &self.tls {
             None => channel.connect_lazy(),

@@ -62,6 +62,12 @@ pub const HEAD_ALLOWANCE: usize = 64 * 1024;
 /// How long a new connection may take to connect and say it is the wire.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long what this pod sent a peer may go unacknowledged before the connection counts as dead.
+/// A peer cut off silently (a partition, a node gone) never resets the connection, and a call waits
+/// for its answer as long as a load may take there (`--load-timeout` + 5 s): without this limit every
+/// call to that peer would wait that long before failing over (docs/faults.md, partitions).
+pub const PEER_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long an accepted connection may stay silent before it is handed to the gRPC server, which
 /// has its own rules for idle clients.
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
@@ -521,6 +527,7 @@ impl Connection {
         let handshake = async {
             let tcp = TcpStream::connect(endpoint).await?;
             tcp.set_nodelay(true)?;
+            socket2::SockRef::from(&tcp).set_tcp_user_timeout(Some(PEER_ACK_TIMEOUT))?;
             let mut stream = match tls {
                 None => WireStream::Tcp(tcp),
                 Some(config) => {
@@ -607,6 +614,11 @@ impl Drop for Forget<'_> {
 async fn read_answers(mut reader: FrameReader, pending: Arc<Mutex<Pending>>) {
     let reason = loop {
         match reader.next().await {
+            // docs/faults.md: the peer resets the connection while this answer is on its way.
+            #[cfg(feature = "failpoints")]
+            Ok(Some(Frame::Whole(_))) if fail::eval("wire.answer_reset", |_| ()).is_some() => {
+                break "reading failed: connection reset by peer (fail point wire.answer_reset)".to_owned();
+            }
             Ok(Some(Frame::Whole(frame))) => match decode_answer(frame) {
                 Ok(answer) => {
                     if let Some(tx) = pending.lock().waiting.remove(&answer.id) {

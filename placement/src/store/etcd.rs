@@ -19,6 +19,36 @@ use super::{
     TxnResult, WatchEvent,
 };
 
+/// How long one call to etcd may take before it counts as unanswered.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The fail point `name` (docs/faults.md), in builds with the `failpoints` feature: `return` fails the
+/// call as an unreachable etcd does; `return(MS)` makes etcd answer MS milliseconds late, or, from
+/// [`REQUEST_TIMEOUT`] on, not in time (the client's timeout, as with a real etcd that slow).
+#[cfg(feature = "failpoints")]
+async fn fail_point(name: &str) -> Result<()> {
+    match fail::eval(name, |arg| arg.and_then(|a| a.parse::<u64>().ok())) {
+        None => Ok(()),
+        Some(Some(ms)) if Duration::from_millis(ms) < REQUEST_TIMEOUT => {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(())
+        }
+        Some(Some(_)) => {
+            tokio::time::sleep(REQUEST_TIMEOUT).await;
+            Err(StoreError::Unavailable(format!("etcd did not answer in time (fail point {name})")))
+        }
+        Some(None) => Err(StoreError::Unavailable(format!("etcd unreachable (fail point {name})"))),
+    }
+}
+
+/// Evaluates a fail point; nothing at all without the `failpoints` feature.
+macro_rules! fail_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail_point($name).await?;
+    };
+}
+
 /// A store on an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -70,7 +100,7 @@ impl EtcdStore {
     pub async fn connect(endpoints: &[String], tls: Option<&EtcdTls>) -> Result<Self> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10))
+            .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         match tls {
             Some(tls) => options = options.with_tls(tls.options()?),
@@ -204,6 +234,7 @@ fn txn_op(op: Op) -> TxnOp {
 #[async_trait]
 impl Store for EtcdStore {
     async fn range(&self, prefix: &str) -> Result<RangeResult> {
+        fail_point!("etcd.range");
         let response = self
             .client
             .clone()
@@ -215,6 +246,7 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        fail_point!("etcd.txn");
         let ops = txn.compare.len() + txn.success.len().max(txn.failure.len());
         if ops > MAX_TXN_OPS {
             return Err(StoreError::TooManyOps(ops));
@@ -247,6 +279,7 @@ impl Store for EtcdStore {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        fail_point!("etcd.grant_lease");
         let seconds = i64::try_from(ttl.as_secs_f64().ceil() as u64).unwrap_or(i64::MAX).max(1);
         let response = self
             .client
@@ -258,6 +291,7 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        fail_point!("etcd.keep_alive");
         let (mut keeper, mut responses) = match self.client.clone().lease_keep_alive(lease.0).await {
             Ok(opened) => opened,
             // etcd-client opens the stream with one renewal and fails with this kind when etcd answers
@@ -275,6 +309,7 @@ impl Store for EtcdStore {
     }
 
     async fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
+        fail_point!("etcd.revoke_lease");
         self.client.clone().lease_revoke(lease.0).await.map_err(lease_error(lease))?;
         Ok(())
     }
@@ -284,6 +319,10 @@ impl Store for EtcdStore {
         let options = WatchOptions::new().with_prefix().with_start_revision(after + 1);
         stream::once(async move {
             let mut client = client;
+            #[cfg(feature = "failpoints")]
+            if let Err(e) = fail_point("etcd.watch").await {
+                return stream::iter([Err(e)]).boxed();
+            }
             match client.watch(prefix, Some(options)).await {
                 Err(e) => stream::iter([Err(store_error(e, About::Revision(after)))]).boxed(),
                 Ok(watch) => stream::unfold(Some(watch), move |state| async move {
@@ -302,6 +341,22 @@ impl Store for EtcdStore {
                                 ))
                             };
                             Some((vec![Err(error)], None))
+                        }
+                        // The connection broke before this answer got through: the watcher must
+                        // watch again from what it has seen, and so gets these events then.
+                        #[cfg(feature = "failpoints")]
+                        Ok(Some(_))
+                            if matches!(
+                                fail::eval("etcd.watch", |a| a.and_then(|a| a.parse::<u64>().ok())),
+                                Some(None)
+                            ) =>
+                        {
+                            Some((
+                                vec![Err(StoreError::Unavailable(
+                                    "watch broken (fail point etcd.watch)".into(),
+                                ))],
+                                None,
+                            ))
                         }
                         Ok(Some(response)) => {
                             let events = response

@@ -341,4 +341,32 @@ async fn concurrent_strong_reads_share_a_read_of_the_store() {
     // Each read serves every call that arrived before it started: the first read, then one for all
     // that arrived during its 100 ms.
     assert!((1..=3).contains(&reads), "{reads} reads for 64 concurrent calls");
+
+/// docs/faults.md, `etcd.watch`: the connection under the view's watch breaks as a change arrives (the
+/// change is lost with it). The view watches again from the last revision it applied, so it still
+/// gets that change, and applies it once.
+#[cfg(all(feature = "etcd", feature = "failpoints"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_broken_as_a_change_arrives_loses_nothing() {
+    use crate::store::etcd::harness::EtcdServer;
+
+    let scenario = fail::FailScenario::setup();
+    let etcd = EtcdServer::start().await;
+    let store: Arc<dyn Store> = Arc::new(etcd.store().await);
+    let registry = Registry::new(store, "dm");
+    let view = ClusterView::start(registry.clone()).await.unwrap();
+    let mut changes = view.subscribe();
+    fail::cfg("etcd.watch", "1*return").unwrap();
+    let lost = ModelId::new("lost-with-the-connection").unwrap();
+    let revision = registry.register(&lost, &spec("/l")).await.unwrap().revision;
+    tokio::time::timeout(std::time::Duration::from_secs(10), view.caught_up(revision))
+        .await
+        .expect("the view watches again and catches up");
+    assert_eq!(view.model(&lost).unwrap().path, "/l");
+    assert_eq!(changes.recv().await.unwrap(), ViewChange::Model(lost.clone()));
+    let next = ModelId::new("after").unwrap();
+    let revision = registry.register(&next, &spec("/n")).await.unwrap().revision;
+    view.caught_up(revision).await;
+    assert_eq!(changes.recv().await.unwrap(), ViewChange::Model(next), "the lost change came once");
+    scenario.teardown();
 }

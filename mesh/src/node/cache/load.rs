@@ -159,6 +159,13 @@ impl Inner {
             let path = fetched.model.path.clone();
             let model_type = fetched.model.format.clone();
             let contents = contents.map(|m| ModelBytes(Arc::new(m)));
+            // docs/faults.md: the runtime's load panics (`panic`), stalls (`sleep(MS)`) or fails
+            // (`return(REASON)`).
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("runtime.load", |reason: Option<String>| {
+                let reason = reason.unwrap_or_else(|| "fail point runtime.load".to_owned());
+                Err(densemesh_runtime_core::Error::Load { model_id: model_id.clone(), source: reason.into() })
+            });
             // `fetched` (and its pin on the disk-cache entry) lives until the runtime is done.
             let loaded = runtime.load(&LoadRequest { model_id, model_type, path, contents });
             drop(fetched);
