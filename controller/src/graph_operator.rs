@@ -72,7 +72,8 @@ pub async fn serve(client: kube::Client, mesh: Arc<GrpcMesh>, settings: Settings
     let graphs = ctx.graphs.clone();
     let trigger = move |vmodel: &str| {
         for (obj, applied) in graphs.read().iter() {
-            if applied.services.iter().any(|s| s == vmodel) || applied.set.is_none() {
+            // A graph waiting for a service not registered yet may be waiting for this one.
+            if applied.waiting > 0 || applied.services.iter().any(|s| s == vmodel) {
                 let _ = triggers.send(obj.clone());
             }
         }
