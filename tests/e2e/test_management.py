@@ -210,6 +210,33 @@ def test_the_repository_directory_is_a_registration_source(server, api):
     assert predict(server, "api-model").outputs[0].name == "label", "still the API's iris model"
 
 
+def test_a_repository_model_whose_file_changes_is_replaced_and_only_then(server, api, tmp_path):
+    """The view tells a spec change that reloads from one that does not; meshd unloads on the first only."""
+    pb2, stub = api
+    x = np.ones((1, 256), dtype=np.float32)
+    want = {}
+    for seed in (1, 2):
+        make_dense_model(tmp_path / f"seed{seed}" / "model.onnx", 0.25, seed=seed)
+        want[seed] = ort.InferenceSession(str(tmp_path / f"seed{seed}" / "model.onnx")).run(None, {"x": x})[0]
+
+    def served():
+        r = predict(server, "swapped", x=x, name="x")
+        return np.frombuffer(r.raw_output_contents[0], dtype=np.float32).reshape(1, 16)
+
+    shutil.copytree(tmp_path / "seed1", server.model_repo / "swapped")
+    wait_for(lambda: status_name(pb2, stub.getModelStatus(pb2.GetStatusRequest(modelId="swapped"))) != "NOT_FOUND",
+             30, "the new directory to be registered")
+    assert np.allclose(served(), want[1], rtol=1e-4, atol=1e-5)
+    # The same bytes written again (a new mtime, same content): same generation, nothing unloaded.
+    shutil.copyfile(tmp_path / "seed1" / "model.onnx", server.model_repo / "swapped" / "model.onnx")
+    time.sleep(1.5)  # more than a settle period of the watcher
+    assert server.metrics().get("densemesh_model_unloads_total", 0) == 0
+    # New weights: the loaded copy is replaced, and the next request loads them.
+    shutil.copyfile(tmp_path / "seed2" / "model.onnx", server.model_repo / "swapped" / "model.onnx")
+    wait_for(lambda: server.metrics().get("densemesh_model_unloads_total", 0) == 1, 30, "the old copy to be unloaded")
+    assert np.allclose(served(), want[2], rtol=1e-4, atol=1e-5)
+
+
 def test_traffic_split_follows_weights_and_sticks_to_request_keys(server, api, mmesh, tmp_path):
     pb2, stub = api
     import importlib

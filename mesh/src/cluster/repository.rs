@@ -420,6 +420,8 @@ pub struct WatchLimits {
     pub recursive_max_entries: usize,
     /// Watched at the root alone, the repository is also passed over this often: a change inside a
     /// model's directory (a new version, a file rewritten in place) raises no event at the root.
+    /// Never more often than [`RESCAN_IDLE_RATIO`] times the last pass took, so that passes over a
+    /// huge repository on a slow disk do not run back to back.
     pub rescan_every: Duration,
     /// And once this soon after a pass that an event at the root started, to catch the files of a
     /// directory that was still being copied into then.
@@ -434,6 +436,15 @@ impl Default for WatchLimits {
             follow_up: Duration::from_secs(5),
         }
     }
+}
+
+/// Between two periodic passes the watcher waits at least this many times as long as the last pass
+/// took: at most a tenth of a core goes to rescanning.
+pub const RESCAN_IDLE_RATIO: u32 = 9;
+
+/// The wait before the next periodic pass, after one that took `last_pass`.
+fn rescan_wait(limits: &WatchLimits, last_pass: Duration) -> Duration {
+    limits.rescan_every.max(last_pass.saturating_mul(RESCAN_IDLE_RATIO))
 }
 
 /// How the repository is being watched.
@@ -519,12 +530,15 @@ pub async fn watch_with(
     };
     tracing::info!(repository = %root.display(), entries, ?mode, "watching the model repository");
     let mut follow_up = false;
+    let mut last_pass = Duration::ZERO;
     loop {
         let next_pass = async {
             match (mode, follow_up) {
                 (WatchMode::Recursive, _) => std::future::pending().await,
                 (WatchMode::RootAndRescan, true) => tokio::time::sleep(limits.follow_up).await,
-                (WatchMode::RootAndRescan, false) => tokio::time::sleep(limits.rescan_every).await,
+                (WatchMode::RootAndRescan, false) => {
+                    tokio::time::sleep(rescan_wait(&limits, last_pass)).await
+                }
             }
         };
         let event = tokio::select! {
@@ -541,7 +555,10 @@ pub async fn watch_with(
         }
         while rx.try_recv().is_ok() {}
         follow_up = event && mode == WatchMode::RootAndRescan;
-        match sync_pass(&registry, &view, &root).await {
+        let started = tokio::time::Instant::now();
+        let pass = sync_pass(&registry, &view, &root).await;
+        last_pass = started.elapsed();
+        match pass {
             Ok((report, entries)) => {
                 if report != SyncReport::default() {
                     tracing::info!(?report, "model repository changed");
@@ -872,6 +889,15 @@ mod tests {
         ] {
             assert_eq!(watch_mode(&limits, entries, now), expected, "{entries} entries, watched {now:?}");
         }
+    }
+
+    #[test]
+    fn periodic_passes_leave_the_cpu_idle_nine_tenths_of_the_time() {
+        let limits = WatchLimits { rescan_every: Duration::from_secs(60), ..WatchLimits::default() };
+        assert_eq!(rescan_wait(&limits, Duration::ZERO), Duration::from_secs(60));
+        assert_eq!(rescan_wait(&limits, Duration::from_secs(6)), Duration::from_secs(60));
+        assert_eq!(rescan_wait(&limits, Duration::from_secs(20)), Duration::from_secs(180));
+        assert_eq!(rescan_wait(&limits, Duration::MAX), Duration::MAX);
     }
 
     /// Waits up to 20 s for `done`, checking every 50 ms.
