@@ -26,6 +26,10 @@ cargo fmt --all --check
 export RUSTC_WORKSPACE_WRAPPER=clippy-driver
 export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
 cargo build --workspace --all-targets
+# The fault-injection tests need the fail points compiled in (docs/faults.md): the library tests of the
+# crates that have them, once more with the feature; --workspace keeps every dependency's features.
+FAULTS=(--workspace --features densemesh-mesh/failpoints --lib --test remote)
+cargo test "${FAULTS[@]}" --no-run
 if ! wait "$setup_pid"; then
     cat "$setup_log" >&2
     echo "scripts/setup.sh test failed" >&2
@@ -35,4 +39,5 @@ cat "$setup_log" >&2
 # env.sh finds onnxruntime in .venv, which setup has just made.
 source scripts/env.sh
 cargo test --workspace
+cargo test "${FAULTS[@]}" -- fault_tests:: disk_that_fills a_watch_broken
 MESHD_BIN="$PWD/target/debug/meshd" python -m pytest tests/e2e -q -p no:cacheprovider
