@@ -15,10 +15,10 @@ pub mod bytesize;
 pub mod cluster;
 pub mod config;
 pub mod error;
-#[cfg(any(test, feature = "fuzzing"))]
-pub mod fuzzing;
 #[cfg(all(test, feature = "failpoints"))]
 mod fault_tests;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod metrics;
 pub mod node;
 pub mod server;

@@ -341,6 +341,7 @@ async fn concurrent_strong_reads_share_a_read_of_the_store() {
     // Each read serves every call that arrived before it started: the first read, then one for all
     // that arrived during its 100 ms.
     assert!((1..=3).contains(&reads), "{reads} reads for 64 concurrent calls");
+}
 
 /// docs/faults.md, `etcd.watch`: the connection under the view's watch breaks as a change arrives (the
 /// change is lost with it). The view watches again from the last revision it applied, so it still
