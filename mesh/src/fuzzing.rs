@@ -155,44 +155,27 @@ fn read_back_as_request(body: &[u8]) -> ModelInferRequest {
     codec::parse_infer(Bytes::from(text), None).expect("a rendered answer parses as a request").request
 }
 
-/// Runs `target` on every file of `fuzz/corpus/{dir}`: the seeds, what the fuzzer kept, and the
-/// inputs of crashes it found (named `crash-*`), so `cargo test` replays them all.
-#[cfg(test)]
-fn replay(dir: &str, target: fn(&[u8])) {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(dir);
-    let mut files: Vec<_> = std::fs::read_dir(&corpus)
-        .unwrap_or_else(|e| panic!("{}: {e}", corpus.display()))
-        .map(|entry| entry.expect("a corpus entry").path())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "{} is empty", corpus.display());
-    for file in files {
-        let data = std::fs::read(&file).expect("a corpus file");
-        if std::panic::catch_unwind(|| target(&data)).is_err() {
-            panic!("{} fails", file.display());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    include!("../../fuzz/replay.rs");
+
     #[test]
     fn corpus_v2_request_replays() {
-        super::replay("v2_request", super::v2_request);
+        replay("v2_request", super::v2_request);
     }
 
     #[test]
     fn corpus_rest_request_replays() {
-        super::replay("rest_request", super::rest_request);
+        replay("rest_request", super::rest_request);
     }
 
     #[test]
     fn corpus_wire_frame_replays() {
-        super::replay("wire_frame", super::wire_frame);
+        replay("wire_frame", super::wire_frame);
     }
 
     #[test]
     fn corpus_repository_layout_replays() {
-        super::replay("repository_layout", super::repository_layout);
+        replay("repository_layout", super::repository_layout);
     }
 }

@@ -126,34 +126,17 @@ fn graph(value: &[u8]) {
     let _ = crate::graph::service_names(&spec);
 }
 
-/// Runs `target` on every file of `fuzz/corpus/{dir}`: the seeds, what the fuzzer kept, and the
-/// inputs of crashes it found (named `crash-*`), so `cargo test` replays them all.
-#[cfg(test)]
-fn replay(dir: &str, target: fn(&[u8])) {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(dir);
-    let mut files: Vec<_> = std::fs::read_dir(&corpus)
-        .unwrap_or_else(|e| panic!("{}: {e}", corpus.display()))
-        .map(|entry| entry.expect("a corpus entry").path())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "{} is empty", corpus.display());
-    for file in files {
-        let data = std::fs::read(&file).expect("a corpus file");
-        if std::panic::catch_unwind(|| target(&data)).is_err() {
-            panic!("{} fails", file.display());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    include!("../../fuzz/replay.rs");
+
     #[test]
     fn corpus_model_id_replays() {
-        super::replay("model_id", super::model_id);
+        replay("model_id", super::model_id);
     }
 
     #[test]
     fn corpus_stored_record_replays() {
-        super::replay("stored_record", super::stored_record);
+        replay("stored_record", super::stored_record);
     }
 }

@@ -76,29 +76,12 @@ pub fn storage_config(data: &[u8]) {
     }
 }
 
-/// Runs `target` on every file of `fuzz/corpus/{dir}`: the seeds, what the fuzzer kept, and the
-/// inputs of crashes it found (named `crash-*`), so `cargo test` replays them all.
-#[cfg(test)]
-fn replay(dir: &str, target: fn(&[u8])) {
-    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(dir);
-    let mut files: Vec<_> = std::fs::read_dir(&corpus)
-        .unwrap_or_else(|e| panic!("{}: {e}", corpus.display()))
-        .map(|entry| entry.expect("a corpus entry").path())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "{} is empty", corpus.display());
-    for file in files {
-        let data = std::fs::read(&file).expect("a corpus file");
-        if std::panic::catch_unwind(|| target(&data)).is_err() {
-            panic!("{} fails", file.display());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    include!("../../fuzz/replay.rs");
+
     #[test]
     fn corpus_storage_config_replays() {
-        super::replay("storage_config", super::storage_config);
+        replay("storage_config", super::storage_config);
     }
 }
