@@ -80,6 +80,20 @@ def infer_iris(client, model="iris-logreg"):
     return client.infer(model, [i]).as_numpy("label")
 
 
+def answers_through(client, rounds, what):
+    """Waits for `client`'s pod to answer iris's "iris" model (at first the pods have not found each other),
+    then checks `rounds` more answers."""
+    def answered():
+        try:
+            return infer_iris(client, "iris").tolist() == [0]
+        except InferenceServerException:
+            return False
+
+    wait_for(answered, 60, what)
+    for _ in range(rounds):
+        assert infer_iris(client, "iris").tolist() == [0]
+
+
 def https(server, certs, path, identity="client"):
     """GET on meshd's REST port over TLS: the status code, or the exception the handshake raised."""
     context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
@@ -182,16 +196,7 @@ def test_two_pods_forward_over_mutual_tls_on_an_etcd_with_client_certificates(st
         b = start_meshd(repo, "--instance-id", "pod-b", "--model-types", "", *common)
         a = start_meshd(repo, "--instance-id", "pod-a", "--model-types", "onnx", *common)
         client = triton(b, certs)
-
-        def answered():
-            try:
-                return infer_iris(client, "iris").tolist() == [0]
-            except InferenceServerException:
-                return False
-
-        wait_for(answered, 60, "pod-b to answer through pod-a")
-        for _ in range(20):
-            assert infer_iris(client, "iris").tolist() == [0]
+        answers_through(client, 20, "pod-b to answer through pod-a")
         client.close()
         assert b.metrics().get(FORWARDED_OK, 0) >= 20, "pod-b forwarded the requests"
         assert a.metrics().get(FORWARDED_OK, 0) == 0
@@ -219,16 +224,7 @@ def test_pods_whose_certificates_name_a_service_forward_with_a_peer_name_and_ser
         client = grpcclient.InferenceServerClient(
             b.grpc_addr, ssl=True, root_certificates=str(certs / "ca.crt"),
             channel_args=[("grpc.ssl_target_name_override", "meshd.test.svc")], **pair)
-
-        def answered():
-            try:
-                return infer_iris(client, "iris").tolist() == [0]
-            except InferenceServerException:
-                return False
-
-        wait_for(answered, 60, "pod-b to answer through pod-a, verified as meshd.test.svc")
-        for _ in range(10):
-            assert infer_iris(client, "iris").tolist() == [0]
+        answers_through(client, 10, "pod-b to answer through pod-a, verified as meshd.test.svc")
         client.close()
 
         # The metrics port: TLS with the pod's certificate, no client certificate needed; plain HTTP is
