@@ -4,6 +4,8 @@
 //! V2 server (meshd, MLServer, Triton): the request is built from the server's own ModelMetadata.
 #![forbid(unsafe_code)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,6 +35,73 @@ pub struct LoadSpec {
     /// TLS to meshd (its `--tls-*`): the CA its certificate chains to and, for mutual TLS, a client
     /// certificate. `None`: plaintext.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Requests spread over many models instead of all to `model`; `None`: all to `model`.
+    pub spread: Option<Spread>,
+}
+
+/// Many models sharing `model`'s interface (its metadata builds the one request), each request
+/// naming one of them: how density is measured, where what matters is how many distinct models a
+/// server answers for, not one hot model.
+#[derive(Debug, Clone)]
+pub struct Spread {
+    pub models: Arc<[String]>,
+    pub order: Order,
+}
+
+/// Which model each request names.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Order {
+    /// Rank `k` (1-based, in `models`' order) with probability ∝ 1/k^s, as real traffic over many
+    /// models goes: a few hot, a long cold tail. `s` = 0 is uniform.
+    Zipf(f64),
+    /// Every model once, in order, then the clients stop (no warm-up, no duration): the time to
+    /// first-serve (load) them all.
+    EachOnce,
+}
+
+/// Draws ranks by Zipf's law: a cumulative table searched by bisection, so a draw costs
+/// O(log n) whatever the exponent (1,000,000 models: 8 MB of table, ~20 comparisons).
+struct ZipfTable(Vec<f64>);
+
+impl ZipfTable {
+    fn new(n: usize, s: f64) -> Self {
+        let mut total = 0.0;
+        Self(
+            (1..=n)
+                .map(|k| {
+                    total += 1.0 / (k as f64).powf(s);
+                    total
+                })
+                .collect(),
+        )
+    }
+
+    fn draw(&self, rng: &mut fastrand::Rng) -> usize {
+        let total = self.0.last().copied().unwrap_or(0.0);
+        let at = rng.f64() * total;
+        self.0.partition_point(|c| *c <= at).min(self.0.len().saturating_sub(1))
+    }
+}
+
+/// What names each client's next request.
+enum Picker {
+    One,
+    Zipf { models: Arc<[String]>, table: Arc<ZipfTable>, rng: fastrand::Rng },
+    EachOnce { models: Arc<[String]>, next: Arc<AtomicUsize> },
+}
+
+impl Picker {
+    /// The next model, `None` when there is none left (each-once done); for `One`, `Some("")`
+    /// (the template's own name stands).
+    fn next(&mut self) -> Option<&str> {
+        match self {
+            Picker::One => Some(""),
+            Picker::Zipf { models, table, rng } => Some(&models[table.draw(rng)]),
+            Picker::EachOnce { models, next } => {
+                models.get(next.fetch_add(1, Ordering::Relaxed)).map(|m| m.as_str())
+            }
+        }
+    }
 }
 
 /// What the clients saw: latencies after the warm-up, and the errors.
@@ -46,6 +115,8 @@ pub struct Outcome {
     pub warmup_errors: u64,
     /// The first error message of the whole run, warm-up included.
     pub first_error: Option<String>,
+    /// From the first request to the last client's end (for each-once, the time to serve them all).
+    pub elapsed: Duration,
 }
 
 /// Latency figures of one run.
@@ -155,6 +226,8 @@ pub enum LoadError {
     NoInputs { model: String },
     #[error("a client task failed: {0}")]
     Client(String),
+    #[error("the spread of models is empty")]
+    NoModels,
 }
 
 async fn connect(addr: &str, tls: Option<&tonic::transport::ClientTlsConfig>) -> Result<Channel, LoadError> {
@@ -211,12 +284,35 @@ async fn template(channel: Channel, spec: &LoadSpec) -> Result<ModelInferRequest
 pub async fn measure(spec: &LoadSpec) -> Result<Outcome, LoadError> {
     let shared = connect(&spec.addr, spec.tls.as_ref()).await?;
     let template = if spec.server_live_only { None } else { Some(template(shared.clone(), spec).await?) };
+    if spec.spread.as_ref().is_some_and(|s| s.models.is_empty()) {
+        return Err(LoadError::NoModels);
+    }
+    let zipf = match &spec.spread {
+        Some(Spread { models, order: Order::Zipf(s) }) => Some(Arc::new(ZipfTable::new(models.len(), *s))),
+        _ => None,
+    };
+    let each_next = Arc::new(AtomicUsize::new(0));
 
     let start = Instant::now();
-    let measure_from = start + spec.warmup;
-    let stop = measure_from + spec.duration;
+    // Each-once runs until every model was asked once: nothing to warm up, no clock to stop it.
+    let each_once = matches!(&spec.spread, Some(Spread { order: Order::EachOnce, .. }));
+    let measure_from = if each_once { start } else { start + spec.warmup };
+    let stop =
+        if each_once { start + Duration::from_secs(365 * 24 * 3600) } else { measure_from + spec.duration };
     let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..spec.concurrency.max(1) {
+    for client_index in 0..spec.concurrency.max(1) {
+        let mut picker = match (&spec.spread, &zipf) {
+            (None, _) => Picker::One,
+            (Some(Spread { models, order: Order::EachOnce }), _) => {
+                Picker::EachOnce { models: models.clone(), next: each_next.clone() }
+            }
+            (Some(Spread { models, .. }), Some(table)) => Picker::Zipf {
+                models: models.clone(),
+                table: table.clone(),
+                rng: fastrand::Rng::with_seed(0x5eed ^ client_index as u64),
+            },
+            (Some(_), None) => Picker::One,
+        };
         let channel = if spec.connection_per_client {
             connect(&spec.addr, spec.tls.as_ref()).await?
         } else {
@@ -228,15 +324,25 @@ pub async fn measure(spec: &LoadSpec) -> Result<Outcome, LoadError> {
             let mut client = GrpcInferenceServiceClient::new(channel)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX);
-            let mut seen = Outcome { latencies: histogram(), errors: 0, warmup_errors: 0, first_error: None };
-            loop {
+            let mut seen = Outcome {
+                latencies: histogram(),
+                errors: 0,
+                warmup_errors: 0,
+                first_error: None,
+                elapsed: Duration::ZERO,
+            };
+            while let Some(model) = picker.next() {
+                let mut request = template.clone();
+                if let Some(request) = request.as_mut().filter(|_| !model.is_empty()) {
+                    model.clone_into(&mut request.model_name);
+                }
                 let sent = Instant::now();
                 if sent >= stop {
                     break;
                 }
                 let call = async {
-                    match &template {
-                        Some(request) => client.model_infer(request.clone()).await.map(drop),
+                    match request {
+                        Some(request) => client.model_infer(request).await.map(drop),
                         None => client.server_live(ServerLiveRequest {}).await.map(drop),
                     }
                 };
@@ -263,7 +369,13 @@ pub async fn measure(spec: &LoadSpec) -> Result<Outcome, LoadError> {
             seen
         });
     }
-    let mut total = Outcome { latencies: histogram(), errors: 0, warmup_errors: 0, first_error: None };
+    let mut total = Outcome {
+        latencies: histogram(),
+        errors: 0,
+        warmup_errors: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+    };
     while let Some(joined) = clients.join_next().await {
         let seen = joined.map_err(|e| LoadError::Client(e.to_string()))?;
         // Same bounds on both sides: adding cannot fail.
@@ -272,5 +384,55 @@ pub async fn measure(spec: &LoadSpec) -> Result<Outcome, LoadError> {
         total.warmup_errors += seen.warmup_errors;
         total.first_error = total.first_error.or(seen.first_error);
     }
+    total.elapsed = start.elapsed();
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_draws_follow_the_law_and_stay_in_range() {
+        let n = 1000;
+        let table = ZipfTable::new(n, 1.0);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut counts = vec![0u32; n];
+        let draws = 200_000;
+        for _ in 0..draws {
+            counts[table.draw(&mut rng)] += 1;
+        }
+        // P(rank 1) = 1/H(1000) = 0.1336; P(rank 2) is half of it; P(rank 10) a tenth.
+        let share = |k: usize| f64::from(counts[k - 1]) / f64::from(draws);
+        assert!((share(1) - 0.1336).abs() < 0.005, "{}", share(1));
+        assert!((share(2) / share(1) - 0.5).abs() < 0.03, "{}", share(2) / share(1));
+        assert!((share(10) / share(1) - 0.1).abs() < 0.02, "{}", share(10) / share(1));
+        assert!(counts[n - 1] > 0, "the tail is drawn too");
+        // Exponent 0 is uniform.
+        let uniform = ZipfTable::new(4, 0.0);
+        let mut seen = [0u32; 4];
+        for _ in 0..40_000 {
+            seen[uniform.draw(&mut rng)] += 1;
+        }
+        assert!(seen.iter().all(|c| (9_000..11_000).contains(c)), "{seen:?}");
+    }
+
+    #[test]
+    fn each_once_names_every_model_exactly_once_across_clients() {
+        let models: Arc<[String]> = (0..10).map(|i| format!("m{i}")).collect();
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut a = Picker::EachOnce { models: models.clone(), next: next.clone() };
+        let mut b = Picker::EachOnce { models: models.clone(), next };
+        let mut named = Vec::new();
+        loop {
+            match (a.next().map(str::to_owned), b.next().map(str::to_owned)) {
+                (None, None) => break,
+                (x, y) => named.extend(x.into_iter().chain(y)),
+            }
+        }
+        named.sort();
+        let mut expected: Vec<String> = models.to_vec();
+        expected.sort();
+        assert_eq!(named, expected);
+    }
 }

@@ -96,6 +96,17 @@ struct GrpcArgs {
     /// A request unanswered after this counts as an error.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Spread requests over the models named in this file (one per line, all with `--model`'s
+    /// interface), by Zipf rank in the file's order.
+    #[arg(long)]
+    models_file: Option<PathBuf>,
+    /// The Zipf exponent over `--models-file` (0: uniform).
+    #[arg(long, default_value_t = 1.0, requires = "models_file")]
+    zipf: f64,
+    /// Ask every model of `--models-file` once, in order, then stop: the time to first-serve them
+    /// all (`--duration` and `--warmup` do not apply).
+    #[arg(long, requires = "models_file")]
+    each_once: bool,
     #[command(flatten)]
     load: LoadArgs,
 }
@@ -151,6 +162,26 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn grpc(args: GrpcArgs) -> anyhow::Result<()> {
+    let spread = match &args.models_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read --models-file {}: {e}", path.display()))?;
+            let models: std::sync::Arc<[String]> =
+                text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+            if models.is_empty() {
+                anyhow::bail!("--models-file {} names no model", path.display());
+            }
+            let order = if args.each_once {
+                densemesh_loadgen::Order::EachOnce
+            } else if args.zipf >= 0.0 && args.zipf.is_finite() {
+                densemesh_loadgen::Order::Zipf(args.zipf)
+            } else {
+                anyhow::bail!("--zipf {} is not a finite exponent ≥ 0", args.zipf);
+            };
+            Some(densemesh_loadgen::Spread { models, order })
+        }
+    };
     let load = GrpcLoad {
         addr: args.addr.clone(),
         model: args.model.clone(),
@@ -161,12 +192,13 @@ fn grpc(args: GrpcArgs) -> anyhow::Result<()> {
         connections: args.connections,
         call: args.call,
         timeout: args.timeout,
+        spread,
     };
     let runtime = match args.client_threads {
         0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
     };
-    let (histogram, errors) = runtime.block_on(grpc::run(&load))?;
+    let (histogram, errors, elapsed) = runtime.block_on(grpc::run(&load))?;
     let connections = match args.connections {
         Connections::Shared => "shared connection",
         Connections::PerClient => "connection per client",
@@ -175,15 +207,26 @@ fn grpc(args: GrpcArgs) -> anyhow::Result<()> {
         Call::ModelInfer => String::new(),
         Call::ServerLive => "ServerLive, ".to_owned(),
     };
+    let target = match &load.spread {
+        None => format!("{} {}", args.addr, args.model),
+        Some(s) => match s.order {
+            densemesh_loadgen::Order::Zipf(e) => format!("{} {} models, Zipf {e}", args.addr, s.models.len()),
+            densemesh_loadgen::Order::EachOnce => {
+                format!("{} {} models, each once", args.addr, s.models.len())
+            }
+        },
+    };
+    // Each-once ends when every model was asked: its rate is over the time that took.
+    let measured = if args.each_once { elapsed } else { load.duration };
     let info = RunInfo {
         kind: "grpc",
         label: args.load.label,
-        target: format!("{} {}", args.addr, args.model),
+        target,
         concurrency: load.concurrency,
         batch: load.batch,
         transport: Some(format!("{call}{connections}, {} client thread(s)", args.client_threads.max(1))),
     };
-    figures::print(&info, &Figures::new(&histogram, errors, load.duration));
+    figures::print(&info, &Figures::new(&histogram, errors, measured));
     Ok(())
 }
 

@@ -39,11 +39,13 @@ pub struct GrpcLoad {
     pub call: Call,
     /// A request still unanswered after this counts as an error (and the client moves on).
     pub timeout: Duration,
+    /// Requests spread over many models (`--models-file`).
+    pub spread: Option<loadgen::Spread>,
 }
 
 /// Runs the load through the mesh's one load generator; returns the latencies seen after the
-/// warm-up and the errors.
-pub async fn run(load: &GrpcLoad) -> anyhow::Result<(Histogram<u64>, Errors)> {
+/// warm-up, the errors, and how long it ran (each-once: the time to serve every model once).
+pub async fn run(load: &GrpcLoad) -> anyhow::Result<(Histogram<u64>, Errors, Duration)> {
     let spec = loadgen::LoadSpec {
         addr: load.addr.clone(),
         model: load.model.clone(),
@@ -55,9 +57,10 @@ pub async fn run(load: &GrpcLoad) -> anyhow::Result<(Histogram<u64>, Errors)> {
         server_live_only: load.call == Call::ServerLive,
         timeout: load.timeout,
         tls: None,
+        spread: load.spread.clone(),
     };
     let outcome = loadgen::measure(&spec).await?;
     let errors =
         Errors { measured: outcome.errors, warmup: outcome.warmup_errors, first: outcome.first_error };
-    Ok((outcome.latencies, errors))
+    Ok((outcome.latencies, errors, outcome.elapsed))
 }

@@ -442,6 +442,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 server_live_only: false,
                 timeout: Duration::from_secs(30),
                 tls: tls_config(cli)?,
+                spread: None,
             };
             let spinner = indicatif::ProgressBar::new_spinner();
             spinner.set_message(format!(
