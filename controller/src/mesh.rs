@@ -225,6 +225,9 @@ fn info(model: &ModelRegistration) -> ModelInfo {
         key: model.key.clone(),
         size_bytes: model.size_bytes.unwrap_or(0),
         min_copies: model.min_copies.unwrap_or(0),
+        // A predictor's `runtime` names a ServingRuntime, which decides the pods, not a runtime
+        // within meshd: the pod chooses.
+        runtime: String::new(),
     }
 }
 

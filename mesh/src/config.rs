@@ -90,8 +90,10 @@ pub struct ServeArgs {
     /// ONNX models up to this file size whose operators the tiny evaluator implements (MLPs and
     /// scikit-learn's linear, scaler and tree models as skl2onnx writes them) are held by it, in about
     /// their weights' size, instead of an ONNX Runtime session (50-130 KiB each); anything else loads
-    /// in ONNX Runtime. 0 (the default for now): ONNX Runtime loads every ONNX model.
-    #[arg(long, env = "DENSEMESH_TINY_MAX_BYTES", default_value = "0")]
+    /// in ONNX Runtime. 0: ONNX Runtime loads every ONNX model not forced onto the evaluator
+    /// (`ModelInfo.runtime`). Past ~1 MiB a model's weights dwarf a session's fixed cost, and a
+    /// session's optimised kernels are worth their memory.
+    #[arg(long, env = "DENSEMESH_TINY_MAX_BYTES", default_value = "1MiB")]
     pub tiny_max_bytes: ByteSize,
     /// Runtimes besides the built-in ones, in a YAML or JSON file: remote KServe V2 servers (MLServer,
     /// Triton) and runtimes speaking ModelMesh's model-runtime SPI, each with the formats it loads.

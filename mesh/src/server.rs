@@ -176,6 +176,7 @@ pub async fn run(
         .into());
     }
     let (runtimes, model_types, pools) = start_runtimes(&config).await?;
+    let offered_runtimes = runtimes.clone();
     let runtime: Arc<dyn Runtime> = Arc::new(runtimes);
     let store: Arc<dyn Store> = if config.etcd.is_empty() {
         Arc::new(MemoryStore::new())
@@ -301,7 +302,8 @@ pub async fn run(
             service.with_model_labels(crate::metrics::per_model::ModelLabels::new(config.metrics_per_model));
     }
     let management = Management::new(registry.clone(), view.clone(), cache.clone(), placer.clone())
-        .with_puller(puller.clone());
+        .with_puller(puller.clone())
+        .with_runtimes(offered_runtimes);
     let inference = GrpcInferenceServiceServer::new(service.clone())
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
@@ -533,6 +535,7 @@ fn locate_registered(view: ClusterView, puller: Arc<Puller>, model_repo: PathBuf
             })?;
             // The registered type picks the runtime, whatever the file is called.
             fetched.model.format = spec.model_type;
+            fetched.model.runtime = spec.runtime;
             Ok(fetched)
         }
         .boxed()

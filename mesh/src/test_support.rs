@@ -41,6 +41,10 @@ impl LoadedModel for StubModel {
         1
     }
 
+    fn runtime(&self) -> &str {
+        &self.0.platform
+    }
+
     fn infer(
         &self,
         _: densemesh_runtime_core::InferRequest,

@@ -367,7 +367,7 @@ mod tests {
         };
         let copies = [
             ("a".to_owned(), Placement::Failed { since_ms: 1, reason: "bad".into(), retry_after_ms: 500 }),
-            ("b".to_owned(), Placement::Loaded { since_ms: 1, size_bytes: 5 }),
+            ("b".to_owned(), Placement::Loaded { since_ms: 1, size_bytes: 5, runtime: String::new() }),
             ("c".to_owned(), Placement::Loading { since_ms: 1 }),
         ];
         let own = |name: &str| copies.iter().find(|(n, _)| n == name).map(|(_, p)| p);

@@ -125,7 +125,7 @@ mod min_copies_tests {
         names.iter().map(|n| ((*n).to_owned(), pod(&["onnx"], false))).collect()
     }
 
-    const LOADED: Placement = Placement::Loaded { since_ms: 1, size_bytes: 1 };
+    const LOADED: Placement = Placement::Loaded { since_ms: 1, size_bytes: 1, runtime: String::new() };
     const LOADING: Placement = Placement::Loading { since_ms: 1 };
 
     fn failed() -> Placement {

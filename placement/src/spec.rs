@@ -48,12 +48,19 @@ pub struct ModelSpec {
     /// model's type go); `None` when the registrant did not ask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_copies: Option<u32>,
+    /// The runtime that must load it, by name, where the pod has a choice for its type (`tiny` or
+    /// `onnxruntime` for ONNX); `None`: the pod chooses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
 }
 
 impl ModelSpec {
     /// Whether two specs describe the same model (who registered it and when aside).
     pub fn same_model(&self, other: &ModelSpec) -> bool {
-        self.model_type == other.model_type && self.path == other.path && self.key == other.key
+        self.model_type == other.model_type
+            && self.path == other.path
+            && self.key == other.key
+            && self.runtime == other.runtime
     }
 
     /// Whether copies loaded from `old` must be replaced to serve this spec: another model, or the
@@ -81,6 +88,7 @@ impl ModelSpec {
             generation: 0,
             size_bytes: None,
             min_copies: None,
+            runtime: None,
         }
     }
 }
@@ -276,14 +284,17 @@ mod tests {
         let old: Placement =
             serde_json::from_str(r#"{"state":"failed","since_ms":10,"reason":"bad"}"#).unwrap();
         assert_eq!(old.retry_after_ms(), Some(0));
-        assert_eq!(Placement::Loaded { since_ms: 1, size_bytes: 2 }.retry_after_ms(), None);
+        assert_eq!(
+            Placement::Loaded { since_ms: 1, size_bytes: 2, runtime: String::new() }.retry_after_ms(),
+            None
+        );
         assert_eq!(Placement::Loading { since_ms: 1 }.retry_after_ms(), None);
 
         // Written by a newer pod with a field this binary does not know: still readable.
         let newer: Placement =
             serde_json::from_str(r#"{"state":"loaded","since_ms":1,"size_bytes":2,"device":"gpu0"}"#)
                 .unwrap();
-        assert_eq!(newer, Placement::Loaded { since_ms: 1, size_bytes: 2 });
+        assert_eq!(newer, Placement::Loaded { since_ms: 1, size_bytes: 2, runtime: String::new() });
     }
 }
 
@@ -354,6 +365,10 @@ pub enum Placement {
     Loaded {
         since_ms: u64,
         size_bytes: u64,
+        /// The runtime that loaded it (`tiny`, `onnxruntime`, a configured runtime's name); empty in
+        /// records written before this field existed.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        runtime: String,
     },
     /// The pod's last load of the model failed. The record stays after the back-off ends (until the
     /// pod loads the model again or leaves), so placement reads `retry_after_ms`, not the state alone.

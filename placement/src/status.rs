@@ -165,7 +165,7 @@ mod tests {
     use super::*;
 
     fn loaded(size_bytes: u64) -> Placement {
-        Placement::Loaded { since_ms: 1, size_bytes }
+        Placement::Loaded { since_ms: 1, size_bytes, runtime: String::new() }
     }
 
     fn loading() -> Placement {

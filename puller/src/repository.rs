@@ -51,13 +51,15 @@ pub struct LocalModel {
     /// The model format: what the main file's name implies ([`format_of`]), or the type the model
     /// was registered with, which the caller sets and which wins.
     pub format: String,
+    /// The runtime the registration forces, by name; `None`: the pod's choice for the format.
+    pub runtime: Option<String>,
 }
 
 impl LocalModel {
     /// The model at `path`, of the format its name implies.
     pub fn new(path: PathBuf, version: Option<u64>, file_bytes: u64) -> Self {
         let format = format_of(&path).to_owned();
-        Self { path, version, file_bytes, format }
+        Self { path, version, file_bytes, format, runtime: None }
     }
 }
 

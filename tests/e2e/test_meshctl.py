@@ -122,3 +122,40 @@ def test_per_model_metrics_label_only_the_busiest_models(start_meshd):
     assert metrics['densemesh_model_requests_total{model="iris-logreg",code="OK"}'] == 1
     assert metrics['densemesh_model_requests_total{model="other",code="OK"}'] == 23
     assert not [k for k in metrics if 'model="mlp-regressor"' in k], "only the top 1 has a label"
+
+
+def test_each_models_runtime_is_shown_and_a_registration_can_force_one(server):
+    """By default small graphs go to the tiny evaluator and the rest to ONNX Runtime; getModelStatus
+    (its errors field, as ModelMesh's status has nothing else) and `meshctl list` say which holds each
+    copy, and a registration may force either."""
+    x = [[5.1, 3.5, 1.4, 0.2]]
+    request = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": x}]})
+    by_default = ok_json(server, "predict", "iris-logreg", "--input", request)
+    status = ok_json(server, "status", "iris-logreg")
+    assert status["status"] == "LOADED"
+    location = status["copies"][0]["location"]
+    assert status["errors"] == [f"{location}: served by tiny"], status
+
+    # Forced onto ONNX Runtime: the same answers, another runtime, and the list says so.
+    forced = ok_json(server, "register", "iris-ort", "--path", str(EXAMPLES / "iris-logreg"),
+                     "--runtime", "onnxruntime", "--load")
+    assert forced["status"] == "LOADED" and forced["errors"] == [f"{location}: served by onnxruntime"], forced
+    on_ort = ok_json(server, "predict", "iris-ort", "--input", request)["outputs"]
+    assert [o["name"] for o in on_ort] == [o["name"] for o in by_default["outputs"]]
+    for got, want in zip(on_ort, by_default["outputs"]):
+        np.testing.assert_allclose(got["data"], want["data"], rtol=1e-5, atol=1e-6)
+    listed = {m["model_id"]: m for m in ok_json(server, "list")}
+    assert (listed["iris-logreg"]["runtime"], listed["iris-logreg"]["forced_runtime"]) == ("tiny", "")
+    assert (listed["iris-ort"]["runtime"], listed["iris-ort"]["forced_runtime"]) == ("onnxruntime", "onnxruntime")
+    table = meshctl(server, "list").stdout.splitlines()
+    assert table[0].split("\t")[5] == "RUNTIME"
+    assert [line.split("\t")[5] for line in table if line.startswith("iris-ort\t")] == ["onnxruntime"]
+
+    # Forced onto the evaluator, a model it lacks operators for fails with its reason, no fallback.
+    failed = meshctl(server, "register", "multi-tiny", "--path", str(EXAMPLES / "multi-input"),
+                     "--runtime", "tiny", "--load")
+    assert failed.returncode == 1 and "asks for the tiny evaluator" in failed.stdout + failed.stderr, failed
+    # A runtime the pod does not have for the type is refused before anything is written.
+    unknown = meshctl(server, "register", "iris-x", "--path", str(EXAMPLES / "iris-logreg"), "--runtime", "tract")
+    assert unknown.returncode != 0 and '"tract"' in unknown.stderr and "tiny, onnxruntime" in unknown.stderr
+    assert "iris-x" not in {m["model_id"] for m in ok_json(server, "list")}

@@ -154,11 +154,13 @@ impl Admin for AdminService {
             .into_iter()
             .map(|(id, spec)| {
                 let here = resident.get(&id);
-                let (status, size_bytes, error) = match self.cache.status(&id) {
-                    CopyStatus::NotLoaded => ("NOT_LOADED", 0, String::new()),
-                    CopyStatus::Loading => ("LOADING", 0, String::new()),
-                    CopyStatus::Loaded { size_bytes } => ("LOADED", size_bytes, String::new()),
-                    CopyStatus::Failed { reason } => ("LOADING_FAILED", 0, reason),
+                let (status, size_bytes, error, runtime) = match self.cache.status(&id) {
+                    CopyStatus::NotLoaded => ("NOT_LOADED", 0, String::new(), String::new()),
+                    CopyStatus::Loading => ("LOADING", 0, String::new(), String::new()),
+                    CopyStatus::Loaded { size_bytes, runtime } => {
+                        ("LOADED", size_bytes, String::new(), runtime)
+                    }
+                    CopyStatus::Failed { reason } => ("LOADING_FAILED", 0, reason, String::new()),
                 };
                 ModelSummary {
                     model_id: id.to_string(),
@@ -176,6 +178,8 @@ impl Admin for AdminService {
                     min_copies: spec.min_copies.unwrap_or_default(),
                     requests: here.map_or(0, |r| r.requests),
                     idle_seconds: here.map_or(0, |r| r.idle_for.as_secs()),
+                    runtime,
+                    forced_runtime: spec.runtime.unwrap_or_default(),
                 }
             })
             .collect();

@@ -31,6 +31,8 @@ pub struct Management {
     placer: Placer,
     instance_id: String,
     puller: Option<Arc<densemesh_puller::Puller>>,
+    /// This pod's runtimes, to refuse a registration forcing a runtime none of them is.
+    runtimes: Option<crate::node::runtimes::Runtimes>,
 }
 
 impl Management {
@@ -47,7 +49,14 @@ impl Management {
 
     pub fn new(registry: Registry, view: ClusterView, cache: ModelCache, placer: Placer) -> Self {
         let instance_id = placer.instance_id().to_owned();
-        Self { registry, view, cache, placer, instance_id, puller: None }
+        Self { registry, view, cache, placer, instance_id, puller: None, runtimes: None }
+    }
+
+    /// Refuses (INVALID_ARGUMENT) a registration naming a runtime this pod does not offer for the
+    /// model's type: pods of one deployment share their runtimes, so it could load nowhere.
+    pub fn with_runtimes(mut self, runtimes: crate::node::runtimes::Runtimes) -> Self {
+        self.runtimes = Some(runtimes);
+        self
     }
 
     /// Refuses, before writing it, a registration of a local path outside `--local-model-roots`
@@ -72,6 +81,9 @@ impl Management {
                 if offered.is_empty() { "none".to_owned() } else { offered.join(", ") }
             )));
         }
+        if let (Some(runtime), Some(runtimes)) = (&spec.runtime, &self.runtimes) {
+            runtimes.check_choice(&spec.model_type, runtime).map_err(Status::invalid_argument)?;
+        }
         if let Some(puller) = &self.puller {
             puller
                 .check_local(&spec.path, spec.key.as_deref())
@@ -81,7 +93,9 @@ impl Management {
     }
 
     /// A model's status across the cluster: this pod's copy from its cache (current to the instant),
-    /// other pods' copies from their placement records.
+    /// other pods' copies from their placement records. Each loaded copy's runtime is a line of
+    /// `errors` (`<instance>: served by <runtime>`), the one free-text field ModelMesh's status has:
+    /// which runtime holds a model decides its memory and speed, and operators ask.
     fn model_status(&self, id: &ModelId) -> ModelStatusInfo {
         if self.view.model(id).is_none() {
             return ModelStatusInfo { status: ModelStatus::NotFound as i32, ..Default::default() };
@@ -89,7 +103,10 @@ impl Management {
         let mut copies = Vec::new();
         let mut errors = Vec::new();
         let local = match self.cache.status(id) {
-            CopyStatus::Loaded { .. } => Some(ModelStatus::Loaded),
+            CopyStatus::Loaded { runtime, .. } => {
+                errors.push(served_by(&self.instance_id, &runtime));
+                Some(ModelStatus::Loaded)
+            }
             CopyStatus::Loading => Some(ModelStatus::Loading),
             CopyStatus::Failed { reason } => {
                 errors.push(reason);
@@ -110,7 +127,12 @@ impl Management {
             }
             let (status, time) = match placement {
                 Placement::Loading { since_ms } => (ModelStatus::Loading, since_ms),
-                Placement::Loaded { since_ms, .. } => (ModelStatus::Loaded, since_ms),
+                Placement::Loaded { since_ms, runtime, .. } => {
+                    if !runtime.is_empty() {
+                        errors.push(served_by(&instance, &runtime));
+                    }
+                    (ModelStatus::Loaded, since_ms)
+                }
                 Placement::Failed { since_ms, reason, .. } => {
                     errors.push(format!("{instance}: {reason}"));
                     (ModelStatus::LoadingFailed, since_ms)
@@ -198,6 +220,11 @@ impl Management {
     }
 }
 
+/// The status line naming a copy's runtime.
+fn served_by(instance: &str, runtime: &str) -> String {
+    format!("{instance}: served by {runtime}")
+}
+
 fn parse_id(what: &str, id: &str) -> Result<ModelId, Status> {
     ModelId::new(id).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
 }
@@ -220,6 +247,7 @@ fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, St
         auto_delete,
         size_bytes: (info.size_bytes > 0).then_some(info.size_bytes),
         min_copies: (info.min_copies > 0).then_some(info.min_copies),
+        runtime: (!info.runtime.is_empty()).then_some(info.runtime),
         ..ModelSpec::api(info.r#type, info.path)
     })
 }
@@ -452,13 +480,19 @@ mod tests {
             key: String::new(),
             size_bytes,
             min_copies,
+            runtime: String::new(),
         };
         let old_client = spec_from(Some(info(0, 0)), false).unwrap();
-        assert_eq!((old_client.size_bytes, old_client.min_copies, old_client.key), (None, None, None));
+        assert_eq!(
+            (old_client.size_bytes, old_client.min_copies, old_client.key, old_client.runtime),
+            (None, None, None, None)
+        );
         let hinted = spec_from(Some(info(5 << 20, 2)), true).unwrap();
         assert_eq!(
             (hinted.size_bytes, hinted.min_copies, hinted.auto_delete),
             (Some(5 << 20), Some(2), true)
         );
+        let forced = spec_from(Some(ModelInfo { runtime: "tiny".into(), ..info(0, 0) }), false).unwrap();
+        assert_eq!(forced.runtime.as_deref(), Some("tiny"));
     }
 }

@@ -528,7 +528,11 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, (instance, endpoint))| {
-                (*instance, Some(*endpoint), Placement::Loaded { since_ms: 1000 - i as u64, size_bytes: 1 })
+                (
+                    *instance,
+                    Some(*endpoint),
+                    Placement::Loaded { since_ms: 1000 - i as u64, size_bytes: 1, runtime: String::new() },
+                )
             })
             .collect();
         forwarder_with_records(&records, wire).await

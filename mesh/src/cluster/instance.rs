@@ -276,8 +276,8 @@ impl Publisher {
     /// Writes a placement record for every copy the cache holds (after joining or missing events).
     async fn republish_copies(&mut self) {
         for model in self.cache.resident() {
-            if let CopyStatus::Loaded { size_bytes } = self.cache.status(&model.id) {
-                self.placement(CopyEvent::Loaded { id: model.id, size_bytes }).await;
+            if let CopyStatus::Loaded { size_bytes, runtime } = self.cache.status(&model.id) {
+                self.placement(CopyEvent::Loaded { id: model.id, size_bytes, runtime }).await;
             }
         }
     }
@@ -288,7 +288,9 @@ impl Publisher {
         let since_ms = now_ms();
         let (id, record) = match event {
             CopyEvent::Loading(id) => (id, Some(Placement::Loading { since_ms })),
-            CopyEvent::Loaded { id, size_bytes } => (id, Some(Placement::Loaded { since_ms, size_bytes })),
+            CopyEvent::Loaded { id, size_bytes, runtime } => {
+                (id, Some(Placement::Loaded { since_ms, size_bytes, runtime }))
+            }
             CopyEvent::Failed { id, reason, retry_at } => {
                 let retry_after_ms = epoch_ms_rounded_up(retry_at);
                 (id, Some(Placement::Failed { since_ms, reason, retry_after_ms }))

@@ -214,7 +214,7 @@ mod tests {
             ("a".to_owned(), failed(5_000)),
             ("b".to_owned(), failed(3_000)),
             ("c".to_owned(), failed(500)),
-            ("d".to_owned(), Placement::Loaded { since_ms: 0, size_bytes: 1 }),
+            ("d".to_owned(), Placement::Loaded { since_ms: 0, size_bytes: 1, runtime: String::new() }),
         ]
         .into();
         assert_eq!(first_back_off_end(Some(&copies), 1_000), Some(Duration::from_millis(2_000)));

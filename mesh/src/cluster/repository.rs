@@ -205,6 +205,7 @@ fn repository_spec(id: &ModelId, generation: u64, format: &str) -> ModelSpec {
         generation,
         size_bytes: None,
         min_copies: None,
+        runtime: None,
     }
 }
 

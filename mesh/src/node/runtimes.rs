@@ -47,6 +47,19 @@ impl Runtimes {
         self.by_format.get(format)
     }
 
+    /// Whether a model of `format` may be forced onto `runtime` here: `Err` says what may be named
+    /// instead, for the registration's refusal.
+    pub fn check_choice(&self, format: &str, runtime: &str) -> Result<(), String> {
+        let choices = self.by_format.get(format).map(|r| r.choices()).unwrap_or_default();
+        if choices.contains(&runtime) {
+            return Ok(());
+        }
+        Err(format!(
+            "runtime {runtime:?} does not load model type {format:?} on this pod; it may be {}",
+            if choices.is_empty() { "none".to_owned() } else { choices.join(", ") }
+        ))
+    }
+
     /// Each distinct runtime once.
     fn distinct(&self) -> Vec<&Arc<dyn Runtime>> {
         let mut seen: Vec<&Arc<dyn Runtime>> = Vec::new();
@@ -68,7 +81,14 @@ impl Runtime for Runtimes {
         // A load without a format (a caller that predates formats) is ONNX, as every model was then.
         let format = if request.model_type.is_empty() { "onnx" } else { request.model_type.as_str() };
         match self.by_format.get(format) {
-            Some(runtime) => runtime.load(request),
+            Some(runtime) => {
+                if let Some(name) = &request.runtime
+                    && let Err(why) = self.check_choice(format, name)
+                {
+                    return Err(Error::Load { model_id: request.model_id.clone(), source: why.into() });
+                }
+                runtime.load(request)
+            }
             None => Err(Error::Load {
                 model_id: request.model_id.clone(),
                 source: format!(
@@ -137,6 +157,24 @@ mod tests {
 
         runtimes.reclaim_memory();
         assert_eq!((ort.reclaimed.load(Ordering::Relaxed), remote.reclaimed.load(Ordering::Relaxed)), (1, 1));
+    }
+    #[test]
+    fn a_forced_runtime_must_be_one_the_format_offers() {
+        let (ort, remote) = (named("onnxruntime"), named("mlserver"));
+        let mut runtimes = Runtimes::new();
+        runtimes.add(&["onnx"], ort).unwrap();
+        runtimes.add(&["sklearn"], remote).unwrap();
+        assert_eq!(runtimes.check_choice("sklearn", "mlserver"), Ok(()));
+        let why = runtimes.check_choice("sklearn", "onnxruntime").unwrap_err();
+        assert!(why.contains("\"onnxruntime\"") && why.contains("may be mlserver"), "{why}");
+        assert!(runtimes.check_choice("pytorch", "x").unwrap_err().contains("may be none"));
+        // A load naming another runtime is refused before any runtime sees it.
+        let request =
+            LoadRequest::from_path("m", "/m").with_model_type("sklearn").with_runtime("onnxruntime");
+        let err = runtimes.load(&request).err().unwrap().to_string();
+        assert!(err.contains("may be mlserver"), "{err}");
+        let request = LoadRequest::from_path("m", "/m").with_model_type("sklearn").with_runtime("mlserver");
+        assert_eq!(runtimes.load(&request).unwrap().metadata().platform, "mlserver");
     }
 
     #[test]

@@ -239,6 +239,10 @@ mod tests {
             1
         }
 
+        fn runtime(&self) -> &str {
+            "probe"
+        }
+
         fn infer(&self, request: InferRequest) -> densemesh_runtime_core::Result<Vec<Tensor>> {
             let free_slots = self.probe.slots.get().expect("the probe knows its worker").available_permits();
             self.probe.seen.lock().push(Seen { thread: std::thread::current().id(), free_slots });

@@ -161,6 +161,10 @@ impl LoadedModel for CandleModel {
         self.size_bytes
     }
 
+    fn runtime(&self) -> &str {
+        "candle"
+    }
+
     fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>> {
         if let Some(name) = request.outputs.iter().find(|n| *n != OUTPUT_NAME) {
             return Err(invalid(InputError::UnknownOutput { name: name.clone(), expected: OUTPUT_NAME }));

@@ -33,12 +33,27 @@ pub struct LoadRequest {
     /// The file's bytes already in memory (a mapped disk-cache entry), for runtimes that can take
     /// bytes; `None` to read `path`.
     pub contents: Option<ModelBytes>,
+    /// The runtime the registration asked for by name (see [`Runtime::choices`]); `None`: the pod's
+    /// choice for the format.
+    pub runtime: Option<String>,
 }
 
 impl LoadRequest {
     /// A request to load `path` from disk.
     pub fn from_path(model_id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
-        Self { model_id: model_id.into(), model_type: String::new(), path: path.into(), contents: None }
+        Self {
+            model_id: model_id.into(),
+            model_type: String::new(),
+            path: path.into(),
+            contents: None,
+            runtime: None,
+        }
+    }
+
+    /// The same request, to be loaded by the runtime named `runtime` only.
+    pub fn with_runtime(mut self, runtime: impl Into<String>) -> Self {
+        self.runtime = Some(runtime.into());
+        self
     }
 
     /// The same request for a model registered as `model_type`.
@@ -92,8 +107,15 @@ pub trait Runtime: Send + Sync + 'static {
     /// Short name for logs and metrics, e.g. `onnxruntime`.
     fn name(&self) -> &'static str;
 
-    /// Loads a model; blocking, may take seconds.
+    /// Loads a model; blocking, may take seconds. A request naming a runtime (`request.runtime`) is
+    /// loaded by that one of [`choices`](Self::choices) or refused, never by another.
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>>;
+
+    /// The runtimes a registration may name to force one (a runtime that picks among several per
+    /// model, as ONNX's tiny evaluator and ONNX Runtime, lists each); by default this one alone.
+    fn choices(&self) -> Vec<&'static str> {
+        vec![self.name()]
+    }
 
     /// Called (on a blocking thread) after models were dropped, to hand freed memory back to the
     /// system where the runtime's allocator would keep it. Nothing to do for most runtimes.
@@ -107,6 +129,10 @@ pub trait LoadedModel: Send + Sync + 'static {
 
     /// Memory this model holds, as measured after loading; this is what capacity is charged.
     fn size_bytes(&self) -> u64;
+
+    /// The runtime that loaded it (its [`Runtime::name`], or the one it chose among its
+    /// [`choices`](Runtime::choices)): shown per model, since it decides the model's memory and speed.
+    fn runtime(&self) -> &str;
 
     /// Runs one inference; blocking. Inputs have been validated against [`metadata`](Self::metadata).
     fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>>;

@@ -253,6 +253,10 @@ impl LoadedModel for OrtModel {
         self.size_bytes
     }
 
+    fn runtime(&self) -> &str {
+        "onnxruntime"
+    }
+
     fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>> {
         let inputs = request
             .inputs

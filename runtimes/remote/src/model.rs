@@ -311,6 +311,10 @@ impl LoadedModel for RemoteModel {
         self.inner.size_bytes
     }
 
+    fn runtime(&self) -> &str {
+        &self.inner.pool.config.name
+    }
+
     fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>> {
         let inner = self.inner.clone();
         let span = tracing::debug_span!("remote_infer", runtime = %inner.pool.config.name, model_id = %inner.model_id);

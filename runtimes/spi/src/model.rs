@@ -48,6 +48,10 @@ impl LoadedModel for SpiModel {
         self.size_bytes
     }
 
+    fn runtime(&self) -> &str {
+        &self.shared.config.name
+    }
+
     fn infer(&self, infer: InferRequest) -> Result<Vec<Tensor>> {
         let shared = &self.shared;
         let span =

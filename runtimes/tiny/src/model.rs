@@ -159,6 +159,10 @@ impl LoadedModel for TinyModel {
         self.size_bytes
     }
 
+    fn runtime(&self) -> &str {
+        "tiny"
+    }
+
     fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>> {
         let outcome = guarded(|| self.evaluate(request));
         outcome.map_err(|e| match e {

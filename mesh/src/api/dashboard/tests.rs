@@ -28,11 +28,17 @@ fn record(endpoint: &str, capacity: u64, used: u64) -> InstanceRecord {
 
 fn two_pods() -> Snapshot {
     let mut copies = BTreeMap::new();
-    copies.insert(id("a1"), vec![("pod-a".to_owned(), Placement::Loaded { since_ms: 10, size_bytes: 300 })]);
+    copies.insert(
+        id("a1"),
+        vec![(
+            "pod-a".to_owned(),
+            Placement::Loaded { since_ms: 10, size_bytes: 300, runtime: String::new() },
+        )],
+    );
     copies.insert(
         id("b1"),
         vec![
-            ("pod-b".to_owned(), Placement::Loaded { since_ms: 11, size_bytes: 500 }),
+            ("pod-b".to_owned(), Placement::Loaded { since_ms: 11, size_bytes: 500, runtime: String::new() }),
             (
                 "pod-a".to_owned(),
                 Placement::Failed { since_ms: 12, reason: "bad file".into(), retry_after_ms: 99 },

@@ -75,6 +75,10 @@ enum Command {
         /// Storage key (JSON, as modelmesh-serving passes it).
         #[arg(long)]
         key: Option<String>,
+        /// Force the runtime that loads it, where the pod has a choice for the type (onnx: `tiny` or
+        /// `onnxruntime`); by default the pod chooses by model size.
+        #[arg(long)]
+        runtime: Option<String>,
         /// Load it now and wait for the load.
         #[arg(long)]
         load: bool,
@@ -329,11 +333,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     let mut admin = AdminClient::with_interceptor(channel.clone(), bearer.clone());
     let out = cli.output;
     match &cli.command {
-        Command::Register { model_id, path, model_type, key, load } => {
+        Command::Register { model_id, path, model_type, key, runtime, load } => {
             let info = ModelInfo {
                 r#type: model_type.clone(),
                 path: path.clone(),
                 key: key.clone().unwrap_or_default(),
+                runtime: runtime.clone().unwrap_or_default(),
                 ..Default::default()
             };
             let mut s = mm
@@ -370,19 +375,27 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 models
                     .iter()
                     .map(|m| json!({"model_id": m.model_id, "type": m.r#type, "path": m.path,
-                "source": m.source, "status": m.status, "size_bytes": m.size_bytes, "error": m.error}))
+                "source": m.source, "status": m.status, "size_bytes": m.size_bytes, "error": m.error,
+                "runtime": m.runtime, "forced_runtime": m.forced_runtime}))
                     .collect::<Vec<_>>()
             );
             print(out, &value, || {
-                let mut t = String::from("MODEL\tTYPE\tSOURCE\tSTATUS\tSIZE\tPATH");
+                let mut t = String::from("MODEL\tTYPE\tSOURCE\tSTATUS\tSIZE\tRUNTIME\tPATH");
                 for m in &models {
+                    // The runtime holding the copy; a forced one not loaded yet shows as `tiny!`.
+                    let runtime = match (m.runtime.as_str(), m.forced_runtime.as_str()) {
+                        ("", "") => "-".to_owned(),
+                        ("", forced) => format!("{forced}!"),
+                        (runtime, _) => runtime.to_owned(),
+                    };
                     t.push_str(&format!(
-                        "\n{}\t{}\t{}\t{}\t{}\t{}",
+                        "\n{}\t{}\t{}\t{}\t{}\t{}\t{}",
                         m.model_id,
                         m.r#type,
                         m.source,
                         m.status,
                         size(m.size_bytes),
+                        runtime,
                         m.path
                     ));
                 }

@@ -101,6 +101,10 @@ fn failed_records_are_stale_once_long_past_their_back_off_or_when_their_model_is
     assert!(!stale_failure(&failed(now - after), true, now), "just over");
     assert!(stale_failure(&failed(now - after - 1), true, now), "long over");
     assert!(stale_failure(&failed(now + after), false, now), "model unregistered");
-    assert!(!stale_failure(&Placement::Loaded { since_ms: 0, size_bytes: 1 }, false, now));
+    assert!(!stale_failure(
+        &Placement::Loaded { since_ms: 0, size_bytes: 1, runtime: String::new() },
+        false,
+        now
+    ));
     assert!(!stale_failure(&Placement::Loading { since_ms: 0 }, false, now));
 }

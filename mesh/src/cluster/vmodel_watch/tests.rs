@@ -117,7 +117,7 @@ async fn a_first_round_then_synced_then_each_change_once() {
 
     mesh.place("m1", "a", Placement::Loading { since_ms: 1 }).await;
     assert_eq!(next_upsert(&mut watch).await.1, states(&[("m1", LoadState::Loading)]));
-    mesh.place("m1", "a", Placement::Loaded { since_ms: 2, size_bytes: 77 }).await;
+    mesh.place("m1", "a", Placement::Loaded { since_ms: 2, size_bytes: 77, runtime: String::new() }).await;
     match next(&mut watch).await {
         StatusEvent::Upsert(s) => {
             let m1 = &s.models[0];
@@ -128,7 +128,7 @@ async fn a_first_round_then_synced_then_each_change_once() {
     // A model no watched vmodel refers to, a status that did not change (a pod republishing its
     // copy), a vmodel of another owner: nothing to send.
     mesh.place("m2", "a", Placement::Loading { since_ms: 3 }).await;
-    mesh.place("m1", "a", Placement::Loaded { since_ms: 4, size_bytes: 77 }).await;
+    mesh.place("m1", "a", Placement::Loaded { since_ms: 4, size_bytes: 77, runtime: String::new() }).await;
     mesh.vmodel("w", "other", "m2", "ksp").await;
     quiet(&mut watch).await;
 
@@ -175,7 +175,7 @@ async fn a_burst_of_changes_is_sent_as_one_status() {
     // Loading then loaded on two pods, before the watch looks: one status, the last.
     for pod in ["a", "b"] {
         mesh.place("m", pod, Placement::Loading { since_ms: 1 }).await;
-        mesh.place("m", pod, Placement::Loaded { since_ms: 2, size_bytes: 5 }).await;
+        mesh.place("m", pod, Placement::Loaded { since_ms: 2, size_bytes: 5, runtime: String::new() }).await;
     }
     match next(&mut watch).await {
         StatusEvent::Upsert(s) => {

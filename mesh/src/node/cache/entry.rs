@@ -77,6 +77,11 @@ impl Entry {
         self.version
     }
 
+    /// The runtime that loaded the model ([`LoadedModel::runtime`]).
+    pub fn runtime(&self) -> &str {
+        self.model.runtime()
+    }
+
     /// The measured size this model is charged against the capacity.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes

@@ -83,7 +83,11 @@ impl Inner {
         self.publish(&state);
         drop(state);
         self.emit(match &result {
-            Ok(entry) => super::CopyEvent::Loaded { id: id.clone(), size_bytes: entry.size_bytes() },
+            Ok(entry) => super::CopyEvent::Loaded {
+                id: id.clone(),
+                size_bytes: entry.size_bytes(),
+                runtime: entry.runtime().to_owned(),
+            },
             Err(e @ (CacheError::LoadFailed { .. } | CacheError::TooLarge { .. })) => {
                 // The back-off just recorded (gone only if the model was unloaded since: no wait).
                 let retry_in = self
@@ -158,6 +162,7 @@ impl Inner {
             })?;
             let path = fetched.model.path.clone();
             let model_type = fetched.model.format.clone();
+            let runtime_name = fetched.model.runtime.clone();
             let contents = contents.map(|m| ModelBytes(Arc::new(m)));
             // docs/faults.md: the runtime's load panics (`panic`), stalls (`sleep(MS)`) or fails
             // (`return(REASON)`).
@@ -167,7 +172,8 @@ impl Inner {
                 Err(densemesh_runtime_core::Error::Load { model_id: model_id.clone(), source: reason.into() })
             });
             // `fetched` (and its pin on the disk-cache entry) lives until the runtime is done.
-            let loaded = runtime.load(&LoadRequest { model_id, model_type, path, contents });
+            let loaded =
+                runtime.load(&LoadRequest { model_id, model_type, path, contents, runtime: runtime_name });
             drop(fetched);
             loaded
         });

@@ -143,6 +143,8 @@ pub enum CopyStatus {
     Loading,
     Loaded {
         size_bytes: u64,
+        /// The runtime that loaded it.
+        runtime: String,
     },
     /// The last load failed and its back-off has not ended.
     Failed {
@@ -157,6 +159,7 @@ pub enum CopyEvent {
     Loaded {
         id: ModelId,
         size_bytes: u64,
+        runtime: String,
     },
     Failed {
         id: ModelId,
@@ -377,7 +380,10 @@ impl ModelCache {
     pub fn status(&self, id: &ModelId) -> CopyStatus {
         let state = self.inner.state.lock();
         if let Some(entry) = state.resident.peek(id) {
-            return CopyStatus::Loaded { size_bytes: entry.size_bytes() };
+            return CopyStatus::Loaded {
+                size_bytes: entry.size_bytes(),
+                runtime: entry.runtime().to_owned(),
+            };
         }
         if state.loading.contains_key(id) {
             return CopyStatus::Loading;
