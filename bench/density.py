@@ -212,6 +212,7 @@ def main():
         server_s = metric(after, "densemesh_request_duration_seconds_sum") - metric(
             before, "densemesh_request_duration_seconds_sum")
         loaded = metric(after, "densemesh_models_loaded")
+        charged = metric(after, "densemesh_used_bytes")
         evictions = metric(after, "densemesh_cache_evictions_total")
         time.sleep(3)
         rss_loaded = rss_bytes(proc.pid)
@@ -247,6 +248,8 @@ def main():
         "rss_loaded_mib": round(rss_loaded / 2**20, 1),
         "kib_per_model_all_in": round(rss_loaded / n / KIB, 2),
         "kib_per_model_loaded": round((rss_loaded - rss_registered) / n / KIB, 2),
+        "charged_mib": round(charged / 2**20, 1),
+        "charged_vs_rss_growth": round(charged / max(1, rss_loaded - rss_registered) - 1, 3),
         "zipf_rps": round(traffic["requests_per_second"]),
         "zipf_p50_us": traffic["p50_us"],
         "zipf_p99_us": traffic["p99_us"],
@@ -265,6 +268,8 @@ def main():
         ("loaded at once / evictions", f"{int(loaded):,} / {int(evictions)}"),
         ("RSS all loaded", f"{rss_loaded / 2**20:,.0f} MiB = {figures['kib_per_model_all_in']} KiB per model all-in"
                            f" ({figures['kib_per_model_loaded']} KiB on top of registration)"),
+        ("charged (densemesh_used_bytes) vs RSS growth", f"{charged / 2**20:,.0f} MiB, "
+                                                         f"{figures['charged_vs_rss_growth']:+.1%}"),
         (f"Zipf 1.0, {args.clients} clients", f"{traffic['requests_per_second']:,.0f} req/s, "
                                               f"p50 {traffic['p50_us']} µs, p99 {traffic['p99_us']} µs, "
                                               f"{traffic['errors']} errors"),
