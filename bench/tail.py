@@ -3,7 +3,7 @@ server that answers without working, in interleaved rounds of one run (issue 14,
 
     python3 bench/tail.py                                  # release build: 5 rounds x 10 s each, c=16
     python3 bench/tail.py --rounds 3 --duration 5s         # a quicker look
-    python3 bench/tail.py --candidate /tmp/b/meshd         # A/B: a second meshd build in the same rounds
+    python3 bench/tail.py --candidate /tmp/b/meshd         # A/B: another meshd build in the same rounds
 
 Builds nothing: it takes the binaries (`cargo build --release -p densemesh-mesh --bins` first). It starts
 meshd on examples/models (embedded store, ports chosen by the kernel), then `densemesh-bench echo-server`,
@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = ("requests_per_second", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "over_10ms")
+FIGURES = ("requests_per_second", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "over_10ms", "server_cpu_us",
+           "client_cpu_us")
 
 
 def parse():
@@ -39,10 +40,12 @@ def parse():
     release = REPO / "target" / "release"
     p.add_argument("--meshd", default=str(release / "meshd"), help="the meshd binary")
     p.add_argument("--bench", default=str(release / "densemesh-bench"), help="the densemesh-bench binary")
-    p.add_argument("--candidate", help="a second meshd binary, measured in the same rounds (A/B)")
+    p.add_argument("--candidate", action="append", default=[],
+                   help="another meshd binary, measured in the same rounds as `candidate` (A/B; repeatable: "
+                        "candidate2, ...)")
     p.add_argument("--meshd-arg", action="append", default=[], help="a flag for meshd (repeatable)")
     p.add_argument("--candidate-arg", action="append", default=[],
-                   help="a flag for the candidate meshd (repeatable; default: the same as --meshd-arg)")
+                   help="a flag for the candidates (repeatable; default: the same as --meshd-arg)")
     p.add_argument("--model-repo", default=str(REPO / "examples" / "models"))
     p.add_argument("--model", default="iris-logreg")
     p.add_argument("--concurrency", type=int, default=16)
@@ -77,8 +80,9 @@ class Processes:
     def tail(self, name: str) -> str:
         return (self.work / f"{name}.log").read_text(errors="replace")[-3000:]
 
-    def cpu_seconds(self) -> float:
-        return sum(cpu_seconds(proc.pid) for _, proc, _ in self.started)
+    def cpu_seconds(self, only: str | None = None) -> float:
+        """CPU time of the servers started, or of the one named `only`."""
+        return sum(cpu_seconds(proc.pid) for name, proc, _ in self.started if only in (None, name))
 
     def check_alive(self):
         for name, proc, _ in self.started:
@@ -134,25 +138,38 @@ def measure(bench: str, label: str, addr: str, args) -> dict:
     return json.loads(lines[-1])["figures"]
 
 
+def seconds(text: str) -> float:
+    """A duration as densemesh-bench takes it (`10s`, `500ms`, `1m`) in seconds."""
+    for unit, scale in (("ms", 1e-3), ("us", 1e-6), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
 def measured(procs: Processes, bench: str, label: str, addr: str, args) -> tuple[dict, float, float]:
-    """One run's figures, the 1-minute load average before it, and the cores that processes other than
+    """One run's figures, with the CPU time the target and the load generator spent per request (µs,
+    warm-up included); the 1-minute load average before it; and the cores that processes other than
     the servers and the load generator kept busy during it (what else ran on the machine)."""
     load = os.getloadavg()[0]
-    before = (time.monotonic(), busy_seconds(), procs.cpu_seconds(), children_seconds())
+    before = (time.monotonic(), busy_seconds(), procs.cpu_seconds(), children_seconds(), procs.cpu_seconds(label))
     figures = measure(bench, label, addr, args)
     procs.check_alive()
-    after = (time.monotonic(), busy_seconds(), procs.cpu_seconds(), children_seconds())
-    wall, busy, ours, client = (a - b for a, b in zip(after, before))
+    after = (time.monotonic(), busy_seconds(), procs.cpu_seconds(), children_seconds(), procs.cpu_seconds(label))
+    wall, busy, ours, client, server = (a - b for a, b in zip(after, before))
+    requests = figures["requests_per_second"] * (seconds(args.warmup) + seconds(args.duration))
+    figures["server_cpu_us"] = round(server / max(requests, 1) * 1e6, 1)
+    figures["client_cpu_us"] = round(client / max(requests, 1) * 1e6, 1)
     return figures, load, max(busy - ours - client, 0.0) / wall
 
 
 def row(label: str, f: dict, load: str, others: str) -> str:
     return (f"{label:<10} {f['requests_per_second']:>8.0f} {f['p50_us']:>7} {f['p90_us']:>7} {f['p99_us']:>7} "
-            f"{f['p999_us']:>7} {f['max_us']:>8} {f['over_10ms']:>6} {f['errors']:>6} {load:>6} {others:>7}")
+            f"{f['p999_us']:>7} {f['max_us']:>8} {f['over_10ms']:>6} {f['errors']:>6} {f['server_cpu_us']:>7.1f} "
+            f"{f['client_cpu_us']:>7.1f} {load:>6} {others:>7}")
 
 
 HEADER = f"{'target':<10} {'req/s':>8} {'p50 µs':>7} {'p90 µs':>7} {'p99 µs':>7} {'p99.9':>7} {'max µs':>8} " \
-         f"{'>10ms':>6} {'errors':>6} {'load':>6} {'others':>7}"
+         f"{'>10ms':>6} {'errors':>6} {'srv cpu':>7} {'cli cpu':>7} {'load':>6} {'others':>7}"
 
 
 def interrupt(*_):
@@ -161,8 +178,8 @@ def interrupt(*_):
 
 def main():
     args = parse()
-    for path, what in ((args.meshd, "--meshd"), (args.bench, "--bench"), (args.candidate, "--candidate")):
-        if path and not Path(path).is_file():
+    for path, what in ((args.meshd, "--meshd"), (args.bench, "--bench"), *((c, "--candidate") for c in args.candidate)):
+        if not Path(path).is_file():
             sys.exit(f"{path} ({what}) is missing: cargo build --release -p densemesh-mesh --bins")
     # Ctrl-C raises KeyboardInterrupt; SIGTERM does the same, so `finally` stops the servers either way.
     signal.signal(signal.SIGTERM, interrupt)
@@ -171,9 +188,9 @@ def main():
     procs = Processes(work)
     try:
         targets = [("meshd", start_meshd(procs, "meshd", args.meshd, args, args.meshd_arg))]
-        if args.candidate:
-            targets.append(("candidate", start_meshd(procs, "candidate", args.candidate, args,
-                                                     args.candidate_arg or args.meshd_arg)))
+        candidates = [("candidate" if i == 0 else f"candidate{i + 1}", path) for i, path in enumerate(args.candidate)]
+        for label, path in candidates:
+            targets.append((label, start_meshd(procs, label, path, args, args.candidate_arg or args.meshd_arg)))
         if not args.no_echo:
             echo_file = work / "echo.addr.json"
             targets.append(("echo", procs.start("echo", [args.bench, "echo-server", "--like", targets[0][1],
@@ -182,8 +199,8 @@ def main():
         print(f"{args.concurrency} clients on {args.model}, {args.duration} measured after {args.warmup} per run, "
               f"{args.rounds} rounds; {os.cpu_count()} cores")
         print(f"meshd {args.meshd} {' '.join(args.meshd_arg)}".rstrip())
-        if args.candidate:
-            print(f"candidate {args.candidate} {' '.join(args.candidate_arg or args.meshd_arg)}".rstrip())
+        for label, path in candidates:
+            print(f"{label} {path} {' '.join(args.candidate_arg or args.meshd_arg)}".rstrip())
         print(HEADER)
         runs = {label: [] for label, _ in targets}
         loads, others = [], []
@@ -198,11 +215,13 @@ def main():
                 if figures["errors"]:
                     print(f"  first error: {figures['first_error']}")
 
-        medians = {label: {k: round(statistics.median(f[k] for f in fs)) for k in FIGURES}
+        medians = {label: {k: round(statistics.median(f[k] for f in fs), 1 if k.endswith("cpu_us") else None)
+                           for k in FIGURES}
                    for label, fs in runs.items()}
         errors = {label: sum(f["errors"] for f in fs) for label, fs in runs.items()}
         print(f"\nmedian of {args.rounds} rounds; 1-minute load average {min(loads):.2f}-{max(loads):.2f} (the "
-              f"servers and the load generator count in it), other processes kept {max(others):.2f} cores busy at most:")
+              f"servers and the load generator count in it);\nother processes kept {max(others):.2f} cores busy "
+              "at most; srv/cli cpu: CPU µs per request of the server and of the load generator")
         print(HEADER)
         for label, m in medians.items():
             print(row(label, {**m, "errors": errors[label]}, "", ""))
