@@ -5,7 +5,8 @@ server that answers without working, in interleaved rounds of one run (issue 14,
     python3 bench/tail.py --rounds 3 --duration 5s         # a quicker look
     python3 bench/tail.py --candidate /tmp/b/meshd         # A/B: another meshd build in the same rounds
 
-Builds nothing: it takes the binaries (`cargo build --release -p densemesh-mesh --bins` first). It starts
+Builds nothing: it takes the binaries (`cargo build --release -p densemesh-mesh --bins` first; by default
+from target/release, or $CARGO_TARGET_DIR/release). It starts
 meshd on examples/models (embedded store, ports chosen by the kernel), then `densemesh-bench echo-server`,
 which copies meshd's ModelMetadata and ModelInfer answers for --model once and then answers every call
 with that copy: same output names, shapes, datatypes and bytes, no work, default tonic and tokio
@@ -37,7 +38,7 @@ FIGURES = ("requests_per_second", "p50_us", "p90_us", "p99_us", "p999_us", "max_
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    release = REPO / "target" / "release"
+    release = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release"
     p.add_argument("--meshd", default=str(release / "meshd"), help="the meshd binary")
     p.add_argument("--bench", default=str(release / "densemesh-bench"), help="the densemesh-bench binary")
     p.add_argument("--candidate", action="append", default=[],
