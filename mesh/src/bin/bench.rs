@@ -4,10 +4,13 @@
 //! - `grpc`: closed-loop KServe V2 gRPC clients against any V2 server (meshd, MLServer);
 //! - `inproc`: the same request through ONNX Runtime in this process, no network: the floor;
 //! - `cold-load`: a model's load from disk against a session built from bytes already in memory;
-//! - `pull`: an object pulled from storage into the disk cache against a `read()` of a local copy.
+//! - `pull`: an object pulled from storage into the disk cache against a `read()` of a local copy;
+//! - `echo-server`: a bare tonic V2 server answering canned responses, the floor `grpc` is read against.
 
 // A binary's root resolves modules beside itself; these live in `bench/` so cargo does not take them
 // for binaries of their own.
+#[path = "bench/echo.rs"]
+mod echo;
 #[path = "bench/figures.rs"]
 mod figures;
 #[path = "bench/grpc.rs"]
@@ -48,6 +51,25 @@ enum Command {
         /// Loads of each kind; the median is reported.
         #[arg(long, default_value_t = 5)]
         repeat: usize,
+    },
+    /// A bare tonic KServe V2 server whose ModelInfer answers, with no work, a response copied from a
+    /// real server: the echo floor meshd's latencies are read against (bench/tail.py).
+    EchoServer {
+        /// Where to listen; port 0 lets the kernel choose (see --addr-file).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: std::net::SocketAddr,
+        /// The server whose ModelMetadata and ModelInfer answers for --model are copied at start.
+        #[arg(long)]
+        like: String,
+        /// The model to answer for.
+        #[arg(long)]
+        model: String,
+        /// Size given to dynamic (-1) dimensions of the request whose answer is copied.
+        #[arg(long, default_value_t = 1)]
+        batch: i64,
+        /// Written once listening: {"grpc_addr": "..."}.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
     },
     /// Pull throughput from object storage into an empty disk cache, against read() of a local copy.
     Pull {
@@ -146,6 +168,9 @@ fn main() -> anyhow::Result<()> {
         Command::ColdLoad { model_file, repeat } => {
             local::print_cold_load(&local::cold_load(&model_file, repeat)?);
             Ok(())
+        }
+        Command::EchoServer { addr, like, model, batch, addr_file } => {
+            echo::run(&echo::EchoArgs { addr, like, model, batch, addr_file })
         }
         Command::Pull { location, key, storage_config, local_file, repeat, range_mib, parallel } => {
             pull::run(&pull::PullArgs {

@@ -11,6 +11,9 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// An inference time counts at most this many times the typical one in the moving average.
+const OUTLIER_FACTOR: u32 = 4;
+
 /// A model in memory. Dropped (and its memory freed) when the cache lets go of it and no lease holds it.
 pub struct Entry {
     id: ModelId,
@@ -117,12 +120,23 @@ impl Entry {
         *self.typical_infer_time.lock()
     }
 
-    /// Folds one inference time into the moving average (weight 1/8).
+    /// Folds one inference time into the moving average (weight 1/8), a time over
+    /// [`OUTLIER_FACTOR`] times the average counting as that much.
+    ///
+    /// A thread the OS preempts mid-inference measures its time off the CPU too: on a busy machine a
+    /// 20 µs inference now and then takes milliseconds. Folded whole, one such outlier lifted a tiny
+    /// model's average past `--inline-infer-below` for the next dozen requests, which then took the
+    /// blocking pool (a thread hand-off, a thread that must be scheduled, a worker slot held while it
+    /// waits for a core) and queued the requests behind them: the latency tail. Clamped, an isolated
+    /// outlier raises the average by 3/8 at most, while a model that really got slower still crosses
+    /// a threshold within a few requests (the average grows by up to 11/8 per request: five to
+    /// cross 100 µs from 20 µs).
     pub fn record_infer_time(&self, took: Duration) {
         let mut typical = self.typical_infer_time.lock();
         *typical = Some(match *typical {
             None => took,
-            Some(old) => old - old / 8 + took / 8,
+            // At least 1 µs, so an average that measured zero can still grow.
+            Some(old) => old - old / 8 + took.min(old.max(Duration::from_micros(1)) * OUTLIER_FACTOR) / 8,
         });
     }
 }
@@ -192,5 +206,77 @@ impl Drop for Lease {
         if self.entry.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.entry.room_freed.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing(ModelMetadata);
+
+    impl LoadedModel for Nothing {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.0
+        }
+
+        fn size_bytes(&self) -> u64 {
+            1
+        }
+
+        fn infer(
+            &self,
+            _: densemesh_runtime_core::InferRequest,
+        ) -> densemesh_runtime_core::Result<Vec<densemesh_runtime_core::Tensor>> {
+            Ok(vec![])
+        }
+    }
+
+    fn fresh_entry() -> Entry {
+        let metadata = ModelMetadata { platform: "test".into(), inputs: vec![], outputs: vec![] };
+        let id = ModelId::new("m").unwrap();
+        Entry::new(id, Box::new(Nothing(metadata)), None, Duration::ZERO, Arc::new(Notify::new()))
+    }
+
+    const FAST: Duration = Duration::from_micros(20);
+    const THRESHOLD: Duration = Duration::from_micros(100);
+
+    #[test]
+    fn a_fast_model_preempted_now_and_then_stays_typically_fast() {
+        let entry = fresh_entry();
+        entry.record_infer_time(FAST);
+        // Four inferences in a row each held off the CPU for a 4 ms time slice, then one in ten.
+        for _ in 0..4 {
+            entry.record_infer_time(Duration::from_millis(4));
+            assert!(entry.typical_infer_time().unwrap() < THRESHOLD, "{:?}", entry.typical_infer_time());
+        }
+        for i in 0..100 {
+            entry.record_infer_time(if i % 10 == 9 { Duration::from_millis(4) } else { FAST });
+            assert!(entry.typical_infer_time().unwrap() < THRESHOLD, "{i}: {:?}", entry.typical_infer_time());
+        }
+    }
+
+    #[test]
+    fn a_model_that_got_slow_is_typically_slow_within_a_few_inferences() {
+        let entry = fresh_entry();
+        for _ in 0..20 {
+            entry.record_infer_time(FAST);
+        }
+        let slow_after = (1..)
+            .find(|_| {
+                entry.record_infer_time(Duration::from_millis(2));
+                entry.typical_infer_time().unwrap() >= THRESHOLD
+            })
+            .unwrap();
+        assert!(slow_after <= 6, "{slow_after} inferences");
+        // And the first inference, whatever it took, is the average until others come.
+        let first = fresh_entry();
+        first.record_infer_time(Duration::from_millis(2));
+        assert_eq!(first.typical_infer_time(), Some(Duration::from_millis(2)));
+        // An average that measured zero still grows.
+        let zero = fresh_entry();
+        zero.record_infer_time(Duration::ZERO);
+        zero.record_infer_time(Duration::from_millis(2));
+        assert!(zero.typical_infer_time().unwrap() > Duration::ZERO);
     }
 }
