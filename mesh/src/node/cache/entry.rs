@@ -224,6 +224,10 @@ mod tests {
             1
         }
 
+        fn runtime(&self) -> &str {
+            "nothing"
+        }
+
         fn infer(
             &self,
             _: densemesh_runtime_core::InferRequest,
