@@ -114,50 +114,58 @@ def bench_mlserver(args, work, results):
                     str(models)], check=True, timeout=300)
     expected = json.loads((models / "expected.json").read_text())
     proc, grpc_port, repository, direct = start_mlserver(work)
+    # `--compare-bin-dir`: a second meshd (B) on the same MLServer, its rounds interleaved with A's.
+    bin_dirs = {"": args.bin_dir, **({"_b": args.compare_bin_dir} if args.compare_bin_dir else {})}
+    servers = {}
     try:
         config = work / "runtimes.json"
         config.write_text(json.dumps({"runtimes": [{
             "kind": "v2", "name": "mlserver", "supportedModelFormats": ["sklearn"],
             "endpoint": f"127.0.0.1:{grpc_port}", "repository": str(repository)}]}))
-        repo = work / "repo"
-        repo.mkdir()
-        os.environ["MESHD_BIN"] = str(Path(args.bin_dir) / "meshd")
-        server = Meshd(repo, "--runtime-config", str(config), "--local-model-roots", str(models))
-        try:
-            pb2, pb2_grpc = mmesh_stubs()
+        for suffix, bin_dir in bin_dirs.items():
+            repo = work / f"repo{suffix}"
+            repo.mkdir()
+            os.environ["MESHD_BIN"] = str(Path(bin_dir) / "meshd")
+            servers[suffix] = Meshd(repo, "--runtime-config", str(config), "--local-model-roots", str(models))
+        pb2, pb2_grpc = mmesh_stubs()
+        for server in servers.values():
             pb2_grpc.ModelMeshStub(server.channel).registerModel(pb2.RegisterModelRequest(
                 modelId="iris-sk", modelInfo=pb2.ModelInfo(type="sklearn", path=str(models / "sklearn.joblib")),
                 loadNow=True, sync=True), timeout=120)
-            request = sklearn_request("iris-sk", np.array(expected["input"][:1]))
-            via_mesh = server.stub.ModelInfer
-            # meshd loaded it into this MLServer under its id: the direct path calls the same model.
-            answer = direct.ModelInfer(request, timeout=30)
-            assert answer.outputs, answer
-            for call in (via_mesh, direct.ModelInfer):
-                timed_calls(call, request, args.warmup)
-            mesh, plain = [], []
-            # CPU per request of each process on each path: where the added time goes.
-            cpu = {"mesh_path_meshd": 0.0, "mesh_path_mlserver": 0.0, "direct_path_mlserver": 0.0}
-            for _ in range(args.rounds):
+        request = sklearn_request("iris-sk", np.array(expected["input"][:1]))
+        # meshd loaded it into this MLServer under its id: the direct path calls the same model.
+        answer = direct.ModelInfer(request, timeout=30)
+        assert answer.outputs, answer
+        for call in [s.stub.ModelInfer for s in servers.values()] + [direct.ModelInfer]:
+            timed_calls(call, request, args.warmup)
+        mesh = {suffix: [] for suffix in servers}
+        plain = []
+        # CPU per request of each process on each path: where the added time goes.
+        cpu = {"mesh_path_meshd": 0.0, "mesh_path_mlserver": 0.0, "direct_path_mlserver": 0.0}
+        per_round = args.requests // args.rounds
+        for _ in range(args.rounds):
+            for suffix, server in servers.items():
                 before = cpu_seconds(server.proc.pid), cpu_seconds(proc.pid)
-                mesh += timed_calls(via_mesh, request, args.requests // args.rounds)
+                mesh[suffix] += timed_calls(server.stub.ModelInfer, request, per_round)
                 after = cpu_seconds(server.proc.pid), cpu_seconds(proc.pid)
-                cpu["mesh_path_meshd"] += after[0] - before[0]
-                cpu["mesh_path_mlserver"] += after[1] - before[1]
-                before = cpu_seconds(proc.pid)
-                plain += timed_calls(direct.ModelInfer, request, args.requests // args.rounds)
-                cpu["direct_path_mlserver"] += cpu_seconds(proc.pid) - before
-            for key, seconds in cpu.items():
-                results[f"cpu_us_per_request_{key}"] = round(seconds * 1e6 / len(mesh), 1)
-            results["sklearn_via_meshd"] = summary(mesh)
-            results["sklearn_mlserver_direct"] = summary(plain)
-            results["sklearn_added_p50_us"] = round(statistics.median(mesh) - statistics.median(plain), 1)
+                cpu["mesh_path_meshd" + suffix] = cpu.get("mesh_path_meshd" + suffix, 0.0) + after[0] - before[0]
+                cpu["mesh_path_mlserver" + suffix] = cpu.get("mesh_path_mlserver" + suffix, 0.0) + after[1] - before[1]
+            before = cpu_seconds(proc.pid)
+            plain += timed_calls(direct.ModelInfer, request, per_round)
+            cpu["direct_path_mlserver"] += cpu_seconds(proc.pid) - before
+        for key, seconds in cpu.items():
+            results[f"cpu_us_per_request_{key}"] = round(seconds * 1e6 / len(plain), 1)
+        results["sklearn_mlserver_direct"] = summary(plain)
+        for suffix, server in servers.items():
+            results[f"sklearn_via_meshd{suffix}"] = summary(mesh[suffix])
+            results[f"sklearn_added_p50_us{suffix}"] = round(statistics.median(mesh[suffix]) - statistics.median(plain), 1)
             # How meshd served them: passed through as bytes (densemesh_passthrough_requests_total) or not.
-            metrics = server.metrics()
-            results["sklearn_passed_through"] = metrics.get('densemesh_passthrough_requests_total{result="ok"}', 0)
-        finally:
-            server.stop()
+            results[f"sklearn_passed_through{suffix}"] = server.metrics().get(
+                'densemesh_passthrough_requests_total{result="ok"}', 0)
+        results["load_average"] = os.getloadavg()
     finally:
+        for server in servers.values():
+            server.stop()
         proc.terminate()
         proc.wait(timeout=30)
 
@@ -200,11 +208,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=8, help="alternating rounds the requests are split into")
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--embed-requests", type=int, default=200, help="timed batch-1 MiniLM requests")
+    parser.add_argument("--compare-bin-dir", help="a second meshd build for the MLServer part, in interleaved rounds")
+    parser.add_argument("--skip-minilm", action="store_true", help="the MLServer part only")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as work:
         bench_mlserver(args, Path(work), results)
-        bench_minilm(args, Path(work), results)
+        if not args.skip_minilm:
+            bench_minilm(args, Path(work), results)
     print(json.dumps(results, indent=2))
 
 

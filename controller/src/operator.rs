@@ -11,11 +11,12 @@ use densemesh_proto::admin::{VModelState, v_model_event};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -617,8 +618,14 @@ async fn run_runtimes(
     template: k8s_openapi::api::core::v1::PodTemplateSpec,
     settings: Settings,
 ) {
-    let ctx =
-        Arc::new(RuntimeContext { client: client.clone(), usage, template, settings: settings.clone() });
+    let recorder = Recorder::new(client.clone(), Reporter::from(EVENT_REPORTER));
+    let ctx = Arc::new(RuntimeContext {
+        client: client.clone(),
+        recorder,
+        usage,
+        template,
+        settings: settings.clone(),
+    });
     let runtimes: Api<ServingRuntime> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -638,7 +645,7 @@ async fn run_runtimes(
                     name: rt.name_any(),
                 };
                 let owner = rt.controller_owner_ref(&()).unwrap_or_default();
-                ensure_deployment(&key, &rt.spec, owner, &ctx).await
+                ensure_deployment(&key, &rt.spec, owner, &rt.object_ref(&()), &ctx).await
             },
             |_, err: &Error, _| {
                 warn!(error = %err, "runtime reconcile failed; retrying");
@@ -653,7 +660,7 @@ async fn run_runtimes(
             |rt: Arc<ClusterServingRuntime>, ctx: Arc<RuntimeContext>| async move {
                 let key = RuntimeKey { cluster: true, namespace: String::new(), name: rt.name_any() };
                 let owner = rt.controller_owner_ref(&()).unwrap_or_default();
-                ensure_deployment(&key, &rt.spec.0, owner, &ctx).await
+                ensure_deployment(&key, &rt.spec.0, owner, &rt.object_ref(&()), &ctx).await
             },
             |_, err: &Error, _| {
                 warn!(error = %err, "cluster runtime reconcile failed; retrying");
@@ -667,6 +674,8 @@ async fn run_runtimes(
 
 struct RuntimeContext {
     client: kube::Client,
+    /// Tells a runtime's owner, on the runtime itself, why it has no Deployment.
+    recorder: Recorder,
     usage: Usage,
     template: k8s_openapi::api::core::v1::PodTemplateSpec,
     settings: Settings,
@@ -676,6 +685,7 @@ async fn ensure_deployment(
     key: &RuntimeKey,
     spec: &ServingRuntimeSpec,
     owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    runtime_ref: &ObjectReference,
     ctx: &RuntimeContext,
 ) -> Result<Action, Error> {
     if spec.multi_model == Some(false) {
@@ -698,7 +708,9 @@ async fn ensure_deployment(
     match runtime_config::render(&key.name, spec) {
         Ok(file) => ensure_runtime_config(&name, &namespace, file.as_deref(), owner.clone(), ctx).await?,
         Err(why) => {
-            warn!(runtime = key.name, "cannot render the runtime's --runtime-config: {why}");
+            let note = format!("cannot render meshd's --runtime-config for this runtime: {why}");
+            warn!(runtime = key.name, "{note}");
+            refuse_runtime(runtime_ref, RENDER_ACTION, note, ctx).await;
             return Ok(Action::await_change());
         }
     }
@@ -714,7 +726,9 @@ async fn ensure_deployment(
     ) {
         Ok(d) => d,
         Err(why) => {
-            warn!(runtime = key.name, "cannot make the runtime's Deployment: {why}");
+            let note = format!("cannot make this runtime's Deployment: {why}");
+            warn!(runtime = key.name, "{note}");
+            refuse_runtime(runtime_ref, DEPLOYMENT_ACTION, note, ctx).await;
             return Ok(Action::await_change());
         }
     };
@@ -750,6 +764,48 @@ async fn ensure_deployment(
     Ok(Action::requeue(
         ctx.settings.scale_to_zero_grace.min(Duration::from_secs(30)).max(Duration::from_secs(1)),
     ))
+}
+
+/// The reporting controller of the Events the controller writes.
+const EVENT_REPORTER: &str = "densemesh-controller";
+/// The reason of the Event on a runtime the controller cannot run, as InferenceServices whose spec
+/// is refused get `InvalidSpec` in their status.
+const INVALID_RUNTIME_REASON: &str = "InvalidSpec";
+/// The Event's action when the runtime file cannot be rendered.
+const RENDER_ACTION: &str = "RenderRuntimeConfig";
+/// The Event's action when the runtime's Deployment cannot be made.
+const DEPLOYMENT_ACTION: &str = "MakeDeployment";
+/// Kubernetes refuses an Event note over 1 kB.
+const MAX_EVENT_NOTE: usize = 1024;
+
+/// Says on the runtime (a Warning Event: ServingRuntime has no status of its own to carry it) why the
+/// controller cannot run it; the reconcile goes on whether or not the Event is written. The reference
+/// carries the runtime's resourceVersion, so each edit that is still wrong gets an Event of its own
+/// (the recorder folds repeats of one key into a series that keeps the first note).
+async fn refuse_runtime(runtime_ref: &ObjectReference, action: &str, note: String, ctx: &RuntimeContext) {
+    let event = Event {
+        type_: EventType::Warning,
+        reason: INVALID_RUNTIME_REASON.into(),
+        note: Some(truncate_note(note)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, runtime_ref).await {
+        warn!(runtime = runtime_ref.name, %error, "cannot write the runtime's Event");
+    }
+}
+
+/// `note` cut to fit an Event, on a character boundary.
+fn truncate_note(mut note: String) -> String {
+    if note.len() > MAX_EVENT_NOTE {
+        let mut end = MAX_EVENT_NOTE - "...".len();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    note
 }
 
 /// Keeps the ConfigMap holding the runtime file of the Deployment `deployment` equal to `file`, and
@@ -793,6 +849,15 @@ async fn ensure_runtime_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_note_is_cut_to_what_kubernetes_takes_on_a_character_boundary() {
+        assert_eq!(truncate_note("short".into()), "short");
+        let long = "é".repeat(600);
+        let cut = truncate_note(long);
+        assert!(cut.len() <= MAX_EVENT_NOTE && cut.ends_with("..."), "{}", cut.len());
+        assert!(cut.starts_with("éé"));
+    }
 
     #[test]
     fn one_claimant_per_name_the_oldest_then_by_namespace() {

@@ -163,6 +163,7 @@ impl MeshError {
             MeshError::Refused { .. } => Code::ResourceExhausted,
             MeshError::Registry(e) => registry_code(e),
             MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,
+            MeshError::Runtime { source: R::Overloaded(_), .. } => Code::ResourceExhausted,
             MeshError::Runtime { source: R::RuntimeUnavailable(_) | R::Lost { .. }, .. } => Code::Unavailable,
             MeshError::Runtime { .. } | MeshError::Internal(_) => Code::Internal,
         }
@@ -234,6 +235,13 @@ mod tests {
             ),
             (CacheError::ShuttingDown.into(), Code::Unavailable),
             (MeshError::refused(&id, Refusal::NoPodOffers { model_type: "onnx".into() }), Code::Unavailable),
+            (
+                MeshError::Runtime {
+                    model_id: id.clone(),
+                    source: densemesh_runtime_core::Error::Overloaded("runtime r process 0 is full".into()),
+                },
+                Code::ResourceExhausted,
+            ),
             (
                 MeshError::Runtime {
                     model_id: id,

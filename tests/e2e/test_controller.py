@@ -665,3 +665,49 @@ def test_an_inference_graph_waits_for_its_services_then_serves_and_a_bad_one_say
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     assert [g.name for g in stub.ListGraphs(pb2.ListGraphsRequest()).graphs] == ["picky"]
     assert controller.proc.poll() is None, controller.logs()
+
+
+def test_a_runtime_the_controller_cannot_render_gets_a_warning_event_saying_why(kube, tmp_path):
+    """A ServingRuntime meshd cannot be given a --runtime-config for gets no ConfigMap and no Deployment,
+    and a Warning Event on it (ServingRuntime has no status to carry the reason) saying what to change;
+    once fixed, its Deployment is made."""
+    template = tmp_path / "pod-template.yaml"
+    template.write_text(yaml.safe_dump({
+        "metadata": {"labels": {"app.kubernetes.io/name": "densemesh", "app.kubernetes.io/component": "meshd"}},
+        "spec": {"containers": [{"name": "meshd", "image": "densemesh/meshd:test", "args": ["serve"]}]},
+    }))
+    runtime = {
+        "apiVersion": "serving.kserve.io/v1alpha1", "kind": "ServingRuntime",
+        "metadata": {"name": "broken-rt", "namespace": "default"},
+        "spec": {"supportedModelFormats": [{"name": "sklearn", "autoSelect": True}], "multiModel": True,
+                 "builtInAdapter": {"serverType": "mlserver", "modelLoadingTimeoutMillis": 0},
+                 "containers": [{"name": "mlserver", "image": "seldonio/mlserver:1.7.1"}]},
+    }
+    kube.apply(runtime)
+    controller = Controller(kube, f"127.0.0.1:{free_port()}", tmp_path, "--meshd-pod-template", str(template))
+    try:
+        def warnings():
+            r = kube.kubectl("get", "events.events.k8s.io", "-n", "default", "-o", "json", check=False)
+            items = json.loads(r.stdout)["items"] if r.returncode == 0 else []
+            return [e for e in items if (e.get("regarding") or {}).get("name") == "broken-rt"]
+
+        [event] = wait_for(warnings, 30, "the runtime's Warning Event")
+        assert event["type"] == "Warning" and event["reason"] == "InvalidSpec", event
+        assert event["action"] == "RenderRuntimeConfig", event
+        assert event["regarding"]["kind"] == "ServingRuntime" and event["regarding"]["namespace"] == "default"
+        assert "builtInAdapter.modelLoadingTimeoutMillis 0 is not positive" in event["note"], event["note"]
+        assert event["reportingController"] == "densemesh-controller"
+        # kubectl describe reads the core v1 view of the same Event.
+        described = kube.kubectl("get", "events", "-n", "default", "-o", "json").stdout
+        assert "modelLoadingTimeoutMillis 0 is not positive" in described
+        assert kube.get("configmap", "densemesh-broken-rt-runtime-config") is None
+        assert kube.get("deployment", "densemesh-broken-rt") is None
+
+        runtime["spec"]["builtInAdapter"]["modelLoadingTimeoutMillis"] = 90000
+        kube.apply(runtime)
+        wait_for(lambda: kube.get("deployment", "densemesh-broken-rt"), 30, "the fixed runtime's Deployment")
+        assert "90000ms" in kube.get("configmap", "densemesh-broken-rt-runtime-config")["data"]["runtimes.yaml"]
+        assert len(warnings()) == 1, "a runtime that renders gets no further warning"
+    finally:
+        controller.stop()
+        print(controller.logs())

@@ -345,3 +345,62 @@ def test_a_hung_mlserver_is_restarted_and_its_model_answers_again(start_meshd, t
     assert metrics.get('densemesh_runtime_probe_failures_total{runtime="mlserver"}', 0) >= 3
     assert metrics.get('densemesh_runtime_load_duration_seconds_count{runtime="mlserver"}') == 2, \
         "one load before the hang, one after"
+
+
+def test_requests_beyond_a_pools_concurrency_and_queue_are_refused_and_the_rest_answered(
+        start_meshd, tmp_path, trained, mmesh):
+    import json
+    import os
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+
+    from meshd import raw_request, wait_for
+
+    models, expected = trained
+    # The probe that would restart the stopped server comes too late to matter here.
+    liveness = {"interval": "120s", "timeout": "2s", "failures": 3}
+    server, stub = mesh_with_mlserver(start_meshd, tmp_path, models, mmesh, liveness=liveness,
+                                      concurrency=2, maxQueued=2)
+    pb2, _ = mmesh
+    stub.registerModel(pb2.RegisterModelRequest(modelId="iris-sk", modelInfo=pb2.ModelInfo(type="sklearn", path=str(models / "sklearn.joblib"))))
+    query = np.array(expected["input"], dtype=np.float64)
+    assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]
+
+    [pid] = mlserver_pids(server)
+    request = raw_request("iris-sk", [("input-0", "FP64", query)])
+    # A server that takes its time: stopped, it answers nothing until it is continued.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        calls = [server.stub.ModelInfer.future(request, timeout=60) for _ in range(6)]
+        # 2 run, 2 wait for a slot, and whichever 2 come last are refused at once.
+        wait_for(lambda: sum(c.done() for c in calls) >= 2, 20, "the calls beyond the queue to be refused")
+        refused = [c for c in calls if c.done()]
+        for call in refused:
+            assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
+            details = call.details()
+            assert "model iris-sk" in details and "runtime mlserver process 0" in details, details
+            assert "2 calls running and 2 waiting" in details and "maxQueued" in details, details
+        # The decoded path (REST) shares the same slots and queue.
+        body = json.dumps({"inputs": [{"name": "input-0", "shape": list(query.shape), "datatype": "FP64",
+                                       "data": query.reshape(-1).tolist()}]}).encode()
+        rest = urllib.request.Request(f"http://{server.http_addr}/v2/models/iris-sk/infer", data=body,
+                                      headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(rest, timeout=20)
+        assert e.value.code == 429
+        message = e.value.read().decode()
+        assert "iris-sk" in message and "runtime mlserver process 0" in message, message
+        time.sleep(0.5)
+        assert sum(c.done() for c in calls) == 2, "the admitted calls wait for the stopped server"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    answered = [c for c in calls if c not in refused]
+    for call in answered:
+        answer = call.result(timeout=60)
+        dtype = {"INT64": np.int64, "INT32": np.int32, "FP64": np.float64}[answer.outputs[0].datatype]
+        assert np.frombuffer(answer.raw_output_contents[0], dtype=dtype).tolist() == expected["sklearn_predict"]
+    assert server.metrics().get('densemesh_requests_total{method="ModelInfer",code="RESOURCE_EXHAUSTED"}', 0) >= 2
+    # With the slots free again, the next call is answered.
+    assert infer_fp(server, "iris-sk", query).reshape(-1).tolist() == expected["sklearn_predict"]

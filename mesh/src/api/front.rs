@@ -149,8 +149,9 @@ where
         && let Some(runtime) = lease.model().passthrough()
         && let Some(injection) = runtime.method(MODEL_INFER_PATH)
     {
+        let slots = lease.model().call_slots();
         match runtimes
-            .call(runtime, &id, MODEL_INFER_PATH, parts.headers.clone(), bytes.clone(), injection)
+            .call(runtime, slots, &id, MODEL_INFER_PATH, parts.headers.clone(), bytes.clone(), injection)
             .await
         {
             Ok(answer) => {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use densemesh_placement::ModelId;
-use densemesh_runtime_core::Passthrough;
+use densemesh_runtime_core::{CallSlots, NoSlot, Passthrough};
 use http::{Request, Response};
 use http_body_util::Full;
 use parking_lot::Mutex;
@@ -65,17 +65,24 @@ impl RuntimeCalls {
     }
 
     /// Passes one call (`path`, the client's `headers` and framed `bytes`) for model `id` to its
-    /// runtime, the id written where `injection` points and named in `mm-model-id`. The caller holds
-    /// the model's lease until this returns, so the model is not unloaded under the call.
+    /// runtime, the id written where `injection` points and named in `mm-model-id`, once it has one of
+    /// the runtime's `slots` if it has any (RESOURCE_EXHAUSTED when they and their queue are full). The
+    /// caller holds the model's lease until this returns, so the model is not unloaded under the call.
+    #[allow(clippy::too_many_arguments)]
     pub async fn call(
         &self,
         runtime: &Passthrough,
+        slots: Option<&CallSlots>,
         id: &ModelId,
         path: &str,
         mut headers: http::HeaderMap,
         bytes: Bytes,
         injection: &[u32],
     ) -> Result<RawAnswer, Status> {
+        let _slot = match slots {
+            Some(slots) => Some(slots.enter().await.map_err(|no_slot| no_slot_status(id, no_slot))?),
+            None => None,
+        };
         let started = Instant::now();
         let bytes = if injection.is_empty() { bytes } else { with_id(&bytes, injection, id.as_str())? };
         headers.remove(VMODEL_ID_HEADER);
@@ -182,10 +189,21 @@ impl Shared {
                 served.join(", ")
             )));
         };
+        let slots = lease.model().call_slots();
         let answered =
-            self.runtimes.call(runtime, &id, &path, metadata.into_headers(), bytes, injection).await;
+            self.runtimes.call(runtime, slots, &id, &path, metadata.into_headers(), bytes, injection).await;
         drop(lease);
         answered.map(RawAnswer::into_response)
+    }
+}
+
+/// A call that got none of its runtime's slots, as the status it is answered with.
+fn no_slot_status(id: &ModelId, no_slot: NoSlot) -> Status {
+    let message = format!("model {id}: {no_slot}");
+    match no_slot {
+        NoSlot::Full { .. } => Status::resource_exhausted(message),
+        NoSlot::TimedOut { .. } => Status::deadline_exceeded(message),
+        NoSlot::Closed { .. } => Status::unavailable(message),
     }
 }
 

@@ -140,10 +140,10 @@ impl Worker {
                 self.config.max_queued
             )));
         }
+        // Leaves the queue however the wait ends: a client that goes away drops this future mid-wait.
+        let _waiting = LeaveQueue(&self.queued);
         let waited = Instant::now();
-        let permit = self.running.clone().acquire_owned().await;
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        let permit = permit.map_err(|_| closed())?;
+        let permit = self.running.clone().acquire_owned().await.map_err(|_| closed())?;
         self.record_wait(id, waited.elapsed());
         Ok(permit)
     }
@@ -151,6 +151,15 @@ impl Worker {
     fn record_wait(&self, id: &ModelId, waited: Duration) {
         metrics::histogram!(m::QUEUE_WAIT).record(waited.as_secs_f64());
         self.queue_waits.record(id, waited);
+    }
+}
+
+/// Takes an inference off the queue count when dropped.
+struct LeaveQueue<'a>(&'a AtomicUsize);
+
+impl Drop for LeaveQueue<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -362,6 +371,35 @@ mod tests {
         assert_eq!(seen[1].free_slots, 0, "the slow one's slot was handed over, not shared");
         assert_eq!(worker.running.available_permits(), 1);
         assert_eq!(worker.queue_waits().take()[&ModelId::new("fast").unwrap()].samples, 1);
+    }
+
+    #[tokio::test]
+    async fn a_queued_inference_whose_client_went_away_leaves_the_queue() {
+        let probe = Arc::new(Probe::default());
+        let worker = worker(1, 1, &probe);
+        let _release = ReleaseOnDrop(probe.clone());
+        let held = probe.held.notified();
+        let slow = {
+            let worker = worker.clone();
+            let lease = lease("slow", &probe, false);
+            tokio::spawn(async move { worker.infer(lease, request("hold", 16)).await })
+        };
+        held.await;
+        // The server drops a request's future when its client disconnects, mid-wait here.
+        let gone = {
+            let worker = worker.clone();
+            let lease = lease("fast", &probe, true);
+            tokio::spawn(async move { worker.infer(lease, request("x", 16)).await })
+        };
+        while worker.queued.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        gone.abort();
+        assert!(gone.await.unwrap_err().is_cancelled());
+        assert_eq!(worker.queued.load(Ordering::Acquire), 0, "its place in the queue is free again");
+
+        probe.release();
+        slow.await.unwrap().unwrap();
     }
 
     #[test]

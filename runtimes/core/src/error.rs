@@ -25,6 +25,10 @@ pub enum Error {
     /// The request does not fit the model (caught by the runtime after the mesh's own validation).
     #[error("invalid input: {0}")]
     InvalidInput(#[source] Cause),
+    /// The runtime has more calls running and waiting than it takes (see [`CallSlots`](crate::CallSlots)):
+    /// the client should back off (RESOURCE_EXHAUSTED).
+    #[error("overloaded: {0}")]
+    Overloaded(#[source] Cause),
     /// The model failed while running.
     #[error("inference failed: {0}")]
     Inference(#[source] Cause),

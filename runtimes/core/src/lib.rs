@@ -9,6 +9,7 @@
 
 mod error;
 mod format;
+mod slots;
 mod tensor;
 #[cfg(feature = "v2")]
 pub mod v2;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 
 pub use error::{Cause, Context, Error, Result};
 pub use format::ModelFormat;
+pub use slots::{CallSlots, NoSlot};
 pub use tensor::{DataType, Tensor, TensorData, TensorSpec};
 
 /// Everything a runtime needs to load one model.
@@ -141,6 +143,13 @@ pub trait LoadedModel: Send + Sync + 'static {
     /// (ModelMesh's protocol-agnostic inference: any method, routed by the `mm-model-id` header).
     /// `None`, the default, for a model run in this process.
     fn passthrough(&self) -> Option<&Passthrough> {
+        None
+    }
+
+    /// The slots of the server that runs this model in another process, which calls passed through to
+    /// it take too: its concurrency and bounded wait queue. `None`, the default, for a model run in this
+    /// process (the mesh's worker bounds those) or a runtime with no limit of its own.
+    fn call_slots(&self) -> Option<&CallSlots> {
         None
     }
 }

@@ -41,6 +41,7 @@ pub const PLACEHOLDERS: [&str; 5] =
 ///         },
 ///         "processes": 2,
 ///         "concurrency": 16,
+///         "maxQueued": 128,
 ///         "multiplier": 1.25,
 ///         "minModelBytes": 1000000,
 ///         "timeouts": {"startup": "60s", "load": "30s", "infer": "30s", "unload": "10s"},
@@ -82,9 +83,15 @@ pub struct RemoteRuntimeConfig {
     /// How many server processes to start (with `command`); a model loads into the least loaded one.
     #[serde(default = "default_processes")]
     pub processes: usize,
-    /// Inference requests in flight per process; more wait for a slot until their deadline.
+    /// Inference requests in flight per process; more wait for a slot, in arrival order.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Inference requests that may wait for a slot per process, beyond `concurrency`; any more are
+    /// refused at once with RESOURCE_EXHAUSTED naming the model and the runtime (as the mesh's own
+    /// `--max-queued-inferences` does), and a waiting one fails at `timeouts.infer`. 0 refuses every
+    /// request that finds no free slot.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: usize,
     /// A model is charged its size on disk times this (ModelMesh's adapters' MODELSIZE_MULTIPLIER,
     /// 1.25).
     #[serde(default = "default_multiplier")]
@@ -182,6 +189,9 @@ fn default_processes() -> usize {
 fn default_concurrency() -> usize {
     16
 }
+fn default_max_queued() -> usize {
+    128
+}
 fn default_multiplier() -> f64 {
     1.25
 }
@@ -235,6 +245,7 @@ impl RemoteRuntimeConfig {
             repository: None,
             processes,
             concurrency: default_concurrency(),
+            max_queued: default_max_queued(),
             multiplier: default_multiplier(),
             min_model_bytes: default_min_model_bytes(),
             implementations: default_implementations(),

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use densemesh_proto::inference::ModelMetadataRequest;
 use densemesh_runtime_core::{
-    Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Passthrough, Result, Tensor,
+    CallSlots, Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, NoSlot, Passthrough, Result,
+    Tensor,
 };
 use tokio::time::Instant;
 use tonic::Code;
@@ -231,12 +232,15 @@ impl RemoteModel {
         })?;
         let timeout = pool.config.timeouts.infer;
         let deadline = Instant::now() + timeout;
-        let _slot = tokio::time::timeout_at(deadline, process.slots.acquire())
-            .await
-            .map_err(|_| {
+        let _slot = process.slots.enter().await.map_err(|no_slot| match no_slot {
+            NoSlot::Full { .. } => Error::Overloaded(no_slot.into()),
+            NoSlot::TimedOut { .. } => {
                 deadline_error(pool, process, "waiting for a concurrency slot", timeout).into_infer_error()
-            })?
-            .map_err(|_| RemoteError::ShutDown { runtime: pool.config.name.clone() }.into_infer_error())?;
+            }
+            NoSlot::Closed { .. } => {
+                RemoteError::ShutDown { runtime: pool.config.name.clone() }.into_infer_error()
+            }
+        })?;
         let mut client = pool.inference_client(up.channel);
         let mut request = tonic::Request::new(request);
         request.set_timeout(deadline.saturating_duration_since(Instant::now()));
@@ -325,6 +329,10 @@ impl LoadedModel for RemoteModel {
 
     fn passthrough(&self) -> Option<&Passthrough> {
         Some(&self.passthrough)
+    }
+
+    fn call_slots(&self) -> Option<&CallSlots> {
+        Some(&self.inner.process.slots)
     }
 }
 

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use densemesh_proto::inference::{ServerLiveRequest, ServerReadyRequest};
+use densemesh_runtime_core::CallSlots;
 use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::{Notify, Semaphore, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,8 +56,9 @@ pub(crate) struct Process {
     /// Its model repository: `<repository>/<model-id>/model-settings.json`.
     pub(crate) repository: PathBuf,
     pub(crate) state: watch::Sender<ProcessState>,
-    /// Inference requests in flight (`concurrency`).
-    pub(crate) slots: Semaphore,
+    /// Inference requests in flight (`concurrency`) and waiting (`maxQueued`), through the mesh's
+    /// passthrough or decoded.
+    pub(crate) slots: CallSlots,
     /// Loads and unloads of this process, one at a time (ModelMesh's adapters load one model at a
     /// time per server too), so an unload that runs late never removes a model loaded again since.
     pub(crate) repository_lock: tokio::sync::Mutex<()>,

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use densemesh_runtime_core::{Error, LoadRequest, LoadedModel, Result, Runtime};
+use densemesh_runtime_core::{CallSlots, Error, LoadRequest, LoadedModel, Result, Runtime};
 use parking_lot::Mutex;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -101,7 +101,12 @@ impl RemoteRuntime {
                     index,
                     repository,
                     state: watch::channel(Default::default()).0,
-                    slots: Semaphore::new(config.concurrency),
+                    slots: CallSlots::new(
+                        format!("runtime {} process {index}", config.name),
+                        config.concurrency,
+                        config.max_queued,
+                        config.timeouts.infer,
+                    ),
                     repository_lock: tokio::sync::Mutex::new(()),
                     ledger: Mutex::new(Ledger::default()),
                 })
@@ -171,6 +176,7 @@ impl RemoteRuntime {
         // An endpoint is not ours to stop, but this runtime no longer serves through it either.
         for process in &self.pool.processes {
             process.state.send_modify(|s| s.up = None);
+            process.slots.close();
         }
         if let Some(root) = self.pool.owned_root.lock().take() {
             let path = root.path().to_owned();
