@@ -211,6 +211,25 @@ struct State {
     clock: Clock,
     /// Models evicted for room since start, for the dashboard (the Prometheus counter is write-only).
     evictions: u64,
+    /// The last walk of the loaded models for placement, reused for a while above
+    /// [`EXACT_WALK_BELOW`] models.
+    placement_walk: Option<PlacementWalk>,
+}
+
+/// Up to this many loaded models, every placement decision walks them all (for the coldest and, under
+/// GDSF, the cheapest victims); above it, a walk is reused for [`WALK_REUSE`]. A miss asks on every
+/// placement, and a walk of 100,000 models under the cache's lock on each first request made loads go
+/// at tens a second; placement reads these as hints that other pods see seconds old anyway, and they
+/// matter only once no pod has room.
+const EXACT_WALK_BELOW: usize = 10_000;
+const WALK_REUSE: Duration = Duration::from_secs(1);
+
+/// What a walk of the loaded models found: the coldest (and when it was last used), the cheapest
+/// victims under GDSF, and when the walk ran.
+struct PlacementWalk {
+    coldest: Option<(ModelId, Instant)>,
+    victims: Option<Vec<Victim>>,
+    at: Instant,
 }
 
 impl State {
@@ -273,6 +292,7 @@ impl ModelCache {
                 size_factor: None,
                 clock: Clock::default(),
                 evictions: 0,
+                placement_walk: None,
             }),
             load_permits,
             room_freed: Arc::new(Notify::new()),
@@ -450,23 +470,38 @@ impl ModelCache {
     /// This pod as placement sees it, read under one lock: what is charged, loads in progress, and the
     /// least recently used model (the first a load here would evict) with its idle time.
     pub fn placement_state(&self) -> PlacementState {
-        let state = self.inner.state.lock();
-        let coldest = state.coldest(Instant::now());
+        let mut guard = self.inner.state.lock();
+        let state = &mut *guard;
+        let now = Instant::now();
+        let reuse = state.resident.len() >= EXACT_WALK_BELOW
+            && state.placement_walk.as_ref().is_some_and(|w| {
+                now.saturating_duration_since(w.at) < WALK_REUSE
+                    && w.coldest.as_ref().is_none_or(|(id, _)| state.resident.contains(id))
+            });
+        if !reuse {
+            let coldest =
+                state.coldest(now).map(|(idle, id)| (id.clone(), now.checked_sub(idle).unwrap_or(now)));
+            let victims = (self.inner.eviction == Policy::GreedyDualSizeFrequency).then(|| {
+                let candidates = state.candidates(now);
+                eviction::cheapest(&candidates, self.inner.rules(), eviction::PUBLISHED_VICTIMS)
+            });
+            state.placement_walk = Some(PlacementWalk { coldest, victims, at: now });
+        }
+        let walk = state.placement_walk.as_ref();
+        let coldest = walk.and_then(|w| w.coldest.as_ref());
         let resident = state.resident.len() as u64;
         PlacementState {
             capacity_bytes: self.inner.config.capacity_bytes,
             used_bytes: state.used_bytes,
             loading: state.loading.len() as u64,
             models_loaded: resident,
-            lru_age: coldest.map(|(idle, _)| idle).unwrap_or_default(),
-            coldest_model: coldest.map(|(_, id)| id.clone()),
-            cheapest_victims: (self.inner.eviction == Policy::GreedyDualSizeFrequency).then(|| {
-                let candidates = state.candidates(Instant::now());
-                eviction::cheapest(&candidates, self.inner.rules(), eviction::PUBLISHED_VICTIMS)
-            }),
+            lru_age: coldest.map(|(_, used)| now.saturating_duration_since(*used)).unwrap_or_default(),
+            coldest_model: coldest.map(|(id, _)| id.clone()),
+            cheapest_victims: walk.and_then(|w| w.victims.clone()),
             size_factor: state.size_factor,
+            // Charged bytes less load reservations is what the loaded models hold: no walk.
             mean_model_bytes: (resident > 0)
-                .then(|| state.resident.iter().map(|(_, e)| e.size_bytes()).sum::<u64>() / resident),
+                .then(|| state.used_bytes.saturating_sub(state.reserved_bytes) / resident),
         }
     }
 
