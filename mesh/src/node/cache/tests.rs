@@ -528,3 +528,30 @@ async fn a_lost_copy_is_dropped_once_and_a_newer_copy_is_left_alone() {
     assert!(f.cache.is_loaded(&a));
     assert_eq!(f.cache.used_bytes(), 100);
 }
+
+/// Above `EXACT_WALK_BELOW` loaded models, placement's view of the cache comes from a walk at most
+/// `WALK_REUSE` old (the hint other pods read is older still), so a miss costs no walk of them all.
+#[tokio::test(start_paused = true)]
+async fn placement_reads_a_walk_at_most_a_second_old_once_many_models_are_loaded() {
+    let f = fixture(1 << 30, |_| {});
+    let ids: Vec<ModelId> = (0..EXACT_WALK_BELOW).map(|i| f.sized(&format!("m{i:05}"), 10)).collect();
+    for id in &ids {
+        drop(f.cache.acquire(id).await.unwrap());
+        tokio::time::advance(Duration::from_micros(10)).await;
+    }
+    let state = f.cache.placement_state();
+    assert_eq!((state.models_loaded, state.mean_model_bytes), (EXACT_WALK_BELOW as u64, Some(10)));
+    assert_eq!(state.coldest_model.as_ref(), Some(&ids[0]));
+    // m00000 used again: the walk of a moment ago still names it, its idle time counted to now.
+    drop(f.cache.acquire(&ids[0]).await.unwrap());
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let stale = f.cache.placement_state();
+    assert_eq!(stale.coldest_model.as_ref(), Some(&ids[0]));
+    assert!(stale.lru_age >= state.lru_age + Duration::from_millis(500), "{stale:?}");
+    // A second on, a new walk: m00001 is the coldest.
+    tokio::time::advance(WALK_REUSE).await;
+    assert_eq!(f.cache.placement_state().coldest_model.as_ref(), Some(&ids[1]));
+    // A walk whose coldest model has gone is not reused.
+    f.cache.unload(&ids[1]).await;
+    assert_eq!(f.cache.placement_state().coldest_model.as_ref(), Some(&ids[2]));
+}
