@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from registry_density import rss_bytes  # noqa: E402  (bench/ is the script's directory)
 
 REPO = Path(__file__).resolve().parents[1]
 KIB = 1024
@@ -105,13 +106,6 @@ def make_repository(root: Path, count: int):
                 f.write(model)
     stamp.write_text(str(count))
     return time.monotonic() - start
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * KIB
-    raise RuntimeError("no VmRSS")
 
 
 def metrics(addr: str) -> str:
@@ -194,7 +188,7 @@ def main():
                 raise RuntimeError("meshd did not start within 600 s")
             time.sleep(0.2)
         addrs = json.loads(addr_file.read_text())
-        grpc, metrics_addr = addrs["grpc"], addrs["metrics"]
+        grpc, metrics_addr = addrs["grpc_addr"], addrs["metrics_addr"]
         wait_registered(metrics_addr, args.count, proc, 600)
         registered_s = time.monotonic() - started
         time.sleep(3)

@@ -37,6 +37,7 @@ from sklearn.linear_model import LogisticRegression
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 from meshd import free_port, wait_for  # noqa: E402
+from registry_density import rss_bytes  # noqa: E402  (bench/ is the script's directory)
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
 MLSERVER = REPO / ".venv-mlserver" / "bin" / "mlserver"
@@ -78,13 +79,6 @@ def only_first(root: Path, kind: str, work: Path) -> Path:
     return one
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * KIB
-    raise RuntimeError("no VmRSS")
-
-
 def stop(proc):
     try:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -118,7 +112,7 @@ def start_meshd(meshd: str, repository: Path, work: Path, label: str):
     wait_for(lambda: addr_file.exists() or proc.poll() is not None, 300, "meshd to start")
     if proc.poll() is not None:
         raise RuntimeError(f"meshd exited: see {work}/meshd-{label}.log")
-    return proc, json.loads(addr_file.read_text())["grpc"]
+    return proc, json.loads(addr_file.read_text())["grpc_addr"]
 
 
 def ready_models(addr: str, names, deadline_s: float):
