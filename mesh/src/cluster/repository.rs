@@ -468,6 +468,14 @@ fn watch_mode(limits: &WatchLimits, entries: usize, now: WatchMode) -> WatchMode
     if entries > limit { WatchMode::RootAndRescan } else { WatchMode::Recursive }
 }
 
+/// Whether an event may mean the repository changed. Reads never do: a pass opens every model
+/// directory, and the kernel reports each open to the root's watch, so passes that counted them
+/// started the next pass themselves, forever (over 100,000 models, half the CPU during traffic); a
+/// model's load reads its directory too.
+fn may_change(kind: &notify::EventKind) -> bool {
+    !matches!(kind, notify::EventKind::Access(_))
+}
+
 /// A watcher on `root` in `mode`, sending a unit per event; a recursive watch the kernel refuses (too
 /// many watches) falls back to the root alone, with the mode it got.
 fn start_watcher(
@@ -478,7 +486,7 @@ fn start_watcher(
     let open = |recursive| {
         let tx = events.clone();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            if event.is_ok_and(|e| may_change(&e.kind)) {
                 let _ = tx.send(());
             }
         })?;
@@ -951,5 +959,16 @@ mod tests {
         eventually("a to be unregistered", async || pod.view.model(&id("a")).is_none()).await;
         stop.cancel();
         watching.await.unwrap();
+    }
+
+    #[test]
+    fn reading_the_repository_is_no_change_to_it() {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+        assert!(!may_change(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        assert!(!may_change(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(may_change(&EventKind::Create(CreateKind::Folder)));
+        assert!(may_change(&EventKind::Modify(ModifyKind::Any)));
+        assert!(may_change(&EventKind::Any), "an event notify cannot classify may be a change");
     }
 }
