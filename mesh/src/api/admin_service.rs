@@ -157,8 +157,8 @@ impl Admin for AdminService {
                 let (status, size_bytes, error, runtime) = match self.cache.status(&id) {
                     CopyStatus::NotLoaded => ("NOT_LOADED", 0, String::new(), String::new()),
                     CopyStatus::Loading => ("LOADING", 0, String::new(), String::new()),
-                    CopyStatus::Loaded { size_bytes, runtime } => {
-                        ("LOADED", size_bytes, String::new(), runtime)
+                    CopyStatus::Loaded { size_bytes } => {
+                        ("LOADED", size_bytes, String::new(), self.cache.runtime_of(&id).unwrap_or_default())
                     }
                     CopyStatus::Failed { reason } => ("LOADING_FAILED", 0, reason, String::new()),
                 };

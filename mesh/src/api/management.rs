@@ -103,8 +103,10 @@ impl Management {
         let mut copies = Vec::new();
         let mut errors = Vec::new();
         let local = match self.cache.status(id) {
-            CopyStatus::Loaded { runtime, .. } => {
-                errors.push(served_by(&self.instance_id, &runtime));
+            CopyStatus::Loaded { .. } => {
+                if let Some(runtime) = self.cache.runtime_of(id) {
+                    errors.push(served_by(&self.instance_id, &runtime));
+                }
                 Some(ModelStatus::Loaded)
             }
             CopyStatus::Loading => Some(ModelStatus::Loading),

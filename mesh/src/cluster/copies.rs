@@ -103,7 +103,6 @@ pub async fn add_copies_by_load(
         // 20,000 of them took a fifth of meshd's CPU on every tick.
         let here: std::collections::HashSet<&ModelId> = resident.iter().map(|m| &m.id).collect();
         seen.retain(|id, _| here.contains(id));
-        drop(here);
         for model in resident {
             // A model first seen now has no rate yet; its queue waits since it loaded count already.
             let rate = seen.insert(model.id.clone(), model.requests).map_or(0.0, |before| {

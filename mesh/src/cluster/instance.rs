@@ -276,7 +276,8 @@ impl Publisher {
     /// Writes a placement record for every copy the cache holds (after joining or missing events).
     async fn republish_copies(&mut self) {
         for model in self.cache.resident() {
-            if let CopyStatus::Loaded { size_bytes, runtime } = self.cache.status(&model.id) {
+            if let CopyStatus::Loaded { size_bytes } = self.cache.status(&model.id) {
+                let runtime = self.cache.runtime_of(&model.id).unwrap_or_default();
                 self.placement(CopyEvent::Loaded { id: model.id, size_bytes, runtime }).await;
             }
         }

@@ -143,8 +143,6 @@ pub enum CopyStatus {
     Loading,
     Loaded {
         size_bytes: u64,
-        /// The runtime that loaded it.
-        runtime: String,
     },
     /// The last load failed and its back-off has not ended.
     Failed {
@@ -400,10 +398,7 @@ impl ModelCache {
     pub fn status(&self, id: &ModelId) -> CopyStatus {
         let state = self.inner.state.lock();
         if let Some(entry) = state.resident.peek(id) {
-            return CopyStatus::Loaded {
-                size_bytes: entry.size_bytes(),
-                runtime: entry.runtime().to_owned(),
-            };
+            return CopyStatus::Loaded { size_bytes: entry.size_bytes() };
         }
         if state.loading.contains_key(id) {
             return CopyStatus::Loading;
@@ -412,6 +407,12 @@ impl ModelCache {
             Some(f) if f.retry_at > Instant::now() => CopyStatus::Failed { reason: f.error.to_string() },
             _ => CopyStatus::NotLoaded,
         }
+    }
+
+    /// The runtime holding the model here (`None`: not loaded here). Apart from [`status`](Self::status),
+    /// which routing asks on every request and which needs no name.
+    pub fn runtime_of(&self, id: &ModelId) -> Option<String> {
+        self.inner.state.lock().resident.peek(id).map(|entry| entry.runtime().to_owned())
     }
 
     /// Drops a model from the cache (unregistered, or its files changed); requests holding a lease

@@ -414,7 +414,7 @@ async fn status_follows_loads_failures_and_unloads() {
     let (a, bad) = (f.sized("a", 100), f.model("bad", "fail=broken"));
     assert_eq!(f.cache.status(&a), CopyStatus::NotLoaded);
     drop(f.cache.acquire(&a).await.unwrap());
-    assert_eq!(f.cache.status(&a), CopyStatus::Loaded { size_bytes: 100, runtime: "scripted".into() });
+    assert_eq!(f.cache.status(&a), CopyStatus::Loaded { size_bytes: 100 });
     assert!(f.cache.acquire(&bad).await.is_err());
     assert!(matches!(f.cache.status(&bad), CopyStatus::Failed { reason } if reason.contains("broken")));
 
