@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from registry_density import rss_bytes  # noqa: E402  (bench/ is the script's directory)
+from registry_density import reusable, rss_bytes, stamp  # noqa: E402  (bench/ is the script's directory)
 
 REPO = Path(__file__).resolve().parents[1]
 KIB = 1024
@@ -77,12 +77,8 @@ def template_model():
 
 def make_repository(root: Path, count: int):
     """`count` model directories with distinct weights; reuses a complete earlier one."""
-    stamp = root / ".complete"
-    if stamp.exists() and stamp.read_text() == str(count):
+    if reusable(root, count):
         return 0.0
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
     data, spans = template_model()
     floats = sum(length for _, length in spans) // 4
     rng = np.random.default_rng(1)
@@ -104,7 +100,7 @@ def make_repository(root: Path, count: int):
             d.mkdir()
             with open(d / "model.onnx", "wb") as f:
                 f.write(model)
-    stamp.write_text(str(count))
+    stamp(root, count)
     return time.monotonic() - start
 
 

@@ -31,19 +31,31 @@ REPO = Path(__file__).resolve().parents[1]
 KIB = 1024
 
 
-def make_repository(root: Path, count: int):
-    stamp = root / ".complete"
-    if stamp.exists() and stamp.read_text() == str(count):
-        return 0.0
+def reusable(root: Path, count: int) -> bool:
+    """Whether `root` holds a complete repository of `count` models from an earlier run; if not, it is
+    emptied for a new one (marked complete with `stamp(root, count)`)."""
+    done = root / ".complete"
+    if done.exists() and done.read_text() == str(count):
+        return True
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
+    return False
+
+
+def stamp(root: Path, count: int):
+    (root / ".complete").write_text(str(count))
+
+
+def make_repository(root: Path, count: int):
+    if reusable(root, count):
+        return 0.0
     start = time.monotonic()
     for i in range(count):
         d = root / f"m{i:07d}"
         d.mkdir()
         (d / "model.onnx").touch()
-    stamp.write_text(str(count))
+    stamp(root, count)
     return time.monotonic() - start
 
 
