@@ -305,6 +305,7 @@ impl ServeArgs {
                 retry_backoff: self.load_retry_backoff,
                 max_retry_backoff: self.max_load_retry_backoff,
                 min_residence: self.min_residence,
+                copy_bookkeeping_bytes: crate::node::cache::COPY_BOOKKEEPING_BYTES,
             },
             worker: WorkerConfig {
                 concurrency: if self.infer_threads == 0 { cores } else { self.infer_threads },

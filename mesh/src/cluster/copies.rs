@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use densemesh_placement::copies::{AddCopyThresholds, Copies, CopyLoad, add_copy, drop_idle_copy};
 use densemesh_placement::route::Goal;
-use densemesh_placement::{ClusterView, InstanceRecord, ModelId, Placement};
+use densemesh_placement::{ClusterView, InstanceRecord, Placement};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -38,6 +38,11 @@ pub async fn drop_idle_copies(
         }
         let live: HashSet<String> =
             view.instances().into_iter().filter(|(_, r)| !r.draining).map(|(name, _)| name).collect();
+        // Alone, this pod's copies are the only ones: nothing to drop, and no need to copy out every
+        // loaded model (a million of them, on one pod) to find that.
+        if live.iter().all(|name| *name == instance_id) {
+            continue;
+        }
         for model in cache.resident() {
             if model.in_flight > 0 || model.idle_for < idle_period {
                 continue;
@@ -87,7 +92,6 @@ pub async fn add_copies_by_load(
     let (view, instance_id) = (placer.view().clone(), placer.instance_id().to_owned());
     let tasks = TaskTracker::new();
     let interval = config.interval.max(Duration::from_millis(200));
-    let mut seen: HashMap<ModelId, u64> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -97,22 +101,23 @@ pub async fn add_copies_by_load(
         }
         let live: HashMap<String, InstanceRecord> =
             view.instances().into_iter().filter(|(_, r)| !r.draining).collect();
-        let resident = cache.resident();
         let mut waits = queue_waits.take();
-        // By set, not by scanning `resident` per entry: that was quadratic in loaded models, and over
-        // 20,000 of them took a fifth of meshd's CPU on every tick.
-        let here: std::collections::HashSet<&ModelId> = resident.iter().map(|m| &m.id).collect();
-        seen.retain(|id, _| here.contains(id));
-        for model in resident {
-            // A model first seen now has no rate yet; its queue waits since it loaded count already.
-            let rate = seen.insert(model.id.clone(), model.requests).map_or(0.0, |before| {
-                model.requests.saturating_sub(before) as f64 * 60.0 / interval.as_secs_f64()
-            });
+        let per_minute = |requests: u64| requests as f64 * 60.0 / interval.as_secs_f64();
+        // Only the models a rule could pick are copied out of the cache (a rate past the threshold,
+        // or queue waits to weigh), and none while this pod is the only live one: a copy needs
+        // another pod. The counts still advance, so the next look's rates cover one interval.
+        // A model first looked at now has no rate yet; its queue waits since it loaded count already.
+        let alone = live.keys().all(|name| *name == instance_id);
+        let rate_rule = config.thresholds.requests_per_minute;
+        let busy = cache.requests_since_last_look(|id, requests| {
+            !alone && ((rate_rule > 0.0 && per_minute(requests) > rate_rule) || waits.contains_key(id))
+        });
+        for (id, requests) in busy {
             let load = CopyLoad {
-                requests_per_minute: rate,
-                queue_wait: waits.remove(&model.id).unwrap_or_default(),
+                requests_per_minute: per_minute(requests),
+                queue_wait: waits.remove(&id).unwrap_or_default(),
             };
-            let placements = view.placements(&model.id);
+            let placements = view.placements(&id);
             let mut holders: Vec<&str> = placements
                 .iter()
                 .filter(|(name, p)| matches!(p, Placement::Loaded { .. }) && live.contains_key(name))
@@ -130,15 +135,15 @@ pub async fn add_copies_by_load(
             };
             let Some(reason) = add_copy(&load, &config.thresholds, &copies) else { continue };
             tracing::info!(
-                model_id = %model.id,
+                model_id = %id,
                 ?reason,
-                rate_per_minute = rate as u64,
+                rate_per_minute = load.requests_per_minute as u64,
                 queue_wait_ms = load.queue_wait.mean().unwrap_or_default().as_millis() as u64,
                 "adding a copy"
             );
             // Placement picks the pod (never one holding a copy); the load runs in the background, owned
             // by `tasks`, so a slow pod does not hold up the next check.
-            let (placer, id) = (placer.clone(), model.id.clone());
+            let placer = placer.clone();
             tasks.spawn(
                 async move {
                     match placer.ensure(&id, Goal::AddCopy, false, LastUsed::Now).await {

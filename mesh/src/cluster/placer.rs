@@ -221,11 +221,17 @@ impl Placer {
             Goal::Serve | Goal::Ensure => !here && !copies.iter().any(live_elsewhere),
             Goal::HandOff => !copies.iter().any(live_elsewhere),
         };
-        let local = if placing {
-            self.inner.cache.placement_state()
+        let mut local = if placing {
+            self.inner.cache.placement_counts()
         } else {
             PlacementState { capacity_bytes: self.inner.cache.config().capacity_bytes, ..Default::default() }
         };
+        let predicted_bytes = if placing { self.predicted_bytes(id, records.as_deref(), &local) } else { 0 };
+        if placing && local.capacity_bytes.saturating_sub(local.used_bytes) < predicted_bytes {
+            // No room here: the rule may read this pod's LRU (its coldest model, GDSF's victims), which
+            // takes a walk of the loaded models. With room it never does, so a miss skips the walk.
+            local = self.inner.cache.placement_state();
+        }
         let model_type = self.inner.view.model_type(id);
         let model_type = model_type.as_deref();
         let mut pods: Vec<LoadCandidate> = Vec::with_capacity(instances.len() + 1);
@@ -246,7 +252,6 @@ impl Placer {
             offers_type: model_type.is_none_or(|t| self.offers_type(t)),
             retry_after_ms: own(this).and_then(Placement::retry_after_ms),
         });
-        let predicted_bytes = if placing { self.predicted_bytes(id, records.as_deref(), &local) } else { 0 };
         let now_ms = now_ms();
         let answer = route(&RouteInput {
             this,

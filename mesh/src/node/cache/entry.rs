@@ -13,6 +13,8 @@ use tokio::time::Instant;
 
 /// An inference time counts at most this many times the typical one in the moving average.
 const OUTLIER_FACTOR: u32 = 4;
+/// `Entry::requests_looked` of a copy the copy rules have not looked at yet.
+const NOT_LOOKED: u64 = u64::MAX;
 
 /// A model in memory. Dropped (and its memory freed) when the cache lets go of it and no lease holds it.
 pub struct Entry {
@@ -29,6 +31,8 @@ pub struct Entry {
     in_flight: AtomicUsize,
     /// Requests served since load, for the request rate that decides copies.
     requests: AtomicU64,
+    /// `requests` when the copy rules last looked ([`NOT_LOOKED`] before the first look).
+    requests_looked: AtomicU64,
     /// Moving average of recent inference times (`None` before the first), to decide whether a request
     /// may run inline on the async executor.
     typical_infer_time: Mutex<Option<Duration>>,
@@ -36,9 +40,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// `size_bytes`: the charge, the model's own size and its copy's bookkeeping.
     pub(super) fn new(
         id: ModelId,
         model: Box<dyn LoadedModel>,
+        size_bytes: u64,
         version: Option<u64>,
         load_time: Duration,
         room_freed: Arc<Notify>,
@@ -46,7 +52,7 @@ impl Entry {
         let now = Instant::now();
         Self {
             id,
-            size_bytes: model.size_bytes(),
+            size_bytes,
             model,
             version,
             loaded_at: now,
@@ -55,6 +61,7 @@ impl Entry {
             clock_at_use: AtomicU64::new(0f64.to_bits()),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            requests_looked: AtomicU64::new(NOT_LOOKED),
             typical_infer_time: Mutex::new(None),
             room_freed,
         }
@@ -109,6 +116,15 @@ impl Entry {
     /// Requests served since the model was loaded here.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests served since the previous call; 0 on the first, when the interval is unknown.
+    pub(super) fn requests_since_last_look(&self) -> u64 {
+        let now = self.requests();
+        match self.requests_looked.swap(now, Ordering::Relaxed) {
+            NOT_LOOKED => 0,
+            before => now.saturating_sub(before),
+        }
     }
 
     pub(super) fn in_flight(&self) -> usize {
@@ -188,7 +204,8 @@ impl Lease {
 impl Lease {
     /// A lease on a model held by no cache, for tests of what runs on leased models (the worker).
     pub(crate) fn detached(id: ModelId, model: Box<dyn LoadedModel>) -> Self {
-        let entry = Entry::new(id, model, None, Duration::ZERO, Arc::new(Notify::new()));
+        let size = model.size_bytes();
+        let entry = Entry::new(id, model, size, None, Duration::ZERO, Arc::new(Notify::new()));
         Self::new(Arc::new(entry), Clock::default())
     }
 }
@@ -239,7 +256,7 @@ mod tests {
     fn fresh_entry() -> Entry {
         let metadata = ModelMetadata { platform: "test".into(), inputs: vec![], outputs: vec![] };
         let id = ModelId::new("m").unwrap();
-        Entry::new(id, Box::new(Nothing(metadata)), None, Duration::ZERO, Arc::new(Notify::new()))
+        Entry::new(id, Box::new(Nothing(metadata)), 0, None, Duration::ZERO, Arc::new(Notify::new()))
     }
 
     const FAST: Duration = Duration::from_micros(20);

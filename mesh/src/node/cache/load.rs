@@ -190,7 +190,7 @@ impl Inner {
             }
         };
         let load_time = runtime_started.elapsed();
-        let measured = model.size_bytes();
+        let measured = model.size_bytes() + self.config.copy_bookkeeping_bytes;
         self.learn_size_factor(local.file_bytes, measured);
         if measured > capacity {
             self.discard(model).await;
@@ -215,8 +215,14 @@ impl Inner {
                 }
             }
         }
-        let entry =
-            Arc::new(Entry::new(id.clone(), model, local.version, load_time, self.room_freed.clone()));
+        let entry = Arc::new(Entry::new(
+            id.clone(),
+            model,
+            measured,
+            local.version,
+            load_time,
+            self.room_freed.clone(),
+        ));
         let evicted = {
             let mut state = self.state.lock();
             // The reservation becomes the model's charge; any excess goes back.

@@ -54,7 +54,15 @@ pub struct CacheConfig {
     pub max_retry_backoff: Duration,
     /// A model loaded more recently than this is never evicted.
     pub min_residence: Duration,
+    /// Charged with every copy beside its model's own size: see [`COPY_BOOKKEEPING_BYTES`].
+    pub copy_bookkeeping_bytes: u64,
 }
+
+/// What a loaded copy costs the pod beyond its model: the cache's entry and LRU node, the placement
+/// record in the store and its mirror in the cluster view. Charged with each copy so that the charges
+/// sum to what the process holds; with a million 5 KiB models it is a fifth of the memory.
+/// `mesh/tests/copy_bookkeeping.rs` counts it.
+pub const COPY_BOOKKEEPING_BYTES: u64 = 1_400;
 
 impl Default for CacheConfig {
     fn default() -> Self {
@@ -65,6 +73,7 @@ impl Default for CacheConfig {
             retry_backoff: Duration::from_secs(2),
             max_retry_backoff: Duration::from_secs(60),
             min_residence: Duration::ZERO,
+            copy_bookkeeping_bytes: COPY_BOOKKEEPING_BYTES,
         }
     }
 }
@@ -221,21 +230,21 @@ struct State {
 /// matter only once no pod has room.
 const EXACT_WALK_BELOW: usize = 10_000;
 const WALK_REUSE: Duration = Duration::from_secs(1);
+/// A walk is reused for at least this many times what it took, so walks hold the lock at most 1% of
+/// the time: over a million models one takes tens of milliseconds, and once a second slowed every
+/// load and request behind it.
+const WALK_REUSE_PER_WALK_TIME: u32 = 100;
 
 /// What a walk of the loaded models found: the coldest (and when it was last used), the cheapest
-/// victims under GDSF, and when the walk ran.
+/// victims under GDSF, when the walk ran and how long it is reused.
 struct PlacementWalk {
     coldest: Option<(ModelId, Instant)>,
     victims: Option<Vec<Victim>>,
     at: Instant,
+    reuse_for: Duration,
 }
 
 impl State {
-    /// How long the least recently used model has been idle; `None` when nothing is loaded.
-    fn lru_idle(&self, now: Instant) -> Option<Duration> {
-        self.coldest(now).map(|(idle, _)| idle)
-    }
-
     /// The least recently used loaded model and how long it has been idle.
     fn coldest(&self, now: Instant) -> Option<(Duration, &ModelId)> {
         self.resident
@@ -468,6 +477,42 @@ impl ModelCache {
             .collect()
     }
 
+    /// Requests each loaded model served since the previous call, for the models `keep` accepts
+    /// (given the id and that count); a model's first call counts 0, its interval being unknown.
+    /// One walk under the lock that allocates only for what is kept: the copy rules look every few
+    /// seconds, and copying out a million loaded models each time cost more than serving them.
+    pub fn requests_since_last_look(
+        &self,
+        mut keep: impl FnMut(&ModelId, u64) -> bool,
+    ) -> Vec<(ModelId, u64)> {
+        let state = self.inner.state.lock();
+        state
+            .resident
+            .iter()
+            .filter_map(|(id, e)| {
+                let requests = e.requests_since_last_look();
+                keep(id, requests).then(|| (id.clone(), requests))
+            })
+            .collect()
+    }
+
+    /// [`Self::placement_state`] without what takes a walk of the loaded models (the LRU model and
+    /// its age, GDSF's victims): what placement reads while this pod has room, in constant time.
+    pub fn placement_counts(&self) -> PlacementState {
+        let state = self.inner.state.lock();
+        let resident = state.resident.len() as u64;
+        PlacementState {
+            capacity_bytes: self.inner.config.capacity_bytes,
+            used_bytes: state.used_bytes,
+            loading: state.loading.len() as u64,
+            models_loaded: resident,
+            size_factor: state.size_factor,
+            mean_model_bytes: (resident > 0)
+                .then(|| state.used_bytes.saturating_sub(state.reserved_bytes) / resident),
+            ..PlacementState::default()
+        }
+    }
+
     /// This pod as placement sees it, read under one lock: what is charged, loads in progress, and the
     /// least recently used model (the first a load here would evict) with its idle time.
     pub fn placement_state(&self) -> PlacementState {
@@ -476,7 +521,7 @@ impl ModelCache {
         let now = Instant::now();
         let reuse = state.resident.len() >= EXACT_WALK_BELOW
             && state.placement_walk.as_ref().is_some_and(|w| {
-                now.saturating_duration_since(w.at) < WALK_REUSE
+                now.saturating_duration_since(w.at) < w.reuse_for
                     && w.coldest.as_ref().is_none_or(|(id, _)| state.resident.contains(id))
             });
         if !reuse {
@@ -486,7 +531,8 @@ impl ModelCache {
                 let candidates = state.candidates(now);
                 eviction::cheapest(&candidates, self.inner.rules(), eviction::PUBLISHED_VICTIMS)
             });
-            state.placement_walk = Some(PlacementWalk { coldest, victims, at: now });
+            let reuse_for = WALK_REUSE.max(now.elapsed() * WALK_REUSE_PER_WALK_TIME);
+            state.placement_walk = Some(PlacementWalk { coldest, victims, at: now, reuse_for });
         }
         let walk = state.placement_walk.as_ref();
         let coldest = walk.and_then(|w| w.coldest.as_ref());
@@ -513,9 +559,13 @@ impl ModelCache {
 
     /// Refreshes the gauges that age with time (LRU age), so a scrape reads current values.
     pub fn refresh_gauges(&self) {
+        // The LRU age as placement reads it: above EXACT_WALK_BELOW models, from a recent walk rather
+        // than a walk of them all on every scrape.
+        let placement = self.placement_state();
+        let lru_idle = (placement.models_loaded > 0).then_some(placement.lru_age);
         let state = self.inner.state.lock();
         self.inner.publish(&state);
-        self.inner.publish_aging(&state);
+        self.inner.publish_aging(&state, lru_idle);
     }
 
     /// Models evicted for room since the cache started.
@@ -661,13 +711,10 @@ impl Inner {
     /// Publishes the gauges that take a walk of the models (failures in back-off, the LRU age):
     /// once per scrape, not per load, which with thousands of models made every load as slow as a
     /// walk of them all.
-    fn publish_aging(&self, state: &State) {
+    fn publish_aging(&self, state: &State, lru_idle: Option<Duration>) {
         let now = Instant::now();
         let failing = state.failures.values().filter(|f| f.retry_at > now).count();
         metrics::gauge!(m::MODELS_WITH_FAILURE).set(failing as f64);
-        // The LRU entry's last use; peeked without touching the order (a lease's use moves it to the
-        // front only through `acquire`).
-        let lru_idle = state.lru_idle(now);
         let age = lru_idle.unwrap_or_default();
         metrics::gauge!(m::LRU_AGE).set(age.as_secs_f64());
         let last_used = std::time::SystemTime::now()
