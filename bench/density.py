@@ -6,9 +6,12 @@ Issue 15's benchmark. Steps, one meshd on the embedded store:
    `--count` reuses them;
 2. starts meshd on that repository and waits until every model is registered; its resident set then is
    the baseline (registered, none loaded);
-3. asks every model once, `--clients` (32) at a time (`densemesh-bench grpc --each-once`): the time to
-   load them all one request each, and the server's own time per such first request (the
-   `densemesh_request_duration_seconds` sum over its count, load included);
+3. asks the first `--one-at-a-time` models (1,000) once each from one client, one request at a time:
+   the server's own time per first request, load included, with nothing queued before it (the
+   `densemesh_request_duration_seconds` sum over its count) and the client's p50;
+   then asks every other model once, `--clients` (32) at a time (`densemesh-bench grpc --each-once`):
+   the time to load them all one request each, and the server time per request again, which now
+   includes the wait behind the other clients' loads;
 4. checks that all are loaded at once (`densemesh_models_loaded`, no eviction) and reads the resident
    set: KiB per loaded model all-in (RSS over N) and on top of registration;
 5. runs `--duration` of Zipf (exponent 1.0) traffic over all N from `--clients` closed-loop clients on
@@ -153,6 +156,8 @@ def main():
     parser.add_argument("--bench", default=str(REPO / "target/release/densemesh-bench"))
     parser.add_argument("--root", default="/dev/shm/densemesh-density")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--one-at-a-time", type=int, default=1_000,
+                        help="models first asked one request at a time, for the unqueued first-request time")
     parser.add_argument("--duration", default="30s")
     parser.add_argument("--warmup", default="5s")
     parser.add_argument("--capacity", default="20GiB")
@@ -166,6 +171,10 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="densemesh-density-"))
     names = work / "models.txt"
     names.write_text("".join(f"m{i:07d}\n" for i in range(args.count)))
+    alone = min(args.one_at_a_time, args.count - 1)
+    first_names, rest_names = work / "first.txt", work / "rest.txt"
+    first_names.write_text("".join(f"m{i:07d}\n" for i in range(alone)))
+    rest_names.write_text("".join(f"m{i:07d}\n" for i in range(alone, args.count)))
 
     addr_file = work / "meshd.addr"
     log = open(work / "meshd.log", "w")
@@ -191,22 +200,35 @@ def main():
         rss_registered = rss_bytes(proc.pid)
         print(f"registered in {registered_s:.1f} s, RSS {rss_registered / 2**20:.0f} MiB", flush=True)
 
+        def served_and_server_s(before: str, after: str):
+            served = metric(after, "densemesh_request_duration_seconds_count") - metric(
+                before, "densemesh_request_duration_seconds_count")
+            server_s = metric(after, "densemesh_request_duration_seconds_sum") - metric(
+                before, "densemesh_request_duration_seconds_sum")
+            return served, server_s
+
         before = metrics(metrics_addr)
+        single = run_bench(args.bench, [
+            "--addr", grpc, "--model", "m0000000", "--models-file", str(first_names), "--each-once",
+            "--concurrency", "1", "--timeout", "120s", "--label", "first-one-at-a-time",
+        ], work / "first-one-at-a-time.log")
+        after = metrics(metrics_addr)
+        single_served, single_server_s = served_and_server_s(before, after)
+        before = after
         load = run_bench(args.bench, [
-            "--addr", grpc, "--model", "m0000000", "--models-file", str(names), "--each-once",
+            "--addr", grpc, "--model", "m0000000", "--models-file", str(rest_names), "--each-once",
             "--concurrency", str(args.clients), "--timeout", "120s", "--label", "load-all",
         ], work / "load-all.txt")
         after = metrics(metrics_addr)
-        served = metric(after, "densemesh_request_duration_seconds_count") - metric(
-            before, "densemesh_request_duration_seconds_count")
-        server_s = metric(after, "densemesh_request_duration_seconds_sum") - metric(
-            before, "densemesh_request_duration_seconds_sum")
+        served, server_s = served_and_server_s(before, after)
+        load_seconds = load["seconds"] + single["seconds"]
+        load_errors = load["errors"] + single["errors"]
         loaded = metric(after, "densemesh_models_loaded")
         charged = metric(after, "densemesh_used_bytes")
         evictions = metric(after, "densemesh_cache_evictions_total")
         time.sleep(3)
         rss_loaded = rss_bytes(proc.pid)
-        print(f"loaded {loaded:.0f} in {load['seconds']:.1f} s, RSS {rss_loaded / 2**20:.0f} MiB", flush=True)
+        print(f"loaded {loaded:.0f} in {load_seconds:.1f} s, RSS {rss_loaded / 2**20:.0f} MiB", flush=True)
 
         traffic = run_bench(args.bench, [
             "--addr", grpc, "--model", "m0000000", "--models-file", str(names), "--zipf", "1.0",
@@ -229,8 +251,11 @@ def main():
         "models": n,
         "registered_s": round(registered_s, 1),
         "rss_registered_mib": round(rss_registered / 2**20, 1),
-        "load_all_s": round(load["seconds"], 1),
-        "load_all_errors": load["errors"],
+        "load_all_s": round(load_seconds, 1),
+        "load_all_errors": load_errors,
+        "loads_per_s_concurrent": round(served / load["seconds"]) if load["seconds"] else None,
+        "first_request_alone_server_ms": round(single_server_s / single_served * 1000, 3) if single_served else None,
+        "first_request_alone_client_p50_us": single["p50_us"],
         "first_request_server_ms": round(server_s / served * 1000, 3) if served else None,
         "first_request_client_p50_us": load["p50_us"],
         "models_loaded": int(loaded),
@@ -252,9 +277,13 @@ def main():
     rows = [
         ("models", f"{n:,}"),
         ("registered (start → all registered)", f"{registered_s:.1f} s, RSS {rss_registered / 2**20:,.0f} MiB"),
-        ("load all, one request each", f"{load['seconds']:.1f} s ({n / load['seconds']:,.0f} loads/s), "
-                                       f"{load['errors']} errors"),
-        ("server time per first request", f"{figures['first_request_server_ms']} ms"),
+        ("load all, one request each", f"{load_seconds:.1f} s ({n / load_seconds:,.0f} loads/s; "
+                                       f"{figures['loads_per_s_concurrent']:,} loads/s from {args.clients} clients), "
+                                       f"{load_errors} errors"),
+        (f"first request alone (first {alone:,}): server time",
+         f"{figures['first_request_alone_server_ms']} ms, client p50 {single['p50_us']} µs"),
+        (f"first request among {args.clients} clients: server time",
+         f"{figures['first_request_server_ms']} ms (waits included)"),
         ("loaded at once / evictions", f"{int(loaded):,} / {int(evictions)}"),
         ("RSS all loaded", f"{rss_loaded / 2**20:,.0f} MiB = {figures['kib_per_model_all_in']} KiB per model all-in"
                            f" ({figures['kib_per_model_loaded']} KiB on top of registration)"),
@@ -273,7 +302,7 @@ def main():
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    return 0 if load["errors"] == 0 and traffic["errors"] == 0 and int(loaded) >= n else 1
+    return 0 if load_errors == 0 and traffic["errors"] == 0 and int(loaded) >= n else 1
 
 
 if __name__ == "__main__":
