@@ -236,6 +236,8 @@ def main():
             "--timeout", "30s", "--label", "zipf",
         ], work / "zipf.txt")
         final = metrics(metrics_addr)
+        charged_after = metric(final, "densemesh_used_bytes")
+        time.sleep(3)
         rss_after = rss_bytes(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -265,6 +267,7 @@ def main():
         "kib_per_model_loaded": round((rss_loaded - rss_registered) / n / KIB, 2),
         "charged_mib": round(charged / 2**20, 1),
         "charged_vs_rss_growth": round(charged / max(1, rss_loaded - rss_registered) - 1, 3),
+        "charged_vs_rss_growth_after_traffic": round(charged_after / max(1, rss_after - rss_registered) - 1, 3),
         "zipf_rps": round(traffic["requests_per_second"]),
         "zipf_p50_us": traffic["p50_us"],
         "zipf_p99_us": traffic["p99_us"],
@@ -294,6 +297,8 @@ def main():
                                               f"{traffic['errors']} errors"),
         ("after traffic: loaded / evictions / RSS", f"{figures['models_loaded_after']:,} / "
                                                     f"{figures['evictions_after']} / {rss_after / 2**20:,.0f} MiB"),
+        ("after traffic: charged vs RSS growth", f"{charged_after / 2**20:,.0f} MiB, "
+                                                 f"{figures['charged_vs_rss_growth_after_traffic']:+.1%}"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
