@@ -499,18 +499,7 @@ impl ModelCache {
     /// [`Self::placement_state`] without what takes a walk of the loaded models (the LRU model and
     /// its age, GDSF's victims): what placement reads while this pod has room, in constant time.
     pub fn placement_counts(&self) -> PlacementState {
-        let state = self.inner.state.lock();
-        let resident = state.resident.len() as u64;
-        PlacementState {
-            capacity_bytes: self.inner.config.capacity_bytes,
-            used_bytes: state.used_bytes,
-            loading: state.loading.len() as u64,
-            models_loaded: resident,
-            size_factor: state.size_factor,
-            mean_model_bytes: (resident > 0)
-                .then(|| state.used_bytes.saturating_sub(state.reserved_bytes) / resident),
-            ..PlacementState::default()
-        }
+        self.inner.placement_counts(&self.inner.state.lock())
     }
 
     /// This pod as placement sees it, read under one lock: what is charged, loads in progress, and the
@@ -536,19 +525,11 @@ impl ModelCache {
         }
         let walk = state.placement_walk.as_ref();
         let coldest = walk.and_then(|w| w.coldest.as_ref());
-        let resident = state.resident.len() as u64;
         PlacementState {
-            capacity_bytes: self.inner.config.capacity_bytes,
-            used_bytes: state.used_bytes,
-            loading: state.loading.len() as u64,
-            models_loaded: resident,
             lru_age: coldest.map(|(_, used)| now.saturating_duration_since(*used)).unwrap_or_default(),
             coldest_model: coldest.map(|(id, _)| id.clone()),
             cheapest_victims: walk.and_then(|w| w.victims.clone()),
-            size_factor: state.size_factor,
-            // Charged bytes less load reservations is what the loaded models hold: no walk.
-            mean_model_bytes: (resident > 0)
-                .then(|| state.used_bytes.saturating_sub(state.reserved_bytes) / resident),
+            ..self.inner.placement_counts(state)
         }
     }
 
@@ -711,6 +692,22 @@ impl Inner {
     /// Publishes the gauges that take a walk of the models (failures in back-off, the LRU age):
     /// once per scrape, not per load, which with thousands of models made every load as slow as a
     /// walk of them all.
+    /// What placement reads of this pod that needs no walk of its models.
+    fn placement_counts(&self, state: &State) -> PlacementState {
+        let resident = state.resident.len() as u64;
+        PlacementState {
+            capacity_bytes: self.config.capacity_bytes,
+            used_bytes: state.used_bytes,
+            loading: state.loading.len() as u64,
+            models_loaded: resident,
+            size_factor: state.size_factor,
+            // Charged bytes less load reservations is what the loaded models hold: no walk.
+            mean_model_bytes: (resident > 0)
+                .then(|| state.used_bytes.saturating_sub(state.reserved_bytes) / resident),
+            ..PlacementState::default()
+        }
+    }
+
     fn publish_aging(&self, state: &State, lru_idle: Option<Duration>) {
         let now = Instant::now();
         let failing = state.failures.values().filter(|f| f.retry_at > now).count();
