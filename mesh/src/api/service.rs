@@ -114,6 +114,19 @@ impl InferenceService {
         self.view.catch_up_with_store(STRONG_READ_LIMIT).await
     }
 
+    /// A lease on `id` here, loading it if need be. A model this pod's view does not know may have
+    /// been registered through another pod a moment ago: the registry is read once, and the load
+    /// tried again, before the request hears NOT_FOUND (the front does the same for names it cannot
+    /// resolve, but a model's id resolves to itself, known or not, and is found missing only here).
+    async fn acquire(&self, id: &ModelId) -> Result<crate::node::cache::Lease, MeshError> {
+        match self.cache.acquire(id).await {
+            Err(crate::CacheError::NotFound(_)) if self.caught_up_with_store().await => {
+                Ok(self.cache.acquire(id).await?)
+            }
+            acquired => Ok(acquired?),
+        }
+    }
+
     /// A request forwarded here for a model this pod does not hold is served from the spec the
     /// forwarding pod acted on: this pod's view may not have that registration yet.
     async fn catch_up_with_sender(&self, metadata: &tonic::metadata::MetadataMap, id: &ModelId) {
@@ -187,7 +200,7 @@ impl InferenceService {
             return Ok(lease);
         }
         self.catch_up_with_sender(metadata, id).await;
-        Ok(self.cache.acquire(id).await?)
+        self.acquire(id).await
     }
 
     /// Whether `ModelInfer` calls with these headers are routed by placement (the front does that, see
@@ -237,7 +250,7 @@ impl InferenceService {
             let decoded = v2::decode(request)?;
             let lease = match local {
                 Some(lease) => lease,
-                None => self.cache.acquire(&id).await?,
+                None => self.acquire(&id).await?,
             };
             v2::check(id.as_str(), lease.metadata(), &decoded.request)?;
             let version = lease.version().map_or(requested_version, |v| v.to_string());
@@ -339,7 +352,7 @@ impl GrpcInferenceService for InferenceService {
             answer.name = id.to_string();
             return Ok(Response::new(answer));
         }
-        let lease = self.cache.acquire(&id).await.map_err(MeshError::from)?;
+        let lease = self.acquire(&id).await?;
         let metadata = lease.metadata();
         Ok(Response::new(ModelMetadataResponse {
             name: id.to_string(),
@@ -471,6 +484,24 @@ mod tests {
         assert_eq!(written, next);
         let status = answer.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable, "served from the spec, not NOT_FOUND: {status:?}");
+        assert!(status.message().contains(NO_FILES), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_model_registered_through_another_pod_is_found_before_this_pods_watch_brings_it() {
+        let (pod, held) = TestPod::start_lagging("a").await;
+        let service = service(&pod);
+        held.send_replace(true);
+        pod.register_after("m", Duration::ZERO).await;
+        assert!(pod.view.model(&ModelId::new("m").unwrap()).is_none(), "the watch has not brought it");
+        // The watch catches up a moment later, while the request reads the registry.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            held.send_replace(false);
+        });
+        let status =
+            service.model_infer(request("m", tonic::metadata::MetadataMap::new())).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "loaded from its spec, not NOT_FOUND: {status:?}");
         assert!(status.message().contains(NO_FILES), "{status:?}");
     }
 
