@@ -250,8 +250,9 @@ def main():
                 i = rng.randrange(args.models)
                 mid = f"churn-{k}"
                 try:
-                    admin_pod = pods["a"]
-                    stub = pb2_grpc.ModelMeshStub(grpc.insecure_channel(admin_pod.server.grpc_addr))
+                    # Pod a's one admin channel (a is never restarted): a channel per call left its
+                    # connections open until collected, and pod a's descriptors moved with them.
+                    stub = admin
                     stub.registerModel(pb2.RegisterModelRequest(modelId=mid, modelInfo=info(paths[i])))
                     got = call(live_pod(rng), mid, rng)
                     check(got, expected[i], mid)
@@ -268,7 +269,7 @@ def main():
             while not stop.wait(args.flip_every):
                 target = 1 - target
                 try:
-                    stub = pb2_grpc.ModelMeshStub(grpc.insecure_channel(pods["a"].server.grpc_addr))
+                    stub = admin
                     stub.setVModel(pb2.SetVModelRequest(vModelId="soak-v", targetModelId=f"m{target}"))
                     with lock:
                         counts["flips"] += 1
