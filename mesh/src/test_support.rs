@@ -141,7 +141,7 @@ pub(crate) struct TestPod {
 #[derive(Clone)]
 pub(crate) struct LaggingStore {
     store: Arc<MemoryStore>,
-    pub held: Arc<tokio::sync::watch::Sender<bool>>,
+    held: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 #[tonic::async_trait]

@@ -689,9 +689,6 @@ impl Inner {
         metrics::gauge!(m::USED_BPS).set(bps);
     }
 
-    /// Publishes the gauges that take a walk of the models (failures in back-off, the LRU age):
-    /// once per scrape, not per load, which with thousands of models made every load as slow as a
-    /// walk of them all.
     /// What placement reads of this pod that needs no walk of its models.
     fn placement_counts(&self, state: &State) -> PlacementState {
         let resident = state.resident.len() as u64;
@@ -708,6 +705,9 @@ impl Inner {
         }
     }
 
+    /// Publishes the gauges that age with time (failures in back-off, and the LRU model's idle time
+    /// `lru_idle`, read from placement's walk): once per scrape, not per load, which with thousands
+    /// of models made every load as slow as a walk of them all.
     fn publish_aging(&self, state: &State, lru_idle: Option<Duration>) {
         let now = Instant::now();
         let failing = state.failures.values().filter(|f| f.retry_at > now).count();
