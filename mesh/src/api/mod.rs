@@ -14,4 +14,5 @@ pub(crate) mod inject;
 pub mod management;
 pub mod passthrough;
 pub mod rest;
+mod runtime_conn;
 pub mod service;

@@ -14,16 +14,15 @@ use bytes::Bytes;
 use densemesh_placement::ModelId;
 use densemesh_runtime_core::{CallSlots, NoSlot, Passthrough};
 use http::{Request, Response};
-use http_body_util::Full;
 use parking_lot::Mutex;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
 use tower_layer::Layer;
 
 use crate::api::inject::inject;
+use crate::api::runtime_conn::RuntimeConn;
 use crate::api::service::{Decision, InferenceService};
 use crate::cluster::forward::{FRAME_HEADER, Forwarded, RawAnswer};
 use crate::metrics as m;
@@ -52,16 +51,16 @@ impl PassthroughLayer {
     }
 }
 
-/// Calls passed to runtimes in other processes, over one channel per runtime endpoint (made on first
+/// Calls passed to runtimes in other processes, over one connection per runtime endpoint (made on first
 /// use); shared by the passthrough and the front, which passes `ModelInfer` for such models the same way.
 pub struct RuntimeCalls {
     max_message_size: usize,
-    channels: Mutex<HashMap<String, Channel>>,
+    conns: Mutex<HashMap<String, Arc<RuntimeConn>>>,
 }
 
 impl RuntimeCalls {
     pub fn new(max_message_size: usize) -> Arc<Self> {
-        Arc::new(Self { max_message_size, channels: Mutex::new(HashMap::new()) })
+        Arc::new(Self { max_message_size, conns: Mutex::new(HashMap::new()) })
     }
 
     /// Passes one call (`path`, the client's `headers` and framed `bytes`) for model `id` to its
@@ -90,29 +89,24 @@ impl RuntimeCalls {
         if let Ok(value) = id.as_str().parse() {
             headers.insert(MODEL_ID_HEADER, value);
         }
-        let mut outgoing = Request::new(Body::new(Full::new(bytes)));
-        *outgoing.method_mut() = http::Method::POST;
-        *outgoing.uri_mut() =
-            path.parse().map_err(|_| Status::invalid_argument(format!("bad path {path}")))?;
-        *outgoing.headers_mut() = headers;
-        let channel = self.channel(runtime)?;
-        let answered =
-            crate::cluster::forward::pass_on(channel, outgoing, self.max_message_size, "the model's runtime")
-                .await;
+        let conn = self.conn(runtime)?;
+        let answered = conn.call(path, headers, bytes, self.max_message_size, "the model's runtime").await;
         let result = if answered.is_ok() { "ok" } else { "error" };
         metrics::counter!(m::PASSTHROUGH_REQUESTS, "result" => result).increment(1);
         metrics::histogram!(m::PASSTHROUGH_DURATION).record(started.elapsed().as_secs_f64());
         answered
     }
 
-    fn channel(&self, runtime: &Passthrough) -> Result<Channel, Status> {
-        if let Some(channel) = self.channels.lock().get(&runtime.endpoint) {
-            return Ok(channel.clone());
+    fn conn(&self, runtime: &Passthrough) -> Result<Arc<RuntimeConn>, Status> {
+        let mut conns = self.conns.lock();
+        if let Some(conn) = conns.get(&runtime.endpoint) {
+            return Ok(conn.clone());
         }
-        let channel = connect(&runtime.endpoint)
+        let conn = RuntimeConn::new(&runtime.endpoint)
             .map_err(|e| Status::unavailable(format!("runtime endpoint {}: {e}", runtime.endpoint)))?;
-        self.channels.lock().insert(runtime.endpoint.clone(), channel.clone());
-        Ok(channel)
+        let conn = Arc::new(conn);
+        conns.insert(runtime.endpoint.clone(), conn.clone());
+        Ok(conn)
     }
 }
 
@@ -205,26 +199,6 @@ fn no_slot_status(id: &ModelId, no_slot: NoSlot) -> Status {
         NoSlot::TimedOut { .. } => Status::deadline_exceeded(message),
         NoSlot::Closed { .. } => Status::unavailable(message),
     }
-}
-
-/// A lazily connecting channel to `endpoint`: `http://host:port`, `host:port`, or `unix:///path`.
-fn connect(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
-    if let Some(path) = endpoint.strip_prefix("unix://") {
-        let path = std::path::PathBuf::from(path);
-        // The URI is a placeholder: the connector below ignores it and dials the socket.
-        return Ok(Endpoint::from_static("http://runtime.invalid").connect_with_connector_lazy(
-            tower::service_fn(move |_: http::Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }),
-        ));
-    }
-    let uri = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
-    Ok(Endpoint::from_shared(uri)?.tcp_nodelay(true).connect_lazy())
 }
 
 /// The framed message with the model id written at `injection`.

@@ -324,7 +324,7 @@ pub(crate) async fn pass_on(
 
 /// An answer read whole, judged by its gRPC status: OK is the answer, any other status an error for
 /// the failover to judge.
-fn judge(
+pub(crate) fn judge(
     head: http::response::Parts,
     body: Bytes,
     trailers: Option<HeaderMap>,

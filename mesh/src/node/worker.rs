@@ -89,6 +89,16 @@ impl Worker {
 
     /// Runs one inference on a leased model; the lease is held until it finishes.
     pub async fn infer(&self, lease: Lease, request: InferRequest) -> Result<Vec<Tensor>, MeshError> {
+        // A model served by another process is awaited right here. It takes no slot: it uses no CPU in
+        // this process, and its runtime's own slots bound its calls.
+        let request = match lease.model().infer_async(request) {
+            Ok(call) => {
+                let started = Instant::now();
+                let result = call.await;
+                return finish(&lease, started, result, &self.infer_duration);
+            }
+            Err(request) => request,
+        };
         let inline = self.runs_inline(&lease, &request);
         let permit = match self.running.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -186,6 +196,16 @@ fn run(
 ) -> Result<Vec<Tensor>, MeshError> {
     let started = Instant::now();
     let result = lease.model().infer(request);
+    finish(lease, started, result, infer_duration)
+}
+
+/// Records an inference's time for the model and the histogram, and types its error.
+fn finish(
+    lease: &Lease,
+    started: Instant,
+    result: densemesh_runtime_core::Result<Vec<Tensor>>,
+    infer_duration: &metrics::Histogram,
+) -> Result<Vec<Tensor>, MeshError> {
     let took = started.elapsed();
     lease.record_infer_time(took);
     infer_duration.record(took.as_secs_f64());
@@ -397,6 +417,74 @@ mod tests {
         gone.abort();
         assert!(gone.await.unwrap_err().is_cancelled());
         assert_eq!(worker.queued.load(Ordering::Acquire), 0, "its place in the queue is free again");
+
+        probe.release();
+        slow.await.unwrap().unwrap();
+    }
+
+    /// A model double served "elsewhere": its inference is a future, and a blocking `infer` is a bug.
+    struct RemoteProbeModel {
+        probe: Arc<Probe>,
+        metadata: ModelMetadata,
+    }
+
+    impl LoadedModel for RemoteProbeModel {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.metadata
+        }
+
+        fn size_bytes(&self) -> u64 {
+            1
+        }
+
+        fn runtime(&self) -> &str {
+            "remote-probe"
+        }
+
+        fn infer(&self, _: InferRequest) -> densemesh_runtime_core::Result<Vec<Tensor>> {
+            panic!("a model with an async inference is awaited, never called on a blocking thread")
+        }
+
+        fn infer_async(
+            &self,
+            request: InferRequest,
+        ) -> Result<densemesh_runtime_core::InferFuture, InferRequest> {
+            let probe = self.probe.clone();
+            Ok(Box::pin(async move {
+                let free_slots = probe.slots.get().expect("the probe knows its worker").available_permits();
+                probe.seen.lock().push(Seen { thread: std::thread::current().id(), free_slots });
+                tokio::task::yield_now().await;
+                Ok(request.inputs)
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_model_is_awaited_on_the_async_thread_without_a_slot() {
+        let probe = Arc::new(Probe::default());
+        let worker = worker(1, 0, &probe);
+        let _release = ReleaseOnDrop(probe.clone());
+        // The only slot is taken by a slow local inference, and nothing may queue.
+        let held = probe.held.notified();
+        let slow = {
+            let worker = worker.clone();
+            let lease = lease("slow", &probe, false);
+            tokio::spawn(async move { worker.infer(lease, request("hold", 16)).await })
+        };
+        held.await;
+        assert_eq!(worker.running.available_permits(), 0);
+
+        let metadata = ModelMetadata { platform: "remote".into(), inputs: vec![], outputs: vec![] };
+        let model = RemoteProbeModel { probe: probe.clone(), metadata };
+        let remote = Lease::detached(ModelId::new("remote").unwrap(), Box::new(model));
+        // Large, and never timed: a local model would go to the blocking pool, or be refused here.
+        let entry = remote.entry().clone();
+        let answer = worker.infer(remote, request("x", 1 << 20)).await.unwrap();
+        assert_eq!(answer[0].shape, vec![1 << 20], "the call's answer comes back");
+        let seen = probe.seen();
+        assert_eq!(seen[1].thread, std::thread::current().id(), "awaited on the request's own thread");
+        assert_eq!(seen[1].free_slots, 0, "beside the local inference that holds the only slot");
+        assert!(entry.typical_infer_time().is_some(), "its time is recorded like any inference's");
 
         probe.release();
         slow.await.unwrap().unwrap();

@@ -2,7 +2,9 @@
 //!
 //! A [`Runtime`] turns a local model file into a [`LoadedModel`]; a loaded model answers [`infer`] calls
 //! with tensors. Both are synchronous on purpose: loading and inference are CPU-heavy, so the mesh runs
-//! them on blocking threads and keeps the async executor free (see the mesh's `worker` module).
+//! them on blocking threads and keeps the async executor free (see the mesh's `worker` module). A model
+//! served by another process offers its inference as a future as well ([`LoadedModel::infer_async`]):
+//! waiting on a network answer needs no thread of its own.
 //!
 //! [`infer`]: LoadedModel::infer
 #![forbid(unsafe_code)]
@@ -14,7 +16,9 @@ mod tensor;
 #[cfg(feature = "v2")]
 pub mod v2;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 pub use error::{Cause, Context, Error, Result};
@@ -124,6 +128,9 @@ pub trait Runtime: Send + Sync + 'static {
     fn reclaim_memory(&self) {}
 }
 
+/// An inference in progress elsewhere (see [`LoadedModel::infer_async`]).
+pub type InferFuture = Pin<Box<dyn Future<Output = Result<Vec<Tensor>>> + Send + 'static>>;
+
 /// A model held in memory, ready to serve. Dropping it frees its memory.
 pub trait LoadedModel: Send + Sync + 'static {
     /// The model's interface.
@@ -138,6 +145,15 @@ pub trait LoadedModel: Send + Sync + 'static {
 
     /// Runs one inference; blocking. Inputs have been validated against [`metadata`](Self::metadata).
     fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>>;
+
+    /// For a model whose inference runs in another process: the call as a future, which the mesh
+    /// awaits on the request's own task. Through [`infer`](Self::infer) the answer crosses a blocking
+    /// thread and the runtime's executor, and on a quiet pod each of those wakes a sleeping thread:
+    /// most of the latency the mesh added in front of a remote server. `Err(request)`, the default,
+    /// hands the request back for [`infer`](Self::infer) on a blocking thread.
+    fn infer_async(&self, request: InferRequest) -> std::result::Result<InferFuture, InferRequest> {
+        Err(request)
+    }
 
     /// Where the model's runtime serves gRPC itself, for calls the mesh passes through as they came
     /// (ModelMesh's protocol-agnostic inference: any method, routed by the `mm-model-id` header).

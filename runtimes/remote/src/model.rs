@@ -4,6 +4,7 @@
 //! Every call has a deadline, and a call for a model whose process has exited answers `Error::Lost`
 //! without touching the network.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,8 +12,8 @@ use std::time::Duration;
 
 use densemesh_proto::inference::ModelMetadataRequest;
 use densemesh_runtime_core::{
-    CallSlots, Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, NoSlot, Passthrough, Result,
-    Tensor,
+    CallSlots, Error, InferFuture, InferRequest, LoadRequest, LoadedModel, ModelMetadata, NoSlot,
+    Passthrough, Result, Tensor,
 };
 use tokio::time::Instant;
 use tonic::Code;
@@ -221,7 +222,14 @@ async fn read_metadata(
 }
 
 impl RemoteModel {
-    async fn infer_async(inner: Arc<Inner>, request: InferRequest) -> Result<Vec<Tensor>> {
+    /// One ModelInfer call, in its span.
+    fn call(&self, request: InferRequest) -> impl Future<Output = Result<Vec<Tensor>>> + Send + 'static {
+        let inner = self.inner.clone();
+        let span = tracing::debug_span!("remote_infer", runtime = %inner.pool.config.name, model_id = %inner.model_id);
+        Self::call_in(inner, request).instrument(span)
+    }
+
+    async fn call_in(inner: Arc<Inner>, request: InferRequest) -> Result<Vec<Tensor>> {
         let pool = &inner.pool;
         let process = &inner.process;
         let Some(up) = process.up_in(inner.generation) else {
@@ -320,11 +328,13 @@ impl LoadedModel for RemoteModel {
     }
 
     fn infer(&self, request: InferRequest) -> Result<Vec<Tensor>> {
-        let inner = self.inner.clone();
-        let span = tracing::debug_span!("remote_infer", runtime = %inner.pool.config.name, model_id = %inner.model_id);
-        self.bridge
-            .run(Self::infer_async(inner, request).instrument(span))
-            .unwrap_or_else(|e| Err(e.into_infer_error()))
+        self.bridge.run(self.call(request)).unwrap_or_else(|e| Err(e.into_infer_error()))
+    }
+
+    /// The same call, awaited on the caller's executor: it needs nothing of this crate's runtime but
+    /// the channel, whose connection task lives there.
+    fn infer_async(&self, request: InferRequest) -> std::result::Result<InferFuture, InferRequest> {
+        Ok(Box::pin(self.call(request)))
     }
 
     fn passthrough(&self) -> Option<&Passthrough> {
