@@ -84,6 +84,11 @@ pub struct ServeArgs {
     /// usually is (e.g. 64KiB).
     #[arg(long, env = "DENSEMESH_INLINE_INFER_MAX_BYTES", default_value = "64KiB")]
     pub inline_infer_max_bytes: ByteSize,
+    /// Model files up to this size whose runtime loads them in microseconds (the tiny evaluator) load
+    /// on the request's thread, skipping the blocking pool; 0 sends every load there, under
+    /// --load-timeout.
+    #[arg(long, env = "DENSEMESH_INLINE_LOAD_MAX_BYTES", default_value = "64KiB")]
+    pub inline_load_max_bytes: ByteSize,
     /// Threads in ONNX Runtime's shared intra-op pool; 0 means one per core.
     #[arg(long, env = "DENSEMESH_ORT_THREADS", default_value_t = 0)]
     pub ort_threads: usize,
@@ -306,6 +311,7 @@ impl ServeArgs {
                 max_retry_backoff: self.max_load_retry_backoff,
                 min_residence: self.min_residence,
                 copy_bookkeeping_bytes: crate::node::cache::COPY_BOOKKEEPING_BYTES,
+                inline_load_max_bytes: self.inline_load_max_bytes.0,
             },
             worker: WorkerConfig {
                 concurrency: if self.infer_threads == 0 { cores } else { self.infer_threads },

@@ -522,7 +522,9 @@ async fn a_load_slower_than_the_load_timeout_fails_at_the_deadline_and_loads_lat
     let etcd = Etcd::start().await;
     let etcd = &etcd;
     let repo = repository(&["steady", "slow"]);
-    let flags = ["--load-timeout", "1s", "--load-retry-backoff", "1s"];
+    // A quick load runs on the async thread, where nothing can interrupt it: the deadline guards loads
+    // on the blocking pool, which a stalled runtime's are.
+    let flags = ["--load-timeout", "1s", "--load-retry-backoff", "1s", "--inline-load-max-bytes", "0"];
     let pod = Pod::start(etcd, repo.path(), "pod-a", &flags).await;
     pod.registered("slow").await;
     let reference = answer(&pod.infer("steady").await.expect("loads"));

@@ -529,8 +529,10 @@ fn peer_load_failed(id: &ModelId, peer: &str, status: &ModelStatusInfo) -> MeshE
     })
 }
 
-/// A local model's size on disk: its file, or the files of its directory (and of its version
-/// directories); `None` for a model in remote storage or one that cannot be read.
+/// A local model's size on disk: its model file's (the one its load reads first: `model.onnx`,
+/// `model.safetensors`, ...; the learned size factor scales it); `None` for a model in remote storage
+/// or one that cannot be read. Stats alone, no directory listing: this runs on every first request,
+/// and listing a model's directory is an open of it, which the repository's watch hears.
 fn local_model_bytes(spec: &ModelSpec, model_repo: &Path) -> Option<u64> {
     let path = match spec.source {
         Source::Repository => {
@@ -544,16 +546,6 @@ fn local_model_bytes(spec: &ModelSpec, model_repo: &Path) -> Option<u64> {
             PathBuf::from(path)
         }
     };
-    fn bytes_under(path: &Path, depth: u32) -> Option<u64> {
-        let meta = std::fs::metadata(path).ok()?;
-        if meta.is_file() {
-            return Some(meta.len());
-        }
-        if depth == 0 || !meta.is_dir() {
-            return None;
-        }
-        let entries = std::fs::read_dir(path).ok()?;
-        Some(entries.flatten().filter_map(|e| bytes_under(&e.path(), depth - 1)).sum())
-    }
-    bytes_under(&path, 2).filter(|bytes| *bytes > 0)
+    let model = densemesh_puller::resolve_path(&path).ok()??;
+    Some(model.file_bytes).filter(|bytes| *bytes > 0)
 }

@@ -90,6 +90,21 @@ impl Runtime for OnnxRuntimes {
         self.ort.load(request)
     }
 
+    /// The tiny evaluator's load alone: a model it turns down goes to ONNX Runtime on the blocking pool,
+    /// since a session's load starts threads and may take milliseconds.
+    fn try_load_quick(&self, request: &LoadRequest) -> Option<Result<Box<dyn LoadedModel>>> {
+        let tiny = match request.runtime.as_deref() {
+            None => self.tiny.as_ref()?,
+            Some(TINY) => &self.forced_tiny,
+            Some(_) => return None,
+        };
+        match tiny.try_load(request) {
+            Ok(model) => Some(Ok(Box::new(model))),
+            Err(e) if e.wants_fallback() || request.runtime.is_some() => None,
+            Err(e) => Some(Err(Error::Load { model_id: request.model_id.clone(), source: Box::new(e) })),
+        }
+    }
+
     fn reclaim_memory(&self) {
         self.ort.reclaim_memory();
     }

@@ -100,6 +100,18 @@ impl Runtime for Runtimes {
         }
     }
 
+    fn try_load_quick(&self, request: &LoadRequest) -> Option<Result<Box<dyn LoadedModel>>> {
+        let format = if request.model_type.is_empty() { "onnx" } else { request.model_type.as_str() };
+        let runtime = self.by_format.get(format)?;
+        // A choice this format does not offer is refused by `load`, with its reason.
+        if let Some(name) = &request.runtime
+            && self.check_choice(format, name).is_err()
+        {
+            return None;
+        }
+        runtime.try_load_quick(request)
+    }
+
     fn reclaim_memory(&self) {
         for runtime in self.distinct() {
             runtime.reclaim_memory();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use densemesh_placement::ModelId;
 use densemesh_placement::copies::QueueWait;
-use densemesh_runtime_core::{InferRequest, Tensor, TensorData};
+use densemesh_runtime_core::{InferRequest, LoadedModel, Tensor, TensorData};
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tracing::Instrument;
@@ -197,6 +197,44 @@ fn run(
     let started = Instant::now();
     let result = lease.model().infer(request);
     finish(lease, started, result, infer_duration)
+}
+
+/// The most a model may hold for [`probe_infer_time`] to try it: past this an inference is rarely
+/// fast enough to run inline anyway, and the probe would only lengthen the load.
+pub(crate) const PROBE_MAX_MODEL_BYTES: u64 = 1 << 20;
+/// The most elements a probe's input may have (its dynamic dimensions are 1).
+const PROBE_MAX_ELEMENTS: usize = 4096;
+
+/// How long one inference on a batch of one all-zero input takes, run right after a small model loads
+/// (on the load's blocking thread): a model with no time yet never runs inline, so without it a tiny
+/// model's first request paid a round trip through the blocking pool on top of its load. `None` when
+/// the model cannot be probed: it runs in another process, takes strings, declares no inputs, has a
+/// large fixed shape, or fails (or panics) on zeros.
+pub(crate) fn probe_infer_time(model: &dyn LoadedModel) -> Option<Duration> {
+    if model.passthrough().is_some() || model.size_bytes() > PROBE_MAX_MODEL_BYTES {
+        return None;
+    }
+    let specs = &model.metadata().inputs;
+    if specs.is_empty() {
+        return None;
+    }
+    let mut inputs = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let size = spec.datatype.element_size()?;
+        let shape: Vec<i64> = spec.shape.iter().map(|&d| if d < 0 { 1 } else { d }).collect();
+        let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))?;
+        if elements > PROBE_MAX_ELEMENTS {
+            return None;
+        }
+        let data = TensorData::Raw(bytes::Bytes::from(vec![0u8; elements * size]));
+        inputs.push(Tensor { name: spec.name.clone(), datatype: spec.datatype, shape, data });
+    }
+    let started = Instant::now();
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        model.infer(InferRequest { inputs, outputs: Vec::new() })
+    }));
+    let took = started.elapsed();
+    matches!(ran, Ok(Ok(_))).then_some(took)
 }
 
 /// Records an inference's time for the model and the histogram, and types its error.
@@ -488,6 +526,69 @@ mod tests {
 
         probe.release();
         slow.await.unwrap().unwrap();
+    }
+
+    /// A model of one input `x` that answers (or fails, or panics) and keeps the requests it saw.
+    struct ShapedModel {
+        metadata: ModelMetadata,
+        behaviour: &'static str,
+        seen: Mutex<Vec<InferRequest>>,
+    }
+
+    impl ShapedModel {
+        fn new(datatype: DataType, shape: Vec<i64>, behaviour: &'static str) -> Self {
+            let x = densemesh_runtime_core::TensorSpec { name: "x".into(), datatype, shape };
+            let metadata = ModelMetadata { platform: "shaped".into(), inputs: vec![x], outputs: vec![] };
+            Self { metadata, behaviour, seen: Mutex::default() }
+        }
+    }
+
+    impl LoadedModel for ShapedModel {
+        fn metadata(&self) -> &ModelMetadata {
+            &self.metadata
+        }
+
+        fn size_bytes(&self) -> u64 {
+            3_000
+        }
+
+        fn runtime(&self) -> &str {
+            "shaped"
+        }
+
+        fn infer(&self, request: InferRequest) -> densemesh_runtime_core::Result<Vec<Tensor>> {
+            self.seen.lock().push(request.clone());
+            match self.behaviour {
+                "fail" => Err(densemesh_runtime_core::Error::Inference("no zeros here".into())),
+                "panic" => panic!("index out of range"),
+                _ => Ok(request.inputs),
+            }
+        }
+    }
+
+    #[test]
+    fn a_small_model_is_probed_with_a_batch_of_one_zero_row() {
+        let model = ShapedModel::new(DataType::Fp32, vec![-1, 4], "answer");
+        assert!(probe_infer_time(&model).is_some());
+        let seen = model.seen.lock();
+        assert_eq!(seen.len(), 1);
+        let x = &seen[0].inputs[0];
+        assert_eq!((x.name.as_str(), x.datatype, x.shape.clone()), ("x", DataType::Fp32, vec![1, 4]));
+        assert!(matches!(&x.data, TensorData::Raw(b) if b.len() == 16 && b.iter().all(|&v| v == 0)));
+    }
+
+    #[test]
+    fn a_model_that_cannot_take_zeros_or_strings_or_is_large_is_not_probed() {
+        for behaviour in ["fail", "panic"] {
+            let model = ShapedModel::new(DataType::Fp32, vec![-1, 4], behaviour);
+            assert_eq!(probe_infer_time(&model), None, "{behaviour}");
+            assert_eq!(model.seen.lock().len(), 1, "{behaviour}: tried once");
+        }
+        for (datatype, shape) in [(DataType::Bytes, vec![-1]), (DataType::Fp32, vec![1, 3, 224, 224])] {
+            let model = ShapedModel::new(datatype, shape.clone(), "answer");
+            assert_eq!(probe_infer_time(&model), None, "{datatype:?} {shape:?}");
+            assert!(model.seen.lock().is_empty(), "{datatype:?} {shape:?}: never run");
+        }
     }
 
     #[test]

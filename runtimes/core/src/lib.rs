@@ -117,6 +117,15 @@ pub trait Runtime: Send + Sync + 'static {
     /// loaded by that one of [`choices`](Self::choices) or refused, never by another.
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>>;
 
+    /// Loads a model at once if that is a few microseconds of CPU work on a small file (decoding it in
+    /// this process: no threads started, no I/O beyond reading the file, nothing waited on), so the mesh
+    /// may run it on its async thread instead of the blocking pool, whose round trip costs a tiny
+    /// model's first request more than the load. `None`, the default, when it cannot: the mesh then calls
+    /// [`load`](Self::load) on a blocking thread, under `--load-timeout`.
+    fn try_load_quick(&self, _request: &LoadRequest) -> Option<Result<Box<dyn LoadedModel>>> {
+        None
+    }
+
     /// The runtimes a registration may name to force one (a runtime that picks among several per
     /// model, as ONNX's tiny evaluator and ONNX Runtime, lists each); by default this one alone.
     fn choices(&self) -> Vec<&'static str> {

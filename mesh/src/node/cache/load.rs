@@ -37,7 +37,8 @@ impl Drop for Reservation {
 }
 
 /// What the runtime's blocking load call returns, once it does.
-type RuntimeLoad = JoinHandle<densemesh_runtime_core::Result<Box<dyn LoadedModel>>>;
+/// The model comes with its probed inference time ([`crate::node::worker::probe_infer_time`]).
+type RuntimeLoad = JoinHandle<densemesh_runtime_core::Result<(Box<dyn LoadedModel>, Option<Duration>)>>;
 
 impl Inner {
     /// The body of a load task: runs the load and shares its outcome with every waiting request.
@@ -149,44 +150,48 @@ impl Inner {
         let predicted = ((local.file_bytes as f64 * factor) as u64).clamp(local.file_bytes, capacity);
         let mut reservation = self.reserve(id, predicted, deadline).await?;
 
-        let runtime = self.runtime.clone();
-        let model_id = id.to_string();
         // The runtime's part alone is what an eviction would make a later load pay again: the files
         // stay in the disk cache, and queueing or waiting for room is not the model's cost.
         let runtime_started = Instant::now();
-        let mut loading: RuntimeLoad = tokio::task::spawn_blocking(move || {
-            // Mapped here, on the blocking pool: pre-faulting reads the whole file.
-            let contents = fetched.map().map_err(|e| densemesh_runtime_core::Error::Load {
-                model_id: model_id.clone(),
-                source: e.into(),
-            })?;
-            let path = fetched.model.path.clone();
-            let model_type = fetched.model.format.clone();
-            let runtime_name = fetched.model.runtime.clone();
-            let contents = contents.map(|m| ModelBytes(Arc::new(m)));
-            // docs/faults.md: the runtime's load panics (`panic`), stalls (`sleep(MS)`) or fails
-            // (`return(REASON)`).
-            #[cfg(feature = "failpoints")]
-            fail::fail_point!("runtime.load", |reason: Option<String>| {
-                let reason = reason.unwrap_or_else(|| "fail point runtime.load".to_owned());
-                Err(densemesh_runtime_core::Error::Load { model_id: model_id.clone(), source: reason.into() })
-            });
-            // `fetched` (and its pin on the disk-cache entry) lives until the runtime is done.
-            let loaded =
-                runtime.load(&LoadRequest { model_id, model_type, path, contents, runtime: runtime_name });
-            drop(fetched);
-            loaded
-        });
-        let model = tokio::select! {
-            loaded = &mut loading => loaded
-                .map_err(|e| failed(format!("runtime panicked while loading: {e}")))?
-                .map_err(|e| failed(e.to_string()))?,
-            _ = tokio::time::sleep_until(deadline) => {
-                // The caller hears of the timeout now, but the runtime call cannot be interrupted: the
-                // slot and the bytes stay taken until it returns, so the limits hold for what is
-                // really running.
-                self.settle_abandoned_load(loading, permit, reservation);
-                return Err(timeout_error());
+        let quick = (local.file_bytes <= self.config.inline_load_max_bytes)
+            .then(|| self.load_quickly(&fetched, id))
+            .flatten();
+        let (model, probed) = match quick {
+            Some(loaded) => loaded.map_err(failed)?,
+            None => {
+                let runtime = self.runtime.clone();
+                let model_id = id.to_string();
+                let mut loading: RuntimeLoad = tokio::task::spawn_blocking(move || {
+                    // Mapped here, on the blocking pool: pre-faulting reads the whole file.
+                    let request = load_request(&fetched, &model_id)?;
+                    // docs/faults.md: the runtime's load panics (`panic`), stalls (`sleep(MS)`) or fails
+                    // (`return(REASON)`).
+                    #[cfg(feature = "failpoints")]
+                    fail::fail_point!("runtime.load", |reason: Option<String>| {
+                        let reason = reason.unwrap_or_else(|| "fail point runtime.load".to_owned());
+                        Err(densemesh_runtime_core::Error::Load {
+                            model_id: model_id.clone(),
+                            source: reason.into(),
+                        })
+                    });
+                    let model = runtime.load(&request)?;
+                    // `fetched` (and its pin on the disk-cache entry) lives until the runtime is done.
+                    drop(fetched);
+                    let probed = crate::node::worker::probe_infer_time(&*model);
+                    Ok((model, probed))
+                });
+                tokio::select! {
+                    loaded = &mut loading => loaded
+                        .map_err(|e| failed(format!("runtime panicked while loading: {e}")))?
+                        .map_err(|e| failed(e.to_string()))?,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        // The caller hears of the timeout now, but the runtime call cannot be interrupted: the
+                        // slot and the bytes stay taken until it returns, so the limits hold for what is
+                        // really running.
+                        self.settle_abandoned_load(loading, permit, reservation);
+                        return Err(timeout_error());
+                    }
+                }
             }
         };
         let load_time = runtime_started.elapsed();
@@ -223,6 +228,9 @@ impl Inner {
             load_time,
             self.room_freed.clone(),
         ));
+        if let Some(took) = probed {
+            entry.record_infer_time(took);
+        }
         let evicted = {
             let mut state = self.state.lock();
             // The reservation becomes the model's charge; any excess goes back.
@@ -242,6 +250,50 @@ impl Inner {
         Ok(entry)
     }
 
+    /// The runtime's load right here, if it can do it at once (see
+    /// [`Runtime::try_load_quick`](densemesh_runtime_core::Runtime::try_load_quick)): `None` sends the
+    /// load to the blocking pool. A panic is that load's failure, as on the blocking pool.
+    fn load_quickly(
+        &self,
+        fetched: &densemesh_puller::Fetched,
+        id: &ModelId,
+    ) -> Option<Result<(Box<dyn LoadedModel>, Option<Duration>), String>> {
+        let model_id = id.to_string();
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let request = match load_request(fetched, &model_id) {
+                Ok(request) => request,
+                Err(e) => return Some(Err(e)),
+            };
+            // docs/faults.md, as on the blocking pool (a stall here would hold the async thread: the
+            // tests of slow loads turn quick loads off).
+            #[cfg(feature = "failpoints")]
+            fail::fail_point!("runtime.load", |reason: Option<String>| {
+                let reason = reason.unwrap_or_else(|| "fail point runtime.load".to_owned());
+                Some(Err(densemesh_runtime_core::Error::Load {
+                    model_id: model_id.clone(),
+                    source: reason.into(),
+                }))
+            });
+            self.runtime.try_load_quick(&request)
+        }));
+        match loaded {
+            Ok(None) => None,
+            Ok(Some(Err(e))) => Some(Err(e.to_string())),
+            Ok(Some(Ok(model))) => {
+                let probed = crate::node::worker::probe_infer_time(&*model);
+                Some(Ok((model, probed)))
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned());
+                Some(Err(format!("runtime panicked while loading: {message}")))
+            }
+        }
+    }
+
     /// Takes over a load whose deadline passed while the runtime was still loading: a task owned by
     /// the cache's tracker waits for the runtime to return, frees whatever it loaded, and only then
     /// gives back the load slot and the reserved bytes.
@@ -259,7 +311,7 @@ impl Inner {
         let settle = async move {
             let given_up = Instant::now();
             match loading.await {
-                Ok(Ok(model)) => inner.discard(model).await,
+                Ok(Ok((model, _))) => inner.discard(model).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "abandoned load failed"),
                 Err(e) => tracing::warn!(error = %e, "runtime panicked during an abandoned load"),
             }
@@ -342,4 +394,23 @@ impl Inner {
         let mut state = self.state.lock();
         state.size_factor = Some(state.size_factor.map_or(ratio, |f| 0.75 * f + 0.25 * ratio));
     }
+}
+
+/// What the runtime is given to load a located model: its bytes mapped (and pre-faulted) when it is a
+/// single file in the disk cache, its path otherwise.
+fn load_request(
+    fetched: &densemesh_puller::Fetched,
+    model_id: &str,
+) -> densemesh_runtime_core::Result<LoadRequest> {
+    let contents = fetched.map().map_err(|e| densemesh_runtime_core::Error::Load {
+        model_id: model_id.to_owned(),
+        source: e.into(),
+    })?;
+    Ok(LoadRequest {
+        model_id: model_id.to_owned(),
+        model_type: fetched.model.format.clone(),
+        path: fetched.model.path.clone(),
+        contents: contents.map(|m| ModelBytes(Arc::new(m))),
+        runtime: fetched.model.runtime.clone(),
+    })
 }

@@ -56,6 +56,10 @@ pub struct CacheConfig {
     pub min_residence: Duration,
     /// Charged with every copy beside its model's own size: see [`COPY_BOOKKEEPING_BYTES`].
     pub copy_bookkeeping_bytes: u64,
+    /// Model files up to this size whose runtime can load them at once
+    /// ([`Runtime::try_load_quick`](densemesh_runtime_core::Runtime::try_load_quick)) load on the async
+    /// thread, skipping the blocking pool's round trip; 0 sends every load to the blocking pool.
+    pub inline_load_max_bytes: u64,
 }
 
 /// What a loaded copy costs the pod beyond its model: the cache's entry and LRU node, the placement
@@ -74,6 +78,7 @@ impl Default for CacheConfig {
             max_retry_backoff: Duration::from_secs(60),
             min_residence: Duration::ZERO,
             copy_bookkeeping_bytes: COPY_BOOKKEEPING_BYTES,
+            inline_load_max_bytes: 64 << 10,
         }
     }
 }

@@ -42,11 +42,13 @@ struct ScriptedRuntime {
     /// Runtime loads begun so far, watched by tests that wait for a load to reach the runtime.
     loads: watch::Sender<usize>,
     gate: Gate,
+    /// The thread each load ran on.
+    load_threads: Mutex<Vec<std::thread::ThreadId>>,
 }
 
 impl Default for ScriptedRuntime {
     fn default() -> Self {
-        Self { loads: watch::channel(0).0, gate: Gate::default() }
+        Self { loads: watch::channel(0).0, gate: Gate::default(), load_threads: Mutex::default() }
     }
 }
 
@@ -60,8 +62,15 @@ impl Runtime for ScriptedRuntime {
         "scripted"
     }
 
+    /// A model whose script has a `quick` line loads at once.
+    fn try_load_quick(&self, request: &LoadRequest) -> Option<Result<Box<dyn LoadedModel>>> {
+        let script = std::fs::read_to_string(&request.path).ok()?;
+        script.lines().any(|line| line == "quick").then(|| self.load(request))
+    }
+
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
         self.loads.send_modify(|n| *n += 1);
+        self.load_threads.lock().push(std::thread::current().id());
         let script = std::fs::read_to_string(&request.path)
             .map_err(|source| Error::Io { path: request.path.clone(), source })?;
         let mut size = 0;
@@ -122,6 +131,7 @@ fn fixture_evicting(capacity: u64, policy: Policy, tweak: impl FnOnce(&mut Cache
         min_residence: Duration::ZERO,
         // The scripted sizes are the charges these tests add up.
         copy_bookkeeping_bytes: 0,
+        inline_load_max_bytes: 64 << 10,
     };
     tweak(&mut config);
     let cache = ModelCache::new(config, runtime.clone(), locate_in(LocalRepository::new(&root)))
@@ -184,6 +194,26 @@ async fn a_hit_needs_no_second_load() {
     assert_eq!(f.loads(), 1);
     assert_eq!(f.cache.used_bytes(), 100);
     assert!(f.cache.is_loaded(&a));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_small_model_its_runtime_loads_at_once_loads_on_the_async_thread() {
+    let f = fixture(1000, |_| {});
+    let here = std::thread::current().id();
+    let quick = f.model("quick", "quick\nsize=100");
+    let slow = f.sized("slow", 100);
+    drop(f.cache.acquire(&quick).await.unwrap());
+    drop(f.cache.acquire(&slow).await.unwrap());
+    let threads = f.runtime.load_threads.lock().clone();
+    assert_eq!(threads[0], here, "a quick load skips the blocking pool");
+    assert_ne!(threads[1], here, "any other load runs on the blocking pool");
+    assert_eq!(f.cache.used_bytes(), 200, "both charged alike");
+
+    // Above --inline-load-max-bytes even a quick load goes to the blocking pool.
+    let f = fixture(1000, |c| c.inline_load_max_bytes = 4);
+    let quick = f.model("quick", "quick\nsize=100");
+    drop(f.cache.acquire(&quick).await.unwrap());
+    assert_ne!(f.runtime.load_threads.lock()[0], here);
 }
 
 #[tokio::test(start_paused = true)]
