@@ -37,8 +37,9 @@ impl Drop for Reservation {
 }
 
 /// What the runtime's blocking load call returns, once it does.
-/// The model comes with its probed inference time ([`crate::node::worker::probe_infer_time`]).
-type RuntimeLoad = JoinHandle<densemesh_runtime_core::Result<(Box<dyn LoadedModel>, Option<Duration>)>>;
+/// A loaded model with its probed inference time ([`crate::node::worker::probe_infer_time`]).
+type Probed = (Box<dyn LoadedModel>, Option<Duration>);
+type RuntimeLoad = JoinHandle<densemesh_runtime_core::Result<Probed>>;
 
 impl Inner {
     /// The body of a load task: runs the load and shares its outcome with every waiting request.
@@ -257,7 +258,7 @@ impl Inner {
         &self,
         fetched: &densemesh_puller::Fetched,
         id: &ModelId,
-    ) -> Option<Result<(Box<dyn LoadedModel>, Option<Duration>), String>> {
+    ) -> Option<Result<Probed, String>> {
         let model_id = id.to_string();
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let request = match load_request(fetched, &model_id) {
