@@ -298,10 +298,12 @@ mod tests {
         }
     }
 
-    /// A model double that echoes its inputs and reports to its [`Probe`].
+    /// A model double that echoes its inputs and reports to its [`Probe`]; a `remote` one is served
+    /// "elsewhere": its inference is a future, and a blocking `infer` is a bug.
     struct ProbeModel {
         probe: Arc<Probe>,
         metadata: ModelMetadata,
+        remote: bool,
     }
 
     impl LoadedModel for ProbeModel {
@@ -318,6 +320,10 @@ mod tests {
         }
 
         fn infer(&self, request: InferRequest) -> densemesh_runtime_core::Result<Vec<Tensor>> {
+            assert!(
+                !self.remote,
+                "a model with an async inference is awaited, never called on a blocking thread"
+            );
             let free_slots = self.probe.slots.get().expect("the probe knows its worker").available_permits();
             self.probe.seen.lock().push(Seen { thread: std::thread::current().id(), free_slots });
             if request.inputs.first().is_some_and(|input| input.name == "hold") {
@@ -328,6 +334,22 @@ mod tests {
                 }
             }
             Ok(request.inputs)
+        }
+
+        fn infer_async(
+            &self,
+            request: InferRequest,
+        ) -> Result<densemesh_runtime_core::InferFuture, InferRequest> {
+            if !self.remote {
+                return Err(request);
+            }
+            let probe = self.probe.clone();
+            Ok(Box::pin(async move {
+                let free_slots = probe.slots.get().expect("the probe knows its worker").available_permits();
+                probe.seen.lock().push(Seen { thread: std::thread::current().id(), free_slots });
+                tokio::task::yield_now().await;
+                Ok(request.inputs)
+            }))
         }
     }
 
@@ -345,12 +367,27 @@ mod tests {
     /// A lease on a model that counts as fast (typically well under `inline_below`) or not yet timed.
     fn lease(id: &str, probe: &Arc<Probe>, fast: bool) -> Lease {
         let metadata = ModelMetadata { platform: "probe".into(), inputs: vec![], outputs: vec![] };
-        let model = ProbeModel { probe: probe.clone(), metadata };
+        let model = ProbeModel { probe: probe.clone(), metadata, remote: false };
         let lease = Lease::detached(ModelId::new(id).unwrap(), Box::new(model));
         if fast {
             lease.record_infer_time(Duration::from_micros(1));
         }
         lease
+    }
+
+    /// Starts a slow model's inference, and returns once it holds its slot (until the probe opens).
+    async fn holding_a_slot(
+        worker: &Worker,
+        probe: &Arc<Probe>,
+    ) -> tokio::task::JoinHandle<Result<Vec<Tensor>, MeshError>> {
+        let held = probe.held.notified();
+        let slow = {
+            let worker = worker.clone();
+            let lease = lease("slow", probe, false);
+            tokio::spawn(async move { worker.infer(lease, request("hold", 16)).await })
+        };
+        held.await;
+        slow
     }
 
     fn request(name: &str, bytes: usize) -> InferRequest {
@@ -394,13 +431,7 @@ mod tests {
         let _release = ReleaseOnDrop(probe.clone());
         let test_thread = std::thread::current().id();
         // A slow model's inference takes the only slot and holds it.
-        let held = probe.held.notified();
-        let slow = {
-            let worker = worker.clone();
-            let lease = lease("slow", &probe, false);
-            tokio::spawn(async move { worker.infer(lease, request("hold", 16)).await })
-        };
-        held.await;
+        let slow = holding_a_slot(&worker, &probe).await;
         assert_eq!(worker.running.available_permits(), 0);
 
         // A fast, small request finds no slot: it queues instead of running inline beside the other.
@@ -436,13 +467,7 @@ mod tests {
         let probe = Arc::new(Probe::default());
         let worker = worker(1, 1, &probe);
         let _release = ReleaseOnDrop(probe.clone());
-        let held = probe.held.notified();
-        let slow = {
-            let worker = worker.clone();
-            let lease = lease("slow", &probe, false);
-            tokio::spawn(async move { worker.infer(lease, request("hold", 16)).await })
-        };
-        held.await;
+        let slow = holding_a_slot(&worker, &probe).await;
         // The server drops a request's future when its client disconnects, mid-wait here.
         let gone = {
             let worker = worker.clone();
@@ -460,60 +485,17 @@ mod tests {
         slow.await.unwrap().unwrap();
     }
 
-    /// A model double served "elsewhere": its inference is a future, and a blocking `infer` is a bug.
-    struct RemoteProbeModel {
-        probe: Arc<Probe>,
-        metadata: ModelMetadata,
-    }
-
-    impl LoadedModel for RemoteProbeModel {
-        fn metadata(&self) -> &ModelMetadata {
-            &self.metadata
-        }
-
-        fn size_bytes(&self) -> u64 {
-            1
-        }
-
-        fn runtime(&self) -> &str {
-            "remote-probe"
-        }
-
-        fn infer(&self, _: InferRequest) -> densemesh_runtime_core::Result<Vec<Tensor>> {
-            panic!("a model with an async inference is awaited, never called on a blocking thread")
-        }
-
-        fn infer_async(
-            &self,
-            request: InferRequest,
-        ) -> Result<densemesh_runtime_core::InferFuture, InferRequest> {
-            let probe = self.probe.clone();
-            Ok(Box::pin(async move {
-                let free_slots = probe.slots.get().expect("the probe knows its worker").available_permits();
-                probe.seen.lock().push(Seen { thread: std::thread::current().id(), free_slots });
-                tokio::task::yield_now().await;
-                Ok(request.inputs)
-            }))
-        }
-    }
-
     #[tokio::test]
     async fn a_remote_model_is_awaited_on_the_async_thread_without_a_slot() {
         let probe = Arc::new(Probe::default());
         let worker = worker(1, 0, &probe);
         let _release = ReleaseOnDrop(probe.clone());
         // The only slot is taken by a slow local inference, and nothing may queue.
-        let held = probe.held.notified();
-        let slow = {
-            let worker = worker.clone();
-            let lease = lease("slow", &probe, false);
-            tokio::spawn(async move { worker.infer(lease, request("hold", 16)).await })
-        };
-        held.await;
+        let slow = holding_a_slot(&worker, &probe).await;
         assert_eq!(worker.running.available_permits(), 0);
 
         let metadata = ModelMetadata { platform: "remote".into(), inputs: vec![], outputs: vec![] };
-        let model = RemoteProbeModel { probe: probe.clone(), metadata };
+        let model = ProbeModel { probe: probe.clone(), metadata, remote: true };
         let remote = Lease::detached(ModelId::new("remote").unwrap(), Box::new(model));
         // Large, and never timed: a local model would go to the blocking pool, or be refused here.
         let entry = remote.entry().clone();
