@@ -60,6 +60,24 @@ impl Runtimes {
         ))
     }
 
+    /// The runtime that loads `request`: its format's, unless the runtime it names is not among that
+    /// one's choices.
+    fn runtime_for(&self, request: &LoadRequest) -> Result<&Arc<dyn Runtime>> {
+        // A load without a format (a caller that predates formats) is ONNX, as every model was then.
+        let format = if request.model_type.is_empty() { "onnx" } else { request.model_type.as_str() };
+        let refused = |why: String| Error::Load { model_id: request.model_id.clone(), source: why.into() };
+        let runtime = self.by_format.get(format).ok_or_else(|| {
+            refused(format!(
+                "no runtime on this pod loads model format {format:?}; it loads {}",
+                self.formats().join(", ")
+            ))
+        })?;
+        if let Some(name) = &request.runtime {
+            self.check_choice(format, name).map_err(refused)?;
+        }
+        Ok(runtime)
+    }
+
     /// Each distinct runtime once.
     fn distinct(&self) -> Vec<&Arc<dyn Runtime>> {
         let mut seen: Vec<&Arc<dyn Runtime>> = Vec::new();
@@ -78,38 +96,12 @@ impl Runtime for Runtimes {
     }
 
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
-        // A load without a format (a caller that predates formats) is ONNX, as every model was then.
-        let format = if request.model_type.is_empty() { "onnx" } else { request.model_type.as_str() };
-        match self.by_format.get(format) {
-            Some(runtime) => {
-                if let Some(name) = &request.runtime
-                    && let Err(why) = self.check_choice(format, name)
-                {
-                    return Err(Error::Load { model_id: request.model_id.clone(), source: why.into() });
-                }
-                runtime.load(request)
-            }
-            None => Err(Error::Load {
-                model_id: request.model_id.clone(),
-                source: format!(
-                    "no runtime on this pod loads model format {format:?}; it loads {}",
-                    self.formats().join(", ")
-                )
-                .into(),
-            }),
-        }
+        self.runtime_for(request)?.load(request)
     }
 
     fn try_load_quick(&self, request: &LoadRequest) -> Option<Result<Box<dyn LoadedModel>>> {
-        let format = if request.model_type.is_empty() { "onnx" } else { request.model_type.as_str() };
-        let runtime = self.by_format.get(format)?;
-        // A choice this format does not offer is refused by `load`, with its reason.
-        if let Some(name) = &request.runtime
-            && self.check_choice(format, name).is_err()
-        {
-            return None;
-        }
-        runtime.try_load_quick(request)
+        // A load `runtime_for` refuses goes to `load`, which gives the reason.
+        self.runtime_for(request).ok()?.try_load_quick(request)
     }
 
     fn reclaim_memory(&self) {

@@ -137,6 +137,16 @@ pub trait Runtime: Send + Sync + 'static {
     fn reclaim_memory(&self) {}
 }
 
+/// What a caught panic said: its message, for the error that replaces it (a runtime's panic fails that
+/// load or that call, never its thread).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
 /// An inference in progress elsewhere (see [`LoadedModel::infer_async`]).
 pub type InferFuture = Pin<Box<dyn Future<Output = Result<Vec<Tensor>>> + Send + 'static>>;
 

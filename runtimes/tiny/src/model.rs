@@ -175,14 +175,8 @@ impl LoadedModel for TinyModel {
 /// Runs `f`, turning a panic into [`TinyError::Panicked`] so one request fails, not its worker. The
 /// graph is immutable while it runs, so a panic leaves nothing half-updated behind.
 fn guarded<T>(f: impl FnOnce() -> Result<T, TinyError>) -> Result<T, TinyError> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic without a message".to_owned());
-        Err(TinyError::Panicked(message))
-    })
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|panic| Err(TinyError::Panicked(densemesh_runtime_core::panic_message(&*panic))))
 }
 
 #[cfg(test)]

@@ -284,14 +284,10 @@ impl Inner {
                 let probed = crate::node::worker::probe_infer_time(&*model);
                 Some(Ok((model, probed)))
             }
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic without a message".to_owned());
-                Some(Err(format!("runtime panicked while loading: {message}")))
-            }
+            Err(panic) => Some(Err(format!(
+                "runtime panicked while loading: {}",
+                densemesh_runtime_core::panic_message(&*panic)
+            ))),
         }
     }
 
