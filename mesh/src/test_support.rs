@@ -136,56 +136,6 @@ pub(crate) struct TestPod {
     pub placer: Placer,
 }
 
-/// A memory store whose watches deliver nothing while `held` is true: the store of a pod whose watch
-/// lags behind writes made through another pod.
-#[derive(Clone)]
-pub(crate) struct LaggingStore {
-    store: Arc<MemoryStore>,
-    held: Arc<tokio::sync::watch::Sender<bool>>,
-}
-
-#[tonic::async_trait]
-impl densemesh_placement::Store for LaggingStore {
-    async fn range(&self, prefix: &str) -> store::Result<store::RangeResult> {
-        self.store.range(prefix).await
-    }
-
-    async fn txn(&self, txn: store::Txn) -> store::Result<store::TxnResult> {
-        self.store.txn(txn).await
-    }
-
-    async fn grant_lease(&self, ttl: Duration) -> store::Result<store::LeaseId> {
-        self.store.grant_lease(ttl).await
-    }
-
-    async fn keep_alive(&self, lease: store::LeaseId) -> store::Result<()> {
-        self.store.keep_alive(lease).await
-    }
-
-    async fn revoke_lease(&self, lease: store::LeaseId) -> store::Result<()> {
-        self.store.revoke_lease(lease).await
-    }
-
-    fn watch(
-        &self,
-        prefix: &str,
-        after: store::Revision,
-    ) -> futures::stream::BoxStream<'static, store::Result<store::WatchEvent>> {
-        use futures::StreamExt;
-        let held = self.held.subscribe();
-        self.store
-            .watch(prefix, after)
-            .then(move |event| {
-                let mut held = held.clone();
-                async move {
-                    let _ = held.wait_for(|held| !held).await;
-                    event
-                }
-            })
-            .boxed()
-    }
-}
-
 impl TestPod {
     pub async fn start(name: &str) -> Self {
         Self::start_on(name, Arc::new(MemoryStore::new())).await
@@ -193,11 +143,8 @@ impl TestPod {
 
     /// A pod whose view follows the store only while the returned `held` is false.
     pub async fn start_lagging(name: &str) -> (Self, Arc<tokio::sync::watch::Sender<bool>>) {
-        let store = LaggingStore {
-            store: Arc::new(MemoryStore::new()),
-            held: Arc::new(tokio::sync::watch::channel(false).0),
-        };
-        let held = store.held.clone();
+        let store = store::held::HeldWatches::new(Arc::new(MemoryStore::new()));
+        let held = store.held();
         (Self::start_on(name, Arc::new(store)).await, held)
     }
 

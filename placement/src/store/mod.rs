@@ -10,6 +10,8 @@
 pub mod conformance;
 #[cfg(feature = "etcd")]
 pub(crate) mod etcd;
+#[cfg(any(test, feature = "conformance"))]
+pub mod held;
 mod memory;
 
 use std::time::Duration;

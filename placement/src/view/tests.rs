@@ -234,7 +234,7 @@ mod after_compaction {
 /// counts the range reads it answers and can make each take 100 ms (`slow`).
 #[derive(Clone)]
 struct LaggingWatches {
-    store: Arc<MemoryStore>,
+    store: crate::store::held::HeldWatches,
     held: Arc<watch::Sender<bool>>,
     ranges: Arc<std::sync::atomic::AtomicUsize>,
     slow: Arc<std::sync::atomic::AtomicBool>,
@@ -242,12 +242,9 @@ struct LaggingWatches {
 
 impl LaggingWatches {
     fn new() -> Self {
-        Self {
-            store: Arc::new(MemoryStore::new()),
-            held: Arc::new(watch::channel(false).0),
-            ranges: Arc::default(),
-            slow: Arc::default(),
-        }
+        let store = crate::store::held::HeldWatches::new(Arc::new(MemoryStore::new()));
+        let held = store.held();
+        Self { store, held, ranges: Arc::default(), slow: Arc::default() }
     }
 }
 
@@ -282,17 +279,7 @@ impl Store for LaggingWatches {
         prefix: &str,
         after: Revision,
     ) -> futures::stream::BoxStream<'static, crate::store::Result<WatchEvent>> {
-        let held = self.held.subscribe();
-        let events = self.store.watch(prefix, after);
-        events
-            .then(move |event| {
-                let mut held = held.clone();
-                async move {
-                    let _ = held.wait_for(|held| !held).await;
-                    event
-                }
-            })
-            .boxed()
+        self.store.watch(prefix, after)
     }
 }
 
