@@ -5,7 +5,8 @@
 //! - `inproc`: the same request through ONNX Runtime in this process, no network: the floor;
 //! - `cold-load`: a model's load from disk against a session built from bytes already in memory;
 //! - `pull`: an object pulled from storage into the disk cache against a `read()` of a local copy;
-//! - `echo-server`: a bare tonic V2 server answering canned responses, the floor `grpc` is read against.
+//! - `echo-server`: a bare tonic V2 server answering canned responses, the floor `grpc` is read against;
+//! - `pair`: one request sent through a hop and straight to the server behind it, pair by pair.
 
 // A binary's root resolves modules beside itself; these live in `bench/` so cargo does not take them
 // for binaries of their own.
@@ -17,6 +18,8 @@ mod figures;
 mod grpc;
 #[path = "bench/local.rs"]
 mod local;
+#[path = "bench/pair.rs"]
+mod pair;
 #[path = "bench/pull.rs"]
 mod pull;
 
@@ -70,6 +73,37 @@ enum Command {
         /// Written once listening: {"grpc_addr": "..."}.
         #[arg(long)]
         addr_file: Option<PathBuf>,
+    },
+    /// What a hop adds: one client sends the same ModelInfer through the hop (`--via`) and to the
+    /// server behind it (`--direct`), alternating, one call at a time.
+    Pair {
+        /// The hop's gRPC address (e.g. meshd's).
+        #[arg(long)]
+        via: String,
+        /// The server behind it, called directly.
+        #[arg(long)]
+        direct: String,
+        /// The model both serve under this name.
+        #[arg(long)]
+        model: String,
+        /// An input as NAME:DATATYPE:D1xD2..., e.g. input-0:FP64:1x4 (repeat for each input).
+        #[arg(long = "input", required = true, value_parser = pair::parse_input)]
+        inputs: Vec<densemesh_runtime_core::TensorSpec>,
+        /// Timed pairs.
+        #[arg(long, default_value_t = 20_000)]
+        pairs: usize,
+        /// Pairs sent first and not timed.
+        #[arg(long, default_value_t = 1_000)]
+        warmup: usize,
+        /// Blocks the pairs are cut into, each with its own added p50 (the spread is printed).
+        #[arg(long, default_value_t = 10)]
+        blocks: usize,
+        /// A call unanswered after this ends the run.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// A name printed with the figures.
+        #[arg(long, default_value = "")]
+        label: String,
     },
     /// Pull throughput from object storage into an empty disk cache, against read() of a local copy.
     Pull {
@@ -171,6 +205,13 @@ fn main() -> anyhow::Result<()> {
         }
         Command::EchoServer { addr, like, model, batch, addr_file } => {
             echo::run(&echo::EchoArgs { addr, like, model, batch, addr_file })
+        }
+        Command::Pair { via, direct, model, inputs, pairs, warmup, blocks, timeout, label } => {
+            let args = pair::PairArgs { via, direct, model, inputs, pairs, warmup, blocks, timeout, label };
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let figures = runtime.block_on(pair::run(&args))?;
+            pair::print(&args, &figures);
+            Ok(())
         }
         Command::Pull { location, key, storage_config, local_file, repeat, range_mib, parallel } => {
             pull::run(&pull::PullArgs {
