@@ -17,7 +17,14 @@ impl Roots {
 
     /// Where `path` really is, if that is inside a root; `None` otherwise.
     pub fn confine(&self, path: &Path) -> Option<PathBuf> {
-        let real = real(path);
+        let lexical = lexical(path);
+        // Every first request of a repository model comes here: a path under a root as written, with
+        // no symlink below the root, is where it says, which one `lstat` per component below the root
+        // shows. Resolving it from `/` took a `readlink` per component and a `stat`.
+        if let Some(plain) = self.0.iter().find_map(|root| plain_below(root, &lexical)) {
+            return Some(plain);
+        }
+        let real = resolve(lexical);
         self.0.iter().any(|root| real.starts_with(root)).then_some(real)
     }
 
@@ -30,6 +37,11 @@ impl Roots {
 /// `path` made absolute, with `.` and `..` applied and the symlinks of its longest existing prefix
 /// resolved (the rest cannot be a symlink: it does not exist).
 fn real(path: &Path) -> PathBuf {
+    resolve(lexical(path))
+}
+
+/// `path` made absolute, with `.` and `..` applied as names (no symlink is looked at).
+fn lexical(path: &Path) -> PathBuf {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
     let mut lexical = PathBuf::new();
     for component in absolute.components() {
@@ -41,6 +53,29 @@ fn real(path: &Path) -> PathBuf {
             other => lexical.push(other),
         }
     }
+    lexical
+}
+
+/// `lexical` itself when it lies under `root` (a real path) with no symlink among the components
+/// below it; `None` when it does not, or when that takes more than `lstat`s to tell.
+fn plain_below(root: &Path, lexical: &Path) -> Option<PathBuf> {
+    let rest = lexical.strip_prefix(root).ok()?;
+    let mut at = root.to_path_buf();
+    for part in rest.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => return None,
+            Ok(_) => {}
+            // Nothing below a missing name exists, so nothing there is a symlink.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(_) => return None,
+        }
+    }
+    Some(lexical.to_owned())
+}
+
+/// `lexical` with the symlinks of its longest existing prefix resolved.
+fn resolve(lexical: PathBuf) -> PathBuf {
     let mut existing = lexical.as_path();
     let mut rest = Vec::new();
     loop {
@@ -81,6 +116,12 @@ mod tests {
         );
         assert_eq!(roots.confine(&root.join("m/../m/./x")), Some(root.join("m/x")));
         assert_eq!(roots.confine(&base.join("link-in/x")), Some(root.join("m/x")), "a link into a root");
+        // A link inside a root is followed, not taken at its word, even where it stays inside.
+        std::os::unix::fs::symlink(root.join("m"), root.join("alias")).unwrap();
+        assert_eq!(roots.confine(&root.join("alias/x")), Some(root.join("m/x")));
+        // A file named as a directory is not found anywhere; the answer is the same either way.
+        std::fs::write(root.join("m/model.onnx"), "x").unwrap();
+        assert_eq!(roots.confine(&root.join("m/model.onnx/x")), Some(root.join("m/model.onnx/x")));
         for refused in [
             outside.join("key"),
             outside.join("missing"),
