@@ -209,6 +209,19 @@ async fn a_small_model_its_runtime_loads_at_once_loads_on_the_async_thread() {
     assert_ne!(threads[1], here, "any other load runs on the blocking pool");
     assert_eq!(f.cache.used_bytes(), 200, "both charged alike");
 
+    // Nor does it wait for a task of its own: the request that asks has it within one poll.
+    let other = f.model("other", "quick\nsize=100");
+    let lease = f.cache.acquire(&other).now_or_never().expect("loaded within the asking poll");
+    drop(lease.unwrap());
+    let slow = f.sized("slower", 100);
+    assert!(f.cache.acquire(&slow).now_or_never().is_none(), "the blocking pool is waited for");
+    drop(f.cache.acquire(&slow).await.unwrap());
+    assert_eq!(
+        f.loads(),
+        4,
+        "the load left behind by the unfinished poll went on, and the next asked waited for it"
+    );
+
     // Above --inline-load-max-bytes even a quick load goes to the blocking pool.
     let f = fixture(1000, |c| c.inline_load_max_bytes = 4);
     let quick = f.model("quick", "quick\nsize=100");
