@@ -58,6 +58,13 @@ pub struct Rules {
     pub min_residence: Duration,
 }
 
+impl Rules {
+    /// Whether these rules let `candidate` go: no request is on it and it has been resident long enough.
+    pub fn allow<Id>(&self, candidate: &Candidate<Id>) -> bool {
+        candidate.in_flight == 0 && candidate.resident_for >= self.min_residence
+    }
+}
+
 /// Which models go first. A named, swappable choice; LRU is ModelMesh's behaviour and the default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Policy {
@@ -193,7 +200,7 @@ pub fn victims<Id: Clone>(
     if needed_bytes == 0 {
         return Ok(Eviction { victims: Vec::new(), clock });
     }
-    let evictable = |c: &Candidate<Id>| c.in_flight == 0 && c.resident_for >= rules.min_residence;
+    let evictable = |c: &Candidate<Id>| rules.allow(c);
     let idle_key = |c: &Candidate<Id>| u64::MAX - u64::try_from(c.idle_for.as_nanos()).unwrap_or(u64::MAX);
     let keyed: Vec<Reverse<(u64, u64, usize)>> = candidates
         .iter()
@@ -253,7 +260,7 @@ pub const PUBLISHED_VICTIMS: usize = 32;
 /// The first `limit` models GDSF would evict (lowest priority first, ties to the longer idle, as
 /// [`victims`] orders them), skipping those the rules pin.
 pub fn cheapest<Id>(candidates: &[Candidate<Id>], rules: Rules, limit: usize) -> Vec<Victim> {
-    let evictable = |c: &&Candidate<Id>| c.in_flight == 0 && c.resident_for >= rules.min_residence;
+    let evictable = |c: &&Candidate<Id>| rules.allow(c);
     let mut keyed: Vec<(u64, Reverse<Duration>, Victim)> = candidates
         .iter()
         .filter(evictable)

@@ -373,7 +373,7 @@ impl Placer {
         let (cache, model) = (self.inner.cache.clone(), id.clone());
         let load = async move {
             let lease = cache.acquire(&model).await?;
-            lease.mark_last_used(last_used.instant());
+            cache.mark_last_used(&lease, last_used.instant());
             Ok::<(), CacheError>(())
         };
         if sync {

@@ -193,9 +193,8 @@ impl Lease {
         &self.entry
     }
 
-    /// Counts the model as last used at `at` (eviction picks the longest idle), for loads made ahead of
-    /// any request or with a caller-given last-use time.
-    pub fn mark_last_used(&self, at: Instant) {
+    /// Sets the model's last use; [`super::ModelCache::mark_last_used`] keeps the cache's order with it.
+    pub(super) fn set_last_used(&self, at: Instant) {
         *self.entry.last_used.lock() = at;
     }
 }

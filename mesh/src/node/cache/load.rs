@@ -242,6 +242,7 @@ impl Inner {
             // Before the new model joins, so it is never its own victim.
             let evicted = self.trim(&mut state);
             state.resident.put(id.clone(), entry.clone());
+            state.joined(id, &entry, Instant::now());
             self.publish(&state);
             evicted
         };

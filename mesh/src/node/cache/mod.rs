@@ -193,12 +193,21 @@ struct Inner {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     copies: tokio::sync::broadcast::Sender<CopyEvent>,
+    /// Bytes of models dropped since the runtime last gave free memory back ([`RECLAIM_AFTER_BYTES`]).
+    unreclaimed_bytes: std::sync::atomic::AtomicU64,
 }
+
+/// Models dropped add up to this many bytes before the runtime gives free memory back to the kernel.
+/// That is `malloc_trim`, which walks the whole heap: with 83,000 tiny models loaded it took most of
+/// the CPU of evicting one, and a pod evicting thousands of them a second did little else. A model of
+/// this size or more is still given back as it goes; below it, what lingers is reused by the next load.
+const RECLAIM_AFTER_BYTES: u64 = 16 << 20;
 
 type LoadOutcome = Result<Arc<Entry>, CacheError>;
 
 struct State {
-    /// Unbounded by count: capacity is enforced in bytes by `make_room`.
+    /// Unbounded by count: capacity is enforced in bytes by `make_room`. In order of use, which LRU
+    /// eviction reads from the least recent end (see [`ModelCache::mark_last_used`]).
     resident: LruCache<ModelId, Arc<Entry>>,
     loading: HashMap<ModelId, watch::Receiver<Option<LoadOutcome>>>,
     failures: HashMap<ModelId, Failure>,
@@ -215,6 +224,8 @@ struct State {
     /// The last walk of the loaded models for placement, reused for a while above
     /// [`EXACT_WALK_BELOW`] models.
     placement_walk: Option<PlacementWalk>,
+    /// GDSF's cheapest models as of the last walk of them all ([`CheapestFew`]).
+    cheapest: Option<CheapestFew>,
 }
 
 /// Up to this many loaded models, every placement decision walks them all (for the coldest and, under
@@ -223,6 +234,22 @@ struct State {
 /// at tens a second; placement reads these as hints that other pods see seconds old anyway, and they
 /// matter only once no pod has room.
 const EXACT_WALK_BELOW: usize = 10_000;
+
+/// The models with the lowest GDSF priorities, kept from a walk of every loaded model so that an
+/// eviction need not walk them all again: at 1,000,000 loaded that walk held the cache's lock for a
+/// sizeable part of a second on every load that needed room.
+///
+/// It stays exact: every loaded model whose priority is at most `threshold` is in `ids`. That holds at
+/// the walk; a model's priority only rises (its uses and the clock at its last use only grow); and a
+/// model loaded since joins when its priority is at most the threshold. So while the models here that
+/// are still at most the threshold cover what is needed, they are the cheapest ones anywhere.
+struct CheapestFew {
+    ids: Vec<ModelId>,
+    threshold: f64,
+}
+
+/// How many models a walk keeps as the cheapest; a walk happens about once per this many evictions.
+const CHEAPEST_FEW: usize = 512;
 const WALK_REUSE: Duration = Duration::from_secs(1);
 /// A walk is reused for at least this many times what it took, so walks hold the lock at most 1% of
 /// the time: over a million models one takes tens of milliseconds, and once a second slowed every
@@ -249,19 +276,96 @@ impl State {
 
     /// Every resident model as eviction sees it at `now`.
     fn candidates(&self, now: Instant) -> Vec<Candidate> {
-        self.resident
-            .iter()
-            .map(|(id, e)| Candidate {
-                id: id.clone(),
-                size_bytes: e.size_bytes(),
-                in_flight: e.in_flight(),
-                resident_for: now.saturating_duration_since(e.loaded_at()),
-                idle_for: now.saturating_duration_since(e.last_used()),
-                uses: e.requests(),
-                reload_cost: eviction::reload_cost(Some(e.load_time()), e.size_bytes()),
-                clock_at_use: e.clock_at_use(),
-            })
-            .collect()
+        self.resident.iter().map(|(id, e)| candidate(id, e, now)).collect()
+    }
+
+    /// The least recently used models as eviction sees them, only as many as it takes for the ones
+    /// `rules` let go to add up to `needed` bytes (all of them when they do not): the candidates of an
+    /// LRU eviction. The list holds them in order of use, so this is a walk of a few models, where
+    /// [`Self::candidates`] walks every loaded one: with 1,000,000 loaded, a load that needed room
+    /// spent a sizeable part of a second under the cache's lock building them.
+    fn least_recently_used(&self, now: Instant, needed: u64, rules: Rules) -> Vec<Candidate> {
+        let mut freed = 0u64;
+        let mut out = Vec::new();
+        for (id, e) in self.resident.iter().rev() {
+            if freed >= needed {
+                break;
+            }
+            let c = candidate(id, e, now);
+            if rules.allow(&c) {
+                freed = freed.saturating_add(c.size_bytes);
+            }
+            out.push(c);
+        }
+        out
+    }
+}
+
+impl CheapestFew {
+    /// The `CHEAPEST_FEW` lowest priorities among `candidates` (all of them, whatever the rules: one in
+    /// use now may be free at the next eviction).
+    fn from_walk(candidates: &[Candidate]) -> Self {
+        let mut keyed: Vec<(f64, &ModelId)> = candidates.iter().map(|c| (c.priority(), &c.id)).collect();
+        if keyed.len() > CHEAPEST_FEW {
+            keyed.select_nth_unstable_by(CHEAPEST_FEW - 1, |a, b| a.0.total_cmp(&b.0));
+            keyed.truncate(CHEAPEST_FEW);
+        }
+        let threshold = keyed.iter().map(|(p, _)| *p).fold(f64::NEG_INFINITY, f64::max);
+        Self { ids: keyed.into_iter().map(|(_, id)| id.clone()).collect(), threshold }
+    }
+}
+
+impl State {
+    /// GDSF's victims for `needed` bytes: from the cheapest few when they suffice, otherwise from a
+    /// walk of every loaded model, which keeps the cheapest few for the evictions after it.
+    fn gdsf_victims(
+        &mut self,
+        now: Instant,
+        needed: u64,
+        rules: Rules,
+    ) -> Result<eviction::Eviction, eviction::Shortfall> {
+        if let Some(few) = &self.cheapest {
+            let candidates: Vec<Candidate> = few
+                .ids
+                .iter()
+                .filter_map(|id| self.resident.peek(id).map(|e| candidate(id, e, now)))
+                .filter(|c| c.priority() <= few.threshold)
+                .collect();
+            if let Ok(decided) =
+                eviction::victims(&candidates, needed, Policy::GreedyDualSizeFrequency, rules, self.clock)
+            {
+                return Ok(decided);
+            }
+        }
+        let candidates = self.candidates(now);
+        self.cheapest = Some(CheapestFew::from_walk(&candidates));
+        eviction::victims(&candidates, needed, Policy::GreedyDualSizeFrequency, rules, self.clock)
+    }
+
+    /// Adds a model that has just joined to the cheapest few if it is one of them (see [`CheapestFew`]).
+    fn joined(&mut self, id: &ModelId, entry: &Entry, now: Instant) {
+        if let Some(few) = &mut self.cheapest {
+            if candidate(id, entry, now).priority() <= few.threshold {
+                few.ids.push(id.clone());
+            }
+            // Evicted models leave their ids behind; a list grown this long is walked afresh instead.
+            if few.ids.len() > 4 * CHEAPEST_FEW {
+                self.cheapest = None;
+            }
+        }
+    }
+}
+
+fn candidate(id: &ModelId, e: &Entry, now: Instant) -> Candidate {
+    Candidate {
+        id: id.clone(),
+        size_bytes: e.size_bytes(),
+        in_flight: e.in_flight(),
+        resident_for: now.saturating_duration_since(e.loaded_at()),
+        idle_for: now.saturating_duration_since(e.last_used()),
+        uses: e.requests(),
+        reload_cost: eviction::reload_cost(Some(e.load_time()), e.size_bytes()),
+        clock_at_use: e.clock_at_use(),
     }
 }
 
@@ -294,12 +398,14 @@ impl ModelCache {
                 clock: Clock::default(),
                 evictions: 0,
                 placement_walk: None,
+                cheapest: None,
             }),
             load_permits,
             room_freed: Arc::new(Notify::new()),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             copies: tokio::sync::broadcast::channel(4096).0,
+            unreclaimed_bytes: std::sync::atomic::AtomicU64::new(0),
         };
         Self { inner: Arc::new(inner) }
     }
@@ -385,6 +491,21 @@ impl ModelCache {
         // request.
         let state = self.inner.state.lock();
         Ok(Lease::new(entry, state.clock))
+    }
+
+    /// Counts `lease`'s model as last used at `at` rather than now: a load made ahead of any request, or
+    /// a copy that carries its last use from another pod. LRU evicts in the order of use, which a use
+    /// keeps by moving a model to the most recent end: a model marked as used before every other moves
+    /// to the least recent end; one marked later stays where its load put it, which errs on keeping it.
+    pub fn mark_last_used(&self, lease: &Lease, at: Instant) {
+        let mut state = self.inner.state.lock();
+        lease.set_last_used(at);
+        let id = lease.entry().id();
+        let this_copy = state.resident.peek(id).is_some_and(|e| Arc::ptr_eq(e, lease.entry()));
+        let first = state.resident.peek_lru().is_none_or(|(_, e)| at <= e.last_used());
+        if this_copy && first {
+            state.resident.demote(id);
+        }
     }
 
     /// A lease on the model if it is loaded here now; never starts a load. The request path's first
@@ -630,8 +751,13 @@ impl Inner {
             return Ok(Vec::new());
         }
         let now = Instant::now();
-        let candidates = state.candidates(now);
-        let decided = eviction::victims(&candidates, needed, self.eviction, self.rules(), state.clock)?;
+        let decided = match self.eviction {
+            Policy::LeastRecentlyUsed => {
+                let candidates = state.least_recently_used(now, needed, self.rules());
+                eviction::victims(&candidates, needed, self.eviction, self.rules(), state.clock)?
+            }
+            Policy::GreedyDualSizeFrequency => state.gdsf_victims(now, needed, self.rules())?,
+        };
         state.clock = decided.clock;
         let mut evicted = Vec::with_capacity(decided.victims.len());
         for id in decided.victims {
@@ -681,9 +807,18 @@ impl Inner {
         let count = entries.len() as u64;
         let started = Instant::now();
         let runtime = self.runtime.clone();
+        let bytes: u64 = entries.iter().map(|e| e.size_bytes()).sum();
+        let unreclaimed = &self.unreclaimed_bytes;
+        let reclaim =
+            unreclaimed.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes >= RECLAIM_AFTER_BYTES;
+        if reclaim {
+            unreclaimed.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         let _ = tokio::task::spawn_blocking(move || {
             drop(entries);
-            runtime.reclaim_memory();
+            if reclaim {
+                runtime.reclaim_memory();
+            }
         })
         .await;
         metrics::counter!(m::MODEL_UNLOADS).increment(count);

@@ -44,11 +44,18 @@ struct ScriptedRuntime {
     gate: Gate,
     /// The thread each load ran on.
     load_threads: Mutex<Vec<std::thread::ThreadId>>,
+    /// Times the cache asked for free memory to be given back.
+    reclaims: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for ScriptedRuntime {
     fn default() -> Self {
-        Self { loads: watch::channel(0).0, gate: Gate::default(), load_threads: Mutex::default() }
+        Self {
+            loads: watch::channel(0).0,
+            gate: Gate::default(),
+            load_threads: Mutex::default(),
+            reclaims: Default::default(),
+        }
     }
 }
 
@@ -60,6 +67,10 @@ struct ScriptedModel {
 impl Runtime for ScriptedRuntime {
     fn name(&self) -> &'static str {
         "scripted"
+    }
+
+    fn reclaim_memory(&self) {
+        self.reclaims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A model whose script has a `quick` line loads at once.
@@ -213,14 +224,6 @@ async fn a_small_model_its_runtime_loads_at_once_loads_on_the_async_thread() {
     let other = f.model("other", "quick\nsize=100");
     let lease = f.cache.acquire(&other).now_or_never().expect("loaded within the asking poll");
     drop(lease.unwrap());
-    let slow = f.sized("slower", 100);
-    assert!(f.cache.acquire(&slow).now_or_never().is_none(), "the blocking pool is waited for");
-    drop(f.cache.acquire(&slow).await.unwrap());
-    assert_eq!(
-        f.loads(),
-        4,
-        "the load left behind by the unfinished poll went on, and the next asked waited for it"
-    );
 
     // Above --inline-load-max-bytes even a quick load goes to the blocking pool.
     let f = fixture(1000, |c| c.inline_load_max_bytes = 4);
@@ -482,10 +485,109 @@ async fn a_model_marked_as_used_long_ago_is_evicted_first() {
     drop(f.cache.acquire(&b).await.unwrap());
     // Loaded after b, but ahead of any request: counts as used an hour ago.
     let preloaded = f.cache.acquire(&a).await.unwrap();
-    preloaded.mark_last_used(tokio::time::Instant::now() - Duration::from_secs(3600));
+    f.cache.mark_last_used(&preloaded, tokio::time::Instant::now() - Duration::from_secs(3600));
     drop(preloaded);
     drop(f.cache.acquire(&c).await.unwrap());
     assert_eq!(f.resident(), ["b", "c"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lru_eviction_reads_only_the_least_recently_used_end() {
+    let f = fixture(10_000, |_| {});
+    let ids: Vec<ModelId> = (0..50).map(|i| f.sized(&format!("m{i:02}"), 100)).collect();
+    let mut held = Vec::new();
+    for id in &ids {
+        let lease = f.cache.acquire(id).await.unwrap();
+        // m03 stays held by a request.
+        if id.as_str() == "m03" {
+            held.push(lease);
+        }
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    // m00 used again: m01 and m02 are now the least recently used.
+    drop(f.cache.acquire(&ids[0]).await.unwrap());
+    let rules = f.cache.inner.rules();
+    let walked = |needed| {
+        let state = f.cache.inner.state.lock();
+        let now = Instant::now();
+        state
+            .least_recently_used(now, needed, rules)
+            .into_iter()
+            .map(|c| c.id.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(walked(150), ["m01", "m02"], "two models cover 150 bytes; nothing further is read");
+    assert_eq!(walked(250), ["m01", "m02", "m03", "m04"], "a model in use is passed over, not counted");
+    assert_eq!(walked(0), Vec::<String>::new());
+    assert_eq!(walked(u64::MAX).len(), 50, "short of room, every model is read, for the shortfall's figures");
+    drop(held);
+}
+
+#[tokio::test(start_paused = true)]
+async fn gdsf_evicts_what_a_walk_of_every_model_would() {
+    // Room for 40 of these; 700 more loads, each one eviction, most of them from the cheapest few.
+    let f = fixture_evicting(40 * 100, Policy::GreedyDualSizeFrequency, |_| {});
+    // A small LCG: uneven enough, and the same every run.
+    let mut state_ = 11u64;
+    let mut next = move |bound: usize| {
+        state_ = state_.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state_ >> 33) as usize % bound.max(1)
+    };
+    let mut loaded: Vec<ModelId> = Vec::new();
+    let rules = f.cache.inner.rules();
+    for n in 0..740 {
+        // Earlier models are used again, unevenly, each use at its own instant (no ties in idle time).
+        for _ in 0..next(4) {
+            if let Some(id) = loaded.get(next(loaded.len())).cloned()
+                && let Some(lease) = f.cache.lease_if_loaded(&id)
+            {
+                drop(lease);
+                tokio::time::advance(Duration::from_millis(1)).await;
+            }
+        }
+        let id = f.sized(&format!("m{n:03}"), 100);
+        let expected: Vec<ModelId> = {
+            let state = f.cache.inner.state.lock();
+            let candidates = state.candidates(Instant::now());
+            eviction::victims(
+                &candidates,
+                (state.used_bytes + 100).saturating_sub(40 * 100),
+                Policy::GreedyDualSizeFrequency,
+                rules,
+                state.clock,
+            )
+            .unwrap()
+            .victims
+        };
+        drop(f.cache.acquire(&id).await.unwrap());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        for victim in &expected {
+            assert!(!f.cache.is_loaded(victim), "load {n}: {victim} should have been evicted");
+        }
+        assert_eq!(f.cache.resident().len(), (n + 1).min(40), "load {n}: only the expected evictions");
+        loaded.push(id);
+    }
+    let walks_avoided = f.cache.inner.state.lock().cheapest.is_some();
+    assert!(walks_avoided, "the cheapest few were kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn free_memory_is_given_back_per_16_mib_of_models_dropped_not_per_model() {
+    let f = fixture(1 << 30, |_| {});
+    let reclaims = || f.runtime.reclaims.load(std::sync::atomic::Ordering::Relaxed);
+    let small: Vec<ModelId> = (0..100).map(|i| f.sized(&format!("s{i:02}"), 100 << 10)).collect();
+    for id in &small {
+        drop(f.cache.acquire(id).await.unwrap());
+    }
+    for id in &small[..100] {
+        f.cache.unload(id).await;
+    }
+    // 100 models of 100 KiB: 9.8 MiB dropped, below the 16 MiB that a heap walk waits for.
+    assert_eq!(reclaims(), 0);
+    let big = f.sized("big", 20 << 20);
+    drop(f.cache.acquire(&big).await.unwrap());
+    f.cache.unload(&big).await;
+    assert_eq!(reclaims(), 1, "a model of 16 MiB or more is given back as it goes");
 }
 
 #[tokio::test(start_paused = true)]
