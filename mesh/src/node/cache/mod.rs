@@ -325,9 +325,12 @@ impl State {
         rules: Rules,
     ) -> Result<eviction::Eviction, eviction::Shortfall> {
         if let Some(few) = &self.cheapest {
+            // A model unloaded and loaded again since the walk is listed twice; it is one candidate.
+            let mut seen = std::collections::HashSet::with_capacity(few.ids.len());
             let candidates: Vec<Candidate> = few
                 .ids
                 .iter()
+                .filter(|id| seen.insert(*id))
                 .filter_map(|id| self.resident.peek(id).map(|e| candidate(id, e, now)))
                 .filter(|c| c.priority() <= few.threshold)
                 .collect();

@@ -572,6 +572,36 @@ async fn gdsf_evicts_what_a_walk_of_every_model_would() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_model_loaded_again_counts_once_among_gdsfs_cheapest() {
+    let f = fixture_evicting(300, Policy::GreedyDualSizeFrequency, |_| {});
+    let (a, b, c) = (f.sized("a", 100), f.sized("b", 100), f.sized("c", 100));
+    // a is popular, so the cheapest few kept at the first eviction reach up to its priority.
+    for _ in 0..10 {
+        drop(f.cache.acquire(&a).await.unwrap());
+    }
+    drop(f.cache.acquire(&b).await.unwrap());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    drop(f.cache.acquire(&c).await.unwrap());
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let d = f.sized("d", 100);
+    for _ in 0..3 {
+        drop(f.cache.acquire(&d).await.unwrap());
+    }
+    assert_eq!(f.resident(), ["a", "c", "d"], "b, as cheap as c and idle longer, went first");
+    // c leaves and comes back: it is listed among the cheapest twice, the cheapest of all now.
+    f.cache.unload(&c).await;
+    drop(f.cache.acquire(&c).await.unwrap());
+    // 200 bytes of room: c and d go (c listed twice is still one model's bytes), a stays.
+    let big = f.sized("big", 200);
+    drop(f.cache.acquire(&big).await.unwrap());
+    assert_eq!(f.resident(), ["a", "big"]);
+    assert_eq!(f.cache.used_bytes(), 300);
+    let state = f.cache.inner.state.lock();
+    let few = state.cheapest.as_ref().expect("kept since the first eviction");
+    assert_eq!(few.ids.iter().filter(|id| id.as_str() == "c").count(), 2, "the case this test is for");
+}
+
+#[tokio::test(start_paused = true)]
 async fn free_memory_is_given_back_per_16_mib_of_models_dropped_not_per_model() {
     let f = fixture(1 << 30, |_| {});
     let reclaims = || f.runtime.reclaims.load(std::sync::atomic::Ordering::Relaxed);
