@@ -165,16 +165,7 @@ impl Inner {
                 let mut loading: RuntimeLoad = tokio::task::spawn_blocking(move || {
                     // Mapped here, on the blocking pool: pre-faulting reads the whole file.
                     let request = load_request(&fetched, &model_id)?;
-                    // docs/faults.md: the runtime's load panics (`panic`), stalls (`sleep(MS)`) or fails
-                    // (`return(REASON)`).
-                    #[cfg(feature = "failpoints")]
-                    fail::fail_point!("runtime.load", |reason: Option<String>| {
-                        let reason = reason.unwrap_or_else(|| "fail point runtime.load".to_owned());
-                        Err(densemesh_runtime_core::Error::Load {
-                            model_id: model_id.clone(),
-                            source: reason.into(),
-                        })
-                    });
+                    runtime_load_fail_point(&model_id)?;
                     let model = runtime.load(&request)?;
                     // `fetched` (and its pin on the disk-cache entry) lives until the runtime is done.
                     drop(fetched);
@@ -262,20 +253,15 @@ impl Inner {
     ) -> Option<Result<Probed, String>> {
         let model_id = id.to_string();
         let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // A stall at the fail point here would hold the async thread: the tests of slow loads turn
+            // quick loads off.
             let request = match load_request(fetched, &model_id) {
                 Ok(request) => request,
                 Err(e) => return Some(Err(e)),
             };
-            // docs/faults.md, as on the blocking pool (a stall here would hold the async thread: the
-            // tests of slow loads turn quick loads off).
-            #[cfg(feature = "failpoints")]
-            fail::fail_point!("runtime.load", |reason: Option<String>| {
-                let reason = reason.unwrap_or_else(|| "fail point runtime.load".to_owned());
-                Some(Err(densemesh_runtime_core::Error::Load {
-                    model_id: model_id.clone(),
-                    source: reason.into(),
-                }))
-            });
+            if let Err(e) = runtime_load_fail_point(&model_id) {
+                return Some(Err(e));
+            }
             self.runtime.try_load_quick(&request)
         }));
         match loaded {
@@ -392,6 +378,18 @@ impl Inner {
         let mut state = self.state.lock();
         state.size_factor = Some(state.size_factor.map_or(ratio, |f| 0.75 * f + 0.25 * ratio));
     }
+}
+
+/// docs/faults.md: the runtime's load panics (`panic`), stalls (`sleep(MS)`) or fails
+/// (`return(REASON)`), wherever it runs (the blocking pool or, for a quick load, the caller's thread).
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn runtime_load_fail_point(model_id: &str) -> densemesh_runtime_core::Result<()> {
+    #[cfg(feature = "failpoints")]
+    fail::fail_point!("runtime.load", |reason: Option<String>| {
+        let reason = reason.unwrap_or_else(|| "fail point runtime.load".to_owned());
+        Err(densemesh_runtime_core::Error::Load { model_id: model_id.to_owned(), source: reason.into() })
+    });
+    Ok(())
 }
 
 /// What the runtime is given to load a located model: its bytes mapped (and pre-faulted) when it is a
