@@ -230,7 +230,11 @@ pub enum LoadError {
     NoModels,
 }
 
-async fn connect(addr: &str, tls: Option<&tonic::transport::ClientTlsConfig>) -> Result<Channel, LoadError> {
+/// A channel to `addr` (`host:port` or a URI), with Nagle off; TLS when `tls` is given.
+pub async fn connect(
+    addr: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Channel, LoadError> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = if addr.contains("://") { addr.to_owned() } else { format!("{scheme}://{addr}") };
     let failed = |source| LoadError::Connect { addr: addr.to_owned(), source };

@@ -9,7 +9,7 @@ use densemesh_loadgen as loadgen;
 use densemesh_proto::inference::ModelInferRequest;
 use densemesh_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use densemesh_runtime_core::TensorSpec;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// One paired run.
 #[derive(Debug, Clone)]
@@ -112,13 +112,7 @@ impl PairFigures {
 }
 
 async fn connect(addr: &str) -> anyhow::Result<GrpcInferenceServiceClient<Channel>> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let channel = Endpoint::from_shared(uri)?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
-    Ok(GrpcInferenceServiceClient::new(channel))
+    Ok(GrpcInferenceServiceClient::new(loadgen::connect(addr, None).await?))
 }
 
 async fn call(
