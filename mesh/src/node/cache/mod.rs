@@ -235,6 +235,21 @@ struct State {
 /// matter only once no pod has room.
 const EXACT_WALK_BELOW: usize = 10_000;
 
+const WALK_REUSE: Duration = Duration::from_secs(1);
+/// A walk is reused for at least this many times what it took, so walks hold the lock at most 1% of
+/// the time: over a million models one takes tens of milliseconds, and once a second slowed every
+/// load and request behind it.
+const WALK_REUSE_PER_WALK_TIME: u32 = 100;
+
+/// What a walk of the loaded models found: the coldest (and when it was last used), the cheapest
+/// victims under GDSF, when the walk ran and how long it is reused.
+struct PlacementWalk {
+    coldest: Option<(ModelId, Instant)>,
+    victims: Option<Vec<Victim>>,
+    at: Instant,
+    reuse_for: Duration,
+}
+
 /// The models with the lowest GDSF priorities, kept from a walk of every loaded model so that an
 /// eviction need not walk them all again: at 1,000,000 loaded that walk held the cache's lock for a
 /// sizeable part of a second on every load that needed room.
@@ -250,19 +265,19 @@ struct CheapestFew {
 
 /// How many models a walk keeps as the cheapest; a walk happens about once per this many evictions.
 const CHEAPEST_FEW: usize = 512;
-const WALK_REUSE: Duration = Duration::from_secs(1);
-/// A walk is reused for at least this many times what it took, so walks hold the lock at most 1% of
-/// the time: over a million models one takes tens of milliseconds, and once a second slowed every
-/// load and request behind it.
-const WALK_REUSE_PER_WALK_TIME: u32 = 100;
 
-/// What a walk of the loaded models found: the coldest (and when it was last used), the cheapest
-/// victims under GDSF, when the walk ran and how long it is reused.
-struct PlacementWalk {
-    coldest: Option<(ModelId, Instant)>,
-    victims: Option<Vec<Victim>>,
-    at: Instant,
-    reuse_for: Duration,
+impl CheapestFew {
+    /// The `CHEAPEST_FEW` lowest priorities among `candidates` (all of them, whatever the rules: one in
+    /// use now may be free at the next eviction).
+    fn from_walk(candidates: &[Candidate]) -> Self {
+        let mut keyed: Vec<(f64, &ModelId)> = candidates.iter().map(|c| (c.priority(), &c.id)).collect();
+        if keyed.len() > CHEAPEST_FEW {
+            keyed.select_nth_unstable_by(CHEAPEST_FEW - 1, |a, b| a.0.total_cmp(&b.0));
+            keyed.truncate(CHEAPEST_FEW);
+        }
+        let threshold = keyed.iter().map(|(p, _)| *p).fold(f64::NEG_INFINITY, f64::max);
+        Self { ids: keyed.into_iter().map(|(_, id)| id.clone()).collect(), threshold }
+    }
 }
 
 impl State {
@@ -299,23 +314,7 @@ impl State {
         }
         out
     }
-}
 
-impl CheapestFew {
-    /// The `CHEAPEST_FEW` lowest priorities among `candidates` (all of them, whatever the rules: one in
-    /// use now may be free at the next eviction).
-    fn from_walk(candidates: &[Candidate]) -> Self {
-        let mut keyed: Vec<(f64, &ModelId)> = candidates.iter().map(|c| (c.priority(), &c.id)).collect();
-        if keyed.len() > CHEAPEST_FEW {
-            keyed.select_nth_unstable_by(CHEAPEST_FEW - 1, |a, b| a.0.total_cmp(&b.0));
-            keyed.truncate(CHEAPEST_FEW);
-        }
-        let threshold = keyed.iter().map(|(p, _)| *p).fold(f64::NEG_INFINITY, f64::max);
-        Self { ids: keyed.into_iter().map(|(_, id)| id.clone()).collect(), threshold }
-    }
-}
-
-impl State {
     /// GDSF's victims for `needed` bytes: from the cheapest few when they suffice, otherwise from a
     /// walk of every loaded model, which keeps the cheapest few for the evictions after it.
     fn gdsf_victims(
