@@ -39,6 +39,8 @@ pub struct Desired {
     pub key: String,
     pub size_bytes: Option<u64>,
     pub min_copies: Option<u32>,
+    /// What it asks of GPUs: `preferred` or `required` (a Predictor's `spec.gpu`).
+    pub gpu: Option<String>,
     /// Percent of traffic for this revision while the last rolled-out one keeps the rest; `None`
     /// rolls it out fully.
     pub canary_percent: Option<u32>,
@@ -127,6 +129,7 @@ pub fn desired_for_isvc_with(isvc: &InferenceService, local_files: bool) -> Resu
                 key: &key,
                 size_bytes,
                 min_copies,
+                gpu: None,
             },
         ),
         vmodel_id: name.to_owned(),
@@ -138,6 +141,7 @@ pub fn desired_for_isvc_with(isvc: &InferenceService, local_files: bool) -> Resu
         key,
         size_bytes,
         min_copies,
+        gpu: None,
         canary_percent,
     })
 }
@@ -167,6 +171,12 @@ pub fn desired_for_predictor(predictor: &Predictor) -> Result<Desired, SpecError
         )?
     };
     let runtime = spec.runtime.as_ref().map(|r| r.name.clone());
+    let gpu = match spec.gpu.as_deref().map(|g| g.trim().to_ascii_lowercase()) {
+        None => None,
+        Some(g) if g.is_empty() => None,
+        Some(g) if g == "required" || g == "preferred" => Some(g),
+        Some(g) => return Err(invalid(format!("spec.gpu {g:?} is not required or preferred"))),
+    };
     Ok(Desired {
         model_id: revision_id(
             name,
@@ -178,6 +188,7 @@ pub fn desired_for_predictor(predictor: &Predictor) -> Result<Desired, SpecError
                 key: &key,
                 size_bytes: None,
                 min_copies: None,
+                gpu: gpu.as_deref(),
             },
         ),
         vmodel_id: name.to_owned(),
@@ -189,6 +200,7 @@ pub fn desired_for_predictor(predictor: &Predictor) -> Result<Desired, SpecError
         key,
         size_bytes: None,
         min_copies: None,
+        gpu,
         canary_percent: None,
     })
 }
@@ -269,6 +281,7 @@ struct RevisionOf<'a> {
     key: &'a str,
     size_bytes: Option<u64>,
     min_copies: Option<u32>,
+    gpu: Option<&'a str>,
 }
 
 /// `<name>__<owner>-<10 hex>`: a new id for every spec that loads or is kept differently (the
@@ -283,6 +296,7 @@ fn revision_id(name: &str, owner: &str, r: RevisionOf) -> String {
         "key": r.key,
         "size": r.size_bytes,
         "min_copies": r.min_copies,
+        "gpu": r.gpu,
     });
     // Fields not given leave no trace, so a field added later does not change every existing id.
     if let Some(fields) = canonical.as_object_mut() {

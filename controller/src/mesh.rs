@@ -225,6 +225,7 @@ fn info(model: &ModelRegistration) -> ModelInfo {
         key: model.key.clone(),
         size_bytes: model.size_bytes.unwrap_or(0),
         min_copies: model.min_copies.unwrap_or(0),
+        gpu: model.gpu.clone().unwrap_or_default(),
         // A predictor's `runtime` names a ServingRuntime, which decides the pods, not a runtime
         // within meshd: the pod chooses.
         runtime: String::new(),
@@ -388,8 +389,9 @@ mod tests {
             key: String::new(),
             size_bytes: Some(4096),
             min_copies: Some(2),
+            gpu: Some("required".into()),
         });
-        assert_eq!((info.size_bytes, info.min_copies), (4096, 2));
+        assert_eq!((info.size_bytes, info.min_copies, info.gpu.as_str()), (4096, 2, "required"));
         let none =
             super::info(&ModelRegistration { size_bytes: None, min_copies: None, ..Default::default() });
         assert_eq!((none.size_bytes, none.min_copies), (0, 0), "0 is 'not given' on the wire");

@@ -20,6 +20,8 @@ pub struct ModelRegistration {
     pub key: String,
     pub size_bytes: Option<u64>,
     pub min_copies: Option<u32>,
+    /// `preferred` or `required`; `None`: nothing asked.
+    pub gpu: Option<String>,
 }
 
 /// One management-API call.
@@ -73,6 +75,7 @@ impl Desired {
             key: self.key.clone(),
             size_bytes: self.size_bytes,
             min_copies: self.min_copies,
+            gpu: self.gpu.clone(),
         }
     }
 }

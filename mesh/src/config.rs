@@ -177,6 +177,11 @@ pub struct ServeArgs {
     /// against LRU's 74.0%. `meshctl simulate --eviction lru,gdsf` compares them on a trace.
     #[arg(long, env = "DENSEMESH_EVICTION", default_value = "gdsf")]
     pub eviction: densemesh_placement::eviction::Policy,
+    /// GPU memory models may take on each device: a size (20GiB) or a share of the device's memory
+    /// (90%), for every device, then `N=` entries for device N alone (80%,1=10GiB). Used by a build
+    /// with the cuda feature on a machine with GPUs; elsewhere meshd says once that it has no GPU tier.
+    #[arg(long, env = "DENSEMESH_GPU_CAPACITY", default_value = "90%")]
+    pub gpu_capacity: crate::node::gpu::GpuCapacity,
     /// Adds per-model request metrics (`densemesh_model_requests_total`, `…_duration_seconds`) with a
     /// `model` label for the K models served most lately here, every other one counted as `other`, so
     /// the series stay bounded however many models there are. 0: off.
@@ -342,6 +347,7 @@ impl ServeArgs {
             tls,
             metrics_tls: self.metrics_tls,
             eviction: self.eviction,
+            gpu_capacity: self.gpu_capacity,
             metrics_per_model: self.metrics_per_model,
             lease_ttl: self.lease_ttl,
             copy_idle_period: self.copy_idle_period,

@@ -97,6 +97,9 @@ pub enum MeshError {
     /// The pod a request was forwarded to refused it; its answer goes back as it is.
     #[error("{}", .0.message())]
     Peer(tonic::Status),
+    /// A model that requires a GPU has none to run on here now; the message says why.
+    #[error("{0}")]
+    GpuUnavailable(String),
     /// A bug or a crash inside the server.
     #[error("internal error: {0}")]
     Internal(String),
@@ -125,6 +128,12 @@ fn describe_refusal(refusal: &Refusal) -> String {
         Refusal::NoPodOffers { model_type } => {
             format!("no pod offers model type {model_type} (--model-types)")
         }
+        Refusal::NoGpu { predicted_bytes, largest_device_bytes: 0 } => format!(
+            "it requires a GPU (gpu: required) and no live pod has one; it needs about {predicted_bytes} bytes of GPU memory"
+        ),
+        Refusal::NoGpu { predicted_bytes, largest_device_bytes } => format!(
+            "it requires a GPU (gpu: required) and needs about {predicted_bytes} bytes of GPU memory; the largest device's capacity is {largest_device_bytes} bytes (--gpu-capacity)"
+        ),
     }
 }
 
@@ -157,9 +166,12 @@ impl MeshError {
                 Code::ResourceExhausted
             }
             MeshError::Cache(_) => Code::Unavailable,
-            MeshError::Refused { refusal: Refusal::NoPod | Refusal::NoPodOffers { .. }, .. } => {
-                Code::Unavailable
+            MeshError::Refused {
+                refusal:
+                    Refusal::NoPod | Refusal::NoPodOffers { .. } | Refusal::NoGpu { largest_device_bytes: 0, .. },
+                ..
             }
+            | MeshError::GpuUnavailable(_) => Code::Unavailable,
             MeshError::Refused { .. } => Code::ResourceExhausted,
             MeshError::Registry(e) => registry_code(e),
             MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,

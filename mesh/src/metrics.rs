@@ -13,6 +13,10 @@ pub const MODEL_UNLOADS: &str = "densemesh_model_unloads_total";
 pub const CACHE_EVICTIONS: &str = "densemesh_cache_evictions_total";
 pub const CAPACITY_BYTES: &str = "densemesh_capacity_bytes";
 pub const USED_BYTES: &str = "densemesh_used_bytes";
+pub const GPU_MODELS: &str = "densemesh_gpu_models";
+pub const GPU_PROMOTIONS: &str = "densemesh_gpu_promotions_total";
+pub const GPU_DEMOTIONS: &str = "densemesh_gpu_demotions_total";
+pub const GPU_PROMOTION_DURATION: &str = "densemesh_gpu_promotion_duration_seconds";
 pub const LRU_AGE: &str = "densemesh_lru_age_seconds";
 pub const LOADING_MODELS: &str = "densemesh_loading_models";
 pub const LOADED_MODEL_SIZE: &str = "densemesh_loaded_model_size_bytes";
@@ -80,8 +84,20 @@ pub fn describe() {
     describe_counter!(MODEL_LOADS, "Model loads finished, by result (success, failure)");
     describe_counter!(MODEL_UNLOADS, "Models unloaded (evicted or at shutdown)");
     describe_counter!(CACHE_EVICTIONS, "Models evicted from memory to make room for a load");
-    describe_gauge!(CAPACITY_BYTES, Unit::Bytes, "Memory capacity for models (--capacity)");
-    describe_gauge!(USED_BYTES, Unit::Bytes, "Capacity charged to loaded models and loads in progress");
+    describe_gauge!(
+        CAPACITY_BYTES,
+        Unit::Bytes,
+        "Memory capacity for models (--capacity; tier=\"gpuN\": device N's, --gpu-capacity)"
+    );
+    describe_gauge!(
+        USED_BYTES,
+        Unit::Bytes,
+        "Capacity charged to loaded models and loads in progress (host memory; tier=\"gpuN\": device N's copies)"
+    );
+    describe_gauge!(GPU_MODELS, "Models with a copy on the device (tier)");
+    describe_counter!(GPU_PROMOTIONS, "Models copied from host to GPU memory before a call");
+    describe_counter!(GPU_DEMOTIONS, "GPU copies dropped to make room on a device (the host copy stays)");
+    describe_histogram!(GPU_PROMOTION_DURATION, Unit::Seconds, "Time to copy a model to its GPU");
     describe_gauge!(LRU_AGE, Unit::Seconds, "Time since the least recently used loaded model was used");
     describe_gauge!(LOADING_MODELS, "Model loads in progress");
     describe_histogram!(LOADED_MODEL_SIZE, Unit::Bytes, "Measured size of each model loaded");

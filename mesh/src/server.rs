@@ -30,8 +30,10 @@ use crate::config::runtime_file::RuntimeEntry;
 use crate::error::CacheError;
 use crate::metrics as m;
 use crate::node::cache::{CacheConfig, Locate, ModelCache};
+use crate::node::gpu::{GpuAsk, GpuTier};
 use crate::node::runtimes::Runtimes;
 use crate::node::worker::{Worker, WorkerConfig};
+use densemesh_runtime_gpu::Discovery;
 
 /// Everything a node needs to run.
 #[derive(Debug, Clone)]
@@ -72,6 +74,8 @@ pub struct ServeConfig {
     pub metrics_tls: bool,
     /// Which loaded model a load evicts first (`--eviction`).
     pub eviction: densemesh_placement::eviction::Policy,
+    /// What models may take of each GPU (`--gpu-capacity`).
+    pub gpu_capacity: crate::node::gpu::GpuCapacity,
     /// Per-model metrics for this many models, 0 for none (`--metrics-per-model`).
     pub metrics_per_model: usize,
     /// Key prefix of the mesh's records.
@@ -130,6 +134,8 @@ pub enum ServeError {
     Etcd(String, densemesh_placement::StoreError),
     #[error("cannot open the disk cache or storage config (--cache-dir, --storage-config): {0}")]
     Puller(#[from] densemesh_puller::Error),
+    #[error("--gpu-capacity names device {0}, and this machine's CUDA devices are {1}")]
+    GpuDevice(usize, String),
 }
 
 /// The gRPC services meshd serves, as reflection lists them.
@@ -201,8 +207,10 @@ pub async fn run(
         .map_err(|e| ServeError::Metrics(format!("puller: {e}")))??;
     let health = crate::cluster::instance::RegistryHealth::new(config.registry_outage_grace);
     let locate = locate_registered(view.clone(), puller.clone(), config.model_repo.clone());
-    let mut cache =
-        ModelCache::new(config.cache.clone(), runtime, locate).with_eviction_policy(config.eviction);
+    let gpu = start_gpu_tier(&config, &view).await?;
+    let mut cache = ModelCache::new(config.cache.clone(), runtime, locate)
+        .with_eviction_policy(config.eviction)
+        .with_gpu_tier(gpu.clone());
     if !config.etcd.is_empty() {
         let health = health.clone();
         cache =
@@ -293,7 +301,7 @@ pub async fn run(
     .map_err(ServeError::Admin)?;
 
     let forwarder = crate::cluster::forward::Forwarder::new(placer.clone(), config.max_message_size);
-    let worker = Worker::new(config.worker.clone());
+    let worker = Worker::new(config.worker.clone()).with_gpu_tier(gpu);
     let queue_waits = worker.queue_waits();
     let mut service =
         InferenceService::new(cache.clone(), view.clone(), worker, ready.clone()).with_forwarder(forwarder);
@@ -500,6 +508,45 @@ pub async fn run(
     puller.shutdown().await;
     tracing::info!("meshd stopped");
     Ok(())
+}
+
+/// Finds the GPUs and gives each its share of `--gpu-capacity`; says once at start what it found, or
+/// why there is no GPU tier. A model's GPU ask is read from its registered spec.
+async fn start_gpu_tier(config: &ServeConfig, view: &ClusterView) -> Result<GpuTier, ServeError> {
+    let discovery = tokio::task::spawn_blocking(densemesh_runtime_gpu::discover)
+        .await
+        .map_err(|e| ServeError::Runtimes(format!("GPU discovery failed: {e}")))?;
+    let devices = match discovery {
+        Discovery::Unavailable(why) => {
+            tracing::info!(reason = %why, "no GPU tier: models run on the host");
+            Vec::new()
+        }
+        Discovery::Devices(devices) if devices.is_empty() => {
+            tracing::info!("no GPU tier: the CUDA driver lists no devices");
+            devices
+        }
+        Discovery::Devices(devices) => {
+            if let Some(&unknown) = config.gpu_capacity.unknown_devices(&devices).first() {
+                let present = devices.iter().map(|d| d.ordinal.to_string()).collect::<Vec<_>>().join(", ");
+                return Err(ServeError::GpuDevice(unknown, present));
+            }
+            devices
+        }
+    };
+    for d in &devices {
+        tracing::info!(
+            tier = %format!("gpu{}", d.ordinal),
+            device = %d.name,
+            total_bytes = d.total_bytes,
+            free_bytes = d.free_bytes,
+            capacity_bytes = config.gpu_capacity.bytes_of(d.ordinal, d.total_bytes),
+            "GPU tier"
+        );
+    }
+    // Read even without devices: a model that requires a GPU is then refused, never run here.
+    let view = view.clone();
+    let ask: GpuAsk = Arc::new(move |id| view.model_gpu(id));
+    Ok(GpuTier::new(&devices, &config.gpu_capacity, ask))
 }
 
 /// Models are found through their registered spec: a model of the shared repository under this pod's

@@ -120,6 +120,7 @@ pub(crate) fn instance_record(endpoint: &str) -> InstanceRecord {
         started_ms: 0,
         model_types: densemesh_placement::spec::legacy_model_types(),
         peer_wire: 0,
+        devices: Vec::new(),
     }
 }
 

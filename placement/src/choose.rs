@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use crate::eviction::{Victim, priority_to_free};
+use crate::gpu::GpuRoom;
 use crate::{InstanceRecord, Placement};
 
 /// A pod as placement sees it.
@@ -42,6 +43,8 @@ pub struct LoadCandidate {
     /// epoch). It is never chosen before then, since it would only answer with the remembered
     /// failure; after, it may be chosen again, behind pods that never failed the model.
     pub retry_after_ms: Option<u64>,
+    /// What its GPUs can take ([`crate::gpu::narrow`] reads it for models that ask for a GPU).
+    pub gpu: GpuRoom,
 }
 
 impl LoadCandidate {
@@ -65,6 +68,7 @@ impl LoadCandidate {
             draining: record.draining,
             offers_type: model_type.is_none_or(|t| record.offers(t)),
             retry_after_ms: own.and_then(Placement::retry_after_ms),
+            gpu: GpuRoom::of(&record.devices),
         }
     }
 
@@ -92,6 +96,9 @@ pub enum Refusal {
     NoPod,
     /// No live pod offers the model's type (`--model-types`).
     NoPodOffers { model_type: String },
+    /// The model requires a GPU and no pod has a device that could hold it (`largest_device_bytes`
+    /// is the largest device capacity among them; 0: no pod has a GPU).
+    NoGpu { predicted_bytes: u64, largest_device_bytes: u64 },
 }
 
 /// Loads in progress that count like this many extra bytes used per capacity (a tie-breaker).
@@ -213,6 +220,7 @@ pub(crate) fn test_pod(name: &str, capacity: u64, used: u64, lru: u64) -> LoadCa
         draining: false,
         offers_type: true,
         retry_after_ms: None,
+        gpu: GpuRoom::default(),
     }
 }
 
@@ -364,6 +372,7 @@ mod tests {
             started_ms: 0,
             model_types: vec!["onnx".into()],
             peer_wire: 0,
+            devices: Vec::new(),
         };
         let copies = [
             ("a".to_owned(), Placement::Failed { since_ms: 1, reason: "bad".into(), retry_after_ms: 500 }),
@@ -443,6 +452,7 @@ mod tests {
                         draining,
                         offers_type,
                         retry_after_ms,
+                        gpu: GpuRoom::default(),
                     }
                 },
             )
@@ -574,6 +584,7 @@ mod tests {
                 draining: false,
                 offers_type: true,
                 retry_after_ms: Some(retry_after_ms),
+                gpu: GpuRoom::default(),
             };
             let mut pods = others.clone();
             pods.push(target.clone());

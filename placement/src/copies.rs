@@ -118,6 +118,7 @@ mod min_copies_tests {
             started_ms: 0,
             model_types: model_types.iter().map(|t| (*t).to_owned()).collect(),
             peer_wire: 0,
+            devices: Vec::new(),
         }
     }
 

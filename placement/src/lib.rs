@@ -10,6 +10,7 @@ pub mod election;
 pub mod eviction;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod gpu;
 pub mod graph;
 mod model_id;
 pub mod registry;

@@ -17,8 +17,10 @@
 //!    room first (least-used fraction, this pod on ties), else the coldest LRU in the cluster, but
 //!    never by evicting a model used within the anti-churn age (ModelMesh's rule: refuse rather than
 //!    thrash). A model too large for this pod but not for a peer goes to that peer.
-//! 5. Else refuse, saying why: no live pod offers its type (named), larger than any pod, it would
-//!    evict a recently used model (named), or no pod may load it now.
+//!    A model that asks for a GPU ([`Gpu`]) is placed among pods with device room first; one that
+//!    requires a GPU never on a pod without a device that could hold it ([`crate::gpu::narrow`]).
+//! 5. Else refuse, saying why: no live pod offers its type (named), it requires a GPU no pod has,
+//!    larger than any pod, it would evict a recently used model (named), or no pod may load it now.
 //!
 //! For [`Goal::AddCopy`] only pods without a copy count, and the answer is always a load elsewhere.
 
@@ -26,6 +28,7 @@ use std::time::Duration;
 
 pub use crate::choose::Refusal;
 use crate::choose::{CopyHolder, LoadCandidate, choose_copy, choose_load_target};
+use crate::gpu::{Gpu, narrow};
 
 /// Why the caller asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,9 @@ pub struct RouteInput<'a> {
     pub now_ms: u64,
     /// A load never evicts a model used more recently than this (zero: off).
     pub anti_churn_age: Duration,
+    /// What the model asks of GPUs (its spec's `gpu`): placement narrows the pods by it
+    /// ([`crate::gpu::narrow`]).
+    pub gpu: Option<Gpu>,
 }
 
 /// What to do.
@@ -148,13 +154,24 @@ pub fn route(input: &RouteInput<'_>) -> Route {
         })
         .cloned()
         .collect();
-    let target = choose_load_target(
-        &candidates,
-        input.this,
-        input.predicted_bytes,
-        input.now_ms,
-        input.anti_churn_age,
-    );
+    let groups = match narrow(&candidates, input.gpu, input.predicted_bytes) {
+        Ok(groups) => groups,
+        Err(largest_device_bytes) => {
+            return Route::Refuse(Refusal::NoGpu {
+                predicted_bytes: input.predicted_bytes,
+                largest_device_bytes,
+            });
+        }
+    };
+    // The first group with a pod that can take it wins; the refusal of the widest group explains.
+    let mut target = Err(Refusal::NoPod);
+    for group in &groups {
+        target =
+            choose_load_target(group, input.this, input.predicted_bytes, input.now_ms, input.anti_churn_age);
+        if target.is_ok() {
+            break;
+        }
+    }
     match target {
         Ok(name) if name == input.this => Route::LoadHere,
         Ok(name) => Route::LoadOn(name.to_owned()),

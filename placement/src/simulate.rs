@@ -256,6 +256,7 @@ pub fn run(trace: &Trace, cluster: &Cluster) -> Result<Report, ClusterError> {
             draining: false,
             offers_type: true,
             retry_after_ms: None,
+            gpu: Default::default(),
         })
         .collect();
     // Pods holding each model (few: one, unless a model was loaded twice).
@@ -320,6 +321,7 @@ pub fn run(trace: &Trace, cluster: &Cluster) -> Result<Report, ClusterError> {
             predicted_bytes: request.size_bytes,
             now_ms: now,
             anti_churn_age: cluster.anti_churn_age,
+            gpu: None,
         });
         let (target, load) = match decision {
             Route::Here => (Some(arrival), false),
@@ -330,7 +332,9 @@ pub fn run(trace: &Trace, cluster: &Cluster) -> Result<Report, ClusterError> {
                 match refusal {
                     Refusal::TooLarge { .. } => report.refusals.too_large += 1,
                     Refusal::WouldEvictRecent { .. } => report.refusals.would_evict_recent += 1,
-                    Refusal::NoPod | Refusal::NoPodOffers { .. } => report.refusals.no_pod += 1,
+                    Refusal::NoPod | Refusal::NoPodOffers { .. } | Refusal::NoGpu { .. } => {
+                        report.refusals.no_pod += 1
+                    }
                 }
                 (None, false)
             }

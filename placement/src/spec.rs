@@ -52,6 +52,9 @@ pub struct ModelSpec {
     /// `onnxruntime` for ONNX); `None`: the pod chooses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
+    /// What it asks of GPUs (the Predictor's `gpu`): `None` when it asks nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::gpu::Gpu>,
 }
 
 impl ModelSpec {
@@ -72,7 +75,7 @@ impl ModelSpec {
 
     /// Whether the placement hints a registration may change on a registered model differ.
     pub fn same_hints(&self, other: &ModelSpec) -> bool {
-        self.size_bytes == other.size_bytes && self.min_copies == other.min_copies
+        self.size_bytes == other.size_bytes && self.min_copies == other.min_copies && self.gpu == other.gpu
     }
 }
 
@@ -89,6 +92,7 @@ impl ModelSpec {
             size_bytes: None,
             min_copies: None,
             runtime: None,
+            gpu: None,
         }
     }
 }
@@ -220,6 +224,11 @@ mod tests {
         assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), hinted);
 
         assert!(!hinted.reloads(&plain) && !hinted.same_hints(&plain));
+        let on_gpu = ModelSpec { gpu: Some(crate::gpu::Gpu::Required), ..plain.clone() };
+        let json = serde_json::to_string(&on_gpu).unwrap();
+        assert!(json.contains(r#""gpu":"required""#), "{json}");
+        assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), on_gpu);
+        assert!(!on_gpu.reloads(&plain) && !on_gpu.same_hints(&plain), "a GPU ask is a hint");
         assert!(ModelSpec { generation: 1, ..plain.clone() }.reloads(&plain), "new files");
         assert!(api_spec("/other").reloads(&plain), "another model");
     }
@@ -336,6 +345,9 @@ pub struct InstanceRecord {
     /// requests; 0 (pods from before it, which leave it out): HTTP/2 only.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub peer_wire: u32,
+    /// Its GPUs, each with its capacity and use (`--gpu-capacity`); empty without any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<crate::gpu::DeviceRecord>,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -124,6 +124,12 @@ impl ClusterView {
         self.mirror.read().models.get(id).map(|(spec, _)| spec.model_type.clone())
     }
 
+    /// What a model asks of GPUs, without copying its spec: read before every call on a model that
+    /// could run on one.
+    pub fn model_gpu(&self, id: &ModelId) -> Option<crate::gpu::Gpu> {
+        self.mirror.read().models.get(id).and_then(|(spec, _)| spec.gpu)
+    }
+
     /// A model's spec with the revision it was written at.
     pub fn model_with_revision(&self, id: &ModelId) -> Option<(ModelSpec, Revision)> {
         self.mirror.read().models.get(id).cloned()

@@ -180,6 +180,31 @@ spec:
     assert_eq!(d.owner, "ksp");
     assert!(d.model_id.starts_with("example-mnist-predictor__ksp-"));
     assert_eq!(d.key, r#"{"storage_key":"localMinIO","bucket":"models"}"#);
+    assert_eq!(d.gpu, None);
+}
+
+#[test]
+fn a_predictors_gpu_ask_reaches_the_mesh_and_is_a_revision_of_its_own() {
+    let predictor = |gpu: &str| -> Predictor {
+        serde_yaml::from_str(&format!(
+            "apiVersion: serving.kserve.io/v1alpha1\nkind: Predictor\nmetadata: {{name: p}}\n\
+             spec: {{modelType: {{name: huggingface}}, path: m, storage: {{s3: {{secretKey: k}}}}{gpu}}}"
+        ))
+        .unwrap()
+    };
+    let plain = desired_for_predictor(&predictor("")).unwrap();
+    let required = desired_for_predictor(&predictor(", gpu: Required")).unwrap();
+    assert_eq!(required.gpu.as_deref(), Some("required"));
+    assert_ne!(required.model_id, plain.model_id, "the mesh learns the ask with a new revision");
+    let preferred = desired_for_predictor(&predictor(", gpu: preferred")).unwrap();
+    assert_eq!(preferred.gpu.as_deref(), Some("preferred"));
+    let err = desired_for_predictor(&predictor(", gpu: always")).unwrap_err();
+    assert_eq!(err.reason, FailureReason::InvalidPredictorSpec);
+    assert!(
+        err.message.contains("spec.gpu") && err.message.contains("required or preferred"),
+        "{}",
+        err.message
+    );
 }
 
 #[test]

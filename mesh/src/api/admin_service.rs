@@ -180,6 +180,7 @@ impl Admin for AdminService {
                     idle_seconds: here.map_or(0, |r| r.idle_for.as_secs()),
                     runtime,
                     forced_runtime: spec.runtime.unwrap_or_default(),
+                    gpu: spec.gpu.map(|g| g.as_str().to_owned()).unwrap_or_default(),
                 }
             })
             .collect();
@@ -202,6 +203,7 @@ impl Admin for AdminService {
         // load just done shows at once.
         let me = self.placer.instance_id().to_owned();
         let live = self.cache.placement_state();
+        let devices = self.cache.gpu_tier().records();
         let instances = self
             .view
             .instances()
@@ -213,6 +215,7 @@ impl Admin for AdminService {
                     r.models_loaded = live.models_loaded;
                     r.loading = live.loading;
                     r.lru_age_seconds = live.lru_age.as_secs();
+                    r.devices = devices.clone();
                 }
                 (id, r)
             })
@@ -227,6 +230,18 @@ impl Admin for AdminService {
                 requests_per_minute: r.requests_per_minute,
                 draining: r.draining,
                 model_types: r.model_types,
+                devices: r
+                    .devices
+                    .into_iter()
+                    .map(|d| DeviceSummary {
+                        name: d.name,
+                        kind: d.kind,
+                        total_bytes: d.total_bytes,
+                        capacity_bytes: d.capacity_bytes,
+                        used_bytes: d.used_bytes,
+                        models: d.models,
+                    })
+                    .collect(),
             })
             .collect();
         Ok(Response::new(ListInstancesResponse { instances }))

@@ -313,6 +313,7 @@ fn empty_record() -> InstanceRecord {
         started_ms: 0,
         model_types: Vec::new(),
         peer_wire: 0,
+        devices: Vec::new(),
     }
 }
 

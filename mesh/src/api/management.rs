@@ -250,6 +250,10 @@ fn spec_from(info: Option<ModelInfo>, auto_delete: bool) -> Result<ModelSpec, St
         size_bytes: (info.size_bytes > 0).then_some(info.size_bytes),
         min_copies: (info.min_copies > 0).then_some(info.min_copies),
         runtime: (!info.runtime.is_empty()).then_some(info.runtime),
+        gpu: match info.gpu.trim() {
+            "" => None,
+            gpu => Some(gpu.parse().map_err(|e| Status::invalid_argument(format!("modelInfo.gpu: {e}")))?),
+        },
         ..ModelSpec::api(info.r#type, info.path)
     })
 }
@@ -483,6 +487,7 @@ mod tests {
             size_bytes,
             min_copies,
             runtime: String::new(),
+            gpu: String::new(),
         };
         let old_client = spec_from(Some(info(0, 0)), false).unwrap();
         assert_eq!(
@@ -496,5 +501,13 @@ mod tests {
         );
         let forced = spec_from(Some(ModelInfo { runtime: "tiny".into(), ..info(0, 0) }), false).unwrap();
         assert_eq!(forced.runtime.as_deref(), Some("tiny"));
+        let gpu = spec_from(Some(ModelInfo { gpu: "required".into(), ..info(0, 0) }), false).unwrap();
+        assert_eq!(gpu.gpu, Some(densemesh_placement::gpu::Gpu::Required));
+        let bad = spec_from(Some(ModelInfo { gpu: "sometimes".into(), ..info(0, 0) }), false).unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        assert!(
+            bad.message().contains("modelInfo.gpu") && bad.message().contains("preferred or required"),
+            "{bad:?}"
+        );
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use densemesh_placement::gpu::DeviceRecord;
 use densemesh_placement::registry::{Registry, encode};
 use densemesh_placement::store::LeaseId;
 use densemesh_placement::{InstanceRecord, Placement, StoreError};
@@ -180,6 +181,14 @@ pub async fn run(
     }
 }
 
+/// Whether a device's use moved by more than 1% of its capacity, or its models changed in number.
+fn gpu_moved(old: &[DeviceRecord], new: &[DeviceRecord]) -> bool {
+    old.len() != new.len()
+        || old.iter().zip(new).any(|(o, n)| {
+            o.models != n.models || o.used_bytes.abs_diff(n.used_bytes) > n.capacity_bytes / 100
+        })
+}
+
 impl Publisher {
     fn record(&self) -> InstanceRecord {
         let state = self.cache.placement_state();
@@ -197,6 +206,7 @@ impl Publisher {
             started_ms: self.started_ms,
             model_types: self.config.model_types.clone(),
             peer_wire: self.config.peer_wire,
+            devices: self.cache.gpu_tier().records(),
         }
     }
 
@@ -209,6 +219,7 @@ impl Publisher {
             || old.draining != new.draining
             || old.endpoint != new.endpoint
             || old.coldest_model != new.coldest_model
+            || gpu_moved(&old.devices, &new.devices)
             || old.lru_age_seconds.abs_diff(new.lru_age_seconds) > 60
             || old.requests_per_minute.abs_diff(new.requests_per_minute)
                 > new.requests_per_minute.max(100) / 5

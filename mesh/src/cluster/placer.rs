@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use densemesh_placement::choose::LoadCandidate;
+use densemesh_placement::gpu::GpuRoom;
 use densemesh_placement::route::{Copy, CopyOn, Goal, Refusal, Route, RouteInput, route};
 use densemesh_placement::view::ViewChange;
 use densemesh_placement::{ClusterView, ModelId, ModelSpec, Placement, Source};
@@ -251,6 +252,7 @@ impl Placer {
             draining: instances.get(this).is_some_and(|r| r.draining),
             offers_type: model_type.is_none_or(|t| self.offers_type(t)),
             retry_after_ms: own(this).and_then(Placement::retry_after_ms),
+            gpu: GpuRoom::of(&self.inner.cache.gpu_tier().records()),
         });
         let now_ms = now_ms();
         let answer = route(&RouteInput {
@@ -263,6 +265,7 @@ impl Placer {
             predicted_bytes,
             now_ms,
             anti_churn_age: self.inner.config.anti_churn_age,
+            gpu: self.inner.view.model_gpu(id),
         });
         let asked =
             decisions::Asked { model_id: id.as_str(), goal, pods: &pods, predicted_bytes, at_ms: now_ms };

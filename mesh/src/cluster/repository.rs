@@ -206,6 +206,7 @@ fn repository_spec(id: &ModelId, generation: u64, format: &str) -> ModelSpec {
         size_bytes: None,
         min_copies: None,
         runtime: None,
+        gpu: None,
     }
 }
 

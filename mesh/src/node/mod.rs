@@ -4,6 +4,7 @@
 //! Nothing here knows other pods exist.
 
 pub mod cache;
+pub mod gpu;
 pub mod limits;
 pub mod onnx;
 pub mod router;

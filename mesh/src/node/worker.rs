@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::error::MeshError;
 use crate::metrics as m;
 use crate::node::cache::Lease;
+use crate::node::gpu::GpuTier;
 
 /// Limits of the inference worker.
 #[derive(Debug, Clone)]
@@ -50,6 +51,8 @@ pub struct Worker {
     /// Inferences waiting for a permit.
     queued: Arc<AtomicUsize>,
     queue_waits: QueueWaits,
+    /// Puts models onto GPUs before their calls (empty on a pod without any).
+    gpu: GpuTier,
 }
 
 /// Per model, how long its inferences waited for a worker since the last [`take`](Self::take); shared
@@ -79,7 +82,20 @@ impl Worker {
         let running = Arc::new(Semaphore::new(config.concurrency.max(1)));
         let infer_duration = metrics::histogram!(m::INFER_DURATION);
         let queued = Arc::new(AtomicUsize::new(0));
-        Self { config, infer_duration, running, queued, queue_waits: QueueWaits::default() }
+        Self {
+            config,
+            infer_duration,
+            running,
+            queued,
+            queue_waits: QueueWaits::default(),
+            gpu: GpuTier::none(),
+        }
+    }
+
+    /// The same worker, placing models on `gpu`'s devices before their calls.
+    pub fn with_gpu_tier(mut self, gpu: GpuTier) -> Self {
+        self.gpu = gpu;
+        self
     }
 
     /// How long each model's inferences waited for a worker, for adding copies of the ones that queue.
@@ -99,7 +115,9 @@ impl Worker {
             }
             Err(request) => request,
         };
-        let inline = self.runs_inline(&lease, &request);
+        // A model that must be put on a GPU first runs on the blocking pool: the copy blocks.
+        let placing = self.gpu.before_call(&lease);
+        let inline = !placing && self.runs_inline(&lease, &request);
         let permit = match self.running.clone().try_acquire_owned() {
             Ok(permit) => {
                 if !inline {
@@ -122,9 +140,13 @@ impl Worker {
         }
         let span = tracing::Span::current();
         let infer_duration = self.infer_duration.clone();
+        let gpu = placing.then(|| self.gpu.clone());
         tokio::task::spawn_blocking(move || {
             // Entered only inside this synchronous closure, never across an await.
             let _enter = span.enter();
+            if let Some(gpu) = gpu {
+                gpu.place(&lease)?;
+            }
             let result = run(&lease, request, &infer_duration);
             drop(permit);
             result

@@ -28,6 +28,7 @@ fn ask(goal: Goal, pods: &[LoadCandidate], copies: &[CopyOn], size: u64) -> Rout
         predicted_bytes: size,
         now_ms: NOW,
         anti_churn_age: TEN_MINUTES,
+        gpu: None,
     })
 }
 
@@ -56,6 +57,51 @@ fn a_request_goes_to_a_copy_here_then_a_loaded_peer_then_a_loading_one_then_plac
     assert_eq!(ask(Goal::Serve, &even, &[], 5), Route::LoadHere, "this pod on ties");
 }
 
+fn ask_gpu(gpu: Gpu, pods: &[LoadCandidate], size: u64) -> Route {
+    route(&RouteInput {
+        this: "me",
+        goal: Goal::Serve,
+        pods,
+        copies: &[],
+        exclude: &[],
+        model_type: Some("onnx"),
+        predicted_bytes: size,
+        now_ms: NOW,
+        anti_churn_age: Duration::ZERO,
+        gpu: Some(gpu),
+    })
+}
+
+fn gpu_pod(name: &str, used: u64, device_capacity: u64, device_used: u64) -> LoadCandidate {
+    let mut p = pod(name, 100, used, 900);
+    p.gpu = crate::gpu::GpuRoom {
+        largest_capacity_bytes: device_capacity,
+        most_free_bytes: device_capacity - device_used,
+    };
+    p
+}
+
+#[test]
+fn a_model_asking_for_a_gpu_goes_where_a_device_has_room_and_one_requiring_it_never_to_cpu() {
+    // "me" has the most host room but no GPU; "full" has a GPU with no room; "room" one with room.
+    let pods = [pod("me", 100, 0, 900), gpu_pod("full", 50, 40, 40), gpu_pod("room", 90, 40, 10)];
+    assert_eq!(ask(Goal::Serve, &pods, &[], 20), Route::LoadHere, "no ask: host room decides");
+    assert_eq!(ask_gpu(Gpu::Preferred, &pods, 20), Route::LoadOn("room".into()));
+    assert_eq!(ask_gpu(Gpu::Required, &pods, 20), Route::LoadOn("room".into()));
+    // Larger than any device's room now: preferred falls back to the host's choice, required goes to
+    // a pod whose device can make room by demoting.
+    assert_eq!(ask_gpu(Gpu::Preferred, &pods, 35), Route::LoadHere);
+    assert_eq!(ask_gpu(Gpu::Required, &pods, 35), Route::LoadOn("full".into()));
+    assert_eq!(
+        ask_gpu(Gpu::Required, &pods, 45),
+        Route::Refuse(Refusal::NoGpu { predicted_bytes: 45, largest_device_bytes: 40 })
+    );
+    assert_eq!(
+        ask_gpu(Gpu::Required, &[pod("me", 100, 0, 900)], 1),
+        Route::Refuse(Refusal::NoGpu { predicted_bytes: 1, largest_device_bytes: 0 })
+    );
+}
+
 #[test]
 fn copies_on_draining_gone_or_failed_pods_do_not_count() {
     let mut pods = three_pods();
@@ -73,6 +119,7 @@ fn copies_on_draining_gone_or_failed_pods_do_not_count() {
         predicted_bytes: 5,
         now_ms: NOW,
         anti_churn_age: TEN_MINUTES,
+        gpu: None,
     };
     assert_eq!(route(&input), Route::LoadHere, "b failed this request; a drains; this pod loads it");
 }
@@ -161,6 +208,7 @@ fn only_pods_offering_the_type_hold_serve_or_load_it() {
         predicted_bytes: 5,
         now_ms: NOW,
         anti_churn_age: TEN_MINUTES,
+        gpu: None,
     };
     assert_eq!(route(&input), Route::LoadHere);
 }
@@ -192,6 +240,7 @@ fn arb_pods() -> impl Strategy<Value = Vec<LoadCandidate>> {
                 draining,
                 offers_type,
                 retry_after_ms,
+                gpu: Default::default(),
             })
             .collect()
     })
@@ -235,7 +284,7 @@ proptest! {
         let anti_churn_age = Duration::from_secs(churn_secs);
         let input = RouteInput {
             this: "me", goal, pods: &pods, copies: &copies, exclude: &exclude, model_type: Some("onnx"),
-            predicted_bytes: size, now_ms: now, anti_churn_age,
+            predicted_bytes: size, now_ms: now, anti_churn_age, gpu: None,
         };
         let pod_named = |name: &str| pods.iter().find(|p| p.instance == name);
         let offers = |name: &str| pod_named(name).is_some_and(|p| p.offers_type);
@@ -301,7 +350,7 @@ proptest! {
     ) {
         let input = RouteInput {
             this: "me", goal, pods: &pods, copies: &copies, exclude: &[], model_type: Some("onnx"),
-            predicted_bytes: size, now_ms: now, anti_churn_age: Duration::ZERO,
+            predicted_bytes: size, now_ms: now, anti_churn_age: Duration::ZERO, gpu: None,
         };
         let offers = |name: &str| pods.iter().any(|p| p.instance == name && p.offers_type);
         match route(&input) {

@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
 use serde::Deserialize;
 
@@ -216,7 +216,33 @@ struct EncoderLayer {
     output_norm: LayerNorm,
 }
 
+fn linear_on(linear: &Linear, device: &Device) -> Result<Linear> {
+    let bias = linear.bias().map(|b| b.to_device(device)).transpose()?;
+    Ok(Linear::new(linear.weight().to_device(device)?, bias))
+}
+
+fn norm_on(norm: &LayerNorm, device: &Device) -> Result<LayerNorm> {
+    let weight = norm.weight().to_device(device)?;
+    Ok(match norm.bias() {
+        Some(bias) => LayerNorm::new(weight, bias.to_device(device)?, norm.eps()),
+        None => LayerNorm::new_no_bias(weight, norm.eps()),
+    })
+}
+
 impl EncoderLayer {
+    fn on(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            query: linear_on(&self.query, device)?,
+            key: linear_on(&self.key, device)?,
+            value: linear_on(&self.value, device)?,
+            attention_output: linear_on(&self.attention_output, device)?,
+            attention_norm: norm_on(&self.attention_norm, device)?,
+            intermediate: linear_on(&self.intermediate, device)?,
+            output: linear_on(&self.output, device)?,
+            output_norm: norm_on(&self.output_norm, device)?,
+        })
+    }
+
     fn load(
         weights: &Weights<'_>,
         index: usize,
@@ -280,6 +306,26 @@ impl Bert {
             hidden_size: hidden,
             activation: config.activation,
         })
+    }
+
+    /// A copy of the encoder with every weight on `device` (a host-to-device copy for a GPU): what a
+    /// promotion to the GPU tier makes, the host copy staying as it is.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            word_embeddings: self.word_embeddings.to_device(device)?,
+            position_embeddings: self.position_embeddings.to_device(device)?,
+            token_type_embeddings: self.token_type_embeddings.to_device(device)?,
+            embeddings_norm: norm_on(&self.embeddings_norm, device)?,
+            layers: self.layers.iter().map(|l| l.on(device)).collect::<Result<_>>()?,
+            heads: self.heads,
+            hidden_size: self.hidden_size,
+            activation: self.activation,
+        })
+    }
+
+    /// The device its weights are on.
+    pub fn device(&self) -> &Device {
+        self.word_embeddings.device()
     }
 
     /// The last layer's token vectors, `[batch, tokens, hidden]`, for `ids` and `type_ids` (`[batch,

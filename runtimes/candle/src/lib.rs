@@ -1,5 +1,6 @@
 //! BERT-family sentence-embedding models (sentence-transformers layout, safetensors weights) run on
-//! candle's CPU backend, as a densemesh [`Runtime`].
+//! candle's CPU backend, as a densemesh [`Runtime`]; with the `cuda` feature, on a GPU as well when the
+//! mesh's GPU tier promotes a model (its `device` module).
 //!
 //! A model takes one input, [`INPUT_NAME`] (`text`): a BYTES tensor of UTF-8 strings of shape `[n]`
 //! or `[n, 1]`. It returns one output, [`OUTPUT_NAME`] (`embedding`): FP32 `[n, dim]`, pooled as the
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod bert;
+mod device;
 mod error;
 mod files;
 mod memory;
@@ -29,6 +31,7 @@ use std::sync::Arc;
 
 use densemesh_runtime_core::{Context, Error, LoadRequest, LoadedModel, Result, Runtime};
 
+pub use device::CudaDevices;
 pub use error::{InputError, LoadError};
 pub use files::WEIGHTS_FILE;
 pub use model::{CHUNK_SENTENCES, CandleModel};
@@ -50,6 +53,8 @@ pub struct CandleConfig {
 /// The candle runtime: loads sentence-embedding models and runs them on its shared thread pool.
 pub struct CandleRuntime {
     pool: Arc<rayon::ThreadPool>,
+    /// The GPUs its models are promoted to (see [`CandleModel::with_devices`]).
+    devices: Arc<CudaDevices>,
 }
 
 impl CandleRuntime {
@@ -62,7 +67,7 @@ impl CandleRuntime {
             .map_err(|e| {
                 Error::RuntimeUnavailable(Context::new("cannot start the candle thread pool", e).into())
             })?;
-        Ok(Self { pool: Arc::new(pool) })
+        Ok(Self { pool: Arc::new(pool), devices: Arc::default() })
     }
 
     /// Threads in the shared pool.
@@ -79,6 +84,6 @@ impl Runtime for CandleRuntime {
     fn load(&self, request: &LoadRequest) -> Result<Box<dyn LoadedModel>> {
         let model = CandleModel::load(request, Arc::clone(&self.pool))
             .map_err(|e| Error::Load { model_id: request.model_id.clone(), source: e.into() })?;
-        Ok(Box::new(model))
+        Ok(Box::new(model.with_devices(Arc::clone(&self.devices))))
     }
 }

@@ -14,12 +14,13 @@ use bytes::Bytes;
 use candle_core::{DType, Device, Tensor as CandleTensor};
 use candle_nn::VarBuilder;
 use densemesh_runtime_core::{
-    Context, DataType, Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result, Tensor,
-    TensorData, TensorSpec,
+    Context, DataType, DeviceCopy, Error, InferRequest, LoadRequest, LoadedModel, ModelMetadata, Result,
+    Tensor, TensorData, TensorSpec,
 };
 use tokenizers::{Encoding, PaddingParams, PostProcessor, Tokenizer, TruncationParams};
 
 use crate::bert::Bert;
+use crate::device::{CudaDevices, DeviceSlot};
 use crate::error::{InputError, LoadError};
 use crate::files::{EmbedderConfig, ModelFiles, WEIGHTS_FILE, read_file};
 use crate::memory::{CountingBackend, tokenizer_bytes};
@@ -40,6 +41,11 @@ pub struct CandleModel {
     size_bytes: u64,
     /// The runtime's thread pool, which every inference runs in.
     pool: Arc<rayon::ThreadPool>,
+    /// The encoder's weights alone: what a copy on a GPU takes.
+    weight_bytes: u64,
+    /// The CUDA devices it may be promoted to; `None` when it is not offered to the GPU tier.
+    devices: Option<Arc<CudaDevices>>,
+    on_device: DeviceSlot,
 }
 
 impl CandleModel {
@@ -96,6 +102,25 @@ impl CandleModel {
             metadata,
             size_bytes: weight_bytes + tokenizer_bytes,
             pool,
+            weight_bytes,
+            devices: None,
+            on_device: DeviceSlot::default(),
+        })
+    }
+
+    /// The same model, offered to the GPU tier on `devices`.
+    pub fn with_devices(mut self, devices: Arc<CudaDevices>) -> Self {
+        self.devices = Some(devices);
+        self
+    }
+
+    /// Copies the weights to `device` (numbered `ordinal`); calls run there from then on.
+    fn promote_to(&self, ordinal: usize, device: &Device) -> Result<()> {
+        self.on_device.promote(&self.bert, ordinal, device).map_err(|e| {
+            Error::RuntimeUnavailable(
+                Context::new(format!("model {}: copying its weights to gpu{ordinal}", self.model_id), e)
+                    .into(),
+            )
         })
     }
 
@@ -140,10 +165,14 @@ impl CandleModel {
             mask[at..at + len].fill(1);
         }
         let shape = (batch.len(), width);
-        let ids = CandleTensor::from_vec(ids, shape, &Device::Cpu)?;
-        let type_ids = CandleTensor::from_vec(type_ids, shape, &Device::Cpu)?;
-        let mask = CandleTensor::from_vec(mask, shape, &Device::Cpu)?;
-        let hidden = self.bert.forward(&ids, &type_ids, &mask)?;
+        // The device copy when there is one (kept for this whole chunk even if demoted meanwhile).
+        let on_device = self.on_device.current();
+        let bert = on_device.as_deref().unwrap_or(&self.bert);
+        let device = bert.device();
+        let ids = CandleTensor::from_vec(ids, shape, device)?;
+        let type_ids = CandleTensor::from_vec(type_ids, shape, device)?;
+        let mask = CandleTensor::from_vec(mask, shape, device)?;
+        let hidden = bert.forward(&ids, &type_ids, &mask)?;
         let mut pooled = self.config.pooling.apply(&hidden, &mask)?;
         if self.config.normalize {
             pooled = normalize(&pooled)?;
@@ -152,7 +181,39 @@ impl CandleModel {
     }
 }
 
+impl DeviceCopy for CandleModel {
+    fn device_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn device(&self) -> Option<usize> {
+        self.on_device.ordinal()
+    }
+
+    fn promote(&self, ordinal: usize) -> Result<()> {
+        let devices = self.devices.as_ref().ok_or_else(|| {
+            Error::RuntimeUnavailable(
+                format!("model {} is not offered to the GPU tier", self.model_id).into(),
+            )
+        })?;
+        let device = devices.get(ordinal).map_err(|e| {
+            Error::RuntimeUnavailable(Context::new(format!("cannot open CUDA device {ordinal}"), e).into())
+        })?;
+        self.promote_to(ordinal, &device)
+    }
+
+    fn demote(&self) {
+        self.on_device.demote();
+    }
+}
+
 impl LoadedModel for CandleModel {
+    /// Offered to the GPU tier only in a build with candle's CUDA backend: elsewhere every promotion
+    /// would fail.
+    fn device_copy(&self) -> Option<&dyn DeviceCopy> {
+        (cfg!(feature = "cuda") && self.devices.is_some()).then_some(self as &dyn DeviceCopy)
+    }
+
     fn metadata(&self) -> &ModelMetadata {
         &self.metadata
     }
@@ -256,4 +317,62 @@ fn load_weights(bytes: &[u8], path: &Path, config: &EmbedderConfig) -> Result<(B
     let vb = VarBuilder::from_backend(Box::new(&counting), DType::F32, Device::Cpu);
     let bert = Bert::load(vb, path, &config.bert)?;
     Ok((bert, counting.bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use densemesh_runtime_core::{DeviceCopy, InferRequest, LoadRequest, LoadedModel, Tensor, TensorData};
+
+    use super::*;
+
+    fn minilm() -> CandleModel {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.models/all-minilm-l6-v2");
+        assert!(dir.join("model.safetensors").is_file(), "run scripts/setup.sh to extract all-MiniLM-L6-v2");
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        CandleModel::load(&LoadRequest::from_path("minilm", dir), pool).unwrap()
+    }
+
+    fn embed(model: &CandleModel, texts: &[&str]) -> Vec<u8> {
+        let input = Tensor {
+            name: INPUT_NAME.into(),
+            datatype: DataType::Bytes,
+            shape: vec![texts.len() as i64],
+            data: TensorData::Strings(texts.iter().map(|t| Bytes::copy_from_slice(t.as_bytes())).collect()),
+        };
+        match model.infer(InferRequest { inputs: vec![input], outputs: vec![] }).unwrap().remove(0).data {
+            TensorData::Raw(bytes) => bytes.to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The device copy's plumbing, with the host standing in for the GPU (CI has none): a promoted
+    /// model runs on its copy and answers bit for bit as before, and a demoted one goes back to the
+    /// host copy. The GPU itself is checked by scripts/device-check.sh.
+    #[test]
+    fn a_promoted_model_runs_on_its_device_copy_and_a_demoted_one_on_the_host_with_the_same_answers() {
+        let model = minilm();
+        let texts = ["The weather is lovely today.", "", "Il fait beau aujourd'hui, n'est-ce pas ?"];
+        let before = embed(&model, &texts);
+        assert_eq!(DeviceCopy::device(&model), None);
+        model.promote_to(3, &Device::Cpu).unwrap();
+        assert_eq!(DeviceCopy::device(&model), Some(3));
+        assert_eq!(embed(&model, &texts), before);
+        model.demote();
+        assert_eq!(DeviceCopy::device(&model), None);
+        assert_eq!(embed(&model, &texts), before);
+        // Charged to a device: the weights alone, not the tokenizer.
+        assert!(model.device_bytes() > 80_000_000 && model.device_bytes() < model.size_bytes());
+    }
+
+    #[test]
+    fn only_a_build_with_candles_cuda_backend_offers_models_to_the_gpu_tier() {
+        let model = minilm();
+        assert!(model.device_copy().is_none(), "not offered without devices");
+        let model = model.with_devices(Arc::default());
+        assert_eq!(model.device_copy().is_some(), cfg!(feature = "cuda"));
+        if !cfg!(feature = "cuda") {
+            let err = DeviceCopy::promote(&model, 0).unwrap_err().to_string();
+            assert!(err.contains("cannot open CUDA device 0"), "{err}");
+        }
+    }
 }

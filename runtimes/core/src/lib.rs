@@ -187,6 +187,31 @@ pub trait LoadedModel: Send + Sync + 'static {
     fn call_slots(&self) -> Option<&CallSlots> {
         None
     }
+
+    /// For a model its runtime can also run from a GPU's memory: its device copy, which the mesh's
+    /// GPU tier promotes and demotes (see [`DeviceCopy`]). `None`, the default, for a model that runs
+    /// on the host only.
+    fn device_copy(&self) -> Option<&dyn DeviceCopy> {
+        None
+    }
+}
+
+/// The GPU copy of a loaded model. The host copy stays loaded whatever happens here, so demoting is
+/// dropping device memory and promoting again is a host-to-device copy, not a reload from disk. Calls
+/// run on the device copy while there is one, else on the host copy.
+pub trait DeviceCopy: Send + Sync {
+    /// Device memory a copy takes (what the device's capacity is charged).
+    fn device_bytes(&self) -> u64;
+
+    /// The CUDA ordinal of the device holding the copy, if one does.
+    fn device(&self) -> Option<usize>;
+
+    /// Copies the weights to device `ordinal`; blocking (a host-to-device copy), so the mesh runs it on
+    /// a blocking thread. Replaces a copy on another device.
+    fn promote(&self, ordinal: usize) -> Result<()>;
+
+    /// Drops the device copy, once the calls running on it are done; later calls run on the host.
+    fn demote(&self);
 }
 
 /// A runtime in another process that takes inference calls of its own methods (see

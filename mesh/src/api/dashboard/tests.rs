@@ -23,6 +23,7 @@ fn record(endpoint: &str, capacity: u64, used: u64) -> InstanceRecord {
         started_ms: 5,
         model_types: legacy_model_types(),
         peer_wire: 0,
+        devices: Vec::new(),
     }
 }
 

@@ -79,6 +79,10 @@ enum Command {
         /// `onnxruntime`); by default the pod chooses by model size.
         #[arg(long)]
         runtime: Option<String>,
+        /// What it asks of GPUs: `preferred` (placed where a device has room, else served on CPU) or
+        /// `required` (never served on CPU).
+        #[arg(long)]
+        gpu: Option<String>,
         /// Load it now and wait for the load.
         #[arg(long)]
         load: bool,
@@ -333,12 +337,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     let mut admin = AdminClient::with_interceptor(channel.clone(), bearer.clone());
     let out = cli.output;
     match &cli.command {
-        Command::Register { model_id, path, model_type, key, runtime, load } => {
+        Command::Register { model_id, path, model_type, key, runtime, gpu, load } => {
             let info = ModelInfo {
                 r#type: model_type.clone(),
                 path: path.clone(),
                 key: key.clone().unwrap_or_default(),
                 runtime: runtime.clone().unwrap_or_default(),
+                gpu: gpu.clone().unwrap_or_default(),
                 ..Default::default()
             };
             let mut s = mm
@@ -376,7 +381,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     .iter()
                     .map(|m| json!({"model_id": m.model_id, "type": m.r#type, "path": m.path,
                 "source": m.source, "status": m.status, "size_bytes": m.size_bytes, "error": m.error,
-                "runtime": m.runtime, "forced_runtime": m.forced_runtime}))
+                "runtime": m.runtime, "forced_runtime": m.forced_runtime, "gpu": m.gpu}))
                     .collect::<Vec<_>>()
             );
             print(out, &value, || {
@@ -408,13 +413,34 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let value = json!(instances.iter().map(|i| json!({"instance_id": i.instance_id, "endpoint": i.endpoint,
                 "capacity_bytes": i.capacity_bytes, "used_bytes": i.used_bytes, "models_loaded": i.models_loaded,
                 "loading": i.loading, "lru_age_seconds": i.lru_age_seconds,
-                "requests_per_minute": i.requests_per_minute, "draining": i.draining})).collect::<Vec<_>>());
+                "requests_per_minute": i.requests_per_minute, "draining": i.draining,
+                "devices": i.devices.iter().map(|d| json!({"name": d.name, "kind": d.kind,
+                    "total_bytes": d.total_bytes, "capacity_bytes": d.capacity_bytes,
+                    "used_bytes": d.used_bytes, "models": d.models})).collect::<Vec<_>>()})).collect::<Vec<_>>());
             print(out, &value, || {
-                let mut t =
-                    String::from("INSTANCE\tENDPOINT\tUSED/CAPACITY\tMODELS\tREQ/MIN\tLRU AGE\tDRAINING");
+                let mut t = String::from(
+                    "INSTANCE\tENDPOINT\tUSED/CAPACITY\tMODELS\tREQ/MIN\tLRU AGE\tDRAINING\tGPUS (USED/CAPACITY, MODELS)",
+                );
                 for i in &instances {
+                    let gpus = if i.devices.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        i.devices
+                            .iter()
+                            .map(|d| {
+                                format!(
+                                    "{} {}/{} ({})",
+                                    d.name,
+                                    size(d.used_bytes),
+                                    size(d.capacity_bytes),
+                                    d.models
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
                     t.push_str(&format!(
-                        "\n{}\t{}\t{}/{}\t{}\t{}\t{}s\t{}",
+                        "\n{}\t{}\t{}/{}\t{}\t{}\t{}s\t{}\t{gpus}",
                         i.instance_id,
                         i.endpoint,
                         size(i.used_bytes),

@@ -148,6 +148,11 @@ fn refusal_reason(refusal: &Refusal) -> String {
         ),
         Refusal::NoPod => "no pod may load it now (draining or backing off)".to_owned(),
         Refusal::NoPodOffers { model_type } => format!("no live pod offers type {model_type}"),
+        Refusal::NoGpu { predicted_bytes, largest_device_bytes } => format!(
+            "requires a GPU: predicted {} and the largest device holds {}",
+            human_bytes(*predicted_bytes),
+            human_bytes(*largest_device_bytes)
+        ),
     }
 }
 
@@ -179,6 +184,7 @@ mod tests {
             draining: false,
             offers_type: true,
             retry_after_ms: None,
+            gpu: Default::default(),
         }
     }
 

@@ -127,7 +127,7 @@ impl Entry {
         }
     }
 
-    pub(super) fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
 
@@ -206,6 +206,11 @@ impl Lease {
         let size = model.size_bytes();
         let entry = Entry::new(id, model, size, None, Duration::ZERO, Arc::new(Notify::new()));
         Self::new(Arc::new(entry), Clock::default())
+    }
+
+    /// Another lease on the model of `entry`, as a new request takes one.
+    pub(crate) fn detached_from(entry: Arc<Entry>) -> Self {
+        Self::new(entry, Clock::default())
     }
 }
 

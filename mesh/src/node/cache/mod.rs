@@ -185,6 +185,8 @@ struct Inner {
     load_gate: Option<LoadGate>,
     /// What goes first when room is needed.
     eviction: Policy,
+    /// The GPUs the worker places models on before their calls.
+    gpu: crate::node::gpu::GpuTier,
     state: Mutex<State>,
     /// Shared so a load given up on at its deadline can keep its slot until the runtime returns.
     load_permits: Arc<Semaphore>,
@@ -390,6 +392,7 @@ impl ModelCache {
             locate,
             load_gate: None,
             eviction: Policy::default(),
+            gpu: crate::node::gpu::GpuTier::none(),
             state: Mutex::new(State {
                 resident: LruCache::unbounded(),
                 loading: HashMap::new(),
@@ -435,6 +438,21 @@ impl ModelCache {
             .expect("with_eviction_policy is called before the cache is cloned")
             .eviction = policy;
         self
+    }
+
+    /// Gives the cache's models a GPU tier (`--gpu-capacity`), which the worker places them on and the
+    /// instance record publishes; none when never called.
+    ///
+    /// # Panics
+    /// If the cache was cloned already, like [`Self::with_load_gate`].
+    pub fn with_gpu_tier(mut self, gpu: crate::node::gpu::GpuTier) -> Self {
+        Arc::get_mut(&mut self.inner).expect("with_gpu_tier is called before the cache is cloned").gpu = gpu;
+        self
+    }
+
+    /// The GPU tier beside the cache (empty on a pod without GPUs).
+    pub fn gpu_tier(&self) -> &crate::node::gpu::GpuTier {
+        &self.inner.gpu
     }
 
     /// The eviction policy in force.
@@ -660,6 +678,7 @@ impl ModelCache {
 
     /// Refreshes the gauges that age with time (LRU age), so a scrape reads current values.
     pub fn refresh_gauges(&self) {
+        self.inner.gpu.refresh_gauges();
         // The LRU age as placement reads it: above EXACT_WALK_BELOW models, from a recent walk rather
         // than a walk of them all on every scrape.
         let placement = self.placement_state();
