@@ -2,12 +2,14 @@
 # Installs what building and testing densemesh needs on a fresh Debian machine with Rust and Python 3:
 # protoc (Debian's protobuf-compiler) and a Python virtualenv in .venv with onnxruntime (whose
 # libonnxruntime.so meshd loads) and the test clients. Idempotent and quiet when all is in place.
-# Usage: scripts/setup.sh [build|run|test]
-#   build: only what compiling needs (protoc); run: what serving needs; test: everything
+# Usage: scripts/setup.sh [build|run|test|cuda]
+#   build: only what compiling needs (protoc); run: what serving needs; test: everything;
+#   cuda: only the CUDA compiler for the GPU build (--features cuda-kernels; scripts/cuda-env.sh), which
+#   test installs too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-test}"
-case "$what" in build|run|test) ;; *) echo "usage: scripts/setup.sh [build|run|test]" >&2; exit 2;; esac
+case "$what" in build|run|test|cuda) ;; *) echo "usage: scripts/setup.sh [build|run|test|cuda]" >&2; exit 2;; esac
 
 sudo_cmd=""
 if [ "$(id -u)" != 0 ]; then sudo_cmd="sudo"; fi
@@ -25,6 +27,24 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 if [ "$what" = build ]; then exit 0; fi
+
+# candle's CUDA kernels (the GPU build, --features cuda-kernels) compile with nvcc. NVIDIA's PyPI wheels
+# carry it from CUDA 13 on (the cu12 and cu11 nvcc wheels hold ptxas alone), with the headers its
+# kernels include (cccl for <nv/target>); they go into a venv of their own, .venv-cuda, which
+# scripts/cuda-env.sh points the build at. Checking and building need no GPU and no driver.
+if [ "$what" = cuda ] || [ "$what" = test ]; then
+    # Pinned together: nvcc takes its compiler front end (nvvm), crt and runtime headers from other
+    # wheels, and a newer nvvm writes PTX that this nvcc's ptxas refuses.
+    cuda_requirements="nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.88 nvidia-cuda-cccl==13.0.85"
+    cstamp=".venv-cuda/.installed-$(echo "$cuda_requirements" | sha256sum | cut -c1-16)"
+    if [ ! -e "$cstamp" ]; then
+        echo "setup: installing nvcc (CUDA 13.0) into .venv-cuda" >&2
+        [ -x .venv-cuda/bin/python ] || python3 -m venv .venv-cuda
+        .venv-cuda/bin/python -m pip install -q $cuda_requirements
+        touch "$cstamp"
+    fi
+    if [ "$what" = cuda ]; then exit 0; fi
+fi
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv" >&2

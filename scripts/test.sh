@@ -41,3 +41,13 @@ source scripts/env.sh
 cargo test --workspace
 cargo test "${FAULTS[@]}" -- fault_tests:: disk_that_fills a_watch_broken
 MESHD_BIN="$PWD/target/debug/meshd" python -m pytest tests/e2e -q -p no:cacheprovider
+# The GPU builds (docs/gpu.md), which no GPU is needed to compile. The `cuda` build's device discovery,
+# linted and tested: with no CUDA driver here it must say so, not panic. Then the GPU build's candle and
+# discovery crates linted as it compiles them, candle's CUDA kernels included (nvcc from .venv-cuda,
+# which setup installed): a change that breaks the GPU build fails here, not on a GPU machine.
+cargo test -p densemesh-runtime-gpu --features cuda
+(
+    source scripts/cuda-env.sh
+    cargo check -p densemesh-runtime-candle -p densemesh-runtime-gpu --all-targets \
+        --features densemesh-runtime-candle/cuda,densemesh-runtime-gpu/cuda-linked
+)
