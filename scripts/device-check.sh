@@ -42,8 +42,10 @@ build() {
         found="$(ls "$CUDA_HOME"/lib/lib$lib.so.* | head -n1)"
         ln -s "$(realpath "$found")" "$link/lib$lib.so"
     done
+    # The driver's entry points as cudarc declares them, from wherever cargo keeps its source.
     local bindings
-    bindings="$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.10/src/driver/sys/mod.rs | head -n1)"
+    bindings="$(cargo metadata --format-version 1 --features densemesh-mesh/cuda-kernels \
+        | python3 -c 'import json,sys,os; p=[p for p in json.load(sys.stdin)["packages"] if p["name"]=="cudarc"][0]; print(os.path.join(os.path.dirname(p["manifest_path"]),"src/driver/sys/mod.rs"))')"
     grep -oE '^\s+fn cu[A-Za-z0-9_]+\(' "$bindings" | grep -oE 'cu[A-Za-z0-9_]+' | sort -u \
         | sed 's/.*/void &(void) {}/' >"$device_dir/link/libcuda_stub.c"
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/libcuda.so" "$device_dir/link/libcuda_stub.c"

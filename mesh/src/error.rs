@@ -97,9 +97,15 @@ pub enum MeshError {
     /// The pod a request was forwarded to refused it; its answer goes back as it is.
     #[error("{}", .0.message())]
     Peer(tonic::Status),
-    /// A model that requires a GPU has none to run on here now; the message says why.
-    #[error("{0}")]
-    GpuUnavailable(String),
+    /// A model that requires a GPU has none to run on here now.
+    #[error("model {model_id} requires a GPU, and {reason}")]
+    GpuUnavailable {
+        model_id: ModelId,
+        /// Why none: no GPU here, larger than every device, every device busy, the copy failed.
+        reason: String,
+        #[source]
+        source: Option<densemesh_runtime_core::Error>,
+    },
     /// A bug or a crash inside the server.
     #[error("internal error: {0}")]
     Internal(String),
@@ -171,7 +177,7 @@ impl MeshError {
                     Refusal::NoPod | Refusal::NoPodOffers { .. } | Refusal::NoGpu { largest_device_bytes: 0, .. },
                 ..
             }
-            | MeshError::GpuUnavailable(_) => Code::Unavailable,
+            | MeshError::GpuUnavailable { .. } => Code::Unavailable,
             MeshError::Refused { .. } => Code::ResourceExhausted,
             MeshError::Registry(e) => registry_code(e),
             MeshError::Runtime { source: R::InvalidInput(_), .. } => Code::InvalidArgument,

@@ -30,7 +30,7 @@ use crate::config::runtime_file::RuntimeEntry;
 use crate::error::CacheError;
 use crate::metrics as m;
 use crate::node::cache::{CacheConfig, Locate, ModelCache};
-use crate::node::gpu::{GpuAsk, GpuTier};
+use crate::node::gpu::GpuTier;
 use crate::node::runtimes::Runtimes;
 use crate::node::worker::{Worker, WorkerConfig};
 use densemesh_runtime_gpu::Discovery;
@@ -207,7 +207,7 @@ pub async fn run(
         .map_err(|e| ServeError::Metrics(format!("puller: {e}")))??;
     let health = crate::cluster::instance::RegistryHealth::new(config.registry_outage_grace);
     let locate = locate_registered(view.clone(), puller.clone(), config.model_repo.clone());
-    let gpu = start_gpu_tier(&config, &view).await?;
+    let gpu = start_gpu_tier(&config).await?;
     let mut cache = ModelCache::new(config.cache.clone(), runtime, locate)
         .with_eviction_policy(config.eviction)
         .with_gpu_tier(gpu.clone());
@@ -511,8 +511,8 @@ pub async fn run(
 }
 
 /// Finds the GPUs and gives each its share of `--gpu-capacity`; says once at start what it found, or
-/// why there is no GPU tier. A model's GPU ask is read from its registered spec.
-async fn start_gpu_tier(config: &ServeConfig, view: &ClusterView) -> Result<GpuTier, ServeError> {
+/// why there is no GPU tier.
+async fn start_gpu_tier(config: &ServeConfig) -> Result<GpuTier, ServeError> {
     let discovery = tokio::task::spawn_blocking(densemesh_runtime_gpu::discover)
         .await
         .map_err(|e| ServeError::Runtimes(format!("GPU discovery failed: {e}")))?;
@@ -543,10 +543,7 @@ async fn start_gpu_tier(config: &ServeConfig, view: &ClusterView) -> Result<GpuT
             "GPU tier"
         );
     }
-    // Read even without devices: a model that requires a GPU is then refused, never run here.
-    let view = view.clone();
-    let ask: GpuAsk = Arc::new(move |id| view.model_gpu(id));
-    Ok(GpuTier::new(&devices, &config.gpu_capacity, ask))
+    Ok(GpuTier::new(&devices, &config.gpu_capacity))
 }
 
 /// Models are found through their registered spec: a model of the shared repository under this pod's
@@ -583,6 +580,7 @@ fn locate_registered(view: ClusterView, puller: Arc<Puller>, model_repo: PathBuf
             // The registered type picks the runtime, whatever the file is called.
             fetched.model.format = spec.model_type;
             fetched.model.runtime = spec.runtime;
+            fetched.model.gpu = spec.gpu;
             Ok(fetched)
         }
         .boxed()

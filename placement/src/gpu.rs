@@ -79,7 +79,9 @@ pub struct DeviceRecord {
 /// that can never run there on a GPU) and the most free on one device now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GpuRoom {
+    /// The capacity of its largest device (0: no GPU).
     pub largest_capacity_bytes: u64,
+    /// The most free on any one device now.
     pub most_free_bytes: u64,
 }
 
@@ -116,15 +118,16 @@ impl GpuRoom {
 /// - `required`: pods with device room now, then pods with a device large enough (they demote to make
 ///   room); never a pod without one.
 pub fn narrow(
-    pods: &[LoadCandidate],
+    pods: Vec<LoadCandidate>,
     gpu: Option<Gpu>,
     predicted_bytes: u64,
 ) -> Result<Vec<Vec<LoadCandidate>>, u64> {
-    let Some(gpu) = gpu else { return Ok(vec![pods.to_vec()]) };
+    // Moved, not copied, for the models that ask nothing: most of them.
+    let Some(gpu) = gpu else { return Ok(vec![pods]) };
     let with_room: Vec<LoadCandidate> =
         pods.iter().filter(|p| p.gpu.has_room_for(predicted_bytes)).cloned().collect();
     let rest: Vec<LoadCandidate> = match gpu {
-        Gpu::Preferred => pods.to_vec(),
+        Gpu::Preferred => pods.clone(),
         Gpu::Required => pods.iter().filter(|p| p.gpu.could_hold(predicted_bytes)).cloned().collect(),
     };
     if rest.is_empty() {
@@ -137,6 +140,7 @@ pub fn narrow(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceResident<Id> {
     pub id: Id,
+    /// What its copy takes on the device.
     pub bytes: u64,
     /// Calls running on its device copy now: it is never demoted under them.
     pub in_flight: usize,
@@ -147,9 +151,11 @@ pub struct DeviceResident<Id> {
 /// One device of this pod, as [`choose_device`] sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceState<Id> {
+    /// What models may take of it (`--gpu-capacity`).
     pub capacity_bytes: u64,
     /// Bytes charged on it, copies being made included.
     pub used_bytes: u64,
+    /// The models with a copy on it, in any order.
     pub residents: Vec<DeviceResident<Id>>,
 }
 
@@ -280,18 +286,18 @@ mod tests {
             with_gpu(test_pod("full", 100, 0, 0), 50, 0),
             with_gpu(test_pod("room", 100, 0, 0), 50, 40),
         ];
-        assert_eq!(names(&narrow(&pods, None, 30).unwrap()), [vec!["cpu", "full", "room"]]);
+        assert_eq!(names(&narrow(pods.to_vec(), None, 30).unwrap()), [vec!["cpu", "full", "room"]]);
         assert_eq!(
-            names(&narrow(&pods, Some(Gpu::Preferred), 30).unwrap()),
+            names(&narrow(pods.to_vec(), Some(Gpu::Preferred), 30).unwrap()),
             [vec!["room"], vec!["cpu", "full", "room"]]
         );
         assert_eq!(
-            names(&narrow(&pods, Some(Gpu::Required), 30).unwrap()),
+            names(&narrow(pods.to_vec(), Some(Gpu::Required), 30).unwrap()),
             [vec!["room"], vec!["full", "room"]]
         );
-        assert_eq!(names(&narrow(&pods, Some(Gpu::Required), 45).unwrap()), [vec!["full", "room"]]);
-        assert_eq!(narrow(&pods, Some(Gpu::Required), 60), Err(50), "larger than every device");
-        assert_eq!(names(&narrow(&pods, Some(Gpu::Preferred), 60).unwrap()), [vec!["cpu", "full", "room"]]);
+        assert_eq!(names(&narrow(pods.to_vec(), Some(Gpu::Required), 45).unwrap()), [vec!["full", "room"]]);
+        assert_eq!(narrow(pods.to_vec(), Some(Gpu::Required), 60), Err(50), "larger than every device");
+        assert_eq!(names(&narrow(pods.to_vec(), Some(Gpu::Preferred), 60).unwrap()), [vec!["cpu", "full", "room"]]);
     }
 
     #[test]

@@ -146,6 +146,7 @@ impl Registry {
             let next = ModelSpec {
                 size_bytes: spec.size_bytes,
                 min_copies: spec.min_copies,
+                gpu: spec.gpu,
                 auto_delete,
                 ..existing
             };
@@ -321,6 +322,9 @@ mod tests {
         let cleared = registry.register(&id, &spec("/a")).await.unwrap();
         assert!(cleared.updated, "a registration without hints clears them");
         assert_eq!(registry.model(&id).await.unwrap().unwrap().0.min_copies, None);
+        let on_gpu = ModelSpec { gpu: Some(crate::gpu::Gpu::Required), ..spec("/a") };
+        assert!(registry.register(&id, &on_gpu).await.unwrap().updated, "a new GPU ask is written");
+        assert_eq!(registry.model(&id).await.unwrap().unwrap().0.gpu, Some(crate::gpu::Gpu::Required));
         let moved = ModelSpec { min_copies: Some(3), ..spec("/b") };
         assert_eq!(registry.register(&id, &moved).await, Err(RegistryError::Conflict(id.clone())));
     }

@@ -154,7 +154,7 @@ pub fn route(input: &RouteInput<'_>) -> Route {
         })
         .cloned()
         .collect();
-    let groups = match narrow(&candidates, input.gpu, input.predicted_bytes) {
+    let groups = match narrow(candidates, input.gpu, input.predicted_bytes) {
         Ok(groups) => groups,
         Err(largest_device_bytes) => {
             return Route::Refuse(Refusal::NoGpu {

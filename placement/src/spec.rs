@@ -58,7 +58,8 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
-    /// Whether two specs describe the same model (who registered it and when aside).
+    /// Whether two specs describe the same model (who registered it and when aside). A different
+    /// GPU ask is the same model placed anew ([`Self::reloads`]).
     pub fn same_model(&self, other: &ModelSpec) -> bool {
         self.model_type == other.model_type
             && self.path == other.path
@@ -66,14 +67,17 @@ impl ModelSpec {
             && self.runtime == other.runtime
     }
 
-    /// Whether copies loaded from `old` must be replaced to serve this spec: another model, or the
-    /// same one whose files changed. Placement hints (size, minimum copies) and who registered it do
-    /// not touch what is loaded.
+    /// Whether copies loaded from `old` must be replaced to serve this spec: another model, the same
+    /// one whose files changed, or a new GPU ask. Placement hints (size, minimum copies) and who
+    /// registered it do not touch what is loaded.
     pub fn reloads(&self, old: &ModelSpec) -> bool {
-        !self.same_model(old) || self.generation != old.generation
+        // A new GPU ask too: copies placed by the old one (on a pod without a GPU, say) must go, so
+        // placement places the model again.
+        !self.same_model(old) || self.generation != old.generation || self.gpu != old.gpu
     }
 
-    /// Whether the placement hints a registration may change on a registered model differ.
+    /// Whether the placement hints a registration may change on a registered model differ (the GPU
+    /// ask among them, which also [reloads](Self::reloads) its copies).
     pub fn same_hints(&self, other: &ModelSpec) -> bool {
         self.size_bytes == other.size_bytes && self.min_copies == other.min_copies && self.gpu == other.gpu
     }
@@ -228,7 +232,7 @@ mod tests {
         let json = serde_json::to_string(&on_gpu).unwrap();
         assert!(json.contains(r#""gpu":"required""#), "{json}");
         assert_eq!(serde_json::from_str::<ModelSpec>(&json).unwrap(), on_gpu);
-        assert!(!on_gpu.reloads(&plain) && !on_gpu.same_hints(&plain), "a GPU ask is a hint");
+        assert!(on_gpu.reloads(&plain), "a new GPU ask places the model anew");
         assert!(ModelSpec { generation: 1, ..plain.clone() }.reloads(&plain), "new files");
         assert!(api_spec("/other").reloads(&plain), "another model");
     }

@@ -124,8 +124,7 @@ impl ClusterView {
         self.mirror.read().models.get(id).map(|(spec, _)| spec.model_type.clone())
     }
 
-    /// What a model asks of GPUs, without copying its spec: read before every call on a model that
-    /// could run on one.
+    /// What a model asks of GPUs, without copying its spec (placement reads it on every miss).
     pub fn model_gpu(&self, id: &ModelId) -> Option<crate::gpu::Gpu> {
         self.mirror.read().models.get(id).and_then(|(spec, _)| spec.gpu)
     }

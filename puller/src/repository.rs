@@ -53,13 +53,15 @@ pub struct LocalModel {
     pub format: String,
     /// The runtime the registration forces, by name; `None`: the pod's choice for the format.
     pub runtime: Option<String>,
+    /// What the registration asks of GPUs, which the caller sets: the pod's GPU tier reads it.
+    pub gpu: Option<densemesh_placement::gpu::Gpu>,
 }
 
 impl LocalModel {
     /// The model at `path`, of the format its name implies.
     pub fn new(path: PathBuf, version: Option<u64>, file_bytes: u64) -> Self {
         let format = format_of(&path).to_owned();
-        Self { path, version, file_bytes, format, runtime: None }
+        Self { path, version, file_bytes, format, runtime: None, gpu: None }
     }
 }
 

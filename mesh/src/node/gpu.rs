@@ -14,12 +14,11 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use densemesh_placement::ModelId;
 use densemesh_placement::gpu::{DeviceRecord, DeviceResident, DeviceState, Gpu, Placing, choose_device};
 use densemesh_runtime_gpu::Device;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::bytesize::Capacity;
 use crate::error::MeshError;
@@ -93,8 +92,9 @@ impl fmt::Display for GpuCapacity {
     }
 }
 
-/// What the tier asks of a model's registration: its spec's `gpu`, if any.
-pub type GpuAsk = Arc<dyn Fn(&ModelId) -> Option<Gpu> + Send + Sync>;
+/// How long a model whose copy to a device failed runs on the host before the tier tries again:
+/// without it, each call would demote other models to make room for a copy that fails again.
+const PROMOTION_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// One device of the tier.
 struct TierDevice {
@@ -106,17 +106,34 @@ struct TierDevice {
     residents: Vec<Resident>,
 }
 
-/// A model with a copy on a device (or one being made).
+/// A model with a copy on a device, or one being made.
 struct Resident {
     entry: Weak<Entry>,
     bytes: u64,
     last_used: u64,
+    /// The copy is being made: charged already, not usable yet.
+    copying: bool,
+}
+
+/// A model whose last copy to a device failed, and until when it stays on the host.
+struct FailedCopy {
+    entry: Weak<Entry>,
+    until: Instant,
+    reason: String,
 }
 
 struct Ledger {
     devices: Vec<TierDevice>,
     /// Ticks once per use: the residents' LRU order.
     clock: u64,
+    /// Models larger than every device's capacity: the host for good, without a decision per call.
+    too_large: Vec<Weak<Entry>>,
+    failed: Vec<FailedCopy>,
+}
+
+fn is(weak: &Weak<Entry>, entry: &Arc<Entry>) -> bool {
+    // A `Weak` keeps its allocation, so the address cannot be another model's.
+    std::ptr::eq(weak.as_ptr(), Arc::as_ptr(entry))
 }
 
 impl Ledger {
@@ -133,15 +150,14 @@ impl Ledger {
             });
             device.used_bytes -= freed;
         }
+        self.too_large.retain(|e| e.strong_count() > 0);
+        let now = Instant::now();
+        self.failed.retain(|f| f.entry.strong_count() > 0 && f.until > now);
     }
 
     fn find(&self, entry: &Arc<Entry>) -> Option<(usize, usize)> {
         self.devices.iter().enumerate().find_map(|(d, device)| {
-            device
-                .residents
-                .iter()
-                .position(|r| std::ptr::eq(r.entry.as_ptr(), Arc::as_ptr(entry)))
-                .map(|i| (d, i))
+            device.residents.iter().position(|r| is(&r.entry, entry)).map(|i| (d, i))
         })
     }
 
@@ -150,21 +166,61 @@ impl Ledger {
         self.devices[device].used_bytes -= resident.bytes;
         resident
     }
+
+    /// Why `entry` stays on the host without a new decision, if it does.
+    fn parked(&self, entry: &Arc<Entry>) -> Option<String> {
+        if self.too_large.iter().any(|e| is(e, entry)) {
+            return Some(TOO_LARGE.to_owned());
+        }
+        let now = Instant::now();
+        self.failed.iter().find(|f| is(&f.entry, entry) && f.until > now).map(|f| f.reason.clone())
+    }
+
+    /// The devices as [`choose_device`] sees them; residents are named by their index.
+    fn states(&self) -> Vec<DeviceState<usize>> {
+        self.devices
+            .iter()
+            .map(|d| DeviceState {
+                capacity_bytes: d.capacity_bytes,
+                used_bytes: d.used_bytes,
+                residents: d
+                    .residents
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| DeviceResident {
+                        id: i,
+                        bytes: r.bytes,
+                        // A copy being made is as busy as a model with a call on it.
+                        in_flight: if r.copying { 1 } else { r.entry.upgrade().map_or(0, |e| e.in_flight()) },
+                        last_used: r.last_used,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
 }
 
-/// The GPU tier of this pod; cloneable. Empty (no devices) on a pod without GPUs, where every call is
-/// a no-op and nothing is published.
+const TOO_LARGE: &str = "it needs more GPU memory than any device's capacity (--gpu-capacity)";
+
+/// The GPU tier of this pod; cloneable. Empty (no devices) on a pod without GPUs, where every call on
+/// a model that does not require a GPU is a no-op and nothing is published.
 #[derive(Clone)]
 pub struct GpuTier {
-    ledger: Arc<Mutex<Ledger>>,
+    inner: Arc<Shared>,
     /// How many devices the ledger has (fixed at start), read without its lock.
     devices: usize,
-    ask: GpuAsk,
+}
+
+struct Shared {
+    ledger: Mutex<Ledger>,
+    /// Signalled when a copy to a device ends (made or failed): a model that requires a GPU waits
+    /// for its copy rather than run on the host meanwhile.
+    copy_ended: Condvar,
 }
 
 impl GpuTier {
-    /// A tier over `devices`, each given its share of `capacity`; `ask` tells a model's GPU ask.
-    pub fn new(devices: &[Device], capacity: &GpuCapacity, ask: GpuAsk) -> Self {
+    /// A tier over `devices`, each given its share of `capacity`.
+    pub fn new(devices: &[Device], capacity: &GpuCapacity) -> Self {
         let devices: Vec<TierDevice> = devices
             .iter()
             .map(|d| TierDevice {
@@ -177,14 +233,18 @@ impl GpuTier {
             })
             .collect();
         let count = devices.len();
-        let tier = Self { ledger: Arc::new(Mutex::new(Ledger { devices, clock: 0 })), devices: count, ask };
+        let ledger = Ledger { devices, clock: 0, too_large: Vec::new(), failed: Vec::new() };
+        let tier = Self {
+            inner: Arc::new(Shared { ledger: Mutex::new(ledger), copy_ended: Condvar::new() }),
+            devices: count,
+        };
         tier.refresh_gauges();
         tier
     }
 
     /// A tier without devices.
     pub fn none() -> Self {
-        Self::new(&[], &GpuCapacity::default(), Arc::new(|_| None))
+        Self::new(&[], &GpuCapacity::default())
     }
 
     /// Whether the pod has no device to place models on.
@@ -194,152 +254,154 @@ impl GpuTier {
 
     /// Before a call on `lease`, on the request's own thread: marks the use of a model on a device (its
     /// place in that device's LRU), and says whether the call must first go through
-    /// [`place`](Self::place) (blocking, so the worker keeps it off the async thread): a model its
-    /// runtime can run on a GPU with no device copy yet, or one that requires a GPU. Cheap: a pod
-    /// without GPUs only reads the model's ask, and only for models that could use one.
+    /// [`place`](Self::place), which blocks, so the worker keeps it off the async thread. It must for
+    /// a model its runtime can run on a GPU that has no device copy yet (unless it is parked on the
+    /// host), and for a model that requires a GPU and has none now (`place` then waits for its copy
+    /// or refuses the call). Lock-free for models no runtime could run on a GPU.
     pub fn before_call(&self, lease: &Lease) -> bool {
-        let Some(copy) = lease.model().device_copy() else { return self.requires_gpu(lease) };
-        if self.devices == 0 {
-            return self.requires_gpu(lease);
+        let required = lease.gpu_ask() == Some(Gpu::Required);
+        if lease.model().device_copy().is_none() || self.devices == 0 {
+            return required;
         }
-        if copy.device().is_none() {
-            return true;
-        }
-        let mut ledger = self.ledger.lock();
+        let mut ledger = self.inner.ledger.lock();
         ledger.clock += 1;
         let now = ledger.clock;
         match ledger.find(lease.entry()) {
             Some((d, i)) => {
-                ledger.devices[d].residents[i].last_used = now;
-                false
+                let resident = &mut ledger.devices[d].residents[i];
+                resident.last_used = now;
+                // Being copied: others run on the host meanwhile.
+                resident.copying && required
             }
-            // On a device the ledger does not list (a demotion racing this call): place it again.
-            None => true,
+            None => required || ledger.parked(lease.entry()).is_none(),
         }
-    }
-
-    fn requires_gpu(&self, lease: &Lease) -> bool {
-        (self.ask)(lease.id()) == Some(Gpu::Required)
     }
 
     /// Before a call on `lease`: puts a model its runtime can run on a GPU onto a device when one can
     /// take it (demoting the least recently used idle models of that device if it must), and marks
-    /// its use. Blocking: a promotion is a host-to-device copy. A model that requires a GPU and gets
-    /// none is refused with UNAVAILABLE saying why; any other model runs on the host instead.
+    /// its use. Blocking: a promotion is a host-to-device copy, and a model that requires a GPU waits
+    /// for a copy another call is making. A model that requires a GPU and gets none is refused with
+    /// UNAVAILABLE saying why; any other model runs on the host instead.
     pub fn place(&self, lease: &Lease) -> Result<(), MeshError> {
-        let ask = (self.ask)(lease.id());
+        let required = lease.gpu_ask() == Some(Gpu::Required);
         let Some(copy) = lease.model().device_copy() else {
-            return match ask {
-                Some(Gpu::Required) => Err(MeshError::GpuUnavailable(format!(
-                    "model {} requires a GPU, and its runtime ({}) runs on the CPU only",
-                    lease.id(),
-                    lease.runtime()
-                ))),
-                _ => Ok(()),
+            return match required {
+                true => Err(self.refusal(lease, format!("its runtime ({}) runs on the CPU only", lease.runtime()))),
+                false => Ok(()),
             };
         };
         let bytes = copy.device_bytes();
-        let (device, demote) = {
-            let mut ledger = self.ledger.lock();
-            ledger.prune();
-            ledger.clock += 1;
-            let now = ledger.clock;
-            if let Some((d, i)) = ledger.find(lease.entry()) {
+        let mut ledger = self.inner.ledger.lock();
+        ledger.prune();
+        ledger.clock += 1;
+        let now = ledger.clock;
+        if let Some((d, i)) = ledger.find(lease.entry()) {
+            ledger.devices[d].residents[i].last_used = now;
+            if !required {
                 // On a device, or being copied there by another call (this one runs on the host
                 // meanwhile, which is only slower).
-                ledger.devices[d].residents[i].last_used = now;
                 return Ok(());
             }
-            if ledger.devices.is_empty() {
-                return self.host_only(lease, ask, "this pod has no GPU");
-            }
-            let states: Vec<DeviceState<usize>> = ledger
-                .devices
-                .iter()
-                .map(|d| DeviceState {
-                    capacity_bytes: d.capacity_bytes,
-                    used_bytes: d.used_bytes,
-                    residents: d
-                        .residents
-                        .iter()
-                        .enumerate()
-                        .map(|(i, r)| DeviceResident {
-                            id: i,
-                            bytes: r.bytes,
-                            in_flight: r.entry.upgrade().map_or(0, |e| e.in_flight()),
-                            last_used: r.last_used,
-                        })
-                        .collect(),
-                })
-                .collect();
-            let (device, mut victims) = match choose_device(&states, bytes) {
-                Placing::Device { device, demote } => (device, demote),
-                Placing::Host { larger_than_any: true } => {
-                    let why = format!(
-                        "it needs {bytes} bytes of GPU memory, more than any device's capacity (--gpu-capacity)"
-                    );
-                    return self.host_only(lease, ask, &why);
+            loop {
+                match ledger.find(lease.entry()) {
+                    Some((d, i)) if ledger.devices[d].residents[i].copying => {
+                        self.inner.copy_ended.wait(&mut ledger);
+                    }
+                    Some(_) => return Ok(()),
+                    // The copy failed: its reason is among the failures.
+                    None => break,
                 }
-                Placing::Host { larger_than_any: false } => {
-                    return self.host_only(lease, ask, "every GPU is full of models in use");
-                }
-            };
-            // Highest index first, so each removal leaves the lower indices in place.
-            victims.sort_unstable_by(|a, b| b.cmp(a));
-            let demote: Vec<Arc<Entry>> =
-                victims.into_iter().filter_map(|i| ledger.remove(device, i).entry.upgrade()).collect();
-            let target = &mut ledger.devices[device];
-            target.used_bytes += bytes;
-            target.residents.push(Resident { entry: Arc::downgrade(lease.entry()), bytes, last_used: now });
-            (device, demote)
-        };
-        for victim in &demote {
-            if let Some(copy) = victim.model().device_copy() {
-                copy.demote();
             }
-            metrics::counter!(m::GPU_DEMOTIONS).increment(1);
-            tracing::debug!(model_id = %victim.id(), device, "demoted to host memory");
         }
-        let started = Instant::now();
+        if let Some(why) = ledger.parked(lease.entry()) {
+            return self.host_only(lease, required, why);
+        }
+        if ledger.devices.is_empty() {
+            return self.host_only(lease, required, "this pod has no GPU".to_owned());
+        }
+        let (device, mut victims) = match choose_device(&ledger.states(), bytes) {
+            Placing::Device { device, demote } => (device, demote),
+            Placing::Host { larger_than_any: true } => {
+                ledger.too_large.push(Arc::downgrade(lease.entry()));
+                return self.host_only(lease, required, TOO_LARGE.to_owned());
+            }
+            Placing::Host { larger_than_any: false } => {
+                return self.host_only(lease, required, "every GPU is full of models in use".to_owned());
+            }
+        };
+        // Highest index first, so each removal leaves the lower indices in place. Demoted under the
+        // lock: a call on a victim that comes meanwhile finds it gone from both the ledger and its
+        // device, never a copy the ledger has stopped charging.
+        victims.sort_unstable_by(|a, b| b.cmp(a));
+        for index in victims {
+            let victim = ledger.remove(device, index);
+            if let Some(entry) = victim.entry.upgrade() {
+                if let Some(copy) = entry.model().device_copy() {
+                    copy.demote();
+                }
+                metrics::counter!(m::GPU_DEMOTIONS).increment(1);
+                tracing::debug!(model_id = %entry.id(), device, "demoted to host memory");
+            }
+        }
+        let target = &mut ledger.devices[device];
+        target.used_bytes += bytes;
+        target.residents.push(Resident { entry: Arc::downgrade(lease.entry()), bytes, last_used: now, copying: true });
+        drop(ledger);
+
+        let started = std::time::Instant::now();
         let promoted = copy.promote(device);
+        let took = started.elapsed();
+        let mut ledger = self.inner.ledger.lock();
+        let listed = ledger.find(lease.entry());
         let result = match promoted {
             Ok(()) => {
+                if let Some((d, i)) = listed {
+                    ledger.devices[d].residents[i].copying = false;
+                }
                 metrics::counter!(m::GPU_PROMOTIONS).increment(1);
-                metrics::histogram!(m::GPU_PROMOTION_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::histogram!(m::GPU_PROMOTION_DURATION).record(took.as_secs_f64());
                 Ok(())
             }
             Err(e) => {
-                let mut ledger = self.ledger.lock();
-                if let Some((d, i)) = ledger.find(lease.entry()) {
+                if let Some((d, i)) = listed {
                     ledger.remove(d, i);
                 }
-                drop(ledger);
-                tracing::warn!(model_id = %lease.id(), device, error = %e, "cannot copy the model to its GPU; it runs on the host");
-                match ask {
-                    Some(Gpu::Required) => Err(MeshError::GpuUnavailable(format!(
-                        "model {} requires a GPU and cannot be copied to gpu{device}: {e}",
-                        lease.id()
-                    ))),
-                    _ => Ok(()),
+                let reason = format!("it cannot be copied to gpu{device}: {e}");
+                tracing::warn!(model_id = %lease.id(), device, error = %e, retry_in = ?PROMOTION_RETRY_AFTER, "cannot copy the model to its GPU; it runs on the host meanwhile");
+                ledger.failed.push(FailedCopy {
+                    entry: Arc::downgrade(lease.entry()),
+                    until: Instant::now() + PROMOTION_RETRY_AFTER,
+                    reason: reason.clone(),
+                });
+                match required {
+                    true => Err(MeshError::GpuUnavailable { model_id: lease.id().clone(), reason, source: Some(e) }),
+                    false => Ok(()),
                 }
             }
         };
+        drop(ledger);
+        self.inner.copy_ended.notify_all();
         self.refresh_gauges();
         result
     }
 
-    fn host_only(&self, lease: &Lease, ask: Option<Gpu>, why: &str) -> Result<(), MeshError> {
-        match ask {
-            Some(Gpu::Required) => {
-                Err(MeshError::GpuUnavailable(format!("model {} requires a GPU, and {why}", lease.id())))
-            }
-            _ => Ok(()),
+    fn refusal(&self, lease: &Lease, reason: String) -> MeshError {
+        MeshError::GpuUnavailable { model_id: lease.id().clone(), reason, source: None }
+    }
+
+    fn host_only(&self, lease: &Lease, required: bool, why: String) -> Result<(), MeshError> {
+        match required {
+            true => Err(self.refusal(lease, why)),
+            false => Ok(()),
         }
     }
 
     /// The devices as the instance record publishes them.
     pub fn records(&self) -> Vec<DeviceRecord> {
-        let mut ledger = self.ledger.lock();
+        if self.devices == 0 {
+            return Vec::new();
+        }
+        let mut ledger = self.inner.ledger.lock();
         ledger.prune();
         ledger
             .devices
@@ -359,10 +421,23 @@ impl GpuTier {
     pub fn refresh_gauges(&self) {
         for record in self.records() {
             metrics::gauge!(m::USED_BYTES, "tier" => record.name.clone()).set(record.used_bytes as f64);
-            metrics::gauge!(m::CAPACITY_BYTES, "tier" => record.name.clone())
-                .set(record.capacity_bytes as f64);
+            metrics::gauge!(m::CAPACITY_BYTES, "tier" => record.name.clone()).set(record.capacity_bytes as f64);
             metrics::gauge!(m::GPU_MODELS, "tier" => record.name).set(record.models as f64);
         }
+    }
+
+    /// The ledger's bytes on each device, checked against its residents: for tests.
+    #[cfg(test)]
+    fn charged(&self) -> Vec<u64> {
+        let ledger = self.inner.ledger.lock();
+        ledger
+            .devices
+            .iter()
+            .map(|d| {
+                assert_eq!(d.used_bytes, d.residents.iter().map(|r| r.bytes).sum::<u64>(), "{}", d.name);
+                d.used_bytes
+            })
+            .collect()
     }
 }
 

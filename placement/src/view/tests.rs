@@ -50,6 +50,11 @@ async fn a_spec_change_that_reloads_is_told_apart_from_one_that_places() {
     assert_eq!(changes.recv().await.unwrap(), ViewChange::ModelReplaced(m.clone()), "new files");
 
     let (_, r) = registry.model(&m).await.unwrap().unwrap();
+    let on_gpu = ModelSpec { gpu: Some(crate::gpu::Gpu::Preferred), ..new_files.clone() };
+    assert!(registry.replace(&m, &on_gpu, r).await.unwrap());
+    assert_eq!(changes.recv().await.unwrap(), ViewChange::ModelReplaced(m.clone()), "a new GPU ask");
+
+    let (_, r) = registry.model(&m).await.unwrap().unwrap();
     assert!(registry.replace(&m, &ModelSpec { path: "/elsewhere".into(), ..new_files }, r).await.unwrap());
     assert_eq!(changes.recv().await.unwrap(), ViewChange::ModelReplaced(m.clone()), "another path");
 

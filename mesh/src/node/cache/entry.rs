@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use densemesh_placement::ModelId;
 use densemesh_placement::eviction::Clock;
+use densemesh_placement::gpu::Gpu;
 use densemesh_runtime_core::{LoadedModel, ModelMetadata};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -37,6 +38,9 @@ pub struct Entry {
     /// may run inline on the async executor.
     typical_infer_time: Mutex<Option<Duration>>,
     room_freed: Arc<Notify>,
+    /// What its registration asks of GPUs, as it was when the model loaded: a change of the ask
+    /// replaces the copy (`ModelSpec::reloads`), so it never goes stale.
+    gpu_ask: Option<Gpu>,
 }
 
 impl Entry {
@@ -64,7 +68,19 @@ impl Entry {
             requests_looked: AtomicU64::new(NOT_LOOKED),
             typical_infer_time: Mutex::new(None),
             room_freed,
+            gpu_ask: None,
         }
+    }
+
+    /// The same entry for a model whose registration asks `gpu` of GPUs.
+    pub(super) fn asking_gpu(mut self, gpu: Option<Gpu>) -> Self {
+        self.gpu_ask = gpu;
+        self
+    }
+
+    /// What its registration asks of GPUs (the GPU tier reads it before every call).
+    pub fn gpu_ask(&self) -> Option<Gpu> {
+        self.gpu_ask
     }
 
     /// Which model this is, for errors, logs and per-model accounting.
@@ -205,6 +221,13 @@ impl Lease {
     pub(crate) fn detached(id: ModelId, model: Box<dyn LoadedModel>) -> Self {
         let size = model.size_bytes();
         let entry = Entry::new(id, model, size, None, Duration::ZERO, Arc::new(Notify::new()));
+        Self::new(Arc::new(entry), Clock::default())
+    }
+
+    /// A lease on a model held by no cache whose registration asks `gpu` of GPUs.
+    pub(crate) fn detached_asking(id: ModelId, model: Box<dyn LoadedModel>, gpu: Option<Gpu>) -> Self {
+        let size = model.size_bytes();
+        let entry = Entry::new(id, model, size, None, Duration::ZERO, Arc::new(Notify::new())).asking_gpu(gpu);
         Self::new(Arc::new(entry), Clock::default())
     }
 

@@ -219,7 +219,8 @@ impl Inner {
             local.version,
             load_time,
             self.room_freed.clone(),
-        ));
+        )
+        .asking_gpu(local.gpu));
         if let Some(took) = probed {
             entry.record_infer_time(took);
         }

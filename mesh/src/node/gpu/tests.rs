@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use densemesh_placement::ModelId;
 use densemesh_placement::gpu::Gpu;
@@ -22,6 +24,10 @@ struct FakeDevices {
     used: Mutex<HashMap<usize, u64>>,
     /// Promotions that fail, by model name: a driver error.
     broken: Mutex<Vec<String>>,
+    /// How long a promotion takes.
+    copy_time: Mutex<std::time::Duration>,
+    /// Promotions tried, failed ones included.
+    tries: AtomicUsize,
 }
 
 struct FakeModel {
@@ -42,6 +48,8 @@ impl DeviceCopy for FakeModel {
     }
 
     fn promote(&self, ordinal: usize) -> densemesh_runtime_core::Result<()> {
+        self.devices.tries.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(*self.devices.copy_time.lock());
         if self.devices.broken.lock().contains(&self.name) {
             return Err(densemesh_runtime_core::Error::RuntimeUnavailable("out of device memory".into()));
         }
@@ -100,7 +108,6 @@ impl LoadedModel for FakeModel {
 struct Rig {
     devices: Arc<FakeDevices>,
     tier: GpuTier,
-    asks: Arc<Mutex<HashMap<String, Gpu>>>,
 }
 
 /// A tier over fake devices of these sizes, each with its whole memory as capacity.
@@ -109,22 +116,18 @@ fn rig(device_bytes: &[u64]) -> Rig {
     let listed: Vec<Device> = device_bytes
         .iter()
         .enumerate()
-        .map(|(ordinal, &total)| Device {
-            ordinal,
-            name: "fake".into(),
-            total_bytes: total,
-            free_bytes: total,
-        })
+        .map(|(ordinal, &total)| Device { ordinal, name: "fake".into(), total_bytes: total, free_bytes: total })
         .collect();
-    let asks: Arc<Mutex<HashMap<String, Gpu>>> = Arc::default();
-    let read = asks.clone();
-    let ask: GpuAsk = Arc::new(move |id: &ModelId| read.lock().get(id.as_str()).copied());
-    let tier = GpuTier::new(&listed, &"100%".parse().unwrap(), ask);
-    Rig { devices, tier, asks }
+    let tier = GpuTier::new(&listed, &"100%".parse().unwrap());
+    Rig { devices, tier }
 }
 
 impl Rig {
     fn model(&self, name: &str, bytes: u64) -> Lease {
+        self.model_asking(name, bytes, None)
+    }
+
+    fn model_asking(&self, name: &str, bytes: u64, gpu: Option<Gpu>) -> Lease {
         let model = FakeModel {
             name: name.into(),
             bytes,
@@ -132,23 +135,31 @@ impl Rig {
             on: Mutex::new(None),
             metadata: ModelMetadata { platform: "fake".into(), inputs: vec![], outputs: vec![] },
         };
-        Lease::detached(ModelId::new(name).unwrap(), Box::new(model))
+        Lease::detached_asking(ModelId::new(name).unwrap(), Box::new(model), gpu)
     }
 
     /// A call on `lease` as the worker makes it: placed, then run; its answer.
     fn call(&self, lease: &Lease) -> Result<String, MeshError> {
-        if self.tier.before_call(lease) {
-            self.tier.place(lease)?;
-        }
-        let out = lease.model().infer(InferRequest::default()).unwrap();
-        match &out[0].data {
-            TensorData::Strings(s) => Ok(String::from_utf8(s[0].to_vec()).unwrap()),
-            other => panic!("{other:?}"),
-        }
+        call(&self.tier, lease)
     }
 
     fn used(&self) -> Vec<u64> {
         self.tier.records().iter().map(|r| r.used_bytes).collect()
+    }
+
+    fn tries(&self) -> usize {
+        self.devices.tries.load(Ordering::Relaxed)
+    }
+}
+
+fn call(tier: &GpuTier, lease: &Lease) -> Result<String, MeshError> {
+    if tier.before_call(lease) {
+        tier.place(lease)?;
+    }
+    let out = lease.model().infer(InferRequest::default()).unwrap();
+    match &out[0].data {
+        TensorData::Strings(s) => Ok(String::from_utf8(s[0].to_vec()).unwrap()),
+        other => panic!("{other:?}"),
     }
 }
 
@@ -217,38 +228,98 @@ fn a_model_with_a_call_running_is_never_demoted() {
 #[test]
 fn a_model_requiring_a_gpu_is_refused_with_the_reason_never_run_on_the_host() {
     let rig = rig(&[100]);
-    rig.asks.lock().insert("big".into(), Gpu::Required);
-    rig.asks.lock().insert("wait".into(), Gpu::Required);
-    let big = rig.model("big", 120);
+    let big = rig.model_asking("big", 120, Some(Gpu::Required));
     let err = rig.call(&big).unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
-    assert!(err.to_string().contains("more than any device's capacity (--gpu-capacity)"), "{err}");
+    assert!(err.to_string().contains("more GPU memory than any device's capacity (--gpu-capacity)"), "{err}");
+    assert!(rig.tier.before_call(&big), "refused again, from what the tier remembers");
+    assert!(rig.call(&big).is_err());
 
     let busy = rig.model("busy", 90);
     rig.call(&busy).unwrap();
-    let wait = rig.model("wait", 20);
+    let wait = rig.model_asking("wait", 20, Some(Gpu::Required));
     let err = rig.call(&wait).unwrap_err();
     assert!(err.to_string().contains("every GPU is full of models in use"), "{err}");
     // A model that only prefers one runs on the host in the same spot.
-    rig.asks.lock().insert("wait".into(), Gpu::Preferred);
-    assert_eq!(rig.call(&wait).unwrap(), "wait@host");
+    let either = rig.model_asking("either", 20, Some(Gpu::Preferred));
+    assert_eq!(rig.call(&either).unwrap(), "either@host");
+    // One larger than any device that does not require a GPU is parked on the host: its calls skip
+    // the tier from then on.
+    let large = rig.model("large", 500);
+    assert_eq!(rig.call(&large).unwrap(), "large@host");
+    assert!(!rig.tier.before_call(&large));
 
     let none = self::rig(&[]);
-    none.asks.lock().insert("x".into(), Gpu::Required);
-    let err = none.call(&none.model("x", 1)).unwrap_err();
+    let err = none.call(&none.model_asking("x", 1, Some(Gpu::Required))).unwrap_err();
     assert!(err.to_string().contains("this pod has no GPU"), "{err}");
+    assert!(!none.tier.before_call(&none.model("y", 1)), "nothing to do on a pod without GPUs");
 }
 
 #[test]
-fn a_failed_promotion_leaves_the_device_free_and_serves_from_the_host_unless_required() {
+fn a_model_requiring_a_gpu_waits_for_the_copy_another_call_is_making() {
     let rig = rig(&[100]);
+    *rig.devices.copy_time.lock() = Duration::from_millis(200);
+    let lease = rig.model_asking("m", 50, Some(Gpu::Required));
+    let entry = lease.entry().clone();
+    let tier = rig.tier.clone();
+    let first = std::thread::spawn(move || call(&tier, &lease));
+    // The second call comes while the first copies.
+    while rig.tries() == 0 {
+        std::thread::yield_now();
+    }
+    let second = Lease::detached_from(entry);
+    assert_eq!(rig.call(&second).unwrap(), "m@gpu0", "waited, never ran on the host");
+    assert_eq!(first.join().unwrap().unwrap(), "m@gpu0");
+    assert_eq!(rig.tries(), 1, "one copy");
+}
+
+#[test]
+fn concurrent_calls_over_a_full_device_keep_the_ledger_and_the_device_in_step() {
+    let rig = rig(&[100]);
+    *rig.devices.copy_time.lock() = Duration::from_micros(200);
+    // Five models of 40 bytes over room for two: promotions and demotions race calls on every model.
+    let entries: Vec<_> = (0..5).map(|i| rig.model(&format!("m{i}"), 40).entry().clone()).collect();
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (tier, entries) = (&rig.tier, &entries);
+            scope.spawn(move || {
+                for n in 0..300 {
+                    let entry = &entries[(t * 7 + n * 3) % entries.len()];
+                    let answer = call(tier, &Lease::detached_from(entry.clone())).unwrap();
+                    assert!(answer.starts_with(&format!("{}@", entry.id())), "{answer}");
+                }
+            });
+        }
+    });
+    let on_device = entries.iter().filter(|e| on_entry(e).is_some()).count() as u64 * 40;
+    assert_eq!(rig.tier.charged(), [on_device], "the ledger charges exactly the copies on the device");
+    assert_eq!(*rig.devices.used.lock().get(&0).unwrap(), on_device);
+    assert!((40..=100).contains(&on_device), "{on_device}");
+    assert!(rig.tries() > 5, "models moved both ways");
+}
+
+#[test]
+fn a_failed_copy_serves_from_the_host_and_is_not_tried_again_at_once() {
+    let rig = rig(&[100]);
+    let idle = rig.model("idle", 80);
+    rig.call(&idle).unwrap();
+    let idle = idle.entry().clone();
     rig.devices.broken.lock().push("m".into());
     let m = rig.model("m", 30);
     assert_eq!(rig.call(&m).unwrap(), "m@host");
-    assert_eq!(rig.used(), [0], "the reservation was given back");
-    rig.asks.lock().insert("m".into(), Gpu::Required);
-    let err = rig.call(&m).unwrap_err();
+    assert_eq!(rig.used(), [0], "the reservation was given back (the idle model was demoted for it)");
+    assert_eq!(on_entry(&idle), None);
+    assert!(!rig.tier.before_call(&m), "the next calls run on the host without a new try");
+    assert_eq!(rig.tries(), 2);
+
+    let required = rig.model_asking("r", 30, Some(Gpu::Required));
+    rig.devices.broken.lock().push("r".into());
+    let err = rig.call(&required).unwrap_err();
     assert!(err.to_string().contains("cannot be copied to gpu0: "), "{err}");
+    assert!(std::error::Error::source(&err).is_some(), "the copy's error is kept as the cause");
+    let again = rig.call(&required).unwrap_err();
+    assert!(again.to_string().contains("cannot be copied to gpu0: "), "{again}");
+    assert_eq!(rig.tries(), 3, "remembered, not tried again");
 }
 
 #[test]
