@@ -297,7 +297,10 @@ mod tests {
         );
         assert_eq!(names(&narrow(pods.to_vec(), Some(Gpu::Required), 45).unwrap()), [vec!["full", "room"]]);
         assert_eq!(narrow(pods.to_vec(), Some(Gpu::Required), 60), Err(50), "larger than every device");
-        assert_eq!(names(&narrow(pods.to_vec(), Some(Gpu::Preferred), 60).unwrap()), [vec!["cpu", "full", "room"]]);
+        assert_eq!(
+            names(&narrow(pods.to_vec(), Some(Gpu::Preferred), 60).unwrap()),
+            [vec!["cpu", "full", "room"]]
+        );
     }
 
     #[test]

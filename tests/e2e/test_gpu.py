@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 
-from meshd import EXAMPLES, REPO
+from meshd import EXAMPLES, REPO, wait_for
 from test_meshctl import meshctl, ok_json
 
 
@@ -33,6 +33,14 @@ def test_a_pod_without_gpus_refuses_models_that_require_one_and_serves_those_tha
     plain = ok_json(server, "predict", "iris-logreg", "--input", request)
     assert served["outputs"] == plain["outputs"]
     assert np.array(served["outputs"][0]["data"]).size == 2
+    # A new ask on a registered model replaces its copy: the CPU copy serving it goes, and the model
+    # is placed anew, which a pod without a GPU refuses.
+    ok_json(server, "register", "iris-either", "--path", iris, "--gpu", "required")
+    assert {m["model_id"]: m["gpu"] for m in ok_json(server, "list")}["iris-either"] == "required"
+    def refused_now():
+        r = meshctl(server, "predict", "iris-either", "--input", request)
+        return r.returncode == 1 and "requires a GPU" in r.stderr
+    wait_for(refused_now, 30, "the copy placed under the old ask to go")
 
     bad = meshctl(server, "register", "iris-bad", "--path", iris, "--gpu", "sometimes")
     assert bad.returncode != 0 and "modelInfo.gpu" in bad.stderr and "preferred or required" in bad.stderr, bad.stderr

@@ -156,9 +156,10 @@ impl Ledger {
     }
 
     fn find(&self, entry: &Arc<Entry>) -> Option<(usize, usize)> {
-        self.devices.iter().enumerate().find_map(|(d, device)| {
-            device.residents.iter().position(|r| is(&r.entry, entry)).map(|i| (d, i))
-        })
+        self.devices
+            .iter()
+            .enumerate()
+            .find_map(|(d, device)| device.residents.iter().position(|r| is(&r.entry, entry)).map(|i| (d, i)))
     }
 
     fn remove(&mut self, device: usize, index: usize) -> Resident {
@@ -286,7 +287,10 @@ impl GpuTier {
         let required = lease.gpu_ask() == Some(Gpu::Required);
         let Some(copy) = lease.model().device_copy() else {
             return match required {
-                true => Err(self.refusal(lease, format!("its runtime ({}) runs on the CPU only", lease.runtime()))),
+                true => {
+                    Err(self
+                        .refusal(lease, format!("its runtime ({}) runs on the CPU only", lease.runtime())))
+                }
                 false => Ok(()),
             };
         };
@@ -345,7 +349,12 @@ impl GpuTier {
         }
         let target = &mut ledger.devices[device];
         target.used_bytes += bytes;
-        target.residents.push(Resident { entry: Arc::downgrade(lease.entry()), bytes, last_used: now, copying: true });
+        target.residents.push(Resident {
+            entry: Arc::downgrade(lease.entry()),
+            bytes,
+            last_used: now,
+            copying: true,
+        });
         drop(ledger);
 
         let started = std::time::Instant::now();
@@ -374,7 +383,11 @@ impl GpuTier {
                     reason: reason.clone(),
                 });
                 match required {
-                    true => Err(MeshError::GpuUnavailable { model_id: lease.id().clone(), reason, source: Some(e) }),
+                    true => Err(MeshError::GpuUnavailable {
+                        model_id: lease.id().clone(),
+                        reason,
+                        source: Some(e),
+                    }),
                     false => Ok(()),
                 }
             }
@@ -421,7 +434,8 @@ impl GpuTier {
     pub fn refresh_gauges(&self) {
         for record in self.records() {
             metrics::gauge!(m::USED_BYTES, "tier" => record.name.clone()).set(record.used_bytes as f64);
-            metrics::gauge!(m::CAPACITY_BYTES, "tier" => record.name.clone()).set(record.capacity_bytes as f64);
+            metrics::gauge!(m::CAPACITY_BYTES, "tier" => record.name.clone())
+                .set(record.capacity_bytes as f64);
             metrics::gauge!(m::GPU_MODELS, "tier" => record.name).set(record.models as f64);
         }
     }

@@ -227,7 +227,8 @@ impl Lease {
     /// A lease on a model held by no cache whose registration asks `gpu` of GPUs.
     pub(crate) fn detached_asking(id: ModelId, model: Box<dyn LoadedModel>, gpu: Option<Gpu>) -> Self {
         let size = model.size_bytes();
-        let entry = Entry::new(id, model, size, None, Duration::ZERO, Arc::new(Notify::new())).asking_gpu(gpu);
+        let entry =
+            Entry::new(id, model, size, None, Duration::ZERO, Arc::new(Notify::new())).asking_gpu(gpu);
         Self::new(Arc::new(entry), Clock::default())
     }
 

@@ -212,15 +212,10 @@ impl Inner {
                 }
             }
         }
-        let entry = Arc::new(Entry::new(
-            id.clone(),
-            model,
-            measured,
-            local.version,
-            load_time,
-            self.room_freed.clone(),
-        )
-        .asking_gpu(local.gpu));
+        let entry = Arc::new(
+            Entry::new(id.clone(), model, measured, local.version, load_time, self.room_freed.clone())
+                .asking_gpu(local.gpu),
+        );
         if let Some(took) = probed {
             entry.record_infer_time(took);
         }

@@ -116,7 +116,12 @@ fn rig(device_bytes: &[u64]) -> Rig {
     let listed: Vec<Device> = device_bytes
         .iter()
         .enumerate()
-        .map(|(ordinal, &total)| Device { ordinal, name: "fake".into(), total_bytes: total, free_bytes: total })
+        .map(|(ordinal, &total)| Device {
+            ordinal,
+            name: "fake".into(),
+            total_bytes: total,
+            free_bytes: total,
+        })
         .collect();
     let tier = GpuTier::new(&listed, &"100%".parse().unwrap());
     Rig { devices, tier }
@@ -301,9 +306,10 @@ fn concurrent_calls_over_a_full_device_keep_the_ledger_and_the_device_in_step() 
 #[test]
 fn a_failed_copy_serves_from_the_host_and_is_not_tried_again_at_once() {
     let rig = rig(&[100]);
-    let idle = rig.model("idle", 80);
-    rig.call(&idle).unwrap();
-    let idle = idle.entry().clone();
+    let idle_lease = rig.model("idle", 80);
+    rig.call(&idle_lease).unwrap();
+    let idle = idle_lease.entry().clone();
+    drop(idle_lease);
     rig.devices.broken.lock().push("m".into());
     let m = rig.model("m", 30);
     assert_eq!(rig.call(&m).unwrap(), "m@host");
