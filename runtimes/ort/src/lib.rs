@@ -19,6 +19,7 @@ use std::path::PathBuf;
 
 use densemesh_runtime_core::{Context, Error, LoadRequest, LoadedModel, Result, Runtime};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
+use ort::ep::ExecutionProvider;
 
 pub use library::find_library;
 pub use memory::release_free_heap;
@@ -44,6 +45,8 @@ pub struct OrtRuntime {
     policy: SessionPolicy,
     /// How loads are measured and what they are charged (see `memory.rs`).
     sizing: session::Sizing,
+    /// Whether the library has the CUDA execution provider (onnxruntime-gpu).
+    cuda_provider: bool,
 }
 
 impl OrtRuntime {
@@ -87,8 +90,12 @@ impl OrtRuntime {
         // Runtime's one-time allocations and a library that cannot run a model fails here.
         session::OrtModel::warm_up(&env, WARMUP_MODEL)
             .map_err(|e| unavailable("onnxruntime cannot run a trivial model", e))?;
+        // Detected, never assumed: only onnxruntime-gpu's library has it. Models run on the CPU
+        // provider either way (docs/gpu.md); an operator who installed the GPU build is told so.
+        let cuda_provider = ort::ep::CUDA::is_available().unwrap_or(false);
         let (lean, full) = sizing.costs();
         tracing::info!(
+            cuda_provider,
             library = %library_path.display(),
             lean_session_bytes = lean.per_session,
             lean_node_bytes = lean.per_node,
@@ -97,7 +104,12 @@ impl OrtRuntime {
             lean_below_bytes = policy.lean_below_bytes,
             "onnxruntime ready"
         );
-        Ok(Self { env, library_path, policy, sizing })
+        if cuda_provider {
+            tracing::info!(
+                "onnxruntime has the CUDA execution provider (onnxruntime-gpu); ONNX models still run on the CPU provider"
+            );
+        }
+        Ok(Self { env, library_path, policy, sizing, cuda_provider })
     }
 
     /// Loads a model from bytes already in memory, skipping the file read.
@@ -109,6 +121,11 @@ impl OrtRuntime {
     /// The rule for lean sessions in use.
     pub fn policy(&self) -> SessionPolicy {
         self.policy
+    }
+
+    /// Whether the library offers the CUDA execution provider (onnxruntime-gpu), as it says itself.
+    pub fn cuda_provider(&self) -> bool {
+        self.cuda_provider
     }
 
     /// The library in use, for logs and diagnostics.

@@ -66,3 +66,20 @@ fn a_load_failure_keeps_the_onnxruntime_error_as_its_source() {
     let cause = source.downcast_ref::<ort::Error>().expect("the source is onnxruntime's own error");
     assert_eq!(err.to_string(), format!("cannot load model broken: {cause}"));
 }
+
+/// The test set-up installs PyPI's CPU `onnxruntime`, whose library has no CUDA provider: the runtime
+/// must say so from the library itself, not assume either way.
+#[test]
+fn the_cuda_provider_is_detected_from_the_library() {
+    // Both wheels install the package `onnxruntime`; the GPU one's metadata is onnxruntime_gpu's.
+    let library = runtime().library_path();
+    let site_packages = library.ancestors().find(|d| d.file_name().is_some_and(|n| n == "site-packages"));
+    let gpu_wheel = site_packages.is_some_and(|dir| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("onnxruntime_gpu-"))
+    });
+    assert_eq!(runtime().cuda_provider(), gpu_wheel, "{}", library.display());
+}
