@@ -530,6 +530,9 @@ def test_capacity_reaches_meshd():
     assert runtime["spec"]["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
     assert env_of(meshd_container(render("defaults")))["DENSEMESH_CAPACITY"] == "60%"
     assert env_of(meshd_container(render("bundled-etcd-values.yaml")))["DENSEMESH_CAPACITY"] == "2GiB"
+    assert env_of(meshd_container(render("defaults")))["DENSEMESH_GPU_CAPACITY"] == "90%"
+    per_device = meshd_container(render("defaults", ("meshd.gpuCapacity=80%\\,1=10GiB",)))
+    assert env_of(per_device)["DENSEMESH_GPU_CAPACITY"] == "80%,1=10GiB"
 
 
 def test_default_runtime():
@@ -574,6 +577,7 @@ def test_monitoring_and_network_policies():
     (("meshd.capacity=lots",), "meshd.capacity: Does not match pattern"),
     (("meshd.resources.limits=null",), "meshd.resources.limits.memory is not set"),
     (("meshd.capacity=0%",), "meshd.capacity: Does not match pattern"),
+    (("meshd.gpuCapacity=most",), "meshd.gpuCapacity: Does not match pattern"),
     (("controller.replicas=two",), "controller.replicas: Invalid type"),
     (("meshd.shutdownGrace=soon",), "meshd.shutdownGrace: Does not match pattern"),
     (("meshd.capacty=2GiB",), "Additional property capacty is not allowed"),

@@ -97,6 +97,8 @@ spec:
         {{- end }}
         - name: DENSEMESH_CAPACITY
           value: {{ $m.capacity | toString | quote }}
+        - name: DENSEMESH_GPU_CAPACITY
+          value: {{ $m.gpuCapacity | toString | quote }}
         # Registrations come from the controller through the management API; the repository is empty.
         - name: DENSEMESH_MODEL_REPO
           value: /models
