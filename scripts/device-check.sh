@@ -2,10 +2,11 @@
 # The GPU tier's check on a machine with a GPU (docs/gpu.md), in two halves:
 #
 #   scripts/device-check.sh build   here, no GPU needed: builds meshd's GPU build (--features
-#                                   cuda-kernels, release, stripped) into target/device/meshd
-#   scripts/device-check.sh run     on the GPU machine, from the repository root, with target/device/
-#                                   carried there: the checks below; figures on stdout and in
-#                                   $OUT/device-check.json (target/device/out without $OUT)
+#                                   cuda-kernels, release, stripped: 74 MB) into target/device/meshd, and
+#                                   target/device/meshd.gz (22 MB) to carry: the device tool carries 64 MiB
+#   scripts/device-check.sh run     on the GPU machine, from the repository root, with
+#                                   target/device/meshd.gz carried there: the checks below; figures on
+#                                   stdout and in $OUT/device-check.json (target/device/out without $OUT)
 #
 # What `run` verifies, each printed as PASS or FAIL with its figure:
 #   1. meshd finds the GPU and gives it its --gpu-capacity (densemesh_capacity_bytes{tier="gpu0"});
@@ -55,14 +56,18 @@ build() {
         --features densemesh-mesh/cuda-kernels
     cp "$device_dir/build/release/meshd" "$device_dir/meshd"
     strip "$device_dir/meshd"
-    ls -l "$device_dir/meshd"
-    echo "device-check: carry $device_dir/meshd (and this repository) to the GPU machine, then run: scripts/device-check.sh run"
+    gzip -6 -c "$device_dir/meshd" >"$device_dir/meshd.gz"
+    ls -l "$device_dir/meshd" "$device_dir/meshd.gz"
+    echo "device-check: carry $device_dir/meshd.gz (with this repository) to the GPU machine, then run: scripts/device-check.sh run"
 }
 
 run() {
     local out="${OUT:-$device_dir/out}"
     mkdir -p "$out"
     local meshd="$device_dir/meshd"
+    if [ ! -x "$meshd" ] && [ -e "$meshd.gz" ]; then
+        gunzip -c "$meshd.gz" >"$meshd" && chmod +x "$meshd"
+    fi
     [ -x "$meshd" ] || { echo "device-check: no $meshd; run scripts/device-check.sh build first" >&2; exit 2; }
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$out/nvidia-smi.csv"
     local driver
