@@ -69,6 +69,10 @@ run() {
         gunzip -c "$meshd.gz" >"$meshd" && chmod +x "$meshd"
     fi
     [ -x "$meshd" ] || { echo "device-check: no $meshd; run scripts/device-check.sh build first" >&2; exit 2; }
+    if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+        echo "BLOCKED: no NVIDIA GPU or driver here (nvidia-smi lists none)" | tee "$out/blocked"
+        exit 3
+    fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$out/nvidia-smi.csv"
     local driver
     driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n1 | cut -d. -f1)"
