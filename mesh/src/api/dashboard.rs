@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use densemesh_placement::gpu::DeviceRecord;
 use densemesh_placement::status::{LoadState, Registration, model_state, vmodel_state};
 use densemesh_placement::{ClusterView, InstanceRecord, ModelId, Placement, VModelSpec, Weighted};
 use parking_lot::Mutex;
@@ -147,6 +148,8 @@ pub struct InstanceJson {
     pub memory: Tier,
     /// The disk cache of remote models; known for the answering pod only.
     pub disk_cache: Option<Tier>,
+    /// Its GPUs, each a tier of its own (docs/gpu.md); empty without any.
+    pub gpus: Vec<GpuJson>,
     pub models_loaded: u64,
     pub loading: u64,
     pub lru_age_seconds: u64,
@@ -154,6 +157,18 @@ pub struct InstanceJson {
     pub requests_per_minute: u64,
     /// Its copies, by model id.
     pub models: Vec<ModelOnPod>,
+}
+
+/// One GPU of a pod: its tier's budget and use, and the models with a copy on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuJson {
+    /// The tier: `gpu0`, `gpu1`, ….
+    pub name: String,
+    /// The device's model name.
+    pub kind: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub models: u64,
 }
 
 /// One copy of a model on one pod.
@@ -213,6 +228,8 @@ pub struct Snapshot {
     pub local: PlacementState,
     pub resident: Vec<ResidentModel>,
     pub disk: Option<Tier>,
+    /// This pod's GPUs now.
+    pub gpus: Vec<DeviceRecord>,
     pub activity: Vec<Bucket>,
     pub decisions: Vec<Decision>,
 }
@@ -289,6 +306,16 @@ fn instance(s: &Snapshot, id: &str, record: Option<&InstanceRecord>) -> Instance
         model_types: record.map(|r| r.model_types.clone()).unwrap_or_default(),
         memory,
         disk_cache: if this { s.disk } else { None },
+        gpus: if this { &s.gpus } else { record.map_or(&[][..], |r| &r.devices[..]) }
+            .iter()
+            .map(|d| GpuJson {
+                name: d.name.clone(),
+                kind: d.kind.clone(),
+                capacity_bytes: d.capacity_bytes,
+                used_bytes: d.used_bytes,
+                models: d.models,
+            })
+            .collect(),
         models_loaded,
         loading,
         lru_age_seconds,
@@ -462,6 +489,7 @@ impl Dashboard {
             local: self.cache.placement_state(),
             resident: self.cache.resident(),
             disk: Some(Tier { capacity_bytes, used_bytes }),
+            gpus: self.cache.gpu_tier().records(),
             activity,
             decisions: self.decisions.recent(),
         })

@@ -72,6 +72,14 @@ fn two_pods() -> Snapshot {
             coldest_model: Some(id("a1")),
             ..Default::default()
         },
+        gpus: vec![densemesh_placement::gpu::DeviceRecord {
+            name: "gpu0".into(),
+            kind: "H100".into(),
+            total_bytes: 80,
+            capacity_bytes: 72,
+            used_bytes: 30,
+            models: 2,
+        }],
         resident: vec![ResidentModel {
             id: id("a1"),
             size_bytes: 300,
@@ -112,6 +120,15 @@ fn this_pod_is_live_and_others_are_as_their_records_say() {
     assert_eq!((a1.size_bytes, a1.idle_seconds, a1.requests, a1.in_flight), (300, Some(7), Some(9), Some(2)));
     assert_eq!(b.memory, Tier { capacity_bytes: 2000, used_bytes: 500 });
     assert_eq!(b.disk_cache, None);
+    assert_eq!(
+        a.gpus
+            .iter()
+            .map(|g| (g.name.as_str(), g.capacity_bytes, g.used_bytes, g.models))
+            .collect::<Vec<_>>(),
+        [("gpu0", 72, 30, 2)],
+        "this pod's GPUs as its tier says now"
+    );
+    assert!(b.gpus.is_empty(), "a record without devices: no GPUs");
     assert_eq!((b.requests_per_minute, b.lru_age_seconds, b.coldest_model.as_deref()), (42, 90, Some("b1")));
     assert_eq!((b.models[0].idle_seconds, b.models[0].since_ms), (None, Some(11)));
 }
@@ -171,6 +188,7 @@ fn the_json_names_the_documented_fields() {
         "draining",
         "memory",
         "disk_cache",
+        "gpus",
         "models",
         "requests_per_minute",
         "lru_age_seconds",
