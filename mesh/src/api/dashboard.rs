@@ -148,8 +148,9 @@ pub struct InstanceJson {
     pub memory: Tier,
     /// The disk cache of remote models; known for the answering pod only.
     pub disk_cache: Option<Tier>,
-    /// Its GPUs, each a tier of its own (docs/gpu.md); empty without any.
-    pub gpus: Vec<GpuJson>,
+    /// Its GPUs, each a tier of its own, as its instance record lists them (docs/gpu.md); empty
+    /// without any.
+    pub gpus: Vec<DeviceRecord>,
     pub models_loaded: u64,
     pub loading: u64,
     pub lru_age_seconds: u64,
@@ -157,18 +158,6 @@ pub struct InstanceJson {
     pub requests_per_minute: u64,
     /// Its copies, by model id.
     pub models: Vec<ModelOnPod>,
-}
-
-/// One GPU of a pod: its tier's budget and use, and the models with a copy on it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GpuJson {
-    /// The tier: `gpu0`, `gpu1`, ….
-    pub name: String,
-    /// The device's model name.
-    pub kind: String,
-    pub capacity_bytes: u64,
-    pub used_bytes: u64,
-    pub models: u64,
 }
 
 /// One copy of a model on one pod.
@@ -306,16 +295,7 @@ fn instance(s: &Snapshot, id: &str, record: Option<&InstanceRecord>) -> Instance
         model_types: record.map(|r| r.model_types.clone()).unwrap_or_default(),
         memory,
         disk_cache: if this { s.disk } else { None },
-        gpus: if this { &s.gpus } else { record.map_or(&[][..], |r| &r.devices[..]) }
-            .iter()
-            .map(|d| GpuJson {
-                name: d.name.clone(),
-                kind: d.kind.clone(),
-                capacity_bytes: d.capacity_bytes,
-                used_bytes: d.used_bytes,
-                models: d.models,
-            })
-            .collect(),
+        gpus: if this { s.gpus.clone() } else { record.map(|r| r.devices.clone()).unwrap_or_default() },
         models_loaded,
         loading,
         lru_age_seconds,
