@@ -10,7 +10,10 @@ Hugging Face sentence-embedding model on candle serves.
    the very same MLServer process, with the same V2 request from one Rust gRPC client
    (`densemesh-bench pair`), one call at a time, alternating pair by pair so drift hits both alike. The
    median of the pairs' differences is what the mesh adds (the issue's goal: <= 150 us); each round
-   gives one, and the median of the rounds is reported with their range.
+   gives one, and the median of the rounds is reported with their range. In the same rounds, the same
+   pairs through a bare HTTP/2 relay (`densemesh-bench relay`: the h2 crate meshd uses, nothing of the
+   mesh) and through nghttpx where it is installed (`apt-get install nghttp2-proxy`): the floor of any
+   HTTP/2 hop on the host, and meshd's share beyond it (`sklearn_added_beyond_relay_us`).
 2. all-MiniLM-L6-v2 (format huggingface) through meshd at batch 1 and 32, one client: req/s and p50; and
    its cold load (the first request's time less a warm one's) against reading its safetensors file.
    The in-process figures to set beside these come from
@@ -22,6 +25,7 @@ that scripts/setup.sh makes, and .models/all-minilm-l6-v2 (also from scripts/set
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,9 +64,14 @@ def summary(latencies):
 
 
 def cpu_seconds(pid):
-    """User plus system CPU seconds a process has used so far (from /proc)."""
+    """User plus system CPU seconds a process and its live children have used so far (from /proc): nghttpx
+    serves from a worker process its master forks."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return own + sum(cpu_seconds(child) for child in children)
 
 
 def start_mlserver(work):
@@ -86,6 +95,47 @@ def start_mlserver(work):
 
     wait_for(ready, 120, "MLServer to be ready")
     return proc, grpc_port, repository, stub
+
+
+def start_reference_hops(bench, work, to):
+    """The hops meshd is read against, each in front of `to`: {name: (process, address)}. The bare relay
+    always; nghttpx (Debian's nghttp2-proxy) only where it is installed, single-threaded, no logs."""
+    hops = {}
+    addr_file = work / "relay-addr.json"
+    relay = subprocess.Popen([str(bench), "relay", "--to", to, "--addr-file", str(addr_file)],
+                             stdout=subprocess.DEVNULL, stderr=open(work / "relay.log", "wb"))
+
+    def relay_addr():
+        try:
+            return json.loads(addr_file.read_text())["grpc_addr"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            assert relay.poll() is None, (work / "relay.log").read_text()
+            return None
+
+    hops["relay"] = (relay, wait_for(relay_addr, 30, "the relay to listen"))
+    nghttpx = shutil.which("nghttpx")
+    if nghttpx:
+        port = free_port()
+        host, backend_port = to.rsplit(":", 1)
+        proc = subprocess.Popen([nghttpx, f"--frontend=127.0.0.1,{port};no-tls",
+                                 f"--backend={host},{backend_port};;proto=h2", "--single-thread", "--workers=1",
+                                 "--no-via", "--no-ocsp", "--accesslog-file=/dev/null",
+                                 f"--errorlog-file={work / 'nghttpx.log'}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        def ready():
+            assert proc.poll() is None, "nghttpx exited"
+            try:
+                return stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=1).ready
+            except grpc.RpcError:
+                return False
+
+        wait_for(ready, 30, "nghttpx to pass calls")
+        channel.close()
+        hops["nghttpx"] = (proc, f"127.0.0.1:{port}")
+    return hops
 
 
 def mmesh_stubs():
@@ -118,6 +168,7 @@ def bench_mlserver(args, work, results):
     # `--compare-bin-dir`: a second meshd (B) on the same MLServer, its rounds interleaved with A's.
     bin_dirs = {"": args.bin_dir, **({"_b": args.compare_bin_dir} if args.compare_bin_dir else {})}
     servers = {}
+    references = []
     try:
         config = work / "runtimes.json"
         config.write_text(json.dumps({"runtimes": [{
@@ -139,35 +190,50 @@ def bench_mlserver(args, work, results):
         assert answer.outputs, answer
         for server in servers.values():
             assert server.stub.ModelInfer(request, timeout=30).outputs
-        # The timing is Rust's `densemesh-bench pair`: one client, the same request through meshd and
+        # The timing is Rust's `densemesh-bench pair`: one client, the same request through a hop and
         # straight to MLServer, alternating pair by pair. A Python client's own round trip (~370 us)
-        # and its jitter were larger than the goal.
+        # and its jitter were larger than the goal. Beside meshd, in the same rounds: the bare HTTP/2
+        # relay (`densemesh-bench relay`, nothing of the mesh), and nghttpx, a C HTTP/2 proxy, where it
+        # is installed: what any HTTP/2 hop costs on this host, against which meshd's own share shows.
         bench = Path(args.bin_dir) / "densemesh-bench"
-        rounds = {suffix: [] for suffix in servers}
-        cpu = {suffix: 0.0 for suffix in servers}
+        direct_addr = f"127.0.0.1:{grpc_port}"
+        hops = {f"meshd{suffix}": (server.grpc_addr, server.proc.pid) for suffix, server in servers.items()}
+        for name, (proc_, addr) in start_reference_hops(bench, work, direct_addr).items():
+            references.append(proc_)
+            hops[name] = (addr, proc_.pid)
+        rounds = {name: [] for name in hops}
+        cpu = {name: 0.0 for name in hops}
         for _ in range(args.rounds):
-            for suffix, server in servers.items():
-                before = cpu_seconds(server.proc.pid)
-                out = subprocess.run([str(bench), "pair", "--via", server.grpc_addr,
-                                      "--direct", f"127.0.0.1:{grpc_port}", "--model", "iris-sk",
-                                      "--input", "input-0:FP64:1x4", "--pairs", str(args.requests // args.rounds),
-                                      "--warmup", str(args.warmup), "--label", f"meshd{suffix}"],
+            for name, (addr, pid) in hops.items():
+                before = cpu_seconds(pid)
+                out = subprocess.run([str(bench), "pair", "--via", addr, "--direct", direct_addr,
+                                      "--model", "iris-sk", "--input", "input-0:FP64:1x4",
+                                      "--pairs", str(args.requests // args.rounds),
+                                      "--warmup", str(args.warmup), "--label", name],
                                      check=True, capture_output=True, text=True, timeout=600).stdout
-                cpu[suffix] += cpu_seconds(server.proc.pid) - before
+                cpu[name] += cpu_seconds(pid) - before
                 print(out.splitlines()[1], flush=True)
-                rounds[suffix].append(json.loads(out.splitlines()[-1])["figures"])
-        for suffix, server in servers.items():
-            figures = rounds[suffix]
+                rounds[name].append(json.loads(out.splitlines()[-1])["figures"])
+        for name in hops:
+            # meshd's figures keep their names (sklearn_added_p50_us, ..._b for --compare-bin-dir).
+            suffix = name[len("meshd"):] if name.startswith("meshd") else f"_{name}"
+            figures = rounds[name]
             pairs = sum(f["pairs"] for f in figures)
             results[f"sklearn_pairs{suffix}"] = pairs
             results[f"sklearn_direct_p50_us{suffix}"] = statistics.median(f["direct_p50_us"] for f in figures)
-            results[f"sklearn_via_meshd_p50_us{suffix}"] = statistics.median(f["via_p50_us"] for f in figures)
+            results[f"sklearn_via_p50_us{suffix}"] = statistics.median(f["via_p50_us"] for f in figures)
             added = [f["added_median_of_pairs_us"] for f in figures]
             results[f"sklearn_added_p50_us{suffix}"] = statistics.median(added)
             results[f"sklearn_added_p50_rounds_us{suffix}"] = [min(added), max(added)]
-            # Warm-up calls included: meshd serves (warmup + pairs) per round.
-            results[f"cpu_us_per_request_meshd{suffix}"] = round(
-                cpu[suffix] * 1e6 / (pairs + args.warmup * args.rounds), 1)
+            # Warm-up calls included: the hop serves (warmup + pairs) per round.
+            results[f"cpu_us_per_request_{name}"] = round(
+                cpu[name] * 1e6 / (pairs + args.warmup * args.rounds), 1)
+            if name != "relay" and "relay" in hops:
+                # Round by round, what this hop adds beyond the bare relay run in the same minutes.
+                beyond = [a - r["added_median_of_pairs_us"] for a, r in zip(added, rounds["relay"])]
+                results[f"sklearn_added_beyond_relay_us{suffix}"] = statistics.median(beyond)
+                results[f"sklearn_added_beyond_relay_rounds_us{suffix}"] = [min(beyond), max(beyond)]
+        for suffix, server in servers.items():
             # How meshd served them: passed through as bytes (densemesh_passthrough_requests_total) or not.
             results[f"sklearn_passed_through{suffix}"] = server.metrics().get(
                 'densemesh_passthrough_requests_total{result="ok"}', 0)
@@ -175,6 +241,9 @@ def bench_mlserver(args, work, results):
     finally:
         for server in servers.values():
             server.stop()
+        for reference in references:
+            reference.kill()
+            reference.wait(timeout=10)
         proc.terminate()
         proc.wait(timeout=30)
 

@@ -6,7 +6,8 @@
 //! - `cold-load`: a model's load from disk against a session built from bytes already in memory;
 //! - `pull`: an object pulled from storage into the disk cache against a `read()` of a local copy;
 //! - `echo-server`: a bare tonic V2 server answering canned responses, the floor `grpc` is read against;
-//! - `pair`: one request sent through a hop and straight to the server behind it, pair by pair.
+//! - `pair`: one request sent through a hop and straight to the server behind it, pair by pair;
+//! - `relay`: a bare HTTP/2 relay in front of a server, the floor `pair` reads meshd's hop against.
 
 // A binary's root resolves modules beside itself; these live in `bench/` so cargo does not take them
 // for binaries of their own.
@@ -22,6 +23,8 @@ mod local;
 mod pair;
 #[path = "bench/pull.rs"]
 mod pull;
+#[path = "bench/relay.rs"]
+mod relay;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -104,6 +107,19 @@ enum Command {
         /// A name printed with the figures.
         #[arg(long, default_value = "")]
         label: String,
+    },
+    /// A bare HTTP/2 relay passing every call whole to one server: the floor of a hop, with nothing
+    /// of the mesh, that `pair` reads meshd against.
+    Relay {
+        /// Where to listen; port 0 lets the kernel choose (see --addr-file).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// The server every call is passed to, host:port.
+        #[arg(long)]
+        to: String,
+        /// Written once listening: {"grpc_addr": "..."}.
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
     },
     /// Pull throughput from object storage into an empty disk cache, against read() of a local copy.
     Pull {
@@ -196,6 +212,9 @@ struct LoadArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Nothing here prints library logs; with no subscriber at all, every `tracing` call site in h2, hyper
+    // and tonic was still asked whether it is enabled, on each call: a sixth of the relay's instructions.
+    let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
     match Cli::parse().command {
         Command::Grpc(args) => grpc(args),
         Command::Inproc(args) => inproc(args),
@@ -213,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             pair::print(&args, &figures);
             Ok(())
         }
+        Command::Relay { listen, to, addr_file } => relay::run(&relay::RelayArgs { listen, to, addr_file }),
         Command::Pull { location, key, storage_config, local_file, repeat, range_mib, parallel } => {
             pull::run(&pull::PullArgs {
                 location,
