@@ -324,7 +324,12 @@ pub async fn run(
     .with_runtime_calls(runtime_calls.clone());
     // REST calls the very front gRPC clients reach: one routing decision for both protocols.
     let rest = crate::api::rest::Rest::new(inference.clone(), service.clone(), config.max_message_size);
-    let passthrough = crate::api::passthrough::PassthroughLayer::new(service, SERVED_SERVICES, runtime_calls);
+    let passthrough = crate::api::passthrough::PassthroughLayer::new(
+        service,
+        SERVED_SERVICES,
+        runtime_calls,
+        inference.clone(),
+    );
     // Reflection lists the services served here; the descriptor set also holds the runtime SPI, which
     // meshd calls on runtimes and never serves.
     let served = |builder: tonic_reflection::server::Builder<'static>| {

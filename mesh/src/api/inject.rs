@@ -57,6 +57,18 @@ pub fn inject(message: &[u8], path: &[u32], value: &str) -> Result<Vec<u8>, Inje
     Ok(out)
 }
 
+/// Whether `message` already reads `value` at a top-level string field `path` (its last occurrence, the
+/// one a decoder keeps): then injecting it changes nothing a decoder sees, and the bytes can pass as they
+/// came. The usual case: a client names the model by its id, and `ModelInfer` carries it in field 1.
+/// False for a nested path or a malformed message, which take [`inject`]'s way.
+pub fn holds(message: &[u8], path: &[u32], value: &str) -> bool {
+    let &[field] = path else { return false };
+    let Ok(fields) = scan(message) else { return false };
+    fields.iter().rev().find(|f| f.number == field).is_some_and(|f| {
+        f.wire_type == WireType::LengthDelimited && &message[f.payload.0..f.payload.1] == value.as_bytes()
+    })
+}
+
 /// One field as it lies in the message.
 struct Field {
     number: u32,
@@ -164,6 +176,25 @@ mod tests {
         assert_eq!(injected(&bare, &[16], "m").id, "m");
         assert_eq!(injected(&bare, &[3, 1], "m").inner, Some(Inner { model: "m".into(), n: 0 }));
         assert_eq!(injected(&Outer::default(), &[3, 1], "m").inner.unwrap().model, "m");
+    }
+
+    #[test]
+    fn a_message_holding_the_id_already_is_recognised_and_only_then() {
+        let message = outer().encode_to_vec();
+        assert!(holds(&message, &[16], "old"));
+        assert!(!holds(&message, &[16], "new"));
+        assert!(!holds(&message, &[3, 1], "client's"), "nested paths take inject's way");
+        assert!(!holds(&Outer { id: String::new(), ..outer() }.encode_to_vec(), &[16], ""), "absent field");
+        // Two occurrences: a decoder keeps the last, and so does the check.
+        let mut twice = message.clone();
+        twice.extend_from_slice(&Outer { id: "later".into(), ..Outer::default() }.encode_to_vec());
+        assert_eq!(Outer::decode(&twice[..]).unwrap().id, "later");
+        assert!(holds(&twice, &[16], "later") && !holds(&twice, &[16], "old"));
+        // A scalar with the field's number is not the string.
+        assert!(!holds(&outer().encode_to_vec(), &[4], "m"));
+        let mut cut = message;
+        cut.truncate(cut.len() - 1);
+        assert!(!holds(&cut, &[16], "old"), "malformed");
     }
 
     #[test]

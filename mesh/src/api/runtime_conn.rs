@@ -12,11 +12,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::HeaderMap;
-use http_body_util::BodyExt;
+use http::uri::{Authority, PathAndQuery};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
-use crate::cluster::forward::{FRAME_HEADER, RawAnswer};
+use crate::cluster::forward::{FRAME_HEADER, MODEL_INFER_PATH, RawAnswer};
 
 /// The connection's windows: a message of up to `--max-message-size` flows without waiting on a
 /// window update per 64 KiB (hyper's defaults for a client).
@@ -27,6 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A runtime's endpoint and its connection, made on first use and again after it breaks.
 pub struct RuntimeConn {
     endpoint: Endpoint,
+    /// The `:authority` of every call: the endpoint's host:port, or `localhost` on a unix socket.
+    authority: Authority,
     /// The open connection and its number; `None` before the first call and after it broke.
     open: parking_lot::Mutex<Option<(u64, SendRequest<Bytes>)>>,
     /// Held while dialling, so calls that find the connection broken dial once between them.
@@ -44,17 +46,22 @@ impl RuntimeConn {
     /// A connection to `endpoint`: `http://host:port`, `host:port`, or `unix:///path`. Nothing is dialled
     /// until the first call.
     pub fn new(endpoint: &str) -> Result<Self, String> {
-        let endpoint = if let Some(path) = endpoint.strip_prefix("unix://") {
-            Endpoint::Unix { path: path.into() }
+        let (endpoint, authority) = if let Some(path) = endpoint.strip_prefix("unix://") {
+            (Endpoint::Unix { path: path.into() }, Authority::from_static("localhost"))
         } else {
             let authority = endpoint.strip_prefix("http://").unwrap_or(endpoint).trim_end_matches('/');
             if authority.is_empty() || authority.contains('/') || endpoint.starts_with("https://") {
                 return Err("an endpoint is host:port, http://host:port or unix:///path".to_owned());
             }
-            authority.parse::<http::uri::Authority>().map_err(|e| e.to_string())?;
-            Endpoint::Tcp { authority: authority.to_owned() }
+            let parsed = authority.parse::<Authority>().map_err(|e| e.to_string())?;
+            (Endpoint::Tcp { authority: authority.to_owned() }, parsed)
         };
-        Ok(Self { endpoint, open: parking_lot::Mutex::new(None), dialling: tokio::sync::Mutex::new(0) })
+        Ok(Self {
+            endpoint,
+            authority,
+            open: parking_lot::Mutex::new(None),
+            dialling: tokio::sync::Mutex::new(0),
+        })
     }
 
     /// Calls `path` with the client's `headers` and the framed message `bytes`, reading the answer whole
@@ -69,14 +76,21 @@ impl RuntimeConn {
     ) -> Result<RawAnswer, tonic::Status> {
         let unavailable =
             |what: &str, e: &dyn std::fmt::Display| tonic::Status::unavailable(format!("{who} {what}: {e}"));
-        let authority = match &self.endpoint {
-            Endpoint::Tcp { authority } => authority.as_str(),
-            Endpoint::Unix { .. } => "localhost",
+        let bad_path =
+            |e: &dyn std::fmt::Display| tonic::Status::invalid_argument(format!("bad path {path}: {e}"));
+        // Built from parts, the parsed authority shared: no URI is formatted and parsed again per call.
+        let path_and_query = if path == MODEL_INFER_PATH {
+            PathAndQuery::from_static(MODEL_INFER_PATH)
+        } else {
+            PathAndQuery::try_from(path).map_err(|e| bad_path(&e))?
         };
-        let uri = format!("http://{authority}{path}");
-        let mut request = http::Request::post(uri)
-            .body(())
-            .map_err(|e| tonic::Status::invalid_argument(format!("bad path {path}: {e}")))?;
+        let uri = http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| bad_path(&e))?;
+        let mut request = http::Request::post(uri).body(()).map_err(|e| bad_path(&e))?;
         *request.headers_mut() = headers;
         let mut sender = self.ready_sender().await.map_err(|e| unavailable("not ready", &e))?;
         // Headers and message are queued here, together, before the connection task writes either.
@@ -85,10 +99,10 @@ impl RuntimeConn {
         body.send_data(bytes, true).map_err(|e| unavailable("failed the call", &e))?;
         let response = response.await.map_err(|e| unavailable("failed the call", &e))?;
         let (head, body) = response.into_parts();
-        let limited = http_body_util::Limited::new(Received(body), max_message_size + FRAME_HEADER);
-        let collected = limited.collect().await.map_err(|e| unavailable("broke off its answer", &e))?;
-        let trailers = collected.trailers().cloned();
-        crate::cluster::forward::judge(head, collected.to_bytes(), trailers, who)
+        let (message, trailers) = read_answer(body, max_message_size + FRAME_HEADER)
+            .await
+            .map_err(|e| unavailable("broke off its answer", &e))?;
+        crate::cluster::forward::judge(head, message, trailers, who)
     }
 
     /// The connection's sender once it can take a call: the open connection, or a new one if there is
@@ -169,34 +183,34 @@ impl RuntimeConn {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// An answer's body as an `http_body::Body`, giving back flow-control capacity as it is read.
-struct Received(h2::RecvStream);
-
-impl http_body::Body for Received {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
-        use std::task::Poll;
-        let stream = &mut self.0;
-        match stream.poll_data(cx) {
-            Poll::Ready(Some(Ok(data))) => {
-                // Released at once: the whole answer is read into memory anyway, bounded by the limit.
-                let _ = stream.flow_control().release_capacity(data.len());
-                return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
-            }
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => {}
-            Poll::Pending => return Poll::Pending,
+/// An answer's message and trailers, read whole (at most `limit` bytes), flow-control capacity given
+/// back as each piece is read. Read here rather than through `http_body` adapters and a collector: those
+/// copied the trailers once more per call, a visible part of the hop's instructions.
+async fn read_answer(mut body: h2::RecvStream, limit: usize) -> Result<(Bytes, Option<HeaderMap>), String> {
+    let mut message = Bytes::new();
+    let mut more: Option<bytes::BytesMut> = None;
+    while let Some(data) = body.data().await {
+        let data = data.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(data.len());
+        let read = message.len() + more.as_ref().map_or(0, |m| m.len());
+        if read + data.len() > limit {
+            return Err(format!("the answer is over the limit of {limit} bytes"));
         }
-        match stream.poll_trailers(cx) {
-            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
-            Poll::Ready(Ok(None)) => Poll::Ready(None),
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-            Poll::Pending => Poll::Pending,
+        // One DATA frame, the usual case, is kept as it came; more are joined.
+        match (&mut more, message.is_empty()) {
+            (None, true) => message = data,
+            (None, false) => {
+                let mut joined = bytes::BytesMut::with_capacity(read + data.len());
+                joined.extend_from_slice(&message);
+                joined.extend_from_slice(&data);
+                more = Some(joined);
+            }
+            (Some(joined), _) => joined.extend_from_slice(&data),
         }
     }
+    if let Some(joined) = more {
+        message = joined.freeze();
+    }
+    let trailers = body.trailers().await.map_err(|e| e.to_string())?;
+    Ok((message, trailers))
 }

@@ -79,9 +79,11 @@ impl InferenceService {
 
     /// The model a request runs on, through vmodels (and their traffic splits).
     fn target(&self, metadata: &tonic::metadata::MetadataMap, name: &str) -> Result<ModelId, MeshError> {
-        let point = router::split_point(metadata);
-        router::resolve(metadata, name, |v| self.view.vmodel(v).map(|s| s.route(point).to_owned()))
-            .map(|t| t.model)
+        // The split point only for a vmodel: most calls name a model.
+        router::resolve(metadata, name, |v| {
+            self.view.vmodel(v).map(|s| s.route(router::split_point(metadata)).to_owned())
+        })
+        .map(|t| t.model)
     }
 
     /// Where a request for `id` is served, as placement says, with the forwarder to use for a peer;
@@ -140,11 +142,12 @@ impl InferenceService {
         has_header: impl Fn(&str) -> bool,
         model_name: &str,
     ) -> Option<(ModelId, Arc<GraphSpec>)> {
+        // The view first: most names are no graph's, and then no header needs looking up.
+        let id = ModelId::new(model_name).ok()?;
+        let graph = self.view.graph(&id)?;
         if router::names_target(has_header) {
             return None;
         }
-        let id = ModelId::new(model_name).ok()?;
-        let graph = self.view.graph(&id)?;
         Some((id, graph))
     }
 
@@ -206,7 +209,7 @@ impl InferenceService {
     /// Whether `ModelInfer` calls with these headers are routed by placement (the front does that, see
     /// [`crate::api::front`]): not when this pod runs alone, nor for a call forwarded here.
     pub(crate) fn routes(&self, headers: &http::HeaderMap) -> bool {
-        self.forwarder.is_some() && !headers.contains_key(peers::FORWARDED_HEADER)
+        self.forwarder.is_some() && !headers.contains_key(&peers::FORWARDED)
     }
 
     /// Where a `ModelInfer` call for `model_name` runs: the model it resolves to, and the peer to pass

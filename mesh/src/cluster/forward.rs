@@ -334,7 +334,7 @@ pub(crate) fn judge(
         return Err(tonic::Status::unavailable(format!("{who} answered HTTP {}", head.status)));
     }
     // A failure comes back trailers-only (in the headers); a success ends with OK in the trailers.
-    let status = match head.headers.get(GRPC_STATUS) {
+    let status = match head.headers.get(&GRPC_STATUS) {
         Some(_) => grpc_status(&head.headers),
         None => trailers.as_ref().and_then(grpc_status),
     };
@@ -345,12 +345,12 @@ pub(crate) fn judge(
     }
 }
 
-const GRPC_STATUS: &str = "grpc-status";
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// The status in these headers or trailers. Details are dropped: tonic panics on details that are not
 /// base64, and this pod's peers send none.
 fn grpc_status(headers: &HeaderMap) -> Option<tonic::Status> {
-    if headers.get(GRPC_STATUS)?.as_bytes() == b"0" {
+    if headers.get(&GRPC_STATUS)?.as_bytes() == b"0" {
         return Some(tonic::Status::ok(""));
     }
     let mut headers = headers.clone();

@@ -20,6 +20,8 @@ use crate::cluster::wire::{PEER_ACK_TIMEOUT, WirePeer};
 
 /// Marks a call that was already forwarded once: the pod receiving it serves it itself.
 pub const FORWARDED_HEADER: &str = "densemesh-forwarded";
+/// [`FORWARDED_HEADER`] parsed once, for the lookups on every call.
+pub static FORWARDED: http::HeaderName = http::HeaderName::from_static(FORWARDED_HEADER);
 
 /// On a forwarded call: the registry revision of the model's spec the forwarding pod acted on, so the
 /// receiving pod, whose view may lag behind (a registration written through the forwarding pod

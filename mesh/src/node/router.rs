@@ -3,9 +3,11 @@
 //! name exists (modelmesh-serving clients send the InferenceService name), else a model. Each header
 //! also comes as `-bin` (base64, for ids that are not plain ASCII), as ModelMesh clients send them.
 
+use std::sync::LazyLock;
+
 use densemesh_placement::ModelId;
 use densemesh_placement::spec::split_point_of_key;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{AsciiMetadataKey, BinaryMetadataKey, MetadataMap};
 
 use crate::error::MeshError;
 
@@ -16,6 +18,19 @@ pub const ROUTE_KEY_HEADER: &str = "densemesh-route-key";
 pub const MODEL_ID_HEADER: &str = "mm-model-id";
 const VMODEL_ID_BIN_HEADER: &str = "mm-vmodel-id-bin";
 const MODEL_ID_BIN_HEADER: &str = "mm-model-id-bin";
+
+/// The same names parsed once: every call looks them up, and a lookup by `&str` parses the name first.
+pub static MODEL_ID: http::HeaderName = http::HeaderName::from_static(MODEL_ID_HEADER);
+pub static VMODEL_ID: http::HeaderName = http::HeaderName::from_static(VMODEL_ID_HEADER);
+static KEYS: LazyLock<[(AsciiMetadataKey, BinaryMetadataKey); 2]> = LazyLock::new(|| {
+    [
+        (
+            AsciiMetadataKey::from_static(VMODEL_ID_HEADER),
+            BinaryMetadataKey::from_static(VMODEL_ID_BIN_HEADER),
+        ),
+        (AsciiMetadataKey::from_static(MODEL_ID_HEADER), BinaryMetadataKey::from_static(MODEL_ID_BIN_HEADER)),
+    ]
+});
 
 /// The model to run, and the vmodel it was reached through.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,10 +52,11 @@ pub fn resolve(
             .map_err(|e| MeshError::Internal(format!("vmodel {vmodel} points at a bad id: {e}")))?;
         Ok(Target { model, vmodel: Some(vmodel) })
     };
-    if let Some(vmodel) = header_id(metadata, VMODEL_ID_HEADER, VMODEL_ID_BIN_HEADER)? {
+    let [vmodel_keys, model_keys] = &*KEYS;
+    if let Some(vmodel) = header_id(metadata, vmodel_keys)? {
         return via_vmodel(vmodel);
     }
-    if let Some(model) = header_id(metadata, MODEL_ID_HEADER, MODEL_ID_BIN_HEADER)? {
+    if let Some(model) = header_id(metadata, model_keys)? {
         return Ok(Target { model, vmodel: None });
     }
     if model_name.is_empty() {
@@ -89,16 +105,16 @@ pub fn split_point(metadata: &MetadataMap) -> u64 {
 /// A validated id from a header or its `-bin` form; `None` when neither is present.
 fn header_id(
     metadata: &MetadataMap,
-    name: &'static str,
-    bin_name: &'static str,
+    (key, bin_key): &(AsciiMetadataKey, BinaryMetadataKey),
 ) -> Result<Option<ModelId>, MeshError> {
     let invalid = |what: String| MeshError::InvalidArgument(what);
-    let value = if let Some(value) = metadata.get(name) {
+    let name = key.as_str();
+    let value = if let Some(value) = metadata.get(key) {
         value
             .to_str()
             .map_err(|_| invalid(format!("header {name} is not ASCII; send {name}-bin")))?
             .to_owned()
-    } else if let Some(value) = metadata.get_bin(bin_name) {
+    } else if let Some(value) = metadata.get_bin(bin_key) {
         let bytes =
             value.to_bytes().map_err(|e| invalid(format!("header {name}-bin is not valid base64: {e}")))?;
         String::from_utf8(bytes.to_vec()).map_err(|_| invalid(format!("header {name}-bin is not UTF-8")))?
