@@ -15,4 +15,5 @@ pub mod management;
 pub mod passthrough;
 pub mod rest;
 mod runtime_conn;
+pub use runtime_conn::read_whole;
 pub mod service;

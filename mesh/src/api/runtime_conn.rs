@@ -27,8 +27,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// A runtime's endpoint and its connection, made on first use and again after it breaks.
 pub struct RuntimeConn {
     endpoint: Endpoint,
-    /// The `:authority` of every call: the endpoint's host:port, or `localhost` on a unix socket.
-    authority: Authority,
     /// The open connection and its number; `None` before the first call and after it broke.
     open: parking_lot::Mutex<Option<(u64, SendRequest<Bytes>)>>,
     /// Held while dialling, so calls that find the connection broken dial once between them.
@@ -38,30 +36,29 @@ pub struct RuntimeConn {
 /// Where a runtime listens.
 #[derive(Debug, Clone)]
 enum Endpoint {
-    Tcp { authority: String },
-    Unix { path: std::path::PathBuf },
+    /// Parsed once: it is dialled, and it is every call's `:authority`.
+    Tcp {
+        authority: Authority,
+    },
+    Unix {
+        path: std::path::PathBuf,
+    },
 }
 
 impl RuntimeConn {
     /// A connection to `endpoint`: `http://host:port`, `host:port`, or `unix:///path`. Nothing is dialled
     /// until the first call.
     pub fn new(endpoint: &str) -> Result<Self, String> {
-        let (endpoint, authority) = if let Some(path) = endpoint.strip_prefix("unix://") {
-            (Endpoint::Unix { path: path.into() }, Authority::from_static("localhost"))
+        let endpoint = if let Some(path) = endpoint.strip_prefix("unix://") {
+            Endpoint::Unix { path: path.into() }
         } else {
             let authority = endpoint.strip_prefix("http://").unwrap_or(endpoint).trim_end_matches('/');
             if authority.is_empty() || authority.contains('/') || endpoint.starts_with("https://") {
                 return Err("an endpoint is host:port, http://host:port or unix:///path".to_owned());
             }
-            let parsed = authority.parse::<Authority>().map_err(|e| e.to_string())?;
-            (Endpoint::Tcp { authority: authority.to_owned() }, parsed)
+            Endpoint::Tcp { authority: authority.parse().map_err(|e: http::uri::InvalidUri| e.to_string())? }
         };
-        Ok(Self {
-            endpoint,
-            authority,
-            open: parking_lot::Mutex::new(None),
-            dialling: tokio::sync::Mutex::new(0),
-        })
+        Ok(Self { endpoint, open: parking_lot::Mutex::new(None), dialling: tokio::sync::Mutex::new(0) })
     }
 
     /// Calls `path` with the client's `headers` and the framed message `bytes`, reading the answer whole
@@ -79,6 +76,10 @@ impl RuntimeConn {
         let bad_path =
             |e: &dyn std::fmt::Display| tonic::Status::invalid_argument(format!("bad path {path}: {e}"));
         // Built from parts, the parsed authority shared: no URI is formatted and parsed again per call.
+        let authority = match &self.endpoint {
+            Endpoint::Tcp { authority } => authority.clone(),
+            Endpoint::Unix { .. } => Authority::from_static("localhost"),
+        };
         let path_and_query = if path == MODEL_INFER_PATH {
             PathAndQuery::from_static(MODEL_INFER_PATH)
         } else {
@@ -86,7 +87,7 @@ impl RuntimeConn {
         };
         let uri = http::Uri::builder()
             .scheme(http::uri::Scheme::HTTP)
-            .authority(self.authority.clone())
+            .authority(authority)
             .path_and_query(path_and_query)
             .build()
             .map_err(|e| bad_path(&e))?;
@@ -99,7 +100,7 @@ impl RuntimeConn {
         body.send_data(bytes, true).map_err(|e| unavailable("failed the call", &e))?;
         let response = response.await.map_err(|e| unavailable("failed the call", &e))?;
         let (head, body) = response.into_parts();
-        let (message, trailers) = read_answer(body, max_message_size + FRAME_HEADER)
+        let (message, trailers) = read_whole(body, max_message_size + FRAME_HEADER)
             .await
             .map_err(|e| unavailable("broke off its answer", &e))?;
         crate::cluster::forward::judge(head, message, trailers, who)
@@ -183,34 +184,77 @@ impl RuntimeConn {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// An answer's message and trailers, read whole (at most `limit` bytes), flow-control capacity given
-/// back as each piece is read. Read here rather than through `http_body` adapters and a collector: those
-/// copied the trailers once more per call, a visible part of the hop's instructions.
-async fn read_answer(mut body: h2::RecvStream, limit: usize) -> Result<(Bytes, Option<HeaderMap>), String> {
+/// A message and its trailers, read whole off an HTTP/2 stream (at most `limit` bytes), flow-control
+/// capacity given back as each piece is read. Read here rather than through `http_body` adapters and a
+/// collector: those copied the trailers once more per call, a visible part of the hop's instructions.
+/// Also the body reader of `densemesh-bench relay`, so that floor reads bodies as meshd does.
+pub async fn read_whole(
+    mut body: h2::RecvStream,
+    limit: usize,
+) -> Result<(Bytes, Option<HeaderMap>), String> {
+    // One DATA frame, the usual case, is kept as it came; once there is a second, all are joined.
     let mut message = Bytes::new();
-    let mut more: Option<bytes::BytesMut> = None;
+    let mut joined = bytes::BytesMut::new();
     while let Some(data) = body.data().await {
         let data = data.map_err(|e| e.to_string())?;
         let _ = body.flow_control().release_capacity(data.len());
-        let read = message.len() + more.as_ref().map_or(0, |m| m.len());
-        if read + data.len() > limit {
-            return Err(format!("the answer is over the limit of {limit} bytes"));
+        if message.len() + joined.len() + data.len() > limit {
+            return Err(format!("the message is over the limit of {limit} bytes"));
         }
-        // One DATA frame, the usual case, is kept as it came; more are joined.
-        match (&mut more, message.is_empty()) {
-            (None, true) => message = data,
-            (None, false) => {
-                let mut joined = bytes::BytesMut::with_capacity(read + data.len());
-                joined.extend_from_slice(&message);
-                joined.extend_from_slice(&data);
-                more = Some(joined);
-            }
-            (Some(joined), _) => joined.extend_from_slice(&data),
+        if message.is_empty() && joined.is_empty() {
+            message = data;
+        } else {
+            joined.extend_from_slice(&std::mem::take(&mut message));
+            joined.extend_from_slice(&data);
         }
     }
-    if let Some(joined) = more {
+    if !joined.is_empty() {
         message = joined.freeze();
     }
     let trailers = body.trailers().await.map_err(|e| e.to_string())?;
     Ok((message, trailers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends `pieces` as separate DATA frames, then `trailers`, over a real in-memory HTTP/2 connection,
+    /// and reads them on the other side with [`read_whole`] under `limit`.
+    async fn sent_and_read(
+        pieces: &[&'static [u8]],
+        limit: usize,
+    ) -> Result<(Bytes, Option<HeaderMap>), String> {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            let (request, _respond) = connection.accept().await.unwrap().unwrap();
+            let read = read_whole(request.into_body(), limit).await;
+            // Keep the connection driven until the client is done.
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            read
+        });
+        let (mut sender, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let request = http::Request::post("http://localhost/p").body(()).unwrap();
+        let (_response, mut body) = sender.send_request(request, false).unwrap();
+        for piece in pieces {
+            body.send_data(Bytes::from_static(piece), false).unwrap();
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        body.send_trailers(trailers).unwrap();
+        server.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_message_in_several_frames_is_read_whole_and_the_limit_counts_each_byte_once() {
+        let (message, trailers) = sent_and_read(&[b"abc", b"", b"defg", b"h"], 8).await.unwrap();
+        assert_eq!(&message[..], b"abcdefgh");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        let (message, _) = sent_and_read(&[b"", b"abc"], 3).await.unwrap();
+        assert_eq!(&message[..], b"abc", "an empty first frame");
+        let err = sent_and_read(&[b"abc", b"defg", b"hi"], 8).await.unwrap_err();
+        assert!(err.contains("over the limit of 8 bytes"), "{err}");
+    }
 }

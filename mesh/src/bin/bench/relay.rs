@@ -10,13 +10,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use densemesh_mesh::api::read_whole;
 use h2::RecvStream;
 use h2::client::SendRequest;
 use h2::server::SendResponse;
 use tokio::net::{TcpListener, TcpStream};
 
-/// A message larger than this is refused: the relay reads each call whole, as meshd does.
+/// A message larger than this is refused: the relay reads each call whole, as meshd does (with its reader).
 const MAX_BODY: usize = 64 << 20;
 /// meshd's windows towards a runtime (`runtime_conn`), so neither side waits on window updates.
 const STREAM_WINDOW: u32 = 2 << 20;
@@ -137,7 +138,7 @@ async fn pass(
     respond: &mut SendResponse<Bytes>,
 ) -> Result<(), String> {
     let (parts, body) = request.into_parts();
-    let (message, _) = read_whole(body, "the client").await?;
+    let (message, _) = read_whole(body, MAX_BODY).await.map_err(|e| format!("the client: {e}"))?;
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut onward = http::Request::post(format!("http://{}{path}", upstream.to))
         .body(())
@@ -149,7 +150,7 @@ async fn pass(
     send.send_data(message, true).map_err(|e| format!("call failed: {e}"))?;
     let answer = answer.await.map_err(|e| format!("call failed: {e}"))?;
     let (head, body) = answer.into_parts();
-    let (message, trailers) = read_whole(body, "the server").await?;
+    let (message, trailers) = read_whole(body, MAX_BODY).await.map_err(|e| format!("the server: {e}"))?;
     let mut back = http::Response::new(());
     *back.status_mut() = head.status;
     *back.headers_mut() = head.headers;
@@ -163,19 +164,4 @@ async fn pass(
         stream.send_trailers(trailers).map_err(|e| format!("answer failed: {e}"))?;
     }
     Ok(())
-}
-
-/// A body and its trailers, read whole (at most `MAX_BODY`), flow-control capacity given back as read.
-async fn read_whole(mut body: RecvStream, from: &str) -> Result<(Bytes, Option<http::HeaderMap>), String> {
-    let mut whole = BytesMut::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| format!("{from} broke off: {e}"))?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        if whole.len() + chunk.len() > MAX_BODY {
-            return Err(format!("{from} sent over {MAX_BODY} bytes"));
-        }
-        whole.extend_from_slice(&chunk);
-    }
-    let trailers = body.trailers().await.map_err(|e| format!("{from} broke off: {e}"))?;
-    Ok((whole.freeze(), trailers))
 }
