@@ -228,7 +228,7 @@ def bench_mlserver(args, work, results):
             # Warm-up calls included: the hop serves (warmup + pairs) per round.
             results[f"cpu_us_per_request_{name}"] = round(
                 cpu[name] * 1e6 / (pairs + args.warmup * args.rounds), 1)
-            if name != "relay" and "relay" in hops:
+            if name != "relay":
                 # Round by round, what this hop adds beyond the bare relay run in the same minutes.
                 beyond = [a - r["added_median_of_pairs_us"] for a, r in zip(added, rounds["relay"])]
                 results[f"sklearn_added_beyond_relay_us{suffix}"] = statistics.median(beyond)
