@@ -2,8 +2,8 @@
 # The GPU tier's check on a machine with a GPU (docs/gpu.md), in two halves:
 #
 #   scripts/device-check.sh build   here, no GPU needed: builds meshd's GPU build (--features
-#                                   cuda-kernels, release, stripped, with LTO: 29 MB) into target/device/meshd, and
-#                                   target/device/meshd.gz (11 MB) to carry: the device tool carries 64 MiB
+#                                   cuda-kernels, release with LTO, stripped: 29 MB) into target/device/meshd,
+#                                   and target/device/meshd.gz (11 MB) to carry: the device tool carries 64 MiB
 #   scripts/device-check.sh run     on the GPU machine, from the repository root, with
 #                                   target/device/meshd.gz carried there: the checks below; figures on
 #                                   stdout and in $OUT/device-check.json (target/device/out without $OUT)
