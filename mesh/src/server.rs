@@ -124,8 +124,6 @@ pub enum ServeError {
     AddrFile { path: PathBuf, source: std::io::Error },
     #[error("cannot start the admin server: {0}")]
     Admin(std::io::Error),
-    #[error("grpc server failed: {0}")]
-    Grpc(#[from] tonic::transport::Error),
     #[error("rest server failed (--http-addr): {0}")]
     Rest(std::io::Error),
     #[error("registry: {0}")]
@@ -365,10 +363,7 @@ pub async fn run(
         wire_tasks.clone(),
     )
     .with_tls(grpc_tls);
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .layer(passthrough)
-        .add_service(inference)
+    let routes = tonic::service::Routes::new(inference)
         .add_service(ModelMeshServer::with_interceptor(management, authorized.clone()))
         .add_service(densemesh_proto::admin::admin_server::AdminServer::with_interceptor(
             crate::api::admin_service::AdminService::new(
@@ -381,14 +376,16 @@ pub async fn run(
         ))
         .add_service(reflection)
         .add_service(reflection_alpha)
-        // Our own listener (bound before anything starts, so port 0 works), shared with the pod wire:
-        // `wire::incoming` sets TCP_NODELAY on every connection (or small responses wait on Nagle's
-        // algorithm and the peer's delayed ACK, tens of milliseconds per call) and keeps the pod
-        // wire's connections for itself.
-        .serve_with_incoming_shutdown(
-            crate::cluster::wire::incoming(grpc, wire),
-            stop.clone().cancelled_owned(),
-        );
+        .prepare();
+    // Our own listener (bound before anything starts, so port 0 works), shared with the pod wire:
+    // `wire::incoming` sets TCP_NODELAY on every connection (or small responses wait on Nagle's
+    // algorithm and the peer's delayed ACK, tens of milliseconds per call) and keeps the pod wire's
+    // connections for itself.
+    let server = crate::api::grpc_server::serve(
+        crate::cluster::wire::incoming(grpc, wire),
+        tower_layer::Layer::layer(&passthrough, routes),
+        stop.clone(),
+    );
     let rest = rest.serve(rest_listener, rest_tls, stop.clone().cancelled_owned());
     let wire_drained = async move {
         stop_wire.cancelled().await;
@@ -397,7 +394,7 @@ pub async fn run(
     };
     let server = async move {
         tokio::try_join!(
-            server.map(|r| r.map_err(ServeError::from)),
+            server.map(Ok::<(), ServeError>),
             rest.map(|r| r.map_err(ServeError::Rest)),
             wire_drained.map(Ok::<(), ServeError>)
         )

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod dashboard;
 pub mod front;
 pub mod graph;
+pub mod grpc_server;
 pub mod http;
 pub(crate) mod inject;
 pub mod management;
