@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -83,6 +84,7 @@ def main():
     parser.add_argument("--bin-dir", default=str(rt.REPO / "target" / "release"))
     parser.add_argument("--pairs", type=int, default=1000, help="calls counted")
     parser.add_argument("--warmup", type=int, default=300, help="calls before the counters are zeroed")
+    parser.add_argument("--keep-dumps", metavar="DIR", help="copy the callgrind dumps here (callgrind_annotate reads them)")
     args = parser.parse_args()
     bin_dir = Path(args.bin_dir).resolve()
     bench = bin_dir / "densemesh-bench"
@@ -118,6 +120,11 @@ def main():
             addr = wait_for(lambda: addr_file.exists() and json.loads(addr_file.read_text() or "{}").get("grpc_addr"),
                             120, "the relay to listen")
             results["relay"] = count(bench, relay.pid, addr, direct, args, work)
+            if args.keep_dumps:
+                kept = Path(args.keep_dumps)
+                kept.mkdir(parents=True, exist_ok=True)
+                for name, pid in (("meshd", server.proc.pid), ("relay", relay.pid)):
+                    shutil.copy(sorted(work.glob(f"callgrind.out.{pid}.*"))[-1], kept / f"callgrind.{name}")
         finally:
             if relay:
                 relay.kill()
