@@ -71,6 +71,16 @@ fn grpc_request(path: &str) -> http::Request<()> {
         .unwrap()
 }
 
+/// Sends `request` with one empty message: the answer to come, and the request's stream (to reset it).
+fn send(
+    client: &mut h2::client::SendRequest<Bytes>,
+    request: http::Request<()>,
+) -> (h2::client::ResponseFuture, SendStream<Bytes>) {
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    (response, body)
+}
+
 fn grpc_ok(body: Body) -> Response<Body> {
     let mut response = Response::new(body);
     response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
@@ -131,8 +141,7 @@ async fn an_unknown_method_is_unimplemented() {
     let reflection = tonic_reflection::server::Builder::configure().build_v1().unwrap();
     let (addr, _stop, _server) = served(tonic::service::Routes::new(reflection).prepare()).await;
     let mut client = client(&addr, 65_535).await;
-    let (response, mut body) = client.send_request(grpc_request("/no.Such/Method"), false).unwrap();
-    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    let (response, _body) = send(&mut client, grpc_request("/no.Such/Method"));
     // tonic's routes answer with headers alone (a trailers-only answer).
     let response = response.await.unwrap();
     assert_eq!(response.headers()["grpc-status"], "12");
@@ -162,8 +171,7 @@ async fn a_reset_stream_drops_its_call() {
     }));
     let (addr, _stop, _server) = served(service).await;
     let mut client = client(&addr, 65_535).await;
-    let (_response, mut body) = client.send_request(grpc_request("/a.B/C"), false).unwrap();
-    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    let (_response, mut body) = send(&mut client, grpc_request("/a.B/C"));
     tokio::time::timeout(Duration::from_secs(10), started.notified()).await.unwrap();
     body.send_reset(Reason::CANCEL);
     tokio::time::timeout(Duration::from_secs(10), dropped.notified())
@@ -179,8 +187,7 @@ async fn grpc_timeout_cancels_a_slow_call() {
     let mut client = client(&addr, 65_535).await;
     let mut request = grpc_request("/a.B/C");
     request.headers_mut().insert("grpc-timeout", http::HeaderValue::from_static("50m"));
-    let (response, mut body) = client.send_request(request, false).unwrap();
-    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    let (response, _body) = send(&mut client, request);
     let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
     assert_eq!(response.headers()["grpc-status"], "1");
     assert_eq!(response.headers()["grpc-message"], "Timeout%20expired");
@@ -221,8 +228,7 @@ async fn a_client_that_does_not_read_holds_back_a_stream() {
     }));
     let (addr, _stop, _server) = served(service).await;
     let mut client = client(&addr, 65_535).await;
-    let (response, mut body) = client.send_request(grpc_request("/a.B/C"), false).unwrap();
-    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    let (response, _body) = send(&mut client, grpc_request("/a.B/C"));
     let response = response.await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held = made.load(Ordering::SeqCst);
@@ -235,15 +241,13 @@ async fn a_client_that_does_not_read_holds_back_a_stream() {
     assert_eq!(trailers.unwrap()["grpc-status"], "0");
 }
 
-/// Shutdown lets a call in flight finish, then the server returns; a new call on the closing connection
-/// is refused.
+/// Shutdown lets a call in flight finish, then the server returns.
 #[tokio::test]
 async fn shutdown_finishes_calls_in_flight() {
-    let release = Arc::new(Notify::new());
-    let started = Arc::new(Notify::new());
-    let (r, s) = (release.clone(), started.clone());
+    let [release, started] = [(); 2].map(|()| Arc::new(Notify::new()));
+    let gates = (release.clone(), started.clone());
     let service = Fixed(Arc::new(move |_| {
-        let (release, started) = (r.clone(), s.clone());
+        let (release, started) = gates.clone();
         Box::pin(async move {
             started.notify_one();
             release.notified().await;
@@ -253,8 +257,7 @@ async fn shutdown_finishes_calls_in_flight() {
     }));
     let (addr, stop, server) = served(service).await;
     let mut client = client(&addr, 65_535).await;
-    let (response, mut body) = client.send_request(grpc_request("/a.B/C"), false).unwrap();
-    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).unwrap();
+    let (response, _body) = send(&mut client, grpc_request("/a.B/C"));
     tokio::time::timeout(Duration::from_secs(10), started.notified()).await.unwrap();
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
