@@ -26,9 +26,9 @@ import runtimes as rt
 from meshd import Meshd, wait_for
 
 
-def callgrind(binary, out_dir):
-    return ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out_dir}/callgrind.out.%p",
-            str(binary)]
+def callgrind(binary, out_dir, cache_sim=False):
+    return ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--cache-sim={'yes' if cache_sim else 'no'}",
+            f"--callgrind-out-file={out_dir}/callgrind.out.%p", str(binary)]
 
 
 def pairs(bench, via, direct, n, warmup):
@@ -84,6 +84,8 @@ def main():
     parser.add_argument("--bin-dir", default=str(rt.REPO / "target" / "release"))
     parser.add_argument("--pairs", type=int, default=1000, help="calls counted")
     parser.add_argument("--warmup", type=int, default=300, help="calls before the counters are zeroed")
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="simulate the caches too (I1/D1/LL misses in the dumps; several times slower)")
     parser.add_argument("--keep-dumps", metavar="DIR", help="copy the callgrind dumps here (callgrind_annotate reads them)")
     args = parser.parse_args()
     bin_dir = Path(args.bin_dir).resolve()
@@ -101,7 +103,7 @@ def main():
         config.write_text(json.dumps({"runtimes": [{"kind": "v2", "name": "mlserver", "supportedModelFormats": ["sklearn"],
                                                     "endpoint": direct, "repository": str(repository)}]}))
         wrapper = work / "meshd"
-        wrapper.write_text("#!/bin/sh\nexec " + " ".join(callgrind(bin_dir / "meshd", work)) + ' "$@"\n')
+        wrapper.write_text("#!/bin/sh\nexec " + " ".join(callgrind(bin_dir / "meshd", work, args.cache_sim)) + ' "$@"\n')
         wrapper.chmod(0o755)
         os.environ["MESHD_BIN"] = str(wrapper)
         repo = work / "repo"
@@ -115,7 +117,7 @@ def main():
                 loadNow=True, sync=True), timeout=600)
             results["meshd"] = count(bench, server.proc.pid, server.grpc_addr, direct, args, work)
             addr_file = work / "relay.json"
-            relay = subprocess.Popen(callgrind(bench, work) + ["relay", "--to", direct, "--addr-file", str(addr_file)],
+            relay = subprocess.Popen(callgrind(bench, work, args.cache_sim) + ["relay", "--to", direct, "--addr-file", str(addr_file)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             addr = wait_for(lambda: addr_file.exists() and json.loads(addr_file.read_text() or "{}").get("grpc_addr"),
                             120, "the relay to listen")
