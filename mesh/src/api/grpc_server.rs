@@ -42,6 +42,17 @@ const MAX_SEND_BUFFER: usize = 400 << 10;
 /// Streams a client may open and reset before the server accepts them (a rapid-reset flood).
 const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// How long a connection still in its handshake when shutdown begins may take to finish it.
+const HANDSHAKE_AT_SHUTDOWN: Duration = Duration::from_secs(1);
+/// Connection-specific headers, which HTTP/2 forbids in an answer (h2 refuses to send one); removed, as
+/// hyper's server did, so an answer carrying one is still sent.
+const CONNECTION_HEADERS: [http::HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
 
 /// Serves every connection `incoming` yields with `service` until `stop`, then lets each connection
 /// finish the calls it has (see the module's doc) and returns once all are closed.
@@ -52,20 +63,24 @@ where
     S::Future: Send + 'static,
 {
     let connections = TaskTracker::new();
-    let mut incoming = std::pin::pin!(incoming);
-    loop {
-        let io = tokio::select! {
-            () = stop.cancelled() => break,
-            io = incoming.next() => match io {
-                Some(Ok(io)) => io,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "grpc: a connection failed before it was served");
-                    continue;
-                }
-                None => break,
-            },
-        };
-        connections.spawn(connection(io, service.clone(), stop.clone()));
+    {
+        // Dropped before the drain: connections accepted but not yet handed over close at once, so their
+        // clients try elsewhere rather than wait out the drain.
+        let mut incoming = std::pin::pin!(incoming);
+        loop {
+            let io = tokio::select! {
+                () = stop.cancelled() => break,
+                io = incoming.next() => match io {
+                    Some(Ok(io)) => io,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "grpc: a connection failed before it was served");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            connections.spawn(connection(io, service.clone(), stop.clone()));
+        }
     }
     connections.close();
     connections.wait().await;
@@ -86,15 +101,22 @@ where
         .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .handshake::<_, Bytes>(io);
-    let mut connection = tokio::select! {
-        () = stop.cancelled() => return,
-        shaken = handshake => match shaken {
-            Ok(connection) => connection,
-            Err(e) => {
-                tracing::debug!(error = %e, "grpc: HTTP/2 handshake failed");
-                return;
-            }
+    let mut handshake = std::pin::pin!(handshake);
+    let shaken = tokio::select! {
+        shaken = &mut handshake => shaken,
+        // A client mid-handshake at shutdown may have a call on its way: a moment more lets it end with
+        // GOAWAY and that call served, not a closed connection; a silent one is dropped.
+        () = stop.cancelled() => match tokio::time::timeout(HANDSHAKE_AT_SHUTDOWN, handshake).await {
+            Ok(shaken) => shaken,
+            Err(_) => return,
         },
+    };
+    let mut connection = match shaken {
+        Ok(connection) => connection,
+        Err(e) => {
+            tracing::debug!(error = %e, "grpc: HTTP/2 handshake failed");
+            return;
+        }
     };
     // Made once: a `select!` over fresh futures would build and move them on every wake-up.
     let mut stopped = std::pin::pin!(stop.cancelled());
@@ -147,12 +169,21 @@ where
     };
     if let Err(e) = answer(&mut respond, response).await {
         tracing::debug!(error = %e, "grpc: could not write an answer");
+        respond.send_reset(Reason::INTERNAL_ERROR);
     }
 }
 
 /// Writes `response` on its stream; the body's frames as they come, its trailers last.
 async fn answer(respond: &mut SendResponse<Bytes>, response: Response<Body>) -> Result<(), h2::Error> {
-    let (parts, mut body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
+    // A look over the answer's few names first: removing by name hashes each one, on every call.
+    if parts.headers.keys().any(|name| name == http::header::TE || CONNECTION_HEADERS.contains(name)) {
+        for name in &CONNECTION_HEADERS {
+            parts.headers.remove(name);
+        }
+        // `te` belongs in a request only.
+        parts.headers.remove(http::header::TE);
+    }
     if body.is_end_stream() {
         respond.send_response(Response::from_parts(parts, ()), true)?;
         return Ok(());
@@ -180,6 +211,9 @@ async fn answer(respond: &mut SendResponse<Bytes>, response: Response<Body>) -> 
         };
         match frame.into_data() {
             Ok(data) => {
+                if data.is_empty() && !body.is_end_stream() {
+                    continue;
+                }
                 if sent_data {
                     fits_window(&mut send).await?;
                 }

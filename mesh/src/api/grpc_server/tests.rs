@@ -269,3 +269,65 @@ async fn shutdown_finishes_calls_in_flight() {
     assert_eq!(trailers.unwrap()["grpc-status"], "0");
     tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server did not return").unwrap();
 }
+
+/// A request body far beyond the 1 MiB windows, sent in frames as a client-streaming call would: the
+/// window is given back as the service reads, so all of it arrives.
+#[tokio::test]
+async fn a_request_beyond_the_window_arrives_whole() {
+    const FRAME: usize = 64 << 10;
+    const FRAMES: usize = 48;
+    let service = Fixed(Arc::new(|request: Request<Body>| {
+        Box::pin(async move {
+            let body = http_body_util::BodyExt::collect(request.into_body()).await.unwrap().to_bytes();
+            let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+            let mut answer = grpc_ok(Body::empty());
+            answer.headers_mut().insert("x-len", body.len().into());
+            answer.headers_mut().insert("x-sum", sum.into());
+            answer
+        })
+    }));
+    let (addr, _stop, _server) = served(service).await;
+    let mut client = client(&addr, 65_535).await;
+    let (response, mut body) = client.send_request(grpc_request("/a.B/C"), false).unwrap();
+    let mut sum = 0u64;
+    let sent = async {
+        for i in 0..FRAMES {
+            let frame = vec![u8::try_from(i).unwrap(); FRAME];
+            sum += u64::try_from(i * FRAME).unwrap();
+            body.reserve_capacity(FRAME);
+            while body.capacity() < FRAME {
+                poll_fn(|cx| body.poll_capacity(cx)).await.unwrap().unwrap();
+            }
+            body.send_data(Bytes::from(frame), i + 1 == FRAMES).unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), sent).await.expect("the server's window stayed shut");
+    let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+    assert_eq!(response.headers()["x-len"], (FRAMES * FRAME).to_string());
+    assert_eq!(response.headers()["x-sum"], sum.to_string());
+}
+
+/// An answer carrying headers HTTP/2 forbids (connection-specific ones, `te`) is sent without them, not
+/// refused.
+#[tokio::test]
+async fn connection_headers_are_left_out_of_an_answer() {
+    let service = Fixed(Arc::new(|_| {
+        Box::pin(async move {
+            let mut answer = grpc_ok(Body::empty());
+            let headers = answer.headers_mut();
+            headers.insert("connection", http::HeaderValue::from_static("keep-alive"));
+            headers.insert("keep-alive", http::HeaderValue::from_static("timeout=5"));
+            headers.insert("te", http::HeaderValue::from_static("trailers"));
+            headers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            answer
+        })
+    }));
+    let (addr, _stop, _server) = served(service).await;
+    let mut client = client(&addr, 65_535).await;
+    let (response, _body) = send(&mut client, grpc_request("/a.B/C"));
+    let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+    assert_eq!(response.headers()["grpc-status"], "0");
+    for name in ["connection", "keep-alive", "te"] {
+        assert!(!response.headers().contains_key(name), "{name}");
+    }
+}
