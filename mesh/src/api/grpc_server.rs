@@ -44,15 +44,18 @@ const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// How long a connection still in its handshake when shutdown begins may take to finish it.
 const HANDSHAKE_AT_SHUTDOWN: Duration = Duration::from_secs(1);
-/// Connection-specific headers, which HTTP/2 forbids in an answer (h2 refuses to send one); removed, as
-/// hyper's server did, so an answer carrying one is still sent.
-const CONNECTION_HEADERS: [http::HeaderName; 5] = [
+/// Headers HTTP/2 forbids in an answer (h2 refuses to send one): the connection-specific ones, and `te`,
+/// which belongs in a request only. Removed, as hyper's server did, so an answer carrying one is still sent.
+const FORBIDDEN_IN_ANSWER: [http::HeaderName; 6] = [
     http::header::CONNECTION,
     http::HeaderName::from_static("keep-alive"),
     http::HeaderName::from_static("proxy-connection"),
     http::header::TRANSFER_ENCODING,
     http::header::UPGRADE,
+    http::header::TE,
 ];
+/// Parsed once: a header looked up by a string is parsed into a name on every call.
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// Serves every connection `incoming` yields with `service` until `stop`, then lets each connection
 /// finish the calls it has (see the module's doc) and returns once all are closed.
@@ -177,12 +180,10 @@ where
 async fn answer(respond: &mut SendResponse<Bytes>, response: Response<Body>) -> Result<(), h2::Error> {
     let (mut parts, mut body) = response.into_parts();
     // A look over the answer's few names first: removing by name hashes each one, on every call.
-    if parts.headers.keys().any(|name| name == http::header::TE || CONNECTION_HEADERS.contains(name)) {
-        for name in &CONNECTION_HEADERS {
+    if parts.headers.keys().any(|name| FORBIDDEN_IN_ANSWER.contains(name)) {
+        for name in &FORBIDDEN_IN_ANSWER {
             parts.headers.remove(name);
         }
-        // `te` belongs in a request only.
-        parts.headers.remove(http::header::TE);
     }
     if body.is_end_stream() {
         respond.send_response(Response::from_parts(parts, ()), true)?;
@@ -288,7 +289,7 @@ impl http_body::Body for Incoming {
 /// The call's deadline from `grpc-timeout` (gRPC over HTTP/2: at most 8 digits and a unit, H M S m u n).
 /// A value that is not one is ignored, as tonic's server did.
 fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let value = headers.get(GRPC_TIMEOUT)?.to_str().ok()?;
     let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
     if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
